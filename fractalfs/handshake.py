@@ -1,0 +1,135 @@
+"""The data-plane handshake and the reader's control messages (sans-I/O).
+
+A reader's daemon dials the writer's daemon (one listening port per node; edges are
+multiplexed by this handshake, not by one port per edge as upstream) and sends a HELLO::
+
+    magic "FRFS" | u8 version | u8 flags | edge id (16) | u64 generation | u64 offset
+    | u16 auth_len | auth[auth_len]
+
+``flags`` and ``auth`` are where the cluster secret's HMAC and a TLS upgrade will go; version
+1 sends no auth and a node that requires it answers ``AUTH_REQUIRED``. The writer's daemon
+answers with one REPLY::
+
+    u8 status | u64 generation | u64 offset | u16 msg_len | msg
+
+and, if the status is OK, the stream's frames (see :mod:`fractalfs.codec`) follow from
+``offset``. While frames flow, the reader sends fixed-size control messages back::
+
+    u8 kind | u64 value        ACK: bytes up to value are safely received
+                               CLOSE: the reading program closed early (value = offset)
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+from .edgeid import EdgeId
+
+MAGIC = b"FRFS"
+VERSION = 1
+HELLO = struct.Struct(">4sBB16sQQH")
+REPLY = struct.Struct(">BQQH")
+CONTROL = struct.Struct(">BQ")
+MAX_AUTH = 1024
+MAX_MESSAGE = 1024
+
+
+class HandshakeError(Exception):
+    """The peer's handshake bytes are malformed."""
+
+
+class Status(IntEnum):
+    OK = 0
+    NO_EDGE = 1  # this node holds no writer for the edge
+    STALE_GENERATION = 2  # the generation asked for is not the one this node serves
+    BAD_OFFSET = 3  # the offset is no longer (or not yet) available
+    BUSY = 4  # another reader is attached
+    AUTH_REQUIRED = 5
+    BAD_VERSION = 6
+
+
+class Control(IntEnum):
+    ACK = 1
+    CLOSE = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    edge: EdgeId
+    generation: int
+    offset: int
+    flags: int = 0
+    auth: bytes = b""
+
+    def encode(self) -> bytes:
+        return (
+            HELLO.pack(
+                MAGIC,
+                VERSION,
+                self.flags,
+                self.edge.bytes,
+                self.generation,
+                self.offset,
+                len(self.auth),
+            )
+            + self.auth
+        )
+
+    @staticmethod
+    def auth_length(fixed: bytes) -> int:
+        """Validates the fixed part; returns how many auth bytes follow it."""
+        magic, version, _flags, _edge, _gen, _off, auth_len = HELLO.unpack(fixed)
+        if magic != MAGIC:
+            raise HandshakeError("not a fractalfs data connection")
+        if version != VERSION:
+            raise HandshakeError(f"unsupported protocol version {version}")
+        if auth_len > MAX_AUTH:
+            raise HandshakeError(f"auth field of {auth_len} bytes is too long")
+        return int(auth_len)
+
+    @classmethod
+    def decode(cls, fixed: bytes, auth: bytes) -> Hello:
+        _magic, _version, flags, edge, gen, off, _ = HELLO.unpack(fixed)
+        return cls(EdgeId(edge), gen, off, flags, auth)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    status: Status
+    generation: int = 0
+    offset: int = 0
+    message: str = ""
+
+    def encode(self) -> bytes:
+        msg = self.message.encode()[:MAX_MESSAGE]
+        return REPLY.pack(self.status, self.generation, self.offset, len(msg)) + msg
+
+    @staticmethod
+    def message_length(fixed: bytes) -> int:
+        length = int(REPLY.unpack(fixed)[3])
+        if length > MAX_MESSAGE:
+            raise HandshakeError(f"reply message of {length} bytes is too long")
+        return length
+
+    @classmethod
+    def decode(cls, fixed: bytes, message: bytes) -> Reply:
+        status, gen, off, _ = REPLY.unpack(fixed)
+        try:
+            st = Status(status)
+        except ValueError:
+            raise HandshakeError(f"unknown reply status {status}") from None
+        return cls(st, gen, off, message.decode(errors="replace"))
+
+
+def control(kind: Control, value: int) -> bytes:
+    return CONTROL.pack(kind, value)
+
+
+def parse_control(data: bytes) -> tuple[Control, int]:
+    kind, value = CONTROL.unpack(data)
+    try:
+        return Control(kind), int(value)
+    except ValueError:
+        raise HandshakeError(f"unknown control message {kind}") from None
