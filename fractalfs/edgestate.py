@@ -1,0 +1,174 @@
+"""What a reader's daemon does next, decided without I/O.
+
+:class:`ReaderMachine` takes what the daemon observes — discovery's record of the edge, how a
+pull from a writer ended, the clock — and returns the next action. Every fault of the
+failure model is a transition here, unit-tested on its own; :mod:`fractalfs.node` only
+carries the actions out.
+
+Faults and what the machine makes of them:
+
+* connection lost, writer still registered as open   -> redial the same generation and
+  resume at the received offset (bounded backoff with jitter, up to ``reconnect_for``);
+* the writer's node is silent (discovery says ``lost``) -> wait: the node may come back
+  and re-assert its generation, then resume; a newer generation means a re-run;
+* the writing program failed, or its daemon no longer serves the generation -> wait for a
+  re-run writer (a newer generation) for at most ``writer_lost_timeout``, then EIO;
+* a re-run writer (newer generation) after bytes were delivered -> read it from offset 0,
+  *verify* the replayed prefix against the digest of what was delivered, then go on;
+  a mismatch is EIO ("diverged"), never silent corruption;
+* the edge was removed -> ECANCELED.
+"""
+
+from __future__ import annotations
+
+import errno
+import random
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class PullOutcome(Enum):
+    END = "end"  # the end marker arrived and was verified
+    LOST = "lost"  # could not connect, or the connection broke: redial
+    GONE = "gone"  # that generation is not served any more: wait for a re-run
+    REMOVED = "removed"
+    DIVERGED = "diverged"  # a re-run writer's replay differs from what was delivered
+    CLOSED = "closed"  # our program closed its end
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeView:
+    """The part of discovery's edge record the reader decides on."""
+
+    exists: bool
+    version: int
+    generation: int
+    writer_state: str  # none | open | complete | failed | lost
+    writer_node: str = ""
+    writer_endpoint: str = ""
+    reason: str = ""
+
+    @classmethod
+    def from_json(cls, rec: dict[str, Any]) -> EdgeView:
+        return cls(
+            exists=bool(rec.get("exists", True)),
+            version=int(rec.get("version", 0)),
+            generation=int(rec.get("generation", 0)),
+            writer_state=str(rec.get("writer_state", "none")),
+            writer_node=str(rec.get("writer_node", "")),
+            writer_endpoint=str(rec.get("writer_endpoint", "")),
+            reason=str(rec.get("reason", "")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """Ask discovery for the edge; with ``since`` >= 0, wait (up to ``wait`` s) for a change."""
+
+    since: int = -1
+    wait: float = 0.0
+    delay: float = 0.0  # sleep this long first (backoff)
+
+
+@dataclass(frozen=True, slots=True)
+class Connect:
+    generation: int
+    node: str
+    endpoint: str
+    replay: bool  # a new generation: read from 0 and verify the delivered prefix
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    errno: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    pass
+
+
+Action = Query | Connect | Fail | Done
+
+
+def backoff(attempt: int, rng: random.Random, base: float = 0.05, cap: float = 1.0) -> float:
+    """Bounded exponential backoff with full jitter."""
+    return rng.uniform(0, min(cap, base * (2**attempt)))
+
+
+@dataclass
+class ReaderMachine:
+    reconnect_for: float = 60.0
+    writer_lost_timeout: float = 120.0
+    long_poll: float = 25.0
+    rng: random.Random = field(default_factory=random.Random)
+
+    generation: int = 0  # the generation we are reading (0: none yet)
+    version: int = -1  # discovery version of the last record seen
+    dead: set[int] = field(default_factory=set)  # generations that will never serve us
+    lost_since: float | None = None  # connection lost at
+    writer_gone_since: float | None = None  # no usable writer since
+    attempt: int = 0
+    seen_edge: bool = False
+    trying: int = 0  # the generation of the last Connect
+
+    def start(self) -> Action:
+        return Query()
+
+    def on_record(self, view: EdgeView, now: float, received: int) -> Action:
+        if not view.exists:
+            if self.seen_edge:
+                return Fail(errno.ECANCELED, "the edge was removed")
+            return Query(view.version, self.long_poll)
+        self.seen_edge = True
+        self.version = view.version
+        gen = view.generation
+        usable = view.writer_state in ("open", "complete") and gen not in self.dead
+        if usable and gen >= self.generation:
+            self.writer_gone_since = None
+            replay = gen != self.generation and received > 0
+            self.trying = gen
+            return Connect(gen, view.writer_node, view.writer_endpoint, replay)
+        if view.writer_state == "none" and not self.generation:
+            return Query(view.version, self.long_poll)  # the writer has not come yet
+        if view.writer_state == "failed" and gen == self.generation:
+            self.dead.add(gen)
+        # No usable writer (its node went silent, its program failed, or it is stale):
+        # wait for it to come back or be re-run, but not forever.
+        if self.writer_gone_since is None:
+            self.writer_gone_since = now
+        left = self.writer_lost_timeout - (now - self.writer_gone_since)
+        if left <= 0:
+            why = view.reason or f"writer generation {gen} is {view.writer_state}"
+            return Fail(
+                errno.EIO, f"no writer came back within {self.writer_lost_timeout:g} s ({why})"
+            )
+        return Query(view.version, min(self.long_poll, left))
+
+    def on_connected(self, generation: int) -> None:
+        """A pull got through the handshake: the writer serves us."""
+        self.generation = generation
+        self.lost_since = None
+        self.attempt = 0
+
+    def on_pull(self, outcome: PullOutcome, detail: str, now: float) -> Action:
+        if outcome in (PullOutcome.END, PullOutcome.CLOSED):
+            return Done()
+        if outcome is PullOutcome.REMOVED:
+            return Fail(errno.ECANCELED, "the edge was removed")
+        if outcome is PullOutcome.DIVERGED:
+            return Fail(errno.EIO, f"replay diverged: {detail}")
+        if outcome is PullOutcome.GONE:
+            self.dead.add(self.trying)
+            self.lost_since = None
+            self.attempt = 0
+            return Query()  # look at the record now: maybe a re-run is already there
+        if self.lost_since is None:
+            self.lost_since = now
+        if now - self.lost_since > self.reconnect_for:
+            return Fail(errno.EIO, f"lost the writer for {self.reconnect_for:g} s: {detail}")
+        delay = backoff(self.attempt, self.rng)
+        self.attempt += 1
+        return Query(delay=delay)

@@ -1,0 +1,135 @@
+"""The reader's state machine: every fault of the failure model as a transition."""
+
+from __future__ import annotations
+
+import errno
+import random
+
+import pytest
+
+from fractalfs.edgestate import (
+    Connect,
+    Done,
+    EdgeView,
+    Fail,
+    PullOutcome,
+    Query,
+    ReaderMachine,
+)
+
+
+def view(gen: int = 1, state: str = "open", version: int = 10, **kw: object) -> EdgeView:
+    return EdgeView(True, version, gen, state, "w", "h:1", **kw)  # type: ignore[arg-type]
+
+
+def machine(**kw: object) -> ReaderMachine:
+    return ReaderMachine(rng=random.Random(1), **kw)  # type: ignore[arg-type]
+
+
+def connected(m: ReaderMachine, gen: int = 1, received: int = 0) -> None:
+    action = m.on_record(view(gen), 0.0, received)
+    assert isinstance(action, Connect) and action.generation == gen
+    m.on_connected(gen)
+
+
+def test_reader_first_waits_without_timeout() -> None:
+    m = machine(writer_lost_timeout=1)
+    assert m.start() == Query()
+    first = m.on_record(EdgeView(False, 0, 0, "none"), 0.0, 0)
+    assert first == Query(0, m.long_poll)
+    waiting = m.on_record(view(0, "none", version=3), 1000.0, 0)
+    assert waiting == Query(3, m.long_poll)  # no writer yet: no deadline either
+
+
+def test_connection_loss_resumes_the_same_generation() -> None:
+    m = machine(reconnect_for=5)
+    connected(m, received=100)
+    retry = m.on_pull(PullOutcome.LOST, "reset", now=1.0)
+    assert isinstance(retry, Query) and 0 <= retry.delay <= 1.0
+    again = m.on_record(view(1), 1.5, 100)
+    assert again == Connect(1, "w", "h:1", replay=False)
+
+
+def test_backoff_is_bounded_and_jittered() -> None:
+    m = machine(reconnect_for=1e9)
+    connected(m)
+    delays = [m.on_pull(PullOutcome.LOST, "", now=float(i)) for i in range(30)]
+    values = [d.delay for d in delays if isinstance(d, Query)]
+    assert max(values) <= 1.0 and len(set(values)) > 20  # capped, never a fixed beat
+
+
+def test_connection_lost_too_long_fails_with_eio() -> None:
+    m = machine(reconnect_for=5)
+    connected(m)
+    m.on_pull(PullOutcome.LOST, "", now=10.0)
+    assert m.on_pull(PullOutcome.LOST, "refused", now=16.0) == Fail(
+        errno.EIO, "lost the writer for 5 s: refused"
+    )
+
+
+def test_lost_node_that_comes_back_resumes() -> None:
+    m = machine(writer_lost_timeout=60)
+    connected(m, received=50)
+    m.on_pull(PullOutcome.LOST, "silent", 1.0)
+    wait = m.on_record(view(1, "lost", version=11), 2.0, 50)
+    assert isinstance(wait, Query) and wait.since == 11
+    assert m.on_record(view(1, "open", version=12), 3.0, 50) == Connect(1, "w", "h:1", False)
+
+
+def test_failed_writer_then_rerun_replays_with_verification() -> None:
+    m = machine(writer_lost_timeout=60)
+    connected(m, received=1000)
+    after = m.on_pull(PullOutcome.GONE, "WRITER_FAILED", 1.0)
+    assert after == Query()
+    wait = m.on_record(view(1, "failed", version=11), 1.0, 1000)
+    assert isinstance(wait, Query) and wait.since == 11
+    rerun = m.on_record(view(2, "open", version=12), 2.0, 1000)
+    assert rerun == Connect(2, "w", "h:1", replay=True)
+
+
+def test_rerun_before_anything_was_delivered_needs_no_replay() -> None:
+    m = machine()
+    connected(m, received=0)
+    m.on_pull(PullOutcome.GONE, "", 1.0)
+    assert m.on_record(view(2), 2.0, 0) == Connect(2, "w", "h:1", replay=False)
+
+
+def test_no_rerun_within_the_timeout_fails() -> None:
+    m = machine(writer_lost_timeout=10)
+    connected(m, received=5)
+    m.on_pull(PullOutcome.GONE, "", 0.0)
+    m.on_record(view(1, "failed"), 0.0, 5)
+    fail = m.on_record(view(1, "failed", reason="writing program killed by signal 9"), 11.0, 5)
+    assert isinstance(fail, Fail) and fail.errno == errno.EIO
+    assert "killed by signal 9" in fail.reason
+
+
+def test_stale_generation_is_never_read_again() -> None:
+    m = machine()
+    connected(m, gen=3)
+    m.on_pull(PullOutcome.GONE, "STALE", 1.0)
+    wait = m.on_record(view(3, "open", version=20), 1.0, 0)
+    assert isinstance(wait, Query)  # generation 3 is dead even if the record lags
+
+
+@pytest.mark.parametrize(
+    ("outcome", "expected"),
+    [
+        (PullOutcome.END, Done()),
+        (PullOutcome.CLOSED, Done()),
+        (PullOutcome.REMOVED, Fail(errno.ECANCELED, "the edge was removed")),
+        (PullOutcome.DIVERGED, Fail(errno.EIO, "replay diverged: bytes differ")),
+    ],
+)
+def test_terminal_outcomes(outcome: PullOutcome, expected: object) -> None:
+    m = machine()
+    connected(m)
+    assert m.on_pull(outcome, "bytes differ", 1.0) == expected
+
+
+def test_removed_edge_fails_waiting_reader() -> None:
+    m = machine()
+    m.on_record(view(0, "none"), 0.0, 0)
+    assert m.on_record(EdgeView(False, 0, 0, "none"), 1.0, 0) == Fail(
+        errno.ECANCELED, "the edge was removed"
+    )
