@@ -1,0 +1,526 @@
+"""The discovery server: an aiohttp JSON API over :class:`~.store.Store`.
+
+Versioned paths (``/v1/...``). Every body is a bounded JSON object, every id is checked, and
+every bad request gets a 4xx with a one-line reason in ``{"error": ...}``. Waiting is a
+long-poll (``?wait=SECONDS&since=VERSION``) answered the moment the edge changes, so a reader
+learns of its writer in one round trip instead of upstream's 1 s sleep loop.
+
+The server runs on its own asyncio loop: in the foreground (``fractalfs discovery``) or in a
+thread of the node daemon (:class:`EmbeddedDiscovery`), never on the daemon's trio loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import signal
+import threading
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from ..edgeid import EdgeId
+from .store import Conflict, Edge, NotFound, Store
+
+log = logging.getLogger(__name__)
+
+API = "/v1"
+MAX_BODY = 64 * 1024
+MAX_WAIT = 60.0
+MAX_NAME = 255
+NODE_EVENTS = frozenset({"resumed", "diverged"})
+NODE_TIMEOUT = 1.5  # a node silent this long is lost (daemons heartbeat every 0.5 s)
+MAX_ENDS = 100_000
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class BadRequest(Exception):
+    """The client's request is malformed (HTTP 400)."""
+
+
+class Changes:
+    """Wakes long-polls: one asyncio.Event per change epoch."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait_until(self, ready: Callable[[], bool], timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not ready():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            event = self._event
+            try:
+                await asyncio.wait_for(event.wait(), remaining)
+            except TimeoutError:
+                return
+
+
+def _edge_id(request: web.Request) -> str:
+    text = request.match_info["edge"]
+    if not EdgeId.is_valid(text):
+        raise BadRequest(f"{text!r} is not an edge id (32 lowercase hex digits)")
+    return text
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=request.content_length)
+    try:
+        body = await request.json()
+    except ValueError as exc:
+        raise BadRequest(f"body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object")
+    return body
+
+
+def _str(body: dict[str, Any], key: str, *, required: bool = True) -> str:
+    value = body.get(key, None if required else "")
+    if not isinstance(value, str) or (required and not value) or len(value) > MAX_NAME:
+        raise BadRequest(f"field {key!r} must be a non-empty string of at most {MAX_NAME} chars")
+    return value
+
+
+def _int(body: dict[str, Any], key: str) -> int:
+    value = body.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise BadRequest(f"field {key!r} must be a non-negative integer")
+    return value
+
+
+def _query_number(request: web.Request, key: str, default: float, cap: float) -> float:
+    raw = request.query.get(key)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BadRequest(f"query {key!r} must be a number") from None
+    if not 0 <= value <= cap:
+        raise BadRequest(f"query {key!r} must be between 0 and {cap:g}")
+    return value
+
+
+def _edge_json(edge: str, record: Edge | None) -> dict[str, Any]:
+    if record is None:
+        return {"id": edge, "exists": False, "version": 0, "generation": 0}
+    out = record.to_json()
+    out["exists"] = True
+    return out
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except BadRequest as exc:
+        return web.json_response({"error": str(exc)}, status=400)
+    except Conflict as exc:
+        return web.json_response({"error": str(exc)}, status=409)
+    except NotFound as exc:
+        return web.json_response({"error": str(exc)}, status=404)
+    except ValueError as exc:
+        return web.json_response({"error": str(exc)}, status=400)
+
+
+class DiscoveryApp:
+    def __init__(self, store: Store, node_timeout: float = NODE_TIMEOUT) -> None:
+        self.store = store
+        self.changes = Changes()
+        self.node_timeout = node_timeout
+        self.last_seen: dict[str, float] = {}
+        self.lost: set[str] = set()
+        self.boots: dict[str, str] = {}  # node -> boot id of the daemon run heard from last
+        self._checker: asyncio.Task[None] | None = None
+
+    async def _start_liveness(self, app: web.Application) -> None:
+        # Nodes that held ends before a restart get one timeout to say they are still there.
+        now = asyncio.get_running_loop().time()
+        for node in self.store.nodes_with_open_ends():
+            self.last_seen.setdefault(node, now)
+        self._checker = asyncio.create_task(self._check_liveness())
+
+    async def _stop_liveness(self, app: web.Application) -> None:
+        if self._checker is not None:
+            self._checker.cancel()
+
+    async def _check_liveness(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.node_timeout / 6)
+            now = loop.time()
+            for node, seen in list(self.last_seen.items()):
+                if node not in self.lost and now - seen > self.node_timeout:
+                    self._lose(node, f"silent for {now - seen:.1f} s")
+
+    def _lose(self, node: str, why: str) -> None:
+        self.lost.add(node)
+        changed = self.store.node_lost(node)
+        log.warning("node %s lost (%s); %d edges affected", node, why, len(changed))
+        self._changed()
+
+    def _changed(self) -> None:
+        self.changes.notify()
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[_errors])
+        r = app.router
+        r.add_get(f"{API}/health", self.health)
+        r.add_get("/metrics", self.metrics)
+        r.add_get("/", self.status_page)
+        r.add_get(f"{API}/edges", self.list_edges)
+        r.add_get(f"{API}/edges/{{edge}}", self.get_edge)
+        r.add_delete(f"{API}/edges/{{edge}}", self.delete_edge)
+        r.add_post(f"{API}/edges/{{edge}}/writer", self.register_writer)
+        r.add_post(f"{API}/edges/{{edge}}/writer/close", self.close_writer)
+        r.add_post(f"{API}/edges/{{edge}}/reader", self.claim_reader)
+        r.add_post(f"{API}/edges/{{edge}}/reader/close", self.release_reader)
+        r.add_post(f"{API}/edges/{{edge}}/progress", self.progress)
+        r.add_post(f"{API}/edges/{{edge}}/mode", self.set_mode)
+        r.add_post(f"{API}/edges/{{edge}}/writer/restore", self.restore_writer)
+        r.add_get(f"{API}/events", self.events)
+        r.add_get(f"{API}/events/stream", self.event_stream)
+        r.add_post(f"{API}/edges/{{edge}}/event", self.node_event)
+        r.add_get(f"{API}/nodes", self.list_nodes)
+        r.add_post(f"{API}/nodes/{{node}}/heartbeat", self.heartbeat)
+        r.add_post(f"{API}/nodes/{{node}}/leave", self.leave)
+        app.on_startup.append(self._start_liveness)
+        app.on_cleanup.append(self._stop_liveness)
+        return app
+
+    def _node_name(self, request: web.Request) -> str:
+        name = request.match_info["node"]
+        if not 0 < len(name) <= MAX_NAME:
+            raise BadRequest(f"node name must be 1 to {MAX_NAME} characters")
+        return name
+
+    async def heartbeat(self, request: web.Request) -> web.Response:
+        node = self._node_name(request)
+        body = await _body(request)
+        writers = body.get("writers", {})
+        readers = body.get("readers", [])
+        if not isinstance(writers, dict) or len(writers) > MAX_ENDS:
+            raise BadRequest("field 'writers' must be an object of edge id -> generation")
+        if not isinstance(readers, list) or len(readers) > MAX_ENDS:
+            raise BadRequest("field 'readers' must be a list of edge ids")
+        for edge, gen in writers.items():
+            if not EdgeId.is_valid(edge) or not isinstance(gen, int) or isinstance(gen, bool):
+                raise BadRequest(f"bad writer entry {edge!r}: {gen!r}")
+        for edge in readers:
+            if not isinstance(edge, str) or not EdgeId.is_valid(edge):
+                raise BadRequest(f"bad reader entry {edge!r}")
+        boot = body.get("boot", "")
+        if not isinstance(boot, str) or len(boot) > MAX_NAME:
+            raise BadRequest("field 'boot' must be a string")
+        if boot and self.boots.get(node, boot) != boot:
+            # A new run of the daemon: whatever the old one held is gone with it.
+            self._lose(node, "restarted")
+        if boot:
+            self.boots[node] = boot
+        self.last_seen[node] = asyncio.get_running_loop().time()
+        was_lost = node in self.lost
+        self.lost.discard(node)
+        before = self.store.last_seq()
+        stale = self.store.node_alive(node, writers, readers)
+        if was_lost:
+            log.info("node %s is back", node)
+        if self.store.last_seq() != before:
+            self._changed()
+        return web.json_response({"stale": stale})
+
+    async def leave(self, request: web.Request) -> web.Response:
+        node = self._node_name(request)
+        self.last_seen.pop(node, None)
+        self._lose(node, "left")
+        self.lost.discard(node)
+        return web.json_response({"node": node})
+
+    async def list_nodes(self, request: web.Request) -> web.Response:
+        now = asyncio.get_running_loop().time()
+        return web.json_response(
+            {
+                "nodes": [
+                    {"node": n, "alive": n not in self.lost, "last_seen_ago": round(now - t, 3)}
+                    for n, t in sorted(self.last_seen.items())
+                ]
+            }
+        )
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        from prometheus_client import CollectorRegistry, generate_latest
+        from prometheus_client.core import GaugeMetricFamily
+
+        app = self
+
+        class Collector:
+            def collect(self) -> Any:
+                by_state = GaugeMetricFamily(
+                    "fractalfs_discovery_edges", "Edges by state", labels=["state"]
+                )
+                counts: dict[str, int] = {}
+                for edge in app.store.edges():
+                    counts[edge.state] = counts.get(edge.state, 0) + 1
+                for state, n in sorted(counts.items()):
+                    by_state.add_metric([state], n)
+                yield by_state
+                nodes = GaugeMetricFamily(
+                    "fractalfs_discovery_nodes", "Nodes by liveness", labels=["alive"]
+                )
+                alive = sum(1 for n in app.last_seen if n not in app.lost)
+                nodes.add_metric(["true"], alive)
+                nodes.add_metric(["false"], len(app.last_seen) - alive)
+                yield nodes
+                events = GaugeMetricFamily("fractalfs_discovery_last_event", "Event log head")
+                events.add_metric([], app.store.last_seq())
+                yield events
+
+        registry = CollectorRegistry()
+        registry.register(Collector())
+        return web.Response(
+            body=generate_latest(registry), content_type="text/plain", charset="utf-8"
+        )
+
+    async def status_page(self, request: web.Request) -> web.Response:
+        page = (Path(__file__).parent / "static" / "status.html").read_text()
+        return web.Response(text=page, content_type="text/html")
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": True, "last_event": self.store.last_seq()})
+
+    async def list_edges(self, request: web.Request) -> web.Response:
+        return web.json_response({"edges": [_edge_json(e.id, e) for e in self.store.edges()]})
+
+    async def get_edge(self, request: web.Request) -> web.Response:
+        edge = _edge_id(request)
+        wait = _query_number(request, "wait", 0.0, MAX_WAIT)
+        since = _query_number(request, "since", -1, 2**62)
+        if wait > 0:
+
+            def changed() -> bool:
+                rec = self.store.get(edge)
+                return (rec.version if rec else 0) > since
+
+            await self.changes.wait_until(changed, wait)
+        return web.json_response(_edge_json(edge, self.store.get(edge)))
+
+    async def delete_edge(self, request: web.Request) -> web.Response:
+        edge = _edge_id(request)
+        self.store.delete(edge)
+        self._changed()
+        return web.json_response({"id": edge, "deleted": True})
+
+    async def register_writer(self, request: web.Request) -> web.Response:
+        edge = _edge_id(request)
+        body = await _body(request)
+        rec = self.store.register_writer(edge, _str(body, "node"), _str(body, "endpoint"))
+        self._changed()
+        return web.json_response(_edge_json(edge, rec))
+
+    async def close_writer(self, request: web.Request) -> web.Response:
+        edge = _edge_id(request)
+        body = await _body(request)
+        rec = self.store.close_writer(
+            edge,
+            _int(body, "generation"),
+            _str(body, "state"),
+            _int(body, "bytes"),
+            _str(body, "reason", required=False),
+        )
+        self._changed()
+        return web.json_response(_edge_json(edge, rec))
+
+    async def claim_reader(self, request: web.Request) -> web.Response:
+        edge = _edge_id(request)
+        body = await _body(request)
+        rec = self.store.claim_reader(edge, _str(body, "node"))
+        self._changed()
+        return web.json_response(_edge_json(edge, rec))
+
+    async def release_reader(self, request: web.Request) -> web.Response:
+        edge = _edge_id(request)
+        body = await _body(request)
+        rec = self.store.release_reader(
+            edge, _str(body, "node"), _str(body, "state"), _int(body, "bytes")
+        )
+        self._changed()
+        return web.json_response(_edge_json(edge, rec))
+
+    async def set_mode(self, request: web.Request) -> web.Response:
+        edge = _edge_id(request)
+        body = await _body(request)
+        mode = _str(body, "mode")
+        if mode not in ("transient", "persistent"):
+            raise BadRequest("field 'mode' must be transient or persistent")
+        rec = self.store.set_mode(
+            edge, _int(body, "generation"), mode, _str(body, "reason", required=False)
+        )
+        self._changed()
+        return web.json_response(_edge_json(edge, rec))
+
+    async def restore_writer(self, request: web.Request) -> web.Response:
+        edge = _edge_id(request)
+        body = await _body(request)
+        rec = self.store.restore_writer(
+            edge, _int(body, "generation"), _str(body, "node"), _str(body, "endpoint")
+        )
+        self._changed()
+        return web.json_response(_edge_json(edge, rec))
+
+    async def progress(self, request: web.Request) -> web.Response:
+        edge = _edge_id(request)
+        body = await _body(request)
+        self.store.progress(edge, _int(body, "bytes"))
+        return web.json_response({"id": edge})
+
+    async def node_event(self, request: web.Request) -> web.Response:
+        edge = _edge_id(request)
+        body = await _body(request)
+        kind = _str(body, "kind")
+        if kind not in NODE_EVENTS:
+            raise BadRequest(f"field 'kind' must be one of {sorted(NODE_EVENTS)}")
+        data = body.get("data", {})
+        if not isinstance(data, dict):
+            raise BadRequest("field 'data' must be an object")
+        self.store.record(edge, kind, data)
+        self._changed()
+        return web.json_response({"id": edge})
+
+    async def event_stream(self, request: web.Request) -> web.StreamResponse:
+        """Server-Sent Events: every event from ``Last-Event-ID`` (or ``?after=``) on."""
+        after = int(_query_number(request, "after", -1, 2**62))
+        last_id = request.headers.get("Last-Event-ID", "")
+        if last_id.isdigit():
+            after = int(last_id)
+        if after < 0:
+            after = self.store.last_seq()  # only what happens from now on
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await resp.prepare(request)
+        await resp.write(b"retry: 1000\n\n")
+        while True:
+            for event in self.store.events(after):
+                payload = json.dumps(event.to_json())
+                await resp.write(
+                    f"id: {event.seq}\nevent: {event.kind}\ndata: {payload}\n\n".encode()
+                )
+                after = event.seq
+            await self.changes.wait_until(functools.partial(self._newer_than, after), 15.0)
+            if self.store.last_seq() <= after:
+                await resp.write(b": keep-alive\n\n")
+
+    def _newer_than(self, seq: int) -> bool:
+        return self.store.last_seq() > seq
+
+    async def events(self, request: web.Request) -> web.Response:
+        after = int(_query_number(request, "after", 0, 2**62))
+        wait = _query_number(request, "wait", 0.0, MAX_WAIT)
+        if wait > 0:
+            await self.changes.wait_until(lambda: self.store.last_seq() > after, wait)
+        events = self.store.events(after)
+        return web.json_response(
+            {"events": [e.to_json() for e in events], "last": self.store.last_seq()}
+        )
+
+
+def parse_listen(text: str, default_port: int) -> tuple[str, int]:
+    """``HOST:PORT``, ``HOST`` or ``:PORT``; raises ValueError with a reason."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = text, str(default_port)
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        number = int(port)
+    except ValueError:
+        raise ValueError(f"bad port in {text!r}") from None
+    if not 0 <= number <= 65535:
+        raise ValueError(f"port {number} out of range in {text!r}")
+    return host, number
+
+
+async def start(store: Store, host: str, port: int) -> tuple[web.AppRunner, str]:
+    """Starts serving; returns the runner and the URL actually bound (port 0 resolved)."""
+    runner = web.AppRunner(DiscoveryApp(store).app(), access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    bound = runner.addresses[0]
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    return runner, f"http://{shown}:{bound[1]}"
+
+
+async def serve_forever(
+    db: str, host: str, port: int, ready: Callable[[str], None] | None = None
+) -> None:
+    store = Store(db)
+    runner, url = await start(store, host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)  # graceful: close the store, exit 0
+    if ready:
+        ready(url)
+    try:
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await runner.cleanup()
+        store.close()
+
+
+class EmbeddedDiscovery:
+    """A discovery server on its own asyncio loop in a daemon thread of the node process."""
+
+    def __init__(self, db: str, host: str, port: int) -> None:
+        self._args = (db, host, port)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="discovery", daemon=True)
+        self.url = ""
+        self.error: BaseException | None = None
+
+    def start(self) -> str:
+        self._thread.start()
+        self._ready.wait()
+        if self.error is not None:
+            raise self.error
+        return self.url
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        db, host, port = self._args
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        try:
+            store = Store(db)
+            runner, self.url = await start(store, host, port)
+        except BaseException as exc:
+            self.error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            await self._stop.wait()
+        finally:
+            await runner.cleanup()
+            store.close()

@@ -1,0 +1,391 @@
+"""Discovery's durable state: edges, their writer generations, and an event log.
+
+The store is plain synchronous SQLite (WAL, one connection, owned by one thread): every
+operation is one short transaction, so a restart of discovery loses no registration and
+generations only ever grow. Every change appends an event; an edge's ``version`` is the
+sequence number of the last event that touched it, which is what long-polls wait on.
+
+This is the embedded backend behind :class:`Store`'s method set; an etcd backend would map
+generations to revisions, long-polls to watches and node liveness to leases.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS edges (
+    id TEXT PRIMARY KEY,
+    generation INTEGER NOT NULL DEFAULT 0,
+    writer_node TEXT NOT NULL DEFAULT '',
+    writer_endpoint TEXT NOT NULL DEFAULT '',
+    writer_state TEXT NOT NULL DEFAULT 'none',
+    bytes_written INTEGER NOT NULL DEFAULT 0,
+    reader_node TEXT NOT NULL DEFAULT '',
+    reader_state TEXT NOT NULL DEFAULT 'none',
+    bytes_delivered INTEGER NOT NULL DEFAULT 0,
+    reason TEXT NOT NULL DEFAULT '',
+    mode TEXT NOT NULL DEFAULT '',
+    mode_reason TEXT NOT NULL DEFAULT '',
+    version INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    time REAL NOT NULL,
+    edge TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    data TEXT NOT NULL
+);
+"""
+
+SCHEMA_VERSION = 2  # 1: no mode columns
+
+READER_STATES = frozenset({"none", "open", "done", "closed", "failed", "lost"})
+EVENTS_KEPT = 100_000
+
+
+class Conflict(Exception):
+    """The request contradicts the edge's current state (HTTP 409)."""
+
+
+class NotFound(Exception):
+    """No such edge (HTTP 404)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Edge:
+    id: str
+    generation: int = 0
+    writer_node: str = ""
+    writer_endpoint: str = ""
+    writer_state: str = "none"
+    bytes_written: int = 0
+    reader_node: str = ""
+    reader_state: str = "none"
+    bytes_delivered: int = 0
+    reason: str = ""
+    mode: str = ""
+    mode_reason: str = ""
+    version: int = 0
+    created: float = 0.0
+    updated: float = 0.0
+
+    @property
+    def state(self) -> str:
+        """One word for people: waiting, streaming, complete, delivered, failed."""
+        if self.reader_state == "done":
+            return "delivered"
+        if self.writer_state == "failed" or self.reader_state == "failed":
+            return "failed"
+        if self.writer_state == "lost" or self.reader_state == "lost":
+            return "node-lost"
+        if self.writer_state == "none":
+            return "waiting-for-writer"
+        if self.writer_state == "complete":
+            return "complete"
+        return "streaming" if self.reader_state == "open" else "waiting-for-reader"
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["state"] = self.state
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    seq: int
+    time: float
+    edge: str
+    kind: str
+    data: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Store:
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Brings a database written by an older version up to the current columns."""
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(edges)")}
+        for column in ("mode", "mode_reason"):
+            if column not in have:
+                self._db.execute(f"ALTER TABLE edges ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
+        self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def get(self, edge: str) -> Edge | None:
+        row = self._db.execute("SELECT * FROM edges WHERE id = ?", (edge,)).fetchone()
+        return Edge(**dict(row)) if row else None
+
+    def edges(self) -> list[Edge]:
+        rows = self._db.execute("SELECT * FROM edges ORDER BY created").fetchall()
+        return [Edge(**dict(r)) for r in rows]
+
+    def events(self, after: int, limit: int = 1000) -> list[Event]:
+        rows = self._db.execute(
+            "SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
+        ).fetchall()
+        return [
+            Event(r["seq"], r["time"], r["edge"], r["kind"], json.loads(r["data"])) for r in rows
+        ]
+
+    def last_seq(self) -> int:
+        row = self._db.execute("SELECT MAX(seq) FROM events").fetchone()
+        return int(row[0] or 0)
+
+    # -- writes --------------------------------------------------------------------------
+
+    def register_writer(self, edge: str, node: str, endpoint: str) -> Edge:
+        """Takes the next generation of ``edge`` for a writer on ``node``.
+
+        A writer that is still open on another node keeps the edge (Conflict); an open writer
+        on the same node is a daemon that restarted and lost it, so it is superseded.
+        """
+        with self._tx():
+            cur = self._get_or_new(edge)
+            if cur.writer_state == "open" and cur.writer_node != node:
+                raise Conflict(f"edge {edge} has an open writer on node {cur.writer_node}")
+            gen = cur.generation + 1
+            return self._update(
+                cur,
+                "writer",
+                {"generation": gen, "node": node, "endpoint": endpoint},
+                generation=gen,
+                writer_node=node,
+                writer_endpoint=endpoint,
+                writer_state="open",
+                bytes_written=0,
+                reason="",
+            )
+
+    def close_writer(
+        self, edge: str, generation: int, state: str, written: int, reason: str = ""
+    ) -> Edge:
+        if state not in ("complete", "failed"):
+            raise ValueError(f"writer state {state!r} is not complete or failed")
+        with self._tx():
+            cur = self._current(edge, generation)
+            return self._update(
+                cur,
+                state,
+                {
+                    "generation": generation,
+                    "bytes": written,
+                    "reason": reason,
+                    "duration": round(time.time() - cur.updated, 3),
+                },
+                writer_state=state,
+                bytes_written=written,
+                reason=reason,
+            )
+
+    def claim_reader(self, edge: str, node: str) -> Edge:
+        with self._tx():
+            cur = self._get_or_new(edge)
+            if cur.reader_state == "open" and cur.reader_node != node:
+                raise Conflict(f"edge {edge} has an open reader on node {cur.reader_node}")
+            return self._update(
+                cur,
+                "reader",
+                {"node": node},
+                reader_node=node,
+                reader_state="open",
+                bytes_delivered=0,
+            )
+
+    def release_reader(self, edge: str, node: str, state: str, delivered: int) -> Edge:
+        if state not in READER_STATES - {"none", "open"}:
+            raise ValueError(f"reader state {state!r} is not done, closed or failed")
+        with self._tx():
+            cur = self._require(edge)
+            if cur.reader_node != node or cur.reader_state != "open":
+                return cur  # a newer reader owns the edge; this release is late
+            return self._update(
+                cur,
+                f"reader-{state}",
+                {"node": node, "bytes": delivered},
+                reader_state=state,
+                bytes_delivered=delivered,
+            )
+
+    def node_lost(self, node: str) -> list[Edge]:
+        """``node`` stopped heartbeating: its open ends are lost (it may come back)."""
+        changed = []
+        with self._tx():
+            for cur in self.edges():
+                if cur.writer_node == node and cur.writer_state == "open":
+                    cur = self._update(
+                        cur,
+                        "writer-lost",
+                        {"node": node, "generation": cur.generation},
+                        writer_state="lost",
+                        reason=f"node {node} stopped responding",
+                    )
+                    changed.append(cur)
+                if cur.reader_node == node and cur.reader_state == "open":
+                    changed.append(
+                        self._update(cur, "reader-lost", {"node": node}, reader_state="lost")
+                    )
+        return changed
+
+    def node_alive(self, node: str, writers: dict[str, int], readers: list[str]) -> list[str]:
+        """A heartbeat: ``node`` holds these writer generations and readers.
+
+        Lost ends it still holds are open again. Returns the edges whose writer generation
+        it holds is no longer the edge's current one: that writer is fenced off.
+        """
+        stale = []
+        with self._tx():
+            for edge, gen in writers.items():
+                cur = self.get(edge)
+                if cur is None or cur.generation != gen or cur.writer_node != node:
+                    stale.append(edge)
+                elif cur.writer_state == "lost":
+                    self._update(
+                        cur,
+                        "writer-back",
+                        {"node": node, "generation": gen},
+                        writer_state="open",
+                        reason="",
+                    )
+            for edge in readers:
+                cur = self.get(edge)
+                if cur is not None and cur.reader_node == node and cur.reader_state == "lost":
+                    self._update(cur, "reader-back", {"node": node}, reader_state="open")
+        return stale
+
+    def nodes_with_open_ends(self) -> set[str]:
+        rows = self._db.execute(
+            "SELECT writer_node FROM edges WHERE writer_state = 'open' "
+            "UNION SELECT reader_node FROM edges WHERE reader_state = 'open'"
+        ).fetchall()
+        return {r[0] for r in rows if r[0]}
+
+    def set_mode(self, edge: str, generation: int, mode: str, reason: str) -> Edge:
+        with self._tx():
+            cur = self._current(edge, generation)
+            return self._update(
+                cur,
+                "mode",
+                {"generation": generation, "mode": mode, "reason": reason},
+                mode=mode,
+                mode_reason=reason,
+            )
+
+    def restore_writer(self, edge: str, generation: int, node: str, endpoint: str) -> Edge:
+        """A restarted node serves a complete spill of ``generation`` again."""
+        with self._tx():
+            cur = self._current(edge, generation)
+            return self._update(
+                cur,
+                "restored",
+                {"generation": generation, "node": node},
+                writer_node=node,
+                writer_endpoint=endpoint,
+                writer_state="complete",
+                reason="",
+            )
+
+    def record(self, edge: str, kind: str, data: dict[str, Any]) -> None:
+        """An event a node observed (a resume after a fault, a diverged replay)."""
+        with self._tx():
+            self._require(edge)
+            self._event(edge, kind, data)
+
+    def progress(self, edge: str, delivered: int) -> None:
+        """Records bytes delivered; not an event (it would wake every long-poll)."""
+        self._db.execute(
+            "UPDATE edges SET bytes_delivered = ?, updated = ? WHERE id = ?",
+            (delivered, time.time(), edge),
+        )
+
+    def delete(self, edge: str) -> None:
+        with self._tx():
+            self._require(edge)
+            self._db.execute("DELETE FROM edges WHERE id = ?", (edge,))
+            self._event(edge, "deleted", {})
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _tx(self) -> _Tx:
+        # BEGIN IMMEDIATE takes the write lock up front: read-modify-write is atomic.
+        self._db.execute("BEGIN IMMEDIATE")
+        return _Tx(self._db)
+
+    def _require(self, edge: str) -> Edge:
+        cur = self.get(edge)
+        if cur is None:
+            raise NotFound(f"no edge {edge}")
+        return cur
+
+    def _current(self, edge: str, generation: int) -> Edge:
+        """The edge, if ``generation`` is still its current one (else: fenced, Conflict)."""
+        cur = self._require(edge)
+        if cur.generation != generation:
+            raise Conflict(
+                f"generation {generation} of edge {edge} is stale (now {cur.generation})"
+            )
+        return cur
+
+    def _get_or_new(self, edge: str) -> Edge:
+        cur = self.get(edge)
+        if cur is not None:
+            return cur
+        now = time.time()
+        self._db.execute(
+            "INSERT INTO edges (id, created, updated) VALUES (?, ?, ?)", (edge, now, now)
+        )
+        return Edge(id=edge, created=now, updated=now)
+
+    def _event(self, edge: str, kind: str, data: dict[str, Any]) -> int:
+        cur = self._db.execute(
+            "INSERT INTO events (time, edge, kind, data) VALUES (?, ?, ?, ?)",
+            (time.time(), edge, kind, json.dumps(data)),
+        )
+        seq = int(cur.lastrowid or 0)
+        if seq % 1000 == 0:
+            self._db.execute("DELETE FROM events WHERE seq <= ?", (seq - EVENTS_KEPT,))
+        return seq
+
+    def _update(self, cur: Edge, kind: str, data: dict[str, Any], **fields: Any) -> Edge:
+        seq = self._event(cur.id, kind, data)
+        fields["version"] = seq
+        fields["updated"] = time.time()
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        self._db.execute(f"UPDATE edges SET {cols} WHERE id = ?", (*fields.values(), cur.id))
+        new = self.get(cur.id)
+        assert new is not None
+        return new
+
+
+class _Tx:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")

@@ -1,0 +1,70 @@
+"""The discovery HTTP API of a real server process: reasons for every 4xx, long-polls."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from fractalfs.testing import Discovery
+
+E = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[httpx.Client]:
+    disc = Discovery(tmp_path)
+    disc.start()
+    try:
+        with httpx.Client(base_url=disc.url + "/v1", timeout=20) as client:
+            yield client
+    finally:
+        disc.stop()
+
+
+def error(resp: httpx.Response, status: int, needle: str) -> None:
+    assert resp.status_code == status, resp.text
+    assert needle in resp.json()["error"]
+
+
+def test_bad_requests_get_a_reason(api: httpx.Client) -> None:
+    error(api.get("/edges/nothex"), 400, "not an edge id")
+    error(api.post(f"/edges/{E}/writer", content=b"{"), 400, "not JSON")
+    error(api.post(f"/edges/{E}/writer", json=[1]), 400, "JSON object")
+    error(api.post(f"/edges/{E}/writer", json={"node": "a"}), 400, "'endpoint'")
+    error(api.post(f"/edges/{E}/writer", json={"node": 5, "endpoint": "x"}), 400, "'node'")
+    error(api.get(f"/edges/{E}", params={"wait": "soon"}), 400, "number")
+    error(api.get(f"/edges/{E}", params={"wait": 1e9}), 400, "between")
+    big = {"node": "a" * 100_000, "endpoint": "x"}
+    assert api.post(f"/edges/{E}/writer", json=big).status_code == 413
+    error(api.delete(f"/edges/{E}"), 404, "no edge")
+
+
+def test_generations_and_conflicts(api: httpx.Client) -> None:
+    first = api.post(f"/edges/{E}/writer", json={"node": "a", "endpoint": "h:1"}).json()
+    assert first["generation"] == 1 and first["state"] == "waiting-for-reader"
+    error(api.post(f"/edges/{E}/writer", json={"node": "b", "endpoint": "h:2"}), 409, "node a")
+    body = {"generation": 1, "state": "done", "bytes": 1}
+    error(api.post(f"/edges/{E}/writer/close", json=body), 400, "complete or failed")
+    body["state"] = "complete"
+    assert api.post(f"/edges/{E}/writer/close", json=body).json()["writer_state"] == "complete"
+    second = api.post(f"/edges/{E}/writer", json={"node": "b", "endpoint": "h:2"}).json()
+    assert second["generation"] == 2
+    error(api.post(f"/edges/{E}/writer/close", json=body), 409, "stale")
+
+
+def test_long_poll_answers_on_change_and_on_timeout(api: httpx.Client) -> None:
+    rec = api.get(f"/edges/{E}").json()
+    assert rec["exists"] is False
+    t0 = time.monotonic()
+    same = api.get(f"/edges/{E}", params={"wait": 0.5, "since": rec["version"]}).json()
+    assert 0.4 < time.monotonic() - t0 < 5 and same["version"] == rec["version"]
+    api.post(f"/edges/{E}/reader", json={"node": "r"})
+    t0 = time.monotonic()
+    changed = api.get(f"/edges/{E}", params={"wait": 30, "since": rec["version"]}).json()
+    assert time.monotonic() - t0 < 1 and changed["reader_node"] == "r"
+    events = api.get("/events", params={"after": 0}).json()
+    assert [e["kind"] for e in events["events"]] == ["reader"]

@@ -1,0 +1,162 @@
+"""Live progress: the SSE event stream (resumable by Last-Event-ID) and fractalfs watch."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .conftest import Cluster, Programs, needs_fuse, new_edge, sh
+
+pytestmark = needs_fuse
+
+SLOWCAT = f"{sys.executable} {Path(__file__).with_name('slowcat.py')}"
+
+
+def sse(url: str, headers: dict[str, str], until: str, timeout: float = 20) -> list[dict]:  # type: ignore[type-arg]
+    events: list[dict] = []  # type: ignore[type-arg]
+    deadline = time.monotonic() + timeout
+    with httpx.stream("GET", url, headers=headers, timeout=timeout) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        current: dict[str, str] = {}
+        for line in resp.iter_lines():
+            if time.monotonic() > deadline:
+                break
+            if line.startswith(("id:", "event:", "data:")):
+                key, _, value = line.partition(": ")
+                current[key.rstrip(":")] = value
+            elif not line and current:
+                events.append(
+                    {
+                        "id": int(current["id"]),
+                        "kind": current["event"],
+                        **json.loads(current["data"]),
+                    }
+                )
+                current = {}
+                if events[-1]["kind"] == until:
+                    break
+    return events
+
+
+def test_event_stream_and_watch(cluster: Cluster, programs: Programs, tmp_path: Path) -> None:
+    disc = cluster.start_discovery()
+    a, b = cluster.node("a"), cluster.node("b", extra=["--writer-lost-timeout", "20"])
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "fractalfs", "watch", "--discovery", disc.url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(1.0)
+        src = tmp_path / "src"
+        src.write_bytes(os.urandom(3 << 20))
+        edge = new_edge()
+        reader = programs.start(f"cat {b.path(edge)} > /dev/null")
+        writer = programs.start(f"exec {SLOWCAT} {src} {a.path(edge)} --pause-after {1 << 20}")
+        assert writer.stdout is not None and writer.stdout.readline() == b"paused\n"
+        time.sleep(0.5)
+        os.killpg(writer.pid, signal.SIGKILL)  # a fault, then a re-run that resumes
+        sh(f"cat {src} > {a.path(edge)}")
+        assert reader.wait(timeout=30) == 0
+        time.sleep(1.5)
+    finally:
+        watch.send_signal(signal.SIGINT)
+        out, _ = watch.communicate(timeout=10)
+    lines = [line for line in out.splitlines() if line.startswith(edge)]
+    text = "\n".join(lines)
+    assert f"{edge} writer registered" in text
+    assert f"{edge} FAILED" in text and "killed by signal 9" in text
+    assert "resumed" in text and "how=replay" in text
+    assert f"complete generation=2 bytes={3 << 20}" in text and "duration=" in text
+
+    url = f"{disc.url}/v1/events/stream"
+    first = sse(url + "?after=0", {}, until="complete")
+    mine = [e for e in first if e["edge"] == edge]
+    assert [e["kind"] for e in mine][:2] == ["reader", "writer"] or mine[0]["kind"] == "writer"
+    assert mine[-1]["kind"] == "complete"
+    # A subscriber that reconnects after the first event still gets every completion.
+    again = sse(url, {"Last-Event-ID": str(mine[0]["id"])}, until="complete")
+    assert [e["id"] for e in again if e["kind"] == "complete"] == [mine[-1]["id"]]
+
+
+def test_prometheus_metrics(cluster: Cluster, programs: Programs) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    disc = cluster.start_discovery()
+    a = cluster.node("a", extra=["--metrics-listen", f"127.0.0.1:{port}"])
+    b = cluster.node("b")
+    edge = new_edge()
+    reader = programs.start(f"cat {b.path(edge)} > /dev/null")
+    sh(f"head -c 3M /dev/zero > {a.path(edge)}")
+    assert reader.wait(timeout=20) == 0
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    assert f'fractalfs_edge_bytes_written_total{{edge="{edge}"}} 3.145728e+06' in text
+    assert 'fractalfs_fuse_request_seconds_count{op="write"}' in text
+    assert "fractalfs_open_edges" in text and "fractalfs_spill_bytes" in text
+    disc_text = httpx.get(f"{disc.url}/metrics").text
+    assert 'fractalfs_discovery_edges{state="delivered"} 1.0' in disc_text
+    assert 'fractalfs_discovery_nodes{alive="true"} 2.0' in disc_text
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (make test installs it)")
+def test_status_page_updates_live_in_headless_chromium(
+    cluster: Cluster, programs: Programs, tmp_path: Path
+) -> None:
+    from playwright.sync_api import sync_playwright
+
+    disc = cluster.start_discovery()
+    a, b = cluster.node("a"), cluster.node("b")
+    edge = new_edge()
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        try:
+            page = browser.new_page()
+            page.goto(disc.url + "/")
+            page.wait_for_selector("#live:text('(live)')", timeout=10_000)  # SSE connected
+            writer = programs.start(f"exec sleep 60 > {a.path(edge)}")  # open, no reader
+            row = f'tr[data-edge="{edge}"]'
+            page.wait_for_selector(f'{row}[data-state="waiting-for-reader"]', timeout=10_000)
+            page.wait_for_selector(f'li[data-edge="{edge}"][data-kind="writer"]', timeout=10_000)
+            os.killpg(writer.pid, signal.SIGTERM)
+            writer.wait()
+            # The same page, no reload: a stream comes and completes.
+            other = new_edge()
+            reader = programs.start(f"cat {b.path(other)} > /dev/null")
+            sh(f"head -c 2M /dev/zero > {a.path(other)}")
+            assert reader.wait(timeout=20) == 0
+            done = f'tr[data-edge="{other}"][data-state="delivered"]'
+            page.wait_for_selector(done, timeout=10_000)
+            page.wait_for_selector(f'li[data-edge="{other}"][data-kind="complete"]', timeout=10_000)
+            page.wait_for_function(
+                f"document.querySelector('{done}').textContent.includes('2.1 MB')",
+                timeout=10_000,
+            )
+        finally:
+            browser.close()

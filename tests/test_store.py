@@ -1,0 +1,115 @@
+"""Discovery's SQLite store on its own: generations, claims, events, durability."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fractalfs.discovery.store import Conflict, NotFound, Store
+
+E = "0123456789abcdef0123456789abcdef"
+
+
+def test_generations_grow_and_survive_a_restart(tmp_path: Path) -> None:
+    store = Store(tmp_path / "d.db")
+    assert store.register_writer(E, "a", "h:1").generation == 1
+    store.close_writer(E, 1, "complete", 10)
+    assert store.register_writer(E, "b", "h:2").generation == 2
+    store.close()
+    again = Store(tmp_path / "d.db")
+    rec = again.get(E)
+    assert rec is not None and rec.generation == 2 and rec.writer_node == "b"
+    assert again.register_writer(E, "b", "h:2").generation == 3  # same node: superseded
+
+
+def test_open_writer_on_another_node_conflicts() -> None:
+    store = Store(":memory:")
+    store.register_writer(E, "a", "h:1")
+    with pytest.raises(Conflict, match="open writer on node a"):
+        store.register_writer(E, "b", "h:2")
+
+
+def test_stale_generation_cannot_close() -> None:
+    store = Store(":memory:")
+    store.register_writer(E, "a", "h:1")
+    store.close_writer(E, 1, "failed", 5, "killed")
+    store.register_writer(E, "b", "h:2")
+    with pytest.raises(Conflict, match="stale"):
+        store.close_writer(E, 1, "complete", 5)
+    with pytest.raises(ValueError):
+        store.close_writer(E, 2, "open", 5)
+
+
+def test_reader_claims() -> None:
+    store = Store(":memory:")
+    assert store.claim_reader(E, "r1").reader_state == "open"
+    with pytest.raises(Conflict):
+        store.claim_reader(E, "r2")
+    assert store.release_reader(E, "r2", "closed", 0).reader_node == "r1"  # late release
+    store.release_reader(E, "r1", "done", 7)
+    rec = store.claim_reader(E, "r2")
+    assert rec.reader_node == "r2"
+
+
+def test_events_and_versions() -> None:
+    store = Store(":memory:")
+    a = store.register_writer(E, "a", "h:1")
+    b = store.claim_reader(E, "r")
+    assert 0 < a.version < b.version == store.last_seq()
+    store.delete(E)
+    kinds = [e.kind for e in store.events(0)]
+    assert kinds == ["writer", "reader", "deleted"]
+    assert store.events(b.version)[0].kind == "deleted"
+    with pytest.raises(NotFound):
+        store.delete(E)
+
+
+def test_states_read_like_words() -> None:
+    store = Store(":memory:")
+    assert store.claim_reader(E, "r").state == "waiting-for-writer"
+    assert store.register_writer(E, "a", "h:1").state == "streaming"
+    assert store.close_writer(E, 1, "complete", 3).state == "complete"
+    assert store.release_reader(E, "r", "done", 3).state == "delivered"
+
+
+def test_lost_node_comes_back_or_is_fenced() -> None:
+    store = Store(":memory:")
+    other = "f" * 32
+    store.register_writer(E, "a", "h:1")
+    store.claim_reader(E, "r")
+    store.register_writer(other, "a", "h:1")
+    lost = store.node_lost("a")
+    assert {e.id for e in lost} == {E, other}
+    assert store.get(E).writer_state == "lost"  # type: ignore[union-attr]
+    assert store.node_lost("r")[0].reader_state == "lost"
+    # Meanwhile the other edge's writer was re-run elsewhere: generation 2 on node b.
+    store.register_writer(other, "b", "h:2")
+    stale = store.node_alive("a", {E: 1, other: 1}, [])
+    assert stale == [other]
+    assert store.get(E).writer_state == "open"  # type: ignore[union-attr]
+    store.node_alive("r", {}, [E])
+    assert store.get(E).reader_state == "open"  # type: ignore[union-attr]
+    assert store.nodes_with_open_ends() == {"a", "b", "r"}
+
+
+def test_a_database_from_before_the_mode_columns_is_migrated(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE edges (id TEXT PRIMARY KEY, generation INTEGER NOT NULL DEFAULT 0,"
+        " writer_node TEXT NOT NULL DEFAULT '', writer_endpoint TEXT NOT NULL DEFAULT '',"
+        " writer_state TEXT NOT NULL DEFAULT 'none', bytes_written INTEGER NOT NULL DEFAULT 0,"
+        " reader_node TEXT NOT NULL DEFAULT '', reader_state TEXT NOT NULL DEFAULT 'none',"
+        " bytes_delivered INTEGER NOT NULL DEFAULT 0, reason TEXT NOT NULL DEFAULT '',"
+        " version INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL, updated REAL NOT NULL);"
+        f"INSERT INTO edges (id, generation, created, updated) VALUES ('{E}', 4, 0, 0);"
+    )
+    old.commit()
+    old.close()
+    store = Store(path)
+    assert store.get(E).generation == 4  # type: ignore[union-attr]
+    store.register_writer(E, "a", "h:1")
+    assert store.set_mode(E, 5, "persistent", "configured").mode == "persistent"
