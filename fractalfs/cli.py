@@ -1,0 +1,252 @@
+"""The ``fractalfs`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from .config import (
+    DISCOVERY_CONFIG,
+    NODE_CONFIG,
+    ConfigError,
+    DiscoveryConfig,
+    NodeConfig,
+    apply,
+    check_node_config,
+    field_types,
+    from_env,
+    load_file,
+)
+from .edgeid import EdgeId
+from .errors import QuietError
+from .notify import notify
+
+log = logging.getLogger("fractalfs")
+
+DEFAULT_DISCOVERY = "http://127.0.0.1:7700"
+
+
+def _discovery_default() -> str:
+    return os.environ.get("FRACTALFS_DISCOVERY", DEFAULT_DISCOVERY)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fractalfs", description="Remote named pipes as ordinary files (FUSE)."
+    )
+    p.add_argument(
+        "--log-level",
+        default=os.environ.get("FRACTALFS_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("discovery", help="run the discovery server in the foreground")
+    d.add_argument(
+        "--config",
+        metavar="PATH",
+        default=None,
+        help=f"TOML configuration (default: {DISCOVERY_CONFIG} if it exists)",
+    )
+    d.add_argument("--listen", metavar="HOST:PORT", help="listening address (0.0.0.0:7700)")
+    d.add_argument("--db", metavar="PATH", help="SQLite file (default: state dir)")
+
+    m = sub.add_parser("mount", help="run the node daemon in the foreground")
+    m.add_argument("mountpoint", nargs="?", default=None)
+    m.add_argument(
+        "--config",
+        metavar="PATH",
+        default=None,
+        help=f"TOML configuration (default: {NODE_CONFIG} if it exists)",
+    )
+    m.add_argument(
+        "--discovery",
+        dest="discovery_url",
+        metavar="URL",
+        help="discovery server (default: embed one)",
+    )
+    m.add_argument(
+        "--discovery-listen",
+        metavar="HOST:PORT",
+        help="where an embedded discovery server listens (127.0.0.1:7700)",
+    )
+    m.add_argument(
+        "--data-listen",
+        metavar="HOST:PORT",
+        help="data plane listening address, port 0: any (0.0.0.0:7701)",
+    )
+    m.add_argument(
+        "--advertise",
+        metavar="HOST",
+        help="host other nodes dial for data (default: route to discovery)",
+    )
+    m.add_argument("--spill-dir", metavar="DIR")
+    m.add_argument("--state-dir", metavar="DIR")
+    m.add_argument("--node", metavar="NAME", help="node name (default: hostname)")
+    m.add_argument(
+        "--write-window",
+        type=int,
+        metavar="BYTES",
+        help="bytes a writer may run ahead of its reader's acknowledgements",
+    )
+    m.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics there (default: off)",
+    )
+    m.add_argument(
+        "--writer-lost-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="how long a reader waits for a re-run writer (120)",
+    )
+    m.add_argument(
+        "--mode",
+        choices=["transient", "persistent", "dynamic"],
+        help="persistence of edges written here (dynamic)",
+    )
+
+    sub.add_parser("new-edge", help="print a fresh edge id")
+
+    w = sub.add_parser("watch", help="live progress and lifecycle events of the edges")
+    w.add_argument("--discovery", metavar="URL", default=_discovery_default())
+
+    s = sub.add_parser("status", help="list the edges discovery knows")
+    s.add_argument("--discovery", metavar="URL", default=_discovery_default())
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    return p
+
+
+def _layered(cls: type, config: object, args: argparse.Namespace, default_path: str) -> None:
+    """File, then FRACTALFS_* environment, then flags: each overrides the one before."""
+    path = args.config or default_path
+    try:
+        apply(config, load_file(path, required=args.config is not None), path)
+        env = dict(os.environ)
+        if "FRACTALFS_DISCOVERY" in env:  # the documented short name of discovery_url
+            env.setdefault("FRACTALFS_DISCOVERY_URL", env["FRACTALFS_DISCOVERY"])
+        apply(config, from_env(cls, env), "environment")
+        # Every flag is named after its configuration key: no list to keep in step.
+        given = {
+            f: getattr(args, f) for f in field_types(cls) if getattr(args, f, None) is not None
+        }
+        apply(config, given, "command line")
+    except ConfigError as exc:
+        raise QuietError(str(exc), 2) from None
+
+
+def _cmd_discovery(args: argparse.Namespace) -> None:
+    from .config import default_state_dir
+    from .discovery.server import parse_listen, serve_forever
+
+    config = DiscoveryConfig()
+    _layered(DiscoveryConfig, config, args, DISCOVERY_CONFIG)
+    try:
+        host, port = parse_listen(config.listen, 7700)
+    except ValueError as exc:
+        raise QuietError(str(exc), 2) from None
+    db = config.db or os.path.join(default_state_dir(), "discovery.db")
+
+    def ready(url: str) -> None:
+        print(f"fractalfs discovery listening on {url} (db {db})", flush=True)
+        notify("READY=1")
+
+    try:
+        asyncio.run(serve_forever(db, host, port, ready))
+    except OSError as exc:
+        raise QuietError(f"discovery cannot start on {config.listen}: {exc.strerror}") from None
+    except KeyboardInterrupt:
+        pass
+    finally:
+        notify("STOPPING=1")
+
+
+def _cmd_mount(args: argparse.Namespace) -> None:
+    from . import mount
+    from .discovery.server import parse_listen
+
+    config = NodeConfig(mountpoint="/fractal")
+    _layered(NodeConfig, config, args, NODE_CONFIG)
+    try:
+        check_node_config(config)
+        parse_listen(config.data_listen, 7701)
+        parse_listen(config.discovery_listen, 7700)
+    except (ConfigError, ValueError) as exc:
+        raise QuietError(str(exc), 2) from None
+    mount.run(config, ready=lambda line: print(line, flush=True))
+
+
+def _fetch_edges(url: str) -> list[dict[str, Any]]:
+    import httpx
+
+    try:
+        resp = httpx.get(url.rstrip("/") + "/v1/edges", timeout=10)
+    except httpx.HTTPError as exc:
+        raise QuietError(f"discovery at {url} unreachable: {exc}") from None
+    if resp.status_code != 200:
+        raise QuietError(f"discovery at {url} answered {resp.status_code}")
+    return resp.json()["edges"]  # type: ignore[no-any-return]
+
+
+def _cmd_status(args: argparse.Namespace) -> None:
+    edges = _fetch_edges(args.discovery)
+    if args.json:
+        json.dump({"edges": edges}, sys.stdout, indent=2)
+        print()
+        return
+    cols = ("ID", "STATE", "GEN", "MODE", "WRITER", "ENDPOINT", "READER", "DELIVERED", "WHY")
+    rows = [
+        (
+            e["id"],
+            e["state"],
+            str(e["generation"]),
+            e.get("mode") or "-",
+            e["writer_node"] or "-",
+            e["writer_endpoint"] or "-",
+            e["reader_node"] or "-",
+            str(e["bytes_delivered"]),
+            e.get("mode_reason") or e.get("reason") or "",
+        )
+        for e in edges
+    ]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    for row in (cols, *rows):
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("httpx", "httpcore", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        if args.command == "discovery":
+            _cmd_discovery(args)
+        elif args.command == "mount":
+            _cmd_mount(args)
+        elif args.command == "new-edge":
+            print(EdgeId.new().hex)
+        elif args.command == "status":
+            _cmd_status(args)
+        elif args.command == "watch":
+            from .watch import watch
+
+            watch(args.discovery)
+    except QuietError as exc:
+        print(f"fractalfs: {exc}", file=sys.stderr)
+        return exc.exitcode
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""The node daemon's configuration: one typed place, defaults documented in daemon/."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+
+MiB = 1 << 20
+
+
+def default_state_dir() -> str:
+    if os.geteuid() == 0:
+        return "/var/lib/fractalfs"
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(base, "fractalfs")
+
+
+@dataclass
+class NodeConfig:
+    mountpoint: str
+    #: Discovery URL; None embeds a discovery server in the daemon.
+    discovery_url: str | None = None
+    #: Where an embedded discovery server listens.
+    discovery_listen: str = "127.0.0.1:7700"
+    #: The embedded discovery server's SQLite database (default: state_dir/discovery.db).
+    discovery_db: str = ""
+    #: The data plane's one listening socket (port 0: any free port).
+    data_listen: str = "0.0.0.0:7701"
+    #: The host other nodes dial for this node's data port (default: the address that
+    #: routes to discovery).
+    advertise: str = ""
+    #: This node's name in discovery; unique per daemon.
+    node: str = field(default_factory=socket.gethostname)
+    state_dir: str = field(default_factory=default_state_dir)
+    #: Spill files of persistent edges (default: state_dir/spill).
+    spill_dir: str = ""
+    #: Bytes a writer may have sent but not yet acknowledged by its reader; a writer
+    #: blocks beyond this (the replay window of transient mode).
+    write_window: int = 8 * MiB
+    #: Bytes a reader's daemon buffers ahead of the reading program.
+    read_buffer: int = 8 * MiB
+    #: pyfuse3 worker limit; every blocked read or write holds one.
+    max_tasks: int = 10_000
+    #: How often a blocked handler checks its program for a pending signal (seconds).
+    signal_poll: float = 0.2
+    #: How long a request keeps retrying an unreachable discovery server (seconds).
+    discovery_retry: float = 30.0
+    #: Seconds a reader's daemon keeps redialing a writer it lost before the read fails.
+    reconnect_for: float = 60.0
+    #: Seconds a reader waits for a re-run writer after its writer failed, before EIO.
+    writer_lost_timeout: float = 120.0
+    #: transient | persistent | dynamic (cost model); an edge may override it (xattr).
+    mode: str = "dynamic"
+    #: Dynamic mode, undecided: acknowledged bytes kept so a switch can spill from 0.
+    retain_limit: int = 64 * MiB
+    #: Seconds a complete, delivered spill file is kept for re-run readers.
+    spill_retention: float = 600.0
+    #: Bytes of spill files above which the oldest delivered ones go first (0: no quota).
+    spill_quota: int = 0
+    #: Prometheus metrics at http://HOST:PORT/metrics (empty: off).
+    metrics_listen: str = ""
+
+    def finalize(self) -> None:
+        """Fills in what was left empty: node name, state directory and paths under it."""
+        self.discovery_url = self.discovery_url or None  # empty: embed one
+        self.node = self.node or socket.gethostname()
+        self.state_dir = self.state_dir or default_state_dir()
+        if not self.discovery_db:
+            self.discovery_db = os.path.join(self.state_dir, "discovery.db")
+        if not self.spill_dir:
+            self.spill_dir = os.path.join(self.state_dir, "spill")
+
+
+# -- loading: file, then environment, then flags -------------------------------------------
+
+NODE_CONFIG = "/etc/fractalfs/fractalfs.toml"
+DISCOVERY_CONFIG = "/etc/fractalfs/discovery.toml"
+ENV_PREFIX = "FRACTALFS_"
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message names it."""
+
+
+@dataclass
+class DiscoveryConfig:
+    #: Listening address.
+    listen: str = "0.0.0.0:7700"
+    #: SQLite database (default: state dir/discovery.db).
+    db: str = ""
+
+
+def _coerce(where: str, key: str, kind: type, value: object) -> object:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "0", "false", "no"):
+            return value.lower() in ("1", "true", "yes")
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif isinstance(value, str):
+        return value
+    raise ConfigError(f"{where}: {key} must be {kind.__name__}, not {value!r}")
+
+
+def field_types(cls: type) -> dict[str, type]:
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out: dict[str, type] = {}
+    for name, hint in hints.items():
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        out[name] = args[0] if args else hint
+    return out
+
+
+def apply(config: object, values: dict[str, object], where: str) -> None:
+    """Sets ``values`` on ``config``, refusing unknown keys and ill-typed values."""
+    types = field_types(type(config))
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in types:
+            raise ConfigError(f"{where}: unknown key {key!r}")
+        setattr(config, name, _coerce(where, key, types[name], value))
+
+
+def load_file(path: str, required: bool) -> dict[str, object]:
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(f"{path}: no such file") from None
+        return {}
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+
+
+def from_env(cls: type, env: dict[str, str], prefix: str = ENV_PREFIX) -> dict[str, object]:
+    return {
+        name: env[prefix + name.upper()]
+        for name in field_types(cls)
+        if prefix + name.upper() in env
+    }
+
+
+def check_node_config(config: NodeConfig) -> None:
+    if config.mode not in ("transient", "persistent", "dynamic"):
+        raise ConfigError(f"mode must be transient, persistent or dynamic, not {config.mode!r}")
+    for key in ("write_window", "read_buffer", "max_tasks"):
+        if getattr(config, key) <= 0:
+            raise ConfigError(f"{key} must be positive")
+    for key in ("signal_poll", "discovery_retry", "reconnect_for", "writer_lost_timeout"):
+        if getattr(config, key) <= 0:
+            raise ConfigError(f"{key} must be positive")

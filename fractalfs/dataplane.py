@@ -1,0 +1,335 @@
+"""The data plane: moving an edge's bytes between daemons over trio TCP.
+
+One listening socket per node daemon serves every edge it writes; a reader's daemon dials
+it, says which edge, generation and offset it wants (:mod:`fractalfs.handshake`), and gets
+frames (:mod:`fractalfs.codec`) from that offset. The writer batches whatever its program has
+written into one DATA frame per ``sendmsg`` (up to 1 MiB, no copies); the reader receives
+payload straight into buffers it hands to the FUSE layer. TCP_NODELAY is on: a netpipefs-like
+42 ms Nagle/delayed-ACK stall per request would otherwise cap small writes at a few MB/s.
+
+Nothing here decides policy: :func:`serve_edge` streams one writer end to one connection
+and :func:`pull` / :func:`pull_local` fill one reader end, each returning how it ended.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import trio
+
+from . import codec, handshake
+from .codec import AbortReason
+from .edges import Diverged, ReaderEnd, ReaderState, WriterEnd, WriterState
+from .edgestate import PullOutcome
+from .handshake import HELLO, REPLY, Control, Hello, Reply, Status
+
+log = logging.getLogger(__name__)
+
+BATCH = 1 << 20  # bytes per DATA frame / sendmsg
+MAX_IOV = 512
+RECV_MAX = 1 << 20
+SMALL_RECV = 64 * 1024  # read-ahead when a header is due: small frames cost one syscall
+ACK_EVERY = 256 * 1024
+HANDSHAKE_TIMEOUT = 5.0
+CONNECT_TIMEOUT = 1.0  # a link that is down must not hold a redial for SYN retries
+PING_EVERY = 1.0  # an idle writer's daemon proves it is alive this often
+SILENCE_TIMEOUT = 3.5  # a reader redials after this long without a byte or a ping
+USER_TIMEOUT_MS = 10_000  # unacknowledged sends fail after this long (dead peer)
+
+
+class ConnectionLost(Exception):
+    """The peer closed or reset the connection."""
+
+
+def tune(sock: trio.socket.SocketType) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
+
+
+async def recv_exact(sock: trio.socket.SocketType, n: int) -> bytes:
+    parts: list[bytes] = []
+    while n:
+        data = await sock.recv(n)
+        if not data:
+            raise ConnectionLost("connection closed by peer")
+        parts.append(data)
+        n -= len(data)
+    return b"".join(parts)
+
+
+async def send_all(sock: trio.socket.SocketType, buffers: Sequence[bytes | memoryview]) -> None:
+    bufs = list(buffers)
+    while bufs:
+        sent = await sock.sendmsg(bufs[:MAX_IOV])
+        while sent:
+            first = len(bufs[0])
+            if sent >= first:
+                sent -= first
+                bufs.pop(0)
+            else:
+                bufs[0] = memoryview(bufs[0])[sent:]
+                sent = 0
+
+
+def parse_endpoint(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+# -- the writer's side -------------------------------------------------------------------
+
+
+async def read_hello(sock: trio.socket.SocketType) -> Hello:
+    with trio.fail_after(HANDSHAKE_TIMEOUT):
+        fixed = await recv_exact(sock, HELLO.size)
+        auth_len = Hello.auth_length(fixed)
+        auth = await recv_exact(sock, auth_len) if auth_len else b""
+    return Hello.decode(fixed, auth)
+
+
+def check_hello(hello: Hello, writer: WriterEnd | None) -> Reply:
+    """Whether ``writer`` can serve ``hello``: an OK reply or the reason it cannot."""
+    if writer is None:
+        return Reply(Status.NO_EDGE, message=f"no writer of edge {hello.edge} on this node")
+    if writer.generation != hello.generation:
+        return Reply(
+            Status.STALE_GENERATION,
+            writer.generation,
+            message=f"this node serves generation {writer.generation}, not {hello.generation}",
+        )
+    if writer.state is WriterState.ABORTED:
+        return Reply(Status.NO_EDGE, writer.generation, message="the edge was aborted")
+    first = writer.spill.start if writer.spill is not None else writer.base
+    if not first <= hello.offset <= writer.end:
+        return Reply(
+            Status.BAD_OFFSET,
+            writer.generation,
+            first,
+            message=f"offset {hello.offset} is outside [{first}, {writer.end}]",
+        )
+    return Reply(Status.OK, writer.generation, hello.offset)
+
+
+async def serve_edge(sock: trio.socket.SocketType, writer: WriterEnd, offset: int) -> None:
+    """Streams ``writer`` from ``offset`` until delivered, aborted or disconnected.
+
+    A newer connection for the same end supersedes this one (the reader reconnected).
+    """
+    if writer.connection is not None:
+        writer.connection.cancel()
+    async with trio.open_nursery() as nursery:
+        writer.connection = nursery.cancel_scope
+        nursery.start_soon(_receive_controls, sock, writer, nursery.cancel_scope)
+        pos = offset
+        cursor: tuple[int, int] | None = None
+        while True:
+            if writer.state is WriterState.ABORTED:
+                reason, message = writer.abort_reason or (AbortReason.REMOVED, "")
+                await send_all(sock, [codec.abort_frame(reason, message)])
+                break
+            if pos < writer.base and writer.spill is not None:
+                # No longer in memory (persistent mode): from the spill file.
+                data = writer.spill.read(pos, BATCH)
+                await send_all(sock, [codec.data_header(len(data)), data])
+                pos += len(data)
+                cursor = None
+                continue
+            if cursor is None or cursor[0] < writer.first_index:
+                cursor = writer.locate(pos)
+            bufs, after = writer.take(cursor, BATCH)
+            if bufs:
+                size = sum(len(b) for b in bufs)
+                await send_all(sock, [codec.data_header(size), *bufs])
+                cursor, pos = after, pos + size
+                continue
+            if writer.state is WriterState.COMPLETE:
+                await send_all(sock, [codec.end_frame(writer.end)])
+                # Stay until the reader acknowledges everything and hangs up.
+                await trio.sleep_forever()
+            if writer.state is WriterState.FAILED:
+                await send_all(
+                    sock,
+                    [codec.abort_frame(AbortReason.WRITER_FAILED, "the writing program failed")],
+                )
+                break
+            with trio.move_on_after(PING_EVERY) as idle:
+                await writer.changed.wait()
+            if idle.cancelled_caught:
+                await send_all(sock, [codec.PING_FRAME])
+        nursery.cancel_scope.cancel()
+
+
+async def _receive_controls(
+    sock: trio.socket.SocketType, writer: WriterEnd, scope: trio.CancelScope
+) -> None:
+    try:
+        while True:
+            kind, value = handshake.parse_control(await recv_exact(sock, handshake.CONTROL.size))
+            if kind is Control.ACK:
+                writer.ack(value)
+                if writer.state is WriterState.COMPLETE and value >= writer.end:
+                    writer.end_acked = True
+            elif kind is Control.CLOSE:
+                writer.reader_closed = True
+                writer.changed.notify()
+                break
+    except (ConnectionLost, OSError, handshake.HandshakeError):
+        pass
+    finally:
+        scope.cancel()
+
+
+# -- the reader's side -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    outcome: PullOutcome
+    detail: str = ""
+
+
+_ABORTS = {
+    AbortReason.REMOVED: PullOutcome.REMOVED,
+    AbortReason.WRITER_FAILED: PullOutcome.GONE,
+    AbortReason.SHUTDOWN: PullOutcome.GONE,
+    AbortReason.STALE: PullOutcome.GONE,
+    AbortReason.READER_LOST: PullOutcome.GONE,
+}
+
+
+async def _wait_for_space(reader: ReaderEnd) -> None:
+    while not reader.has_space and reader.state is ReaderState.STREAMING:
+        await reader.changed.wait()
+
+
+async def pull(
+    reader: ReaderEnd,
+    endpoint: str,
+    generation: int,
+    replay: bool,
+    on_connected: Callable[[int], None],
+) -> Result:
+    """Fills ``reader`` from the writer's daemon at ``endpoint``.
+
+    Resumes at the reader's offset, or, for a re-run writer (``replay``), reads from 0 and
+    verifies the prefix already delivered. ``on_connected`` is called once the writer has
+    accepted the handshake.
+    """
+    try:
+        host, port = parse_endpoint(endpoint)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    except (ValueError, OSError) as exc:
+        return Result(PullOutcome.GONE, f"bad endpoint {endpoint!r}: {exc}")
+    with sock:
+        offset = reader.begin_stream(replay)
+        try:
+            with trio.fail_after(CONNECT_TIMEOUT):
+                await sock.connect((host, port))
+            tune(sock)
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                await send_all(sock, [Hello(reader.edge, generation, offset).encode()])
+                fixed = await recv_exact(sock, REPLY.size)
+                reply = Reply.decode(fixed, await recv_exact(sock, Reply.message_length(fixed)))
+        except (OSError, ConnectionLost, trio.TooSlowError, handshake.HandshakeError) as exc:
+            return Result(PullOutcome.LOST, f"cannot reach {endpoint}: {exc or 'timeout'}")
+        if reply.status is not Status.OK:
+            return Result(PullOutcome.GONE, f"{reply.status.name}: {reply.message}")
+        on_connected(generation)
+        try:
+            return await _receive(sock, reader, offset)
+        except (OSError, ConnectionLost) as exc:
+            return Result(PullOutcome.LOST, f"connection to {endpoint} broke: {exc}")
+        except trio.TooSlowError:
+            return Result(PullOutcome.LOST, f"{endpoint} silent for {SILENCE_TIMEOUT:g} s")
+        except Diverged as exc:
+            return Result(PullOutcome.DIVERGED, str(exc))
+        except codec.ProtocolError as exc:
+            return Result(PullOutcome.LOST, f"bad stream from {endpoint}: {exc}")
+        finally:
+            if reader.state is ReaderState.CLOSED and reader.tell_writer:
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    await send_all(sock, [handshake.control(Control.CLOSE, reader.delivered)])
+
+
+async def _receive(sock: trio.socket.SocketType, reader: ReaderEnd, offset: int) -> Result:
+    decoder = codec.Decoder(offset)
+    reader.state = ReaderState.STREAMING
+    reader.changed.notify()
+    acked = offset
+    while True:
+        await _wait_for_space(reader)
+        if reader.state is ReaderState.CLOSED:
+            return Result(PullOutcome.CLOSED)
+        want = decoder.want()
+        # A live writer's daemon sends at least a PING every PING_EVERY seconds.
+        with trio.fail_after(SILENCE_TIMEOUT):
+            data = await sock.recv(min(want, RECV_MAX) if decoder.in_data else SMALL_RECV)
+        if not data:
+            decoder.close()  # raises Truncated: an end without the end marker
+        for event in decoder.feed(data):
+            if isinstance(event, codec.Data):
+                reader.accept(event.payload)
+            elif isinstance(event, codec.End):
+                reader.check_end(event.total)
+                await send_all(sock, [handshake.control(Control.ACK, event.total)])
+                reader.finish()
+                return Result(PullOutcome.END)
+            elif isinstance(event, codec.Abort):
+                return Result(_ABORTS[event.reason], f"{event.reason.name}: {event.message}")
+        if decoder.offset - acked >= ACK_EVERY:
+            acked = decoder.offset
+            await send_all(sock, [handshake.control(Control.ACK, acked)])
+
+
+async def pull_local(
+    reader: ReaderEnd, writer: WriterEnd, replay: bool, on_connected: Callable[[int], None]
+) -> Result:
+    """The same-node shortcut: takes the writer's buffers directly, no socket, no copy."""
+    offset = reader.begin_stream(replay)
+    first = writer.spill.start if writer.spill is not None else writer.base
+    if not first <= offset <= writer.end:
+        return Result(PullOutcome.GONE, f"offset {offset} is outside the local window")
+    on_connected(writer.generation)
+    cursor: tuple[int, int] | None = None
+    reader.state = ReaderState.STREAMING
+    reader.changed.notify()
+    try:
+        while True:
+            await _wait_for_space(reader)
+            if reader.state is ReaderState.CLOSED:
+                return Result(PullOutcome.CLOSED)
+            if writer.state is WriterState.ABORTED:
+                reason, message = writer.abort_reason or (AbortReason.REMOVED, "")
+                return Result(_ABORTS[reason], message)
+            pos = reader.stream_pos
+            if pos < writer.base and writer.spill is not None:
+                reader.accept(writer.spill.read(pos, BATCH))  # the advertised spill file
+                writer.ack(reader.stream_pos)
+                cursor = None
+                continue
+            if cursor is None or cursor[0] < writer.first_index:
+                cursor = writer.locate(pos)
+            bufs, cursor = writer.take(cursor, BATCH)
+            if bufs:
+                for buf in bufs:
+                    reader.accept(buf)
+                writer.ack(reader.stream_pos)
+                continue
+            if writer.state is WriterState.COMPLETE:
+                reader.check_end(writer.end)
+                reader.finish()
+                writer.end_acked = True
+                return Result(PullOutcome.END)
+            if writer.state is WriterState.FAILED:
+                return Result(PullOutcome.GONE, "the writing program failed")
+            await writer.changed.wait()
+    except Diverged as exc:
+        return Result(PullOutcome.DIVERGED, str(exc))
+    finally:
+        if reader.state is ReaderState.CLOSED and reader.tell_writer:
+            writer.reader_closed = True
+            writer.changed.notify()

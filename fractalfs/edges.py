@@ -1,0 +1,419 @@
+"""The two ends of an edge as a node holds them: buffers, offsets and backpressure.
+
+A :class:`WriterEnd` lives on the writer's node. It keeps every byte its program wrote
+until the reader's daemon acknowledges it (the replay window), so a broken connection
+resumes from the reader's offset without recomputation; the program blocks once the window
+is full. A :class:`ReaderEnd` lives on the reader's node and buffers bytes received ahead of
+the reading program. Offsets count payload bytes from the start of the stream, so resuming is
+always "send from offset N".
+
+Blocking methods take the pid of the program that opened the file and give up with EINTR
+when it has a signal pending (see :mod:`fractalfs.procs`).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections import deque
+from collections.abc import Callable
+from enum import Enum
+from typing import Any
+
+import trio
+import xxhash
+
+from . import procs
+from .codec import AbortReason
+from .edgeid import EdgeId
+from .policy import Mode
+from .spill import SpillFile
+
+log = logging.getLogger(__name__)
+
+
+class _NoMetric:
+    def inc(self, amount: float = 1) -> None:
+        return None
+
+
+_NO_METRIC = _NoMetric()
+
+
+class EdgeError(Exception):
+    """An edge operation failed; ``errno`` is what the program sees."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = code
+
+
+class Notifier:
+    """Wakes every task waiting for a change (a broadcast condition for one trio loop)."""
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = trio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+async def wait_or_interrupt(notifier: Notifier, pid: int, poll: float) -> None:
+    """Waits for ``notifier``; raises EINTR if ``pid`` gets a signal meanwhile."""
+    with trio.move_on_after(poll):
+        await notifier.wait()
+        return
+    if procs.signal_pending(pid):
+        raise EdgeError(errno.EINTR, "interrupted by a signal")
+
+
+FULL_FOR = 1.0  # seconds without any ack before "the reader is absent or slow"
+
+
+class WriterState(Enum):
+    OPEN = "open"
+    COMPLETE = "complete"  # the program closed its end normally
+    FAILED = "failed"  # the program died or exited non-zero
+    ABORTED = "aborted"  # removed, superseded or shut down
+
+
+class WriterEnd:
+    def __init__(self, edge: EdgeId, generation: int, window: int, pid: int) -> None:
+        self.edge = edge
+        self.generation = generation
+        self.window = window
+        self.pid = pid
+        self.chunks: deque[bytes] = deque()
+        self.first_index = 0  # absolute index of chunks[0]
+        self.base = 0  # stream offset of chunks[0]
+        self.end = 0  # bytes written so far
+        self.acked = 0
+        self.state = WriterState.OPEN
+        self.abort_reason: tuple[AbortReason, str] | None = None
+        self.reader_closed = False
+        self.released = False  # the program's file is closed
+        self.exit_status: int | None = None  # seen at FLUSH if the program was exiting
+        self.blocked = 0  # writes waiting for the window (they hold the kernel inode lock)
+        self.changed = Notifier()
+        self.connection: trio.CancelScope | None = None
+        # Persistence: the configured mode, what the edge does now and why, its spill file.
+        self.configured = Mode.TRANSIENT
+        self.mode = Mode.TRANSIENT
+        self.mode_reason = "configured transient"
+        self.spill: SpillFile | None = None
+        self.retain_limit = 0  # dynamic and undecided: keep acked bytes up to this many
+        self.opened_at = trio.current_time()
+        self.completed_at: float | None = None
+        self.on_window_full: Callable[[WriterEnd], None] | None = None
+        self.pgid = pid
+        self.cpu_at_open = 0.0
+        self.queued_at_open = 0.0
+        self.written_metric: Any = _NO_METRIC
+        self.handler_time = 0.0  # seconds its program spent inside our write handler
+        self.end_acked = False  # a reader acknowledged the END frame: fully delivered
+
+    @property
+    def prefix_retained(self) -> bool:
+        return self.base == 0 or (self.spill is not None and self.spill.start == 0)
+
+    @property
+    def done(self) -> bool:
+        """Nothing left to do for this end: delivered completely, or dead.
+
+        A persistent end stays for re-run readers until garbage collection removes it.
+        """
+        if self.state in (WriterState.ABORTED, WriterState.FAILED):
+            return True
+        if self.spill is not None:
+            return False
+        # Not "acked >= end": for an empty stream that holds before any reader came.
+        return self.state is WriterState.COMPLETE and self.end_acked
+
+    async def write(self, data: bytes, poll: float) -> int:
+        entered = trio.current_time()
+        try:
+            return await self._write(data, poll)
+        finally:
+            # Time its program spent in our handler (window, spill): not the producer's
+            # own work, so not part of what a replay would cost.
+            self.handler_time += trio.current_time() - entered
+
+    async def _write(self, data: bytes, poll: float) -> int:
+        blocked_since: float | None = None
+        while True:
+            if self.reader_closed:
+                raise EdgeError(errno.EPIPE, "the reader closed the edge")
+            if self.state is WriterState.ABORTED:
+                raise EdgeError(errno.EPIPE, self.abort_reason[1] if self.abort_reason else "")
+            if self.spill is not None or self.end - self.acked < self.window:
+                break
+            now = trio.current_time()
+            blocked_since = now if blocked_since is None else blocked_since
+            if self.on_window_full is not None and now - blocked_since >= FULL_FOR:
+                # Blocked for a while, not just while the reader pairs: the policy may
+                # spill instead of blocking the producer.
+                self.on_window_full(self)
+                if self.spill is not None:
+                    break
+            self.blocked += 1
+            try:
+                await wait_or_interrupt(self.changed, self.pid, min(poll, FULL_FOR))
+            finally:
+                self.blocked -= 1
+        if self.spill is not None:
+            try:
+                # pwrite releases the GIL: the loop keeps feeding readers meanwhile.
+                await trio.to_thread.run_sync(self.spill.append, data)
+            except OSError as exc:
+                raise EdgeError(exc.errno or errno.EIO, f"spill file: {exc.strerror}") from None
+        self.chunks.append(data)
+        self.end += len(data)
+        if self.spill is not None and self.end - self.base > self.window:
+            self._free(self.end - self.window)  # on disk already: memory is only a cache
+        self.changed.notify()
+        return len(data)
+
+    def persist(self, spill: SpillFile, reason: str) -> None:
+        """Switches to persistent mode: what memory holds goes to disk first, then all writes.
+
+        ``spill`` must start at ``base``: no byte is lost or written twice by the switch.
+        """
+        assert spill.start == self.base and spill.end == self.base
+        for chunk in self.chunks:
+            spill.append(chunk)
+        self.spill = spill
+        self.mode = Mode.PERSISTENT
+        self.mode_reason = reason
+        self.retain_limit = 0
+        self.changed.notify()
+
+    def settle_transient(self, reason: str) -> None:
+        """The policy keeps this edge transient: acknowledged bytes need not be kept."""
+        self.mode_reason = reason
+        self.retain_limit = 0
+        self._free(self.acked)
+
+    def finish(self, state: WriterState) -> None:
+        if self.state is WriterState.OPEN:
+            self.state = state
+            self.completed_at = trio.current_time()
+            self.changed.notify()
+
+    def abort(self, reason: AbortReason, message: str) -> None:
+        self.state = WriterState.ABORTED
+        self.abort_reason = (reason, message)
+        self.chunks.clear()
+        if self.spill is not None and reason is not AbortReason.SHUTDOWN:
+            self.spill.remove()  # a shut-down daemon's spill files are served after restart
+        self.changed.notify()  # its connection sends the reader an ABORT frame
+
+    def ack(self, offset: int) -> None:
+        """The reader holds every byte below ``offset``: free them."""
+        offset = min(offset, self.end)
+        if offset <= self.acked:
+            return
+        self.acked = offset
+        if self.retain_limit and self.end - self.base <= self.retain_limit:
+            self.changed.notify()  # dynamic, undecided: keep the prefix for a switch
+            return
+        if self.retain_limit:
+            self.settle_transient("dynamic: prefix retention limit reached")
+        self._free(offset)
+        self.changed.notify()
+
+    def _free(self, offset: int) -> None:
+        chunks = self.chunks
+        while chunks and self.base + len(chunks[0]) <= offset:
+            self.base += len(chunks.popleft())
+            self.first_index += 1
+
+    def locate(self, pos: int) -> tuple[int, int]:
+        """The (absolute chunk index, offset inside it) of stream offset ``pos``."""
+        if not self.base <= pos <= self.end:
+            raise ValueError(f"offset {pos} outside the window [{self.base}, {self.end}]")
+        at = self.base
+        for i, chunk in enumerate(self.chunks):
+            if pos < at + len(chunk):
+                return self.first_index + i, pos - at
+            at += len(chunk)
+        return self.first_index + len(self.chunks), 0
+
+    def take(self, cursor: tuple[int, int], limit: int) -> tuple[list[memoryview], tuple[int, int]]:
+        """Up to ``limit`` bytes from ``cursor`` (as views, no copy) and the cursor after."""
+        index, inner = cursor
+        if index < self.first_index:
+            raise ValueError("cursor points at bytes already freed")
+        out: list[memoryview] = []
+        size = 0
+        i = index - self.first_index
+        chunks = self.chunks
+        while i < len(chunks) and size < limit:
+            view = memoryview(chunks[i])[inner:]
+            if size + len(view) > limit:
+                view = view[: limit - size]
+                inner += len(view)
+            else:
+                i += 1
+                inner = 0
+            out.append(view)
+            size += len(view)
+        return out, (i + self.first_index, inner)
+
+
+class Diverged(Exception):
+    """A re-run writer's bytes differ from what was already delivered."""
+
+
+class ReaderState(Enum):
+    WAITING = "waiting"  # for a writer
+    STREAMING = "streaming"
+    EOF = "eof"  # the end marker arrived and was verified
+    FAILED = "failed"
+    CLOSED = "closed"  # the program closed its end
+
+
+class ReaderEnd:
+    def __init__(self, edge: EdgeId, limit: int, pid: int) -> None:
+        self.edge = edge
+        self.limit = limit
+        self.pid = pid
+        self.chunks: deque[bytes | memoryview] = deque()
+        self.head = 0  # bytes of chunks[0] already delivered
+        self.delivered = 0
+        self.received = 0
+        self.state = ReaderState.WAITING
+        self.error: EdgeError | None = None
+        self.changed = Notifier()
+        self.pump: trio.CancelScope | None = None
+        self.tell_writer = True
+        self.read_metric: Any = _NO_METRIC
+        self.exit_status: int | None = None  # seen at FLUSH if the program was exiting
+        # xxh3-128 of every byte received (~21 us/MiB): what a re-run writer must reproduce.
+        self.digest = xxhash.xxh3_128()
+        # Replay of a re-run writer: stream offset reached, and the digest of the replayed
+        # prefix while it is below ``received``.
+        self.stream_pos = 0
+        self._replay: xxhash.xxh3_128 | None = None
+        self._expected = b""
+
+    @property
+    def has_space(self) -> bool:
+        return self.received - self.delivered < self.limit
+
+    def begin_stream(self, replay: bool) -> int:
+        """A stream starts; returns the offset to ask the writer for.
+
+        A resumed generation continues at ``received``. A re-run writer (``replay``) starts at
+        0: its first ``received`` bytes are checked against what was delivered, not passed on.
+        """
+        if replay and self.received:
+            self._replay = xxhash.xxh3_128()
+            self._expected = self.digest.digest()
+            self.stream_pos = 0
+        else:
+            self._replay = None
+            self.stream_pos = self.received
+        return self.stream_pos
+
+    def accept(self, data: bytes | memoryview) -> None:
+        """Bytes of the stream at ``stream_pos``: verify the replayed part, push the rest."""
+        replay = self._replay
+        if replay is not None:
+            take = min(len(data), self.received - self.stream_pos)
+            replay.update(data[:take] if take < len(data) else data)
+            self.stream_pos += take
+            if self.stream_pos < self.received:
+                return
+            self._replay = None
+            if replay.digest() != self._expected:
+                raise Diverged(
+                    f"the re-run writer's first {self.received} bytes differ from the "
+                    "bytes already delivered"
+                )
+            log.info("edge %s: replay of %d bytes verified", self.edge, self.received)
+            if take == len(data):
+                return
+            data = memoryview(data)[take:]
+        self.stream_pos += len(data)
+        self.push(data)
+
+    def check_end(self, total: int) -> None:
+        if self._replay is not None or total < self.received:
+            raise Diverged(
+                f"the re-run writer ended after {total} bytes; {self.received} were delivered"
+            )
+
+    def push(self, data: bytes | memoryview) -> None:
+        self.digest.update(data)
+        self.chunks.append(data)
+        self.received += len(data)
+        self.changed.notify()
+
+    def finish(self) -> None:
+        self.state = ReaderState.EOF
+        self.changed.notify()
+
+    def fail(self, code: int, message: str) -> None:
+        if self.state in (ReaderState.WAITING, ReaderState.STREAMING):
+            log.warning("edge %s: reader fails: %s", self.edge, message)
+            self.state = ReaderState.FAILED
+            self.error = EdgeError(code, message)
+            self.changed.notify()
+
+    def close(self, tell_writer: bool = True) -> None:
+        """The program closed its end. ``tell_writer``: it meant it (the writer's next write
+        gets EPIPE); else it died, and a re-run reader may still want the stream."""
+        self.tell_writer = tell_writer
+        self.state = ReaderState.CLOSED
+        self.chunks.clear()
+        self.changed.notify()
+        if self.pump is not None:
+            self.pump.cancel()
+
+    async def read(self, size: int, poll: float) -> bytes | memoryview:
+        chunks = self.chunks
+        while not chunks:
+            if self.state is ReaderState.EOF:
+                return b""
+            if self.error is not None:
+                raise self.error
+            if self.state is ReaderState.CLOSED:
+                raise EdgeError(errno.EBADF, "edge closed")
+            await wait_or_interrupt(self.changed, self.pid, poll)
+        first = chunks[0]
+        head = self.head
+        out: bytes | memoryview
+        if (head == 0 and len(first) >= size // 2) or len(chunks) == 1:
+            # One buffer answers: hand it (or a view of it) over without copying.
+            if len(first) - head <= size:
+                chunks.popleft()
+                out = first if head == 0 else memoryview(first)[head:]
+                self.head = 0
+            else:
+                out = memoryview(first)[head : head + size]
+                self.head = head + size
+        else:
+            # Many small buffers (small writes): join them up to the requested size.
+            parts: list[bytes | memoryview] = []
+            got = 0
+            while chunks and got < size:
+                chunk = chunks[0]
+                view = memoryview(chunk)[self.head :]
+                if got + len(view) > size:
+                    view = view[: size - got]
+                    self.head += len(view)
+                else:
+                    chunks.popleft()
+                    self.head = 0
+                parts.append(view)
+                got += len(view)
+            out = b"".join(parts)
+        self.delivered += len(out)
+        self.changed.notify()
+        return out

@@ -1,0 +1,322 @@
+"""The pyfuse3 Operations of a fractalfs mount, and nothing else.
+
+The root directory holds one regular file per edge id. Lookup of any well-formed id
+succeeds (the file "exists" for every edge), anything else is ENOENT. Opening for writing
+makes this node the edge's writer, opening for reading its reader; reads and writes are
+handed to :class:`~fractalfs.node.Node`.
+
+Pitfalls handled here (see DEVELOPERS.md):
+* edge files are S_IFREG (an S_IFIFO would be served by the kernel, locally) and opened
+  ``direct_io``, ``nonseekable``, ``keep_cache=False``;
+* entry and attribute timeouts are short: pyfuse3's default is 300 s;
+* a direct_io WRITE holds the inode's lock in the kernel for as long as we block it, so an
+  unlink of that inode would wait in vfs_unlink without ever reaching us. Edge entries are
+  therefore never cached (entry timeout 0) and, while a writer is blocked, lookup answers
+  with a fresh inode number: the kernel revalidates, the unlink lands on the new, unlocked
+  inode, and removing the edge releases the blocked writer with EPIPE;
+* any exception other than FUSEError escaping a handler would kill the mount, so every
+  handler goes through :func:`_guard`;
+* waiting handlers answer EINTR on a pending signal (pyfuse3 ignores FUSE_INTERRUPT).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+
+from . import metrics
+from .edgeid import EdgeId
+from .edges import EdgeError, ReaderEnd, WriterEnd
+from .node import Node
+from .policy import Mode
+
+log = logging.getLogger(__name__)
+
+ROOT = pyfuse3.ROOT_INODE
+XATTR_MODE = b"user.fractalfs.mode"  # transient | persistent | dynamic, before the writer opens
+XATTR_REASON = b"user.fractalfs.mode_reason"
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _guard(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Every error leaves a handler as an errno; nothing else may reach pyfuse3."""
+
+    latency = metrics.FUSE_SECONDS.labels(fn.__name__)
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        start = time.perf_counter()
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except EdgeError as exc:
+            if exc.errno not in (errno.EINTR, errno.EPIPE):
+                log.info("%s: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except Exception:
+            log.exception("unexpected error in %s", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            latency.observe(time.perf_counter() - start)
+
+    return wrapper
+
+
+@dataclass(slots=True)
+class Handle:
+    inode: int
+    writer: WriterEnd | None = None
+    reader: ReaderEnd | None = None
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, node: Node) -> None:
+        super().__init__()
+        self.node = node
+        self._inodes: dict[EdgeId, int] = {}  # the inode lookup currently answers
+        self._edges: dict[int, EdgeId] = {}  # every inode the kernel may still use
+        self._lookups: dict[int, int] = {}  # kernel lookup counts, released by forget
+        self._last_ino = ROOT
+        self._handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self._started_ns = time.time_ns()
+        self._uid = os.getuid()
+        self._gid = os.getgid()
+
+    # -- names and attributes ------------------------------------------------------------
+
+    def _inode(self, edge: EdgeId) -> int:
+        ino = self._inodes.get(edge)
+        writer = self.node.writer_for(edge)
+        if ino is None or (writer is not None and writer.blocked):
+            self._last_ino += 1
+            ino = self._inodes[edge] = self._last_ino
+            self._edges[ino] = edge
+        return ino
+
+    def _looked_up(self, ino: int) -> int:
+        self._lookups[ino] = self._lookups.get(ino, 0) + 1
+        return ino
+
+    def _edge(self, inode: int) -> EdgeId:
+        edge = self._edges.get(inode)
+        if edge is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return edge
+
+    @staticmethod
+    def _name(name: bytes) -> EdgeId:
+        try:
+            return EdgeId.parse(name.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+
+    def _attrs(self, inode: int) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = inode
+        if inode == ROOT:
+            attrs.st_mode = stat.S_IFDIR | 0o777
+            attrs.st_nlink = 2
+        else:
+            self._edge(inode)
+            attrs.st_mode = stat.S_IFREG | 0o666
+            attrs.st_nlink = 1
+        attrs.st_size = 0
+        attrs.st_uid = self._uid
+        attrs.st_gid = self._gid
+        attrs.st_blksize = 1 << 20
+        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = self._started_ns
+        attrs.entry_timeout = 1.0 if inode == ROOT else 0.0
+        attrs.attr_timeout = 1.0
+        return attrs
+
+    @_guard
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        if parent_inode != ROOT:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if name in (b".", b".."):
+            return self._attrs(ROOT)
+        return self._attrs(self._looked_up(self._inode(self._name(name))))
+
+    @_guard
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attrs(inode)
+
+    @_guard
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        # Truncation to 0 is what `>` means on some paths; anything else has no meaning.
+        if fields.update_size and attr.st_size != 0:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return self._attrs(inode)
+
+    @_guard
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if inode != ROOT:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return 0
+
+    @_guard
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        # Offsets are positions in the sorted listing; readdirplus counts as a lookup.
+        names = sorted(edge.hex for edge in self.node.slots)
+        for pos, name in enumerate(names[start_id:], start=start_id + 1):
+            ino = self._inode(EdgeId.parse(name))
+            if not pyfuse3.readdir_reply(token, name.encode(), self._attrs(ino), pos):
+                break
+            self._looked_up(ino)
+
+    @_guard
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = 1 << 20
+        data.f_namemax = 255
+        return data
+
+    # -- opening and closing -------------------------------------------------------------
+
+    async def _open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        edge = self._edge(inode)
+        mode = flags & os.O_ACCMODE
+        if mode == os.O_RDWR:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        handle = Handle(inode)
+        if mode == os.O_WRONLY:
+            handle.writer = await self.node.open_writer(edge, ctx.pid)
+        else:
+            handle.reader = await self.node.open_reader(edge, ctx.pid)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = handle
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=True)
+
+    @_guard
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        return await self._open(inode, flags, ctx)
+
+    @_guard
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        if parent_inode != ROOT:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        inode = self._inode(self._name(name))
+        info = await self._open(inode, flags, ctx)
+        return info, self._attrs(self._looked_up(inode))
+
+    def _handle(self, fh: int) -> Handle:
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return handle
+
+    @_guard
+    async def read(  # type: ignore[override]  # pyfuse3 takes any buffer (PyObject_GetBuffer)
+        self, fh: int, off: int, size: int
+    ) -> bytes | memoryview:
+        reader = self._handle(fh).reader
+        if reader is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return await self.node.read(reader, size)
+
+    @_guard
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        writer = self._handle(fh).writer
+        if writer is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return await self.node.write(writer, buf)
+
+    @_guard
+    async def flush(self, fh: int) -> None:
+        handle = self._handle(fh)
+        if handle.writer is not None:
+            self.node.flush_writer(handle.writer)
+        if handle.reader is not None:
+            self.node.flush_reader(handle.reader)
+
+    @_guard
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        self._handle(fh)
+
+    @_guard
+    async def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if handle is None:
+            return
+        if handle.writer is not None:
+            self.node.release_writer(handle.writer)
+        if handle.reader is not None:
+            self.node.release_reader(handle.reader)
+
+    @_guard
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if parent_inode != ROOT:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        await self.node.remove(self._name(name))
+
+    # -- per-edge persistence mode: extended attributes ----------------------------------
+
+    @_guard
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        if name != XATTR_MODE:
+            raise pyfuse3.FUSEError(errno.ENOTSUP)
+        try:
+            mode = Mode(value.decode().strip())
+        except (UnicodeDecodeError, ValueError):
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+        self.node.mode_overrides[self._edge(inode)] = mode
+
+    @_guard
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if inode == ROOT:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        edge = self._edge(inode)
+        writer = self.node.writer_for(edge)
+        if name == XATTR_MODE:
+            if writer is not None:
+                return writer.mode.value.encode()
+            return self.node.mode_overrides.get(edge, self.node.mode).value.encode()
+        if name == XATTR_REASON and writer is not None:
+            return writer.mode_reason.encode()
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    @_guard
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return [] if inode == ROOT else [XATTR_MODE, XATTR_REASON]
+
+    @_guard
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            left = self._lookups.get(ino, 0) - count
+            if left > 0:
+                self._lookups[ino] = left
+                continue
+            self._lookups.pop(ino, None)
+            edge = self._edges.pop(ino, None)
+            if edge is not None and self._inodes.get(edge) == ino:
+                del self._inodes[edge]

@@ -1,0 +1,218 @@
+"""The node daemon process: mountpoint checks, discovery, data listener, FUSE main loop,
+signals and a clean unmount however it ends."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import logging
+import os
+import signal
+import socket
+import subprocess
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+import pyfuse3
+import trio
+
+from . import metrics
+from .config import NodeConfig
+from .discovery.client import DiscoveryClient, DiscoveryError, Unavailable
+from .discovery.server import EmbeddedDiscovery, parse_listen
+from .errors import QuietError
+from .fs import Operations
+from .node import Node
+from .notify import notify
+
+log = logging.getLogger(__name__)
+
+FUSE_OPTIONS = {"fsname=fractalfs", "subtype=fractalfs", "allow_other", "default_permissions"}
+UNMOUNT_GRACE = 2.0
+
+
+def lazy_unmount(path: str) -> bool:
+    result = subprocess.run(
+        ["fusermount3", "-u", "-z", path], capture_output=True, text=True, check=False
+    )
+    return result.returncode == 0
+
+
+def prepare_mountpoint(path: str) -> str:
+    """Checks the mountpoint; removes a stale mount a crashed daemon left behind."""
+    path = os.path.abspath(path)
+    try:
+        # statfs always reaches the filesystem (stat may be answered from the attribute
+        # cache): a mount whose daemon died answers ENOTCONN.
+        os.statvfs(path)
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            log.warning("removing the stale mount at %s left by a crashed daemon", path)
+            if not lazy_unmount(path):
+                raise QuietError(f"{path}: stale mount could not be removed") from None
+        elif exc.errno == errno.ENOENT:
+            raise QuietError(f"{path}: mountpoint does not exist") from None
+        else:
+            raise QuietError(f"{path}: {exc.strerror}") from None
+    if os.path.ismount(path):
+        raise QuietError(f"{path}: mountpoint is busy (something is mounted there)")
+    if not os.path.isdir(path):
+        raise QuietError(f"{path}: mountpoint is not a directory")
+    return path
+
+
+def route_to(url: str) -> str:
+    """The local address the kernel would use to reach ``url`` (no packet is sent)."""
+    parts = urlsplit(url)
+    host = parts.hostname or "127.0.0.1"
+    port = parts.port or 80
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, port))
+            return str(probe.getsockname()[0])
+    except OSError:
+        return socket.gethostbyname(socket.gethostname())
+
+
+def check_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise QuietError(f"{url}: discovery URL must look like http://HOST:PORT")
+    try:
+        _ = parts.port
+    except ValueError:
+        raise QuietError(f"{url}: bad port in discovery URL") from None
+    return url.rstrip("/")
+
+
+async def _open_listener(host: str, port: int) -> trio.socket.SocketType:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        await sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise QuietError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(512)
+    return sock
+
+
+async def serve(
+    config: NodeConfig,
+    discovery_url: str,
+    *,
+    ready: Callable[[str], None] | None = None,
+) -> None:
+    """Mounts and serves until unmounted or signalled; always unmounts."""
+    client = DiscoveryClient(discovery_url, retry_for=config.discovery_retry)
+    try:
+        await client.health(retry_for=3.0)
+    except Unavailable as exc:
+        await client.aclose()
+        raise QuietError(str(exc)) from None
+    host, port = parse_listen(config.data_listen, 7701)
+    listener = await _open_listener(host, port)
+    bound_port = listener.getsockname()[1]
+    adv = config.advertise or (host if host not in ("0.0.0.0", "::") else route_to(discovery_url))
+    endpoint = f"[{adv}]:{bound_port}" if ":" in adv else f"{adv}:{bound_port}"
+    if config.metrics_listen:
+        metrics.serve(*parse_listen(config.metrics_listen, 9701))
+    node = Node(config, client, endpoint)
+    # Before anything can be opened: discovery learns this is a new run of the daemon, and
+    # forgets the ends a previous run held (it may have crashed a moment ago).
+    with contextlib.suppress(Unavailable, DiscoveryError):
+        await node.heartbeat_once()
+        await node.restore_spills()
+    ops = Operations(node)
+    mounted = False
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run, listener)
+            pyfuse3.init(ops, config.mountpoint, FUSE_OPTIONS)
+            mounted = True
+            nursery.start_soon(_on_signals, node)
+            line = (
+                f"fractalfs: {config.mountpoint} mounted (node {config.node}, "
+                f"data {endpoint}, discovery {discovery_url})"
+            )
+            nursery.start_soon(_announce_when_answering, config.mountpoint, line, ready)
+            await pyfuse3.main(max_tasks=config.max_tasks)
+            log.info("FUSE session ended; stopping")
+            notify("STOPPING=1")
+            await node.stop()
+            nursery.cancel_scope.cancel()
+    finally:
+        if mounted:
+            pyfuse3.close(unmount=True)
+        listener.close()
+        with trio.CancelScope(shield=True):
+            await client.aclose()
+
+
+async def _announce_when_answering(
+    mountpoint: str, line: str, ready: Callable[[str], None] | None
+) -> None:
+    """READY only once the mount answers a request (served by this very loop)."""
+    await trio.to_thread.run_sync(os.statvfs, mountpoint)
+    if ready is not None:
+        ready(line)
+    notify("READY=1")
+
+
+async def _on_signals(node: Node) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("%s: unmounting", signal.Signals(signum).name)
+            notify("STOPPING=1")
+            node.shutdown()
+            await trio.sleep(0.1)  # let woken handlers answer their programs
+            pyfuse3.terminate()
+            # Handlers stuck on the network must not keep the mount alive.
+            await trio.sleep(UNMOUNT_GRACE)
+            log.warning("handlers still busy after %.0f s; forcing unmount", UNMOUNT_GRACE)
+            raise _ForcedStop
+
+
+class _ForcedStop(Exception):
+    pass
+
+
+def run(config: NodeConfig, *, ready: Callable[[str], None] | None = None) -> None:
+    config.finalize()
+    config.mountpoint = prepare_mountpoint(config.mountpoint)
+    embedded: EmbeddedDiscovery | None = None
+    if config.discovery_url is None:
+        host, port = parse_listen(config.discovery_listen, 7700)
+        embedded = EmbeddedDiscovery(config.discovery_db, host, port)
+        try:
+            url = embedded.start()
+        except OSError as exc:
+            raise QuietError(
+                f"embedded discovery cannot listen on {host}:{port}: {exc.strerror}"
+            ) from None
+    else:
+        url = check_url(config.discovery_url)
+    try:
+        trio.run(functools.partial(serve, config, url, ready=ready))
+    except _ForcedStop:
+        pass
+    except BaseExceptionGroup as group:
+        quiet, _ = group.split(QuietError)
+        if quiet is not None:
+            raise _first(quiet) from None
+        _, rest = group.split(_ForcedStop)
+        if rest is not None:
+            raise
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc

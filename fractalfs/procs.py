@@ -1,0 +1,149 @@
+"""What the daemon can learn about a requesting process from /proc.
+
+pyfuse3 ignores FUSE_INTERRUPT, so a program blocked in a read or write we have not answered
+cannot even be SIGKILLed. Waiting handlers therefore poll :func:`signal_pending` for the
+process that opened the file and answer EINTR when it has a deliverable signal, which lets
+the kernel deliver it (a fatal one kills the program; a caught one runs its handler).
+
+:func:`exit_status` tells, at FLUSH time, whether the closing process is exiting and how:
+a writer killed by a signal or exiting non-zero closes its files exactly like one that
+finished, and only this tells the two apart (upstream FRACTAL cannot).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+
+PF_EXITING = 0x4
+
+
+def _mask(value: str) -> int:
+    return int(value, 16)
+
+
+def signal_pending(pid: int) -> bool:
+    """True if ``pid`` has a pending signal that is neither blocked nor ignored.
+
+    A process that no longer exists counts as interrupted: nobody is waiting any more.
+    """
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            text = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    except OSError:
+        return False
+    pending = blocked = ignored = 0
+    for line in text.split(b"\n"):
+        if line.startswith((b"SigPnd:", b"ShdPnd:")):
+            pending |= _mask(line.split()[1].decode())
+        elif line.startswith(b"SigBlk:"):
+            blocked = _mask(line.split()[1].decode())
+        elif line.startswith(b"SigIgn:"):
+            ignored = _mask(line.split()[1].decode())
+    sigkill = 1 << (9 - 1)
+    return bool(pending & sigkill) or bool(pending & ~blocked & ~ignored)
+
+
+def exit_status(pid: int) -> int | None:
+    """The wait status of ``pid`` if it is exiting (or a zombie), else None.
+
+    Reads ``/proc/<pid>/stat``: the process flags (field 9, PF_EXITING) and the exit code
+    (field 52, set by the kernel before it closes the exiting process's files).
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            text = f.read()
+    except OSError:
+        return None
+    fields = text[text.rindex(b")") + 2 :].split()
+    # fields[0] is field 3 (state); field N is fields[N - 3].
+    state = fields[0]
+    flags = int(fields[9 - 3])
+    if not (flags & PF_EXITING or state in (b"Z", b"X")):
+        return None
+    return int(fields[52 - 3]) if len(fields) > 52 - 3 else 0
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def group_times(pgid: int) -> tuple[float, float]:
+    """(CPU seconds, run-queue seconds) of process group ``pgid``.
+
+    CPU is user + system, own and reaped children's (/proc/<pid>/stat). Run-queue time is
+    how long its processes were runnable but not running (/proc/<pid>/schedstat): on a busy
+    node that is waiting for a core, not waiting on inputs, and a replay would not repeat it.
+    """
+    cpu = 0
+    queued = 0
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            if int(fields[5 - 3]) != pgid:
+                continue
+            cpu += sum(int(x) for x in fields[14 - 3 : 18 - 3])
+            with open(f"/proc/{name}/schedstat", "rb") as f:
+                queued += int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return cpu / CLK_TCK, queued / 1e9
+
+
+def describe_status(status: int) -> str:
+    if status & 0x7F:
+        return f"killed by signal {status & 0x7F}"
+    return f"exited with status {(status >> 8) & 0xFF}"
+
+
+# -- exit events -------------------------------------------------------------------------
+#
+# GNU tools close stdout in an atexit handler and only then exit, so their FLUSH and RELEASE
+# come while they still run and /proc cannot tell yet how they will end. The kernel's proc
+# connector reports every process exit with its code, even after the parent has reaped it.
+# It only works in the initial network namespace (and as root); elsewhere we poll /proc.
+
+NETLINK_CONNECTOR = 11
+CN_IDX_PROC = 1
+PROC_CN_MCAST_LISTEN = 1
+PROC_EVENT_EXIT = 0x80000000
+_NLMSG = struct.Struct("=IHHII")
+_CNMSG = struct.Struct("=IIIIHH")
+_EVENT_OFFSET = _NLMSG.size + _CNMSG.size
+_EXIT = struct.Struct("=IIII")  # pid, tgid, exit_code, exit_signal
+
+
+def open_exit_events() -> socket.socket | None:
+    """A netlink socket receiving every process exit, or None where that is unavailable."""
+    try:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_CONNECTOR)
+    except OSError:
+        return None
+    try:
+        sock.bind((0, CN_IDX_PROC))
+        op = struct.pack("=I", PROC_CN_MCAST_LISTEN)
+        cn = _CNMSG.pack(CN_IDX_PROC, 1, 0, 0, len(op), 0)
+        sock.send(_NLMSG.pack(_NLMSG.size + len(cn) + len(op), 3, 0, 0, 0) + cn + op)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+def parse_exit_event(data: bytes) -> tuple[int, int] | None:
+    """(tgid, wait status) of a PROC_EVENT_EXIT message, else None."""
+    if len(data) < _EVENT_OFFSET + 16 + _EXIT.size:
+        return None
+    (what,) = struct.unpack_from("=I", data, _EVENT_OFFSET)
+    if what != PROC_EVENT_EXIT:
+        return None
+    pid, tgid, code, _sig = _EXIT.unpack_from(data, _EVENT_OFFSET + 16)
+    return (tgid, code) if pid == tgid else None  # the whole process, not one thread

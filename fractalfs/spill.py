@@ -1,0 +1,184 @@
+"""Spill files: an edge's stream on the writer's disk (persistent mode).
+
+Layout::
+
+    header (64 bytes): magic "FRSPILL1" | edge id (16) | u64 generation | u64 start offset
+                       | u64 complete length (all ones while incomplete) | 16 reserved
+    payload:           raw stream bytes from ``start``
+    trailer:           the codec's END frame (sentinel + total length), once complete
+
+A spill file says on its own whether its stream is complete: the header's length is written
+(and fsynced) only after the END frame, and both must agree with the file's size. Payload
+bytes cannot forge the header, so a crash can never make a cut stream read as complete —
+unlike checking only the last bytes for the sentinel.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import codec
+from .edgeid import EdgeId
+
+MAGIC = b"FRSPILL1"
+HEADER = struct.Struct(">8s16sQQQ16x")
+INCOMPLETE = 2**64 - 1
+SUFFIX = ".spill"
+
+
+class SpillError(Exception):
+    """A spill file is unusable (not ours, or damaged)."""
+
+
+def path_for(spill_dir: str | Path, edge: EdgeId, generation: int) -> Path:
+    return Path(spill_dir) / f"{edge.hex}.{generation}{SUFFIX}"
+
+
+@dataclass
+class SpillInfo:
+    path: Path
+    edge: EdgeId
+    generation: int
+    start: int
+    complete: int | None  # total stream length if complete
+    size: int  # payload bytes present
+
+
+class SpillFile:
+    """An open spill file. Not thread-safe; owned by one writer end."""
+
+    def __init__(self, path: Path, fd: int, edge: EdgeId, generation: int, start: int) -> None:
+        self.path = path
+        self.fd = fd
+        self.edge = edge
+        self.generation = generation
+        self.start = start
+        self.end = start  # stream offset after the last byte appended
+        self.complete = False
+
+    @classmethod
+    def create(cls, spill_dir: str | Path, edge: EdgeId, generation: int, start: int) -> SpillFile:
+        path = path_for(spill_dir, edge, generation)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, HEADER.pack(MAGIC, edge.bytes, generation, start, INCOMPLETE))
+        except OSError:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        return cls(path, fd, edge, generation, start)
+
+    @classmethod
+    def open(cls, info: SpillInfo) -> SpillFile:
+        fd = os.open(info.path, os.O_RDONLY | os.O_CLOEXEC)
+        spill = cls(info.path, fd, info.edge, info.generation, info.start)
+        spill.end = info.start + info.size
+        spill.complete = info.complete is not None
+        return spill
+
+    def append(self, data: bytes) -> None:
+        """Appends stream bytes; an OSError (ENOSPC, EIO) leaves the file as it was."""
+        view = memoryview(data)
+        written = 0
+        try:
+            while written < len(view):
+                written += os.pwrite(
+                    self.fd, view[written:], HEADER.size + self.end - self.start + written
+                )
+        except OSError:
+            # Never leave half a write behind: the stream must stay a prefix of the program's.
+            os.ftruncate(self.fd, HEADER.size + self.end - self.start)
+            raise
+        self.end += len(data)
+
+    def finish(self) -> None:
+        """Marks the stream complete: END frame, fsync, then the header's length, fsync."""
+        pos = HEADER.size + self.end - self.start
+        os.pwrite(self.fd, codec.end_frame(self.end), pos)
+        os.fsync(self.fd)
+        os.pwrite(self.fd, struct.pack(">Q", self.end), 8 + 16 + 8 + 8)
+        os.fsync(self.fd)
+        self.complete = True
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Stream bytes from ``offset`` (at most ``size``; fewer at the end)."""
+        if offset < self.start:
+            raise SpillError(f"offset {offset} is before the spill's start {self.start}")
+        size = min(size, self.end - offset)
+        if size <= 0:
+            return b""
+        return os.pread(self.fd, size, HEADER.size + offset - self.start)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def remove(self) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+
+def inspect(path: Path) -> SpillInfo:
+    """Reads a spill file's header and trailer; raises SpillError if it is not one of ours."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(HEADER.size)
+            size = os.fstat(f.fileno()).st_size
+            if len(head) < HEADER.size:
+                raise SpillError(f"{path}: too short for a spill file")
+            magic, edge, gen, start, complete = HEADER.unpack(head)
+            if magic != MAGIC:
+                raise SpillError(f"{path}: not a fractalfs spill file")
+            payload = size - HEADER.size
+            if complete != INCOMPLETE:
+                f.seek(size - codec.END_FRAME_SIZE)
+                total = codec.parse_end(f.read(codec.END_FRAME_SIZE))
+                if total != complete or complete - start != payload - codec.END_FRAME_SIZE:
+                    raise SpillError(f"{path}: header and end marker disagree")
+                return SpillInfo(
+                    path, EdgeId(edge), gen, start, int(complete), int(complete - start)
+                )
+            return SpillInfo(path, EdgeId(edge), gen, start, None, payload)
+    except OSError as exc:
+        raise SpillError(f"{path}: {exc.strerror}") from None
+
+
+def scan(spill_dir: str | Path) -> list[SpillInfo]:
+    found = []
+    directory = Path(spill_dir)
+    if not directory.is_dir():
+        return []
+    for path in sorted(directory.glob(f"*{SUFFIX}")):
+        try:
+            found.append(inspect(path))
+        except SpillError:
+            continue
+    return found
+
+
+def measure_bandwidth(spill_dir: str | Path, size: int = 16 << 20) -> float:
+    """Bytes per second the spill directory absorbs (write + fdatasync of ``size`` bytes)."""
+    import time
+
+    path = Path(spill_dir) / ".bandwidth-probe"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    block = b"\0" * (1 << 20)
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+    try:
+        for _ in range(size // len(block)):
+            os.write(fd, block)
+        os.fdatasync(fd)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+    finally:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+    return size / max(time.perf_counter() - t0, 1e-6)

@@ -1,0 +1,172 @@
+"""Real processes for tests and benchmarks: a discovery server and node daemons.
+
+Each wrapper starts the real ``fractalfs`` command as a subprocess, waits for its ready
+line, and on :meth:`stop` terminates it, unmounts whatever it left and reaps it, so a
+failing test never leaves a mount or a process behind.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+COMMAND = [sys.executable, "-m", "fractalfs"]
+
+
+class StartError(RuntimeError):
+    pass
+
+
+def _read_ready(proc: subprocess.Popen[str], timeout: float, log: Path) -> str:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.1)
+        if ready:
+            line = proc.stdout.readline()
+            if line:
+                return line.strip()
+        if proc.poll() is not None:
+            break
+    proc.kill()
+    proc.wait()
+    raise StartError(f"{' '.join(proc.args)} did not start:\n{log.read_text()[-3000:]}")  # type: ignore[arg-type]
+
+
+def unmount(path: str | Path) -> None:
+    subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, check=False)
+
+
+def is_mounted(path: str | Path) -> bool:
+    target = os.path.abspath(path)
+    with open("/proc/mounts") as f:
+        return any(line.split()[1] == target for line in f)
+
+
+class Process:
+    """A started fractalfs subprocess with its log file."""
+
+    def __init__(self, args: list[str], log: Path, prefix: list[str] | None = None) -> None:
+        self.args = args
+        self.log = log
+        self.prefix = prefix or []
+        self.proc: subprocess.Popen[str] | None = None
+        self.ready_line = ""
+
+    def start(self, timeout: float = 15.0) -> str:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "a") as logf:
+            self.proc = subprocess.Popen(
+                [*self.prefix, *COMMAND, *self.args],
+                stdout=subprocess.PIPE,
+                stderr=logf,
+                text=True,
+                start_new_session=True,
+            )
+        self.ready_line = _read_ready(self.proc, timeout, self.log)
+        return self.ready_line
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, signum: int) -> None:
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL; returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Discovery(Process):
+    def __init__(self, workdir: Path, listen: str = "127.0.0.1:0", prefix: list[str] | None = None):
+        self.workdir = workdir
+        self.db = workdir / "discovery.db"
+        self.listen = listen
+        self.url = ""
+        super().__init__([], workdir / "discovery.log", prefix)
+
+    def start(self, timeout: float = 15.0) -> str:
+        self.args = ["discovery", "--listen", self.listen, "--db", str(self.db)]
+        line = super().start(timeout)
+        self.url = line.split(" listening on ")[1].split()[0]
+        # A restart must come back on the same port.
+        self.listen = self.url.removeprefix("http://")
+        return line
+
+
+class Node(Process):
+    def __init__(
+        self,
+        workdir: Path,
+        name: str,
+        discovery_url: str | None,
+        *,
+        listen: str = "127.0.0.1:0",
+        advertise: str = "",
+        extra: list[str] | None = None,
+        prefix: list[str] | None = None,
+    ) -> None:
+        self.name = name
+        self.mountpoint = workdir / f"mnt-{name}"
+        if not is_mounted(self.mountpoint):  # a dead mount may sit there on purpose
+            self.mountpoint.mkdir(parents=True, exist_ok=True)
+        self.state = workdir / f"state-{name}"
+        args = ["mount", str(self.mountpoint), "--node", name, "--data-listen", listen]
+        args += ["--state-dir", str(self.state)]
+        if discovery_url:
+            args += ["--discovery", discovery_url]
+        else:
+            args += ["--discovery-listen", "127.0.0.1:0"]
+        if advertise:
+            args += ["--advertise", advertise]
+        args += extra or []
+        super().__init__(args, workdir / f"node-{name}.log", prefix)
+        self.discovery_url = discovery_url or ""
+
+    def start(self, timeout: float = 15.0) -> str:
+        line = super().start(timeout)
+        if not self.discovery_url:
+            self.discovery_url = line.split("discovery ")[-1].rstrip(")")
+        deadline = time.monotonic() + timeout
+        while not is_mounted(self.mountpoint):
+            if time.monotonic() > deadline:
+                raise StartError(f"{self.mountpoint} not mounted:\n{self.log.read_text()}")
+            time.sleep(0.02)
+        return line
+
+    def path(self, edge: str) -> str:
+        return str(self.mountpoint / edge)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        code = super().stop(timeout)
+        if is_mounted(self.mountpoint):
+            unmount(self.mountpoint)
+        return code
