@@ -1,0 +1,222 @@
+"""Fixtures that run the real thing: discovery and node daemons as subprocesses, the kernel
+FUSE mount, and real programs through bash. Everything started is stopped and unmounted in
+teardown, also when a test fails."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from fractalfs.edgeid import EdgeId
+from fractalfs.testing import Discovery, Node
+
+needs_fuse = pytest.mark.skipif(
+    not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
+    reason="needs /dev/fuse and fusermount3",
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A CI timeout or a person's kill sends SIGTERM: turn it into KeyboardInterrupt so that
+    # pytest still runs every teardown (stopping daemons, unmounting).
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def new_edge() -> str:
+    return EdgeId.new().hex
+
+
+def fuse_d_state() -> list[str]:
+    """Processes stuck in uninterruptible sleep inside a FUSE request."""
+    stuck = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+            if state != "D":
+                continue
+            with open(f"/proc/{pid}/wchan") as f:
+                wchan = f.read()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "fuse" in wchan or "request_wait_answer" in wchan:
+            stuck.append(f"{pid} {cmd} ({wchan})")
+    return stuck
+
+
+class Programs:
+    """Background programs of one test; all killed in teardown."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, cmd: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            ["bash", "-c", cmd],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.communicate(timeout=10)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> float:
+    """Polls ``predicate``; returns the seconds it took, fails the test after ``timeout``."""
+    t0 = time.monotonic()
+    while not predicate():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+    return time.monotonic() - t0
+
+
+def size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def sha_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sh(cmd: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+    result = subprocess.run(["bash", "-c", cmd], capture_output=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{cmd!r} exited {result.returncode}: {result.stderr.decode(errors='replace')}"
+        )
+    return result
+
+
+@pytest.fixture
+def programs() -> Iterator[Programs]:
+    progs = Programs()
+    try:
+        yield progs
+    finally:
+        progs.close()
+
+
+@dataclass
+class Pair:
+    """Where to write and where to read an edge: one node, or two daemons on one host."""
+
+    name: str
+    writer: Node
+    reader: Node
+
+    def paths(self, edge: str | None = None) -> tuple[str, str, str]:
+        edge = edge or new_edge()
+        return edge, self.writer.path(edge), self.reader.path(edge)
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("fractalfs")
+
+
+@pytest.fixture(scope="session")
+def shared_discovery(session_dir: Path) -> Iterator[Discovery]:
+    disc = Discovery(session_dir / "discovery")
+    disc.start()
+    try:
+        yield disc
+    finally:
+        disc.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_nodes(session_dir: Path, shared_discovery: Discovery) -> Iterator[tuple[Node, Node]]:
+    # Transient mode: these tests are about backpressure and the transient semantics.
+    a = Node(session_dir, "a", shared_discovery.url, extra=["--mode", "transient"])
+    b = Node(session_dir, "b", shared_discovery.url, extra=["--mode", "transient"])
+    try:
+        a.start()
+        b.start()
+        yield a, b
+    finally:
+        b.stop()
+        a.stop()
+
+
+@pytest.fixture(params=["same-node", "two-nodes"])
+def pair(request: pytest.FixtureRequest, shared_nodes: tuple[Node, Node]) -> Iterator[Pair]:
+    a, b = shared_nodes
+    if not (a.alive() and b.alive()):
+        pytest.fail("a shared daemon died in an earlier test; see its log in " + str(a.log))
+    yield Pair(request.param, a, b if request.param == "two-nodes" else a)
+    stuck = fuse_d_state()
+    assert not stuck, f"processes left in D state: {stuck}"
+
+
+class Cluster:
+    """Daemons private to one test (for tests that kill or restart them)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.discovery: Discovery | None = None
+        self.nodes: list[Node] = []
+
+    def start_discovery(self) -> Discovery:
+        self.discovery = Discovery(self.workdir / "discovery")
+        self.discovery.start()
+        return self.discovery
+
+    def node(self, name: str, mode: str = "transient", extra: list[str] | None = None) -> Node:
+        url = self.discovery.url if self.discovery else None
+        node = Node(self.workdir, name, url, extra=["--mode", mode, *(extra or [])])
+        self.nodes.append(node)
+        node.start()
+        return node
+
+    def edge(self, edge: str) -> dict[str, object]:
+        """Discovery's record of ``edge``, through the real ``fractalfs status --json``."""
+        assert self.discovery is not None
+        got = sh(f"{sys.executable} -m fractalfs status --json --discovery {self.discovery.url}")
+        edges = {e["id"]: e for e in json.loads(got.stdout)["edges"]}
+        return edges.get(edge, {})  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        for node in reversed(self.nodes):
+            node.stop()
+        if self.discovery is not None:
+            self.discovery.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path)
+    try:
+        yield c
+    finally:
+        c.close()
+    stuck = fuse_d_state()
+    assert not stuck, f"processes left in D state: {stuck}"

@@ -1,0 +1,56 @@
+"""What a person sees: one-line errors and exit codes, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from fractalfs.edgeid import EdgeId
+
+from .conftest import Cluster, needs_fuse
+
+CMD = [sys.executable, "-m", "fractalfs"]
+
+
+def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CMD, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_error(result: subprocess.CompletedProcess[str], needle: str) -> None:
+    assert result.returncode != 0
+    err = result.stderr.strip()
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("fractalfs: ") and needle in err, err
+
+
+def test_new_edge_prints_a_fresh_id() -> None:
+    a, b = run("new-edge").stdout.strip(), run("new-edge").stdout.strip()
+    assert a != b and EdgeId.parse(a).hex == a
+
+
+def test_mount_errors(tmp_path: Path) -> None:
+    one_line_error(run("mount", str(tmp_path / "missing")), "does not exist")
+    (tmp_path / "file").write_text("")
+    one_line_error(run("mount", str(tmp_path / "file")), "not a directory")
+    one_line_error(run("mount", str(tmp_path), "--discovery", "ftp://x"), "discovery URL")
+    one_line_error(run("mount", str(tmp_path), "--discovery", "http://127.0.0.1:1"), "unreachable")
+    one_line_error(run("mount", str(tmp_path), "--data-listen", "1.2.3.4:x"), "bad port")
+
+
+@needs_fuse
+def test_busy_mountpoint_and_port(cluster: Cluster) -> None:
+    disc = cluster.start_discovery()
+    node = cluster.node("a")
+    one_line_error(run("mount", str(node.mountpoint), "--discovery", disc.url), "busy")
+    port = disc.url.rsplit(":", 1)[1]
+    one_line_error(run("discovery", "--listen", f"127.0.0.1:{port}"), "cannot start")
+
+
+def test_status_errors_and_json(cluster: Cluster) -> None:
+    one_line_error(run("status", "--discovery", "http://127.0.0.1:1"), "unreachable")
+    disc = cluster.start_discovery()
+    out = run("status", "--discovery", disc.url, "--json")
+    assert out.returncode == 0 and json.loads(out.stdout) == {"edges": []}

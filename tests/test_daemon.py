@@ -1,0 +1,80 @@
+"""The node daemon as a process: signals, stale mounts, discovery restarts, embedded mode."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import sys
+import time
+
+import pytest
+
+from fractalfs.testing import is_mounted
+
+from .conftest import Cluster, Programs, needs_fuse, new_edge, sh
+
+pytestmark = needs_fuse
+
+
+def test_sigterm_wakes_blocked_programs_and_unmounts(cluster: Cluster, programs: Programs) -> None:
+    node = cluster.node("a")  # embedded discovery
+    reader = programs.start(f"exec cat {node.path(new_edge())}")
+    writer = programs.start(f"exec dd if=/dev/zero of={node.path(new_edge())} bs=1M status=none")
+    time.sleep(0.7)
+    assert reader.poll() is None and writer.poll() is None
+    t0 = time.monotonic()
+    node.signal(signal.SIGTERM)
+    assert node.proc is not None
+    assert node.proc.wait(timeout=10) == 0
+    reader.wait(timeout=5)
+    writer.wait(timeout=5)
+    assert time.monotonic() - t0 < 5
+    assert reader.returncode != 0 and writer.returncode != 0
+    assert not is_mounted(node.mountpoint)
+
+
+def test_stale_mount_of_a_crashed_daemon_is_cleaned_up(cluster: Cluster) -> None:
+    cluster.start_discovery()
+    node = cluster.node("a")
+    node.kill()  # SIGKILL: the mount stays behind, dead
+    assert is_mounted(node.mountpoint)
+    with pytest.raises(OSError) as info:
+        os.stat(node.mountpoint)
+    assert info.value.errno == errno.ENOTCONN
+    again = cluster.node("a")
+    assert again.mountpoint == node.mountpoint
+    edge = new_edge()
+    sh(f"echo back > {again.path(edge)}")
+    assert sh(f"cat {again.path(edge)}").stdout == b"back\n"
+
+
+def test_discovery_restart_between_two_edges(cluster: Cluster, programs: Programs) -> None:
+    disc = cluster.start_discovery()
+    a, b = cluster.node("a"), cluster.node("b")
+    first = new_edge()
+    reader = programs.start(f"cat {b.path(first)}")
+    sh(f"seq 1 1000 > {a.path(first)}")
+    assert reader.communicate(timeout=20)[0] == sh("seq 1 1000").stdout
+
+    disc.kill()  # SIGKILL: no chance to flush anything but what SQLite committed
+    disc.start()
+    second = new_edge()
+    reader = programs.start(f"cat {b.path(second)}")
+    sh(f"seq 1 2000 > {a.path(second)}", timeout=40)
+    assert reader.communicate(timeout=40)[0] == sh("seq 1 2000").stdout
+    status = sh(f"{sys.executable} -m fractalfs status --discovery {disc.url}").stdout.decode()
+    assert first in status and second in status
+
+
+def test_reader_waits_while_discovery_is_down(cluster: Cluster, programs: Programs) -> None:
+    disc = cluster.start_discovery()
+    a, b = cluster.node("a"), cluster.node("b")
+    edge = new_edge()
+    reader = programs.start(f"cat {b.path(edge)}")
+    time.sleep(0.5)
+    disc.kill()
+    time.sleep(1.0)
+    disc.start()
+    sh(f"echo after the outage > {a.path(edge)}", timeout=40)
+    assert reader.communicate(timeout=40)[0] == b"after the outage\n"

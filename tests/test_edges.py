@@ -1,0 +1,154 @@
+"""The trio edge ends on their own: window, acks, cursors, reads."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+import trio
+
+from fractalfs.edgeid import EdgeId
+from fractalfs.edges import EdgeError, ReaderEnd, ReaderState, WriterEnd
+
+POLL = 0.05
+
+
+def writer(window: int = 10) -> WriterEnd:
+    return WriterEnd(EdgeId.new(), 1, window, os.getpid())
+
+
+async def test_writer_blocks_at_window_until_acked() -> None:
+    w = writer(window=10)
+    await w.write(b"x" * 6, POLL)
+    await w.write(b"y" * 6, POLL)  # 6 < 10: accepted, now 12 unacked
+    done = trio.Event()
+
+    async def third() -> None:
+        await w.write(b"z", POLL)
+        done.set()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(third)
+        await trio.sleep(0.1)
+        assert not done.is_set()
+        w.ack(6)  # frees the first chunk: 6 unacked
+        with trio.fail_after(1):
+            await done.wait()
+    assert (w.base, w.end, len(w.chunks)) == (6, 13, 2)
+
+
+async def test_partial_ack_keeps_the_chunk() -> None:
+    w = writer(window=100)
+    await w.write(b"abcdef", POLL)
+    w.ack(3)
+    assert w.base == 0 and w.acked == 3
+    w.ack(2)  # acks never go back
+    assert w.acked == 3
+
+
+async def test_take_from_any_offset() -> None:
+    w = writer(window=100)
+    for piece in (b"abc", b"defg", b"hi"):
+        await w.write(piece, POLL)
+    for start in range(10):
+        cursor = w.locate(start)
+        out = bytearray()
+        while True:
+            bufs, cursor = w.take(cursor, 2)
+            if not bufs:
+                break
+            assert sum(map(len, bufs)) <= 2
+            out += b"".join(bufs)
+        assert bytes(out) == b"abcdefghi"[start:]
+    w.ack(7)
+    with pytest.raises(ValueError):
+        w.locate(2)
+
+
+async def test_writer_gets_epipe_when_reader_closed() -> None:
+    w = writer()
+    w.reader_closed = True
+    with pytest.raises(EdgeError) as info:
+        await w.write(b"x", POLL)
+    assert info.value.errno == errno.EPIPE
+
+
+async def test_blocked_write_is_interrupted_by_a_pending_signal() -> None:
+    """A dead opener counts as interrupted: the handler must never wait forever."""
+    w = WriterEnd(EdgeId.new(), 1, 1, pid=2**22 + 12345)  # no such process
+    await w.write(b"xx", POLL)
+    with trio.fail_after(2), pytest.raises(EdgeError) as info:
+        await w.write(b"x", POLL)
+    assert info.value.errno == errno.EINTR
+
+
+async def test_reader_reads_views_and_joins_small_chunks() -> None:
+    r = ReaderEnd(EdgeId.new(), 100, os.getpid())
+    r.push(b"0123456789")
+    assert bytes(await r.read(4, POLL)) == b"0123"
+    assert bytes(await r.read(100, POLL)) == b"456789"
+    for piece in (b"a", b"b", b"c"):
+        r.push(piece)
+    assert bytes(await r.read(100, POLL)) == b"abc"
+    assert r.delivered == r.received == 13
+    r.finish()
+    assert await r.read(10, POLL) == b""
+
+
+async def test_reader_waits_then_fails() -> None:
+    r = ReaderEnd(EdgeId.new(), 100, os.getpid())
+    async with trio.open_nursery() as n:
+
+        async def later() -> None:
+            await trio.sleep(0.1)
+            r.fail(errno.EIO, "lost")
+
+        n.start_soon(later)
+        with pytest.raises(EdgeError) as info:
+            await r.read(10, POLL)
+    assert info.value.errno == errno.EIO and r.state is ReaderState.FAILED
+
+
+async def test_replay_of_the_same_bytes_is_verified_and_skipped() -> None:
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from fractalfs.edges import Diverged
+
+    @given(st.binary(min_size=1, max_size=200), st.binary(max_size=50), st.integers(1, 40))
+    def check(prefix: bytes, more: bytes, piece: int) -> None:
+        r = ReaderEnd(EdgeId.new(), 10_000, os.getpid())
+        r.begin_stream(replay=False)
+        r.accept(prefix)
+        r.begin_stream(replay=True)
+        stream = prefix + more
+        for i in range(0, len(stream), piece):
+            r.accept(stream[i : i + piece])
+        assert b"".join(bytes(c) for c in r.chunks) == stream
+        assert r.received == len(stream)
+        r.check_end(len(stream))
+
+        bad = ReaderEnd(EdgeId.new(), 10_000, os.getpid())
+        bad.accept(prefix)
+        bad.begin_stream(replay=True)
+        with pytest.raises(Diverged):
+            bad.accept(bytes([prefix[0] ^ 1]) + prefix[1:])
+        short = ReaderEnd(EdgeId.new(), 10_000, os.getpid())
+        short.accept(prefix)
+        short.begin_stream(replay=True)
+        short.accept(prefix[:-1])
+        with pytest.raises(Diverged):
+            short.check_end(len(prefix) - 1)
+
+    check()
+
+
+async def test_complete_empty_stream_is_not_delivered_until_its_end_is_acknowledged() -> None:
+    from fractalfs.edges import WriterState
+
+    w = writer()
+    w.finish(WriterState.COMPLETE)
+    assert not w.done  # no reader has seen the end yet: keep it (regression: empty streams)
+    w.end_acked = True
+    assert w.done

@@ -1,0 +1,156 @@
+"""Persistent mode and the dynamic policy with real daemons and programs."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import Cluster, Programs, needs_fuse, new_edge, sh, size, wait_for
+
+pytestmark = needs_fuse
+
+SLOWCAT = f"{sys.executable} {Path(__file__).with_name('slowcat.py')}"
+MiB = 1 << 20
+
+CPU_BOUND = (
+    "import hashlib, os, sys\n"
+    "h = b'seed'\n"
+    "out = os.fdopen(1, 'wb', 0)\n"
+    "for i in range(int(sys.argv[1])):\n"
+    "    for _ in range(20000):\n"
+    "        h = hashlib.sha256(h).digest()\n"
+    "    out.write(h * 2048)\n"
+)
+
+
+def cpu_bound_output(blocks: int) -> bytes:
+    h, out = b"seed", []
+    for _ in range(blocks):
+        for _ in range(20000):
+            h = hashlib.sha256(h).digest()
+        out.append(h * 2048)
+    return b"".join(out)
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> Path:
+    path = tmp_path / "src"
+    path.write_bytes(os.urandom(24 * MiB + 7))
+    return path
+
+
+def test_persistent_writer_never_waits_for_a_reader(cluster: Cluster, src: Path) -> None:
+    cluster.start_discovery()
+    a = cluster.node("a", mode="persistent")
+    b = cluster.node("b")
+    edge = new_edge()
+    sh(f"cat {src} > {a.path(edge)}", timeout=20)  # 24 MiB > the 8 MiB window: no block
+    assert cluster.edge(edge)["mode"] == "persistent"
+    assert sh(f"sha256sum < {b.path(edge)}").stdout.split()[0].decode() == (
+        hashlib.sha256(src.read_bytes()).hexdigest()
+    )
+
+
+def test_rerun_reader_gets_the_whole_stream_without_rerunning_the_writer(
+    cluster: Cluster, programs: Programs, src: Path, tmp_path: Path
+) -> None:
+    cluster.start_discovery()
+    a = cluster.node("a", mode="persistent")
+    b, c = cluster.node("b"), cluster.node("c")
+    edge, out, runs = new_edge(), tmp_path / "out", tmp_path / "runs"
+    writer = programs.start(
+        f"echo run >> {runs}; exec {SLOWCAT} {src} {a.path(edge)} --chunk {MiB} --delay 0.03"
+    )
+    reader = programs.start(f"exec cat {b.path(edge)} > {tmp_path / 'partial'}")
+    wait_for(lambda: size(tmp_path / "partial") >= 6 * MiB, 20, "6 MiB read")
+    os.killpg(reader.pid, signal.SIGKILL)  # the reading program dies mid-stream
+    time.sleep(0.3)
+    assert writer.poll() is None  # a killed reader is not "no more please": no EPIPE
+    rerun = programs.start(f"cat {c.path(edge)} > {out}")  # re-run on another node
+    _, err = rerun.communicate(timeout=60)
+    assert rerun.returncode == 0, err
+    assert writer.wait(timeout=30) == 0
+    assert out.read_bytes() == src.read_bytes()
+    assert runs.read_text() == "run\n"  # the writer ran once
+
+
+def test_completed_spill_is_served_after_the_writer_daemon_restarts(
+    cluster: Cluster, src: Path
+) -> None:
+    cluster.start_discovery()
+    a = cluster.node("a", mode="persistent")
+    b = cluster.node("b")
+    edge = new_edge()
+    sh(f"cat {src} > {a.path(edge)}")
+    # Completion is recorded once the daemon has seen the writer end well (<= 0.25 s).
+    wait_for(lambda: cluster.edge(edge)["writer_state"] == "complete", 5, "completion")
+    a.kill()  # SIGKILL: a crash, with the stream complete on disk
+    a = cluster.node("a", mode="persistent")
+    assert "served again" in a.log.read_text()
+    got = sh(f"sha256sum < {b.path(edge)}", timeout=30).stdout.split()[0].decode()
+    assert got == hashlib.sha256(src.read_bytes()).hexdigest()
+
+
+def test_dynamic_policy_chooses_by_cost(
+    cluster: Cluster, programs: Programs, tmp_path: Path
+) -> None:
+    cluster.start_discovery()
+    a = cluster.node("a", mode="dynamic")
+    b = cluster.node("b")
+    cheap = new_edge()
+    reader = programs.start(f"cat {b.path(cheap)} > /dev/null")
+    sh(f"head -c 1G /dev/zero > {a.path(cheap)}", timeout=60)
+    reader.communicate(timeout=60)
+    rec = cluster.edge(cheap)
+    assert rec["mode"] == "transient", rec
+
+    expensive = new_edge()
+    blocks = 200
+    out = tmp_path / "out"
+    reader = programs.start(f"cat {b.path(expensive)} > {out}")
+    sh(f'{sys.executable} -c "{CPU_BOUND}" {blocks} > {a.path(expensive)}', timeout=60)
+    _, err = reader.communicate(timeout=60)
+    assert reader.returncode == 0, err
+    assert out.read_bytes() == cpu_bound_output(blocks)  # the switch lost and duplicated nothing
+    rec = cluster.edge(expensive)
+    assert rec["mode"] == "persistent" and "replay" in str(rec["mode_reason"]), rec
+
+
+def test_dynamic_spills_instead_of_blocking_on_an_absent_reader(
+    cluster: Cluster, src: Path
+) -> None:
+    cluster.start_discovery()
+    a, b = cluster.node("a", mode="dynamic"), cluster.node("b")
+    edge = new_edge()
+    sh(f"cat {src} > {a.path(edge)}", timeout=20)
+    rec = cluster.edge(edge)
+    assert rec["mode"] == "persistent" and "instead of blocking" in str(rec["mode_reason"])
+    assert sh(f"cat {b.path(edge)}").stdout == src.read_bytes()
+
+
+@pytest.fixture
+def tiny_spill(tmp_path: Path) -> Iterator[Path]:
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_spill_disk_is_a_write_error(cluster: Cluster, tiny_spill: Path) -> None:
+    cluster.start_discovery()
+    a = cluster.node("a", mode="persistent", extra=["--spill-dir", str(tiny_spill)])
+    edge = new_edge()
+    got = sh(f"head -c 16M /dev/urandom > {a.path(edge)}", check=False, timeout=20)
+    assert got.returncode != 0 and b"No space left on device" in got.stderr
+    assert a.alive()

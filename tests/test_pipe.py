@@ -1,0 +1,215 @@
+"""Bytes through /fractal/<edge> with real programs, on one node and across two daemons."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from fractalfs.codec import SENTINEL
+
+from .conftest import Pair, Programs, needs_fuse, new_edge, sh, sha_file
+
+pytestmark = needs_fuse
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def finish(proc: object, timeout: float = 60) -> bytes:
+    out, err = proc.communicate(timeout=timeout)  # type: ignore[attr-defined]
+    assert proc.returncode == 0, err.decode(errors="replace")  # type: ignore[attr-defined]
+    return out  # type: ignore[no-any-return]
+
+
+PAYLOADS = {
+    "empty": b"",
+    "one-byte": b"x",
+    "binary": os.urandom(3 * 1024 * 1024 + 17),
+    "sentinels": SENTINEL * (512 * 1024 + 3),  # 4 MiB of the end marker itself
+    "sentinel-tail": os.urandom(1000) + SENTINEL,
+}
+
+
+@pytest.mark.parametrize("kind", PAYLOADS)
+def test_exact_bytes_arrive_reader_first(
+    pair: Pair, programs: Programs, tmp_path: Path, kind: str
+) -> None:
+    data = PAYLOADS[kind]
+    src = tmp_path / "src"
+    src.write_bytes(data)
+    _, w, r = pair.paths()
+    reader = programs.start(f"cat {r} > {tmp_path / 'out'}")
+    time.sleep(0.2)
+    sh(f"cat {src} > {w}")
+    finish(reader)
+    assert sha_file(tmp_path / "out") == sha(data)
+
+
+def test_writer_first_small_stream_waits_for_its_reader(pair: Pair) -> None:
+    _, w, r = pair.paths()
+    sh(f"echo 'written before any reader' > {w}")  # returns at once: the daemon holds it
+    time.sleep(0.3)
+    assert sh(f"cat {r}").stdout == b"written before any reader\n"
+
+
+@pytest.mark.parametrize("bs", ["4k", "64k", "1M"])
+def test_dd_block_sizes(pair: Pair, programs: Programs, tmp_path: Path, bs: str) -> None:
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(24 * 1024 * 1024 + 1234))
+    _, w, r = pair.paths()
+    reader = programs.start(f"dd if={r} bs={bs} status=none | sha256sum")
+    sh(f"dd if={src} of={w} bs={bs} status=none")
+    assert finish(reader).split()[0].decode() == sha_file(src)
+
+
+def test_append_redirect_and_input_redirect(pair: Pair, programs: Programs) -> None:
+    _, w, r = pair.paths()
+    reader = programs.start(f"wc -l < {r}")
+    sh(f"seq 1 100000 >> {w}")
+    assert finish(reader).strip() == b"100000"
+
+
+def test_tee_gzip_gunzip(pair: Pair, programs: Programs, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.write_bytes(b"".join(b"line %d of a compressible text\n" % i for i in range(200_000)))
+    _, w, r = pair.paths()
+    reader = programs.start(f"gunzip -c < {r} > {tmp_path / 'out'}")
+    sh(f"gzip -c {src} | tee {w} > {tmp_path / 'copy.gz'}")
+    finish(reader)
+    assert sha_file(tmp_path / "out") == sha_file(src)
+
+
+def test_tar_directory_tree(pair: Pair, programs: Programs, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    for i in range(20):
+        (tree / f"d{i % 4}").mkdir(parents=True, exist_ok=True)
+        (tree / f"d{i % 4}" / f"f{i}").write_bytes(os.urandom(i * 10_000))
+    out = tmp_path / "out"
+    out.mkdir()
+    _, w, r = pair.paths()
+    reader = programs.start(f"tar x -C {out} < {r}")
+    sh(f"tar c -C {tree} . > {w}")
+    finish(reader)
+    sh(f"diff -r {tree} {out}")
+
+
+def test_python_open(pair: Pair, programs: Programs) -> None:
+    _, w, r = pair.paths()
+    reader = programs.start(
+        f"python3 -c \"import sys, hashlib; print(hashlib.sha256(open('{r}','rb').read())"
+        '.hexdigest())"'
+    )
+    data = os.urandom(2_000_000)
+    with open(w, "wb") as f:
+        f.write(data)
+    assert finish(reader).strip().decode() == sha(data)
+
+
+def test_one_gib_stream(pair: Pair, programs: Programs, tmp_path: Path) -> None:
+    block = tmp_path / "block"
+    block.write_bytes(os.urandom(64 * 1024 * 1024))
+    gen = f"for i in $(seq 16); do cat {block}; done"
+    _, w, r = pair.paths()
+    reader = programs.start(f"sha256sum < {r}")
+    expected = sh(f"{gen} | tee {w} | sha256sum", timeout=120).stdout.split()[0]
+    assert finish(reader, timeout=120).split()[0] == expected
+
+
+def test_early_close_gives_the_writer_epipe(pair: Pair, programs: Programs) -> None:
+    _, w, r = pair.paths()
+    writer = programs.start(f"yes > {w}")
+    assert sh(f"head -c 10 {r}").stdout == b"y\n" * 5
+    _, err = writer.communicate(timeout=10)
+    assert writer.returncode != 0
+    assert b"Broken pipe" in err
+
+
+def test_ctrl_c_and_kill_end_a_blocked_reader(pair: Pair, programs: Programs) -> None:
+    for signum in (signal.SIGINT, signal.SIGKILL):
+        _, _, r = pair.paths()
+        reader = programs.start(f"exec cat {r}")
+        time.sleep(0.5)  # blocked in read: no writer
+        assert reader.poll() is None
+        t0 = time.monotonic()
+        os.kill(reader.pid, signum)
+        reader.wait(timeout=5)
+        assert time.monotonic() - t0 < 1.0
+        assert reader.returncode == -signum
+
+
+def test_kill_ends_a_writer_blocked_on_backpressure(pair: Pair, programs: Programs) -> None:
+    _, w, _ = pair.paths()
+    writer = programs.start(f"exec dd if=/dev/zero of={w} bs=1M count=100 status=none")
+    time.sleep(0.7)  # the window (8 MiB) is full: blocked in write
+    assert writer.poll() is None
+    t0 = time.monotonic()
+    os.kill(writer.pid, signal.SIGTERM)
+    writer.wait(timeout=5)
+    assert time.monotonic() - t0 < 1.0 and writer.returncode == -signal.SIGTERM
+
+
+def test_read_write_open_is_einval(pair: Pair) -> None:
+    with pytest.raises(OSError) as info:
+        os.open(pair.writer.path(new_edge()), os.O_RDWR)
+    assert info.value.errno == errno.EINVAL
+
+
+def test_second_writer_and_second_reader_are_ebusy(pair: Pair) -> None:
+    _, w, r = pair.paths()
+    wfd = os.open(w, os.O_WRONLY)
+    rfd = os.open(r, os.O_RDONLY)
+    try:
+        for path, flags in ((w, os.O_WRONLY), (r, os.O_WRONLY), (r, os.O_RDONLY), (w, os.O_RDONLY)):
+            with pytest.raises(OSError) as info:
+                os.open(path, flags)
+            assert info.value.errno == errno.EBUSY, (path, flags)
+        os.write(wfd, b"still works")
+        os.close(wfd)
+        wfd = -1
+        assert os.read(rfd, 100) == b"still works"
+        assert os.read(rfd, 100) == b""
+    finally:
+        if wfd >= 0:
+            os.close(wfd)
+        os.close(rfd)
+
+
+def test_names_and_listing(pair: Pair) -> None:
+    mnt = pair.writer.mountpoint
+    for bad in ("hello", "ABCDEF0123456789ABCDEF0123456789", "0" * 31, "0" * 33):
+        with pytest.raises(FileNotFoundError):
+            os.stat(mnt / bad)
+    with pytest.raises(OSError):
+        (mnt / "not-an-edge").write_bytes(b"x")
+    edge, w, _ = pair.paths()
+    st = os.stat(w)
+    assert st.st_size == 0 and (st.st_mode & 0o170000) == 0o100000  # a regular file
+    fd = os.open(w, os.O_WRONLY)
+    try:
+        assert edge in os.listdir(mnt)
+    finally:
+        os.close(fd)
+
+
+def test_rm_ends_the_edge_on_every_node(pair: Pair, programs: Programs) -> None:
+    _, w, r = pair.paths()
+    writer = programs.start(f"exec dd if=/dev/zero of={w} bs=64k status=none")
+    time.sleep(0.5)
+    assert writer.poll() is None
+    os.unlink(r)  # removed through the reader's node
+    _, err = writer.communicate(timeout=5)
+    assert writer.returncode != 0 and b"Broken pipe" in err
+
+    _, w, r = pair.paths()
+    reader = programs.start(f"exec cat {r}")
+    time.sleep(0.5)
+    os.unlink(w)  # removed through the writer's node
+    _, err = reader.communicate(timeout=5)
+    assert reader.returncode != 0 and b"canceled" in err.lower()

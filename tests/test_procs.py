@@ -1,0 +1,74 @@
+"""What /proc tells about a requesting process."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+from fractalfs import procs
+
+
+def _wait_zombie(proc: subprocess.Popen[bytes]) -> None:
+    for _ in range(200):
+        with open(f"/proc/{proc.pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return
+        time.sleep(0.01)
+    raise AssertionError("child did not exit")
+
+
+def test_exit_status_of_exiting_processes() -> None:
+    ok = subprocess.Popen(["true"])
+    bad = subprocess.Popen(["sh", "-c", "exit 3"])
+    killed = subprocess.Popen(["sleep", "30"])
+    live = subprocess.Popen(["sleep", "30"])
+    killed.kill()
+    try:
+        for p in (ok, bad, killed):
+            _wait_zombie(p)
+        assert procs.exit_status(ok.pid) == 0
+        assert procs.exit_status(bad.pid) == 3 << 8
+        assert procs.exit_status(killed.pid) == signal.SIGKILL
+        assert procs.exit_status(live.pid) is None
+        assert procs.describe_status(3 << 8) == "exited with status 3"
+        assert procs.describe_status(9) == "killed by signal 9"
+    finally:
+        live.kill()
+        for p in (ok, bad, killed, live):
+            p.wait()
+
+
+def test_signal_pending_respects_blocked_signals() -> None:
+    code = (
+        "import signal, sys, time\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGUSR2})\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(30)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"ready\n"
+        assert not procs.signal_pending(child.pid)
+        child.send_signal(signal.SIGUSR1)  # blocked: does not count
+        time.sleep(0.05)
+        assert not procs.signal_pending(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    assert procs.signal_pending(child.pid)  # gone: nobody waits any more
+
+
+def test_signal_pending_sees_an_undelivered_signal() -> None:
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        child.send_signal(signal.SIGSTOP)  # a stopped process keeps SIGTERM pending
+        time.sleep(0.05)
+        assert not procs.signal_pending(child.pid)
+        child.send_signal(signal.SIGTERM)
+        time.sleep(0.05)
+        assert procs.signal_pending(child.pid)
+    finally:
+        child.kill()
+        child.wait()
