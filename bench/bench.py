@@ -1,0 +1,294 @@
+#!/usr/bin/env python3
+"""fractalfs benchmarks: throughput, line latency and pairing time, each printed next to
+baselines measured in the same run (a kernel FIFO and a socat TCP pipeline on loopback).
+
+    make bench                       # everything, 2 GiB per throughput run
+    .venv/bin/python bench/bench.py --size 512M --only throughput
+
+Throughput uses `dd if=/dev/zero | <pipe> | dd of=/dev/null` at the given block sizes. The
+socat baseline is what a user would do by hand: `dd | socat -u - TCP:...` into
+`socat -u TCP-LISTEN:... - | dd`. Results also go to bench/results/latest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fractalfs.edgeid import EdgeId
+from fractalfs.testing import Discovery, Node
+
+HERE = Path(__file__).resolve().parent
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    if text[-1].upper() in units:
+        return int(float(text[:-1]) * units[text[-1].upper()])
+    return int(text)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def timed_pair(writer_cmd: str, reader_cmd: str, reader_first: float = 0.2) -> float:
+    """Starts the reader, then the writer; returns seconds until both are done."""
+    reader = subprocess.Popen(["bash", "-c", reader_cmd], stderr=subprocess.PIPE)
+    time.sleep(reader_first)
+    t0 = time.perf_counter()
+    writer = subprocess.run(["bash", "-c", writer_cmd], stderr=subprocess.PIPE, check=False)
+    _, err = reader.communicate(timeout=600)
+    elapsed = time.perf_counter() - t0
+    if writer.returncode or reader.returncode:
+        raise RuntimeError(f"{writer_cmd} / {reader_cmd}: {writer.stderr!r} {err!r}")
+    return elapsed
+
+
+def throughput(nodes: tuple[Node, Node], work: Path, size: int, bs: str) -> dict[str, float]:
+    count = size // parse_size(bs)
+    src = f"dd if=/dev/zero bs={bs} count={count} status=none"
+    sink = f"dd of=/dev/null bs={bs} status=none"
+    out: dict[str, float] = {}
+
+    fifo = work / "fifo"
+    if fifo.exists():
+        fifo.unlink()
+    os.mkfifo(fifo)
+    out["kernel FIFO"] = timed_pair(f"{src} of={fifo}", f"{sink} if={fifo}")
+
+    port = free_port()
+    out["socat TCP loopback"] = timed_pair(
+        f"{src} | socat -u - TCP:127.0.0.1:{port}",
+        f"socat -u TCP-LISTEN:{port},reuseaddr - | {sink}",
+        reader_first=0.5,
+    )
+    a, b = nodes
+    edge = EdgeId.new().hex
+    out["fractalfs same node"] = timed_pair(f"{src} of={a.path(edge)}", f"{sink} if={a.path(edge)}")
+    edge = EdgeId.new().hex
+    out["fractalfs two daemons"] = timed_pair(
+        f"{src} of={a.path(edge)}", f"{sink} if={b.path(edge)}"
+    )
+    return {k: size / v / 1e6 for k, v in out.items()}  # MB/s
+
+
+LATENCY_WRITER = r"""
+import os, sys, time
+n, gap = int(sys.argv[2]), float(sys.argv[3])
+fd = os.open(sys.argv[1], os.O_WRONLY)
+time.sleep(0.3)
+for i in range(n):
+    os.write(fd, b"%d\n" % time.monotonic_ns())
+    time.sleep(gap)
+os.close(fd)
+"""
+
+LATENCY_READER = r"""
+import os, sys, time, statistics
+f = open(sys.argv[1], "rb", buffering=0)
+lat, buf = [], b""
+while True:
+    data = f.read(65536)
+    now = time.monotonic_ns()
+    if not data:
+        break
+    buf += data
+    *lines, buf = buf.split(b"\n")
+    lat += [(now - int(line)) / 1e6 for line in lines]
+print(statistics.median(lat), max(lat))
+"""
+
+
+def line_latency(path_w: str, path_r: str, lines: int = 300) -> tuple[float, float]:
+    reader = subprocess.Popen(
+        [sys.executable, "-c", LATENCY_READER, path_r], stdout=subprocess.PIPE, text=True
+    )
+    time.sleep(0.2)
+    subprocess.run([sys.executable, "-c", LATENCY_WRITER, path_w, str(lines), "0.003"], check=True)
+    out, _ = reader.communicate(timeout=60)
+    med, worst = map(float, out.split())
+    return med, worst
+
+
+def latency(nodes: tuple[Node, Node], work: Path) -> dict[str, list[float]]:
+    fifo = work / "fifo-lat"
+    if fifo.exists():
+        fifo.unlink()
+    os.mkfifo(fifo)
+    a, b = nodes
+    out = {"kernel FIFO": list(line_latency(str(fifo), str(fifo)))}
+    edge = EdgeId.new().hex
+    out["fractalfs same node"] = list(line_latency(a.path(edge), a.path(edge)))
+    edge = EdgeId.new().hex
+    out["fractalfs two daemons"] = list(line_latency(a.path(edge), b.path(edge)))
+    return out
+
+
+PAIR_READER = r"""
+import os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+print("ready", flush=True)
+os.read(fd, 1)
+print(time.monotonic_ns(), flush=True)
+"""
+
+
+def pairing(nodes: tuple[Node, Node], rounds: int = 15) -> dict[str, float]:
+    """Reader already waiting; ms from the writer's open() to the reader's first byte."""
+    a, b = nodes
+    out: dict[str, float] = {}
+    for name, wnode, rnode in (("same node", a, a), ("two daemons", a, b)):
+        samples = []
+        for _ in range(rounds):
+            edge = EdgeId.new().hex
+            reader = subprocess.Popen(
+                [sys.executable, "-c", PAIR_READER, rnode.path(edge)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            assert reader.stdout is not None
+            assert reader.stdout.readline().strip() == "ready"
+            time.sleep(0.2)  # the reader's daemon is long-polling discovery by now
+            t0 = time.monotonic_ns()
+            fd = os.open(wnode.path(edge), os.O_WRONLY)
+            os.write(fd, b"x")
+            got = int(reader.stdout.readline())
+            os.close(fd)
+            reader.wait(timeout=10)
+            samples.append((got - t0) / 1e6)
+        out[f"fractalfs {name}"] = statistics.median(samples)
+    return out
+
+
+FIRST_BYTE = r"""
+import os, sys, time
+t0 = time.monotonic_ns()
+fd = os.open(sys.argv[1], os.O_RDONLY)
+os.read(fd, 1)
+print((time.monotonic_ns() - t0) / 1e6)
+"""
+
+
+def persistence(nodes: tuple[Node, Node], pnode: Node, size: int) -> dict[str, float]:
+    """Persistent vs transient edge between two daemons; a re-run reader's first byte."""
+    a, b = nodes
+    count = size // (1 << 20)
+    src = f"dd if=/dev/zero bs=1M count={count} status=none"
+    sink = "dd of=/dev/null bs=1M status=none"
+    out: dict[str, float] = {}
+    edge = EdgeId.new().hex
+    t = timed_pair(f"{src} of={a.path(edge)}", f"{sink} if={b.path(edge)}")
+    out["transient MB/s"] = size / t / 1e6
+    edge = EdgeId.new().hex
+    os.sync()
+    t = timed_pair(f"{src} of={pnode.path(edge)}", f"{sink} if={b.path(edge)}")
+    out["persistent MB/s"] = size / t / 1e6
+    out["persistent/transient"] = out["persistent MB/s"] / out["transient MB/s"]
+    # A re-run reader: the stream is complete in the spill; open -> first byte.
+    samples = []
+    for _ in range(10):
+        edge = EdgeId.new().hex
+        subprocess.run(["bash", "-c", f"head -c 4M /dev/zero > {pnode.path(edge)}"], check=True)
+        time.sleep(0.4)  # completion recorded
+        got = subprocess.run(
+            [sys.executable, "-c", FIRST_BYTE, b.path(edge)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        samples.append(float(got.stdout))
+    out["re-run reader open -> first byte ms"] = statistics.median(samples)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--size", default="2G", help="bytes per throughput run (default 2G)")
+    ap.add_argument("--bs", default="1M,64K", help="block sizes (default 1M,64K)")
+    ap.add_argument("--only", choices=["throughput", "latency", "pairing", "persistence"])
+    args = ap.parse_args()
+    if shutil.which("socat") is None:
+        print("bench: socat is needed for the baseline (apt install socat)", file=sys.stderr)
+        return 2
+    size = parse_size(args.size)
+    results: dict[str, Any] = {"size": size}
+    with tempfile.TemporaryDirectory(prefix="fractalfs-bench-") as tmp:
+        work = Path(tmp)
+        disc = Discovery(work / "discovery")
+        disc.start()
+        a = Node(work, "a", disc.url, extra=["--mode", "transient"])
+        b = Node(work, "b", disc.url, extra=["--mode", "transient"])
+        try:
+            a.start()
+            b.start()
+            nodes = (a, b)
+            if args.only in (None, "throughput"):
+                for bs in args.bs.split(","):
+                    r = throughput(nodes, work, size, bs)
+                    results[f"throughput_{bs}"] = r
+                    print(f"\nthroughput, {args.size} at bs={bs} (MB/s; ratio vs socat, FIFO)")
+                    for k, v in r.items():
+                        print(
+                            f"  {k:24s} {v:8.0f}   x{v / r['socat TCP loopback']:.2f} socat"
+                            f"   x{v / r['kernel FIFO']:.2f} FIFO"
+                        )
+            if args.only in (None, "latency"):
+                lat = latency(nodes, work)
+                results["line_latency_ms"] = lat
+                print("\nline latency (ms: median, max of 300 lines 3 ms apart)")
+                for k, (med, worst) in lat.items():
+                    print(f"  {k:24s} {med:8.3f} {worst:8.3f}")
+            if args.only in (None, "persistence"):
+                # The spill on the state disk, and on tmpfs (what the software costs
+                # when the disk does not bound it).
+                shm = Path(tempfile.mkdtemp(prefix="fractalfs-bench-", dir="/dev/shm"))
+                for label, extra in (
+                    ("disk", []),
+                    ("tmpfs", ["--spill-dir", str(shm)]),
+                ):
+                    os.sync()  # the previous run's dirty pages must not compete with this one
+                    time.sleep(1)
+                    p = Node(work, f"p{label}", disc.url, extra=["--mode", "persistent", *extra])
+                    p.start()
+                    try:
+                        per = persistence(nodes, p, size)
+                    finally:
+                        p.stop()
+                    results[f"persistence_{label}"] = per
+                    print(f"\npersistence, spill on {label} ({args.size} at bs=1M, two daemons)")
+                    for k, v in per.items():
+                        print(f"  {k:40s} {v:10.2f}")
+                shutil.rmtree(shm, ignore_errors=True)
+            if args.only in (None, "pairing"):
+                pair = pairing(nodes)
+                results["pairing_ms"] = pair
+                print("\npairing (ms, median: reader waiting, writer open -> first byte)")
+                for k, v in pair.items():
+                    print(f"  {k:24s} {v:8.2f}")
+        finally:
+            b.stop()
+            a.stop()
+            disc.stop()
+    out_dir = HERE / "results"
+    out_dir.mkdir(exist_ok=True)
+    (out_dir / "latest.json").write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
