@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .testing import Discovery, Node
+from .testing import Discovery, Node, Process
 
 DISCOVERY_PORT = 7700
 DATA_PORT = 7701
@@ -151,6 +151,21 @@ class NetCluster:
         for h in self.hosts:
             _ip("netns", "del", h.ns, check=False)
         _ip("link", "del", self.bridge, check=False)
+
+    def diagnose(self, lines: int = 40) -> str:
+        """What each program and daemon said: for a failed test's report."""
+        out = []
+        for proc in self.programs:
+            out.append(f"program {proc.args!r}: exit {proc.poll()}")
+        daemons: list[Process] = [h.node for h in self.hosts if h.node is not None]
+        if self.discovery is not None:
+            daemons.insert(0, self.discovery)
+        for daemon in daemons:
+            if daemon.log.exists():
+                tail = daemon.log.read_text(errors="replace").splitlines()[-lines:]
+                out.append(f"--- {daemon.log} (alive: {daemon.alive()})")
+                out.extend(tail)
+        return "\n".join(out)
 
     # -- programs and faults -------------------------------------------------------------
 

@@ -120,46 +120,55 @@ async def serve_edge(sock: trio.socket.SocketType, writer: WriterEnd, offset: in
     """
     if writer.connection is not None:
         writer.connection.cancel()
-    async with trio.open_nursery() as nursery:
-        writer.connection = nursery.cancel_scope
-        nursery.start_soon(_receive_controls, sock, writer, nursery.cancel_scope)
-        pos = offset
-        cursor: tuple[int, int] | None = None
-        while True:
-            if writer.state is WriterState.ABORTED:
-                reason, message = writer.abort_reason or (AbortReason.REMOVED, "")
-                await send_all(sock, [codec.abort_frame(reason, message)])
-                break
-            if pos < writer.base and writer.spill is not None:
-                # No longer in memory (persistent mode): from the spill file.
-                data = writer.spill.read(pos, BATCH)
-                await send_all(sock, [codec.data_header(len(data)), data])
-                pos += len(data)
-                cursor = None
-                continue
-            if cursor is None or cursor[0] < writer.first_index:
-                cursor = writer.locate(pos)
-            bufs, after = writer.take(cursor, BATCH)
-            if bufs:
-                size = sum(len(b) for b in bufs)
-                await send_all(sock, [codec.data_header(size), *bufs])
-                cursor, pos = after, pos + size
-                continue
-            if writer.state is WriterState.COMPLETE:
-                await send_all(sock, [codec.end_frame(writer.end)])
-                # Stay until the reader acknowledges everything and hangs up.
-                await trio.sleep_forever()
-            if writer.state is WriterState.FAILED:
-                await send_all(
-                    sock,
-                    [codec.abort_frame(AbortReason.WRITER_FAILED, "the writing program failed")],
-                )
-                break
-            with trio.move_on_after(PING_EVERY) as idle:
-                await writer.changed.wait()
-            if idle.cancelled_caught:
-                await send_all(sock, [codec.PING_FRAME])
-        nursery.cancel_scope.cancel()
+    scope = writer.connection = trio.CancelScope()
+    try:
+        with scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_receive_controls, sock, writer, scope)
+                await _send_stream(sock, writer, offset)
+                scope.cancel()
+    finally:
+        if writer.connection is scope:  # not superseded by a newer connection
+            writer.connection = None
+
+
+async def _send_stream(sock: trio.socket.SocketType, writer: WriterEnd, offset: int) -> None:
+    pos = offset
+    cursor: tuple[int, int] | None = None
+    while True:
+        if writer.state is WriterState.ABORTED:
+            reason, message = writer.abort_reason or (AbortReason.REMOVED, "")
+            await send_all(sock, [codec.abort_frame(reason, message)])
+            return
+        if pos < writer.base and writer.spill is not None:
+            # No longer in memory (persistent mode): from the spill file.
+            data = writer.spill.read(pos, BATCH)
+            await send_all(sock, [codec.data_header(len(data)), data])
+            pos += len(data)
+            cursor = None
+            continue
+        if cursor is None or cursor[0] < writer.first_index:
+            cursor = writer.locate(pos)
+        bufs, after = writer.take(cursor, BATCH)
+        if bufs:
+            size = sum(len(b) for b in bufs)
+            await send_all(sock, [codec.data_header(size), *bufs])
+            cursor, pos = after, pos + size
+            continue
+        if writer.state is WriterState.COMPLETE:
+            await send_all(sock, [codec.end_frame(writer.end)])
+            # Stay until the reader acknowledges everything and hangs up.
+            await trio.sleep_forever()
+        if writer.state is WriterState.FAILED:
+            await send_all(
+                sock,
+                [codec.abort_frame(AbortReason.WRITER_FAILED, "the writing program failed")],
+            )
+            return
+        with trio.move_on_after(PING_EVERY) as idle:
+            await writer.changed.wait()
+        if idle.cancelled_caught:
+            await send_all(sock, [codec.PING_FRAME])
 
 
 async def _receive_controls(

@@ -655,7 +655,12 @@ class Node:
                     writer.abort(AbortReason.READER_LOST, "the reader restarted")
                 if writer is None or reply.status is not Status.OK:
                     return
-                await dataplane.serve_edge(sock, writer, hello.offset)
+                writer.reader_lost = False  # it redialled: alive after all
+                try:
+                    await dataplane.serve_edge(sock, writer, hello.offset)
+                finally:
+                    if writer.connection is None:
+                        self._reader_gone(writer)  # a no-op unless discovery lost its node
                 self._reap(writer.edge)
             except* (OSError, dataplane.ConnectionLost, trio.TooSlowError) as group:
                 log.debug("data connection ended: %s", group.exceptions[0])
@@ -693,14 +698,26 @@ class Node:
         elif kind == "writer" and writer is not None:
             if int(data.get("generation", 0)) > writer.generation:
                 self._fence(writer)
-        elif (
-            kind == "reader-lost"
-            and writer is not None
+        elif kind == "reader-lost" and writer is not None:
+            writer.reader_lost = True
+            # A silent node may only be stalled or cut off: while its connection lives (or
+            # until it comes back and redials) it loses nothing. A restarted or departed
+            # daemon took what its reader had delivered with it.
+            if data.get("cause") != "silent" or writer.connection is None:
+                self._reader_gone(writer)
+        elif kind in ("reader-back", "reader") and writer is not None:
+            writer.reader_lost = False
+
+    def _reader_gone(self, writer: WriterEnd) -> None:
+        """The reader's daemon is gone. If it had acknowledged bytes that a transient writer
+        has freed, only a re-run of the writer can serve the next reader: fail it now."""
+        if (
+            writer.reader_lost
             and writer.acked > 0
             and writer.state is WriterState.OPEN
             and writer.spill is None  # a persistent stream still has every byte for a re-run
         ):
-            log.warning("edge %s: the reader's node was lost with acknowledged bytes", edge)
+            log.warning("edge %s: the reader's node was lost with acknowledged bytes", writer.edge)
             writer.abort(AbortReason.READER_LOST, "the reader's node was lost")
 
     def _fence(self, writer: WriterEnd) -> None:

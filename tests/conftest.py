@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,21 @@ needs_fuse = pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
     reason="needs /dev/fuse and fusermount3",
 )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    # Lets fixtures see whether their test failed (``failed(request)``) and print logs.
+    report = yield
+    if report.when == "call" and report.failed:
+        item.failed = True  # type: ignore[attr-defined]
+    return report
+
+
+def failed(request: pytest.FixtureRequest) -> bool:
+    return bool(getattr(request.node, "failed", False))
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -85,10 +100,22 @@ class Programs:
                 proc.communicate(timeout=10)
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> float:
-    """Polls ``predicate``; returns the seconds it took, fails the test after ``timeout``."""
+def wait_for(
+    predicate: Callable[[], bool],
+    timeout: float,
+    what: str,
+    running: Sequence[subprocess.Popen[bytes]] = (),
+) -> float:
+    """Polls ``predicate``; returns the seconds it took, fails the test after ``timeout``, or
+    at once (with its stderr) if one of the ``running`` programs has exited non-zero."""
     t0 = time.monotonic()
     while not predicate():
+        for proc in running:
+            if proc.poll():
+                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                raise AssertionError(
+                    f"waiting for {what}: {proc.args!r} exited {proc.returncode}: {err}"
+                )
         if time.monotonic() - t0 > timeout:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.01)

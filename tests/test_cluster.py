@@ -15,7 +15,7 @@ import pytest
 
 from fractalfs.cluster import NetCluster, available
 
-from .conftest import fuse_d_state, new_edge, sha_file, size, wait_for
+from .conftest import failed, fuse_d_state, new_edge, sha_file, size, wait_for
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=str(available()))
 
@@ -24,12 +24,14 @@ MiB = 1 << 20
 
 
 @pytest.fixture
-def net(tmp_path: Path) -> Iterator[NetCluster]:
+def net(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NetCluster]:
     cluster = NetCluster(tmp_path, 3, ["--writer-lost-timeout", "30", "--mode", "transient"])
     cluster.up()
     try:
         yield cluster
     finally:
+        if failed(request):
+            print(cluster.diagnose())  # shown in the failure report
         cluster.down()
     assert not fuse_d_state()
 
@@ -52,7 +54,7 @@ def test_link_down_3s_resumes_from_the_offset(net: NetCluster, src: Path, tmp_pa
     edge, out = new_edge(), tmp_path / "out"
     reader = net.run(h2, f"cat {h2.node.path(edge)} > {out}")
     writer = net.run(h1, f"{SLOWCAT} {src} {h1.node.path(edge)} --chunk {MiB} --delay 0.05")
-    wait_for(lambda: size(out) >= 8 * MiB, 20, "8 MiB delivered")
+    wait_for(lambda: size(out) >= 8 * MiB, 20, "8 MiB delivered", [reader, writer])
     net.link(h1, up=False)
     time.sleep(3)
     frozen = size(out)
@@ -86,7 +88,7 @@ def test_writer_killed_rerun_on_another_host(net: NetCluster, src: Path, tmp_pat
     edge, out = new_edge(), tmp_path / "out"
     reader = net.run(h2, f"cat {h2.node.path(edge)} > {out}")
     writer = net.run(h1, f"exec {SLOWCAT} {src} {h1.node.path(edge)} --pause-after {6 * MiB}")
-    wait_for(lambda: size(out) >= 6 * MiB, 20, "6 MiB delivered")
+    wait_for(lambda: size(out) >= 6 * MiB, 20, "6 MiB delivered", [reader, writer])
     os.killpg(writer.pid, signal.SIGKILL)
     time.sleep(0.5)
     assert reader.poll() is None
@@ -101,7 +103,7 @@ def test_writer_daemon_killed_and_restarted(net: NetCluster, src: Path, tmp_path
     edge, out = new_edge(), tmp_path / "out"
     reader = net.run(h2, f"cat {h2.node.path(edge)} > {out}")
     writer = net.run(h1, f"exec {SLOWCAT} {src} {h1.node.path(edge)} --pause-after {5 * MiB}")
-    wait_for(lambda: size(out) >= 5 * MiB, 20, "5 MiB delivered")
+    wait_for(lambda: size(out) >= 5 * MiB, 20, "5 MiB delivered", [reader, writer])
     h1.node.kill()
     os.killpg(writer.pid, signal.SIGKILL)
     writer.wait()
@@ -123,7 +125,7 @@ def test_discovery_killed_mid_stream(net: NetCluster, src: Path, tmp_path: Path)
     edge, out = new_edge(), tmp_path / "out"
     reader = net.run(h2, f"cat {h2.node.path(edge)} > {out}")
     writer = net.run(h1, f"{SLOWCAT} {src} {h1.node.path(edge)} --chunk {MiB} --delay 0.03")
-    wait_for(lambda: size(out) >= 4 * MiB, 20, "4 MiB delivered")
+    wait_for(lambda: size(out) >= 4 * MiB, 20, "4 MiB delivered", [reader, writer])
     net.discovery.kill()
     done(writer)  # the stream in flight does not need discovery
     done(reader)
@@ -194,3 +196,54 @@ def test_persistent_reader_rerun_on_another_host_without_rerunning_the_writer(
         assert runs.read_text() == "run\n"  # the writer ran once
     finally:
         net.down()
+
+
+def test_writer_daemon_stalled_past_the_liveness_timeout(
+    net: NetCluster, src: Path, tmp_path: Path
+) -> None:
+    """A daemon that stalls (SIGSTOP: a VM pause, swap storm) is marked lost, then comes back
+    and re-asserts its generation: the stream resumes exactly once, nothing is re-run."""
+    _, h1, h2 = net.hosts
+    assert h1.node and h2.node
+    edge, out = new_edge(), tmp_path / "out"
+    reader = net.run(h2, f"cat {h2.node.path(edge)} > {out}")
+    writer = net.run(h1, f"{SLOWCAT} {src} {h1.node.path(edge)} --chunk {MiB} --delay 0.03")
+    wait_for(lambda: size(out) >= 4 * MiB, 20, "4 MiB delivered", [reader, writer])
+    os.kill(h1.node.pid, signal.SIGSTOP)
+    try:
+        wait_for(
+            lambda: '"writer_state": "lost"' in net.api(f"/v1/edges/{edge}"),
+            5,
+            "discovery to mark the writer's node lost",
+        )
+    finally:
+        os.kill(h1.node.pid, signal.SIGCONT)
+    done(writer)
+    done(reader)
+    assert sha_file(out) == sha_file(src)
+
+
+def test_reader_daemon_stalled_past_the_liveness_timeout(
+    net: NetCluster, src: Path, tmp_path: Path
+) -> None:
+    """A reader's daemon that stalls is marked lost, but it has not lost anything: when it
+    comes back the stream goes on; the writer is not failed, nothing is re-run."""
+    _, h1, h2 = net.hosts
+    assert h1.node and h2.node
+    edge, out = new_edge(), tmp_path / "out"
+    reader = net.run(h2, f"cat {h2.node.path(edge)} > {out}")
+    writer = net.run(h1, f"{SLOWCAT} {src} {h1.node.path(edge)} --chunk {MiB} --delay 0.03")
+    wait_for(lambda: size(out) >= 4 * MiB, 20, "4 MiB delivered", [reader, writer])
+    os.kill(h2.node.pid, signal.SIGSTOP)
+    try:
+        wait_for(
+            lambda: '"reader_state": "lost"' in net.api(f"/v1/edges/{edge}"),
+            5,
+            "discovery to mark the reader's node lost",
+        )
+        time.sleep(0.5)
+    finally:
+        os.kill(h2.node.pid, signal.SIGCONT)
+    done(writer)
+    done(reader)
+    assert sha_file(out) == sha_file(src)

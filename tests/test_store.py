@@ -82,7 +82,10 @@ def test_lost_node_comes_back_or_is_fenced() -> None:
     lost = store.node_lost("a")
     assert {e.id for e in lost} == {E, other}
     assert store.get(E).writer_state == "lost"  # type: ignore[union-attr]
-    assert store.node_lost("r")[0].reader_state == "lost"
+    assert store.node_lost("r", "restarted")[0].reader_state == "lost"
+    # The event says how sure the loss is: a silent node may come back, a restarted one not.
+    causes = {(e.kind, e.data["cause"]) for e in store.events(0) if e.kind.endswith("-lost")}
+    assert causes == {("writer-lost", "silent"), ("reader-lost", "restarted")}
     # Meanwhile the other edge's writer was re-run elsewhere: generation 2 on node b.
     store.register_writer(other, "b", "h:2")
     stale = store.node_alive("a", {E: 1, other: 1}, [])

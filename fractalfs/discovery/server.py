@@ -163,12 +163,12 @@ class DiscoveryApp:
             now = loop.time()
             for node, seen in list(self.last_seen.items()):
                 if node not in self.lost and now - seen > self.node_timeout:
-                    self._lose(node, f"silent for {now - seen:.1f} s")
+                    self._lose(node, "silent", f"silent for {now - seen:.1f} s")
 
-    def _lose(self, node: str, why: str) -> None:
+    def _lose(self, node: str, cause: str, why: str = "") -> None:
         self.lost.add(node)
-        changed = self.store.node_lost(node)
-        log.warning("node %s lost (%s); %d edges affected", node, why, len(changed))
+        changed = self.store.node_lost(node, cause)
+        log.warning("node %s lost (%s); %d edges affected", node, why or cause, len(changed))
         self._changed()
 
     def _changed(self) -> None:

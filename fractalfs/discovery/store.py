@@ -230,8 +230,10 @@ class Store:
                 bytes_delivered=delivered,
             )
 
-    def node_lost(self, node: str) -> list[Edge]:
-        """``node`` stopped heartbeating: its open ends are lost (it may come back)."""
+    def node_lost(self, node: str, cause: str = "silent") -> list[Edge]:
+        """``node``'s open ends are lost. ``cause`` says how sure that is: ``silent`` (it
+        stopped heartbeating and may come back), ``restarted`` or ``left`` (its daemon is
+        gone, and whatever the old one held with it)."""
         changed = []
         with self._tx():
             for cur in self.edges():
@@ -239,14 +241,16 @@ class Store:
                     cur = self._update(
                         cur,
                         "writer-lost",
-                        {"node": node, "generation": cur.generation},
+                        {"node": node, "generation": cur.generation, "cause": cause},
                         writer_state="lost",
                         reason=f"node {node} stopped responding",
                     )
                     changed.append(cur)
                 if cur.reader_node == node and cur.reader_state == "open":
                     changed.append(
-                        self._update(cur, "reader-lost", {"node": node}, reader_state="lost")
+                        self._update(
+                            cur, "reader-lost", {"node": node, "cause": cause}, reader_state="lost"
+                        )
                     )
         return changed
 
