@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from fractalfs.testing import Node
+
 from .conftest import Cluster, Programs, needs_fuse, new_edge, sh, size, wait_for
 
 pytestmark = needs_fuse
@@ -154,3 +156,45 @@ def test_full_spill_disk_is_a_write_error(cluster: Cluster, tiny_spill: Path) ->
     got = sh(f"head -c 16M /dev/urandom > {a.path(edge)}", check=False, timeout=20)
     assert got.returncode != 0 and b"No space left on device" in got.stderr
     assert a.alive()
+
+
+def test_spill_garbage_collection(cluster: Cluster, tmp_path: Path) -> None:
+    """Spill files go on rm, after retention once delivered, and oldest-delivered-first over
+    the quota; one a reader may still need (not yet delivered) is never deleted."""
+    quota, retention = tmp_path / "quota.toml", tmp_path / "retention.toml"
+    quota.write_text(f"spill_quota = {5 * MiB}\n")
+    retention.write_text("spill_retention = 1.5\n")
+    cluster.start_discovery()
+    q = cluster.node("q", mode="persistent", extra=["--config", str(quota)])
+    r = cluster.node("r", mode="persistent", extra=["--config", str(retention)])
+    b = cluster.node("b")
+
+    def spills(node: Node) -> set[str]:
+        return {p.name.split(".")[0] for p in (node.state / "spill").glob("*.spill")}
+
+    def write(node: Node, *edges: str) -> None:
+        for edge in edges:
+            sh(f"head -c {2 * MiB} /dev/urandom > {node.path(edge)}")
+
+    def deliver(*edges: str) -> None:
+        for edge in edges:
+            assert len(sh(f"cat {b.path(edge)}").stdout) == 2 * MiB
+
+    removed, kept, old, mid, new = (new_edge() for _ in range(5))
+    write(q, removed, kept, old, mid, new)
+    sh(f"rm {q.path(removed)}")
+    assert spills(q) == {kept, old, mid, new}  # rm deletes at once
+    time.sleep(1.5)  # 8 MiB over a 5 MiB quota, but nothing was delivered: all kept
+    assert spills(q) == {kept, old, mid, new}
+    deliver(old, mid, new)  # 6 MiB delivered: the oldest goes, 4 MiB are under the quota
+    wait_for(lambda: old not in spills(q), 5, "the oldest delivered spill collected")
+    time.sleep(1.5)
+    assert spills(q) == {kept, mid, new}
+
+    early, late = new_edge(), new_edge()
+    write(r, early, late)
+    time.sleep(2.0)  # past retention, but not delivered: kept
+    assert spills(r) == {early, late}
+    deliver(early)
+    wait_for(lambda: spills(r) == {late}, 5, "a delivered spill collected after retention")
+    deliver(late, kept)  # the ones kept still serve their readers
