@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .testing import Discovery, Node, Process
+from .testing import Discovery, Node, Process, log_tails
 
 DISCOVERY_PORT = 7700
 DATA_PORT = 7701
@@ -160,11 +160,7 @@ class NetCluster:
         daemons: list[Process] = [h.node for h in self.hosts if h.node is not None]
         if self.discovery is not None:
             daemons.insert(0, self.discovery)
-        for daemon in daemons:
-            if daemon.log.exists():
-                tail = daemon.log.read_text(errors="replace").splitlines()[-lines:]
-                out.append(f"--- {daemon.log} (alive: {daemon.alive()})")
-                out.extend(tail)
+        out.append(log_tails(daemons, lines))
         return "\n".join(out)
 
     # -- programs and faults -------------------------------------------------------------

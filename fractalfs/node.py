@@ -112,6 +112,7 @@ class Node:
         self.discovery = discovery
         self.endpoint = endpoint
         self.slots: dict[EdgeId, Slot] = {}
+        self.writers_changed = Notifier()  # a writer end was installed, or failed to open
         self._nursery: trio.Nursery | None = None
         self.closing = False
         self.exits = ExitWatcher()
@@ -221,12 +222,13 @@ class Node:
         finally:
             slot.opening.discard("writer")
             self._reap(edge)
+            self.writers_changed.notify()
         slot = self._slot(edge)
         if slot.writer is not None:
             slot.writer.abort(AbortReason.STALE, "a newer writer took the edge over")
         writer = WriterEnd(edge, int(rec["generation"]), self.config.write_window, pid)
         writer.written_metric = metrics.BYTES_WRITTEN.labels(edge.hex)
-        slot.writer = writer
+        slot.writer = writer  # before any waiter runs: nothing here awaits
         self.exits.watch(pid)
         self._set_up_mode(writer)
         log.info("edge %s: writer opened, generation %d", edge, writer.generation)
@@ -623,6 +625,25 @@ class Node:
         slot = self.slots.get(edge)
         return slot.writer if slot is not None else None
 
+    async def _writer_for_hello(self, edge: EdgeId, generation: int) -> WriterEnd | None:
+        """The writer end a reader dials for ``generation``.
+
+        Discovery hands the new generation to waiting readers the moment it records it,
+        while its answer to this daemon may still be on the way: a reader can dial before
+        the end is installed here. Wait for the registration rather than call that
+        generation gone (the reader would then wait for a re-run that never comes).
+        """
+        with trio.move_on_after(dataplane.HANDSHAKE_TIMEOUT):
+            while True:
+                slot = self.slots.get(edge)
+                writer = slot.writer if slot is not None else None
+                if writer is not None and writer.generation >= generation:
+                    return writer
+                if slot is None or "writer" not in slot.opening:
+                    return writer
+                await self.writers_changed.wait()
+        return self.writer_for(edge)
+
     # -- background ----------------------------------------------------------------------
 
     async def _accept(self, listener: trio.socket.SocketType) -> None:
@@ -641,7 +662,7 @@ class Node:
             try:
                 dataplane.tune(sock)
                 hello = await dataplane.read_hello(sock)
-                writer = self.writer_for(hello.edge)
+                writer = await self._writer_for_hello(hello.edge, hello.generation)
                 reply = dataplane.check_hello(hello, writer)
                 await dataplane.send_all(sock, [reply.encode()])
                 if (
@@ -741,7 +762,8 @@ class Node:
         stale = await self.discovery.heartbeat(self.name, self.boot, writers, readers)
         for edge in stale:
             writer = self.writer_for(EdgeId.parse(edge))
-            if writer is not None:
+            # Only the generation reported: a newer one may have opened meanwhile.
+            if writer is not None and writer.generation == writers.get(edge):
                 self._fence(writer)
 
     async def _heartbeat(self) -> None:

@@ -105,6 +105,16 @@ class Process:
             self.proc.wait()
 
 
+def log_tails(processes: list[Process], lines: int = 40) -> str:
+    """The end of each process's log: for a failed test's report."""
+    out = []
+    for proc in processes:
+        if proc.log.exists():
+            out.append(f"--- {proc.log} (alive: {proc.alive()})")
+            out.extend(proc.log.read_text(errors="replace").splitlines()[-lines:])
+    return "\n".join(out)
+
+
 class Discovery(Process):
     def __init__(self, workdir: Path, listen: str = "127.0.0.1:0", prefix: list[str] | None = None):
         self.workdir = workdir

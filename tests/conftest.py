@@ -10,8 +10,10 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from fractalfs.edgeid import EdgeId
-from fractalfs.testing import Discovery, Node
+from fractalfs.testing import Discovery, Node, Process, log_tails
 
 needs_fuse = pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
@@ -239,11 +241,53 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
+def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
     c = Cluster(tmp_path)
     try:
         yield c
     finally:
+        if failed(request):
+            daemons: list[Process] = [*c.nodes]
+            if c.discovery is not None:
+                daemons.insert(0, c.discovery)
+            print(log_tails(daemons))  # shown in the failure report
         c.close()
     stuck = fuse_d_state()
     assert not stuck, f"processes left in D state: {stuck}"
+
+
+class SlowProxy:
+    """A TCP proxy that holds every answer from ``upstream`` back for ``delay`` seconds: a
+    node with a slow path to discovery, for races between nodes."""
+
+    def __init__(self, upstream: tuple[str, int], delay: float) -> None:
+        self.upstream, self.delay = upstream, delay
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+                server = socket.create_connection(self.upstream)
+            except OSError:
+                return
+            threading.Thread(target=self._pipe, args=(client, server, 0.0), daemon=True).start()
+            threading.Thread(
+                target=self._pipe, args=(server, client, self.delay), daemon=True
+            ).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket, delay: float) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(1 << 16):
+                time.sleep(delay)
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.closed = True
+        self.listener.close()

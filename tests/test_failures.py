@@ -12,7 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Cluster, Programs, needs_fuse, new_edge, sh, sha_file, size, wait_for
+from fractalfs.testing import Node
+
+from .conftest import (
+    Cluster,
+    Programs,
+    SlowProxy,
+    needs_fuse,
+    new_edge,
+    sh,
+    sha_file,
+    size,
+    wait_for,
+)
 
 pytestmark = needs_fuse
 
@@ -194,3 +206,26 @@ def test_reader_daemon_killed_releases_everyone_and_reruns_recover(
     assert reader2.returncode == 0, err
     assert sha_file(out2) == sha_file(src)
     assert a.alive() and b.alive() and c.alive()  # a reset connection never kills a daemon
+
+
+def test_reader_dials_before_the_writer_daemon_heard_its_generation(
+    cluster: Cluster, programs: Programs, tmp_path: Path
+) -> None:
+    """Discovery wakes the waiting reader as soon as it records a writer; the writer's own
+    daemon learns its generation only when the answer arrives (here 0.3 s later). A reader
+    that dials in between must be served, not told that generation is gone."""
+    disc = cluster.start_discovery()
+    host, port = disc.url.removeprefix("http://").rsplit(":", 1)
+    proxy = SlowProxy((host, int(port)), delay=0.3)
+    try:
+        a = Node(tmp_path, "a", proxy.url, extra=["--mode", "transient"])
+        cluster.nodes.append(a)
+        a.start(timeout=30)
+        b = cluster.node("b")
+        edge = new_edge()
+        reader = programs.start(f"cat {b.path(edge)}")
+        time.sleep(0.5)  # the reader's daemon is long-polling discovery
+        sh(f"echo paired > {a.path(edge)}", timeout=30)
+        assert reader.communicate(timeout=15)[0] == b"paired\n"
+    finally:
+        proxy.close()
