@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,7 @@ from hypothesis import strategies as st
 
 from fractalfs import codec
 from fractalfs.edgeid import EdgeId
-from fractalfs.spill import SpillError, SpillFile, inspect, scan
+from fractalfs.spill import CACHE_BEHIND, RECYCLE_EVERY, SpillError, SpillFile, inspect, scan
 
 
 def test_roundtrip_and_completeness(tmp_path: Path) -> None:
@@ -65,3 +68,39 @@ def test_a_failed_append_leaves_no_partial_bytes(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         sp.append(b"def")
     assert sp.end == 3
+
+
+def _resident(path: Path) -> int:
+    out = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(out.stdout.strip())
+
+
+@pytest.mark.skipif(shutil.which("fincore") is None, reason="needs fincore (util-linux)")
+def test_a_long_spill_hands_its_page_cache_back_and_loses_nothing(tmp_path: Path) -> None:
+    if (
+        subprocess.run(
+            ["stat", "-f", "-c", "%T", str(tmp_path)], capture_output=True, text=True
+        ).stdout.strip()
+        == "tmpfs"
+    ):
+        pytest.skip("tmpfs pages are the file itself")
+    sp = SpillFile.create(tmp_path, EdgeId.new(), 1, 0)
+    block = os.urandom(1 << 20)
+    total = 5 * CACHE_BEHIND
+    digest = hashlib.sha256()
+    for i in range(total >> 20):
+        chunk = block[i % 256 :] + block[: i % 256]  # every MiB different
+        sp.append(chunk)
+        digest.update(chunk)
+    # Only about the last two CACHE_BEHINDs stay cached; without the hand-back all would.
+    assert _resident(sp.path) <= 2 * CACHE_BEHIND + 2 * RECYCLE_EVERY
+    got = hashlib.sha256()
+    for offset in range(0, total, 1 << 20):  # a reader far behind reads from the disk
+        got.update(sp.read(offset, 1 << 20))
+    assert got.hexdigest() == digest.hexdigest()
+    sp.remove()
