@@ -13,13 +13,16 @@ when it has a signal pending (see :mod:`fractalfs.procs`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import logging
 from collections import deque
 from collections.abc import Callable
 from enum import Enum
 from typing import Any
 
+import outcome
 import trio
 import xxhash
 
@@ -108,6 +111,11 @@ class WriterEnd:
         self.mode = Mode.TRANSIENT
         self.mode_reason = "configured transient"
         self.spill: SpillFile | None = None
+        # One spill append runs in a worker thread while the program's next write is
+        # served (not on its request's path); a failure reaches the next write or close.
+        self._spilling = False
+        self.spill_error: OSError | None = None
+        self._remove_spill_after = False  # aborted while an append ran: remove after it
         self.retain_limit = 0  # dynamic and undecided: keep acked bytes up to this many
         self.opened_at = trio.current_time()
         self.completed_at: float | None = None
@@ -168,17 +176,53 @@ class WriterEnd:
             finally:
                 self.blocked -= 1
         if self.spill is not None:
-            try:
-                # pwrite releases the GIL: the loop keeps feeding readers meanwhile.
-                await trio.to_thread.run_sync(self.spill.append, data)
-            except OSError as exc:
-                raise EdgeError(exc.errno or errno.EIO, f"spill file: {exc.strerror}") from None
+            await self.drain_spill(poll)  # the previous append; raises its error
+            if self.abort_reason is not None:  # aborted meanwhile
+                raise EdgeError(errno.EPIPE, self.abort_reason[1])
+            self._start_spill(self.spill, data)
         self.chunks.append(data)
         self.end += len(data)
         if self.spill is not None and self.end - self.base > self.window:
-            self._free(self.end - self.window)  # on disk already: memory is only a cache
+            self._free(self.end - self.window)  # on disk (up to spill.end): only a cache
         self.changed.notify()
         return len(data)
+
+    def _start_spill(self, spill: SpillFile, data: bytes) -> None:
+        """Appends ``data`` to the spill in a worker thread (pwrite releases the GIL);
+        :meth:`drain_spill` waits for it."""
+        self._spilling = True
+        token = trio.lowlevel.current_trio_token()
+
+        def finished(result: outcome.Outcome[None]) -> None:  # in the trio thread
+            if isinstance(result, outcome.Error):
+                error = result.error
+                if not isinstance(error, OSError):
+                    log.error("edge %s: spill append failed: %r", self.edge, error)
+                    error = OSError(errno.EIO, f"spill append failed: {error!r}")
+                self.spill_error = error
+            self._spilling = False
+            if self._remove_spill_after:
+                spill.remove()
+            self.changed.notify()
+
+        def deliver(result: outcome.Outcome[None]) -> None:  # in the worker thread
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(finished, result)
+
+        trio.lowlevel.start_thread_soon(functools.partial(spill.append, data), deliver)
+
+    @property
+    def spilling(self) -> bool:
+        return self._spilling
+
+    async def drain_spill(self, poll: float) -> None:
+        """Waits until no spill append runs; raises the error of a failed one (every
+        later write and the close fail with it: the stream is no longer persisted)."""
+        while self._spilling:
+            await wait_or_interrupt(self.changed, self.pid, poll)
+        if self.spill_error is not None:
+            exc = self.spill_error
+            raise EdgeError(exc.errno or errno.EIO, f"spill file: {exc.strerror}")
 
     def persist(self, spill: SpillFile, reason: str) -> None:
         """Switches to persistent mode: what memory holds goes to disk first, then all writes.
@@ -211,7 +255,12 @@ class WriterEnd:
         self.abort_reason = (reason, message)
         self.chunks.clear()
         if self.spill is not None and reason is not AbortReason.SHUTDOWN:
-            self.spill.remove()  # a shut-down daemon's spill files are served after restart
+            # A shut-down daemon's spill files are served after restart. Never close the
+            # fd under a running append: its number could be reused by another file.
+            if self._spilling:
+                self._remove_spill_after = True
+            else:
+                self.spill.remove()
         self.changed.notify()  # its connection sends the reader an ABORT frame
 
     def ack(self, offset: int) -> None:
@@ -229,6 +278,8 @@ class WriterEnd:
         self.changed.notify()
 
     def _free(self, offset: int) -> None:
+        if self.spill is not None:
+            offset = min(offset, self.spill.end)  # what is not on disk yet stays in memory
         chunks = self.chunks
         while chunks and self.base + len(chunks[0]) <= offset:
             self.base += len(chunks.popleft())

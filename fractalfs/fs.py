@@ -253,7 +253,7 @@ class Operations(pyfuse3.Operations):
     async def flush(self, fh: int) -> None:
         handle = self._handle(fh)
         if handle.writer is not None:
-            self.node.flush_writer(handle.writer)
+            await self.node.flush_writer(handle.writer)
         if handle.reader is not None:
             self.node.flush_reader(handle.reader)
 

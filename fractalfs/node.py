@@ -404,8 +404,11 @@ class Node:
         writer.written_metric.inc(n)
         return n
 
-    def flush_writer(self, writer: WriterEnd) -> None:
-        """A close(2) of the writer's file: note whether its program is exiting, and how."""
+    async def flush_writer(self, writer: WriterEnd) -> None:
+        """A close(2) of the writer's file: the last spill append must have landed (close
+        fails with its error otherwise); note whether its program is exiting, and how."""
+        if writer.spill is not None and writer.state is WriterState.OPEN:
+            await writer.drain_spill(self.config.signal_poll)
         writer.exit_status = procs.exit_status(writer.pid)
 
     def release_writer(self, writer: WriterEnd) -> None:
@@ -423,7 +426,7 @@ class Node:
         if writer.state is not WriterState.OPEN:
             self._reap(writer.edge)
             return
-        if writer.exit_status is not None:
+        if writer.exit_status is not None and not writer.spilling:
             self._settle(writer, writer.exit_status)
         else:
             # Closed while its program still ran; GNU tools do that in atexit right before
@@ -431,15 +434,23 @@ class Node:
             self._spawn(self._settle_later, writer)
 
     async def _settle_later(self, writer: WriterEnd) -> None:
-        status = await self.exits.outcome(writer.pid, CLOSE_GRACE)
+        while writer.spilling:
+            await writer.changed.wait()
+        status = writer.exit_status
+        if status is None:
+            status = await self.exits.outcome(writer.pid, CLOSE_GRACE)
         self._settle(writer, status or 0)
 
     def _settle(self, writer: WriterEnd, status: int) -> None:
         self.exits.forget(writer.pid)
         if writer.state is not WriterState.OPEN:
             return
-        if status:
-            why = f"writing program {procs.describe_status(status)}"
+        if status or writer.spill_error is not None:
+            why = (
+                f"writing program {procs.describe_status(status)}"
+                if status
+                else f"spill file failed: {writer.spill_error}"
+            )
             log.warning("edge %s: %s: generation %d failed", writer.edge, why, writer.generation)
             writer.finish(WriterState.FAILED)
             self._spawn(self._close_writer, writer, "failed", why)

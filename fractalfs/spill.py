@@ -20,6 +20,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 from . import codec
 from .edgeid import EdgeId
@@ -69,7 +70,7 @@ class SpillFile:
         self._recycled_at = 0  # file position of the last page-cache hand-back
 
     @classmethod
-    def create(cls, spill_dir: str | Path, edge: EdgeId, generation: int, start: int) -> SpillFile:
+    def create(cls, spill_dir: str | Path, edge: EdgeId, generation: int, start: int) -> Self:
         path = path_for(spill_dir, edge, generation)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_RDWR | os.O_CLOEXEC, 0o600)
@@ -82,7 +83,7 @@ class SpillFile:
         return cls(path, fd, edge, generation, start)
 
     @classmethod
-    def open(cls, info: SpillInfo) -> SpillFile:
+    def open(cls, info: SpillInfo) -> Self:
         fd = os.open(info.path, os.O_RDONLY | os.O_CLOEXEC)
         spill = cls(info.path, fd, info.edge, info.generation, info.start)
         spill.end = info.start + info.size

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import errno
 import os
+from pathlib import Path
 
 import pytest
 import trio
 
+from fractalfs.codec import AbortReason
 from fractalfs.edgeid import EdgeId
 from fractalfs.edges import EdgeError, ReaderEnd, ReaderState, WriterEnd
+from fractalfs.spill import SpillFile
 
 POLL = 0.05
 
@@ -152,3 +155,49 @@ async def test_complete_empty_stream_is_not_delivered_until_its_end_is_acknowled
     assert not w.done  # no reader has seen the end yet: keep it (regression: empty streams)
     w.end_acked = True
     assert w.done
+
+
+class FlakySpill(SpillFile):
+    """A spill whose appends fail with ENOSPC after ``room`` bytes."""
+
+    room = 0
+
+    def append(self, data: bytes) -> None:
+        if self.end - self.start + len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        super().append(data)
+
+
+async def test_persistent_writes_spill_behind_and_a_failure_reaches_the_program(
+    tmp_path: Path,
+) -> None:
+    w = writer(window=4)
+    sp = FlakySpill.create(tmp_path, w.edge, w.generation, 0)
+    sp.room = 10
+    w.persist(sp, "test")
+    for piece in (b"abcd", b"efgh"):  # never blocks on the (absent) reader: disk bounds it
+        await w.write(piece, POLL)
+    await w.drain_spill(POLL)
+    assert sp.read(0, 100) == b"abcdefgh"
+    assert w.base <= sp.end  # memory freed only as far as the disk holds the bytes
+    await w.write(b"ijkl", POLL)  # accepted; its append fails in the background
+    with pytest.raises(EdgeError) as err:
+        await w.write(b"mnop", POLL)
+    assert err.value.errno == errno.ENOSPC
+    with pytest.raises(EdgeError):  # and so does the close (FLUSH)
+        await w.drain_spill(POLL)
+    assert sp.read(0, 100) == b"abcdefgh"  # the spill stays an exact prefix
+    assert w.locate(8) and w.end == 12  # the live reader still gets ijkl from memory
+    sp.remove()
+
+
+async def test_abort_never_closes_the_spill_under_a_running_append(tmp_path: Path) -> None:
+    w = writer(window=4)
+    sp = SpillFile.create(tmp_path, w.edge, w.generation, 0)
+    w.persist(sp, "test")
+    await w.write(b"x" * (8 << 20), POLL)
+    w.abort(AbortReason.REMOVED, "rm")  # while the append most likely still runs
+    with trio.fail_after(5):
+        while w.spilling:
+            await trio.sleep(0.01)
+    assert not sp.path.exists() and sp.fd < 0
