@@ -25,6 +25,7 @@ from .config import (
 from .edgeid import EdgeId
 from .errors import QuietError
 from .notify import notify
+from .runtime import freeze_startup_heap
 
 log = logging.getLogger("fractalfs")
 
@@ -156,6 +157,7 @@ def _cmd_discovery(args: argparse.Namespace) -> None:
         print(f"fractalfs discovery listening on {url} (db {db})", flush=True)
         notify("READY=1")
 
+    freeze_startup_heap()
     try:
         asyncio.run(serve_forever(db, host, port, ready))
     except OSError as exc:

@@ -25,6 +25,7 @@ from .errors import QuietError
 from .fs import Operations
 from .node import Node
 from .notify import notify
+from .runtime import freeze_startup_heap
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +196,7 @@ def run(config: NodeConfig, *, ready: Callable[[str], None] | None = None) -> No
             ) from None
     else:
         url = check_url(config.discovery_url)
+    freeze_startup_heap()
     try:
         trio.run(functools.partial(serve, config, url, ready=ready))
     except _ForcedStop:
