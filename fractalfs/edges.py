@@ -137,10 +137,12 @@ class WriterEnd:
 
         A persistent end stays for re-run readers until garbage collection removes it.
         """
-        if self.state in (WriterState.ABORTED, WriterState.FAILED):
+        if self.state is WriterState.ABORTED:
             return True
         if self.spill is not None:
-            return False
+            return False  # also a failed one: it serves its prefix until superseded
+        if self.state is WriterState.FAILED:
+            return True
         # Not "acked >= end": for an empty stream that holds before any reader came.
         return self.state is WriterState.COMPLETE and self.end_acked
 

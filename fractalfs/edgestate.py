@@ -13,6 +13,8 @@ Faults and what the machine makes of them:
   and re-assert its generation, then resume; a newer generation means a re-run;
 * the writing program failed, or its daemon no longer serves the generation -> wait for a
   re-run writer (a newer generation) for at most ``writer_lost_timeout``, then EIO;
+* a failed generation whose daemon still serves it (a persistent spill, also one found
+  after a restart) -> read its prefix once, then wait for a re-run as above;
 * a re-run writer (newer generation) after bytes were delivered -> read it from offset 0,
   *verify* the replayed prefix against the digest of what was delivered, then go on;
   a mismatch is EIO ("diverged"), never silent corruption;
@@ -126,8 +128,12 @@ class ReaderMachine:
         self.version = view.version
         gen = view.generation
         usable = view.writer_state in ("open", "complete") and gen not in self.dead
-        if usable and gen >= self.generation:
-            self.writer_gone_since = None
+        # A failed generation whose daemon still holds its bytes (a persistent spill) can
+        # serve its prefix: read it once, then wait for the re-run as usual.
+        prefix = view.writer_state == "failed" and bool(view.writer_endpoint)
+        if (usable or (prefix and gen not in self.dead)) and gen >= self.generation:
+            if usable:
+                self.writer_gone_since = None
             replay = gen != self.generation and received > 0
             self.trying = gen
             return Connect(gen, view.writer_node, view.writer_endpoint, replay)

@@ -330,7 +330,8 @@ class Node:
 
     async def _collect_spills(self) -> None:
         """Deletes spill files nobody can need any more: delivered, and past retention or
-        over the quota (oldest first). Incomplete or undelivered ones are never touched."""
+        over the quota (oldest first). Undelivered ones are never touched; the prefix of a
+        failed generation goes the same way (a re-run reproduces it), or when superseded."""
         while True:
             await trio.sleep(1.0)
             self._gauge()
@@ -340,9 +341,11 @@ class Node:
                 for s in self.slots.values()
                 if s.writer is not None
                 and s.writer.spill is not None
-                and s.writer.state is WriterState.COMPLETE
-                and s.writer.acked >= s.writer.end
                 and s.writer.connection is None
+                and (
+                    s.writer.state is WriterState.FAILED
+                    or (s.writer.state is WriterState.COMPLETE and s.writer.acked >= s.writer.end)
+                )
             ]
             delivered.sort(key=lambda w: w.completed_at or 0.0)
             total = sum(w.spill.end - w.spill.start for w in delivered if w.spill)
@@ -363,20 +366,15 @@ class Node:
                 self._reap(w.edge)
 
     async def restore_spills(self) -> None:
-        """After a restart: serve the complete spill files again; drop the rest."""
+        """After a restart: serve the spill files again. A complete one is the whole
+        stream; an incomplete one died with its writer (its program lost this mount), so
+        its generation is failed, but its prefix is served until a re-run supersedes it
+        (a reader verifies it against the re-run, as after any failed writer)."""
         for info in spill.scan(self.config.spill_dir):
-            if info.complete is None:
-                log.info(
-                    "edge %s: incomplete spill of generation %d dropped (its writer "
-                    "died with the daemon)",
-                    info.edge,
-                    info.generation,
-                )
-                info.path.unlink(missing_ok=True)
-                continue
+            complete = info.complete is not None
             try:
                 await self.discovery.restore_writer(
-                    info.edge.hex, info.generation, self.name, self.endpoint
+                    info.edge.hex, info.generation, self.name, self.endpoint, complete
                 )
             except (Conflict, DiscoveryError) as exc:
                 log.info("edge %s: spill not restored (%s)", info.edge, exc)
@@ -384,17 +382,18 @@ class Node:
                 continue
             writer = WriterEnd(info.edge, info.generation, self.config.write_window, 0)
             writer.spill = spill.SpillFile.open(info)
-            writer.base = writer.end = writer.acked = writer.spill.end
+            writer.base = writer.end = writer.spill.end
             writer.acked = 0  # not known to be delivered: keep it for its reader
             writer.mode = Mode.PERSISTENT
             writer.mode_reason = "restored from its spill file"
-            writer.state = WriterState.COMPLETE
+            writer.state = WriterState.COMPLETE if complete else WriterState.FAILED
             writer.completed_at = trio.current_time()
             writer.released = True
             self._slot(info.edge).writer = writer
             log.info(
-                "edge %s: complete spill of generation %d (%d bytes) served again",
+                "edge %s: %s spill of generation %d (%d bytes) served again",
                 info.edge,
+                "complete" if complete else "incomplete (failed)",
                 info.generation,
                 writer.end,
             )

@@ -133,3 +133,19 @@ def test_removed_edge_fails_waiting_reader() -> None:
     assert m.on_record(EdgeView(False, 0, 0, "none"), 1.0, 0) == Fail(
         errno.ECANCELED, "the edge was removed"
     )
+
+
+def test_a_failed_generation_still_served_gives_its_prefix_once() -> None:
+    m = machine(writer_lost_timeout=60)
+    # A re-run reader; the writer's daemon restarted and serves its failed spill's prefix.
+    first = m.on_record(view(1, "failed", version=5), 0.0, 0)
+    assert first == Connect(1, "w", "h:1", replay=False)
+    m.on_connected(1)
+    assert m.on_pull(PullOutcome.GONE, "WRITER_FAILED", 1.0) == Query()
+    wait = m.on_record(view(1, "failed", version=5), 1.0, 3000)
+    assert isinstance(wait, Query) and wait.since == 5  # never twice: wait for the re-run
+    assert m.on_record(view(2, "open", version=6), 2.0, 3000) == Connect(2, "w", "h:1", True)
+    # Without an endpoint (nothing serves it) a failed generation is not dialled at all.
+    other = machine()
+    no_endpoint = EdgeView(True, 5, 1, "failed", "w", "")
+    assert isinstance(other.on_record(no_endpoint, 0.0, 0), Query)

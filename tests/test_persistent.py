@@ -198,3 +198,32 @@ def test_spill_garbage_collection(cluster: Cluster, tmp_path: Path) -> None:
     deliver(early)
     wait_for(lambda: spills(r) == {late}, 5, "a delivered spill collected after retention")
     deliver(late, kept)  # the ones kept still serve their readers
+
+
+def test_incomplete_spill_prefix_is_served_after_the_writer_daemon_crashes(
+    cluster: Cluster, programs: Programs, src: Path, tmp_path: Path
+) -> None:
+    """The writer's daemon crashes mid-stream: its program lost the mount, so that
+    generation failed, but the restarted daemon serves the prefix in its spill file; a
+    reader gets it at once, then verifies it against the re-run and completes."""
+    cluster.start_discovery()
+    a = cluster.node("a", mode="persistent")
+    b = cluster.node("b")
+    edge, out = new_edge(), tmp_path / "out"
+    cmd = f"exec {SLOWCAT} {src} {a.path(edge)} --pause-after {6 * MiB}"
+    writer = programs.start(cmd)
+    assert writer.stdout is not None and writer.stdout.readline() == b"paused\n"
+    a.kill()  # a crash, mid-stream, no reader yet
+    os.killpg(writer.pid, signal.SIGKILL)
+    a = cluster.node("a", mode="persistent")
+    assert "incomplete (failed) spill" in a.log.read_text()
+    reader = programs.start(f"cat {b.path(edge)} > {out}")
+    wait_for(lambda: size(out) >= 5 * MiB, 10, "the prefix from the spill", [reader])
+    time.sleep(0.5)
+    assert reader.poll() is None  # a prefix, not an end: it waits for the re-run
+    sh(f"cat {src} > {a.path(edge)}")  # the re-run (generation 2) supersedes the spill
+    _, err = reader.communicate(timeout=30)
+    assert reader.returncode == 0, err
+    assert out.read_bytes() == src.read_bytes()
+    assert "replay of" in b.log.read_text()  # the prefix was verified, not trusted
+    wait_for(lambda: not list((a.state / "spill").glob(f"{edge}.1.*")), 5, "old spill gone")

@@ -116,3 +116,15 @@ def test_a_database_from_before_the_mode_columns_is_migrated(tmp_path: Path) -> 
     assert store.get(E).generation == 4  # type: ignore[union-attr]
     store.register_writer(E, "a", "h:1")
     assert store.set_mode(E, 5, "persistent", "configured").mode == "persistent"
+
+
+def test_restored_spills_complete_or_failed_prefix() -> None:
+    store = Store(":memory:")
+    other = "e" * 32
+    store.register_writer(E, "a", "h:1")
+    store.register_writer(other, "a", "h:1")
+    store.node_lost("a", "restarted")
+    assert store.restore_writer(E, 1, "a", "h:2").writer_state == "complete"
+    rec = store.restore_writer(other, 1, "a", "h:2", complete=False)
+    assert (rec.writer_state, rec.writer_endpoint) == ("failed", "h:2")
+    assert "prefix" in rec.reason

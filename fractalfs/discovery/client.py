@@ -123,11 +123,18 @@ class DiscoveryClient:
             body={"generation": generation, "mode": mode, "reason": reason},
         )
 
-    async def restore_writer(self, edge: str, generation: int, node: str, endpoint: str) -> None:
+    async def restore_writer(
+        self, edge: str, generation: int, node: str, endpoint: str, complete: bool
+    ) -> None:
         await self._call(
             "POST",
             f"/edges/{edge}/writer/restore",
-            body={"generation": generation, "node": node, "endpoint": endpoint},
+            body={
+                "generation": generation,
+                "node": node,
+                "endpoint": endpoint,
+                "complete": complete,
+            },
         )
 
     async def record(self, edge: str, kind: str, data: dict[str, Any]) -> None:

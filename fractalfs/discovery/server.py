@@ -372,8 +372,11 @@ class DiscoveryApp:
     async def restore_writer(self, request: web.Request) -> web.Response:
         edge = _edge_id(request)
         body = await _body(request)
+        complete = body.get("complete", True)
+        if not isinstance(complete, bool):
+            raise BadRequest("field 'complete' must be true or false")
         rec = self.store.restore_writer(
-            edge, _int(body, "generation"), _str(body, "node"), _str(body, "endpoint")
+            edge, _int(body, "generation"), _str(body, "node"), _str(body, "endpoint"), complete
         )
         self._changed()
         return web.json_response(_edge_json(edge, rec))

@@ -298,18 +298,21 @@ class Store:
                 mode_reason=reason,
             )
 
-    def restore_writer(self, edge: str, generation: int, node: str, endpoint: str) -> Edge:
-        """A restarted node serves a complete spill of ``generation`` again."""
+    def restore_writer(
+        self, edge: str, generation: int, node: str, endpoint: str, complete: bool = True
+    ) -> Edge:
+        """A restarted node serves the spill of ``generation`` again: a complete stream, or
+        the prefix of one whose writer died with the daemon (a failed generation)."""
         with self._tx():
             cur = self._current(edge, generation)
             return self._update(
                 cur,
                 "restored",
-                {"generation": generation, "node": node},
+                {"generation": generation, "node": node, "complete": complete},
                 writer_node=node,
                 writer_endpoint=endpoint,
-                writer_state="complete",
-                reason="",
+                writer_state="complete" if complete else "failed",
+                reason="" if complete else "its writer died with its daemon; prefix served",
             )
 
     def record(self, edge: str, kind: str, data: dict[str, Any]) -> None:
