@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+_RNG = random.Random()
+
 
 class PullOutcome(Enum):
     END = "end"  # the end marker arrived and was verified
@@ -95,9 +97,11 @@ class Done:
 Action = Query | Connect | Fail | Done
 
 
-def backoff(attempt: int, rng: random.Random, base: float = 0.05, cap: float = 1.0) -> float:
+def backoff(
+    attempt: int, rng: random.Random | None = None, base: float = 0.05, cap: float = 1.0
+) -> float:
     """Bounded exponential backoff with full jitter."""
-    return rng.uniform(0, min(cap, base * (2**attempt)))
+    return (rng or _RNG).uniform(0, min(cap, base * (2**attempt)))
 
 
 @dataclass

@@ -12,7 +12,7 @@ import errno
 import logging
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,11 +26,10 @@ from .discovery.client import (
     DiscoveryClient,
     DiscoveryError,
     Unavailable,
-    backoff,
 )
 from .edgeid import EdgeId
 from .edges import EdgeError, Notifier, ReaderEnd, ReaderState, WriterEnd, WriterState
-from .edgestate import Connect, EdgeView, Fail, PullOutcome, Query, ReaderMachine
+from .edgestate import Connect, EdgeView, Fail, PullOutcome, Query, ReaderMachine, backoff
 from .handshake import HandshakeError, Status
 from .policy import Mode, Observation, decide
 
@@ -194,6 +193,22 @@ class Node:
             slot = self.slots[edge] = Slot(edge)
         return slot
 
+    @contextlib.contextmanager
+    def _opening(self, slot: Slot, end: str) -> Iterator[None]:
+        """While discovery is asked for an end of ``slot``: the end is opening (a second
+        open here is EBUSY), and discovery's refusals become errnos."""
+        slot.opening.add(end)
+        try:
+            yield
+        except Conflict as exc:
+            raise EdgeError(errno.EBUSY, str(exc)) from None
+        except (Unavailable, DiscoveryError) as exc:
+            raise EdgeError(errno.EIO, str(exc)) from None
+        finally:
+            slot.opening.discard(end)
+            self._reap(slot.edge)
+            self.writers_changed.notify()  # a data connection may wait for this end
+
     def _reap(self, edge: EdgeId) -> None:
         slot = self.slots.get(edge)
         if slot is None:
@@ -212,17 +227,8 @@ class Node:
         old = slot.writer
         if "writer" in slot.opening or (old is not None and old.state is WriterState.OPEN):
             raise EdgeError(errno.EBUSY, f"edge {edge} already has a writer on this node")
-        slot.opening.add("writer")
-        try:
+        with self._opening(slot, "writer"):
             rec = await self.discovery.register_writer(edge.hex, self.name, self.endpoint)
-        except Conflict as exc:
-            raise EdgeError(errno.EBUSY, str(exc)) from None
-        except (Unavailable, DiscoveryError) as exc:
-            raise EdgeError(errno.EIO, str(exc)) from None
-        finally:
-            slot.opening.discard("writer")
-            self._reap(edge)
-            self.writers_changed.notify()
         slot = self._slot(edge)
         if slot.writer is not None:
             slot.writer.abort(AbortReason.STALE, "a newer writer took the edge over")
@@ -492,16 +498,8 @@ class Node:
         slot = self._slot(edge)
         if "reader" in slot.opening or slot.reader is not None:
             raise EdgeError(errno.EBUSY, f"edge {edge} already has a reader on this node")
-        slot.opening.add("reader")
-        try:
+        with self._opening(slot, "reader"):
             await self.discovery.claim_reader(edge.hex, self.name)
-        except Conflict as exc:
-            raise EdgeError(errno.EBUSY, str(exc)) from None
-        except (Unavailable, DiscoveryError) as exc:
-            raise EdgeError(errno.EIO, str(exc)) from None
-        finally:
-            slot.opening.discard("reader")
-            self._reap(edge)
         reader = ReaderEnd(edge, self.config.read_buffer, pid)
         reader.read_metric = metrics.BYTES_READ.labels(edge.hex)
         self._slot(edge).reader = reader

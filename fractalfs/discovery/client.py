@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
-import random
 from typing import Any
 
 import httpx
 import trio
+
+from ..edgestate import backoff
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +27,6 @@ class Conflict(DiscoveryError):
 
 class Unavailable(Exception):
     """Discovery could not be reached before the deadline."""
-
-
-def backoff(attempt: int, base: float = 0.05, cap: float = 2.0) -> float:
-    """Bounded exponential backoff with full jitter."""
-    return random.uniform(0, min(cap, base * (2**attempt)))
 
 
 class DiscoveryClient:
@@ -66,7 +62,7 @@ class DiscoveryClient:
             except httpx.TransportError as exc:
                 if trio.current_time() >= deadline:
                     raise Unavailable(f"discovery at {self.url} unreachable: {exc}") from exc
-                await trio.sleep(backoff(attempt))
+                await trio.sleep(backoff(attempt, cap=2.0))
                 attempt += 1
                 continue
             data = resp.json() if resp.content else {}
