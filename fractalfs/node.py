@@ -28,7 +28,15 @@ from .discovery.client import (
     Unavailable,
 )
 from .edgeid import EdgeId
-from .edges import EdgeError, Notifier, ReaderEnd, ReaderState, WriterEnd, WriterState
+from .edges import (
+    EdgeError,
+    Notifier,
+    ReaderEnd,
+    ReaderState,
+    WriterEnd,
+    WriterState,
+    wait_or_interrupt,
+)
 from .edgestate import Connect, EdgeView, Fail, PullOutcome, Query, ReaderMachine, backoff
 from .handshake import HandshakeError, Status
 from .policy import Mode, Observation, decide
@@ -38,6 +46,7 @@ log = logging.getLogger(__name__)
 LONG_POLL = 25.0
 HEARTBEAT_EVERY = 0.5
 CLOSE_GRACE = 0.25  # how long a close by a live program waits to see it exit
+RELEASE_GRACE = 2.0  # how long an open waits for a dying program's end to be released
 
 
 class ExitWatcher:
@@ -112,6 +121,7 @@ class Node:
         self.endpoint = endpoint
         self.slots: dict[EdgeId, Slot] = {}
         self.writers_changed = Notifier()  # a writer end was installed, or failed to open
+        self.released = Notifier()  # a program's end was released
         self._nursery: trio.Nursery | None = None
         self.closing = False
         self.exits = ExitWatcher()
@@ -209,6 +219,16 @@ class Node:
             self._reap(slot.edge)
             self.writers_changed.notify()  # a data connection may wait for this end
 
+    async def _await_release(self, end: WriterEnd | ReaderEnd, pid: int) -> None:
+        """A re-run often opens the edge while the killed program it replaces is still
+        exiting, before the kernel has sent that program's RELEASE: wait a moment for it
+        instead of answering EBUSY. A live holder is not waited for."""
+        if not procs.dying(end.pid):
+            return
+        with trio.move_on_after(RELEASE_GRACE):
+            while not end.released:
+                await wait_or_interrupt(self.released, pid, self.config.signal_poll)
+
     def _reap(self, edge: EdgeId) -> None:
         slot = self.slots.get(edge)
         if slot is None:
@@ -225,6 +245,10 @@ class Node:
             raise EdgeError(errno.ESHUTDOWN, "daemon is shutting down")
         slot = self._slot(edge)
         old = slot.writer
+        if old is not None and old.state is WriterState.OPEN and not old.released:
+            await self._await_release(old, pid)
+            slot = self._slot(edge)
+            old = slot.writer
         if "writer" in slot.opening or (old is not None and old.state is WriterState.OPEN):
             raise EdgeError(errno.EBUSY, f"edge {edge} already has a writer on this node")
         with self._opening(slot, "writer"):
@@ -423,6 +447,7 @@ class Node:
         a failed generation (the reader waits for a re-run), never an end.
         """
         writer.released = True
+        self.released.notify()
         if writer.state is WriterState.ABORTED:
             reason, message = writer.abort_reason or (AbortReason.REMOVED, "")
             if reason is AbortReason.READER_LOST:
@@ -496,15 +521,38 @@ class Node:
         if self.closing:
             raise EdgeError(errno.ESHUTDOWN, "daemon is shutting down")
         slot = self._slot(edge)
+        if slot.reader is not None:
+            await self._await_release(slot.reader, pid)
+            slot = self._slot(edge)
         if "reader" in slot.opening or slot.reader is not None:
             raise EdgeError(errno.EBUSY, f"edge {edge} already has a reader on this node")
         with self._opening(slot, "reader"):
-            await self.discovery.claim_reader(edge.hex, self.name)
+            await self._claim_reader(edge, pid)
         reader = ReaderEnd(edge, self.config.read_buffer, pid)
         reader.read_metric = metrics.BYTES_READ.labels(edge.hex)
         self._slot(edge).reader = reader
         self._spawn(self._pump, reader)
         return reader
+
+    async def _claim_reader(self, edge: EdgeId, pid: int) -> None:
+        """Discovery refuses a second open reader; but the reader it knows of may be a
+        killed one whose node has not said so yet (the re-run came at once, elsewhere).
+        Give that release a moment to arrive, watching the edge, before answering EBUSY."""
+        deadline = trio.current_time() + RELEASE_GRACE
+        while True:
+            try:
+                await self.discovery.claim_reader(edge.hex, self.name)
+                return
+            except Conflict:
+                left = deadline - trio.current_time()
+                if left <= 0:
+                    raise
+            rec = await self.discovery.get(edge.hex)
+            await self.discovery.get(
+                edge.hex, wait=min(left, self.config.signal_poll), since=int(rec["version"])
+            )
+            if procs.signal_pending(pid):
+                raise EdgeError(errno.EINTR, "interrupted by a signal")
 
     async def read(self, reader: ReaderEnd, size: int) -> bytes | memoryview:
         data = await reader.read(size, self.config.signal_poll)
@@ -515,6 +563,8 @@ class Node:
         reader.exit_status = procs.exit_status(reader.pid)
 
     def release_reader(self, reader: ReaderEnd) -> None:
+        reader.released = True
+        self.released.notify()
         complete = reader.state is ReaderState.EOF and reader.delivered == reader.received
         if reader.state is not ReaderState.EOF:
             if reader.exit_status:

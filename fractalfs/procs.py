@@ -69,6 +69,23 @@ def exit_status(pid: int) -> int | None:
     return int(fields[52 - 3]) if len(fields) > 52 - 3 else 0
 
 
+def dying(pid: int) -> bool:
+    """True if ``pid`` is gone, exiting, or has a SIGKILL pending: its files are being or
+    about to be closed, though the kernel may not have sent their RELEASE yet."""
+    if exit_status(pid) is not None or not os.path.exists(f"/proc/{pid}"):
+        return True
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            text = f.read()
+    except OSError:
+        return True
+    sigkill = 1 << (9 - 1)
+    for line in text.split(b"\n"):
+        if line.startswith((b"SigPnd:", b"ShdPnd:")) and _mask(line.split()[1].decode()) & sigkill:
+            return True
+    return False
+
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 

@@ -155,6 +155,37 @@ def test_kill_ends_a_writer_blocked_on_backpressure(pair: Pair, programs: Progra
     assert time.monotonic() - t0 < 1.0 and writer.returncode == -signal.SIGTERM
 
 
+def test_a_rerun_may_open_while_the_killed_program_is_still_exiting(
+    pair: Pair, programs: Programs
+) -> None:
+    """A killed program's RELEASE reaches the daemon after it died; a re-run started at
+    once must not get EBUSY for that (CI saw it after a SIGKILL of a blocked writer)."""
+    _, w, r = pair.paths()
+    writer = programs.start(f"exec dd if=/dev/zero of={w} bs=1M count=100 status=none")
+    time.sleep(0.7)  # the window is full: blocked in write, answered only on a signal poll
+    assert writer.poll() is None
+    os.kill(writer.pid, signal.SIGKILL)
+    fd = os.open(w, os.O_WRONLY)  # the re-run, while dd still waits to die
+    os.write(fd, b"second generation")
+    os.close(fd)
+    assert writer.wait(timeout=5) == -signal.SIGKILL
+    with open(r, "rb") as f:
+        assert f.read() == b"second generation"
+
+    edge2, w2, r2 = pair.paths()
+    reader = programs.start(f"exec cat {r2}")
+    time.sleep(0.5)  # blocked in read: no writer yet
+    os.kill(reader.pid, signal.SIGKILL)
+    fd = os.open(pair.writer.path(edge2), os.O_RDONLY)  # same node, or another one
+    try:
+        assert reader.wait(timeout=5) == -signal.SIGKILL
+        sh(f"printf data > {w2}")
+        assert os.read(fd, 100) == b"data"
+        assert os.read(fd, 100) == b""
+    finally:
+        os.close(fd)
+
+
 def test_read_write_open_is_einval(pair: Pair) -> None:
     with pytest.raises(OSError) as info:
         os.open(pair.writer.path(new_edge()), os.O_RDWR)

@@ -72,3 +72,26 @@ def test_signal_pending_sees_an_undelivered_signal() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_dying_is_gone_or_exiting_but_not_merely_signalled() -> None:
+    code = (
+        "import signal, time\n"
+        "signal.signal(signal.SIGUSR1, lambda *a: None)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(30)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"ready\n"
+        assert not procs.dying(child.pid)
+        child.send_signal(signal.SIGUSR1)  # caught: it lives on
+        time.sleep(0.05)
+        assert not procs.dying(child.pid)
+        child.send_signal(signal.SIGKILL)
+        _wait_zombie(child)
+        assert procs.dying(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    assert procs.dying(child.pid)  # reaped
