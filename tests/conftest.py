@@ -52,6 +52,10 @@ def pytest_configure(config: pytest.Config) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, interrupt)
+    # Started in the background by a non-interactive shell, we inherit SIGINT ignored, and
+    # so would every program a test starts: tests that Ctrl-C one would fail for that.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def new_edge() -> str:

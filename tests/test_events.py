@@ -71,7 +71,12 @@ def test_event_stream_and_watch(cluster: Cluster, programs: Programs, tmp_path: 
         time.sleep(1.5)
     finally:
         watch.send_signal(signal.SIGINT)
-        out, _ = watch.communicate(timeout=10)
+        try:
+            out, _ = watch.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            watch.kill()  # never leave it behind, even when the test fails
+            watch.communicate()
+            raise
     lines = [line for line in out.splitlines() if line.startswith(edge)]
     text = "\n".join(lines)
     assert f"{edge} writer registered" in text
