@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -120,6 +119,7 @@ class WriterEnd:
         self.opened_at = trio.current_time()
         self.completed_at: float | None = None
         self.on_window_full: Callable[[WriterEnd], None] | None = None
+        self.on_switch_failed: Callable[[WriterEnd, OSError], None] | None = None
         self.pgid = pid
         self.cpu_at_open = 0.0
         self.queued_at_open = 0.0
@@ -162,7 +162,15 @@ class WriterEnd:
                 raise EdgeError(errno.EPIPE, "the reader closed the edge")
             if self.state is WriterState.ABORTED:
                 raise EdgeError(errno.EPIPE, self.abort_reason[1] if self.abort_reason else "")
-            if self.spill is not None or self.end - self.acked < self.window:
+            if self.spill is not None:
+                await self.drain_spill(poll)  # the previous append; raises its error
+                if self.abort_reason is not None:  # aborted meanwhile
+                    raise EdgeError(errno.EPIPE, self.abort_reason[1])
+                if self.spill is not None:
+                    self._start_spill(self.spill, [data])
+                    break
+                continue  # the switch to persistent failed: transient, window and all
+            if self.end - self.acked < self.window:
                 break
             now = trio.current_time()
             blocked_since = now if blocked_since is None else blocked_since
@@ -171,17 +179,12 @@ class WriterEnd:
                 # spill instead of blocking the producer.
                 self.on_window_full(self)
                 if self.spill is not None:
-                    break
+                    continue
             self.blocked += 1
             try:
                 await wait_or_interrupt(self.changed, self.pid, min(poll, FULL_FOR))
             finally:
                 self.blocked -= 1
-        if self.spill is not None:
-            await self.drain_spill(poll)  # the previous append; raises its error
-            if self.abort_reason is not None:  # aborted meanwhile
-                raise EdgeError(errno.EPIPE, self.abort_reason[1])
-            self._start_spill(self.spill, data)
         self.chunks.append(data)
         self.end += len(data)
         if self.spill is not None and self.end - self.base > self.window:
@@ -189,20 +192,34 @@ class WriterEnd:
         self.changed.notify()
         return len(data)
 
-    def _start_spill(self, spill: SpillFile, data: bytes) -> None:
-        """Appends ``data`` to the spill in a worker thread (pwrite releases the GIL);
-        :meth:`drain_spill` waits for it."""
+    def _start_spill(self, spill: SpillFile, chunks: list[bytes], switch: bool = False) -> None:
+        """Appends ``chunks`` to the spill in a worker thread (pwrite releases the GIL);
+        :meth:`drain_spill` waits for it. A failed ``switch`` (the prefix a dynamic edge
+        held in memory when it turned persistent) leaves the edge transient: memory still
+        holds every one of those bytes, so the program need not see the error."""
         self._spilling = True
         token = trio.lowlevel.current_trio_token()
 
+        def append_all() -> None:
+            for chunk in chunks:
+                spill.append(chunk)
+
         def finished(result: outcome.Outcome[None]) -> None:  # in the trio thread
+            self._spilling = False
             if isinstance(result, outcome.Error):
                 error = result.error
                 if not isinstance(error, OSError):
                     log.error("edge %s: spill append failed: %r", self.edge, error)
                     error = OSError(errno.EIO, f"spill append failed: {error!r}")
-                self.spill_error = error
-            self._spilling = False
+                if switch and self.spill is spill:
+                    self.spill = None
+                    self.mode = Mode.TRANSIENT
+                    spill.remove()
+                    self.settle_transient(f"spill failed: {error.strerror}")
+                    if self.on_switch_failed is not None:
+                        self.on_switch_failed(self, error)
+                else:
+                    self.spill_error = error
             if self._remove_spill_after:
                 spill.remove()
             self.changed.notify()
@@ -211,7 +228,7 @@ class WriterEnd:
             with contextlib.suppress(trio.RunFinishedError):
                 token.run_sync_soon(finished, result)
 
-        trio.lowlevel.start_thread_soon(functools.partial(spill.append, data), deliver)
+        trio.lowlevel.start_thread_soon(append_all, deliver)
 
     @property
     def spilling(self) -> bool:
@@ -232,12 +249,14 @@ class WriterEnd:
         ``spill`` must start at ``base``: no byte is lost or written twice by the switch.
         """
         assert spill.start == self.base and spill.end == self.base
-        for chunk in self.chunks:
-            spill.append(chunk)
+        assert not self._spilling
         self.spill = spill
         self.mode = Mode.PERSISTENT
         self.mode_reason = reason
         self.retain_limit = 0
+        if self.chunks:
+            # Up to the retention limit (64 MiB): not on the loop's thread.
+            self._start_spill(spill, list(self.chunks), switch=True)
         self.changed.notify()
 
     def settle_transient(self, reason: str) -> None:

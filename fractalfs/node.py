@@ -277,6 +277,7 @@ class Node:
             writer.retain_limit = self.config.retain_limit
             writer.mode_reason = "dynamic: undecided"
             writer.on_window_full = self._window_full
+            writer.on_switch_failed = self._switch_failed
         self._spawn(self._report_mode, writer)
 
     def _persist(self, writer: WriterEnd, reason: str) -> bool:
@@ -286,11 +287,18 @@ class Node:
             )
             writer.persist(sp, reason)
         except OSError as exc:
-            log.warning("edge %s: cannot spill (%s): stays transient", writer.edge, exc)
-            writer.mode_reason = f"spill failed: {exc.strerror}"
+            writer.settle_transient(f"spill failed: {exc.strerror}")
+            self._switch_failed(writer, exc)
             return False
         log.info("edge %s: persistent from offset %d (%s)", writer.edge, sp.start, reason)
         return True
+
+    def _switch_failed(self, writer: WriterEnd, exc: OSError) -> None:
+        """The spill could not be created, or the prefix held in memory not written to it:
+        the edge stays transient for good (the policy does not retry it every second)."""
+        log.warning("edge %s: cannot spill (%s): stays transient", writer.edge, exc)
+        writer.on_window_full = None
+        self._spawn(self._report_mode, writer)
 
     def _window_full(self, writer: WriterEnd) -> None:
         """Dynamic mode, the reader absent or slow: spill rather than block the producer."""

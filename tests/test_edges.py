@@ -201,3 +201,43 @@ async def test_abort_never_closes_the_spill_under_a_running_append(tmp_path: Pat
         while w.spilling:
             await trio.sleep(0.01)
     assert not sp.path.exists() and sp.fd < 0
+
+
+async def test_a_switch_to_persistent_spills_the_prefix_off_the_loop(tmp_path: Path) -> None:
+    w = writer(window=1 << 20)
+    w.retain_limit = 1 << 30  # dynamic, undecided: every byte stays in memory
+    for piece in (b"abc", b"defg"):
+        await w.write(piece, POLL)
+    w.ack(7)
+    sp = SpillFile.create(tmp_path, w.edge, w.generation, 0)
+    w.persist(sp, "test")
+    assert w.spilling  # the prefix goes to disk in a worker thread
+    await w.write(b"hi", POLL)  # waits for the prefix, then appends after it
+    await w.drain_spill(POLL)
+    assert sp.read(0, 100) == b"abcdefghi"
+    sp.remove()
+
+
+async def test_a_failed_switch_leaves_the_edge_transient_and_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    failures: list[OSError] = []
+    w = writer(window=1 << 20)
+    w.retain_limit = 1 << 30
+    w.on_switch_failed = lambda end, exc: failures.append(exc)
+    for piece in (b"abc", b"defg"):
+        await w.write(piece, POLL)
+    w.ack(3)
+    sp = FlakySpill.create(tmp_path, w.edge, w.generation, 0)
+    sp.room = 5  # the prefix does not fit
+    w.persist(sp, "test")
+    await w.write(b"hi", POLL)  # no error: the edge is transient again
+    assert [e.errno for e in failures] == [errno.ENOSPC]
+    assert w.spill is None and w.mode.value == "transient" and not sp.path.exists()
+    assert w.mode_reason.startswith("spill failed")
+    assert w.base == 3  # acknowledged bytes freed as for any transient edge
+    out = bytearray()
+    bufs, _ = w.take(w.locate(3), 100)
+    for b in bufs:
+        out += b
+    assert bytes(out) == b"defghi"

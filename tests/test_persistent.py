@@ -158,6 +158,32 @@ def test_full_spill_disk_is_a_write_error(cluster: Cluster, tiny_spill: Path) ->
     assert a.alive()
 
 
+def test_dynamic_switch_on_a_full_disk_stays_transient_and_loses_nothing(
+    cluster: Cluster, programs: Programs, tiny_spill: Path, src: Path
+) -> None:
+    """The reader is absent: the policy spills instead of blocking, but the 8 MiB already
+    in memory do not fit the 4 MiB spill disk. The edge stays transient (the writer
+    blocks, no error) and the reader that comes gets every byte."""
+    cluster.start_discovery()
+    a = cluster.node("a", mode="dynamic", extra=["--spill-dir", str(tiny_spill)])
+    b = cluster.node("b")
+    edge = new_edge()
+    writer = programs.start(f"cat {src} > {a.path(edge)}")
+    wait_for(
+        lambda: "spill failed" in str(cluster.edge(edge).get("mode_reason")),
+        10,
+        "the switch to fail",
+        running=[writer],
+    )
+    assert writer.poll() is None  # blocked on the window, as any transient writer
+    assert cluster.edge(edge)["mode"] == "transient"
+    got = sh(f"sha256sum < {b.path(edge)}").stdout.split()[0].decode()
+    assert got == hashlib.sha256(src.read_bytes()).hexdigest()
+    assert writer.wait(timeout=10) == 0
+    assert a.log.read_text().count("cannot spill") == 1  # not retried every second
+    assert not list(tiny_spill.glob("*.spill"))
+
+
 def test_spill_garbage_collection(cluster: Cluster, tmp_path: Path) -> None:
     """Spill files go on rm, after retention once delivered, and oldest-delivered-first over
     the quota; one a reader may still need (not yet delivered) is never deleted."""
