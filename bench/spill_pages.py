@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """What a spill file costs the writer: appending a stream with the page cache growing
-(plain buffered writes) against the spill's recycling of its page cache
-(``SpillFile.append``, which hands pages older than ``CACHE_BEHIND`` back to the kernel).
+(plain buffered writes), with the spill's buffered mode recycling its page cache
+(``SpillFile.append`` with ``direct=False``: pages older than ``CACHE_BEHIND`` go back to
+the kernel), and with the default, direct I/O (O_DIRECT through an aligned stage).
 
     .venv/bin/python bench/spill_pages.py [--size 3G] [--dir DIR]
 
@@ -28,8 +29,10 @@ MiB = 1 << 20
 STRETCH = 512
 
 
-def run(append: Callable[[bytes], None], size: int) -> list[float]:
+def run(append: Callable[[bytes], None], size: int) -> tuple[list[float], float]:
+    """MiB/s per stretch, and CPU seconds (user + system, all threads) per GiB."""
     block = os.urandom(MiB)
+    cpu0 = time.process_time()
     rates, t = [], time.perf_counter()
     for i in range(size // MiB):
         append(block)
@@ -37,7 +40,7 @@ def run(append: Callable[[bytes], None], size: int) -> list[float]:
             now = time.perf_counter()
             rates.append(STRETCH / (now - t))
             t = now
-    return rates
+    return rates, (time.process_time() - cpu0) / (size / (1 << 30))
 
 
 def main() -> int:
@@ -56,23 +59,24 @@ def main() -> int:
             pos += os.pwrite(fd, data, pos)
 
         try:
-            growing = run(plain, size)
+            results = {"page cache growing": run(plain, size)}
         finally:
             os.close(fd)
             plain_path.unlink()
-        spill = SpillFile.create(tmp, EdgeId.new(), 1, 0)
-        try:
-            recycled = run(spill.append, size)
-        finally:
-            spill.remove()
-    print(f"MiB/s per {STRETCH} MiB stretch, {size >> 20} MiB in {tmp}")
-    print("  page cache growing:   " + " ".join(f"{r:6.0f}" for r in growing))
-    print("  spill (recycled):     " + " ".join(f"{r:6.0f}" for r in recycled))
-    g, r = (
-        size / MiB / sum(STRETCH / x for x in growing),
-        size / MiB / sum(STRETCH / x for x in recycled),
-    )
-    print(f"  overall: growing {g:.0f} MiB/s, recycled {r:.0f} MiB/s ({r / g:.2f}x)")
+        for label, direct in (
+            ("spill, buffered+recycled", False),
+            ("spill, direct (default)", True),
+        ):
+            spill = SpillFile.create(tmp, EdgeId.new(), 1, 0, direct=direct)
+            try:
+                results[label] = run(spill.append, size)
+            finally:
+                spill.remove()
+    print(f"MiB/s per {STRETCH} MiB stretch, {size >> 20} MiB in {tmp}; overall; CPU-s per GiB")
+    for label, (rates, cpu) in results.items():
+        overall = size / MiB / sum(STRETCH / x for x in rates)
+        stretches = " ".join(f"{r:6.0f}" for r in rates)
+        print(f"  {label:26s} {stretches}   {overall:6.0f} MiB/s  {cpu:5.2f} CPU-s/GiB")
     return 0
 
 

@@ -172,7 +172,7 @@ async def test_persistent_writes_spill_behind_and_a_failure_reaches_the_program(
     tmp_path: Path,
 ) -> None:
     w = writer(window=4)
-    sp = FlakySpill.create(tmp_path, w.edge, w.generation, 0)
+    sp = FlakySpill.create(tmp_path, w.edge, w.generation, 0, direct=False)
     sp.room = 10
     w.persist(sp, "test")
     for piece in (b"abcd", b"efgh"):  # never blocks on the (absent) reader: disk bounds it
@@ -209,7 +209,7 @@ async def test_a_switch_to_persistent_spills_the_prefix_off_the_loop(tmp_path: P
     for piece in (b"abc", b"defg"):
         await w.write(piece, POLL)
     w.ack(7)
-    sp = SpillFile.create(tmp_path, w.edge, w.generation, 0)
+    sp = SpillFile.create(tmp_path, w.edge, w.generation, 0, direct=False)
     w.persist(sp, "test")
     assert w.spilling  # the prefix goes to disk in a worker thread
     await w.write(b"hi", POLL)  # waits for the prefix, then appends after it
@@ -228,7 +228,7 @@ async def test_a_failed_switch_leaves_the_edge_transient_and_loses_nothing(
     for piece in (b"abc", b"defg"):
         await w.write(piece, POLL)
     w.ack(3)
-    sp = FlakySpill.create(tmp_path, w.edge, w.generation, 0)
+    sp = FlakySpill.create(tmp_path, w.edge, w.generation, 0, direct=False)
     sp.room = 5  # the prefix does not fit
     w.persist(sp, "test")
     await w.write(b"hi", POLL)  # no error: the edge is transient again

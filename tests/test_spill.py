@@ -17,20 +17,42 @@ from fractalfs.edgeid import EdgeId
 from fractalfs.spill import CACHE_BEHIND, RECYCLE_EVERY, SpillError, SpillFile, inspect, scan
 
 
-def test_roundtrip_and_completeness(tmp_path: Path) -> None:
+@pytest.mark.parametrize("direct", [True, False])
+def test_roundtrip_and_completeness(tmp_path: Path, direct: bool) -> None:
     edge = EdgeId.new()
-    sp = SpillFile.create(tmp_path, edge, 3, 0)
+    sp = SpillFile.create(tmp_path, edge, 3, 0, direct=direct)
     sp.append(b"hello ")
     sp.append(b"world")
     info = inspect(sp.path)
-    assert (info.complete, info.size, info.generation) == (None, 11, 3)
+    # Direct I/O writes whole blocks: a partial last block waits in memory until finish.
+    assert (info.complete, info.size, info.generation) == (None, 0 if direct else 11, 3)
+    assert sp.end == info.size
     sp.finish()
     info = inspect(sp.path)
-    assert info.complete == 11 and info.edge == edge
+    assert info.complete == 11 and info.edge == edge and sp.end == 11
     assert sp.read(0, 100) == b"hello world" and sp.read(6, 3) == b"wor"
     again = SpillFile.open(info)
     assert again.read(0, 5) == b"hello" and again.complete
     assert [i.path for i in scan(tmp_path)] == [sp.path]
+
+
+@given(st.lists(st.integers(0, 9000), max_size=8))
+@settings(max_examples=40, deadline=None)
+def test_direct_appends_of_any_sizes_keep_the_stream(tmp_path_factory, sizes) -> None:  # type: ignore[no-untyped-def]
+    d = tmp_path_factory.mktemp("s")
+    sp = SpillFile.create(d, EdgeId.new(), 1, 5)
+    stream = os.urandom(sum(sizes))
+    at = 0
+    for n in sizes:
+        sp.append(stream[at : at + n])
+        at += n
+        on_disk = sp.end - sp.start
+        assert on_disk <= at and at - on_disk < 4096  # whole blocks, the rest staged
+        assert sp.read(5, on_disk) == stream[:on_disk]
+    sp.finish()
+    assert sp.read(5, len(stream) + 1) == stream
+    assert inspect(sp.path).complete == 5 + len(stream)
+    sp.remove()
 
 
 @given(st.binary(max_size=200))
@@ -60,14 +82,27 @@ def test_damage_is_detected(tmp_path: Path) -> None:
     assert scan(tmp_path) == []
 
 
-def test_a_failed_append_leaves_no_partial_bytes(tmp_path: Path) -> None:
-    sp = SpillFile.create(tmp_path, EdgeId.new(), 1, 0)
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_failed_append_leaves_no_partial_bytes(tmp_path: Path, direct: bool) -> None:
+    sp = SpillFile.create(tmp_path, EdgeId.new(), 1, 0, direct=direct)
     sp.append(b"abc")
-    os.close(sp.fd)
-    sp.fd = os.open(sp.path, os.O_RDONLY)  # writes now fail with EBADF
+    # From now on writes fail with EBADF.
+    if direct:
+        good, sp._dfd = sp._dfd, os.open(sp.path, os.O_RDONLY)
+    else:
+        good, sp.fd = sp.fd, os.open(sp.path, os.O_RDONLY)
     with pytest.raises(OSError):
-        sp.append(b"def")
-    assert sp.end == 3
+        sp.append(b"d" * 10000)
+    assert sp.end == (0 if direct else 3)
+    os.close(sp._dfd if direct else sp.fd)
+    if direct:
+        sp._dfd = good
+    else:
+        sp.fd = good
+    sp.append(b"ef")
+    sp.finish()
+    assert sp.read(0, 100) == b"abcef"
+    sp.remove()
 
 
 def _resident(path: Path) -> int:
@@ -81,7 +116,9 @@ def _resident(path: Path) -> int:
 
 
 @pytest.mark.skipif(shutil.which("fincore") is None, reason="needs fincore (util-linux)")
-def test_a_long_spill_hands_its_page_cache_back_and_loses_nothing(tmp_path: Path) -> None:
+def test_a_long_buffered_spill_hands_its_page_cache_back_and_loses_nothing(
+    tmp_path: Path,
+) -> None:
     if (
         subprocess.run(
             ["stat", "-f", "-c", "%T", str(tmp_path)], capture_output=True, text=True
@@ -89,7 +126,7 @@ def test_a_long_spill_hands_its_page_cache_back_and_loses_nothing(tmp_path: Path
         == "tmpfs"
     ):
         pytest.skip("tmpfs pages are the file itself")
-    sp = SpillFile.create(tmp_path, EdgeId.new(), 1, 0)
+    sp = SpillFile.create(tmp_path, EdgeId.new(), 1, 0, direct=False)
     block = os.urandom(1 << 20)
     total = 5 * CACHE_BEHIND
     digest = hashlib.sha256()
@@ -103,4 +140,18 @@ def test_a_long_spill_hands_its_page_cache_back_and_loses_nothing(tmp_path: Path
     for offset in range(0, total, 1 << 20):  # a reader far behind reads from the disk
         got.update(sp.read(offset, 1 << 20))
     assert got.hexdigest() == digest.hexdigest()
+    sp.remove()
+
+
+@pytest.mark.skipif(shutil.which("fincore") is None, reason="needs fincore (util-linux)")
+def test_a_direct_spill_leaves_no_page_cache_and_loses_nothing(tmp_path: Path) -> None:
+    sp = SpillFile.create(tmp_path, EdgeId.new(), 1, 0)
+    if sp._dfd < 0:
+        pytest.skip("no O_DIRECT on this file system")
+    chunks = [os.urandom(1 << 20)[: (1 << 20) - i] for i in range(40)]  # odd sizes
+    for chunk in chunks:
+        sp.append(chunk)
+    assert _resident(sp.path) <= 4096  # at most the header's block, from create
+    sp.finish()
+    assert sp.read(0, 50 << 20) == b"".join(chunks)
     sp.remove()
