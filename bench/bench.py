@@ -184,6 +184,14 @@ print((time.monotonic_ns() - t0) / 1e6)
 """
 
 
+def cpu_seconds(node: Node) -> float:
+    """User + system CPU seconds of a daemon, all its threads."""
+    assert node.proc is not None
+    with open(f"/proc/{node.proc.pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def persistence(
     nodes: tuple[Node, Node], pnode: Node, size: int, rounds: int = 3
 ) -> dict[str, float]:
@@ -195,18 +203,26 @@ def persistence(
     out: dict[str, float] = {}
     # Alternating runs, medians: on a shared 2-core VM one run of each swings by 2x.
     rates: dict[str, list[float]] = {"transient": [], "persistent": []}
+    cpu: dict[str, list[tuple[float, float]]] = {"transient": [], "persistent": []}
+    gib = size / (1 << 30)
     for _ in range(rounds):
         for mode, wnode in (("transient", a), ("persistent", pnode)):
             edge = EdgeId.new().hex
             os.sync()
+            before = (cpu_seconds(wnode), cpu_seconds(b))
             t = timed_pair(f"{src} of={wnode.path(edge)}", f"{sink} if={b.path(edge)}")
             rates[mode].append(size / t / 1e6)
+            cpu[mode].append(
+                ((cpu_seconds(wnode) - before[0]) / gib, (cpu_seconds(b) - before[1]) / gib)
+            )
             if mode == "persistent":
                 subprocess.run(["rm", "-f", wnode.path(edge)], check=True)  # frees the spill
     for mode, runs in rates.items():
         out[f"{mode} MB/s (median of {rounds})"] = statistics.median(runs)
         out[f"{mode} MB/s (min)"] = min(runs)
         out[f"{mode} MB/s (max)"] = max(runs)
+        out[f"{mode} writer daemon CPU-s/GiB"] = statistics.median(c[0] for c in cpu[mode])
+        out[f"{mode} reader daemon CPU-s/GiB"] = statistics.median(c[1] for c in cpu[mode])
     out["persistent/transient (medians)"] = statistics.median(
         rates["persistent"]
     ) / statistics.median(rates["transient"])
