@@ -126,8 +126,15 @@ class SpillFile:
     def append(self, data: bytes) -> None:
         """Appends stream bytes; an OSError (ENOSPC, EIO) leaves the file as it was."""
         if self._dfd >= 0:
-            self._append_direct(data)
-            return
+            try:
+                self._append_direct(data)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+            # The file system refuses direct writes after all (outside the except: its
+            # traceback may still hold views of the stage).
+            self._stop_direct()
         view = memoryview(data)
         written = 0
         try:
@@ -183,6 +190,18 @@ class SpillFile:
         self._flushed, self._staged = flushed, staged
         if flushed > HEADER.size:
             self.end = self.start + flushed - HEADER.size
+
+    def _stop_direct(self) -> None:
+        """Carries on with buffered appends: what the stage holds goes to the file first."""
+        assert self._stage is not None
+        if self._staged:
+            os.pwrite(self.fd, self._stage[: self._staged], self._flushed)
+            self.end = self.start + self._flushed + self._staged - HEADER.size
+        os.close(self._dfd)
+        self._dfd = -1
+        self._stage.close()
+        self._stage = None
+        self._staged = 0
 
     def _uncache(self, lo: int, hi: int) -> None:
         """Hands the page cache of file positions [lo, hi) back to the kernel. Dirty pages

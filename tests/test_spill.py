@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -154,4 +155,28 @@ def test_a_direct_spill_leaves_no_page_cache_and_loses_nothing(tmp_path: Path) -
     assert _resident(sp.path) <= 4096  # at most the header's block, from create
     sp.finish()
     assert sp.read(0, 50 << 20) == b"".join(chunks)
+    sp.remove()
+
+
+def test_a_file_system_refusing_direct_writes_falls_back_to_buffered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sp = SpillFile.create(tmp_path, EdgeId.new(), 1, 0)
+    if sp._dfd < 0:
+        pytest.skip("no O_DIRECT on this file system")
+    real = os.pwrite
+
+    def pwrite(fd: int, data: bytes, offset: int) -> int:
+        if fd == sp._dfd:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    sp.append(b"abc")  # staged: no write yet
+    sp.append(b"x" * 5000)  # the first direct write fails: buffered from here on
+    assert sp._dfd < 0 and sp.end == 5003
+    sp.append(b"yz")
+    sp.finish()
+    assert sp.read(0, 10000) == b"abc" + b"x" * 5000 + b"yz"
+    assert inspect(sp.path).complete == 5005
     sp.remove()
