@@ -180,3 +180,25 @@ def test_a_file_system_refusing_direct_writes_falls_back_to_buffered(
     assert sp.read(0, 10000) == b"abc" + b"x" * 5000 + b"yz"
     assert inspect(sp.path).complete == 5005
     sp.remove()
+
+
+def test_direct_reads_at_any_offset_and_length(tmp_path: Path) -> None:
+    sp = SpillFile.create(tmp_path, EdgeId.new(), 1, 100)
+    if not sp._direct_reads:
+        pytest.skip("no O_DIRECT on this file system")
+    stream = os.urandom(3 * (1 << 20) + 12345)
+    for at in range(0, len(stream), 777_777):
+        sp.append(stream[at : at + 777_777])
+    held = sp.end - sp.start
+    for offset, size in ((0, 1), (1, 4095), (4031, 4097), (12345, 1 << 20), (held - 10, 100)):
+        want = stream[offset : min(offset + size, held)]
+        assert sp.read(100 + offset, size) == want, (offset, size)
+        assert sp._rfd >= 0  # served around the page cache
+    sp.finish()
+    assert sp.read(100 + len(stream) - 5, 100) == stream[-5:]  # the tail finish() wrote
+    again = SpillFile.open(inspect(sp.path))  # after a restart: direct reads too
+    assert again.read(100 + 5000, 1 << 20) == stream[5000 : 5000 + (1 << 20)]
+    assert again._rfd >= 0
+    assert again.read(100, len(stream)) == stream  # more than a stage: buffered
+    again.close()
+    sp.remove()
