@@ -26,7 +26,8 @@ def test_roundtrip_and_completeness(tmp_path: Path, direct: bool) -> None:
     sp.append(b"world")
     info = inspect(sp.path)
     # Direct I/O writes whole blocks: a partial last block waits in memory until finish.
-    assert (info.complete, info.size, info.generation) == (None, 0 if direct else 11, 3)
+    held = 0 if sp._dfd >= 0 else 11  # (no O_DIRECT on this file system: buffered)
+    assert (info.complete, info.size, info.generation) == (None, held, 3)
     assert sp.end == info.size
     sp.finish()
     info = inspect(sp.path)
@@ -86,6 +87,8 @@ def test_damage_is_detected(tmp_path: Path) -> None:
 @pytest.mark.parametrize("direct", [True, False])
 def test_a_failed_append_leaves_no_partial_bytes(tmp_path: Path, direct: bool) -> None:
     sp = SpillFile.create(tmp_path, EdgeId.new(), 1, 0, direct=direct)
+    if direct and sp._dfd < 0:
+        pytest.skip("no O_DIRECT on this file system")
     sp.append(b"abc")
     # From now on writes fail with EBADF.
     if direct:
