@@ -109,6 +109,11 @@ def test_a_failed_append_leaves_no_partial_bytes(tmp_path: Path, direct: bool) -
     sp.remove()
 
 
+def _on_tmpfs(path: Path) -> bool:
+    out = subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True)
+    return out.stdout.strip() == "tmpfs"
+
+
 def _resident(path: Path) -> int:
     out = subprocess.run(
         ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
@@ -123,12 +128,7 @@ def _resident(path: Path) -> int:
 def test_a_long_buffered_spill_hands_its_page_cache_back_and_loses_nothing(
     tmp_path: Path,
 ) -> None:
-    if (
-        subprocess.run(
-            ["stat", "-f", "-c", "%T", str(tmp_path)], capture_output=True, text=True
-        ).stdout.strip()
-        == "tmpfs"
-    ):
+    if _on_tmpfs(tmp_path):
         pytest.skip("tmpfs pages are the file itself")
     sp = SpillFile.create(tmp_path, EdgeId.new(), 1, 0, direct=False)
     block = os.urandom(1 << 20)
@@ -149,6 +149,8 @@ def test_a_long_buffered_spill_hands_its_page_cache_back_and_loses_nothing(
 
 @pytest.mark.skipif(shutil.which("fincore") is None, reason="needs fincore (util-linux)")
 def test_a_direct_spill_leaves_no_page_cache_and_loses_nothing(tmp_path: Path) -> None:
+    if _on_tmpfs(tmp_path):
+        pytest.skip("tmpfs pages are the file itself")
     sp = SpillFile.create(tmp_path, EdgeId.new(), 1, 0)
     if sp._dfd < 0:
         pytest.skip("no O_DIRECT on this file system")
