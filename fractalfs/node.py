@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -516,12 +517,42 @@ class Node:
             log.debug("edge %s: event %s not recorded: %s", edge, kind, exc)
 
     async def _close_writer(self, writer: WriterEnd, state: str, reason: str) -> None:
-        try:
-            await self.discovery.close_writer(
-                writer.edge.hex, writer.generation, state, writer.end, reason
-            )
-        except (Unavailable, DiscoveryError) as exc:
-            log.warning("edge %s: could not record writer %s: %s", writer.edge, state, exc)
+        await self._until_recorded(
+            writer.edge,
+            f"writer {state}",
+            functools.partial(
+                self.discovery.close_writer,
+                writer.edge.hex,
+                writer.generation,
+                state,
+                writer.end,
+                reason,
+            ),
+        )
+
+    async def _until_recorded(
+        self, edge: EdgeId, what: str, call: Callable[[], Awaitable[object]]
+    ) -> None:
+        """How an end finished must reach discovery (status, completion events, a re-run's
+        pairing), even when discovery is down for longer than one request retries: keep
+        trying, with backoff, until it is recorded or discovery refuses it (a newer
+        generation or reader took the edge over meanwhile)."""
+        attempt = 0
+        while True:
+            try:
+                await call()
+            except Unavailable as exc:
+                if attempt == 0:
+                    log.warning("edge %s: %s not recorded yet (%s); retrying", edge, what, exc)
+                await trio.sleep(backoff(attempt, cap=5.0))
+                attempt += 1
+                continue
+            except (Conflict, DiscoveryError) as exc:
+                log.warning("edge %s: could not record %s: %s", edge, what, exc)
+                return
+            if attempt:
+                log.info("edge %s: %s recorded", edge, what)
+            return
 
     # -- readers -------------------------------------------------------------------------
 
@@ -589,10 +620,13 @@ class Node:
         self._spawn(self._release_reader, reader, state)
 
     async def _release_reader(self, reader: ReaderEnd, state: str) -> None:
-        try:
-            await self.discovery.release_reader(reader.edge.hex, self.name, state, reader.delivered)
-        except (Unavailable, DiscoveryError) as exc:
-            log.warning("edge %s: could not record reader %s: %s", reader.edge, state, exc)
+        await self._until_recorded(
+            reader.edge,
+            f"reader {state}",
+            functools.partial(
+                self.discovery.release_reader, reader.edge.hex, self.name, state, reader.delivered
+            ),
+        )
 
     async def _pump(self, reader: ReaderEnd) -> None:
         """Carries out the reader machine's actions until the stream ends or fails."""

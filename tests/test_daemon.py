@@ -7,12 +7,13 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from fractalfs.testing import is_mounted
 
-from .conftest import Cluster, Programs, needs_fuse, new_edge, sh
+from .conftest import Cluster, Programs, needs_fuse, new_edge, sh, wait_for
 
 pytestmark = needs_fuse
 
@@ -78,3 +79,28 @@ def test_reader_waits_while_discovery_is_down(cluster: Cluster, programs: Progra
     disc.start()
     sh(f"echo after the outage > {a.path(edge)}", timeout=40)
     assert reader.communicate(timeout=40)[0] == b"after the outage\n"
+
+
+def test_an_end_during_a_long_discovery_outage_is_recorded_when_it_is_back(
+    cluster: Cluster, programs: Programs, tmp_path: Path
+) -> None:
+    """Discovery is down for longer than a request retries (1 s here, 30 s by default)
+    when the stream ends: the data plane delivers it, and both ends' outcome reaches
+    discovery once it is back, so status and completion events are not stuck."""
+    conf = tmp_path / "retry.toml"
+    conf.write_text("discovery_retry = 1.0\n")
+    disc = cluster.start_discovery()
+    a = cluster.node("a", extra=["--config", str(conf)])
+    b = cluster.node("b", extra=["--config", str(conf)])
+    edge = new_edge()
+    reader = programs.start(f"cat {b.path(edge)}")
+    writer = programs.start(f"{{ echo one; sleep 2; echo two; }} > {a.path(edge)}")
+    wait_for(lambda: cluster.edge(edge).get("state") == "streaming", 10, "pairing")
+    disc.kill()
+    assert reader.communicate(timeout=20)[0] == b"one\ntwo\n"
+    assert writer.wait(timeout=10) == 0
+    time.sleep(2.0)  # every first attempt has given up by now
+    disc.start()
+    wait_for(lambda: cluster.edge(edge).get("state") == "delivered", 15, "the ends recorded")
+    rec = cluster.edge(edge)
+    assert rec["writer_state"] == "complete" and rec["bytes_delivered"] == 8, rec
