@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,3 +69,26 @@ def test_long_poll_answers_on_change_and_on_timeout(api: httpx.Client) -> None:
     assert time.monotonic() - t0 < 1 and changed["reader_node"] == "r"
     events = api.get("/events", params={"after": 0}).json()
     assert [e["kind"] for e in events["events"]] == ["reader"]
+
+
+def test_every_waiter_on_an_edge_is_answered(api: httpx.Client) -> None:
+    """Upstream replaced an edge's waiter with the next one and leaked the first: here
+    every long-poll on the edge is answered by the change, none is lost or left hanging."""
+    rec = api.get(f"/edges/{E}").json()
+    answers: list[tuple[float, str | None]] = []
+
+    def wait() -> None:
+        with httpx.Client(base_url=str(api.base_url), timeout=20) as own:
+            got = own.get(f"/edges/{E}", params={"wait": 15, "since": rec["version"]}).json()
+            answers.append((time.monotonic(), got["reader_node"]))
+
+    waiters = [threading.Thread(target=wait) for _ in range(5)]
+    for t in waiters:
+        t.start()
+    time.sleep(0.5)  # all five are waiting
+    changed_at = time.monotonic()
+    api.post(f"/edges/{E}/reader", json={"node": "r"})
+    for t in waiters:
+        t.join(timeout=10)
+    assert len(answers) == 5
+    assert all(node == "r" and at - changed_at < 2 for at, node in answers), answers
