@@ -101,6 +101,10 @@ def test_an_end_during_a_long_discovery_outage_is_recorded_when_it_is_back(
     assert writer.wait(timeout=10) == 0
     time.sleep(2.0)  # every first attempt has given up by now
     disc.start()
-    wait_for(lambda: cluster.edge(edge).get("state") == "delivered", 15, "the ends recorded")
-    rec = cluster.edge(edge)
-    assert rec["writer_state"] == "complete" and rec["bytes_delivered"] == 8, rec
+
+    def recorded() -> bool:
+        rec = cluster.edge(edge)
+        return rec.get("state") == "delivered" and rec.get("writer_state") == "complete"
+
+    wait_for(recorded, 15, "both ends recorded")  # each retries on its own backoff
+    assert cluster.edge(edge)["bytes_delivered"] == 8
