@@ -193,7 +193,7 @@ def cpu_seconds(node: Node) -> float:
 
 
 def persistence(
-    nodes: tuple[Node, Node], pnode: Node, size: int, rounds: int = 3
+    nodes: tuple[Node, Node], pnode: Node, size: int, rounds: int = 5
 ) -> dict[str, float]:
     """Persistent vs transient edge between two daemons; a re-run reader's first byte."""
     a, b = nodes
