@@ -23,20 +23,17 @@ def _mask(value: str) -> int:
     return int(value, 16)
 
 
-def signal_pending(pid: int) -> bool:
-    """True if ``pid`` has a pending signal that is neither blocked nor ignored.
+SIGKILL_BIT = 1 << (9 - 1)
 
-    A process that no longer exists counts as interrupted: nobody is waiting any more.
-    """
-    if pid <= 0:
-        return False
+
+def _signal_masks(pid: int) -> tuple[int, int, int] | None:
+    """(pending, blocked, ignored) signal masks of ``pid`` from /proc/<pid>/status, or None
+    if it no longer exists (other OSErrors propagate)."""
     try:
         with open(f"/proc/{pid}/status", "rb") as f:
             text = f.read()
     except (FileNotFoundError, ProcessLookupError):
-        return True
-    except OSError:
-        return False
+        return None
     pending = blocked = ignored = 0
     for line in text.split(b"\n"):
         if line.startswith((b"SigPnd:", b"ShdPnd:")):
@@ -45,8 +42,24 @@ def signal_pending(pid: int) -> bool:
             blocked = _mask(line.split()[1].decode())
         elif line.startswith(b"SigIgn:"):
             ignored = _mask(line.split()[1].decode())
-    sigkill = 1 << (9 - 1)
-    return bool(pending & sigkill) or bool(pending & ~blocked & ~ignored)
+    return pending, blocked, ignored
+
+
+def signal_pending(pid: int) -> bool:
+    """True if ``pid`` has a pending signal that is neither blocked nor ignored.
+
+    A process that no longer exists counts as interrupted: nobody is waiting any more.
+    """
+    if pid <= 0:
+        return False
+    try:
+        masks = _signal_masks(pid)
+    except OSError:
+        return False
+    if masks is None:
+        return True
+    pending, blocked, ignored = masks
+    return bool(pending & SIGKILL_BIT) or bool(pending & ~blocked & ~ignored)
 
 
 def exit_status(pid: int) -> int | None:
@@ -72,18 +85,13 @@ def exit_status(pid: int) -> int | None:
 def dying(pid: int) -> bool:
     """True if ``pid`` is gone, exiting, or has a SIGKILL pending: its files are being or
     about to be closed, though the kernel may not have sent their RELEASE yet."""
-    if exit_status(pid) is not None or not os.path.exists(f"/proc/{pid}"):
+    if exit_status(pid) is not None:
         return True
     try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            text = f.read()
+        masks = _signal_masks(pid)
     except OSError:
         return True
-    sigkill = 1 << (9 - 1)
-    for line in text.split(b"\n"):
-        if line.startswith((b"SigPnd:", b"ShdPnd:")) and _mask(line.split()[1].decode()) & sigkill:
-            return True
-    return False
+    return masks is None or bool(masks[0] & SIGKILL_BIT)
 
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
