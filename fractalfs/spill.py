@@ -200,15 +200,21 @@ class SpillFile:
     def _stop_direct(self) -> None:
         """Carries on with buffered appends: what the stage holds goes to the file first."""
         assert self._stage is not None
-        if self._staged:
-            os.pwrite(self.fd, self._stage[: self._staged], self._flushed)
-            self.end = self.start + self._flushed + self._staged - HEADER.size
+        self._write_staged()
         os.close(self._dfd)
         self._dfd = -1
         self._stage.close()
         self._stage = None
-        self._staged = 0
         self._direct_reads = False
+
+    def _write_staged(self) -> None:
+        """Writes the partial block waiting in the stage through the page cache (from file
+        offset 0 it includes the header, already there)."""
+        if self._staged:
+            assert self._stage is not None
+            os.pwrite(self.fd, self._stage[: self._staged], self._flushed)
+            self.end = self.start + self._flushed + self._staged - HEADER.size
+            self._staged = 0
 
     def _uncache(self, lo: int, hi: int) -> None:
         """Hands the page cache of file positions [lo, hi) back to the kernel. Dirty pages
@@ -220,11 +226,7 @@ class SpillFile:
 
     def finish(self) -> None:
         """Marks the stream complete: END frame, fsync, then the header's length, fsync."""
-        if self._staged:  # the last partial block (from offset 0: with the header)
-            assert self._stage is not None
-            os.pwrite(self.fd, self._stage[: self._staged], self._flushed)
-            self.end = self.start + self._flushed + self._staged - HEADER.size
-            self._staged = 0
+        self._write_staged()  # the last partial block of a direct spill
         pos = HEADER.size + self.end - self.start
         os.pwrite(self.fd, codec.end_frame(self.end), pos)
         os.fsync(self.fd)
