@@ -140,20 +140,11 @@ async def _send_stream(sock: trio.socket.SocketType, writer: WriterEnd, offset: 
             reason, message = writer.abort_reason or (AbortReason.REMOVED, "")
             await send_all(sock, [codec.abort_frame(reason, message)])
             return
-        if pos < writer.base and writer.spill is not None:
-            # No longer in memory (persistent mode): from the spill file.
-            data = writer.spill.read(pos, BATCH)
-            await send_all(sock, [codec.data_header(len(data)), data])
-            pos += len(data)
-            cursor = None
-            continue
-        if cursor is None or cursor[0] < writer.first_index:
-            cursor = writer.locate(pos)
-        bufs, after = writer.take(cursor, BATCH)
+        bufs, cursor = writer.read_at(pos, cursor, BATCH)
         if bufs:
             size = sum(len(b) for b in bufs)
             await send_all(sock, [codec.data_header(size), *bufs])
-            cursor, pos = after, pos + size
+            pos += size
             continue
         if writer.state is WriterState.COMPLETE:
             await send_all(sock, [codec.end_frame(writer.end)])
@@ -314,15 +305,7 @@ async def pull_local(
             if writer.state is WriterState.ABORTED:
                 reason, message = writer.abort_reason or (AbortReason.REMOVED, "")
                 return Result(_ABORTS[reason], message)
-            pos = reader.stream_pos
-            if pos < writer.base and writer.spill is not None:
-                reader.accept(writer.spill.read(pos, BATCH))  # the advertised spill file
-                writer.ack(reader.stream_pos)
-                cursor = None
-                continue
-            if cursor is None or cursor[0] < writer.first_index:
-                cursor = writer.locate(pos)
-            bufs, cursor = writer.take(cursor, BATCH)
+            bufs, cursor = writer.read_at(reader.stream_pos, cursor, BATCH)
             if bufs:
                 for buf in bufs:
                     reader.accept(buf)

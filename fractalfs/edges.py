@@ -17,7 +17,7 @@ import contextlib
 import errno
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from enum import Enum
 from typing import Any
 
@@ -316,6 +316,18 @@ class WriterEnd:
                 return self.first_index + i, pos - at
             at += len(chunk)
         return self.first_index + len(self.chunks), 0
+
+    def read_at(
+        self, pos: int, cursor: tuple[int, int] | None, limit: int
+    ) -> tuple[Sequence[bytes | memoryview], tuple[int, int] | None]:
+        """Up to ``limit`` bytes of the stream from offset ``pos`` and the cursor after them
+        (``cursor``: where the previous call left off, or None). Bytes no longer in memory
+        (persistent mode) come from the spill file; none when nothing new was written."""
+        if pos < self.base and self.spill is not None:
+            return [self.spill.read(pos, limit)], None
+        if cursor is None or cursor[0] < self.first_index:
+            cursor = self.locate(pos)
+        return self.take(cursor, limit)
 
     def take(self, cursor: tuple[int, int], limit: int) -> tuple[list[memoryview], tuple[int, int]]:
         """Up to ``limit`` bytes from ``cursor`` (as views, no copy) and the cursor after."""
