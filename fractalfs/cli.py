@@ -26,6 +26,7 @@ from .edgeid import EdgeId
 from .errors import QuietError
 from .notify import notify
 from .runtime import freeze_startup_heap
+from .safetext import printable
 
 log = logging.getLogger("fractalfs")
 
@@ -203,16 +204,19 @@ def _cmd_status(args: argparse.Namespace) -> None:
         return
     cols = ("ID", "STATE", "GEN", "MODE", "WRITER", "ENDPOINT", "READER", "DELIVERED", "WHY")
     rows = [
-        (
-            e["id"],
-            e["state"],
-            str(e["generation"]),
-            e.get("mode") or "-",
-            e["writer_node"] or "-",
-            e["writer_endpoint"] or "-",
-            e["reader_node"] or "-",
-            str(e["bytes_delivered"]),
-            e.get("mode_reason") or e.get("reason") or "",
+        tuple(
+            printable(v)
+            for v in (
+                e["id"],
+                e["state"],
+                str(e["generation"]),
+                e.get("mode") or "-",
+                e["writer_node"] or "-",
+                e["writer_endpoint"] or "-",
+                e["reader_node"] or "-",
+                str(e["bytes_delivered"]),
+                e.get("mode_reason") or e.get("reason") or "",
+            )
         )
         for e in edges
     ]

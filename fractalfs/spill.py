@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,8 +97,9 @@ class SpillFile:
         cls, spill_dir: str | Path, edge: EdgeId, generation: int, start: int, direct: bool = True
     ) -> Self:
         path = path_for(spill_dir, edge, generation)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        ensure_private_dir(path.parent)
+        path.unlink(missing_ok=True)  # a leftover of a crash (or a planted link): not followed
+        fd = os.open(path, CREATE | os.O_RDWR, 0o600)
         header = HEADER.pack(MAGIC, edge.bytes, generation, start, INCOMPLETE)
         try:
             os.write(fd, header)
@@ -123,7 +125,7 @@ class SpillFile:
 
     @classmethod
     def open(cls, info: SpillInfo) -> Self:
-        fd = os.open(info.path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(info.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         spill = cls(info.path, fd, info.edge, info.generation, info.start)
         spill.end = info.start + info.size
         spill.complete = info.complete is not None
@@ -337,15 +339,36 @@ def scan(spill_dir: str | Path) -> list[SpillInfo]:
     return found
 
 
+#: Spill files are created, never reused: a symlink or file planted under the name is refused.
+CREATE = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def ensure_private_dir(path: Path) -> None:
+    """Creates ``path`` 0700; refuses one owned by another user or writable by others.
+
+    A directory others can write lets them plant symlinks or swap files under our names.
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise OSError(errno.ENOTDIR, f"spill directory {path} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise OSError(errno.EACCES, f"spill directory {path} is owned by uid {st.st_uid}")
+    if st.st_mode & 0o022:
+        mode = st.st_mode & 0o777
+        raise OSError(errno.EACCES, f"spill directory {path} is writable by others ({mode:o})")
+
+
 def measure_bandwidth(spill_dir: str | Path, size: int = 16 << 20) -> float:
     """Bytes per second the spill directory absorbs (write + fdatasync of ``size`` bytes)."""
     import time
 
     path = Path(spill_dir) / ".bandwidth-probe"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_private_dir(path.parent)
+    path.unlink(missing_ok=True)
     block = b"\0" * (1 << 20)
     t0 = time.perf_counter()
-    fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+    fd = os.open(path, CREATE | os.O_WRONLY, 0o600)
     try:
         for _ in range(size // len(block)):
             os.write(fd, block)

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 
 from .errors import QuietError
+from .safetext import printable
 
 SHOWN = {
     "writer": "writer registered",
@@ -29,7 +30,8 @@ SHOWN = {
 def describe(event: dict[str, Any]) -> str:
     data = event.get("data") or {}
     extra = " ".join(f"{k}={v}" for k, v in data.items() if v not in ("", None))
-    return f"{event['edge']} {SHOWN.get(event['kind'], event['kind'])} {extra}".rstrip()
+    line = f"{event['edge']} {SHOWN.get(event['kind'], event['kind'])} {extra}".rstrip()
+    return printable(line)
 
 
 def _bar(done: int, total: int, width: int = 24) -> str:
@@ -79,8 +81,8 @@ def watch(url: str, interval: float = 0.5) -> None:
                 last[e["id"]] = (now, done)
                 total = int(e["bytes_written"]) if e["writer_state"] == "complete" else 0
                 lines.append(
-                    f"{e['id'][:12]} {_bar(done, total)} {done / 1e6:10.1f} MB "
-                    f"{rate:8.1f} MB/s  {e['mode'] or '-':10s} {e['state']}"
+                    f"{printable(e['id'][:12])} {_bar(done, total)} {done / 1e6:10.1f} MB "
+                    f"{rate:8.1f} MB/s  {printable(e['mode'] or '-'):10s} {printable(e['state'])}"
                 )
             if tty and drawn:
                 sys.stdout.write(f"\x1b[{drawn}F\x1b[J")  # redraw the progress block

@@ -35,6 +35,7 @@ MAX_NAME = 255
 NODE_EVENTS = frozenset({"resumed", "diverged"})
 NODE_TIMEOUT = 1.5  # a node silent this long is lost (daemons heartbeat every 0.5 s)
 MAX_ENDS = 100_000
+MAX_INT = 2**63 - 1  # SQLite INTEGER; anything larger is a client's mistake, not a 500
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -81,6 +82,8 @@ async def _body(request: web.Request) -> dict[str, Any]:
         body = await request.json()
     except ValueError as exc:
         raise BadRequest(f"body is not JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("body is nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object")
     return body
@@ -95,9 +98,19 @@ def _str(body: dict[str, Any], key: str, *, required: bool = True) -> str:
 
 def _int(body: dict[str, Any], key: str) -> int:
     value = body.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise BadRequest(f"field {key!r} must be a non-negative integer")
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_INT:
+        raise BadRequest(f"field {key!r} must be an integer from 0 to 2**63-1")
     return value
+
+
+def _bounded(data: dict[str, Any]) -> bool:
+    """A flat object whose numbers fit SQLite and JSON consumers (node event details)."""
+    for value in data.values():
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+            return False
+        if not isinstance(value, (str, int, float, bool)) and value is not None:
+            return False
+    return True
 
 
 def _query_number(request: web.Request, key: str, default: float, cap: float) -> float:
@@ -216,7 +229,12 @@ class DiscoveryApp:
         if not isinstance(readers, list) or len(readers) > MAX_ENDS:
             raise BadRequest("field 'readers' must be a list of edge ids")
         for edge, gen in writers.items():
-            if not EdgeId.is_valid(edge) or not isinstance(gen, int) or isinstance(gen, bool):
+            if (
+                not EdgeId.is_valid(edge)
+                or not isinstance(gen, int)
+                or isinstance(gen, bool)
+                or not 0 <= gen <= MAX_INT
+            ):
                 raise BadRequest(f"bad writer entry {edge!r}: {gen!r}")
         for edge in readers:
             if not isinstance(edge, str) or not EdgeId.is_valid(edge):
@@ -394,8 +412,8 @@ class DiscoveryApp:
         if kind not in NODE_EVENTS:
             raise BadRequest(f"field 'kind' must be one of {sorted(NODE_EVENTS)}")
         data = body.get("data", {})
-        if not isinstance(data, dict):
-            raise BadRequest("field 'data' must be an object")
+        if not isinstance(data, dict) or not _bounded(data):
+            raise BadRequest("field 'data' must be an object of strings, numbers and booleans")
         self.store.record(edge, kind, data)
         self._changed()
         return web.json_response({"id": edge})
@@ -404,8 +422,10 @@ class DiscoveryApp:
         """Server-Sent Events: every event from ``Last-Event-ID`` (or ``?after=``) on."""
         after = int(_query_number(request, "after", -1, 2**62))
         last_id = request.headers.get("Last-Event-ID", "")
-        if last_id.isdigit():
+        if last_id.isascii() and last_id.isdigit() and len(last_id) <= 18:
             after = int(last_id)
+        elif last_id:
+            raise BadRequest("header 'Last-Event-ID' must be an event number")
         if after < 0:
             after = self.store.last_seq()  # only what happens from now on
         resp = web.StreamResponse(

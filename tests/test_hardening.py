@@ -1,0 +1,117 @@
+"""Hostile inputs at discovery, the spill directory and the operator's terminal: each one
+used to give a 500, follow a planted link or print raw escape sequences."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from fractalfs import spill
+from fractalfs.edgeid import EdgeId
+from fractalfs.safetext import printable
+from fractalfs.testing import Discovery
+
+E = "0123456789abcdef0123456789abcdef"
+HUGE = 2**64
+
+
+@pytest.fixture
+def disc(tmp_path: Path) -> Iterator[Discovery]:
+    d = Discovery(tmp_path)
+    d.start()
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+@pytest.fixture
+def api(disc: Discovery) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=disc.url + "/v1", timeout=20) as client:
+        yield client
+
+
+def bad(resp: httpx.Response) -> None:
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]
+
+
+def test_integers_past_63_bits_are_400s(api: httpx.Client) -> None:
+    api.post(f"/edges/{E}/writer", json={"node": "a", "endpoint": "h:1"}).raise_for_status()
+    bad(api.post(f"/edges/{E}/progress", json={"bytes": HUGE}))
+    body = {"generation": HUGE, "state": "complete", "bytes": 1}
+    bad(api.post(f"/edges/{E}/writer/close", json=body))
+    bad(api.post(f"/edges/{E}/writer/close", json={**body, "generation": 1, "bytes": HUGE}))
+    bad(api.post(f"/edges/{E}/event", json={"kind": "resumed", "data": {"n": HUGE}}))
+    bad(api.post("/nodes/a/heartbeat", json={"writers": {E: HUGE}, "readers": []}))
+    bad(api.get("/events/stream", headers={"Last-Event-ID": "9" * 40}))
+    bad(api.get("/events/stream", headers={"Last-Event-ID": "x"}))
+    assert api.get("/health").status_code == 200  # still serving
+
+
+def test_deeply_nested_json_is_a_400(api: httpx.Client) -> None:
+    deep = b"[" * 50_000 + b"]" * 50_000
+    resp = api.post(f"/edges/{E}/writer", content=deep[:60_000])
+    assert resp.status_code == 400, resp.text
+    resp = api.post(f"/edges/{E}/event", content=b'{"kind":"resumed","data":' + deep[:60_000])
+    assert resp.status_code == 400, resp.text
+
+
+def test_database_is_private(disc: Discovery) -> None:
+    assert stat.S_IMODE(os.stat(disc.db).st_mode) == 0o600
+
+
+def test_status_strips_control_characters(disc: Discovery, api: httpx.Client) -> None:
+    evil = "\x1b]0;owned\x07\x1b[2Jnode"
+    api.post(f"/edges/{E}/writer", json={"node": evil, "endpoint": "h:1"}).raise_for_status()
+    got = subprocess.run(
+        [sys.executable, "-m", "fractalfs", "status", "--discovery", disc.url],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert "\x1b" not in got.stdout and "\x07" not in got.stdout
+    assert "\\x1b]0;owned" in got.stdout
+
+
+def test_printable_escapes_every_control_character() -> None:
+    assert printable("a\x00b\x7f\x9b\u202e") == "a\\x00b\\x7f\\x9b\\u202e"
+    assert printable("plain ünïcode") == "plain ünïcode"
+
+
+def test_a_symlink_planted_in_the_spill_directory_is_not_followed(tmp_path: Path) -> None:
+    spill_dir = tmp_path / "spill"
+    spill_dir.mkdir(mode=0o700)
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    edge = EdgeId.new()
+    os.symlink(victim, spill.path_for(spill_dir, edge, 1))
+    sp = spill.SpillFile.create(spill_dir, edge, 1, 0, direct=False)
+    sp.close()
+    assert victim.read_text() == "precious"
+    assert not spill.path_for(spill_dir, edge, 1).is_symlink()
+
+
+def test_a_spill_directory_others_can_write_is_refused(tmp_path: Path) -> None:
+    spill_dir = tmp_path / "spill"
+    spill_dir.mkdir()
+    spill_dir.chmod(0o777)
+    with pytest.raises(OSError, match="writable by others"):
+        spill.SpillFile.create(spill_dir, EdgeId.new(), 1, 0, direct=False)
+    fresh = tmp_path / "fresh" / "spill"
+    spill.SpillFile.create(fresh, EdgeId.new(), 1, 0, direct=False).close()
+    assert stat.S_IMODE(os.stat(fresh).st_mode) == 0o700
+
+
+@pytest.mark.parametrize("unit", ["fractalfs.service", "fractalfs-discovery.service"])
+def test_units_raise_the_descriptor_limit(unit: str) -> None:
+    text = (Path(__file__).parent.parent / "systemd" / unit).read_text()
+    assert "\nLimitNOFILE=65536\n" in text
