@@ -37,6 +37,29 @@ def _discovery_default() -> str:
     return os.environ.get("FRACTALFS_DISCOVERY", DEFAULT_DISCOVERY)
 
 
+SECRET_HELP = (
+    "the cluster secret (default: $FRACTALFS_SECRET_FILE, else the local node's "
+    "STATE_DIR/secret if it exists)"
+)
+
+
+def _client_auth(args: argparse.Namespace) -> tuple[str, str] | None:
+    """The operator's credentials for status and watch: the secret, wherever it is."""
+    from .auth import SecretError, load_secret, operator_credentials, secret_path_for
+    from .config import default_state_dir
+
+    path = args.secret_file or os.environ.get("FRACTALFS_SECRET_FILE", "")
+    if not path:
+        state = os.environ.get("FRACTALFS_STATE_DIR") or default_state_dir()
+        path = secret_path_for(state)
+        if not os.path.exists(path):
+            return None  # a discovery server without a secret (loopback)
+    try:
+        return operator_credentials(load_secret(path))
+    except SecretError as exc:
+        raise QuietError(str(exc), 2) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fractalfs", description="Remote named pipes as ordinary files (FUSE)."
@@ -57,6 +80,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--listen", metavar="HOST:PORT", help="listening address (0.0.0.0:7700)")
     d.add_argument("--db", metavar="PATH", help="SQLite file (default: state dir)")
+    d.add_argument("--secret-file", metavar="PATH", help="the cluster secret (mode 0600)")
+    d.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="allow serving without a secret on a non-loopback address",
+    )
 
     m = sub.add_parser("mount", help="run the node daemon in the foreground")
     m.add_argument("mountpoint", nargs="?", default=None)
@@ -91,6 +121,12 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--state-dir", metavar="DIR")
     m.add_argument("--node", metavar="NAME", help="node name (default: hostname)")
     m.add_argument(
+        "--secret-file",
+        metavar="PATH",
+        help="the cluster secret, mode 0600 (default: STATE_DIR/secret, created when "
+        "discovery is embedded)",
+    )
+    m.add_argument(
         "--write-window",
         type=int,
         metavar="BYTES",
@@ -114,12 +150,15 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     sub.add_parser("new-edge", help="print a fresh edge id")
+    sub.add_parser("new-secret", help="print a fresh cluster secret (store it mode 0600)")
 
     w = sub.add_parser("watch", help="live progress and lifecycle events of the edges")
     w.add_argument("--discovery", metavar="URL", default=_discovery_default())
+    w.add_argument("--secret-file", metavar="PATH", help=SECRET_HELP)
 
     s = sub.add_parser("status", help="list the edges discovery knows")
     s.add_argument("--discovery", metavar="URL", default=_discovery_default())
+    s.add_argument("--secret-file", metavar="PATH", help=SECRET_HELP)
     s.add_argument("--json", action="store_true", help="machine-readable output")
     return p
 
@@ -153,6 +192,7 @@ def _cmd_discovery(args: argparse.Namespace) -> None:
     except ValueError as exc:
         raise QuietError(str(exc), 2) from None
     db = config.db or os.path.join(default_state_dir(), "discovery.db")
+    secret = _discovery_secret(config, host)
 
     def ready(url: str) -> None:
         print(f"fractalfs discovery listening on {url} (db {db})", flush=True)
@@ -160,13 +200,37 @@ def _cmd_discovery(args: argparse.Namespace) -> None:
 
     freeze_startup_heap()
     try:
-        asyncio.run(serve_forever(db, host, port, ready))
+        asyncio.run(serve_forever(db, host, port, ready, secret))
     except OSError as exc:
         raise QuietError(f"discovery cannot start on {config.listen}: {exc.strerror}") from None
     except KeyboardInterrupt:
         pass
     finally:
         notify("STOPPING=1")
+
+
+def _discovery_secret(config: DiscoveryConfig, host: str) -> bytes | None:
+    import ipaddress
+
+    from .auth import SecretError, load_secret
+
+    if config.secret_file:
+        try:
+            return load_secret(config.secret_file)
+        except SecretError as exc:
+            raise QuietError(str(exc), 2) from None
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not config.insecure:
+        raise QuietError(
+            f"refusing to serve {host} without a cluster secret: pass --secret-file "
+            "(make one with `fractalfs new-secret`), or --insecure",
+            2,
+        )
+    log.warning("no cluster secret: anyone who can reach %s controls every stream", host)
+    return None
 
 
 def _cmd_mount(args: argparse.Namespace) -> None:
@@ -184,20 +248,22 @@ def _cmd_mount(args: argparse.Namespace) -> None:
     mount.run(config, ready=lambda line: print(line, flush=True))
 
 
-def _fetch_edges(url: str) -> list[dict[str, Any]]:
+def _fetch_edges(url: str, auth: tuple[str, str] | None) -> list[dict[str, Any]]:
     import httpx
 
     try:
-        resp = httpx.get(url.rstrip("/") + "/v1/edges", timeout=10)
+        resp = httpx.get(url.rstrip("/") + "/v1/edges", timeout=10, auth=auth)
     except httpx.HTTPError as exc:
         raise QuietError(f"discovery at {url} unreachable: {exc}") from None
+    if resp.status_code == 401:
+        raise QuietError(f"discovery at {url} wants the cluster secret: pass --secret-file")
     if resp.status_code != 200:
         raise QuietError(f"discovery at {url} answered {resp.status_code}")
     return resp.json()["edges"]  # type: ignore[no-any-return]
 
 
 def _cmd_status(args: argparse.Namespace) -> None:
-    edges = _fetch_edges(args.discovery)
+    edges = _fetch_edges(args.discovery, _client_auth(args))
     if args.json:
         json.dump({"edges": edges}, sys.stdout, indent=2)
         print()
@@ -240,12 +306,16 @@ def main(argv: list[str] | None = None) -> int:
             _cmd_mount(args)
         elif args.command == "new-edge":
             print(EdgeId.new().hex)
+        elif args.command == "new-secret":
+            from .auth import new_secret
+
+            print(new_secret())
         elif args.command == "status":
             _cmd_status(args)
         elif args.command == "watch":
             from .watch import watch
 
-            watch(args.discovery)
+            watch(args.discovery, _client_auth(args))
     except QuietError as exc:
         print(f"fractalfs: {exc}", file=sys.stderr)
         return exc.exitcode

@@ -60,6 +60,9 @@ class NodeConfig:
     spill_quota: int = 0
     #: Prometheus metrics at http://HOST:PORT/metrics (empty: off).
     metrics_listen: str = ""
+    #: The cluster secret (``fractalfs new-secret``; mode 0600). Empty: state_dir/secret,
+    #: created if this daemon embeds discovery.
+    secret_file: str = ""
 
     def finalize(self) -> None:
         """Fills in what was left empty: node name, state directory and paths under it."""
@@ -89,6 +92,11 @@ class DiscoveryConfig:
     listen: str = "0.0.0.0:7700"
     #: SQLite database (default: state dir/discovery.db).
     db: str = ""
+    #: The cluster secret every request must prove (``fractalfs new-secret``; mode 0600).
+    secret_file: str = ""
+    #: Serve without a secret on a non-loopback address (anyone reaching it controls
+    #: every stream).
+    insecure: bool = False
 
 
 def _coerce(where: str, key: str, kind: type, value: object) -> object:

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import pyfuse3
 import trio
 
-from . import metrics
+from . import auth, metrics
 from .config import NodeConfig
 from .discovery.client import DiscoveryClient, DiscoveryError, Unavailable
 from .discovery.server import EmbeddedDiscovery, parse_listen
@@ -106,14 +106,25 @@ async def serve(
     discovery_url: str,
     *,
     ready: Callable[[str], None] | None = None,
+    secret: bytes | None = None,
 ) -> None:
     """Mounts and serves until unmounted or signalled; always unmounts."""
-    client = DiscoveryClient(discovery_url, retry_for=config.discovery_retry)
+    creds = auth.node_credentials(secret, config.node) if secret is not None else None
+    client = DiscoveryClient(discovery_url, retry_for=config.discovery_retry, auth=creds)
     try:
         await client.health(retry_for=3.0)
+        await client.edges()  # proves the secret (or learns discovery wants one)
     except Unavailable as exc:
         await client.aclose()
         raise QuietError(str(exc)) from None
+    except DiscoveryError as exc:
+        await client.aclose()
+        if exc.status == 401:
+            raise QuietError(
+                f"discovery at {discovery_url} refused this node's credentials: "
+                "--secret-file must name the cluster's secret"
+            ) from None
+        raise QuietError(f"discovery at {discovery_url}: {exc}") from None
     host, port = parse_listen(config.data_listen, 7701)
     listener = await _open_listener(host, port)
     bound_port = listener.getsockname()[1]
@@ -181,13 +192,31 @@ class _ForcedStop(Exception):
     pass
 
 
+def cluster_secret(config: NodeConfig) -> bytes | None:
+    """The secret from ``secret_file``; else state_dir/secret, created (0600) when this
+    daemon embeds discovery, so that ``make run`` needs no setup."""
+    path = config.secret_file or auth.secret_path_for(config.state_dir)
+    try:
+        if config.secret_file or os.path.exists(path):
+            return auth.load_secret(path)
+        if config.discovery_url is None:
+            secret = auth.ensure_secret(path)
+            log.info("created the cluster secret %s", path)
+            return secret
+    except auth.SecretError as exc:
+        raise QuietError(str(exc), 2) from None
+    log.warning("no cluster secret (--secret-file): data connections are not authenticated")
+    return None
+
+
 def run(config: NodeConfig, *, ready: Callable[[str], None] | None = None) -> None:
     config.finalize()
     config.mountpoint = prepare_mountpoint(config.mountpoint)
+    secret = cluster_secret(config)
     embedded: EmbeddedDiscovery | None = None
     if config.discovery_url is None:
         host, port = parse_listen(config.discovery_listen, 7700)
-        embedded = EmbeddedDiscovery(config.discovery_db, host, port)
+        embedded = EmbeddedDiscovery(config.discovery_db, host, port, secret)
         try:
             url = embedded.start()
         except OSError as exc:
@@ -198,7 +227,7 @@ def run(config: NodeConfig, *, ready: Callable[[str], None] | None = None) -> No
         url = check_url(config.discovery_url)
     freeze_startup_heap()
     try:
-        trio.run(functools.partial(serve, config, url, ready=ready))
+        trio.run(functools.partial(serve, config, url, ready=ready, secret=secret))
     except _ForcedStop:
         pass
     except BaseExceptionGroup as group:

@@ -7,15 +7,42 @@ failing test never leaves a mount or a process behind.
 
 from __future__ import annotations
 
+import atexit
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 COMMAND = [sys.executable, "-m", "fractalfs"]
+_SECRET: Path | None = None
+
+
+def shared_secret_file() -> Path:
+    """One cluster secret (0600) for every daemon this process starts, removed at exit."""
+    global _SECRET
+    if _SECRET is None:
+        from .auth import new_secret
+
+        directory = Path(tempfile.mkdtemp(prefix="fractalfs-secret-"))
+        atexit.register(shutil.rmtree, directory, True)
+        path = directory / "secret"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(new_secret() + "\n")
+        _SECRET = path
+    return _SECRET
+
+
+def operator_auth(secret_file: Path | None = None) -> tuple[str, str]:
+    """HTTP Basic credentials of the operator (for httpx ``auth=``)."""
+    from .auth import load_secret, operator_credentials
+
+    return operator_credentials(load_secret(str(secret_file or shared_secret_file())))
 
 
 class StartError(RuntimeError):
@@ -116,15 +143,28 @@ def log_tails(processes: list[Process], lines: int = 40) -> str:
 
 
 class Discovery(Process):
-    def __init__(self, workdir: Path, listen: str = "127.0.0.1:0", prefix: list[str] | None = None):
+    def __init__(
+        self,
+        workdir: Path,
+        listen: str = "127.0.0.1:0",
+        prefix: list[str] | None = None,
+        secret_file: Path | str | None = None,
+    ):
+        """``secret_file`` None: the shared test secret; "": serve without one."""
         self.workdir = workdir
         self.db = workdir / "discovery.db"
         self.listen = listen
         self.url = ""
+        self.secret_file = str(shared_secret_file() if secret_file is None else secret_file)
         super().__init__([], workdir / "discovery.log", prefix)
+
+    @property
+    def auth(self) -> tuple[str, str] | None:
+        return operator_auth(Path(self.secret_file)) if self.secret_file else None
 
     def start(self, timeout: float = 15.0) -> str:
         self.args = ["discovery", "--listen", self.listen, "--db", str(self.db)]
+        self.args += ["--secret-file", self.secret_file]
         line = super().start(timeout)
         self.url = line.split(" listening on ")[1].split()[0]
         # A restart must come back on the same port.
@@ -143,14 +183,18 @@ class Node(Process):
         advertise: str = "",
         extra: list[str] | None = None,
         prefix: list[str] | None = None,
+        secret_file: Path | str | None = None,
     ) -> None:
+        """``secret_file`` None: the shared test secret; "": none (state_dir/secret if an
+        embedded discovery creates it)."""
         self.name = name
+        self.secret_file = str(shared_secret_file() if secret_file is None else secret_file)
         self.mountpoint = workdir / f"mnt-{name}"
         if not is_mounted(self.mountpoint):  # a dead mount may sit there on purpose
             self.mountpoint.mkdir(parents=True, exist_ok=True)
         self.state = workdir / f"state-{name}"
         args = ["mount", str(self.mountpoint), "--node", name, "--data-listen", listen]
-        args += ["--state-dir", str(self.state)]
+        args += ["--state-dir", str(self.state), "--secret-file", self.secret_file]
         if discovery_url:
             args += ["--discovery", discovery_url]
         else:

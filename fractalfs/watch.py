@@ -41,12 +41,15 @@ def _bar(done: int, total: int, width: int = 24) -> str:
     return "[" + "#" * filled + "." * (width - filled) + "]"
 
 
-def watch(url: str, interval: float = 0.5) -> None:
+def watch(url: str, auth: tuple[str, str] | None = None, interval: float = 0.5) -> None:
     tty = sys.stdout.isatty()
     base = url.rstrip("/") + "/v1"
-    with httpx.Client(timeout=10) as http:
+    with httpx.Client(timeout=10, auth=auth) as http:
         try:
-            after = int(http.get(f"{base}/health").json()["last_event"])
+            first = http.get(f"{base}/events", params={"after": 2**62})
+            if first.status_code == 401:
+                raise QuietError(f"discovery at {url} wants the cluster secret: --secret-file")
+            after = int(first.json()["last"])
         except httpx.HTTPError as exc:
             raise QuietError(f"discovery at {url} unreachable: {exc}") from None
         last: dict[str, tuple[float, int]] = {}

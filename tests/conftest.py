@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from fractalfs.edgeid import EdgeId
-from fractalfs.testing import Discovery, Node, Process, log_tails
+from fractalfs.testing import Discovery, Node, Process, log_tails, shared_secret_file
 
 needs_fuse = pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
@@ -52,6 +52,8 @@ def pytest_configure(config: pytest.Config) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, interrupt)
+    # Every daemon and CLI run a test starts proves the same cluster secret.
+    os.environ["FRACTALFS_SECRET_FILE"] = str(shared_secret_file())
     # Started in the background by a non-interactive shell, we inherit SIGINT ignored, and
     # so would every program a test starts: tests that Ctrl-C one would fail for that.
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:

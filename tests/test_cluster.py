@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from fractalfs.cluster import NetCluster, available
+from fractalfs.testing import operator_auth
 
 from .conftest import failed, fuse_d_state, new_edge, sha_file, size, wait_for
 
@@ -154,7 +155,8 @@ def test_node_loss_is_known_within_two_seconds(net: NetCluster, tmp_path: Path) 
             "-c",
             "import httpx, sys, time\n"
             f"u = '{net.discovery_url}/v1/edges/{edge}'\n"
-            "while httpx.get(u).json()['writer_state'] != 'lost': time.sleep(0.01)\n",
+            f"a = {operator_auth()!r}\n"
+            "while httpx.get(u, auth=a).json()['writer_state'] != 'lost': time.sleep(0.01)\n",
         ],
         timeout=10,
         check=True,

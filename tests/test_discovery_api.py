@@ -20,7 +20,7 @@ def api(tmp_path: Path) -> Iterator[httpx.Client]:
     disc = Discovery(tmp_path)
     disc.start()
     try:
-        with httpx.Client(base_url=disc.url + "/v1", timeout=20) as client:
+        with httpx.Client(base_url=disc.url + "/v1", timeout=20, auth=disc.auth) as client:
             yield client
     finally:
         disc.stop()
@@ -78,7 +78,7 @@ def test_every_waiter_on_an_edge_is_answered(api: httpx.Client) -> None:
     answers: list[tuple[float, str | None]] = []
 
     def wait() -> None:
-        with httpx.Client(base_url=str(api.base_url), timeout=20) as own:
+        with httpx.Client(base_url=str(api.base_url), timeout=20, auth=api.auth) as own:
             got = own.get(f"/edges/{E}", params={"wait": 15, "since": rec["version"]}).json()
             answers.append((time.monotonic(), got["reader_node"]))
 

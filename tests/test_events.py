@@ -14,6 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from fractalfs.testing import operator_auth
+
 from .conftest import Cluster, Programs, needs_fuse, new_edge, sh
 
 pytestmark = needs_fuse
@@ -24,7 +26,7 @@ SLOWCAT = f"{sys.executable} {Path(__file__).with_name('slowcat.py')}"
 def sse(url: str, headers: dict[str, str], until: str, timeout: float = 20) -> list[dict]:  # type: ignore[type-arg]
     events: list[dict] = []  # type: ignore[type-arg]
     deadline = time.monotonic() + timeout
-    with httpx.stream("GET", url, headers=headers, timeout=timeout) as resp:
+    with httpx.stream("GET", url, headers=headers, timeout=timeout, auth=operator_auth()) as resp:
         assert resp.headers["content-type"].startswith("text/event-stream")
         current: dict[str, str] = {}
         for line in resp.iter_lines():
@@ -111,7 +113,8 @@ def test_prometheus_metrics(cluster: Cluster, programs: Programs) -> None:
     assert f'fractalfs_edge_bytes_written_total{{edge="{edge}"}} 3.145728e+06' in text
     assert 'fractalfs_fuse_request_seconds_count{op="write"}' in text
     assert "fractalfs_open_edges" in text and "fractalfs_spill_bytes" in text
-    disc_text = httpx.get(f"{disc.url}/metrics").text
+    assert httpx.get(f"{disc.url}/metrics").status_code == 401
+    disc_text = httpx.get(f"{disc.url}/metrics", auth=disc.auth).text
     assert 'fractalfs_discovery_edges{state="delivered"} 1.0' in disc_text
     assert 'fractalfs_discovery_nodes{alive="true"} 2.0' in disc_text
 
@@ -142,7 +145,10 @@ def test_status_page_updates_live_in_headless_chromium(
             ],
         )
         try:
-            page = browser.new_page()
+            # The page authenticates with HTTP Basic (any user, the secret as password);
+            # its fetches and its EventSource reuse those credentials.
+            user, password = operator_auth()
+            page = browser.new_page(http_credentials={"username": user, "password": password})
             page.goto(disc.url + "/")
             page.wait_for_selector("#live:text('(live)')", timeout=10_000)  # SSE connected
             writer = programs.start(f"exec sleep 60 > {a.path(edge)}")  # open, no reader

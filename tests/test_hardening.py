@@ -12,6 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fractalfs import spill
 from fractalfs.edgeid import EdgeId
@@ -34,7 +36,7 @@ def disc(tmp_path: Path) -> Iterator[Discovery]:
 
 @pytest.fixture
 def api(disc: Discovery) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=disc.url + "/v1", timeout=20) as client:
+    with httpx.Client(base_url=disc.url + "/v1", timeout=20, auth=disc.auth) as client:
         yield client
 
 
@@ -76,6 +78,7 @@ def test_status_strips_control_characters(disc: Discovery, api: httpx.Client) ->
         capture_output=True,
         text=True,
         timeout=30,
+        env={**os.environ, "FRACTALFS_SECRET_FILE": str(disc.secret_file)},
         check=True,
     )
     assert "\x1b" not in got.stdout and "\x07" not in got.stdout
@@ -115,3 +118,55 @@ def test_a_spill_directory_others_can_write_is_refused(tmp_path: Path) -> None:
 def test_units_raise_the_descriptor_limit(unit: str) -> None:
     text = (Path(__file__).parent.parent / "systemd" / unit).read_text()
     assert "\nLimitNOFILE=65536\n" in text
+
+
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner),
+    max_leaves=12,
+)
+FIELDS = st.sampled_from(
+    [
+        "node",
+        "endpoint",
+        "generation",
+        "state",
+        "bytes",
+        "reason",
+        "mode",
+        "complete",
+        "kind",
+        "data",
+        "boot",
+        "writers",
+        "readers",
+    ]
+)
+POSTS = [
+    f"/edges/{E}/writer",
+    f"/edges/{E}/writer/close",
+    f"/edges/{E}/reader",
+    f"/edges/{E}/reader/close",
+    f"/edges/{E}/progress",
+    f"/edges/{E}/mode",
+    f"/edges/{E}/writer/restore",
+    f"/edges/{E}/event",
+    "/nodes/fuzz/heartbeat",
+]
+
+
+def test_fuzzed_bodies_never_get_a_500(api: httpx.Client) -> None:
+    @settings(max_examples=300, deadline=None, database=None)
+    @given(st.sampled_from(POSTS), st.dictionaries(FIELDS, JSON, max_size=6) | JSON)
+    def post(path: str, body: object) -> None:
+        resp = api.post(path, json=body)
+        assert resp.status_code < 500, (path, body, resp.text)
+        if resp.status_code >= 400:
+            assert resp.json()["error"]
+
+    post()
+    assert api.get("/health").status_code == 200

@@ -30,11 +30,14 @@ class Unavailable(Exception):
 
 
 class DiscoveryClient:
-    def __init__(self, url: str, *, retry_for: float = 30.0) -> None:
+    def __init__(
+        self, url: str, *, retry_for: float = 30.0, auth: tuple[str, str] | None = None
+    ) -> None:
         self.url = url.rstrip("/")
         self.retry_for = retry_for
         self._http = httpx.AsyncClient(
             base_url=self.url + "/v1",
+            auth=auth,
             timeout=httpx.Timeout(10.0),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
         )

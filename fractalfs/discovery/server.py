@@ -24,6 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from ..edgeid import EdgeId
+from . import guard
 from .store import Conflict, Edge, NotFound, Store
 
 log = logging.getLogger(__name__)
@@ -149,8 +150,11 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 class DiscoveryApp:
-    def __init__(self, store: Store, node_timeout: float = NODE_TIMEOUT) -> None:
+    def __init__(
+        self, store: Store, node_timeout: float = NODE_TIMEOUT, secret: bytes | None = None
+    ) -> None:
         self.store = store
+        self.secret = secret  # None: no authentication (loopback or --insecure only)
         self.changes = Changes()
         self.node_timeout = node_timeout
         self.last_seen: dict[str, float] = {}
@@ -188,7 +192,10 @@ class DiscoveryApp:
         self.changes.notify()
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY, middlewares=[_errors])
+        middlewares: list[Any] = [_errors]
+        if self.secret is not None:
+            middlewares.insert(0, guard.middleware(self.secret, self.store))
+        app = web.Application(client_max_size=MAX_BODY, middlewares=middlewares)
         r = app.router
         r.add_get(f"{API}/health", self.health)
         r.add_get("/metrics", self.metrics)
@@ -473,9 +480,12 @@ def parse_listen(text: str, default_port: int) -> tuple[str, int]:
     return host, number
 
 
-async def start(store: Store, host: str, port: int) -> tuple[web.AppRunner, str]:
+async def start(
+    store: Store, host: str, port: int, secret: bytes | None = None
+) -> tuple[web.AppRunner, str]:
     """Starts serving; returns the runner and the URL actually bound (port 0 resolved)."""
-    runner = web.AppRunner(DiscoveryApp(store).app(), access_log=None, shutdown_timeout=1.0)
+    app = DiscoveryApp(store, secret=secret).app()
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()
@@ -485,10 +495,14 @@ async def start(store: Store, host: str, port: int) -> tuple[web.AppRunner, str]
 
 
 async def serve_forever(
-    db: str, host: str, port: int, ready: Callable[[str], None] | None = None
+    db: str,
+    host: str,
+    port: int,
+    ready: Callable[[str], None] | None = None,
+    secret: bytes | None = None,
 ) -> None:
     store = Store(db)
-    runner, url = await start(store, host, port)
+    runner, url = await start(store, host, port, secret)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -506,8 +520,9 @@ async def serve_forever(
 class EmbeddedDiscovery:
     """A discovery server on its own asyncio loop in a daemon thread of the node process."""
 
-    def __init__(self, db: str, host: str, port: int) -> None:
+    def __init__(self, db: str, host: str, port: int, secret: bytes | None = None) -> None:
         self._args = (db, host, port)
+        self._secret = secret
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._ready = threading.Event()
@@ -536,7 +551,7 @@ class EmbeddedDiscovery:
         self._stop = asyncio.Event()
         try:
             store = Store(db)
-            runner, self.url = await start(store, host, port)
+            runner, self.url = await start(store, host, port, self._secret)
         except BaseException as exc:
             self.error = exc
             self._ready.set()

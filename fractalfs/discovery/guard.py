@@ -1,0 +1,90 @@
+"""Who may call discovery: proof of the cluster secret on every route but ``/v1/health``,
+and a node's own credential for whatever a node does in its own name.
+
+The rules (see :mod:`fractalfs.auth` for the credentials):
+
+* ``/nodes/{node}/...`` (heartbeat, leave): only ``node``;
+* a body naming a ``node`` (writer registration, reader claim and release, restore): only
+  that node;
+* ``/writer/close`` and ``/mode``: only the edge's writer node; ``/progress``: only its
+  reader node (discovery recorded who registered what);
+* everything else (reads, removal, the event log, metrics, the status page): any principal.
+
+The operator's credential (the secret itself) may do everything.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from ..auth import Principal, check_basic
+from .store import Store
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+OPEN = frozenset({"/v1/health"})
+REALM = 'Basic realm="fractalfs", charset="UTF-8"'
+BODY_NODE = ("/writer", "/reader", "/reader/close", "/writer/restore")
+
+
+def _refuse(status: int, reason: str) -> web.Response:
+    headers = {"WWW-Authenticate": REALM} if status == 401 else {}
+    return web.json_response({"error": reason}, status=status, headers=headers)
+
+
+async def _body_node(request: web.Request) -> Any:
+    try:
+        body = json.loads(await request.read())
+    except (ValueError, RecursionError):
+        return None  # the handler answers 400 with its reason
+    return body.get("node") if isinstance(body, dict) else None
+
+
+async def _allowed(request: web.Request, who: Principal, store: Store) -> str:
+    """Empty if ``who`` may make ``request``, else the reason it may not."""
+    if who.node is None or request.method not in ("POST", "PUT"):
+        return ""
+    node = request.match_info.get("node")
+    if node is not None:
+        return "" if who.may_act_as(node) else f"node {who.node} may not act as node {node}"
+    edge = request.match_info.get("edge")
+    if edge is None:
+        return ""
+    tail = request.path.split(edge, 1)[1]
+    if tail in BODY_NODE:
+        named = await _body_node(request)
+        if isinstance(named, str) and not who.may_act_as(named):
+            return f"node {who.node} may not act as node {named}"
+        return ""
+    if tail in ("/writer/close", "/mode", "/progress"):
+        try:
+            record = store.get(edge)
+        except ValueError:
+            return ""
+        if record is None:
+            return ""
+        owner = record.reader_node if tail == "/progress" else record.writer_node
+        if owner and not who.may_act_as(owner):
+            end = "reader" if tail == "/progress" else "writer"
+            return f"node {who.node} is not the {end} of edge {edge} (node {owner} is)"
+    return ""
+
+
+def middleware(secret: bytes, store: Store) -> Any:
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in OPEN:
+            return await handler(request)
+        who = check_basic(secret, request.headers.get("Authorization", ""))
+        if who is None:
+            return _refuse(401, "this discovery server requires the cluster secret")
+        reason = await _allowed(request, who, store)
+        if reason:
+            return _refuse(403, reason)
+        request["principal"] = who
+        return await handler(request)
+
+    return guard

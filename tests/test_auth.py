@@ -1,0 +1,182 @@
+"""The cluster secret: discovery refuses whoever cannot prove it, a node may act only as
+itself, and the data port serves no stream to a peer without the secret."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from fractalfs import auth
+from fractalfs.testing import Discovery, Node, shared_secret_file
+
+from .conftest import Programs, needs_fuse, new_edge, sh
+
+E = "0123456789abcdef0123456789abcdef"
+CMD = [sys.executable, "-m", "fractalfs"]
+ROUTES = [
+    ("GET", "/"),
+    ("GET", "/metrics"),
+    ("GET", "/v1/edges"),
+    ("GET", f"/v1/edges/{E}"),
+    ("DELETE", f"/v1/edges/{E}"),
+    ("POST", f"/v1/edges/{E}/writer"),
+    ("POST", f"/v1/edges/{E}/writer/close"),
+    ("POST", f"/v1/edges/{E}/reader"),
+    ("POST", f"/v1/edges/{E}/reader/close"),
+    ("POST", f"/v1/edges/{E}/progress"),
+    ("POST", f"/v1/edges/{E}/mode"),
+    ("POST", f"/v1/edges/{E}/writer/restore"),
+    ("POST", f"/v1/edges/{E}/event"),
+    ("GET", "/v1/events"),
+    ("GET", "/v1/events/stream"),
+    ("GET", "/v1/nodes"),
+    ("POST", "/v1/nodes/a/heartbeat"),
+    ("POST", "/v1/nodes/a/leave"),
+]
+
+
+@pytest.fixture
+def disc(tmp_path: Path) -> Iterator[Discovery]:
+    d = Discovery(tmp_path)
+    d.start()
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+def secret() -> bytes:
+    return auth.load_secret(str(shared_secret_file()))
+
+
+def as_node(name: str) -> tuple[str, str]:
+    return auth.node_credentials(secret(), name)
+
+
+def test_every_route_but_health_needs_the_secret(disc: Discovery) -> None:
+    wrong = ("fractalfs", "not-the-secret-at-all")
+    forged = auth.node_credentials(b"another-cluster-secret", "a")
+    with httpx.Client(base_url=disc.url, timeout=10) as http:
+        for method, path in ROUTES:
+            for creds in (None, wrong, forged):
+                resp = http.request(method, path, json={"node": "a"}, auth=creds)
+                assert resp.status_code == 401, (method, path, creds, resp.text)
+                assert resp.headers["WWW-Authenticate"].startswith("Basic")
+                assert "secret" in resp.json()["error"]
+        assert http.get("/v1/health").status_code == 200
+        assert http.get("/v1/edges", auth=disc.auth).status_code == 200
+        assert http.get("/", auth=disc.auth).status_code == 200
+        assert http.get("/v1/edges", auth=as_node("x")).status_code == 200
+
+
+def test_a_node_may_act_only_as_itself(disc: Discovery) -> None:
+    a, b = as_node("a"), as_node("b")
+    hb = {"boot": "1", "writers": {}, "readers": []}
+    with httpx.Client(base_url=disc.url + "/v1", timeout=10) as http:
+        assert http.post("/nodes/a/heartbeat", json=hb, auth=a).status_code == 200
+        assert http.post("/nodes/b/heartbeat", json=hb, auth=b).status_code == 200
+        # Spoofed liveness: a cannot make b look restarted or gone.
+        for path in ("/nodes/b/heartbeat", "/nodes/b/leave"):
+            resp = http.post(path, json={**hb, "boot": "2"}, auth=a)
+            assert resp.status_code == 403 and "may not act as node b" in resp.json()["error"]
+        nodes = http.get("/nodes", auth=a).json()["nodes"]
+        assert all(n["alive"] for n in nodes)
+        # Registrations name their node; only that node may make them.
+        w = {"node": "b", "endpoint": "h:1"}
+        assert http.post(f"/edges/{E}/writer", json=w, auth=a).status_code == 403
+        assert http.post(f"/edges/{E}/writer", json=w, auth=b).status_code == 200
+        assert http.post(f"/edges/{E}/reader", json={"node": "b"}, auth=a).status_code == 403
+        assert http.post(f"/edges/{E}/reader", json={"node": "a"}, auth=a).status_code == 200
+        # Fencing b's writer off or closing it: only b; progress: only the reader a.
+        close = {"generation": 1, "state": "complete", "bytes": 0}
+        resp = http.post(f"/edges/{E}/writer/close", json=close, auth=a)
+        assert resp.status_code == 403 and "not the writer" in resp.json()["error"]
+        mode = {"generation": 1, "mode": "persistent", "reason": "x"}
+        assert http.post(f"/edges/{E}/mode", json=mode, auth=a).status_code == 403
+        assert http.post(f"/edges/{E}/progress", json={"bytes": 1}, auth=b).status_code == 403
+        assert http.post(f"/edges/{E}/progress", json={"bytes": 1}, auth=a).status_code == 200
+        assert http.post(f"/edges/{E}/mode", json=mode, auth=b).status_code == 200
+        rec = http.get(f"/edges/{E}", auth=a).json()
+        assert rec["writer_node"] == "b" and rec["reader_node"] == "a"
+        assert rec["writer_state"] == "open" and rec["generation"] == 1
+        # The operator (the secret itself) may do anything.
+        assert disc.auth is not None
+        assert http.post(f"/edges/{E}/writer/close", json=close, auth=disc.auth).is_success
+
+
+def test_new_secret_and_unsafe_secret_files(tmp_path: Path) -> None:
+    got = subprocess.run([*CMD, "new-secret"], capture_output=True, text=True, check=True)
+    assert len(got.stdout.strip()) >= 40
+    loose = tmp_path / "loose"
+    loose.write_text(got.stdout)
+    loose.chmod(0o644)
+    for args in (
+        ["discovery", "--listen", "127.0.0.1:0", "--db", str(tmp_path / "d.db")],
+        ["mount", str(tmp_path), "--discovery", "http://127.0.0.1:1"],
+        ["status", "--discovery", "http://127.0.0.1:1"],
+    ):
+        res = subprocess.run(
+            [*CMD, *args, "--secret-file", str(loose)], capture_output=True, text=True, timeout=30
+        )
+        assert res.returncode == 2, res.stderr
+        err = res.stderr.strip().splitlines()
+        assert err[-1].startswith("fractalfs: ") and "chmod 600" in err[-1], res.stderr
+        assert "Traceback" not in res.stderr
+
+
+def test_standalone_discovery_without_secret_stays_on_loopback(tmp_path: Path) -> None:
+    res = subprocess.run(
+        [*CMD, "discovery", "--listen", "0.0.0.0:0", "--db", str(tmp_path / "d.db")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={k: v for k, v in os.environ.items() if k != "FRACTALFS_SECRET_FILE"},
+    )
+    assert res.returncode == 2 and "--insecure" in res.stderr, res.stderr
+    args = [*CMD, "discovery", "--listen", "0.0.0.0:0", "--db", str(tmp_path / "i.db")]
+    insecure = subprocess.Popen(
+        [*args, "--insecure"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert insecure.stdout is not None and "listening" in insecure.stdout.readline()
+    finally:
+        insecure.terminate()
+        insecure.wait(10)
+    local = Discovery(tmp_path / "local", secret_file="")
+    local.start()
+    try:
+        assert httpx.get(local.url + "/v1/edges").status_code == 200
+    finally:
+        local.stop()
+
+
+@needs_fuse
+def test_make_run_needs_no_setup(tmp_path: Path, programs: Programs) -> None:
+    """An embedded discovery without --secret-file creates STATE_DIR/secret (0600) and
+    local `fractalfs status` finds it there."""
+    node = Node(tmp_path, "solo", None, secret_file="")
+    node.start()
+    try:
+        path = node.state / "secret"
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert httpx.get(node.discovery_url + "/v1/edges").status_code == 401
+        edge = new_edge()
+        reader = programs.start(f"cat {node.path(edge)}")
+        sh(f"echo hello > {node.path(edge)}")
+        assert reader.wait(timeout=20) == 0
+        env = {k: v for k, v in os.environ.items() if k != "FRACTALFS_SECRET_FILE"}
+        status = [*CMD, "status", "--discovery", node.discovery_url]
+        res = subprocess.run(status, capture_output=True, text=True, env=env, timeout=30)
+        assert res.returncode == 1 and "--secret-file" in res.stderr, res.stderr
+        env["FRACTALFS_STATE_DIR"] = str(node.state)
+        res = subprocess.run(status, capture_output=True, text=True, env=env, timeout=30)
+        assert res.returncode == 0 and edge in res.stdout, res.stderr
+    finally:
+        node.stop()
