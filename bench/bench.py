@@ -248,6 +248,11 @@ def main() -> int:
     ap.add_argument("--size", default="2G", help="bytes per throughput run (default 2G)")
     ap.add_argument("--bs", default="1M,64K", help="block sizes (default 1M,64K)")
     ap.add_argument("--only", choices=["throughput", "latency", "pairing", "persistence"])
+    ap.add_argument(
+        "--no-secret",
+        action="store_true",
+        help="daemons without the cluster secret (the cost of authentication, by difference)",
+    )
     args = ap.parse_args()
     if shutil.which("socat") is None:
         print("bench: socat is needed for the baseline (apt install socat)", file=sys.stderr)
@@ -256,10 +261,11 @@ def main() -> int:
     results: dict[str, Any] = {"size": size}
     with tempfile.TemporaryDirectory(prefix="fractalfs-bench-") as tmp:
         work = Path(tmp)
-        disc = Discovery(work / "discovery")
+        secret = "" if args.no_secret else None  # None: testing's shared secret
+        disc = Discovery(work / "discovery", secret_file=secret)
         disc.start()
-        a = Node(work, "a", disc.url, extra=["--mode", "transient"])
-        b = Node(work, "b", disc.url, extra=["--mode", "transient"])
+        a = Node(work, "a", disc.url, extra=["--mode", "transient"], secret_file=secret)
+        b = Node(work, "b", disc.url, extra=["--mode", "transient"], secret_file=secret)
         try:
             a.start()
             b.start()

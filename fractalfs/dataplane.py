@@ -14,6 +14,7 @@ and :func:`pull` / :func:`pull_local` fill one reader end, each returning how it
 from __future__ import annotations
 
 import logging
+import secrets
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ RECV_MAX = 1 << 20
 SMALL_RECV = 64 * 1024  # read-ahead when a header is due: small frames cost one syscall
 ACK_EVERY = 256 * 1024
 HANDSHAKE_TIMEOUT = 5.0
+MAX_HANDSHAKES = 256  # connections at once that have not yet proved the secret
 CONNECT_TIMEOUT = 1.0  # a link that is down must not hold a redial for SYN retries
 PING_EVERY = 1.0  # an idle writer's daemon proves it is alive this often
 SILENCE_TIMEOUT = 3.5  # a reader redials after this long without a byte or a ping
@@ -88,6 +90,47 @@ async def read_hello(sock: trio.socket.SocketType) -> Hello:
         auth_len = Hello.auth_length(fixed)
         auth = await recv_exact(sock, auth_len) if auth_len else b""
     return Hello.decode(fixed, auth)
+
+
+async def accept_hello(sock: trio.socket.SocketType, key: bytes | None) -> Hello | None:
+    """The reader's HELLO, once it proved it holds ``key`` (None: no authentication).
+
+    A peer that does not gets a refusal naming no generation or offset, and None: nothing
+    about the edge was looked at, its current connection is untouched.
+    """
+    with trio.fail_after(HANDSHAKE_TIMEOUT):  # the whole exchange, not each read
+        hello = await read_hello(sock)
+        if key is None:
+            return hello
+        refusal = handshake.auth_refusal(hello)
+        if refusal is not None:
+            await send_all(sock, [refusal.encode()])
+            return None
+        nonce = secrets.token_bytes(handshake.NONCE)
+        await send_all(sock, [handshake.challenge(key, hello, nonce)])
+        proof = await recv_exact(sock, handshake.MAC)
+        if not handshake.check_proof(key, hello, nonce, proof):
+            refused = Reply(Status.AUTH_FAILED, message="wrong proof of the cluster secret")
+            await send_all(sock, [refused.encode()])
+            return None
+    return hello
+
+
+async def greet(sock: trio.socket.SocketType, hello: Hello, key: bytes | None) -> Reply:
+    """The reader's side of the handshake: HELLO, the mutual proof if asked, the REPLY."""
+    await send_all(sock, [hello.encode()])
+    first = await recv_exact(sock, 1)
+    if first[0] == handshake.CHALLENGE_TAG:
+        rest = await recv_exact(sock, handshake.CHALLENGE.size - 1)
+        if key is None:
+            return Reply(Status.AUTH_REQUIRED, message="the writer's node requires a secret")
+        proof = handshake.check_challenge(key, hello, first + rest)
+        if proof is None:
+            return Reply(Status.AUTH_FAILED, message="the writer's node has another secret")
+        await send_all(sock, [proof])
+        first = await recv_exact(sock, 1)
+    fixed = first + await recv_exact(sock, REPLY.size - 1)
+    return Reply.decode(fixed, await recv_exact(sock, Reply.message_length(fixed)))
 
 
 def check_hello(hello: Hello, writer: WriterEnd | None) -> Reply:
@@ -211,6 +254,7 @@ async def pull(
     generation: int,
     replay: bool,
     on_connected: Callable[[int], None],
+    key: bytes | None = None,
 ) -> Result:
     """Fills ``reader`` from the writer's daemon at ``endpoint``.
 
@@ -230,10 +274,13 @@ async def pull(
             with trio.fail_after(CONNECT_TIMEOUT):
                 await sock.connect((host, port))
             tune(sock)
+            if key is None:
+                hello = Hello(reader.edge, generation, offset)
+            else:
+                nonce = secrets.token_bytes(handshake.NONCE)
+                hello = Hello(reader.edge, generation, offset, handshake.FLAG_HMAC, nonce)
             with trio.fail_after(HANDSHAKE_TIMEOUT):
-                await send_all(sock, [Hello(reader.edge, generation, offset).encode()])
-                fixed = await recv_exact(sock, REPLY.size)
-                reply = Reply.decode(fixed, await recv_exact(sock, Reply.message_length(fixed)))
+                reply = await greet(sock, hello, key)
         except (OSError, ConnectionLost, trio.TooSlowError, handshake.HandshakeError) as exc:
             return Result(PullOutcome.LOST, f"cannot reach {endpoint}: {exc or 'timeout'}")
         if reply.status is not Status.OK:

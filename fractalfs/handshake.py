@@ -6,9 +6,17 @@ multiplexed by this handshake, not by one port per edge as upstream) and sends a
     magic "FRFS" | u8 version | u8 flags | edge id (16) | u64 generation | u64 offset
     | u16 auth_len | auth[auth_len]
 
-``flags`` and ``auth`` are where the cluster secret's HMAC and a TLS upgrade will go; version
-1 sends no auth and a node that requires it answers ``AUTH_REQUIRED``. The writer's daemon
-answers with one REPLY::
+Version 2 with ``FLAG_HMAC`` carries the reader's fresh 16-byte nonce in ``auth``. A node
+that holds the cluster secret then answers with a CHALLENGE before anything else::
+
+    u8 CHALLENGE | writer nonce (16) | HMAC-SHA256(key, "writer" | HELLO | writer nonce)
+
+proving to the reader that it holds the secret; the reader answers with its own proof,
+``HMAC-SHA256(key, "reader" | HELLO | writer nonce)`` (32 bytes). Both MACs cover the edge,
+generation, offset and both nonces, so neither proof can be replayed on another connection
+or for another edge. A HELLO without the flag (or version 1) gets ``AUTH_REQUIRED``, a
+wrong proof ``AUTH_FAILED``; both replies carry generation and offset 0 and the writer's
+state is never looked at. The writer's daemon then answers with one REPLY::
 
     u8 status | u64 generation | u64 offset | u16 msg_len | msg
 
@@ -21,6 +29,8 @@ and, if the status is OK, the stream's frames (see :mod:`fractalfs.codec`) follo
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -28,7 +38,13 @@ from enum import IntEnum
 from .edgeid import EdgeId
 
 MAGIC = b"FRFS"
-VERSION = 1
+VERSION = 2
+VERSIONS = frozenset({1, 2})  # 1: no auth field use; answered AUTH_REQUIRED by secure nodes
+FLAG_HMAC = 0x01
+NONCE = 16
+MAC = 32
+CHALLENGE_TAG = 0xC5  # first byte of a CHALLENGE: no REPLY status has this value
+CHALLENGE = struct.Struct(f">B{NONCE}s{MAC}s")
 HELLO = struct.Struct(">4sBB16sQQH")
 REPLY = struct.Struct(">BQQH")
 CONTROL = struct.Struct(">BQ")
@@ -48,6 +64,7 @@ class Status(IntEnum):
     BUSY = 4  # another reader is attached
     AUTH_REQUIRED = 5
     BAD_VERSION = 6
+    AUTH_FAILED = 7
 
 
 class Control(IntEnum):
@@ -83,7 +100,7 @@ class Hello:
         magic, version, _flags, _edge, _gen, _off, auth_len = HELLO.unpack(fixed)
         if magic != MAGIC:
             raise HandshakeError("not a fractalfs data connection")
-        if version != VERSION:
+        if version not in VERSIONS:
             raise HandshakeError(f"unsupported protocol version {version}")
         if auth_len > MAX_AUTH:
             raise HandshakeError(f"auth field of {auth_len} bytes is too long")
@@ -91,8 +108,42 @@ class Hello:
 
     @classmethod
     def decode(cls, fixed: bytes, auth: bytes) -> Hello:
-        _magic, _version, flags, edge, gen, off, _ = HELLO.unpack(fixed)
+        _magic, version, flags, edge, gen, off, _ = HELLO.unpack(fixed)
+        if version < 2:
+            flags = 0  # version 1 has no authentication, whatever its flags say
         return cls(EdgeId(edge), gen, off, flags, auth)
+
+    @property
+    def offers_hmac(self) -> bool:
+        return bool(self.flags & FLAG_HMAC) and len(self.auth) == NONCE
+
+
+def _mac(key: bytes, role: bytes, hello: Hello, writer_nonce: bytes) -> bytes:
+    return hmac.new(key, role + hello.encode() + writer_nonce, hashlib.sha256).digest()
+
+
+def challenge(key: bytes, hello: Hello, writer_nonce: bytes) -> bytes:
+    """The writer's CHALLENGE: its nonce and its proof of the key."""
+    return CHALLENGE.pack(CHALLENGE_TAG, writer_nonce, _mac(key, b"writer", hello, writer_nonce))
+
+
+def check_challenge(key: bytes, hello: Hello, data: bytes) -> bytes | None:
+    """The reader's proof if ``data`` (a CHALLENGE) proves the writer holds ``key``."""
+    _tag, writer_nonce, proof = CHALLENGE.unpack(data)
+    if not hmac.compare_digest(proof, _mac(key, b"writer", hello, writer_nonce)):
+        return None
+    return _mac(key, b"reader", hello, writer_nonce)
+
+
+def check_proof(key: bytes, hello: Hello, writer_nonce: bytes, proof: bytes) -> bool:
+    return hmac.compare_digest(proof, _mac(key, b"reader", hello, writer_nonce))
+
+
+def auth_refusal(hello: Hello) -> Reply | None:
+    """For a node holding a key: the reply to a HELLO that offers no HMAC, else None."""
+    if hello.offers_hmac:
+        return None
+    return Reply(Status.AUTH_REQUIRED, message="this node requires the cluster secret")
 
 
 @dataclass(frozen=True, slots=True)

@@ -133,6 +133,7 @@ async def serve(
     if config.metrics_listen:
         metrics.serve(*parse_listen(config.metrics_listen, 9701))
     node = Node(config, client, endpoint)
+    node.data_key = auth.data_key(secret) if secret is not None else None
     # Before anything can be opened: discovery learns this is a new run of the daemon, and
     # forgets the ends a previous run held (it may have crashed a moment ago).
     with contextlib.suppress(Unavailable, DiscoveryError):

@@ -127,6 +127,8 @@ class Node:
         self.closing = False
         self.exits = ExitWatcher()
         self.boot = secrets.token_hex(8)  # tells discovery this is a new run of the daemon
+        self.data_key: bytes | None = None  # the HELLO's HMAC key (auth.data_key); mount sets it
+        self.handshaking = 0  # data connections not yet past the HELLO (capped)
         self.mode = Mode(config.mode)
         self.mode_overrides: dict[EdgeId, Mode] = {}  # per edge (xattr user.fractalfs.mode)
         self.spill_bandwidth = 200e6  # bytes/s until measured
@@ -693,7 +695,7 @@ class Node:
         if action.node == self.name and local is not None and local.generation == action.generation:
             return await dataplane.pull_local(reader, local, action.replay, on_connected)
         return await dataplane.pull(
-            reader, action.endpoint, action.generation, action.replay, on_connected
+            reader, action.endpoint, action.generation, action.replay, on_connected, self.data_key
         )
 
     # -- whole edges ---------------------------------------------------------------------
@@ -755,13 +757,22 @@ class Node:
                     log.warning("data plane accept failed: %s", exc)
                     await trio.sleep(0.1)
                     continue
+                if self.handshaking >= dataplane.MAX_HANDSHAKES:
+                    sock.close()  # a flood of idle or unauthenticated peers: refuse early
+                    continue
+                self.handshaking += 1
                 nursery.start_soon(self._guarded, self._serve, sock)
 
     async def _serve(self, sock: trio.socket.SocketType) -> None:
         with sock:
             try:
-                dataplane.tune(sock)
-                hello = await dataplane.read_hello(sock)
+                try:
+                    dataplane.tune(sock)
+                    hello = await dataplane.accept_hello(sock, self.data_key)
+                finally:
+                    self.handshaking -= 1
+                if hello is None:
+                    return
                 writer = await self._writer_for_hello(hello.edge, hello.generation)
                 reply = dataplane.check_hello(hello, writer)
                 await dataplane.send_all(sock, [reply.encode()])

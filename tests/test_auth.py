@@ -4,19 +4,23 @@ itself, and the data port serves no stream to a peer without the secret."""
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from fractalfs import auth
+from fractalfs import auth, handshake
+from fractalfs.edgeid import EdgeId
+from fractalfs.handshake import HELLO, REPLY, Hello, Reply, Status
 from fractalfs.testing import Discovery, Node, shared_secret_file
 
-from .conftest import Programs, needs_fuse, new_edge, sh
+from .conftest import Cluster, Programs, needs_fuse, new_edge, sh, sha_file
 
 E = "0123456789abcdef0123456789abcdef"
 CMD = [sys.executable, "-m", "fractalfs"]
@@ -180,3 +184,72 @@ def test_make_run_needs_no_setup(tmp_path: Path, programs: Programs) -> None:
         assert res.returncode == 0 and edge in res.stdout, res.stderr
     finally:
         node.stop()
+
+
+# -- the data port ------------------------------------------------------------------------
+
+
+def exchange(endpoint: str, data: bytes) -> bytes:
+    host, _, port = endpoint.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(data)
+        got = b""
+        while len(got) < REPLY.size:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            got += chunk
+        return got
+
+
+@needs_fuse
+def test_forged_hellos_are_refused_and_the_real_stream_completes(
+    cluster: Cluster, programs: Programs, tmp_path: Path
+) -> None:
+    cluster.start_discovery()
+    a, b = cluster.node("a"), cluster.node("b")
+    edge = new_edge()
+    src = tmp_path / "src"
+    sh(f"head -c 24M /dev/urandom > {src}")
+    out = tmp_path / "out"
+    reader = programs.start(f"cat {b.path(edge)} > {out}")
+    slowcat = Path(__file__).with_name("slowcat.py")
+    writer = programs.start(
+        f"{sys.executable} {slowcat} {src} {a.path(edge)} --chunk 1048576 --delay 0.15"
+    )
+    rec: dict[str, object] = {}
+    deadline = time.monotonic() + 20
+    while rec.get("state") != "streaming" and time.monotonic() < deadline:
+        rec = cluster.edge(edge)
+        time.sleep(0.05)
+    assert rec.get("state") == "streaming", rec
+    endpoint, gen = str(rec["writer_endpoint"]), int(rec["generation"])  # type: ignore[call-overload]
+    raw = EdgeId.parse(edge)
+    v1 = handshake.HELLO.pack(b"FRFS", 1, 0, raw.bytes, gen, 0, 0)
+    no_proof = Hello(raw, gen, 0).encode()
+    for forged in (v1, no_proof):
+        reply = Reply.decode(exchange(endpoint, forged)[: REPLY.size], b"")
+        assert reply.status is Status.AUTH_REQUIRED
+        assert (reply.generation, reply.offset) == (0, 0)
+    # A peer with another secret: the writer proves itself first, and learns nothing.
+    offer = Hello(raw, gen, 0, handshake.FLAG_HMAC, os.urandom(handshake.NONCE))
+    host, _, port = endpoint.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(offer.encode())
+        challenge = b""
+        while len(challenge) < handshake.CHALLENGE.size:
+            challenge += s.recv(handshake.CHALLENGE.size - len(challenge))
+        wrong = auth.data_key(b"another-cluster-secret")
+        assert handshake.check_challenge(wrong, offer, challenge) is None
+        assert handshake.check_challenge(auth.data_key(secret()), offer, challenge)
+        s.sendall(os.urandom(handshake.MAC))
+        fixed = s.recv(REPLY.size)
+        reply = Reply.decode(fixed, b"")
+        assert reply.status is Status.AUTH_FAILED and (reply.generation, reply.offset) == (0, 0)
+    # Garbage and a half-sent HELLO: the data port keeps serving.
+    with pytest.raises(ConnectionError):  # closed at once, nothing revealed
+        assert exchange(endpoint, b"GET / HTTP/1.1\r\n\r\n" + b"\0" * HELLO.size) == b""
+        raise ConnectionResetError
+    assert writer.wait(timeout=60) == 0
+    assert reader.wait(timeout=60) == 0
+    assert sha_file(out) == sha_file(src)

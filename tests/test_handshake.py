@@ -56,3 +56,38 @@ def test_edge_ids() -> None:
     for bad in ["", "xyz", e.hex.upper(), e.hex + "0", e.hex[:-1]]:
         with pytest.raises(ValueError):
             EdgeId.parse(bad)
+
+
+@given(st.binary(min_size=HELLO.size, max_size=HELLO.size + 64))
+def test_any_hello_bytes_decode_or_raise_handshake_error(wire: bytes) -> None:
+    try:
+        n = Hello.auth_length(wire[: HELLO.size])
+    except HandshakeError:
+        return
+    hello = Hello.decode(wire[: HELLO.size], wire[HELLO.size : HELLO.size + n])
+    assert handshake.auth_refusal(hello) is None or not hello.offers_hmac
+
+
+@given(st.binary(min_size=REPLY.size, max_size=REPLY.size + 32))
+def test_any_reply_bytes_decode_or_raise_handshake_error(wire: bytes) -> None:
+    try:
+        n = Reply.message_length(wire[: REPLY.size])
+        Reply.decode(wire[: REPLY.size], wire[REPLY.size : REPLY.size + n])
+    except HandshakeError:
+        pass
+
+
+@given(st.binary(min_size=16, max_size=16), st.integers(0, 2**64 - 1), st.binary())
+def test_mutual_proof(raw: bytes, gen: int, junk: bytes) -> None:
+    key, other = b"k" * 32, b"o" * 32
+    hello = Hello(EdgeId(raw), gen, 7, handshake.FLAG_HMAC, b"n" * handshake.NONCE)
+    challenge = handshake.challenge(key, hello, b"w" * handshake.NONCE)
+    proof = handshake.check_challenge(key, hello, challenge)
+    assert proof is not None and handshake.check_proof(key, hello, b"w" * 16, proof)
+    assert handshake.check_challenge(other, hello, challenge) is None
+    assert not handshake.check_proof(other, hello, b"w" * 16, proof)
+    moved = Hello(EdgeId(raw), gen, 8, handshake.FLAG_HMAC, b"n" * handshake.NONCE)
+    assert handshake.check_challenge(key, moved, challenge) is None  # bound to the offset
+    assert not handshake.check_proof(key, hello, b"w" * 16, (junk + proof)[:32]) or junk == b""
+    v1 = Hello.decode(HELLO.pack(b"FRFS", 1, 1, raw, gen, 0, 16), b"n" * 16)
+    assert handshake.auth_refusal(v1) is not None  # version 1 cannot offer a proof
