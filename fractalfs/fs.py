@@ -37,6 +37,7 @@ from . import metrics
 from .edgeid import EdgeId
 from .edges import EdgeError, ReaderEnd, WriterEnd
 from .node import Node
+from .ownership import Owners
 from .policy import Mode
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,22 @@ class Operations(pyfuse3.Operations):
         self._started_ns = time.time_ns()
         self._uid = os.getuid()
         self._gid = os.getgid()
+        self.owners = Owners(self._busy)
+
+    # -- local ownership (see fractalfs.ownership) ---------------------------------------
+
+    def _busy(self, edge: EdgeId) -> bool:
+        if edge in self.node.slots:
+            return True
+        return any(self._edges.get(h.inode) == edge for h in self._handles.values())
+
+    def _permit(self, edge: EdgeId, ctx: pyfuse3.RequestContext, err: int, claim: bool) -> None:
+        if not self.owners.allows(edge, ctx.uid, ctx.gid, claim=claim):
+            raise pyfuse3.FUSEError(err)
+
+    def _prune(self) -> None:
+        for edge in self.owners.prune():
+            self.node.mode_overrides.pop(edge, None)
 
     # -- names and attributes ------------------------------------------------------------
 
@@ -129,20 +146,24 @@ class Operations(pyfuse3.Operations):
     def _attrs(self, inode: int) -> pyfuse3.EntryAttributes:
         attrs = pyfuse3.EntryAttributes()
         attrs.st_ino = inode
-        if inode == ROOT:
-            attrs.st_mode = stat.S_IFDIR | 0o777
-            attrs.st_nlink = 2
-        else:
-            self._edge(inode)
-            attrs.st_mode = stat.S_IFREG | 0o666
-            attrs.st_nlink = 1
-        attrs.st_size = 0
         attrs.st_uid = self._uid
         attrs.st_gid = self._gid
+        if inode == ROOT:
+            # Sticky, like /tmp: anyone may create (open) an edge, only its owner (or
+            # root) may remove it; the kernel enforces this (default_permissions).
+            attrs.st_mode = stat.S_IFDIR | 0o1777
+            attrs.st_nlink = 2
+        else:
+            owner = self.owners.owner(self._edge(inode))
+            attrs.st_mode = stat.S_IFREG | (0o666 if owner is None else 0o600)
+            attrs.st_nlink = 1
+            if owner is not None:
+                attrs.st_uid, attrs.st_gid = owner.uid, owner.gid
+        attrs.st_size = 0
         attrs.st_blksize = 1 << 20
         attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = self._started_ns
         attrs.entry_timeout = 1.0 if inode == ROOT else 0.0
-        attrs.attr_timeout = 1.0
+        attrs.attr_timeout = 1.0 if inode == ROOT else 0.0  # ownership changes at open
         return attrs
 
     @_guard
@@ -203,6 +224,7 @@ class Operations(pyfuse3.Operations):
         mode = flags & os.O_ACCMODE
         if mode == os.O_RDWR:
             raise pyfuse3.FUSEError(errno.EINVAL)
+        self._permit(edge, ctx, errno.EACCES, claim=True)
         handle = Handle(inode)
         if mode == os.O_WRONLY:
             handle.writer = await self.node.open_writer(edge, ctx.pid)
@@ -270,12 +292,19 @@ class Operations(pyfuse3.Operations):
             self.node.release_writer(handle.writer)
         if handle.reader is not None:
             self.node.release_reader(handle.reader)
+        if len(self.owners) > 1024:
+            self._prune()
 
     @_guard
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         if parent_inode != ROOT:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        await self.node.remove(self._name(name))
+        edge = self._name(name)
+        self._permit(edge, ctx, errno.EPERM, claim=False)
+        await self.node.remove(edge)
+        if not self._busy(edge):
+            self.owners.drop(edge)
+            self.node.mode_overrides.pop(edge, None)
 
     # -- per-edge persistence mode: extended attributes ----------------------------------
 
@@ -289,13 +318,17 @@ class Operations(pyfuse3.Operations):
             mode = Mode(value.decode().strip())
         except (UnicodeDecodeError, ValueError):
             raise pyfuse3.FUSEError(errno.EINVAL) from None
-        self.node.mode_overrides[self._edge(inode)] = mode
+        edge = self._edge(inode)
+        self._permit(edge, ctx, errno.EACCES, claim=True)
+        self._prune()  # overrides of edges nobody uses any more go with their claims
+        self.node.mode_overrides[edge] = mode
 
     @_guard
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if inode == ROOT:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         edge = self._edge(inode)
+        self._permit(edge, ctx, errno.EACCES, claim=False)
         writer = self.node.writer_for(edge)
         if name == XATTR_MODE:
             if writer is not None:

@@ -1,0 +1,121 @@
+"""Local ownership: the uid that opens an edge first owns it; other users (here `nobody`
+through setpriv) can neither read, write, remove nor set attributes of it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fractalfs.edgeid import EdgeId
+from fractalfs.ownership import GRACE, Owners
+from fractalfs.testing import Node
+
+from .conftest import Programs, fuse_d_state, needs_fuse, new_edge, sh
+
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*NOBODY, *args], capture_output=True, text=True, timeout=30)
+
+
+def py_as_nobody(code: str) -> subprocess.CompletedProcess[str]:
+    return as_nobody(sys.executable, "-c", code)
+
+
+@pytest.fixture
+def node() -> Iterator[Node]:
+    # `nobody` must be able to reach the mountpoint: not under pytest's 0700 tmp dirs.
+    work = Path(tempfile.mkdtemp(prefix="fractalfs-owners-"))
+    work.chmod(0o755)
+    n = Node(work, "solo", None)
+    try:
+        n.start()
+        n.mountpoint.chmod(0o755)
+        yield n
+    finally:
+        n.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    assert not fuse_d_state()
+
+
+@needs_fuse
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
+def test_other_users_cannot_touch_roots_edge(node: Node, programs: Programs) -> None:
+    root_mode = os.stat(node.mountpoint).st_mode
+    assert stat.S_IMODE(root_mode) == 0o1777
+    edge = new_edge()
+    path = node.path(edge)
+    before = os.stat(path)
+    assert stat.S_IMODE(before.st_mode) == 0o666  # nobody's yet
+    writer = programs.start(f"exec sleep 60 > {path}")  # root opens it first
+    deadline = time.monotonic() + 10
+    while os.stat(path).st_mode & 0o777 != 0o600 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    st = os.stat(path)
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o600)
+
+    read = py_as_nobody(f"open({path!r}).read()")
+    assert "PermissionError" in read.stderr, read.stderr
+    write = py_as_nobody(f"open({path!r}, 'w').write('forged')")
+    assert "PermissionError" in write.stderr, write.stderr
+    # The daemon refuses too, not only the kernel's check of the cached mode bits.
+    xattr = py_as_nobody(f"import os; os.setxattr({path!r}, 'user.fractalfs.mode', b'persistent')")
+    assert "PermissionError" in xattr.stderr, xattr.stderr
+    got = py_as_nobody(f"import os; os.getxattr({path!r}, 'user.fractalfs.mode')")
+    assert "PermissionError" in got.stderr, got.stderr
+    rm = as_nobody("rm", "-f", path)
+    assert rm.returncode != 0 and "not permitted" in rm.stderr, rm.stderr
+
+    # Root's stream is intact: a root reader gets what root's writer sends.
+    os.killpg(writer.pid, 9)
+    writer.wait()
+    other = new_edge()
+    reader = programs.start(f"cat {node.path(other)}")
+    sh(f"echo secret-data > {node.path(other)}")
+    out, _ = reader.communicate(timeout=20)
+    assert out == b"secret-data\n"
+
+
+@needs_fuse
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
+def test_a_users_own_edge_works_and_root_may_read_it(node: Node, programs: Programs) -> None:
+    edge = new_edge()
+    path = node.path(edge)
+    mode = py_as_nobody(f"import os; os.setxattr({path!r}, 'user.fractalfs.mode', b'transient')")
+    assert mode.returncode == 0, mode.stderr
+    st = os.stat(path)
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (65534, 0o600)
+    writer = subprocess.Popen(
+        [*NOBODY, "sh", "-c", f"echo from-nobody > {path}"], stderr=subprocess.PIPE
+    )
+    out = sh(f"cat {path}").stdout  # root may read anyone's edge
+    assert writer.wait(timeout=20) == 0, writer.stderr.read() if writer.stderr else ""
+    assert out == b"from-nobody\n"
+
+
+def test_claims_lapse_only_when_idle_and_old() -> None:
+    now = [0.0]
+    busy: set[EdgeId] = set()
+    owners = Owners(lambda e: e in busy, clock=lambda: now[0])
+    e = EdgeId.new()
+    assert owners.allows(e, 1000, 1000, claim=True)
+    assert not owners.allows(e, 1001, 1001, claim=True)
+    assert owners.allows(e, 0, 0, claim=True)  # root
+    busy.add(e)
+    now[0] += GRACE * 10
+    assert not owners.allows(e, 1001, 1001, claim=True)  # in use: still 1000's
+    busy.clear()
+    assert owners.prune() == [e] and len(owners) == 0
+    assert owners.allows(e, 1001, 1001, claim=True)
+    claim = owners.owner(e)
+    assert claim is not None and claim.uid == 1001
