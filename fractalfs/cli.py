@@ -183,6 +183,7 @@ def _layered(cls: type, config: object, args: argparse.Namespace, default_path: 
 
 def _cmd_discovery(args: argparse.Namespace) -> None:
     from .config import default_state_dir
+    from .discovery.limits import Limits
     from .discovery.server import parse_listen, serve_forever
 
     config = DiscoveryConfig()
@@ -193,6 +194,13 @@ def _cmd_discovery(args: argparse.Namespace) -> None:
         raise QuietError(str(exc), 2) from None
     db = config.db or os.path.join(default_state_dir(), "discovery.db")
     secret = _discovery_secret(config, host)
+    lim = Limits(
+        max_connections=config.max_connections,
+        header_timeout=config.header_timeout,
+        body_timeout=config.body_timeout,
+        max_waiters=config.max_waiters,
+        max_subscribers=config.max_subscribers,
+    )
 
     def ready(url: str) -> None:
         print(f"fractalfs discovery listening on {url} (db {db})", flush=True)
@@ -200,7 +208,7 @@ def _cmd_discovery(args: argparse.Namespace) -> None:
 
     freeze_startup_heap()
     try:
-        asyncio.run(serve_forever(db, host, port, ready, secret))
+        asyncio.run(serve_forever(db, host, port, ready, secret, lim))
     except OSError as exc:
         raise QuietError(f"discovery cannot start on {config.listen}: {exc.strerror}") from None
     except KeyboardInterrupt:

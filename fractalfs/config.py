@@ -97,6 +97,14 @@ class DiscoveryConfig:
     #: Serve without a secret on a non-loopback address (anyone reaching it controls
     #: every stream).
     insecure: bool = False
+    #: Client connections at once (each is a descriptor; more are closed on accept).
+    max_connections: int = 4096
+    #: Seconds a client has to send a request head, and its body.
+    header_timeout: float = 5.0
+    body_timeout: float = 10.0
+    #: Long-polls held at once (more are answered at once) and event-stream subscribers.
+    max_waiters: int = 2048
+    max_subscribers: int = 64
 
 
 def _coerce(where: str, key: str, kind: type, value: object) -> object:

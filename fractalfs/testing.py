@@ -149,8 +149,10 @@ class Discovery(Process):
         listen: str = "127.0.0.1:0",
         prefix: list[str] | None = None,
         secret_file: Path | str | None = None,
+        extra: list[str] | None = None,
     ):
         """``secret_file`` None: the shared test secret; "": serve without one."""
+        self.extra = extra or []
         self.workdir = workdir
         self.db = workdir / "discovery.db"
         self.listen = listen
@@ -164,7 +166,7 @@ class Discovery(Process):
 
     def start(self, timeout: float = 15.0) -> str:
         self.args = ["discovery", "--listen", self.listen, "--db", str(self.db)]
-        self.args += ["--secret-file", self.secret_file]
+        self.args += ["--secret-file", self.secret_file, *self.extra]
         line = super().start(timeout)
         self.url = line.split(" listening on ")[1].split()[0]
         # A restart must come back on the same port.

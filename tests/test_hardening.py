@@ -4,9 +4,11 @@ used to give a 500, follow a planted link or print raw escape sequences."""
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -170,3 +172,53 @@ def test_fuzzed_bodies_never_get_a_500(api: httpx.Client) -> None:
 
     post()
     assert api.get("/health").status_code == 200
+
+
+@pytest.fixture
+def tight(tmp_path: Path) -> Iterator[Discovery]:
+    conf = tmp_path / "discovery.toml"
+    conf.write_text("max_connections = 40\nheader_timeout = 1.0\nbody_timeout = 1.0\n")
+    d = Discovery(tmp_path, extra=["--config", str(conf)])
+    d.start()
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+def _connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def test_slowloris_heads_and_bodies_are_cut_off(tight: Discovery) -> None:
+    head = _connect(tight.url)
+    head.sendall(b"GET /v1/edges HTTP/1.1\r\nHost: x\r\n")  # never finished
+    body = _connect(tight.url)
+    body.sendall(
+        f"POST /v1/edges/{E}/progress HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+        f"Content-Type: application/json\r\n\r\n{{".encode()
+    )
+    t0 = time.monotonic()
+    assert head.recv(4096) == b""  # closed by the server
+    assert time.monotonic() - t0 < 5
+    got = body.recv(4096)  # 408 (or 401 first: both end the request)
+    assert got.startswith((b"HTTP/1.1 408", b"HTTP/1.1 401")), got
+    head.close()
+    body.close()
+    with httpx.Client(auth=tight.auth) as http:
+        assert http.get(tight.url + "/v1/edges").status_code == 200
+
+
+def test_connection_cap_keeps_descriptors_bounded(tight: Discovery) -> None:
+    idle = [_connect(tight.url) for _ in range(100)]
+    try:
+        time.sleep(0.3)
+        fds = len(os.listdir(f"/proc/{tight.pid}/fd"))
+        assert fds < 40 + 30, fds  # the cap, plus the server's own descriptors
+    finally:
+        for s in idle:
+            s.close()
+    time.sleep(1.5)
+    with httpx.Client(auth=tight.auth) as http:
+        assert http.get(tight.url + "/v1/edges").status_code == 200

@@ -22,6 +22,7 @@ from typing import Any
 from aiohttp import web
 
 from ..auth import Principal, check_basic
+from .limits import read_body
 from .store import Store
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -35,15 +36,15 @@ def _refuse(status: int, reason: str) -> web.Response:
     return web.json_response({"error": reason}, status=status, headers=headers)
 
 
-async def _body_node(request: web.Request) -> Any:
+async def _body_node(request: web.Request, body_timeout: float) -> Any:
     try:
-        body = json.loads(await request.read())
+        body = json.loads(await read_body(request, body_timeout))
     except (ValueError, RecursionError):
         return None  # the handler answers 400 with its reason
     return body.get("node") if isinstance(body, dict) else None
 
 
-async def _allowed(request: web.Request, who: Principal, store: Store) -> str:
+async def _allowed(request: web.Request, who: Principal, store: Store, body_timeout: float) -> str:
     """Empty if ``who`` may make ``request``, else the reason it may not."""
     if who.node is None or request.method not in ("POST", "PUT"):
         return ""
@@ -55,7 +56,7 @@ async def _allowed(request: web.Request, who: Principal, store: Store) -> str:
         return ""
     tail = request.path.split(edge, 1)[1]
     if tail in BODY_NODE:
-        named = await _body_node(request)
+        named = await _body_node(request, body_timeout)
         if isinstance(named, str) and not who.may_act_as(named):
             return f"node {who.node} may not act as node {named}"
         return ""
@@ -73,7 +74,7 @@ async def _allowed(request: web.Request, who: Principal, store: Store) -> str:
     return ""
 
 
-def middleware(secret: bytes, store: Store) -> Any:
+def middleware(secret: bytes, store: Store, body_timeout: float) -> Any:
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in OPEN:
@@ -81,7 +82,7 @@ def middleware(secret: bytes, store: Store) -> Any:
         who = check_basic(secret, request.headers.get("Authorization", ""))
         if who is None:
             return _refuse(401, "this discovery server requires the cluster secret")
-        reason = await _allowed(request, who, store)
+        reason = await _allowed(request, who, store, body_timeout)
         if reason:
             return _refuse(403, reason)
         request["principal"] = who

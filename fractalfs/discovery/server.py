@@ -24,7 +24,8 @@ from typing import Any
 from aiohttp import web
 
 from ..edgeid import EdgeId
-from . import guard
+from . import guard, limits
+from .limits import DEFAULT_LIMITS, Limits
 from .store import Conflict, Edge, NotFound, Store
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ MAX_NAME = 255
 NODE_EVENTS = frozenset({"resumed", "diverged"})
 NODE_TIMEOUT = 1.5  # a node silent this long is lost (daemons heartbeat every 0.5 s)
 MAX_ENDS = 100_000
+LIMITS = web.AppKey("limits", Limits)
 MAX_INT = 2**63 - 1  # SQLite INTEGER; anything larger is a client's mistake, not a 500
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -48,25 +50,33 @@ class BadRequest(Exception):
 class Changes:
     """Wakes long-polls: one asyncio.Event per change epoch."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_waiters: int = Limits.max_waiters) -> None:
         self._event = asyncio.Event()
+        self.waiting = 0
+        self.max_waiters = max_waiters
 
     def notify(self) -> None:
         self._event.set()
         self._event = asyncio.Event()
 
     async def wait_until(self, ready: Callable[[], bool], timeout: float) -> None:
+        if self.waiting >= self.max_waiters:
+            return  # too many held already: answer now, the client polls again
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while not ready():
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return
-            event = self._event
-            try:
-                await asyncio.wait_for(event.wait(), remaining)
-            except TimeoutError:
-                return
+        self.waiting += 1
+        try:
+            while not ready():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return
+                event = self._event
+                try:
+                    await asyncio.wait_for(event.wait(), remaining)
+                except TimeoutError:
+                    return
+        finally:
+            self.waiting -= 1
 
 
 def _edge_id(request: web.Request) -> str:
@@ -79,8 +89,9 @@ def _edge_id(request: web.Request) -> str:
 async def _body(request: web.Request) -> dict[str, Any]:
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=request.content_length)
+    raw = await limits.read_body(request, request.app[LIMITS].body_timeout)
     try:
-        body = await request.json()
+        body = json.loads(raw)
     except ValueError as exc:
         raise BadRequest(f"body is not JSON: {exc}") from None
     except RecursionError:
@@ -151,11 +162,17 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 class DiscoveryApp:
     def __init__(
-        self, store: Store, node_timeout: float = NODE_TIMEOUT, secret: bytes | None = None
+        self,
+        store: Store,
+        node_timeout: float = NODE_TIMEOUT,
+        secret: bytes | None = None,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.store = store
         self.secret = secret  # None: no authentication (loopback or --insecure only)
-        self.changes = Changes()
+        self.limits = limits
+        self.subscribers = 0
+        self.changes = Changes(limits.max_waiters)
         self.node_timeout = node_timeout
         self.last_seen: dict[str, float] = {}
         self.lost: set[str] = set()
@@ -194,8 +211,10 @@ class DiscoveryApp:
     def app(self) -> web.Application:
         middlewares: list[Any] = [_errors]
         if self.secret is not None:
-            middlewares.insert(0, guard.middleware(self.secret, self.store))
+            guarded = guard.middleware(self.secret, self.store, self.limits.body_timeout)
+            middlewares.insert(0, guarded)
         app = web.Application(client_max_size=MAX_BODY, middlewares=middlewares)
+        app[LIMITS] = self.limits
         r = app.router
         r.add_get(f"{API}/health", self.health)
         r.add_get("/metrics", self.metrics)
@@ -435,6 +454,17 @@ class DiscoveryApp:
             raise BadRequest("header 'Last-Event-ID' must be an event number")
         if after < 0:
             after = self.store.last_seq()  # only what happens from now on
+        if self.subscribers >= self.limits.max_subscribers:
+            return web.json_response(
+                {"error": f"too many event-stream subscribers ({self.subscribers})"}, status=503
+            )
+        self.subscribers += 1
+        try:
+            return await self._stream_events(request, after)
+        finally:
+            self.subscribers -= 1
+
+    async def _stream_events(self, request: web.Request, after: int) -> web.StreamResponse:
         resp = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
@@ -481,12 +511,16 @@ def parse_listen(text: str, default_port: int) -> tuple[str, int]:
 
 
 async def start(
-    store: Store, host: str, port: int, secret: bytes | None = None
+    store: Store, host: str, port: int, secret: bytes | None = None, lim: Limits = DEFAULT_LIMITS
 ) -> tuple[web.AppRunner, str]:
     """Starts serving; returns the runner and the URL actually bound (port 0 resolved)."""
-    app = DiscoveryApp(store, secret=secret).app()
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+    app = DiscoveryApp(store, secret=secret, limits=lim).app()
+    runner = web.AppRunner(
+        app, access_log=None, shutdown_timeout=1.0, keepalive_timeout=lim.keepalive_timeout
+    )
     await runner.setup()
+    assert runner.server is not None
+    limits.install(runner.server, lim)
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()
     bound = runner.addresses[0]
@@ -500,9 +534,10 @@ async def serve_forever(
     port: int,
     ready: Callable[[str], None] | None = None,
     secret: bytes | None = None,
+    lim: Limits = DEFAULT_LIMITS,
 ) -> None:
     store = Store(db)
-    runner, url = await start(store, host, port, secret)
+    runner, url = await start(store, host, port, secret, lim)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

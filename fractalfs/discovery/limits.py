@@ -1,0 +1,72 @@
+"""Bounds on what one client can hold at discovery: connections, a request's header and
+body time, long-polls and event-stream subscribers.
+
+aiohttp has no header read timeout: a client that sends half a request line is kept
+forever (slowloris), and each such socket is a descriptor. The server's connection hook is
+wrapped so that a connection over the cap is closed at once, and one that has not sent a
+complete request head within ``header_timeout`` is closed; between requests aiohttp's
+``keepalive_timeout`` does the same. Bodies are read under ``body_timeout``
+(:func:`read_body`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Limits:
+    #: Open client connections at once; more are closed on accept.
+    max_connections: int = 4096
+    #: Seconds from accepting a connection to a complete request head.
+    header_timeout: float = 5.0
+    #: Seconds to receive a request body.
+    body_timeout: float = 10.0
+    #: Seconds an idle keep-alive connection (or a half-sent next request) is kept.
+    keepalive_timeout: float = 15.0
+    #: Long-polls waiting at once; beyond this a poll is answered at once (no wait).
+    max_waiters: int = 2048
+    #: Event-stream (SSE) subscribers at once; beyond this 503.
+    max_subscribers: int = 64
+
+
+def install(server: web.Server, limits: Limits) -> None:
+    """Caps connections and times out request heads on ``server`` (after runner.setup)."""
+    loop = asyncio.get_running_loop()
+    made = server.connection_made
+
+    def connection_made(handler: Any, transport: asyncio.Transport) -> None:
+        if len(server.connections) >= limits.max_connections:
+            log.warning("connection cap (%d) reached: refusing a client", limits.max_connections)
+            transport.abort()
+            return
+        made(handler, transport)
+        loop.call_later(limits.header_timeout, _check_head, handler)
+
+    server.connection_made = connection_made  # type: ignore[method-assign]
+
+
+def _check_head(handler: Any) -> None:
+    # aiohttp counts a request once its head is parsed (RequestHandler._request_count).
+    if getattr(handler, "_request_count", 1) == 0 and handler.transport is not None:
+        handler.force_close()
+        handler.transport.close()
+
+
+async def read_body(request: web.Request, timeout: float) -> bytes:
+    """The request body, or 408 if it does not arrive within ``timeout`` seconds."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await request.read()
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(text="request body too slow") from None
+
+
+DEFAULT_LIMITS = Limits()
