@@ -15,7 +15,7 @@ import os
 import secrets
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 
@@ -262,10 +262,25 @@ class Node:
         writer = WriterEnd(edge, int(rec["generation"]), self.config.write_window, pid)
         writer.written_metric = metrics.BYTES_WRITTEN.labels(edge.hex)
         slot.writer = writer  # before any waiter runs: nothing here awaits
-        self.exits.watch(pid)
-        self._set_up_mode(writer)
+        try:
+            self.exits.watch(pid)
+            self._set_up_mode(writer)
+        except OSError as exc:
+            self._abandon(writer, exc)  # e.g. EMFILE: no ghost open writer in discovery
         log.info("edge %s: writer opened, generation %d", edge, writer.generation)
         return writer
+
+    def _abandon(self, writer: WriterEnd, exc: OSError) -> NoReturn:
+        """The writer was registered but cannot be set up here (out of descriptors): its
+        generation fails at once in discovery, and the program gets the errno."""
+        why = f"writer could not be set up: {exc.strerror or exc}"
+        log.warning("edge %s: %s", writer.edge, why)
+        writer.released = True
+        writer.finish(WriterState.FAILED)
+        self.exits.forget(writer.pid)
+        self._spawn(self._close_writer, writer, "failed", why)
+        self._reap(writer.edge)
+        raise EdgeError(exc.errno or errno.EIO, why) from None
 
     def _set_up_mode(self, writer: WriterEnd) -> None:
         writer.configured = self.mode_overrides.get(writer.edge, self.mode)

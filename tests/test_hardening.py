@@ -3,6 +3,7 @@ used to give a 500, follow a planted link or print raw escape sequences."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import stat
@@ -20,7 +21,9 @@ from hypothesis import strategies as st
 from fractalfs import spill
 from fractalfs.edgeid import EdgeId
 from fractalfs.safetext import printable
-from fractalfs.testing import Discovery
+from fractalfs.testing import Discovery, Node
+
+from .conftest import Cluster, Programs, new_edge, sh
 
 E = "0123456789abcdef0123456789abcdef"
 HUGE = 2**64
@@ -222,3 +225,47 @@ def test_connection_cap_keeps_descriptors_bounded(tight: Discovery) -> None:
     time.sleep(1.5)
     with httpx.Client(auth=tight.auth) as http:
         assert http.get(tight.url + "/v1/edges").status_code == 200
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+def test_fd_exhaustion_leaves_no_ghost_writer(cluster: Cluster, programs: Programs) -> None:
+    """A daemon out of descriptors refuses the open with an errno, and discovery does not
+    keep a writer 'open' that no program holds."""
+    disc = cluster.start_discovery()
+    node = Node(
+        cluster.workdir,
+        "tight",
+        disc.url,
+        extra=["--mode", "transient"],
+        prefix=["prlimit", "--nofile=96:96"],
+    )
+    cluster.nodes.append(node)
+    node.start()
+    endpoint = node.ready_line.split("data ")[1].split(",")[0]
+    host, port = endpoint.rsplit(":", 1)
+    idle = []
+    try:
+        for _ in range(120):  # idle data connections until the daemon has no descriptor left
+            with contextlib.suppress(OSError):
+                idle.append(socket.create_connection((host, int(port)), timeout=2))
+        time.sleep(0.5)
+        edge = new_edge()
+        res = sh(f"echo hi > {node.path(edge)}", check=False)
+        if res.returncode == 0:  # the open got through: then it must be a normal stream
+            reader = sh(f"timeout 20 cat {node.path(edge)}", check=False)
+            assert reader.stdout == b"hi\n"
+        else:
+            deadline = time.monotonic() + 10
+            while cluster.edge(edge).get("writer_state") == "open":
+                assert time.monotonic() < deadline, cluster.edge(edge)
+                time.sleep(0.2)
+    finally:
+        for s in idle:
+            s.close()
+    # Descriptors come back once the idle peers time out: the node works again.
+    time.sleep(6)
+    again = new_edge()
+    back = programs.start(f"cat {node.path(again)}")
+    sh(f"echo back > {node.path(again)}")
+    out, _ = back.communicate(timeout=20)
+    assert out == b"back\n"
