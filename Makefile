@@ -62,6 +62,7 @@ install-service: install
 	install -d /etc/fractalfs
 	[ -e /etc/fractalfs/fractalfs.toml ] || install -m 644 daemon/fractalfs.toml /etc/fractalfs/
 	[ -e /etc/fractalfs/discovery.toml ] || install -m 644 daemon/discovery.toml /etc/fractalfs/
+	[ -e /etc/fractalfs/secret ] || (umask 077; $(BIN)/fractalfs new-secret > /etc/fractalfs/secret)
 	install -m 644 systemd/fractalfs.service systemd/fractalfs-discovery.service /etc/systemd/system/
 	systemctl daemon-reload
 	@echo "now: systemctl enable --now fractalfs-discovery fractalfs"
