@@ -178,7 +178,9 @@ class NetCluster:
 
     def api(self, path: str) -> str:
         """GET a discovery path from inside host 0 (the root namespace has no route here)."""
-        code = f"import httpx; print(httpx.get('{self.discovery_url}{path}', timeout=10).text)"
+        auth = self.discovery.auth if self.discovery is not None else None
+        url = f"{self.discovery_url}{path}"
+        code = f"import httpx; print(httpx.get({url!r}, timeout=10, auth={auth!r}).text)"
         got = subprocess.run(
             [*self.hosts[0].prefix, sys.executable, "-c", code],
             capture_output=True,
@@ -241,6 +243,8 @@ def main() -> int:
     cluster.up()
     try:
         print(f"discovery: {cluster.discovery_url} (in {cluster.hosts[0].ns})")
+        if cluster.discovery is not None:
+            print(f"secret: {cluster.discovery.secret_file} (FRACTALFS_SECRET_FILE)")
         for h in cluster.hosts:
             assert h.node is not None
             print(
