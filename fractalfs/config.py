@@ -63,6 +63,13 @@ class NodeConfig:
     #: The cluster secret (``fractalfs new-secret``; mode 0600). Empty: state_dir/secret,
     #: created if this daemon embeds discovery.
     secret_file: str = ""
+    #: Per local user (not root): memory its open ends may hold (a writer reserves its
+    #: write window, plus retain_limit in dynamic mode; a reader its read buffer); an open
+    #: beyond it fails with EDQUOT.
+    uid_memory_limit: int = 4096 * MiB
+    #: Per local user (not root): bytes its open writers may have spilled; a write beyond
+    #: it fails with EDQUOT (0: no limit).
+    uid_spill_limit: int = 64 * 1024 * MiB
 
     def finalize(self) -> None:
         """Fills in what was left empty: node name, state directory and paths under it."""

@@ -37,7 +37,7 @@ from . import metrics
 from .edgeid import EdgeId
 from .edges import EdgeError, ReaderEnd, WriterEnd
 from .node import Node
-from .ownership import Owners
+from .ownership import ROOT_UID, Owners
 from .policy import Mode
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,8 @@ class Handle:
     inode: int
     writer: WriterEnd | None = None
     reader: ReaderEnd | None = None
+    uid: int = 0
+    reserved: int = 0  # memory this end may hold, counted against its uid
 
 
 class Operations(pyfuse3.Operations):
@@ -110,6 +112,35 @@ class Operations(pyfuse3.Operations):
     def _permit(self, edge: EdgeId, ctx: pyfuse3.RequestContext, err: int, claim: bool) -> None:
         if not self.owners.allows(edge, ctx.uid, ctx.gid, claim=claim):
             raise pyfuse3.FUSEError(err)
+
+    def _reserve(self, edge: EdgeId, writing: bool, uid: int) -> int:
+        """The memory the new end may hold; EDQUOT if ``uid`` would exceed its limit."""
+        config = self.node.config
+        if not writing:
+            need = config.read_buffer
+        else:
+            mode = self.node.mode_overrides.get(edge, self.node.mode)
+            need = config.write_window + (config.retain_limit if mode is Mode.DYNAMIC else 0)
+        if uid == ROOT_UID:
+            return need
+        held = sum(h.reserved for h in self._handles.values() if h.uid == uid)
+        if held + need > config.uid_memory_limit:
+            log.info("uid %d: open refused, %d + %d bytes of memory > limit", uid, held, need)
+            raise pyfuse3.FUSEError(errno.EDQUOT)
+        return need
+
+    def _check_spill(self, handle: Handle) -> None:
+        limit = self.node.config.uid_spill_limit
+        writer = handle.writer
+        if not limit or handle.uid == ROOT_UID or writer is None or writer.spill is None:
+            return
+        spilled = 0
+        for h in self._handles.values():
+            w = h.writer
+            if h.uid == handle.uid and w is not None and w.spill is not None:
+                spilled += w.spill.end - w.spill.start
+        if spilled > limit:
+            raise pyfuse3.FUSEError(errno.EDQUOT)
 
     def _prune(self) -> None:
         for edge in self.owners.prune():
@@ -225,7 +256,8 @@ class Operations(pyfuse3.Operations):
         if mode == os.O_RDWR:
             raise pyfuse3.FUSEError(errno.EINVAL)
         self._permit(edge, ctx, errno.EACCES, claim=True)
-        handle = Handle(inode)
+        reserved = self._reserve(edge, mode == os.O_WRONLY, ctx.uid)
+        handle = Handle(inode, uid=ctx.uid, reserved=reserved)
         if mode == os.O_WRONLY:
             handle.writer = await self.node.open_writer(edge, ctx.pid)
         else:
@@ -266,9 +298,11 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        writer = self._handle(fh).writer
+        handle = self._handle(fh)
+        writer = handle.writer
         if writer is None:
             raise pyfuse3.FUSEError(errno.EBADF)
+        self._check_spill(handle)
         return await self.node.write(writer, buf)
 
     @_guard

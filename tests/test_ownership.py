@@ -119,3 +119,42 @@ def test_claims_lapse_only_when_idle_and_old() -> None:
     assert owners.allows(e, 1001, 1001, claim=True)
     claim = owners.owner(e)
     assert claim is not None and claim.uid == 1001
+
+
+@needs_fuse
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
+def test_per_uid_memory_and_spill_limits(programs: Programs) -> None:
+    work = Path(tempfile.mkdtemp(prefix="fractalfs-quota-"))
+    work.chmod(0o755)
+    conf = work / "node.toml"
+    conf.write_text(f"uid_memory_limit = {20 << 20}\nuid_spill_limit = {1 << 20}\n")
+    n = Node(work, "quota", None, extra=["--config", str(conf), "--mode", "transient"])
+    try:
+        n.start()
+        n.mountpoint.chmod(0o755)
+        # Spill: nobody's persistent edge without a reader stops at about 1 MiB on disk.
+        path = n.path(new_edge())
+        spill = py_as_nobody(
+            "import os\n"
+            f"p = {path!r}\n"
+            "os.setxattr(p, 'user.fractalfs.mode', b'persistent')\n"
+            "with open(p, 'wb') as f:\n"
+            "    for _ in range(512): f.write(b'x' * 65536)\n"
+        )
+        assert "Disk quota exceeded" in spill.stderr, spill.stderr
+        # Memory: two transient writers reserve 2 x 8 MiB of nobody's 20 MiB; a third fails.
+        held = [
+            programs.start(f"exec {' '.join(NOBODY)} sh -c 'exec sleep 60 > {n.path(new_edge())}'")
+            for _ in range(2)
+        ]
+        time.sleep(1.0)
+        assert all(p.poll() is None for p in held)
+        third = as_nobody("sh", "-c", f"echo x > {n.path(new_edge())}")
+        assert third.returncode != 0 and "quota" in third.stderr, third.stderr
+        root = programs.start(f"exec sleep 60 > {n.path(new_edge())}")  # root is not limited
+        time.sleep(0.5)
+        assert root.poll() is None
+    finally:
+        n.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    assert not fuse_d_state()

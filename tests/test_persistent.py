@@ -142,7 +142,9 @@ def test_dynamic_spills_instead_of_blocking_on_an_absent_reader(
 def tiny_spill(tmp_path: Path) -> Iterator[Path]:
     mnt = tmp_path / "tiny"
     mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mnt)], check=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mnt)], check=True
+    )
     try:
         yield mnt
     finally:
