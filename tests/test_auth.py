@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fractalfs import auth, handshake
+from fractalfs import auth, dataplane, handshake
 from fractalfs.edgeid import EdgeId
 from fractalfs.handshake import HELLO, REPLY, Hello, Reply, Status
 from fractalfs.testing import Discovery, Node, shared_secret_file
@@ -253,3 +253,29 @@ def test_forged_hellos_are_refused_and_the_real_stream_completes(
     assert writer.wait(timeout=60) == 0
     assert reader.wait(timeout=60) == 0
     assert sha_file(out) == sha_file(src)
+
+
+@needs_fuse
+def test_idle_peers_at_the_data_port_are_capped_and_timed_out(
+    cluster: Cluster, programs: Programs
+) -> None:
+    cluster.start_discovery()
+    a, b = cluster.node("a"), cluster.node("b")
+    endpoint = a.ready_line.split("data ")[1].split(",")[0]
+    host, _, port = endpoint.rpartition(":")
+    base = len(os.listdir(f"/proc/{a.pid}/fd"))
+    idle = [socket.create_connection((host, int(port)), timeout=5) for _ in range(400)]
+    try:
+        time.sleep(1.0)
+        held = len(os.listdir(f"/proc/{a.pid}/fd")) - base
+        assert held <= dataplane.MAX_HANDSHAKES + 10, held
+        time.sleep(dataplane.HANDSHAKE_TIMEOUT + 1)
+        assert len(os.listdir(f"/proc/{a.pid}/fd")) - base < 20  # all timed out
+    finally:
+        for s in idle:
+            s.close()
+    edge = new_edge()
+    reader = programs.start(f"cat {b.path(edge)}")
+    sh(f"echo still-serving > {a.path(edge)}")
+    out, _ = reader.communicate(timeout=20)
+    assert out == b"still-serving\n"

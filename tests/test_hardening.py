@@ -269,3 +269,10 @@ def test_fd_exhaustion_leaves_no_ghost_writer(cluster: Cluster, programs: Progra
     sh(f"echo back > {node.path(again)}")
     out, _ = back.communicate(timeout=20)
     assert out == b"back\n"
+
+
+def test_watch_escapes_control_characters() -> None:
+    from fractalfs.watch import describe
+
+    line = describe({"edge": E, "kind": "failed", "data": {"reason": "\x1b[2J\x1b]0;x\x07"}})
+    assert "\x1b" not in line and "\x07" not in line and "\\x1b[2J" in line
