@@ -56,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--listen", metavar="HOST:PORT", help="listening address (0.0.0.0:7700)")
     d.add_argument("--db", metavar="PATH", help="SQLite file (default: state dir)")
+    d.add_argument(
+        "--store",
+        metavar="etcd://HOST:PORT,...",
+        help="keep state in etcd instead of SQLite (discovery replicas share it)",
+    )
 
     m = sub.add_parser("mount", help="run the node daemon in the foreground")
     m.add_argument("mountpoint", nargs="?", default=None)
@@ -152,6 +157,14 @@ def _cmd_discovery(args: argparse.Namespace) -> None:
     except ValueError as exc:
         raise QuietError(str(exc), 2) from None
     db = config.db or os.path.join(default_state_dir(), "discovery.db")
+    if config.store:
+        from .discovery.etcd import parse_url
+
+        try:
+            parse_url(config.store)
+        except ValueError as exc:
+            raise QuietError(str(exc), 2) from None
+        db = config.store
 
     def ready(url: str) -> None:
         print(f"fractalfs discovery listening on {url} (db {db})", flush=True)

@@ -89,6 +89,9 @@ class DiscoveryConfig:
     listen: str = "0.0.0.0:7700"
     #: SQLite database (default: state dir/discovery.db).
     db: str = ""
+    #: Shared state instead of the SQLite file: etcd://HOST:PORT[,HOST:PORT...][/PREFIX]
+    #: (any number of discovery replicas may serve one etcd cluster).
+    store: str = ""
 
 
 def _coerce(where: str, key: str, kind: type, value: object) -> object:

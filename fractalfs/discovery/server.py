@@ -24,7 +24,8 @@ from typing import Any
 from aiohttp import web
 
 from ..edgeid import EdgeId
-from .store import Conflict, Edge, NotFound, Store
+from .backend import DiscoveryStore, open_store
+from .store import Conflict, Edge, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 class DiscoveryApp:
-    def __init__(self, store: Store, node_timeout: float = NODE_TIMEOUT) -> None:
+    def __init__(self, store: DiscoveryStore, node_timeout: float = NODE_TIMEOUT) -> None:
         self.store = store
         self.changes = Changes()
         self.node_timeout = node_timeout
@@ -224,14 +225,8 @@ class DiscoveryApp:
         boot = body.get("boot", "")
         if not isinstance(boot, str) or len(boot) > MAX_NAME:
             raise BadRequest("field 'boot' must be a string")
-        if boot and self.boots.get(node, boot) != boot:
-            # A new run of the daemon: whatever the old one held is gone with it.
-            self._lose(node, "restarted")
-        if boot:
-            self.boots[node] = boot
-        self.last_seen[node] = asyncio.get_running_loop().time()
         was_lost = node in self.lost
-        self.lost.discard(node)
+        self._seen(node, boot)
         before = self.store.last_seq()
         stale = self.store.node_alive(node, writers, readers)
         if was_lost:
@@ -239,6 +234,16 @@ class DiscoveryApp:
         if self.store.last_seq() != before:
             self._changed()
         return web.json_response({"stale": stale})
+
+    def _seen(self, node: str, boot: str) -> None:
+        """A heartbeat from ``node``'s daemon run ``boot``: it is alive."""
+        if boot and self.boots.get(node, boot) != boot:
+            # A new run of the daemon: whatever the old one held is gone with it.
+            self._lose(node, "restarted")
+        if boot:
+            self.boots[node] = boot
+        self.last_seen[node] = asyncio.get_running_loop().time()
+        self.lost.discard(node)
 
     async def leave(self, request: web.Request) -> web.Response:
         node = self._node_name(request)
@@ -453,9 +458,19 @@ def parse_listen(text: str, default_port: int) -> tuple[str, int]:
     return host, number
 
 
-async def start(store: Store, host: str, port: int) -> tuple[web.AppRunner, str]:
+def make_app(store: DiscoveryStore) -> DiscoveryApp:
+    from .etcd import EtcdStore
+
+    if isinstance(store, EtcdStore):
+        from .replicated import EtcdDiscoveryApp
+
+        return EtcdDiscoveryApp(store)
+    return DiscoveryApp(store)
+
+
+async def start(store: DiscoveryStore, host: str, port: int) -> tuple[web.AppRunner, str]:
     """Starts serving; returns the runner and the URL actually bound (port 0 resolved)."""
-    runner = web.AppRunner(DiscoveryApp(store).app(), access_log=None, shutdown_timeout=1.0)
+    runner = web.AppRunner(make_app(store).app(), access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()
@@ -467,7 +482,7 @@ async def start(store: Store, host: str, port: int) -> tuple[web.AppRunner, str]
 async def serve_forever(
     db: str, host: str, port: int, ready: Callable[[str], None] | None = None
 ) -> None:
-    store = Store(db)
+    store = open_store(db)
     runner, url = await start(store, host, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -515,7 +530,7 @@ class EmbeddedDiscovery:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         try:
-            store = Store(db)
+            store = open_store(db)
             runner, self.url = await start(store, host, port)
         except BaseException as exc:
             self.error = exc
