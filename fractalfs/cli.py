@@ -196,13 +196,20 @@ def _cmd_mount(args: argparse.Namespace) -> None:
     mount.run(config, ready=lambda line: print(line, flush=True))
 
 
-def _fetch_edges(url: str) -> list[dict[str, Any]]:
+def _fetch_edges(urls: str) -> list[dict[str, Any]]:
     import httpx
 
-    try:
-        resp = httpx.get(url.rstrip("/") + "/v1/edges", timeout=10)
-    except httpx.HTTPError as exc:
-        raise QuietError(f"discovery at {url} unreachable: {exc}") from None
+    from .discovery.client import split_urls
+
+    why: Exception | str = "no URL given"
+    for url in split_urls(urls):  # replicas: the first that answers
+        try:
+            resp = httpx.get(url + "/v1/edges", timeout=10)
+            break
+        except httpx.HTTPError as exc:
+            why = exc
+    else:
+        raise QuietError(f"discovery at {urls} unreachable: {why}") from None
     if resp.status_code != 200:
         raise QuietError(f"discovery at {url} answered {resp.status_code}")
     return resp.json()["edges"]  # type: ignore[no-any-return]

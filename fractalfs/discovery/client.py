@@ -1,4 +1,11 @@
-"""A trio-native client of the discovery API (httpx on trio, no second event loop)."""
+"""A trio-native client of the discovery API (httpx on trio, no second event loop).
+
+It takes one discovery URL or several (``http://a:7700,http://b:7700``: replicas in front of
+one etcd cluster). A request that cannot reach a replica, or that a replica answers with a
+5xx (its etcd is unreachable), is sent to the next one at once; only when every replica has
+failed does it back off and retry until its deadline. The replica that answered last is
+the one tried first.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +18,9 @@ import trio
 from ..edgestate import backoff
 
 log = logging.getLogger(__name__)
+
+
+UNAVAILABLE = frozenset({502, 503, 504})  # a replica that cannot reach its store, or a proxy
 
 
 class DiscoveryError(Exception):
@@ -29,15 +39,31 @@ class Unavailable(Exception):
     """Discovery could not be reached before the deadline."""
 
 
+def split_urls(url: str) -> list[str]:
+    """``URL1,URL2`` -> [URL1, URL2] (blanks and trailing slashes dropped)."""
+    urls = [u.strip().rstrip("/") for u in url.split(",")]
+    return [u for u in urls if u]
+
+
 class DiscoveryClient:
     def __init__(self, url: str, *, retry_for: float = 30.0) -> None:
-        self.url = url.rstrip("/")
+        self.urls = split_urls(url)
+        if not self.urls:
+            raise ValueError("no discovery URL given")
         self.retry_for = retry_for
+        self._current = 0
         self._http = httpx.AsyncClient(
-            base_url=self.url + "/v1",
             timeout=httpx.Timeout(10.0),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
         )
+
+    @property
+    def url(self) -> str:
+        """The replica requests go to now."""
+        return self.urls[self._current]
+
+    def _next_replica(self) -> None:
+        self._current = (self._current + 1) % len(self.urls)
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -54,16 +80,28 @@ class DiscoveryClient:
     ) -> dict[str, Any]:
         deadline = trio.current_time() + (self.retry_for if retry_for is None else retry_for)
         attempt = 0
+        failed = 0  # replicas that failed this request since the last backoff
         while True:
+            url = self.url
             try:
                 resp = await self._http.request(
-                    method, path, json=body, params=params, timeout=timeout
+                    method, f"{url}/v1{path}", json=body, params=params, timeout=timeout
                 )
+                why = "" if resp.status_code not in UNAVAILABLE else f"answered {resp.status_code}"
             except httpx.TransportError as exc:
+                why = f"unreachable: {exc}"
+            if why:
+                # Every replica gets one try, even past the deadline; then back off.
+                self._next_replica()
+                failed += 1
+                if failed < len(self.urls):
+                    log.info("discovery at %s %s; trying %s", url, why, self.url)
+                    continue
                 if trio.current_time() >= deadline:
-                    raise Unavailable(f"discovery at {self.url} unreachable: {exc}") from exc
+                    raise Unavailable(f"discovery at {url} {why}")
                 await trio.sleep(backoff(attempt, cap=2.0))
                 attempt += 1
+                failed = 0
                 continue
             data = resp.json() if resp.content else {}
             if resp.status_code == 409:

@@ -24,8 +24,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from .etcd import EtcdStore, prefix_end
-from .server import NODE_TIMEOUT, DiscoveryApp
+from .etcd import EtcdStore, EtcdUnavailable, prefix_end
+from .server import NODE_TIMEOUT, DiscoveryApp, Handler
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,15 @@ def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
+@web.middleware
+async def _unavailable(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """No etcd member answered: 503, which tells a node to try another replica."""
+    try:
+        return await handler(request)
+    except EtcdUnavailable as exc:
+        return web.json_response({"error": str(exc)}, status=503)
+
+
 class EtcdDiscoveryApp(DiscoveryApp):
     store: EtcdStore
 
@@ -44,6 +53,11 @@ class EtcdDiscoveryApp(DiscoveryApp):
         self.ttl = max(MIN_TTL, math.ceil(node_timeout))
         self._tasks: list[asyncio.Task[None]] = []
         self.watching = asyncio.Event()
+
+    def app(self) -> web.Application:
+        app = super().app()
+        app.middlewares.append(_unavailable)
+        return app
 
     async def _start_liveness(self, app: web.Application) -> None:
         self._tasks = [
