@@ -16,6 +16,7 @@ import httpx
 import trio
 
 from ..edgestate import backoff
+from .heartbeat import Ends, deltas
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class DiscoveryClient:
             raise ValueError("no discovery URL given")
         self.retry_for = retry_for
         self._current = 0
+        self._acked: dict[str, Ends | None] = {}  # node -> its ends as discovery has them
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(10.0),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
@@ -103,7 +105,10 @@ class DiscoveryClient:
                 attempt += 1
                 failed = 0
                 continue
-            data = resp.json() if resp.content else {}
+            try:
+                data = resp.json() if resp.content else {}
+            except ValueError:  # e.g. a proxy's or aiohttp's own plain-text error page
+                data = {"error": resp.text[:200] or resp.reason_phrase}
             if resp.status_code == 409:
                 raise Conflict(409, data.get("error", "conflict"))
             if resp.status_code >= 400:
@@ -184,15 +189,30 @@ class DiscoveryClient:
     async def heartbeat(
         self, node: str, boot: str, writers: dict[str, int], readers: list[str]
     ) -> list[str]:
-        """Reports this node's ends; returns the writer edges that are fenced off."""
-        got = await self._call(
-            "POST",
-            f"/nodes/{node}/heartbeat",
-            body={"boot": boot, "writers": writers, "readers": readers},
-            timeout=2.0,
-            retry_for=0.0,
-        )
-        return list(got.get("stale", []))
+        """Reports this node's ends; returns the writer edges that are fenced off.
+
+        Only the changes since the last acknowledged beat go out (see heartbeat.py); when
+        discovery asks for a resync, the whole set follows in pages.
+        """
+        stale: list[str] = []
+        for _ in range(2):
+            pages = deltas(self._acked.get(node), writers, readers)
+            self._acked[node] = None  # unknown until every page is answered
+            for page in pages:
+                got = await self._call(
+                    "POST",
+                    f"/nodes/{node}/heartbeat",
+                    body={"boot": boot, "delta": page.to_json()},
+                    timeout=2.0,
+                    retry_for=0.0,
+                )
+                stale += got.get("stale", [])
+                if got.get("resync"):
+                    break
+            else:
+                self._acked[node] = Ends(dict(writers), set(readers), pages[-1].digest)
+                break
+        return sorted(set(stale))
 
     async def leave(self, node: str) -> None:
         await self._call("POST", f"/nodes/{node}/leave", timeout=2.0, retry_for=0.0)

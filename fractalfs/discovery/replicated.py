@@ -141,7 +141,8 @@ class EtcdDiscoveryApp(DiscoveryApp):
         return revision
 
     def _apply(self, events: list[dict[str, Any]], revision: int) -> int:
-        changed = False
+        edges: set[str] = set()
+        head = False
         for ev in events:
             kv = ev["kv"]
             revision = max(revision, int(kv.get("mod_revision", 0)))
@@ -149,8 +150,12 @@ class EtcdDiscoveryApp(DiscoveryApp):
             if key.startswith("n/") and ev.get("type") == "DELETE":
                 # Every replica sees this; marking the ends lost is idempotent.
                 self._lose(key[2:], "silent", "its lease expired")
-            elif key.startswith("e/") or key == "head":
-                changed = True
-        if changed:
-            self._changed()
+            elif key.startswith("e/"):
+                edges.add(key[2:])
+            elif key == "head":
+                head = True
+        for edge in edges:
+            self._changed(edge)  # its waiters, and the event streams
+        if head and not edges:
+            self._changed("")  # an event without an edge change: the event streams only
         return revision

@@ -25,6 +25,7 @@ from aiohttp import web
 
 from ..edgeid import EdgeId
 from .backend import DiscoveryStore, open_store
+from .heartbeat import Delta, HeldEnds
 from .store import Conflict, Edge, NotFound
 
 log = logging.getLogger(__name__)
@@ -45,27 +46,59 @@ class BadRequest(Exception):
 
 
 class Changes:
-    """Wakes long-polls: one asyncio.Event per change epoch."""
+    """Wakes long-polls: one asyncio.Event per change epoch for waiters on anything (event
+    streams), and one per edge for waiters on that edge, so a change of one edge does not
+    wake (and re-query for) the waiters of every other edge."""
 
     def __init__(self) -> None:
         self._event = asyncio.Event()
+        self._edges: dict[str, tuple[asyncio.Event, int]] = {}  # edge -> (event, waiters)
 
-    def notify(self) -> None:
+    def notify(self, edge: str | None = None) -> None:
+        """A change of ``edge`` (None: of any number of edges)."""
         self._event.set()
         self._event = asyncio.Event()
+        if edge is None:
+            for event, _ in self._edges.values():
+                event.set()
+            self._edges.clear()
+        elif edge in self._edges:
+            self._edges.pop(edge)[0].set()
 
-    async def wait_until(self, ready: Callable[[], bool], timeout: float) -> None:
+    def _edge_event(self, edge: str) -> asyncio.Event:
+        event, waiters = self._edges.get(edge, (asyncio.Event(), 0))
+        self._edges[edge] = (event, waiters + 1)
+        return event
+
+    def _done_waiting(self, edge: str, event: asyncio.Event) -> None:
+        got = self._edges.get(edge)
+        if got is not None and got[0] is event:
+            if got[1] <= 1:
+                del self._edges[edge]
+            else:
+                self._edges[edge] = (event, got[1] - 1)
+
+    def waiting(self) -> int:
+        """Edges with a waiter (for tests: nothing leaks)."""
+        return len(self._edges)
+
+    async def wait_until(
+        self, ready: Callable[[], bool], timeout: float, edge: str | None = None
+    ) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while not ready():
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return
-            event = self._event
+            event = self._event if edge is None else self._edge_event(edge)
             try:
                 await asyncio.wait_for(event.wait(), remaining)
             except TimeoutError:
                 return
+            finally:
+                if edge is not None:
+                    self._done_waiting(edge, event)
 
 
 def _edge_id(request: web.Request) -> str:
@@ -144,6 +177,7 @@ class DiscoveryApp:
         self.last_seen: dict[str, float] = {}
         self.lost: set[str] = set()
         self.boots: dict[str, str] = {}  # node -> boot id of the daemon run heard from last
+        self.held = HeldEnds()  # what each node's run holds, from its heartbeats
         self._checker: asyncio.Task[None] | None = None
 
     async def _start_liveness(self, app: web.Application) -> None:
@@ -168,12 +202,14 @@ class DiscoveryApp:
 
     def _lose(self, node: str, cause: str, why: str = "") -> None:
         self.lost.add(node)
+        if cause != "silent":
+            self.held.forget(node)
         changed = self.store.node_lost(node, cause)
         log.warning("node %s lost (%s); %d edges affected", node, why or cause, len(changed))
         self._changed()
 
-    def _changed(self) -> None:
-        self.changes.notify()
+    def _changed(self, edge: str | None = None) -> None:
+        self.changes.notify(edge)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY, middlewares=[_errors])
@@ -225,8 +261,14 @@ class DiscoveryApp:
         boot = body.get("boot", "")
         if not isinstance(boot, str) or len(boot) > MAX_NAME:
             raise BadRequest("field 'boot' must be a string")
+        delta = Delta.from_json(body["delta"]) if "delta" in body else None
         was_lost = node in self.lost
         self._seen(node, boot)
+        if delta is not None:  # only what changed since the last beat: see heartbeat.py
+            checked = self.held.receive(node, boot, delta, everything=was_lost)
+            if checked is None:
+                return web.json_response({"stale": [], "resync": True})
+            writers, readers = checked
         before = self.store.last_seq()
         stale = self.store.node_alive(node, writers, readers)
         if was_lost:
@@ -248,6 +290,7 @@ class DiscoveryApp:
     async def leave(self, request: web.Request) -> web.Response:
         node = self._node_name(request)
         self.last_seen.pop(node, None)
+        self.boots.pop(node, None)
         self._lose(node, "left")
         self.lost.discard(node)
         return web.json_response({"node": node})
@@ -317,20 +360,20 @@ class DiscoveryApp:
                 rec = self.store.get(edge)
                 return (rec.version if rec else 0) > since
 
-            await self.changes.wait_until(changed, wait)
+            await self.changes.wait_until(changed, wait, edge)
         return web.json_response(_edge_json(edge, self.store.get(edge)))
 
     async def delete_edge(self, request: web.Request) -> web.Response:
         edge = _edge_id(request)
         self.store.delete(edge)
-        self._changed()
+        self._changed(edge)
         return web.json_response({"id": edge, "deleted": True})
 
     async def register_writer(self, request: web.Request) -> web.Response:
         edge = _edge_id(request)
         body = await _body(request)
         rec = self.store.register_writer(edge, _str(body, "node"), _str(body, "endpoint"))
-        self._changed()
+        self._changed(edge)
         return web.json_response(_edge_json(edge, rec))
 
     async def close_writer(self, request: web.Request) -> web.Response:
@@ -343,14 +386,14 @@ class DiscoveryApp:
             _int(body, "bytes"),
             _str(body, "reason", required=False),
         )
-        self._changed()
+        self._changed(edge)
         return web.json_response(_edge_json(edge, rec))
 
     async def claim_reader(self, request: web.Request) -> web.Response:
         edge = _edge_id(request)
         body = await _body(request)
         rec = self.store.claim_reader(edge, _str(body, "node"))
-        self._changed()
+        self._changed(edge)
         return web.json_response(_edge_json(edge, rec))
 
     async def release_reader(self, request: web.Request) -> web.Response:
@@ -359,7 +402,7 @@ class DiscoveryApp:
         rec = self.store.release_reader(
             edge, _str(body, "node"), _str(body, "state"), _int(body, "bytes")
         )
-        self._changed()
+        self._changed(edge)
         return web.json_response(_edge_json(edge, rec))
 
     async def set_mode(self, request: web.Request) -> web.Response:
@@ -371,7 +414,7 @@ class DiscoveryApp:
         rec = self.store.set_mode(
             edge, _int(body, "generation"), mode, _str(body, "reason", required=False)
         )
-        self._changed()
+        self._changed(edge)
         return web.json_response(_edge_json(edge, rec))
 
     async def restore_writer(self, request: web.Request) -> web.Response:
@@ -383,7 +426,7 @@ class DiscoveryApp:
         rec = self.store.restore_writer(
             edge, _int(body, "generation"), _str(body, "node"), _str(body, "endpoint"), complete
         )
-        self._changed()
+        self._changed(edge)
         return web.json_response(_edge_json(edge, rec))
 
     async def progress(self, request: web.Request) -> web.Response:
@@ -402,7 +445,7 @@ class DiscoveryApp:
         if not isinstance(data, dict):
             raise BadRequest("field 'data' must be an object")
         self.store.record(edge, kind, data)
-        self._changed()
+        self._changed(edge)
         return web.json_response({"id": edge})
 
     async def event_stream(self, request: web.Request) -> web.StreamResponse:
