@@ -57,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--listen", metavar="HOST:PORT", help="listening address (0.0.0.0:7700)")
     d.add_argument("--db", metavar="PATH", help="SQLite file (default: state dir)")
     d.add_argument(
+        "--retention",
+        type=float,
+        metavar="SECONDS",
+        help="how long delivered edges are kept (3600)",
+    )
+    d.add_argument(
         "--store",
         metavar="etcd://HOST:PORT,...",
         help="keep state in etcd instead of SQLite (discovery replicas share it)",
@@ -156,6 +162,8 @@ def _cmd_discovery(args: argparse.Namespace) -> None:
         host, port = parse_listen(config.listen, 7700)
     except ValueError as exc:
         raise QuietError(str(exc), 2) from None
+    if config.retention <= 0:
+        raise QuietError("retention must be positive", 2)
     db = config.db or os.path.join(default_state_dir(), "discovery.db")
     if config.store:
         from .discovery.etcd import parse_url
@@ -172,7 +180,7 @@ def _cmd_discovery(args: argparse.Namespace) -> None:
 
     freeze_startup_heap()
     try:
-        asyncio.run(serve_forever(db, host, port, ready))
+        asyncio.run(serve_forever(db, host, port, ready, config.retention))
     except OSError as exc:
         raise QuietError(f"discovery cannot start on {config.listen}: {exc.strerror}") from None
     except KeyboardInterrupt:

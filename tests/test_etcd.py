@@ -180,3 +180,15 @@ def test_a_silent_node_is_lost_by_its_lease_and_comes_back(replicas: list[Replic
     # A new run of the daemon: the old run's writer is lost at once.
     b.post("/nodes/n1/heartbeat", json={"boot": "b2", "writers": {}, "readers": []})
     assert a.get(f"/edges/{edge}").json()["writer_state"] == "lost"
+
+
+def test_pages_and_pruning(store: EtcdStore) -> None:
+    edges = sorted(new_edge() for _ in range(7))
+    for edge in edges:
+        store.claim_reader(edge, "n2")
+    assert [e.id for e in store.edges_page("", 3)] == edges[:3]
+    assert [e.id for e in store.edges_page(edges[2], 10)] == edges[3:]
+    store.release_reader(edges[0], "n2", "done", 0)
+    assert store.prune(time.time() - 3600) == 0
+    assert store.prune(time.time() + 1) == 1
+    assert store.get(edges[0]) is None and store.get(edges[1]) is not None

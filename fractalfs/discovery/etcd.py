@@ -458,6 +458,31 @@ class EtcdStore:
         if not ok:
             raise NotFound(f"no edge {edge}")
 
+    # -- history ---------------------------------------------------------------------------
+
+    def edges_page(self, after: str, limit: int) -> list[Edge]:
+        start = f"{self.prefix}e/"
+        first = start + after + "\0" if after else start
+        kvs = self.gateway.range(first, prefix_end(start), limit=str(limit))
+        return [_edge_from(kv, _unb64(kv["key"])[len(start) :]) for kv in kvs]
+
+    def prune(self, before: float) -> int:
+        """Forgets edges delivered before ``before``; each delete compares the revision
+        read, so a re-run that took the edge meanwhile keeps it."""
+        pruned = 0
+        for e in self.edges():
+            if e.reader_state == "done" and e.updated < before:
+                key = _b64(self._key(e.id))
+                same = {
+                    "key": key,
+                    "target": "MOD",
+                    "result": "EQUAL",
+                    "mod_revision": str(e.version),
+                }
+                ok, _ = self.gateway.txn([same], [{"request_delete_range": {"key": key}}])
+                pruned += ok
+        return pruned
+
     # -- node liveness: one lease per node -----------------------------------------------
 
     def _node_key(self, node: str) -> str:

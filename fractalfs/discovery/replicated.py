@@ -26,6 +26,7 @@ from aiohttp import web
 
 from .etcd import EtcdStore, EtcdUnavailable, prefix_end
 from .server import NODE_TIMEOUT, DiscoveryApp, Handler
+from .upkeep import RETENTION
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,10 @@ async def _unavailable(request: web.Request, handler: Handler) -> web.StreamResp
 class EtcdDiscoveryApp(DiscoveryApp):
     store: EtcdStore
 
-    def __init__(self, store: EtcdStore, node_timeout: float = NODE_TIMEOUT) -> None:
-        super().__init__(store, node_timeout)
+    def __init__(
+        self, store: EtcdStore, node_timeout: float = NODE_TIMEOUT, retention: float = RETENTION
+    ) -> None:
+        super().__init__(store, node_timeout, retention)
         self.ttl = max(MIN_TTL, math.ceil(node_timeout))
         self._tasks: list[asyncio.Task[None]] = []
         self.watching = asyncio.Event()

@@ -24,7 +24,9 @@ from typing import Any
 from aiohttp import web
 
 from ..edgeid import EdgeId
+from . import upkeep
 from .backend import DiscoveryStore, open_store
+from .etcd import cap_event_data
 from .heartbeat import Delta, HeldEnds
 from .store import Conflict, Edge, NotFound
 
@@ -37,6 +39,7 @@ MAX_NAME = 255
 NODE_EVENTS = frozenset({"resumed", "diverged"})
 NODE_TIMEOUT = 1.5  # a node silent this long is lost (daemons heartbeat every 0.5 s)
 MAX_ENDS = 100_000
+MAX_PAGE = 10_000
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -170,8 +173,15 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 class DiscoveryApp:
-    def __init__(self, store: DiscoveryStore, node_timeout: float = NODE_TIMEOUT) -> None:
+    def __init__(
+        self,
+        store: DiscoveryStore,
+        node_timeout: float = NODE_TIMEOUT,
+        retention: float = upkeep.RETENTION,
+    ) -> None:
         self.store = store
+        self.retention = retention
+        self._upkeep: asyncio.Task[None] | None = None
         self.changes = Changes()
         self.node_timeout = node_timeout
         self.last_seen: dict[str, float] = {}
@@ -190,6 +200,13 @@ class DiscoveryApp:
     async def _stop_liveness(self, app: web.Application) -> None:
         if self._checker is not None:
             self._checker.cancel()
+
+    async def _start_upkeep(self, app: web.Application) -> None:
+        self._upkeep = asyncio.create_task(upkeep.prune_forever(self, self.retention))
+
+    async def _stop_upkeep(self, app: web.Application) -> None:
+        if self._upkeep is not None:
+            self._upkeep.cancel()
 
     async def _check_liveness(self) -> None:
         loop = asyncio.get_running_loop()
@@ -235,6 +252,8 @@ class DiscoveryApp:
         r.add_post(f"{API}/nodes/{{node}}/leave", self.leave)
         app.on_startup.append(self._start_liveness)
         app.on_cleanup.append(self._stop_liveness)
+        app.on_startup.append(self._start_upkeep)
+        app.on_cleanup.append(self._stop_upkeep)
         return app
 
     def _node_name(self, request: web.Request) -> str:
@@ -348,7 +367,19 @@ class DiscoveryApp:
         return web.json_response({"ok": True, "last_event": self.store.last_seq()})
 
     async def list_edges(self, request: web.Request) -> web.Response:
-        return web.json_response({"edges": [_edge_json(e.id, e) for e in self.store.edges()]})
+        """Every edge, or with ``?limit=N[&after=ID]`` one page in id order and the id to
+        continue after (``next``, null on the last page)."""
+        if "limit" not in request.query:
+            return web.json_response({"edges": [_edge_json(e.id, e) for e in self.store.edges()]})
+        limit = int(_query_number(request, "limit", 1000, MAX_PAGE))
+        after = request.query.get("after", "")
+        if after and not EdgeId.is_valid(after):
+            raise BadRequest(f"query 'after' must be an edge id, not {after!r}")
+        page = self.store.edges_page(after, max(limit, 1))
+        more = len(page) == max(limit, 1)
+        return web.json_response(
+            {"edges": [_edge_json(e.id, e) for e in page], "next": page[-1].id if more else None}
+        )
 
     async def get_edge(self, request: web.Request) -> web.Response:
         edge = _edge_id(request)
@@ -444,6 +475,7 @@ class DiscoveryApp:
         data = body.get("data", {})
         if not isinstance(data, dict):
             raise BadRequest("field 'data' must be an object")
+        data = cap_event_data(data)
         self.store.record(edge, kind, data)
         self._changed(edge)
         return web.json_response({"id": edge})
@@ -501,19 +533,22 @@ def parse_listen(text: str, default_port: int) -> tuple[str, int]:
     return host, number
 
 
-def make_app(store: DiscoveryStore) -> DiscoveryApp:
+def make_app(store: DiscoveryStore, retention: float = upkeep.RETENTION) -> DiscoveryApp:
     from .etcd import EtcdStore
 
     if isinstance(store, EtcdStore):
         from .replicated import EtcdDiscoveryApp
 
-        return EtcdDiscoveryApp(store)
-    return DiscoveryApp(store)
+        return EtcdDiscoveryApp(store, retention=retention)
+    return DiscoveryApp(store, retention=retention)
 
 
-async def start(store: DiscoveryStore, host: str, port: int) -> tuple[web.AppRunner, str]:
+async def start(
+    store: DiscoveryStore, host: str, port: int, retention: float = upkeep.RETENTION
+) -> tuple[web.AppRunner, str]:
     """Starts serving; returns the runner and the URL actually bound (port 0 resolved)."""
-    runner = web.AppRunner(make_app(store).app(), access_log=None, shutdown_timeout=1.0)
+    app = make_app(store, retention).app()
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()
@@ -523,10 +558,14 @@ async def start(store: DiscoveryStore, host: str, port: int) -> tuple[web.AppRun
 
 
 async def serve_forever(
-    db: str, host: str, port: int, ready: Callable[[str], None] | None = None
+    db: str,
+    host: str,
+    port: int,
+    ready: Callable[[str], None] | None = None,
+    retention: float = upkeep.RETENTION,
 ) -> None:
     store = open_store(db)
-    runner, url = await start(store, host, port)
+    runner, url = await start(store, host, port, retention)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
