@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -198,7 +199,7 @@ def history_row(work: Path, history: int, samples: int = 200) -> dict[str, Any]:
             def register() -> None:
                 http.post(f"/edges/{EdgeId.new().hex}/reader", json={"node": "n2"})
 
-            requests = {
+            requests: dict[str, Callable[[], object]] = {
                 "GET /v1/health": lambda: http.get("/health"),
                 "GET /v1/edges/{id}": lambda: http.get(f"/edges/{some}"),
                 "POST /v1/edges/{id}/reader (new edge)": register,
