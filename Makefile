@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MOUNTPOINT ?= /fractal
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc iproute2 nftables util-linux socat chromium
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc iproute2 nftables util-linux socat chromium etcd-server
 
 .PHONY: install system-deps run test lint bench bench-failures cluster install-service clean
 
@@ -47,6 +47,7 @@ bench: install
 	@command -v socat >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); $$SUDO apt-get install -y -qq socat >/dev/null; }
 	$(BIN)/python bench/bench.py
 	$(BIN)/python bench/spill_pages.py
+	$(BIN)/python bench/scale.py --edges 1000 --history 100000
 
 # Three hosts (network namespaces) with their own daemons, discovery on the first; Ctrl-C
 # tears everything down.

@@ -87,6 +87,17 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="allow serving without a secret on a non-loopback address",
     )
+    d.add_argument(
+        "--retention",
+        type=float,
+        metavar="SECONDS",
+        help="how long delivered edges are kept (3600)",
+    )
+    d.add_argument(
+        "--store",
+        metavar="etcd://HOST:PORT,...",
+        help="keep state in etcd instead of SQLite (discovery replicas share it)",
+    )
 
     m = sub.add_parser("mount", help="run the node daemon in the foreground")
     m.add_argument("mountpoint", nargs="?", default=None)
@@ -192,6 +203,8 @@ def _cmd_discovery(args: argparse.Namespace) -> None:
         host, port = parse_listen(config.listen, 7700)
     except ValueError as exc:
         raise QuietError(str(exc), 2) from None
+    if config.retention <= 0:
+        raise QuietError("retention must be positive", 2)
     db = config.db or os.path.join(default_state_dir(), "discovery.db")
     secret = _discovery_secret(config, host)
     lim = Limits(
@@ -201,6 +214,14 @@ def _cmd_discovery(args: argparse.Namespace) -> None:
         max_waiters=config.max_waiters,
         max_subscribers=config.max_subscribers,
     )
+    if config.store:
+        from .discovery.etcd import parse_url
+
+        try:
+            parse_url(config.store)
+        except ValueError as exc:
+            raise QuietError(str(exc), 2) from None
+        db = config.store
 
     def ready(url: str) -> None:
         print(f"fractalfs discovery listening on {url} (db {db})", flush=True)
@@ -208,7 +229,7 @@ def _cmd_discovery(args: argparse.Namespace) -> None:
 
     freeze_startup_heap()
     try:
-        asyncio.run(serve_forever(db, host, port, ready, secret, lim))
+        asyncio.run(serve_forever(db, host, port, ready, secret, lim, config.retention))
     except OSError as exc:
         raise QuietError(f"discovery cannot start on {config.listen}: {exc.strerror}") from None
     except KeyboardInterrupt:
@@ -256,13 +277,20 @@ def _cmd_mount(args: argparse.Namespace) -> None:
     mount.run(config, ready=lambda line: print(line, flush=True))
 
 
-def _fetch_edges(url: str, auth: tuple[str, str] | None) -> list[dict[str, Any]]:
+def _fetch_edges(urls: str, auth: tuple[str, str] | None) -> list[dict[str, Any]]:
     import httpx
 
-    try:
-        resp = httpx.get(url.rstrip("/") + "/v1/edges", timeout=10, auth=auth)
-    except httpx.HTTPError as exc:
-        raise QuietError(f"discovery at {url} unreachable: {exc}") from None
+    from .discovery.client import split_urls
+
+    why: Exception | str = "no URL given"
+    for url in split_urls(urls):  # replicas: the first that answers
+        try:
+            resp = httpx.get(url + "/v1/edges", timeout=10, auth=auth)
+            break
+        except httpx.HTTPError as exc:
+            why = exc
+    else:
+        raise QuietError(f"discovery at {urls} unreachable: {why}") from None
     if resp.status_code == 401:
         raise QuietError(f"discovery at {url} wants the cluster secret: pass --secret-file")
     if resp.status_code != 200:

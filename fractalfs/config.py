@@ -112,6 +112,11 @@ class DiscoveryConfig:
     #: Long-polls held at once (more are answered at once) and event-stream subscribers.
     max_waiters: int = 2048
     max_subscribers: int = 64
+    #: Shared state instead of the SQLite file: etcd://HOST:PORT[,HOST:PORT...][/PREFIX]
+    #: (any number of discovery replicas may serve one etcd cluster).
+    store: str = ""
+    #: Seconds a delivered edge stays in status and /v1/edges before it is forgotten.
+    retention: float = 3600.0
 
 
 def _coerce(where: str, key: str, kind: type, value: object) -> object:

@@ -78,6 +78,14 @@ def route_to(url: str) -> str:
 
 
 def check_url(url: str) -> str:
+    """One discovery URL or several, comma-separated (replicas of one cluster)."""
+    urls = [_check_one_url(u.strip()) for u in url.split(",") if u.strip()]
+    if not urls:
+        raise QuietError("no discovery URL given")
+    return ",".join(urls)
+
+
+def _check_one_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise QuietError(f"{url}: discovery URL must look like http://HOST:PORT")
@@ -128,7 +136,7 @@ async def serve(
     host, port = parse_listen(config.data_listen, 7701)
     listener = await _open_listener(host, port)
     bound_port = listener.getsockname()[1]
-    adv = config.advertise or (host if host not in ("0.0.0.0", "::") else route_to(discovery_url))
+    adv = config.advertise or (host if host not in ("0.0.0.0", "::") else route_to(client.url))
     endpoint = f"[{adv}]:{bound_port}" if ":" in adv else f"{adv}:{bound_port}"
     if config.metrics_listen:
         metrics.serve(*parse_listen(config.metrics_listen, 9701))

@@ -1,4 +1,11 @@
-"""A trio-native client of the discovery API (httpx on trio, no second event loop)."""
+"""A trio-native client of the discovery API (httpx on trio, no second event loop).
+
+It takes one discovery URL or several (``http://a:7700,http://b:7700``: replicas in front of
+one etcd cluster). A request that cannot reach a replica, or that a replica answers with a
+5xx (its etcd is unreachable), is sent to the next one at once; only when every replica has
+failed does it back off and retry until its deadline. The replica that answered last is
+the one tried first.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +16,12 @@ import httpx
 import trio
 
 from ..edgestate import backoff
+from .heartbeat import NODE_HEADER, Ends, deltas
 
 log = logging.getLogger(__name__)
+
+
+UNAVAILABLE = frozenset({502, 503, 504})  # a replica that cannot reach its store, or a proxy
 
 
 class DiscoveryError(Exception):
@@ -29,21 +40,44 @@ class Unavailable(Exception):
     """Discovery could not be reached before the deadline."""
 
 
+def split_urls(url: str) -> list[str]:
+    """``URL1,URL2`` -> [URL1, URL2] (blanks and trailing slashes dropped)."""
+    urls = [u.strip().rstrip("/") for u in url.split(",")]
+    return [u for u in urls if u]
+
+
 class DiscoveryClient:
     def __init__(
         self, url: str, *, retry_for: float = 30.0, auth: tuple[str, str] | None = None
     ) -> None:
-        self.url = url.rstrip("/")
+        self.urls = split_urls(url)
+        if not self.urls:
+            raise ValueError("no discovery URL given")
+        self.auth = auth
         self.retry_for = retry_for
+        self._current = 0
+        self._acked: dict[str, Ends | None] = {}  # node -> its ends as discovery has them
+        # Heartbeats have their own small pool: never queued behind a thousand long-polls.
+        self._beats = httpx.AsyncClient(
+            auth=auth, timeout=httpx.Timeout(10.0), limits=httpx.Limits(max_connections=4)
+        )
         self._http = httpx.AsyncClient(
-            base_url=self.url + "/v1",
             auth=auth,
             timeout=httpx.Timeout(10.0),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
         )
 
+    @property
+    def url(self) -> str:
+        """The replica requests go to now."""
+        return self.urls[self._current]
+
+    def _next_replica(self) -> None:
+        self._current = (self._current + 1) % len(self.urls)
+
     async def aclose(self) -> None:
         await self._http.aclose()
+        await self._beats.aclose()
 
     async def _call(
         self,
@@ -54,21 +88,37 @@ class DiscoveryClient:
         params: dict[str, Any] | None = None,
         timeout: float = 10.0,
         retry_for: float | None = None,
+        beat: bool = False,
     ) -> dict[str, Any]:
         deadline = trio.current_time() + (self.retry_for if retry_for is None else retry_for)
         attempt = 0
+        failed = 0  # replicas that failed this request since the last backoff
         while True:
+            url = self.url
             try:
-                resp = await self._http.request(
-                    method, path, json=body, params=params, timeout=timeout
+                resp = await (self._beats if beat else self._http).request(
+                    method, f"{url}/v1{path}", json=body, params=params, timeout=timeout
                 )
+                why = "" if resp.status_code not in UNAVAILABLE else f"answered {resp.status_code}"
             except httpx.TransportError as exc:
+                why = f"unreachable: {exc}"
+            if why:
+                # Every replica gets one try, even past the deadline; then back off.
+                self._next_replica()
+                failed += 1
+                if failed < len(self.urls):
+                    log.info("discovery at %s %s; trying %s", url, why, self.url)
+                    continue
                 if trio.current_time() >= deadline:
-                    raise Unavailable(f"discovery at {self.url} unreachable: {exc}") from exc
+                    raise Unavailable(f"discovery at {url} {why}")
                 await trio.sleep(backoff(attempt, cap=2.0))
                 attempt += 1
+                failed = 0
                 continue
-            data = resp.json() if resp.content else {}
+            try:
+                data = resp.json() if resp.content else {}
+            except ValueError:  # e.g. a proxy's or aiohttp's own plain-text error page
+                data = {"error": resp.text[:200] or resp.reason_phrase}
             if resp.status_code == 409:
                 raise Conflict(409, data.get("error", "conflict"))
             if resp.status_code >= 400:
@@ -149,15 +199,33 @@ class DiscoveryClient:
     async def heartbeat(
         self, node: str, boot: str, writers: dict[str, int], readers: list[str]
     ) -> list[str]:
-        """Reports this node's ends; returns the writer edges that are fenced off."""
-        got = await self._call(
-            "POST",
-            f"/nodes/{node}/heartbeat",
-            body={"boot": boot, "writers": writers, "readers": readers},
-            timeout=2.0,
-            retry_for=0.0,
-        )
-        return list(got.get("stale", []))
+        """Reports this node's ends; returns the writer edges that are fenced off.
+
+        Only the changes since the last acknowledged beat go out (see heartbeat.py); when
+        discovery asks for a resync, the whole set follows in pages.
+        """
+        for http in (self._http, self._beats):
+            http.headers[NODE_HEADER] = node
+        stale: list[str] = []
+        for _ in range(2):
+            pages = deltas(self._acked.get(node), writers, readers)
+            self._acked[node] = None  # unknown until every page is answered
+            for page in pages:
+                got = await self._call(
+                    "POST",
+                    f"/nodes/{node}/heartbeat",
+                    body={"boot": boot, "delta": page.to_json()},
+                    timeout=2.0,
+                    retry_for=0.0,
+                    beat=True,
+                )
+                stale += got.get("stale", [])
+                if got.get("resync"):
+                    break
+            else:
+                self._acked[node] = Ends(dict(writers), set(readers), pages[-1].digest)
+                break
+        return sorted(set(stale))
 
     async def leave(self, node: str) -> None:
-        await self._call("POST", f"/nodes/{node}/leave", timeout=2.0, retry_for=0.0)
+        await self._call("POST", f"/nodes/{node}/leave", timeout=2.0, retry_for=0.0, beat=True)

@@ -22,8 +22,8 @@ from typing import Any
 from aiohttp import web
 
 from ..auth import Principal, check_basic
+from .backend import DiscoveryStore
 from .limits import read_body
-from .store import Store
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPEN = frozenset({"/v1/health"})
@@ -44,7 +44,9 @@ async def _body_node(request: web.Request, body_timeout: float) -> Any:
     return body.get("node") if isinstance(body, dict) else None
 
 
-async def _allowed(request: web.Request, who: Principal, store: Store, body_timeout: float) -> str:
+async def _allowed(
+    request: web.Request, who: Principal, store: DiscoveryStore, body_timeout: float
+) -> str:
     """Empty if ``who`` may make ``request``, else the reason it may not."""
     if who.node is None or request.method not in ("POST", "PUT"):
         return ""
@@ -74,7 +76,7 @@ async def _allowed(request: web.Request, who: Principal, store: Store, body_time
     return ""
 
 
-def middleware(secret: bytes, store: Store, body_timeout: float) -> Any:
+def middleware(secret: bytes, store: DiscoveryStore, body_timeout: float) -> Any:
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in OPEN:

@@ -24,9 +24,12 @@ from typing import Any
 from aiohttp import web
 
 from ..edgeid import EdgeId
-from . import guard, limits
+from . import guard, limits, upkeep
+from .backend import DiscoveryStore, open_store
+from .etcd import cap_event_data
+from .heartbeat import NODE_HEADER, Delta, HeldEnds
 from .limits import DEFAULT_LIMITS, Limits
-from .store import Conflict, Edge, NotFound, Store
+from .store import Conflict, Edge, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,7 @@ NODE_TIMEOUT = 1.5  # a node silent this long is lost (daemons heartbeat every 0
 MAX_ENDS = 100_000
 LIMITS = web.AppKey("limits", Limits)
 MAX_INT = 2**63 - 1  # SQLite INTEGER; anything larger is a client's mistake, not a 500
+MAX_PAGE = 10_000
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -48,35 +52,67 @@ class BadRequest(Exception):
 
 
 class Changes:
-    """Wakes long-polls: one asyncio.Event per change epoch."""
+    """Wakes long-polls: one asyncio.Event per change epoch for waiters on anything (event
+    streams), and one per edge for waiters on that edge, so a change of one edge does not
+    wake (and re-query for) the waiters of every other edge."""
 
     def __init__(self, max_waiters: int = Limits.max_waiters) -> None:
         self._event = asyncio.Event()
-        self.waiting = 0
+        self.held = 0  # long-polls waiting now (capped: max_waiters)
         self.max_waiters = max_waiters
+        self._edges: dict[str, tuple[asyncio.Event, int]] = {}  # edge -> (event, waiters)
 
-    def notify(self) -> None:
+    def notify(self, edge: str | None = None) -> None:
+        """A change of ``edge`` (None: of any number of edges)."""
         self._event.set()
         self._event = asyncio.Event()
+        if edge is None:
+            for event, _ in self._edges.values():
+                event.set()
+            self._edges.clear()
+        elif edge in self._edges:
+            self._edges.pop(edge)[0].set()
 
-    async def wait_until(self, ready: Callable[[], bool], timeout: float) -> None:
-        if self.waiting >= self.max_waiters:
+    def _edge_event(self, edge: str) -> asyncio.Event:
+        event, waiters = self._edges.get(edge, (asyncio.Event(), 0))
+        self._edges[edge] = (event, waiters + 1)
+        return event
+
+    def _done_waiting(self, edge: str, event: asyncio.Event) -> None:
+        got = self._edges.get(edge)
+        if got is not None and got[0] is event:
+            if got[1] <= 1:
+                del self._edges[edge]
+            else:
+                self._edges[edge] = (event, got[1] - 1)
+
+    def waiting(self) -> int:
+        """Edges with a waiter (for tests: nothing leaks)."""
+        return len(self._edges)
+
+    async def wait_until(
+        self, ready: Callable[[], bool], timeout: float, edge: str | None = None
+    ) -> None:
+        if self.held >= self.max_waiters:
             return  # too many held already: answer now, the client polls again
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        self.waiting += 1
+        self.held += 1
         try:
             while not ready():
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     return
-                event = self._event
+                event = self._event if edge is None else self._edge_event(edge)
                 try:
                     await asyncio.wait_for(event.wait(), remaining)
                 except TimeoutError:
                     return
+                finally:
+                    if edge is not None:
+                        self._done_waiting(edge, event)
         finally:
-            self.waiting -= 1
+            self.held -= 1
 
 
 def _edge_id(request: web.Request) -> str:
@@ -163,12 +199,15 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 class DiscoveryApp:
     def __init__(
         self,
-        store: Store,
+        store: DiscoveryStore,
         node_timeout: float = NODE_TIMEOUT,
+        retention: float = upkeep.RETENTION,
         secret: bytes | None = None,
         limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.store = store
+        self.retention = retention
+        self._upkeep: asyncio.Task[None] | None = None
         self.secret = secret  # None: no authentication (loopback or --insecure only)
         self.limits = limits
         self.subscribers = 0
@@ -177,6 +216,7 @@ class DiscoveryApp:
         self.last_seen: dict[str, float] = {}
         self.lost: set[str] = set()
         self.boots: dict[str, str] = {}  # node -> boot id of the daemon run heard from last
+        self.held = HeldEnds()  # what each node's run holds, from its heartbeats
         self._checker: asyncio.Task[None] | None = None
 
     async def _start_liveness(self, app: web.Application) -> None:
@@ -190,6 +230,13 @@ class DiscoveryApp:
         if self._checker is not None:
             self._checker.cancel()
 
+    async def _start_upkeep(self, app: web.Application) -> None:
+        self._upkeep = asyncio.create_task(upkeep.prune_forever(self, self.retention))
+
+    async def _stop_upkeep(self, app: web.Application) -> None:
+        if self._upkeep is not None:
+            self._upkeep.cancel()
+
     async def _check_liveness(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -201,15 +248,22 @@ class DiscoveryApp:
 
     def _lose(self, node: str, cause: str, why: str = "") -> None:
         self.lost.add(node)
+        if cause != "silent":
+            self.held.forget(node)
         changed = self.store.node_lost(node, cause)
         log.warning("node %s lost (%s); %d edges affected", node, why or cause, len(changed))
         self._changed()
 
-    def _changed(self) -> None:
-        self.changes.notify()
+    def _changed(self, edge: str | None = None) -> None:
+        self.changes.notify(edge)
 
     def app(self) -> web.Application:
-        middlewares: list[Any] = [_errors]
+        @web.middleware
+        async def sign_of_life(request: web.Request, handler: Handler) -> web.StreamResponse:
+            return await self._sign_of_life(request, handler)
+
+        # The guard first: a sign of life counts only from a node that proved who it is.
+        middlewares: list[Any] = [sign_of_life, _errors]
         if self.secret is not None:
             guarded = guard.middleware(self.secret, self.store, self.limits.body_timeout)
             middlewares.insert(0, guarded)
@@ -237,7 +291,24 @@ class DiscoveryApp:
         r.add_post(f"{API}/nodes/{{node}}/leave", self.leave)
         app.on_startup.append(self._start_liveness)
         app.on_cleanup.append(self._stop_liveness)
+        app.on_startup.append(self._start_upkeep)
+        app.on_cleanup.append(self._stop_upkeep)
         return app
+
+    async def _sign_of_life(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Busy is not dead: any request a daemon makes (a registration, a long-poll, a
+        progress report) shows it is alive, not only its heartbeat, which a daemon busy
+        with thousands of edges may send late."""
+        node = request.headers.get(NODE_HEADER)
+        who = request.get("principal")
+        if who is not None and not who.may_act_as(node or ""):
+            node = None  # with a secret, only a node's own credential shows it alive
+        if node and node in self.last_seen and node not in self.lost:
+            self._alive(node)
+        return await handler(request)
+
+    def _alive(self, node: str) -> None:
+        self.last_seen[node] = asyncio.get_running_loop().time()
 
     def _node_name(self, request: web.Request) -> str:
         name = request.match_info["node"]
@@ -268,14 +339,14 @@ class DiscoveryApp:
         boot = body.get("boot", "")
         if not isinstance(boot, str) or len(boot) > MAX_NAME:
             raise BadRequest("field 'boot' must be a string")
-        if boot and self.boots.get(node, boot) != boot:
-            # A new run of the daemon: whatever the old one held is gone with it.
-            self._lose(node, "restarted")
-        if boot:
-            self.boots[node] = boot
-        self.last_seen[node] = asyncio.get_running_loop().time()
+        delta = Delta.from_json(body["delta"]) if "delta" in body else None
         was_lost = node in self.lost
-        self.lost.discard(node)
+        self._seen(node, boot)
+        if delta is not None:  # only what changed since the last beat: see heartbeat.py
+            checked = self.held.receive(node, boot, delta, everything=was_lost)
+            if checked is None:
+                return web.json_response({"stale": [], "resync": True})
+            writers, readers = checked
         before = self.store.last_seq()
         stale = self.store.node_alive(node, writers, readers)
         if was_lost:
@@ -284,9 +355,20 @@ class DiscoveryApp:
             self._changed()
         return web.json_response({"stale": stale})
 
+    def _seen(self, node: str, boot: str) -> None:
+        """A heartbeat from ``node``'s daemon run ``boot``: it is alive."""
+        if boot and self.boots.get(node, boot) != boot:
+            # A new run of the daemon: whatever the old one held is gone with it.
+            self._lose(node, "restarted")
+        if boot:
+            self.boots[node] = boot
+        self.last_seen[node] = asyncio.get_running_loop().time()
+        self.lost.discard(node)
+
     async def leave(self, request: web.Request) -> web.Response:
         node = self._node_name(request)
         self.last_seen.pop(node, None)
+        self.boots.pop(node, None)
         self._lose(node, "left")
         self.lost.discard(node)
         return web.json_response({"node": node})
@@ -344,7 +426,19 @@ class DiscoveryApp:
         return web.json_response({"ok": True, "last_event": self.store.last_seq()})
 
     async def list_edges(self, request: web.Request) -> web.Response:
-        return web.json_response({"edges": [_edge_json(e.id, e) for e in self.store.edges()]})
+        """Every edge, or with ``?limit=N[&after=ID]`` one page in id order and the id to
+        continue after (``next``, null on the last page)."""
+        if "limit" not in request.query:
+            return web.json_response({"edges": [_edge_json(e.id, e) for e in self.store.edges()]})
+        limit = int(_query_number(request, "limit", 1000, MAX_PAGE))
+        after = request.query.get("after", "")
+        if after and not EdgeId.is_valid(after):
+            raise BadRequest(f"query 'after' must be an edge id, not {after!r}")
+        page = self.store.edges_page(after, max(limit, 1))
+        more = len(page) == max(limit, 1)
+        return web.json_response(
+            {"edges": [_edge_json(e.id, e) for e in page], "next": page[-1].id if more else None}
+        )
 
     async def get_edge(self, request: web.Request) -> web.Response:
         edge = _edge_id(request)
@@ -356,20 +450,20 @@ class DiscoveryApp:
                 rec = self.store.get(edge)
                 return (rec.version if rec else 0) > since
 
-            await self.changes.wait_until(changed, wait)
+            await self.changes.wait_until(changed, wait, edge)
         return web.json_response(_edge_json(edge, self.store.get(edge)))
 
     async def delete_edge(self, request: web.Request) -> web.Response:
         edge = _edge_id(request)
         self.store.delete(edge)
-        self._changed()
+        self._changed(edge)
         return web.json_response({"id": edge, "deleted": True})
 
     async def register_writer(self, request: web.Request) -> web.Response:
         edge = _edge_id(request)
         body = await _body(request)
         rec = self.store.register_writer(edge, _str(body, "node"), _str(body, "endpoint"))
-        self._changed()
+        self._changed(edge)
         return web.json_response(_edge_json(edge, rec))
 
     async def close_writer(self, request: web.Request) -> web.Response:
@@ -382,14 +476,14 @@ class DiscoveryApp:
             _int(body, "bytes"),
             _str(body, "reason", required=False),
         )
-        self._changed()
+        self._changed(edge)
         return web.json_response(_edge_json(edge, rec))
 
     async def claim_reader(self, request: web.Request) -> web.Response:
         edge = _edge_id(request)
         body = await _body(request)
         rec = self.store.claim_reader(edge, _str(body, "node"))
-        self._changed()
+        self._changed(edge)
         return web.json_response(_edge_json(edge, rec))
 
     async def release_reader(self, request: web.Request) -> web.Response:
@@ -398,7 +492,7 @@ class DiscoveryApp:
         rec = self.store.release_reader(
             edge, _str(body, "node"), _str(body, "state"), _int(body, "bytes")
         )
-        self._changed()
+        self._changed(edge)
         return web.json_response(_edge_json(edge, rec))
 
     async def set_mode(self, request: web.Request) -> web.Response:
@@ -410,7 +504,7 @@ class DiscoveryApp:
         rec = self.store.set_mode(
             edge, _int(body, "generation"), mode, _str(body, "reason", required=False)
         )
-        self._changed()
+        self._changed(edge)
         return web.json_response(_edge_json(edge, rec))
 
     async def restore_writer(self, request: web.Request) -> web.Response:
@@ -422,7 +516,7 @@ class DiscoveryApp:
         rec = self.store.restore_writer(
             edge, _int(body, "generation"), _str(body, "node"), _str(body, "endpoint"), complete
         )
-        self._changed()
+        self._changed(edge)
         return web.json_response(_edge_json(edge, rec))
 
     async def progress(self, request: web.Request) -> web.Response:
@@ -440,8 +534,9 @@ class DiscoveryApp:
         data = body.get("data", {})
         if not isinstance(data, dict) or not _bounded(data):
             raise BadRequest("field 'data' must be an object of strings, numbers and booleans")
+        data = cap_event_data(data)
         self.store.record(edge, kind, data)
-        self._changed()
+        self._changed(edge)
         return web.json_response({"id": edge})
 
     async def event_stream(self, request: web.Request) -> web.StreamResponse:
@@ -510,11 +605,31 @@ def parse_listen(text: str, default_port: int) -> tuple[str, int]:
     return host, number
 
 
+def make_app(
+    store: DiscoveryStore,
+    retention: float = upkeep.RETENTION,
+    secret: bytes | None = None,
+    lim: Limits = DEFAULT_LIMITS,
+) -> DiscoveryApp:
+    from .etcd import EtcdStore
+
+    if isinstance(store, EtcdStore):
+        from .replicated import EtcdDiscoveryApp
+
+        return EtcdDiscoveryApp(store, retention=retention, secret=secret, limits=lim)
+    return DiscoveryApp(store, retention=retention, secret=secret, limits=lim)
+
+
 async def start(
-    store: Store, host: str, port: int, secret: bytes | None = None, lim: Limits = DEFAULT_LIMITS
+    store: DiscoveryStore,
+    host: str,
+    port: int,
+    secret: bytes | None = None,
+    lim: Limits = DEFAULT_LIMITS,
+    retention: float = upkeep.RETENTION,
 ) -> tuple[web.AppRunner, str]:
     """Starts serving; returns the runner and the URL actually bound (port 0 resolved)."""
-    app = DiscoveryApp(store, secret=secret, limits=lim).app()
+    app = make_app(store, retention, secret, lim).app()
     runner = web.AppRunner(
         app, access_log=None, shutdown_timeout=1.0, keepalive_timeout=lim.keepalive_timeout
     )
@@ -535,9 +650,10 @@ async def serve_forever(
     ready: Callable[[str], None] | None = None,
     secret: bytes | None = None,
     lim: Limits = DEFAULT_LIMITS,
+    retention: float = upkeep.RETENTION,
 ) -> None:
-    store = Store(db)
-    runner, url = await start(store, host, port, secret, lim)
+    store = open_store(db)
+    runner, url = await start(store, host, port, secret, lim, retention)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -585,7 +701,7 @@ class EmbeddedDiscovery:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         try:
-            store = Store(db)
+            store = open_store(db)
             runner, self.url = await start(store, host, port, self._secret)
         except BaseException as exc:
             self.error = exc

@@ -46,6 +46,13 @@ CREATE TABLE IF NOT EXISTS events (
 );
 """
 
+# Everything a request touches is found by an index, not a scan of all history.
+INDEXES = """
+CREATE INDEX IF NOT EXISTS edges_writer ON edges (writer_node, writer_state);
+CREATE INDEX IF NOT EXISTS edges_reader ON edges (reader_node, reader_state);
+CREATE INDEX IF NOT EXISTS edges_done ON edges (reader_state, updated);
+"""
+
 SCHEMA_VERSION = 2  # 1: no mode columns
 
 READER_STATES = frozenset({"none", "open", "done", "closed", "failed", "lost"})
@@ -129,6 +136,7 @@ class Store:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
         self._migrate()
+        self._db.executescript(INDEXES)
 
     def _migrate(self) -> None:
         """Brings a database written by an older version up to the current columns."""
@@ -244,7 +252,7 @@ class Store:
         gone, and whatever the old one held with it)."""
         changed = []
         with self._tx():
-            for cur in self.edges():
+            for cur in self._held_by(node):
                 if cur.writer_node == node and cur.writer_state == "open":
                     cur = self._update(
                         cur,
@@ -341,6 +349,30 @@ class Store:
             self._require(edge)
             self._db.execute("DELETE FROM edges WHERE id = ?", (edge,))
             self._event(edge, "deleted", {})
+
+    # -- history ---------------------------------------------------------------------------
+
+    def _held_by(self, node: str) -> list[Edge]:
+        rows = self._db.execute(
+            "SELECT * FROM edges WHERE writer_node = ? AND writer_state = 'open' "
+            "UNION SELECT * FROM edges WHERE reader_node = ? AND reader_state = 'open'",
+            (node, node),
+        ).fetchall()
+        return [Edge(**dict(r)) for r in rows]
+
+    def edges_page(self, after: str, limit: int) -> list[Edge]:
+        """Up to ``limit`` edges with ids after ``after``, in id order."""
+        rows = self._db.execute(
+            "SELECT * FROM edges WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
+        ).fetchall()
+        return [Edge(**dict(r)) for r in rows]
+
+    def prune(self, before: float) -> int:
+        """Forgets edges delivered before ``before`` (seconds since the epoch)."""
+        cur = self._db.execute(
+            "DELETE FROM edges WHERE reader_state = 'done' AND updated < ?", (before,)
+        )
+        return cur.rowcount
 
     # -- internals -----------------------------------------------------------------------
 

@@ -1,0 +1,194 @@
+"""Discovery on etcd: the store against a real etcd member, and stateless replicas."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from fractalfs.discovery.etcd import EtcdStore, cap_event_data, parse_url
+from fractalfs.discovery.store import Conflict, NotFound
+from fractalfs.etcdtesting import EtcdCluster, Replica, have_etcd
+
+from .conftest import new_edge
+
+pytestmark = pytest.mark.skipif(not have_etcd(), reason="needs etcd (apt install etcd-server)")
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd1"), members=1)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def url(etcd: EtcdCluster) -> str:
+    return f"{etcd.url}/t{secrets.token_hex(4)}"  # a fresh prefix per test
+
+
+@pytest.fixture
+def store(url: str) -> Iterator[EtcdStore]:
+    s = EtcdStore.from_url(url)
+    yield s
+    s.close()
+
+
+def test_parse_url() -> None:
+    assert parse_url("etcd://a:1,b:2/x/y") == (["http://a:1", "http://b:2"], "x/y/")
+    assert parse_url("etcd://a") == (["http://a:2379"], "fractalfs/")
+    for bad in ("http://a:1", "etcd://", "etcd://a:x"):
+        with pytest.raises(ValueError):
+            parse_url(bad)
+
+
+def test_event_data_is_capped() -> None:
+    assert cap_event_data({"a": 1}) == {"a": 1}
+    assert cap_event_data({"a": "x" * 60_000})["truncated"] is True
+
+
+def test_generations_fencing_and_events(store: EtcdStore) -> None:
+    edge = new_edge()
+    assert store.get(edge) is None
+    first = store.register_writer(edge, "n1", "h:1")
+    assert (first.generation, first.writer_state) == (1, "open")
+    with pytest.raises(Conflict):
+        store.register_writer(edge, "n2", "h:2")  # an open writer elsewhere keeps it
+    second = store.register_writer(edge, "n1", "h:1")  # a restarted daemon supersedes
+    assert second.generation == 2 and second.version > first.version
+    with pytest.raises(Conflict, match="stale"):
+        store.close_writer(edge, 1, "complete", 5)  # fenced: etcd's compare decides
+    store.claim_reader(edge, "n2")
+    with pytest.raises(Conflict):
+        store.claim_reader(edge, "n3")
+    done = store.close_writer(edge, 2, "complete", 5)
+    assert done.state == "complete" and done.bytes_written == 5
+    assert store.get(edge) == done
+    kinds = [e.kind for e in store.events(0)]
+    assert kinds == ["writer", "writer", "reader", "complete"]
+    assert store.last_seq() == store.events(0)[-1].seq
+    assert [e.kind for e in store.events(store.events(0)[1].seq)] == ["reader", "complete"]
+    with pytest.raises(NotFound):
+        store.record(new_edge(), "resumed", {})
+    store.delete(edge)
+    assert store.get(edge) is None
+    assert store.events(0)[-1].kind == "deleted"
+
+
+def test_node_lost_and_back(store: EtcdStore) -> None:
+    a, b = new_edge(), new_edge()
+    store.register_writer(a, "n1", "h:1")
+    store.claim_reader(b, "n1")
+    assert store.nodes_with_open_ends() == {"n1"}
+    assert len(store.node_lost("n1")) == 2
+    assert store.node_lost("n1") == []  # twice (two replicas) changes nothing more
+    assert store.get(a).writer_state == "lost"  # type: ignore[union-attr]
+    assert store.node_alive("n1", {a: 1, new_edge(): 1}, [b]) != []
+    assert store.get(a).writer_state == "open"  # type: ignore[union-attr]
+    assert store.get(b).reader_state == "open"  # type: ignore[union-attr]
+    assert store.node_alive("n1", {a: 7}, []) == [a]  # not its generation: fenced
+
+
+def test_two_replicas_racing_never_share_a_generation(url: str) -> None:
+    """Two stores (two discovery replicas) register writers of one edge at once, each as
+    a restarted daemon of the same node: every registration gets its own generation."""
+    edge = new_edge()
+    got: list[int] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        s = EtcdStore.from_url(url)
+        try:
+            for _ in range(15):
+                gen = s.register_writer(edge, "n1", "h:1").generation
+                with lock:
+                    got.append(gen)
+        finally:
+            s.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(got) == list(range(1, 46))
+
+
+@pytest.fixture
+def replicas(url: str, tmp_path: Path) -> Iterator[list[Replica]]:
+    reps = [Replica(tmp_path, url, f"replica{i}") for i in range(2)]
+    for i, r in enumerate(reps):
+        r.listen = "127.0.0.1:0"
+        r.log = tmp_path / f"replica{i}.log"
+    try:
+        for r in reps:
+            r.start()
+        yield reps
+    finally:
+        for r in reps:
+            r.stop()
+
+
+def test_a_change_through_one_replica_wakes_a_long_poll_on_the_other(
+    replicas: list[Replica],
+) -> None:
+    a, b = (httpx.Client(base_url=r.url + "/v1", timeout=15) for r in replicas)
+    edge = new_edge()
+    b.post(f"/edges/{edge}/reader", json={"node": "n2"}).raise_for_status()
+    since = b.get(f"/edges/{edge}").json()["version"]
+    answered: list[dict[str, object]] = []
+
+    def poll() -> None:
+        answered.append(b.get(f"/edges/{edge}", params={"wait": 10, "since": since}).json())
+
+    t = threading.Thread(target=poll)
+    t.start()
+    time.sleep(0.5)
+    start = time.monotonic()
+    a.post(f"/edges/{edge}/writer", json={"node": "n1", "endpoint": "h:1"}).raise_for_status()
+    t.join()
+    assert answered[0]["generation"] == 1
+    assert time.monotonic() - start < 1.0
+
+
+def test_a_silent_node_is_lost_by_its_lease_and_comes_back(replicas: list[Replica]) -> None:
+    a, b = (httpx.Client(base_url=r.url + "/v1", timeout=15) for r in replicas)
+    edge = new_edge()
+    a.post(f"/edges/{edge}/writer", json={"node": "n1", "endpoint": "h:1"}).raise_for_status()
+    # Heartbeats alternate between the replicas: neither may think the node is silent.
+    for i in range(8):
+        hb = {"boot": "b1", "writers": {edge: 1}, "readers": []}
+        (a, b)[i % 2].post("/nodes/n1/heartbeat", json=hb).raise_for_status()
+        time.sleep(0.5)
+    assert a.get(f"/edges/{edge}").json()["writer_state"] == "open"
+    assert {"node": "n1", "alive": True} in b.get("/nodes").json()["nodes"]
+    deadline = time.monotonic() + 6
+    while b.get(f"/edges/{edge}").json()["writer_state"] != "lost":
+        assert time.monotonic() < deadline, "the lease did not expire"
+        time.sleep(0.2)
+    hb = {"boot": "b1", "writers": {edge: 1}, "readers": []}
+    assert b.post("/nodes/n1/heartbeat", json=hb).json()["stale"] == []
+    assert a.get(f"/edges/{edge}").json()["writer_state"] == "open"
+    # A new run of the daemon: the old run's writer is lost at once.
+    b.post("/nodes/n1/heartbeat", json={"boot": "b2", "writers": {}, "readers": []})
+    assert a.get(f"/edges/{edge}").json()["writer_state"] == "lost"
+
+
+def test_pages_and_pruning(store: EtcdStore) -> None:
+    edges = sorted(new_edge() for _ in range(7))
+    for edge in edges:
+        store.claim_reader(edge, "n2")
+    assert [e.id for e in store.edges_page("", 3)] == edges[:3]
+    assert [e.id for e in store.edges_page(edges[2], 10)] == edges[3:]
+    store.release_reader(edges[0], "n2", "done", 0)
+    assert store.prune(time.time() - 3600) == 0
+    assert store.prune(time.time() + 1) == 1
+    assert store.get(edges[0]) is None and store.get(edges[1]) is not None

@@ -1,0 +1,137 @@
+"""Discovery's cost follows live work: waiters woken per edge, paged edge lists, capped
+events, pruned history."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from fractalfs.discovery.server import Changes
+from fractalfs.discovery.store import Store
+from fractalfs.testing import Discovery, Process
+
+from .conftest import new_edge
+
+
+def test_a_change_wakes_only_the_waiters_of_its_edge() -> None:
+    async def main() -> None:
+        changes = Changes()
+        woken: list[str] = []
+        edges = [new_edge() for _ in range(1000)]
+
+        async def waiter(edge: str) -> None:
+            checks = 0
+
+            def ready() -> bool:
+                nonlocal checks
+                checks += 1
+                return checks > 1  # the first look is before any change
+
+            await changes.wait_until(ready, 5.0, edge)
+            woken.append(edge)
+
+        tasks = [asyncio.create_task(waiter(e)) for e in edges]
+        await asyncio.sleep(0.05)
+        assert changes.waiting() == 1000
+        changes.notify(edges[7])
+        await asyncio.sleep(0.05)
+        assert woken == [edges[7]]  # not the other 999
+        changes.notify()  # a change of many edges (a node lost) wakes everyone
+        await asyncio.gather(*tasks)
+        assert len(woken) == 1000 and changes.waiting() == 0
+
+        # Waiters that time out leave nothing behind.
+        await asyncio.gather(*(changes.wait_until(lambda: False, 0.01, e) for e in edges[:50]))
+        assert changes.waiting() == 0
+
+    asyncio.run(main())
+
+
+@pytest.fixture
+def discovery(tmp_path: Path) -> Iterator[Discovery]:
+    disc = Discovery(tmp_path / "discovery")
+    disc.start()
+    try:
+        yield disc
+    finally:
+        disc.stop()
+
+
+def test_history_is_pruned_and_queries_use_indexes(tmp_path: Path) -> None:
+    store = Store(tmp_path / "d.db")
+    try:
+        done, live = new_edge(), new_edge()
+        for edge in (done, live):
+            store.register_writer(edge, "n1", "h:1")
+            store.claim_reader(edge, "n2")
+        store.release_reader(done, "n2", "done", 0)
+        assert store.prune(time.time() - 3600) == 0  # delivered, but within the retention
+        assert store.prune(time.time() + 1) == 1
+        assert [e.id for e in store.edges()] == [live]
+        plan = store._db.execute(
+            "EXPLAIN QUERY PLAN SELECT * FROM edges "
+            "WHERE writer_node = ? AND writer_state = 'open'",
+            ("n1",),
+        ).fetchall()
+        assert "USING INDEX" in str([tuple(r) for r in plan])
+        assert [e.id for e in store.node_lost("n1")] == [live]
+    finally:
+        store.close()
+
+
+def test_edges_are_paged_and_events_capped(discovery: Discovery) -> None:
+    api = httpx.Client(base_url=discovery.url + "/v1", timeout=10)
+    edges = sorted(new_edge() for _ in range(25))
+    for edge in edges:
+        api.post(f"/edges/{edge}/reader", json={"node": "n"}).raise_for_status()
+    got: list[str] = []
+    after = ""
+    while True:
+        page = api.get("/edges", params={"limit": 10, "after": after}).json()
+        assert len(page["edges"]) <= 10
+        got += [e["id"] for e in page["edges"]]
+        if page["next"] is None:
+            break
+        after = page["next"]
+    assert got == edges
+    assert len(api.get("/edges").json()["edges"]) == 25  # no limit: everything, as before
+    bad = api.get("/edges", params={"limit": 10, "after": "x"})
+    assert bad.status_code == 400 and "edge id" in bad.json()["error"]
+    api.post(f"/edges/{edges[0]}/event", json={"kind": "resumed", "data": {"x": "y" * 50_000}})
+    last = api.get("/events").json()["events"][-1]
+    assert last["kind"] == "resumed" and last["data"]["truncated"] is True
+
+
+def test_a_discovery_forgets_delivered_edges_after_its_retention(tmp_path: Path) -> None:
+    proc = Process(
+        [
+            "discovery",
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            str(tmp_path / "d.db"),
+            "--retention",
+            "0.5",
+        ],
+        tmp_path / "d2.log",
+    )
+    line = proc.start()
+    url = line.split(" listening on ")[1].split()[0]
+    try:
+        api = httpx.Client(base_url=url + "/v1", timeout=10)
+        edge, live = new_edge(), new_edge()
+        for e in (edge, live):
+            api.post(f"/edges/{e}/reader", json={"node": "n"}).raise_for_status()
+        api.post(f"/edges/{edge}/reader/close", json={"node": "n", "state": "done", "bytes": 0})
+        deadline = time.monotonic() + 10
+        while edge in {e["id"] for e in api.get("/edges").json()["edges"]}:
+            assert time.monotonic() < deadline, "the delivered edge was never forgotten"
+            time.sleep(0.1)
+        assert live in {e["id"] for e in api.get("/edges").json()["edges"]}
+    finally:
+        proc.stop()
