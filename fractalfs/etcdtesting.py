@@ -136,6 +136,8 @@ class Replica(Discovery):
 
     def start(self, timeout: float = 15.0) -> str:
         self.args = ["discovery", "--listen", self.listen, "--store", self.store]
+        if self.secret_file:
+            self.args += ["--secret-file", self.secret_file]
         line = Process.start(self, timeout)
         self.url = line.split(" listening on ")[1].split()[0]
         self.listen = self.url.removeprefix("http://")

@@ -140,7 +140,7 @@ def replicas(url: str, tmp_path: Path) -> Iterator[list[Replica]]:
 def test_a_change_through_one_replica_wakes_a_long_poll_on_the_other(
     replicas: list[Replica],
 ) -> None:
-    a, b = (httpx.Client(base_url=r.url + "/v1", timeout=15) for r in replicas)
+    a, b = (httpx.Client(base_url=r.url + "/v1", timeout=15, auth=r.auth) for r in replicas)
     edge = new_edge()
     b.post(f"/edges/{edge}/reader", json={"node": "n2"}).raise_for_status()
     since = b.get(f"/edges/{edge}").json()["version"]
@@ -160,7 +160,7 @@ def test_a_change_through_one_replica_wakes_a_long_poll_on_the_other(
 
 
 def test_a_silent_node_is_lost_by_its_lease_and_comes_back(replicas: list[Replica]) -> None:
-    a, b = (httpx.Client(base_url=r.url + "/v1", timeout=15) for r in replicas)
+    a, b = (httpx.Client(base_url=r.url + "/v1", timeout=15, auth=r.auth) for r in replicas)
     edge = new_edge()
     a.post(f"/edges/{edge}/writer", json={"node": "n1", "endpoint": "h:1"}).raise_for_status()
     # Heartbeats alternate between the replicas: neither may think the node is silent.

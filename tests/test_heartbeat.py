@@ -121,7 +121,7 @@ def discovery(tmp_path: Path) -> Iterator[Discovery]:
 async def test_five_thousand_ends_keep_a_node_alive(discovery: Discovery) -> None:
     """Above ~1,800 ends the old full-list heartbeat passed the 64 KiB body limit (413),
     and the node was declared lost."""
-    client = DiscoveryClient(discovery.url, retry_for=2.0)
+    client = DiscoveryClient(discovery.url, retry_for=2.0, auth=discovery.auth)
     try:
         edge = EdgeId.new().hex
         rec = await client.register_writer(edge, "big", "h:1")
@@ -133,16 +133,17 @@ async def test_five_thousand_ends_keep_a_node_alive(discovery: Discovery) -> Non
             await client.heartbeat("big", "boot1", writers, readers)
     finally:
         await client.aclose()
-    nodes = httpx.get(discovery.url + "/v1/nodes").json()["nodes"]
+    nodes = httpx.get(discovery.url + "/v1/nodes", auth=discovery.auth).json()["nodes"]
     assert [n["alive"] for n in nodes if n["node"] == "big"] == [True]
-    assert httpx.get(f"{discovery.url}/v1/edges/{edge}").json()["writer_state"] == "open"
+    rec = httpx.get(f"{discovery.url}/v1/edges/{edge}", auth=discovery.auth).json()
+    assert rec["writer_state"] == "open"
 
 
 def test_busy_is_not_dead(discovery: Discovery) -> None:
     """The liveness rule: a node is lost after 1.5 s with no request of any kind from it.
     A daemon too busy to heartbeat on time still registers, long-polls and reports
     progress; each of those requests (it names its node in a header) keeps it alive."""
-    api = httpx.Client(base_url=discovery.url + "/v1", timeout=10)
+    api = httpx.Client(base_url=discovery.url + "/v1", timeout=10, auth=discovery.auth)
     edge = EdgeId.new().hex
     api.post(f"/edges/{edge}/writer", json={"node": "busy", "endpoint": "h:1"})
     api.post("/nodes/busy/heartbeat", json={"boot": "b", "writers": {edge: 1}, "readers": []})

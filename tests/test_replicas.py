@@ -18,7 +18,7 @@ import trio
 
 from fractalfs.discovery.client import DiscoveryClient, Unavailable, split_urls
 from fractalfs.etcdtesting import EtcdCluster, Replica, free_port, have_etcd
-from fractalfs.testing import Discovery, Node, log_tails
+from fractalfs.testing import Discovery, Node, log_tails, operator_auth
 
 from .conftest import Programs, failed, fuse_d_state, new_edge, sha_file, size, wait_for
 
@@ -73,7 +73,9 @@ async def test_client_fails_over_past_dead_and_unavailable_replicas(
     discovery: Discovery, busy_url: str
 ) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
-    client = DiscoveryClient(f"{dead},{busy_url},{discovery.url}", retry_for=0.0)
+    client = DiscoveryClient(
+        f"{dead},{busy_url},{discovery.url}", retry_for=0.0, auth=discovery.auth
+    )
     try:
         # Even with no time to retry, every replica gets its one try.
         with trio.fail_after(5):
@@ -168,7 +170,7 @@ class GenerationWatch:
         self.thread.start()
 
     def _run(self) -> None:
-        with httpx.Client(timeout=2.0) as http:
+        with httpx.Client(timeout=2.0, auth=operator_auth()) as http:
             while not self.stopped.wait(0.1):
                 for url in self.urls:
                     try:

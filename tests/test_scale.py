@@ -13,7 +13,7 @@ import pytest
 
 from fractalfs.discovery.server import Changes
 from fractalfs.discovery.store import Store
-from fractalfs.testing import Discovery, Process
+from fractalfs.testing import Discovery, Process, operator_auth
 
 from .conftest import new_edge
 
@@ -85,7 +85,7 @@ def test_history_is_pruned_and_queries_use_indexes(tmp_path: Path) -> None:
 
 
 def test_edges_are_paged_and_events_capped(discovery: Discovery) -> None:
-    api = httpx.Client(base_url=discovery.url + "/v1", timeout=10)
+    api = httpx.Client(base_url=discovery.url + "/v1", timeout=10, auth=discovery.auth)
     edges = sorted(new_edge() for _ in range(25))
     for edge in edges:
         api.post(f"/edges/{edge}/reader", json={"node": "n"}).raise_for_status()
@@ -123,7 +123,7 @@ def test_a_discovery_forgets_delivered_edges_after_its_retention(tmp_path: Path)
     line = proc.start()
     url = line.split(" listening on ")[1].split()[0]
     try:
-        api = httpx.Client(base_url=url + "/v1", timeout=10)
+        api = httpx.Client(base_url=url + "/v1", timeout=10, auth=operator_auth())
         edge, live = new_edge(), new_edge()
         for e in (edge, live):
             api.post(f"/edges/{e}/reader", json={"node": "n"}).raise_for_status()
