@@ -397,7 +397,12 @@ class ReaderEnd:
 
         A resumed generation continues at ``received``. A re-run writer (``replay``) starts at
         0: its first ``received`` bytes are checked against what was delivered, not passed on.
+        A connection lost in the middle of such a check resumes the *check*, at the offset the
+        replay reached: the generation being verified is the one dialled again, and only a
+        finished check may let its bytes through.
         """
+        if not replay and self._replay is not None:
+            return self.stream_pos  # finish verifying the replayed prefix first
         if replay and self.received:
             self._replay = xxhash.xxh3_128()
             self._expected = self.digest.digest()

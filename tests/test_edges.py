@@ -147,6 +147,42 @@ async def test_replay_of_the_same_bytes_is_verified_and_skipped() -> None:
     check()
 
 
+def test_a_connection_lost_during_a_replay_resumes_the_check_not_the_stream() -> None:
+    """Defect 1: gen 1 delivered a prefix, a *different* gen 2 replays from 0 and its
+    connection drops before the prefix is replayed. The redial of gen 2 (no longer a "new
+    generation" to the reader machine) must go on verifying at the replay's offset; it
+    used to resume at ``received`` and pass gen 1's prefix + gen 2's tail as the stream."""
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from fractalfs.edges import Diverged
+
+    @given(st.binary(min_size=2, max_size=200), st.data())
+    def check(prefix: bytes, data: st.DataObject) -> None:
+        cut = data.draw(st.integers(1, len(prefix) - 1))
+        r = ReaderEnd(EdgeId.new(), 10_000, os.getpid())
+        r.begin_stream(replay=False)
+        r.accept(prefix)
+        assert r.begin_stream(replay=True) == 0
+        r.accept(prefix[:cut])  # gen 2 agrees so far ...
+        assert r.begin_stream(replay=False) == cut  # ... the connection broke: redial
+        different = bytes([prefix[cut] ^ 1]) + prefix[cut + 1 :]
+        with pytest.raises(Diverged):
+            r.accept(different)  # ... and gen 2 differs after the cut
+        assert b"".join(bytes(c) for c in r.chunks) == prefix  # nothing of gen 2 passed
+
+        same = ReaderEnd(EdgeId.new(), 10_000, os.getpid())
+        same.accept(prefix)
+        same.begin_stream(replay=True)
+        same.accept(prefix[:cut])
+        assert same.begin_stream(replay=False) == cut
+        same.accept(prefix[cut:] + b"tail")
+        same.check_end(len(prefix) + 4)
+        assert b"".join(bytes(c) for c in same.chunks) == prefix + b"tail"
+
+    check()
+
+
 async def test_complete_empty_stream_is_not_delivered_until_its_end_is_acknowledged() -> None:
     from fractalfs.edges import WriterState
 
