@@ -284,6 +284,13 @@ class WriterEnd:
                 self.spill.remove()
         self.changed.notify()  # its connection sends the reader an ABORT frame
 
+    def on_end_acked(self, total: int) -> None:
+        """A reader acknowledged the END frame of a stream of ``total`` bytes: delivered.
+        Only for a complete stream of exactly that length (a data ACK never counts)."""
+        if self.state is WriterState.COMPLETE and total == self.end:
+            self.end_acked = True
+            self.changed.notify()
+
     def ack(self, offset: int) -> None:
         """The reader holds every byte below ``offset``: free them."""
         offset = min(offset, self.end)

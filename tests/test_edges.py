@@ -189,7 +189,7 @@ async def test_complete_empty_stream_is_not_delivered_until_its_end_is_acknowled
     w = writer()
     w.finish(WriterState.COMPLETE)
     assert not w.done  # no reader has seen the end yet: keep it (regression: empty streams)
-    w.end_acked = True
+    w.on_end_acked(0)
     assert w.done
 
 
