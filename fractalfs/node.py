@@ -872,6 +872,8 @@ class Node:
                 await self.heartbeat_once()
             except (Unavailable, DiscoveryError) as exc:
                 log.debug("heartbeat failed: %s", exc)
+            except (KeyError, ValueError, TypeError) as exc:  # a malformed answer
+                log.warning("heartbeat: unexpected answer from discovery: %r", exc)
             await trio.sleep(HEARTBEAT_EVERY)
 
     async def _report_progress(self) -> None:

@@ -29,6 +29,27 @@ class Unavailable(Exception):
     """Discovery could not be reached before the deadline."""
 
 
+_PROXY_ERRORS = frozenset({502, 503, 504})
+
+
+def _json_object(resp: httpx.Response) -> dict[str, Any] | None:
+    """The answer's JSON object ({} for an empty body), or None if it is anything else (a
+    proxy's HTML, a plain-text 413): every caller then gets a typed error, never a
+    ``JSONDecodeError`` that would end its loop."""
+    if not resp.content:
+        return {}
+    try:
+        data = resp.json()
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _snippet(resp: httpx.Response) -> str:
+    text = resp.content[:120].decode("utf-8", "replace")
+    return " ".join(text.split()) or "(empty)"
+
+
 class DiscoveryClient:
     def __init__(self, url: str, *, retry_for: float = 30.0) -> None:
         self.url = url.rstrip("/")
@@ -65,11 +86,27 @@ class DiscoveryClient:
                 await trio.sleep(backoff(attempt, cap=2.0))
                 attempt += 1
                 continue
-            data = resp.json() if resp.content else {}
+            data = _json_object(resp)
+            if data is None and resp.status_code in _PROXY_ERRORS:
+                # A proxy's (or a restarting server's) plain 502/503/504: transient.
+                if trio.current_time() >= deadline:
+                    raise Unavailable(
+                        f"discovery at {self.url} answered {resp.status_code} "
+                        f"{resp.reason_phrase}: {_snippet(resp)}"
+                    )
+                await trio.sleep(backoff(attempt, cap=2.0))
+                attempt += 1
+                continue
+            if data is None:
+                raise DiscoveryError(
+                    resp.status_code,
+                    f"discovery answered {resp.status_code} {resp.reason_phrase} without a "
+                    f"JSON object: {_snippet(resp)}",
+                )
             if resp.status_code == 409:
-                raise Conflict(409, data.get("error", "conflict"))
+                raise Conflict(409, str(data.get("error", "conflict")))
             if resp.status_code >= 400:
-                raise DiscoveryError(resp.status_code, data.get("error", resp.reason_phrase))
+                raise DiscoveryError(resp.status_code, str(data.get("error", resp.reason_phrase)))
             return data
 
     async def health(self, *, retry_for: float | None = None) -> dict[str, Any]:
