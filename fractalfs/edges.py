@@ -387,6 +387,7 @@ class ReaderEnd:
         self.read_metric: Any = _NO_METRIC
         self.exit_status: int | None = None  # seen at FLUSH if the program was exiting
         self.released = False  # the program's file is closed
+        self.claim = 0  # discovery's id of this reader's claim (its release names it)
         # xxh3-128 of every byte received (~21 us/MiB): what a re-run writer must reproduce.
         self.digest = xxhash.xxh3_128()
         # Replay of a re-run writer: stream offset reached, and the digest of the replayed

@@ -566,22 +566,23 @@ class Node:
         if "reader" in slot.opening or slot.reader is not None:
             raise EdgeError(errno.EBUSY, f"edge {edge} already has a reader on this node")
         with self._opening(slot, "reader"):
-            await self._claim_reader(edge, pid)
+            claim = await self._claim_reader(edge, pid)
         reader = ReaderEnd(edge, self.config.read_buffer, pid)
+        reader.claim = claim
         reader.read_metric = metrics.BYTES_READ.labels(edge.hex)
         self._slot(edge).reader = reader
         self._spawn(self._pump, reader)
         return reader
 
-    async def _claim_reader(self, edge: EdgeId, pid: int) -> None:
+    async def _claim_reader(self, edge: EdgeId, pid: int) -> int:
         """Discovery refuses a second open reader; but the reader it knows of may be a
         killed one whose node has not said so yet (the re-run came at once, elsewhere).
         Give that release a moment to arrive, watching the edge, before answering EBUSY."""
         deadline = trio.current_time() + RELEASE_GRACE
         while True:
             try:
-                await self.discovery.claim_reader(edge.hex, self.name)
-                return
+                rec = await self.discovery.claim_reader(edge.hex, self.name)
+                return int(rec.get("reader_claim", 0))
             except Conflict:
                 left = deadline - trio.current_time()
                 if left <= 0:
@@ -624,7 +625,12 @@ class Node:
             reader.edge,
             f"reader {state}",
             functools.partial(
-                self.discovery.release_reader, reader.edge.hex, self.name, state, reader.delivered
+                self.discovery.release_reader,
+                reader.edge.hex,
+                self.name,
+                state,
+                reader.delivered,
+                reader.claim,
             ),
         )
 

@@ -141,13 +141,12 @@ class DiscoveryClient:
         return await self._call("POST", f"/edges/{edge}/reader", body={"node": node})
 
     async def release_reader(
-        self, edge: str, node: str, state: str, delivered: int
+        self, edge: str, node: str, state: str, delivered: int, claim: int = 0
     ) -> dict[str, Any]:
-        return await self._call(
-            "POST",
-            f"/edges/{edge}/reader/close",
-            body={"node": node, "state": state, "bytes": delivered},
-        )
+        body: dict[str, Any] = {"node": node, "state": state, "bytes": delivered}
+        if claim:
+            body["claim"] = claim  # which claim of this node ends (not a newer one)
+        return await self._call("POST", f"/edges/{edge}/reader/close", body=body)
 
     async def set_mode(self, edge: str, generation: int, mode: str, reason: str) -> None:
         await self._call(
