@@ -205,6 +205,19 @@ class WriterEnd:
                 spill.append(chunk)
 
         def finished(result: outcome.Outcome[None]) -> None:  # in the trio thread
+            # Runs as a run_sync_soon callback: an exception here would end trio's run
+            # (the daemon), so none may escape.
+            try:
+                settled(result)
+            except Exception as exc:
+                log.exception("edge %s: handling the end of a spill append failed", self.edge)
+                if self.spill_error is None and self.spill is spill:
+                    self.spill_error = OSError(errno.EIO, f"spill bookkeeping failed: {exc!r}")
+            finally:
+                self._spilling = False
+                self.changed.notify()
+
+        def settled(result: outcome.Outcome[None]) -> None:
             self._spilling = False
             if isinstance(result, outcome.Error):
                 error = result.error

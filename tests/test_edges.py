@@ -277,3 +277,21 @@ async def test_a_failed_switch_leaves_the_edge_transient_and_loses_nothing(
     for b in bufs:
         out += b
     assert bytes(out) == b"defghi"
+
+
+async def test_a_failing_spill_callback_never_raises_into_trio(tmp_path: Path) -> None:
+    """Defect 10: the end of a spill append is handled in a run_sync_soon callback; an
+    exception there (here from on_switch_failed) ended trio's run: the daemon died."""
+
+    def broken(end: WriterEnd, exc: OSError) -> None:
+        raise RuntimeError("bug in a callback")
+
+    w = writer(window=1 << 20)
+    w.retain_limit = 1 << 30
+    w.on_switch_failed = broken
+    await w.write(b"abc", POLL)
+    sp = FlakySpill.create(tmp_path, w.edge, w.generation, 0, direct=False)
+    sp.room = 1  # the prefix does not fit: the switch fails, the callback raises
+    w.persist(sp, "test")
+    await w.write(b"hi", POLL)  # the loop lives on; the edge is transient again
+    assert not w.spilling and w.spill is None and w.end == 5
