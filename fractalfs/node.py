@@ -19,7 +19,7 @@ from typing import Any
 
 import trio
 
-from . import dataplane, metrics, procs, spill
+from . import dataplane, metrics, procs, spill, writerstate
 from .codec import AbortReason
 from .config import NodeConfig
 from .discovery.client import (
@@ -41,12 +41,14 @@ from .edges import (
 from .edgestate import Connect, EdgeView, Fail, PullOutcome, Query, ReaderMachine, backoff
 from .handshake import HandshakeError, Status
 from .policy import Mode, Observation, decide
+from .writerstate import Exit, Exited, Running, Unknown
 
 log = logging.getLogger(__name__)
 
 LONG_POLL = 25.0
 HEARTBEAT_EVERY = 0.5
 CLOSE_GRACE = 0.25  # how long a close by a live program waits to see it exit
+EVENT_LATENESS = 1.0  # how long a proc connector event may trail the process's exit
 RELEASE_GRACE = 2.0  # how long an open waits for a dying program's end to be released
 
 
@@ -57,6 +59,8 @@ class ExitWatcher:
         raw = procs.open_exit_events()
         self._sock = trio.socket.from_stdlib_socket(raw) if raw is not None else None
         self._watched: dict[int, int | None] = {}  # pid -> status once it exited
+        self._overrun = 0  # exit events the kernel dropped so far (ENOBUFS), as a count
+        self._watched_at: dict[int, int] = {}  # pid -> the overrun count when watched
         self.changed = Notifier()
 
     @property
@@ -65,9 +69,11 @@ class ExitWatcher:
 
     def watch(self, pid: int) -> None:
         self._watched.setdefault(pid, None)
+        self._watched_at.setdefault(pid, self._overrun)
 
     def forget(self, pid: int) -> None:
         self._watched.pop(pid, None)
+        self._watched_at.pop(pid, None)
 
     async def run(self) -> None:
         if self._sock is None:
@@ -78,26 +84,73 @@ class ExitWatcher:
             return
         with self._sock:
             while True:
-                data = await self._sock.recv(4096)
+                try:
+                    data = await self._sock.recv(4096)
+                except OSError as exc:
+                    if exc.errno != errno.ENOBUFS:
+                        raise
+                    # The kernel dropped exit events (a busy host, SO_RCVBUF capped by
+                    # rmem_max): the socket still works, but an exit of a watched program
+                    # may be gone for good: its outcome is unknown, never success.
+                    log.warning("proc connector overrun: exit events were lost")
+                    self._overrun += 1
+                    self.changed.notify()
+                    continue
                 event = procs.parse_exit_event(data)
                 if event is not None and event[0] in self._watched:
                     self._watched[event[0]] = event[1]
                     self.changed.notify()
 
-    async def outcome(self, pid: int, grace: float) -> int | None:
-        """The exit status of ``pid`` if it exits within ``grace`` seconds, else None."""
-        with trio.move_on_after(grace):
-            while True:
-                status = self._watched.get(pid)
-                if status is None:
-                    status = procs.exit_status(pid)
-                if status is not None:
-                    return status
-                if self._sock is not None:
+    def _status(self, pid: int) -> int | None:
+        status = self._watched.get(pid)
+        return status if status is not None else procs.exit_status(pid)
+
+    def _lost_events(self, pid: int) -> bool:
+        return self._overrun != self._watched_at.get(pid, self._overrun)
+
+    async def outcome(self, pid: int, grace: float) -> Exit:
+        """How ``pid`` ended if it exits within ``grace`` seconds; :class:`Running` if it
+        still runs then; :class:`Unknown` if it is gone and its status was not seen."""
+        if self._sock is not None:
+            with trio.move_on_after(grace):
+                while (status := self._status(pid)) is None and not self._lost_events(pid):
                     await self.changed.wait()
-                else:
-                    await trio.sleep(0.002)
-        return None
+                if status is not None:
+                    return Exited(status)
+        else:
+            pidfd = -1
+            with contextlib.suppress(OSError):
+                pidfd = os.pidfd_open(pid)  # readable the moment it exits
+            try:
+                with trio.move_on_after(grace):
+                    while (status := self._status(pid)) is None and pidfd >= 0:
+                        with trio.move_on_after(0.002):
+                            await trio.lowlevel.wait_readable(pidfd)
+                        if not os.path.exists(f"/proc/{pid}"):
+                            break
+                    status = self._status(pid)
+                    if status is not None:
+                        return Exited(status)
+            finally:
+                if pidfd >= 0:
+                    os.close(pidfd)
+        status = self._status(pid)
+        if status is not None:
+            return Exited(status)
+        if os.path.exists(f"/proc/{pid}"):
+            return Running()
+        if self._sock is not None:
+            # It exited just now: its event may still be on the way.
+            with trio.move_on_after(EVENT_LATENESS):
+                while (status := self._status(pid)) is None and not self._lost_events(pid):
+                    await self.changed.wait()
+            if status is not None:
+                return Exited(status)
+            why = "its exit event was lost" if self._lost_events(pid) else "no exit event came"
+            return Unknown(f"process {pid} is gone; {why}")
+        # Without the proc connector a program reaped by its parent between two looks at
+        # /proc leaves no trace: its status cannot be observed here at all (see README).
+        return Unknown(f"process {pid} was reaped before /proc showed its status", False)
 
 
 @dataclass
@@ -466,7 +519,7 @@ class Node:
             self._reap(writer.edge)
             return
         if writer.exit_status is not None and not writer.spilling:
-            self._settle(writer, writer.exit_status)
+            self._settle(writer, Exited(writer.exit_status))
         else:
             # Closed while its program still ran; GNU tools do that in atexit right before
             # exiting non-zero, so watch it for a moment before calling the stream complete.
@@ -475,21 +528,23 @@ class Node:
     async def _settle_later(self, writer: WriterEnd) -> None:
         while writer.spilling:
             await writer.changed.wait()
-        status = writer.exit_status
-        if status is None:
-            status = await self.exits.outcome(writer.pid, CLOSE_GRACE)
-        self._settle(writer, status or 0)
+        exit: Exit
+        if writer.exit_status is not None:
+            exit = Exited(writer.exit_status)
+        else:
+            exit = await self.exits.outcome(writer.pid, CLOSE_GRACE)
+        self._settle(writer, exit)
 
-    def _settle(self, writer: WriterEnd, status: int) -> None:
+    def _settle(self, writer: WriterEnd, exit: Exit) -> None:
         self.exits.forget(writer.pid)
         if writer.state is not WriterState.OPEN:
             return
-        if status or writer.spill_error is not None:
-            why = (
-                f"writing program {procs.describe_status(status)}"
-                if status
-                else f"spill file failed: {writer.spill_error}"
-            )
+        spill_error = "" if writer.spill_error is None else str(writer.spill_error)
+        verdict = writerstate.settle(exit, spill_error)
+        if isinstance(exit, Unknown) and not exit.observable:
+            log.warning("edge %s: %s: taken as complete", writer.edge, exit.why)
+        if isinstance(verdict, writerstate.FailWriter):
+            why = verdict.why
             log.warning("edge %s: %s: generation %d failed", writer.edge, why, writer.generation)
             writer.finish(WriterState.FAILED)
             self._spawn(self._close_writer, writer, "failed", why)
