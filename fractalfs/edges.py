@@ -126,6 +126,10 @@ class WriterEnd:
         self.written_metric: Any = _NO_METRIC
         self.handler_time = 0.0  # seconds its program spent inside our write handler
         self.end_acked = False  # a reader acknowledged the END frame: fully delivered
+        # A reader's *program* read the whole stream (discovery recorded the reader done
+        # with every byte): only then may a persistent spill be collected.
+        self.delivered = False
+        self.delivery_checked_at = float("-inf")
 
     @property
     def prefix_retained(self) -> bool:
@@ -296,6 +300,11 @@ class WriterEnd:
             else:
                 self.spill.remove()
         self.changed.notify()  # its connection sends the reader an ABORT frame
+
+    def on_reader_done(self, delivered: int) -> None:
+        """Discovery says the reader's program read ``delivered`` bytes and the end."""
+        if self.state is WriterState.COMPLETE and delivered >= self.end:
+            self.delivered = True
 
     def on_end_acked(self, total: int) -> None:
         """A reader acknowledged the END frame of a stream of ``total`` bytes: delivered.

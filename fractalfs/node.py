@@ -49,7 +49,14 @@ LONG_POLL = 25.0
 HEARTBEAT_EVERY = 0.5
 CLOSE_GRACE = 0.25  # how long a close by a live program waits to see it exit
 EVENT_LATENESS = 1.0  # how long a proc connector event may trail the process's exit
-RELEASE_GRACE = 2.0  # how long an open waits for a dying program's end to be released
+RELEASE_GRACE = 2.0
+DELIVERY_CHECK_EVERY = 2.0  # how often GC asks discovery whether a spill was delivered
+_PHASES = {
+    WriterState.OPEN: writerstate.Phase.OPEN,
+    WriterState.COMPLETE: writerstate.Phase.COMPLETE,
+    WriterState.FAILED: writerstate.Phase.FAILED,
+    WriterState.ABORTED: writerstate.Phase.ABORTED,
+}  # how long an open waits for a dying program's end to be released
 
 
 class ExitWatcher:
@@ -421,41 +428,64 @@ class Node:
         metrics.SPILL_BYTES.set(sum(sp.end - sp.start for sp in spills))
 
     async def _collect_spills(self) -> None:
-        """Deletes spill files nobody can need any more: delivered, and past retention or
-        over the quota (oldest first). Undelivered ones are never touched; the prefix of a
-        failed generation goes the same way (a re-run reproduces it), or when superseded."""
+        """Deletes spill files nobody can need any more: delivered to a reader's program,
+        and past retention or over the quota (oldest first). Undelivered ones are never
+        touched; the prefix of a failed generation goes the same way (a re-run reproduces
+        it), or when superseded. The rule is :func:`writerstate.collect`."""
         while True:
             await trio.sleep(1.0)
             self._gauge()
-            now = trio.current_time()
-            delivered = [
+            finished = [
                 s.writer
                 for s in self.slots.values()
                 if s.writer is not None
                 and s.writer.spill is not None
-                and s.writer.connection is None
-                and (
-                    s.writer.state is WriterState.FAILED
-                    or (s.writer.state is WriterState.COMPLETE and s.writer.acked >= s.writer.end)
-                )
+                and s.writer.state in (WriterState.COMPLETE, WriterState.FAILED)
             ]
-            delivered.sort(key=lambda w: w.completed_at or 0.0)
-            total = sum(w.spill.end - w.spill.start for w in delivered if w.spill)
-            for w in delivered:
-                expired = now - (w.completed_at or now) > self.config.spill_retention
-                over = self.config.spill_quota and total > self.config.spill_quota
-                if not (expired or over):
+            for w in finished:
+                if w.state is WriterState.COMPLETE and not w.delivered:
+                    await self._check_delivered(w)
+            gone = [w for w in finished if w.state is WriterState.FAILED or w.delivered]
+            gone.sort(key=lambda w: w.completed_at or 0.0)
+            total = sum(w.spill.end - w.spill.start for w in gone if w.spill)
+            now = trio.current_time()
+            for w in gone:
+                if w.spill is None:
                     continue
-                assert w.spill is not None
-                total -= w.spill.end - w.spill.start
-                log.info(
-                    "edge %s: spill file removed (%s)",
-                    w.edge,
-                    "retention passed" if expired else "over quota",
+                action = writerstate.collect(
+                    _PHASES[w.state],
+                    writerstate.GcDue(
+                        delivered=w.delivered,
+                        connected=w.connection is not None,
+                        expired=now - (w.completed_at or now) > self.config.spill_retention,
+                        over_quota=bool(self.config.spill_quota)
+                        and total > self.config.spill_quota,
+                    ),
                 )
+                if not isinstance(action, writerstate.RemoveSpill):
+                    continue
+                total -= w.spill.end - w.spill.start
+                log.info("edge %s: spill file removed (%s)", w.edge, action.why)
                 w.spill.remove()
                 w.spill = None
                 self._reap(w.edge)
+
+    async def _check_delivered(self, writer: WriterEnd) -> None:
+        """Asks discovery whether a reader's program read this complete stream (at most
+        every few seconds per end; the reader-done event usually says so first)."""
+        now = trio.current_time()
+        if now - writer.delivery_checked_at < DELIVERY_CHECK_EVERY:
+            return
+        writer.delivery_checked_at = now
+        try:
+            rec = await self.discovery.get(writer.edge.hex)
+        except (Unavailable, DiscoveryError) as exc:
+            log.debug("edge %s: delivery not known: %s", writer.edge, exc)
+            return
+        if int(rec.get("generation", 0)) == writer.generation and rec.get("reader_state") == (
+            "done"
+        ):
+            writer.on_reader_done(int(rec.get("bytes_delivered", 0)))
 
     async def restore_spills(self) -> None:
         """After a restart: serve the spill files again. A complete one is the whole
@@ -889,6 +919,9 @@ class Node:
                 self._reader_gone(writer)
         elif kind in ("reader-back", "reader") and writer is not None:
             writer.reader_lost = False
+        elif kind == "reader-done" and writer is not None:
+            with contextlib.suppress(TypeError, ValueError):
+                writer.on_reader_done(int(data.get("bytes", 0)))
 
     def _reader_gone(self, writer: WriterEnd) -> None:
         """The reader's daemon is gone. If it had acknowledged bytes that a transient writer

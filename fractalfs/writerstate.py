@@ -184,11 +184,17 @@ class WriterMachine:
             if self.phase is Phase.COMPLETE and event.total == event.end:
                 self.delivered = True
             return Keep()
-        # GcDue
-        if event.connected or not (event.expired or event.over_quota):
-            return Keep()
-        if self.phase is Phase.FAILED:
-            return RemoveSpill("a failed generation's prefix (a re-run reproduces it)")
-        if self.phase is Phase.COMPLETE and event.delivered:
-            return RemoveSpill("retention passed" if event.expired else "over quota")
+        return collect(self.phase, event)
+
+
+def collect(phase: Phase, due: GcDue) -> RemoveSpill | Keep:
+    """Whether a spill may go: never while served, never before retention or the quota
+    says so, and only if no reader can need it (delivered to a reader's *program*, or the
+    prefix of a failed generation, which a re-run reproduces)."""
+    if due.connected or not (due.expired or due.over_quota):
         return Keep()
+    if phase is Phase.FAILED:
+        return RemoveSpill("a failed generation's prefix (a re-run reproduces it)")
+    if phase is Phase.COMPLETE and due.delivered:
+        return RemoveSpill("retention passed" if due.expired else "over quota")
+    return Keep()
