@@ -190,6 +190,7 @@ class Node:
         self.mode = Mode(config.mode)
         self.mode_overrides: dict[EdgeId, Mode] = {}  # per edge (xattr user.fractalfs.mode)
         self.spill_bandwidth = 200e6  # bytes/s until measured
+        self._unrestored: list[spill.SpillInfo] = []  # spills discovery has not heard of yet
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -208,6 +209,7 @@ class Node:
             nursery.start_soon(self._forever, self._heartbeat)
             nursery.start_soon(self._forever, self._apply_policy)
             nursery.start_soon(self._forever, self._collect_spills)
+            nursery.start_soon(self._forever, self._retry_restores)
             nursery.start_soon(self._measure_spill_bandwidth)
             task_status.started()
 
@@ -491,34 +493,79 @@ class Node:
         """After a restart: serve the spill files again. A complete one is the whole
         stream; an incomplete one died with its writer (its program lost this mount), so
         its generation is failed, but its prefix is served until a re-run supersedes it
-        (a reader verifies it against the re-run, as after any failed writer)."""
-        for info in spill.scan(self.config.spill_dir):
+        (a reader verifies it against the re-run, as after any failed writer).
+
+        Nothing here deletes a spill a reader may need: only one that discovery says a
+        newer generation superseded goes. One discovery does not know (a wiped database,
+        or an edge removed while this daemon was down) is kept on disk and not served;
+        while discovery cannot be reached, the rest are retried in the background."""
+        self._unrestored = spill.scan(self.config.spill_dir)
+        await self._restore_pending()
+
+    async def _restore_pending(self) -> None:
+        pending, self._unrestored = self._unrestored, []
+        for i, info in enumerate(pending):
             complete = info.complete is not None
             try:
                 await self.discovery.restore_writer(
                     info.edge.hex, info.generation, self.name, self.endpoint, complete
                 )
-            except (Conflict, DiscoveryError) as exc:
-                log.info("edge %s: spill not restored (%s)", info.edge, exc)
+            except Conflict as exc:
+                log.info("edge %s: spill superseded, removed (%s)", info.edge, exc)
                 info.path.unlink(missing_ok=True)
                 continue
-            writer = WriterEnd(info.edge, info.generation, self.config.write_window, 0)
-            writer.spill = spill.SpillFile.open(info)
-            writer.base = writer.end = writer.spill.end
-            writer.acked = 0  # not known to be delivered: keep it for its reader
-            writer.mode = Mode.PERSISTENT
-            writer.mode_reason = "restored from its spill file"
-            writer.state = WriterState.COMPLETE if complete else WriterState.FAILED
-            writer.completed_at = trio.current_time()
-            writer.released = True
-            self._slot(info.edge).writer = writer
-            log.info(
-                "edge %s: %s spill of generation %d (%d bytes) served again",
-                info.edge,
-                "complete" if complete else "incomplete (failed)",
-                info.generation,
-                writer.end,
-            )
+            except DiscoveryError as exc:
+                if exc.status == 404:
+                    log.warning(
+                        "edge %s: discovery does not know this edge (%s): spill %s kept on "
+                        "disk, not served; remove it by hand if nobody needs it",
+                        info.edge,
+                        exc,
+                        info.path,
+                    )
+                else:
+                    log.warning("edge %s: spill not restored yet: %s", info.edge, exc)
+                    self._unrestored.append(info)
+                continue
+            except Unavailable as exc:
+                log.warning(
+                    "discovery unavailable (%s): %d spill(s) restored later", exc, len(pending) - i
+                )
+                self._unrestored.extend(pending[i:])
+                return
+            self._install_restored(info)
+
+    def _install_restored(self, info: spill.SpillInfo) -> None:
+        complete = info.complete is not None
+        writer = WriterEnd(info.edge, info.generation, self.config.write_window, 0)
+        writer.spill = spill.SpillFile.open(info)
+        writer.base = writer.end = writer.spill.end
+        writer.acked = 0  # not known to be delivered: keep it for its reader
+        writer.mode = Mode.PERSISTENT
+        writer.mode_reason = "restored from its spill file"
+        writer.state = WriterState.COMPLETE if complete else WriterState.FAILED
+        writer.completed_at = trio.current_time()
+        writer.released = True
+        self._slot(info.edge).writer = writer
+        log.info(
+            "edge %s: %s spill of generation %d (%d bytes) served again",
+            info.edge,
+            "complete" if complete else "incomplete (failed)",
+            info.generation,
+            writer.end,
+        )
+
+    async def _retry_restores(self) -> None:
+        """Spills that could not be restored at start-up (discovery unreachable) are
+        restored as soon as discovery answers."""
+        attempt = 0
+        while True:
+            await trio.sleep(backoff(attempt, base=0.5, cap=5.0) + 0.5)
+            if not self._unrestored:
+                attempt = 0
+                continue
+            await self._restore_pending()
+            attempt = attempt + 1 if self._unrestored else 0
 
     async def write(self, writer: WriterEnd, data: bytes) -> int:
         n = await writer.write(data, self.config.signal_poll)

@@ -291,3 +291,25 @@ def test_a_spill_whose_reader_program_did_not_read_it_all_is_kept(
     wait_for(
         lambda: not list((a.state / "spill").glob(f"{edge}.*")), 10, "the delivered spill gone"
     )
+
+
+def test_a_spill_discovery_does_not_know_is_kept_after_a_restart(
+    cluster: Cluster, src: Path
+) -> None:
+    """Defect 7: a restarted daemon unlinked every spill discovery answered 404 for (here
+    its database was wiped): the only copy of a complete stream was deleted."""
+    disc = cluster.start_discovery()
+    a = cluster.node("a", mode="persistent")
+    edge = new_edge()
+    sh(f"cat {src} > {a.path(edge)}")
+    wait_for(lambda: cluster.edge(edge)["writer_state"] == "complete", 5, "completion")
+    a.kill()
+    disc.stop()
+    disc.db.unlink()  # the database is gone; discovery comes back empty, same port
+    for wal in disc.db.parent.glob("discovery.db-*"):
+        wal.unlink()
+    disc.start()
+    a = cluster.node("a", mode="persistent")
+    wait_for(lambda: "kept on disk, not served" in a.log.read_text(), 5, "the spill kept")
+    kept = list((a.state / "spill").glob(f"{edge}.*"))
+    assert len(kept) == 1 and kept[0].stat().st_size > src.stat().st_size
