@@ -275,7 +275,7 @@ class Operations(pyfuse3.Operations):
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         if parent_inode != ROOT:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        await self.node.remove(self._name(name))
+        await self.node.remove(self._name(name), ctx.pid)
 
     # -- per-edge persistence mode: extended attributes ----------------------------------
 

@@ -15,7 +15,7 @@ import os
 import secrets
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -44,6 +44,7 @@ from .policy import Mode, Observation, decide
 from .writerstate import Exit, Exited, Running, Unknown
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 LONG_POLL = 25.0
 HEARTBEAT_EVERY = 0.5
@@ -282,6 +283,38 @@ class Node:
             self._reap(slot.edge)
             self.writers_changed.notify()  # a data connection may wait for this end
 
+    async def _interruptible(self, pid: int, call: Callable[[], Awaitable[T]]) -> T:
+        """Runs a discovery ``call`` for the program ``pid``; answers EINTR as soon as that
+        program gets a signal. Discovery calls retry for up to ``discovery_retry`` seconds,
+        and pyfuse3 ignores FUSE_INTERRUPT: without this a program opening or removing an
+        edge while discovery is down could not even be killed for that long."""
+        if pid <= 0:
+            return await call()
+        interrupted = False
+        result: list[T] = []
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def poll() -> None:
+                    nonlocal interrupted
+                    while True:
+                        await trio.sleep(self.config.signal_poll)
+                        if procs.signal_pending(pid):
+                            interrupted = True
+                            nursery.cancel_scope.cancel()
+                            return
+
+                nursery.start_soon(poll)
+                result.append(await call())
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:  # the call's own error, one of one
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+        if interrupted:
+            raise EdgeError(errno.EINTR, "interrupted by a signal")
+        return result[0]
+
     async def _await_release(self, end: WriterEnd | ReaderEnd, pid: int) -> None:
         """A re-run often opens the edge while the killed program it replaces is still
         exiting, before the kernel has sent that program's RELEASE: wait a moment for it
@@ -315,7 +348,12 @@ class Node:
         if "writer" in slot.opening or (old is not None and old.state is WriterState.OPEN):
             raise EdgeError(errno.EBUSY, f"edge {edge} already has a writer on this node")
         with self._opening(slot, "writer"):
-            rec = await self.discovery.register_writer(edge.hex, self.name, self.endpoint)
+            rec = await self._interruptible(
+                pid,
+                functools.partial(
+                    self.discovery.register_writer, edge.hex, self.name, self.endpoint
+                ),
+            )
         slot = self._slot(edge)
         if slot.writer is not None:
             slot.writer.abort(AbortReason.STALE, "a newer writer took the edge over")
@@ -713,15 +751,23 @@ class Node:
         deadline = trio.current_time() + RELEASE_GRACE
         while True:
             try:
-                rec = await self.discovery.claim_reader(edge.hex, self.name)
+                rec = await self._interruptible(
+                    pid, functools.partial(self.discovery.claim_reader, edge.hex, self.name)
+                )
                 return int(rec.get("reader_claim", 0))
             except Conflict:
                 left = deadline - trio.current_time()
                 if left <= 0:
                     raise
-            rec = await self.discovery.get(edge.hex)
-            await self.discovery.get(
-                edge.hex, wait=min(left, self.config.signal_poll), since=int(rec["version"])
+            rec = await self._interruptible(pid, functools.partial(self.discovery.get, edge.hex))
+            await self._interruptible(
+                pid,
+                functools.partial(
+                    self.discovery.get,
+                    edge.hex,
+                    wait=min(left, self.config.signal_poll),
+                    since=int(rec["version"]),
+                ),
             )
             if procs.signal_pending(pid):
                 raise EdgeError(errno.EINTR, "interrupted by a signal")
@@ -836,11 +882,11 @@ class Node:
 
     # -- whole edges ---------------------------------------------------------------------
 
-    async def remove(self, edge: EdgeId) -> None:
+    async def remove(self, edge: EdgeId, pid: int = 0) -> None:
         """Ends the edge on every node (the one here at once, others via discovery)."""
         known = edge in self.slots
         try:
-            await self.discovery.delete(edge.hex)
+            await self._interruptible(pid, functools.partial(self.discovery.delete, edge.hex))
         except DiscoveryError as exc:
             if exc.status != 404 or not known:
                 raise EdgeError(errno.ENOENT, str(exc)) from None

@@ -229,3 +229,33 @@ def test_reader_dials_before_the_writer_daemon_heard_its_generation(
         assert reader.communicate(timeout=15)[0] == b"paired\n"
     finally:
         proxy.close()
+
+
+def in_fuse_request(pid: int) -> bool:
+    """The program waits for our daemon's answer (not just about to ask)."""
+    try:
+        wchan = Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return False
+    return "request_wait_answer" in wchan or "fuse" in wchan
+
+
+def test_an_open_waiting_for_discovery_can_be_interrupted(
+    cluster: Cluster, programs: Programs, tmp_path: Path
+) -> None:
+    """Defect 11: opens retried discovery for up to discovery_retry (30 s) without looking
+    at the opener's signals; pyfuse3 ignores FUSE_INTERRUPT, so the program could not even
+    be killed meanwhile."""
+    disc = cluster.start_discovery()
+    a = cluster.node("a")
+    disc.stop()
+    writer = programs.start(f"exec cat > {a.path(new_edge())}")
+    reader = programs.start(f"exec cat {a.path(new_edge())} > {tmp_path / 'out'}")
+    for proc in (writer, reader):
+        wait_for(lambda p=proc: in_fuse_request(p.pid), 5, "the open waits for discovery")
+    time.sleep(0.5)  # well inside the 30 s of retries
+    for proc in (writer, reader):
+        assert proc.poll() is None and in_fuse_request(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+    for proc in (writer, reader):
+        assert proc.wait(timeout=3) == -signal.SIGTERM
