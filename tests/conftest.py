@@ -295,3 +295,13 @@ class SlowProxy:
     def close(self) -> None:
         self.closed = True
         self.listener.close()
+
+
+def in_fuse_request(pid: int) -> bool:
+    """``pid`` waits in a FUSE request for our daemon's answer (blocked in an open, read or
+    write), as /proc/<pid>/wchan shows: what a test means by "the program is blocked"."""
+    try:
+        wchan = Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return False
+    return "request_wait_answer" in wchan or "fuse" in wchan
