@@ -260,6 +260,24 @@ class WriterEnd:
             exc = self.spill_error
             raise EdgeError(exc.errno or errno.EIO, f"spill file: {exc.strerror}")
 
+    async def complete_spill(self) -> OSError | None:
+        """Marks the spill complete (:meth:`SpillFile.finish`: three fsyncs) in a worker
+        thread; an abort meanwhile removes the spill only after it. Returns its error."""
+        spill = self.spill
+        if spill is None or spill.complete:
+            return None
+        self._spilling = True
+        try:
+            await trio.to_thread.run_sync(spill.finish)  # not abandoned on cancel
+            return None
+        except OSError as exc:
+            return exc
+        finally:
+            self._spilling = False
+            if self._remove_spill_after:
+                spill.remove()
+            self.changed.notify()
+
     def persist(self, spill: SpillFile, reason: str) -> None:
         """Switches to persistent mode: what memory holds goes to disk first, then all writes.
 
