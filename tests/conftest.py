@@ -305,3 +305,14 @@ def in_fuse_request(pid: int) -> bool:
     except OSError:
         return False
     return "request_wait_answer" in wchan or "fuse" in wchan
+
+
+def blocked_on_a_full_window(pid: int, window: int = 8 << 20) -> bool:
+    """``pid`` wrote a whole write window (``wchar`` in /proc/<pid>/io) and waits in a
+    FUSE request: blocked on backpressure, not still opening."""
+    try:
+        io = Path(f"/proc/{pid}/io").read_text()
+    except OSError:
+        return False
+    wchar = int(io.split("wchar:")[1].split()[0])
+    return wchar >= window and in_fuse_request(pid)

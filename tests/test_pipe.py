@@ -17,6 +17,7 @@ from fractalfs.codec import SENTINEL
 from .conftest import (
     Pair,
     Programs,
+    blocked_on_a_full_window,
     in_fuse_request,
     needs_fuse,
     new_edge,
@@ -157,7 +158,9 @@ def test_ctrl_c_and_kill_end_a_blocked_reader(pair: Pair, programs: Programs) ->
 def test_kill_ends_a_writer_blocked_on_backpressure(pair: Pair, programs: Programs) -> None:
     _, w, _ = pair.paths()
     writer = programs.start(f"exec dd if=/dev/zero of={w} bs=1M count=100 status=none")
-    wait_for(lambda: in_fuse_request(writer.pid), 5, "the window full: blocked in write")
+    wait_for(
+        functools.partial(blocked_on_a_full_window, writer.pid), 5, "blocked on the full window"
+    )
     assert writer.poll() is None
     t0 = time.monotonic()
     os.kill(writer.pid, signal.SIGTERM)
@@ -172,7 +175,9 @@ def test_a_rerun_may_open_while_the_killed_program_is_still_exiting(
     once must not get EBUSY for that (CI saw it after a SIGKILL of a blocked writer)."""
     _, w, r = pair.paths()
     writer = programs.start(f"exec dd if=/dev/zero of={w} bs=1M count=100 status=none")
-    wait_for(lambda: in_fuse_request(writer.pid), 5, "the window full: blocked in write")
+    wait_for(
+        functools.partial(blocked_on_a_full_window, writer.pid), 5, "blocked on the full window"
+    )
     assert writer.poll() is None
     os.kill(writer.pid, signal.SIGKILL)
     fd = os.open(w, os.O_WRONLY)  # the re-run, while dd still waits to die
