@@ -11,7 +11,6 @@ import contextlib
 import errno
 import functools
 import logging
-import os
 import secrets
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -19,9 +18,10 @@ from typing import Any, TypeVar
 
 import trio
 
-from . import dataplane, metrics, procs, spill, writerstate
+from . import dataplane, metrics, procs, writerstate
 from .codec import AbortReason
 from .config import NodeConfig
+from .dataserver import DataServer
 from .discovery.client import (
     Conflict,
     DiscoveryClient,
@@ -39,126 +39,18 @@ from .edges import (
     wait_or_interrupt,
 )
 from .edgestate import Connect, EdgeView, Fail, PullOutcome, Query, ReaderMachine, backoff
-from .handshake import HandshakeError, Status
-from .policy import Mode, Observation, decide
-from .writerstate import Exit, Exited, Running, Unknown
+from .exits import ExitWatcher
+from .membership import Membership
+from .persistence import Persistence
+from .policy import Mode
+from .writerstate import Exit, Exited, Unknown
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 LONG_POLL = 25.0
-HEARTBEAT_EVERY = 0.5
 CLOSE_GRACE = 0.25  # how long a close by a live program waits to see it exit
-EVENT_LATENESS = 1.0  # how long a proc connector event may trail the process's exit
 RELEASE_GRACE = 2.0
-DELIVERY_CHECK_EVERY = 2.0  # how often GC asks discovery whether a spill was delivered
-_PHASES = {
-    WriterState.OPEN: writerstate.Phase.OPEN,
-    WriterState.COMPLETE: writerstate.Phase.COMPLETE,
-    WriterState.FAILED: writerstate.Phase.FAILED,
-    WriterState.ABORTED: writerstate.Phase.ABORTED,
-}  # how long an open waits for a dying program's end to be released
-
-
-class ExitWatcher:
-    """Exit statuses of writing programs, from the kernel's proc connector or /proc."""
-
-    def __init__(self) -> None:
-        raw = procs.open_exit_events()
-        self._sock = trio.socket.from_stdlib_socket(raw) if raw is not None else None
-        self._watched: dict[int, int | None] = {}  # pid -> status once it exited
-        self._overrun = 0  # exit events the kernel dropped so far (ENOBUFS), as a count
-        self._watched_at: dict[int, int] = {}  # pid -> the overrun count when watched
-        self.changed = Notifier()
-
-    @property
-    def precise(self) -> bool:
-        return self._sock is not None
-
-    def watch(self, pid: int) -> None:
-        self._watched.setdefault(pid, None)
-        self._watched_at.setdefault(pid, self._overrun)
-
-    def forget(self, pid: int) -> None:
-        self._watched.pop(pid, None)
-        self._watched_at.pop(pid, None)
-
-    async def run(self) -> None:
-        if self._sock is None:
-            log.info(
-                "proc connector unavailable (not root, or not the initial network "
-                "namespace): exit statuses come from /proc"
-            )
-            return
-        with self._sock:
-            while True:
-                try:
-                    data = await self._sock.recv(4096)
-                except OSError as exc:
-                    if exc.errno != errno.ENOBUFS:
-                        raise
-                    # The kernel dropped exit events (a busy host, SO_RCVBUF capped by
-                    # rmem_max): the socket still works, but an exit of a watched program
-                    # may be gone for good: its outcome is unknown, never success.
-                    log.warning("proc connector overrun: exit events were lost")
-                    self._overrun += 1
-                    self.changed.notify()
-                    continue
-                event = procs.parse_exit_event(data)
-                if event is not None and event[0] in self._watched:
-                    self._watched[event[0]] = event[1]
-                    self.changed.notify()
-
-    def _status(self, pid: int) -> int | None:
-        status = self._watched.get(pid)
-        return status if status is not None else procs.exit_status(pid)
-
-    def _lost_events(self, pid: int) -> bool:
-        return self._overrun != self._watched_at.get(pid, self._overrun)
-
-    async def outcome(self, pid: int, grace: float) -> Exit:
-        """How ``pid`` ended if it exits within ``grace`` seconds; :class:`Running` if it
-        still runs then; :class:`Unknown` if it is gone and its status was not seen."""
-        if self._sock is not None:
-            with trio.move_on_after(grace):
-                while (status := self._status(pid)) is None and not self._lost_events(pid):
-                    await self.changed.wait()
-                if status is not None:
-                    return Exited(status)
-        else:
-            pidfd = -1
-            with contextlib.suppress(OSError):
-                pidfd = os.pidfd_open(pid)  # readable the moment it exits
-            try:
-                with trio.move_on_after(grace):
-                    while (status := self._status(pid)) is None and pidfd >= 0:
-                        with trio.move_on_after(0.002):
-                            await trio.lowlevel.wait_readable(pidfd)
-                        if not os.path.exists(f"/proc/{pid}"):
-                            break
-                    status = self._status(pid)
-                    if status is not None:
-                        return Exited(status)
-            finally:
-                if pidfd >= 0:
-                    os.close(pidfd)
-        status = self._status(pid)
-        if status is not None:
-            return Exited(status)
-        if os.path.exists(f"/proc/{pid}"):
-            return Running()
-        if self._sock is not None:
-            # It exited just now: its event may still be on the way.
-            with trio.move_on_after(EVENT_LATENESS):
-                while (status := self._status(pid)) is None and not self._lost_events(pid):
-                    await self.changed.wait()
-            if status is not None:
-                return Exited(status)
-            why = "its exit event was lost" if self._lost_events(pid) else "no exit event came"
-            return Unknown(f"process {pid} is gone; {why}")
-        # Without the proc connector a program reaped by its parent between two looks at
-        # /proc leaves no trace: its status cannot be observed here at all (see README).
-        return Unknown(f"process {pid} was reaped before /proc showed its status", False)
 
 
 @dataclass
@@ -190,8 +82,10 @@ class Node:
         self.boot = secrets.token_hex(8)  # tells discovery this is a new run of the daemon
         self.mode = Mode(config.mode)
         self.mode_overrides: dict[EdgeId, Mode] = {}  # per edge (xattr user.fractalfs.mode)
-        self.spill_bandwidth = 200e6  # bytes/s until measured
-        self._unrestored: list[spill.SpillInfo] = []  # spills discovery has not heard of yet
+        # The parts that own the node's background tasks (each started with nursery.start).
+        self.persistence = Persistence(self)
+        self.membership = Membership(self)
+        self.data_server = DataServer(self)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -203,16 +97,17 @@ class Node:
     ) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(self._forever, self._accept, listener)
-            nursery.start_soon(self._forever, self._watch_events)
-            nursery.start_soon(self._forever, self._report_progress)
             nursery.start_soon(self._forever, self.exits.run)
-            nursery.start_soon(self._forever, self._heartbeat)
-            nursery.start_soon(self._forever, self._apply_policy)
-            nursery.start_soon(self._forever, self._collect_spills)
-            nursery.start_soon(self._forever, self._retry_restores)
-            nursery.start_soon(self._measure_spill_bandwidth)
+            await nursery.start(self.data_server.run, listener)
+            await nursery.start(self.membership.run)
+            await nursery.start(self.persistence.run)
             task_status.started()
+
+    async def heartbeat_once(self) -> None:
+        await self.membership.heartbeat_once()
+
+    async def restore_spills(self) -> None:
+        await self.persistence.restore_spills()
 
     def shutdown(self) -> None:
         """Wakes every blocked program with an error; stops serving."""
@@ -361,252 +256,9 @@ class Node:
         writer.written_metric = metrics.BYTES_WRITTEN.labels(edge.hex)
         slot.writer = writer  # before any waiter runs: nothing here awaits
         self.exits.watch(pid)
-        self._set_up_mode(writer)
+        self.persistence._set_up_mode(writer)
         log.info("edge %s: writer opened, generation %d", edge, writer.generation)
         return writer
-
-    def _set_up_mode(self, writer: WriterEnd) -> None:
-        writer.configured = self.mode_overrides.get(writer.edge, self.mode)
-        try:
-            writer.pgid = os.getpgid(writer.pid)
-        except OSError:
-            writer.pgid = writer.pid
-        writer.cpu_at_open, writer.queued_at_open = procs.group_times(writer.pgid)
-        if writer.configured is Mode.PERSISTENT:
-            self._persist(writer, "configured persistent")
-        elif writer.configured is Mode.DYNAMIC:
-            writer.retain_limit = self.config.retain_limit
-            writer.mode_reason = "dynamic: undecided"
-            writer.on_window_full = self._window_full
-            writer.on_switch_failed = self._switch_failed
-        self._spawn(self._report_mode, writer)
-
-    def _persist(self, writer: WriterEnd, reason: str) -> bool:
-        try:
-            sp = spill.SpillFile.create(
-                self.config.spill_dir, writer.edge, writer.generation, writer.base
-            )
-            writer.persist(sp, reason)
-        except OSError as exc:
-            writer.settle_transient(f"spill failed: {exc.strerror}")
-            self._switch_failed(writer, exc)
-            return False
-        log.info("edge %s: persistent from offset %d (%s)", writer.edge, sp.start, reason)
-        return True
-
-    def _switch_failed(self, writer: WriterEnd, exc: OSError) -> None:
-        """The spill could not be created, or the prefix held in memory not written to it:
-        the edge stays transient for good (the policy does not retry it every second)."""
-        log.warning("edge %s: cannot spill (%s): stays transient", writer.edge, exc)
-        writer.on_window_full = None
-        self._spawn(self._report_mode, writer)
-
-    def _window_full(self, writer: WriterEnd) -> None:
-        """Dynamic mode, the reader absent or slow: spill rather than block the producer."""
-        if writer.configured is Mode.DYNAMIC and writer.spill is None:
-            decision = decide(self._observe(writer, window_full=True))
-            if decision.mode is Mode.PERSISTENT and self._persist(writer, decision.reason):
-                self._spawn(self._report_mode, writer)
-
-    def _observe(self, writer: WriterEnd, window_full: bool = False) -> Observation:
-        cpu, queued = procs.group_times(writer.pgid)
-        return Observation(
-            configured=writer.configured,
-            current=writer.mode,
-            bytes_written=writer.end,
-            cpu_seconds=max(0.0, cpu - writer.cpu_at_open),
-            elapsed=max(
-                0.0,
-                trio.current_time()
-                - writer.opened_at
-                - writer.handler_time
-                - max(0.0, queued - writer.queued_at_open),
-            ),
-            spill_bandwidth=self.spill_bandwidth,
-            window_full=window_full,
-            prefix_retained=writer.prefix_retained,
-        )
-
-    async def _apply_policy(self) -> None:
-        """Re-decides every undecided dynamic edge a few times a second."""
-        while True:
-            await trio.sleep(0.25)
-            for slot in list(self.slots.values()):
-                w = slot.writer
-                if w is None or w.state is not WriterState.OPEN or w.spill is not None:
-                    continue
-                if w.configured is not Mode.DYNAMIC or not w.retain_limit:
-                    continue
-                # A scan of /proc, on the loop's thread on purpose: in a worker thread it
-                # holds the GIL in 5 ms slices against every FUSE request (a convoy: a
-                # 1 GiB dynamic stream took twice as long).
-                decision = decide(self._observe(w))
-                if decision.mode is Mode.PERSISTENT:
-                    if self._persist(w, decision.reason):
-                        self._spawn(self._report_mode, w)
-                else:
-                    w.mode_reason = decision.reason
-
-    async def _report_mode(self, writer: WriterEnd) -> None:
-        try:
-            await self.discovery.set_mode(
-                writer.edge.hex, writer.generation, writer.mode.value, writer.mode_reason
-            )
-        except (Unavailable, DiscoveryError) as exc:
-            log.debug("edge %s: could not report mode: %s", writer.edge, exc)
-
-    async def _measure_spill_bandwidth(self) -> None:
-        try:
-            bw = await trio.to_thread.run_sync(spill.measure_bandwidth, self.config.spill_dir)
-        except OSError as exc:
-            log.warning("cannot measure spill bandwidth in %s: %s", self.config.spill_dir, exc)
-            return
-        self.spill_bandwidth = bw
-        log.info("spill bandwidth of %s: %.0f MB/s", self.config.spill_dir, bw / 1e6)
-
-    def _gauge(self) -> None:
-        spills = [s.writer.spill for s in self.slots.values() if s.writer and s.writer.spill]
-        metrics.OPEN_EDGES.set(len(self.slots))
-        metrics.SPILL_FILES.set(len(spills))
-        metrics.SPILL_BYTES.set(sum(sp.end - sp.start for sp in spills))
-
-    async def _collect_spills(self) -> None:
-        """Deletes spill files nobody can need any more: delivered to a reader's program,
-        and past retention or over the quota (oldest first). Undelivered ones are never
-        touched; the prefix of a failed generation goes the same way (a re-run reproduces
-        it), or when superseded. The rule is :func:`writerstate.collect`."""
-        while True:
-            await trio.sleep(1.0)
-            self._gauge()
-            finished = [
-                s.writer
-                for s in self.slots.values()
-                if s.writer is not None
-                and s.writer.spill is not None
-                and s.writer.state in (WriterState.COMPLETE, WriterState.FAILED)
-            ]
-            for w in finished:
-                if w.state is WriterState.COMPLETE and not w.delivered:
-                    await self._check_delivered(w)
-            gone = [w for w in finished if w.state is WriterState.FAILED or w.delivered]
-            gone.sort(key=lambda w: w.completed_at or 0.0)
-            total = sum(w.spill.end - w.spill.start for w in gone if w.spill)
-            now = trio.current_time()
-            for w in gone:
-                if w.spill is None:
-                    continue
-                action = writerstate.collect(
-                    _PHASES[w.state],
-                    writerstate.GcDue(
-                        delivered=w.delivered,
-                        connected=w.connection is not None,
-                        expired=now - (w.completed_at or now) > self.config.spill_retention,
-                        over_quota=bool(self.config.spill_quota)
-                        and total > self.config.spill_quota,
-                    ),
-                )
-                if not isinstance(action, writerstate.RemoveSpill):
-                    continue
-                total -= w.spill.end - w.spill.start
-                log.info("edge %s: spill file removed (%s)", w.edge, action.why)
-                w.spill.remove()
-                w.spill = None
-                self._reap(w.edge)
-
-    async def _check_delivered(self, writer: WriterEnd) -> None:
-        """Asks discovery whether a reader's program read this complete stream (at most
-        every few seconds per end; the reader-done event usually says so first)."""
-        now = trio.current_time()
-        if now - writer.delivery_checked_at < DELIVERY_CHECK_EVERY:
-            return
-        writer.delivery_checked_at = now
-        try:
-            rec = await self.discovery.get(writer.edge.hex)
-        except (Unavailable, DiscoveryError) as exc:
-            log.debug("edge %s: delivery not known: %s", writer.edge, exc)
-            return
-        if int(rec.get("generation", 0)) == writer.generation and rec.get("reader_state") == (
-            "done"
-        ):
-            writer.on_reader_done(int(rec.get("bytes_delivered", 0)))
-
-    async def restore_spills(self) -> None:
-        """After a restart: serve the spill files again. A complete one is the whole
-        stream; an incomplete one died with its writer (its program lost this mount), so
-        its generation is failed, but its prefix is served until a re-run supersedes it
-        (a reader verifies it against the re-run, as after any failed writer).
-
-        Nothing here deletes a spill a reader may need: only one that discovery says a
-        newer generation superseded goes. One discovery does not know (a wiped database,
-        or an edge removed while this daemon was down) is kept on disk and not served;
-        while discovery cannot be reached, the rest are retried in the background."""
-        self._unrestored = spill.scan(self.config.spill_dir)
-        await self._restore_pending()
-
-    async def _restore_pending(self) -> None:
-        pending, self._unrestored = self._unrestored, []
-        for i, info in enumerate(pending):
-            complete = info.complete is not None
-            try:
-                await self.discovery.restore_writer(
-                    info.edge.hex, info.generation, self.name, self.endpoint, complete
-                )
-            except Conflict as exc:
-                log.info("edge %s: spill superseded, removed (%s)", info.edge, exc)
-                info.path.unlink(missing_ok=True)
-                continue
-            except DiscoveryError as exc:
-                if exc.status == 404:
-                    log.warning(
-                        "edge %s: discovery does not know this edge (%s): spill %s kept on "
-                        "disk, not served; remove it by hand if nobody needs it",
-                        info.edge,
-                        exc,
-                        info.path,
-                    )
-                else:
-                    log.warning("edge %s: spill not restored yet: %s", info.edge, exc)
-                    self._unrestored.append(info)
-                continue
-            except Unavailable as exc:
-                log.warning(
-                    "discovery unavailable (%s): %d spill(s) restored later", exc, len(pending) - i
-                )
-                self._unrestored.extend(pending[i:])
-                return
-            self._install_restored(info)
-
-    def _install_restored(self, info: spill.SpillInfo) -> None:
-        complete = info.complete is not None
-        writer = WriterEnd(info.edge, info.generation, self.config.write_window, 0)
-        writer.spill = spill.SpillFile.open(info)
-        writer.base = writer.end = writer.spill.end
-        writer.acked = 0  # not known to be delivered: keep it for its reader
-        writer.mode = Mode.PERSISTENT
-        writer.mode_reason = "restored from its spill file"
-        writer.state = WriterState.COMPLETE if complete else WriterState.FAILED
-        writer.completed_at = trio.current_time()
-        writer.released = True
-        self._slot(info.edge).writer = writer
-        log.info(
-            "edge %s: %s spill of generation %d (%d bytes) served again",
-            info.edge,
-            "complete" if complete else "incomplete (failed)",
-            info.generation,
-            writer.end,
-        )
-
-    async def _retry_restores(self) -> None:
-        """Spills that could not be restored at start-up (discovery unreachable) are
-        restored as soon as discovery answers."""
-        attempt = 0
-        while True:
-            await trio.sleep(backoff(attempt, base=0.5, cap=5.0) + 0.5)
-            if not self._unrestored:
-                attempt = 0
-                continue
-            await self._restore_pending()
-            attempt = attempt + 1 if self._unrestored else 0
 
     async def write(self, writer: WriterEnd, data: bytes) -> int:
         n = await writer.write(data, self.config.signal_poll)
@@ -668,7 +320,7 @@ class Node:
             self._spawn(self._close_writer, writer, "failed", why)
         elif writer.spill is not None and not writer.spill.complete and not spill_done:
             # Its fsyncs run in a worker thread; the end completes after them.
-            self._spawn(self._complete_spill, writer)
+            self._spawn(self.persistence._complete_spill, writer)
             return
         else:
             writer.finish(WriterState.COMPLETE)
@@ -679,16 +331,8 @@ class Node:
                 writer.mode_reason = "dynamic, stayed transient: " + (
                     "finished before it had to decide" if undecided else writer.mode_reason
                 )
-                self._spawn(self._report_mode, writer)
+                self._spawn(self.persistence._report_mode, writer)
         self._reap(writer.edge)
-
-    async def _complete_spill(self, writer: WriterEnd) -> None:
-        """A persistent writer finished well: mark its spill complete (END frame, header,
-        fsyncs, off the loop's thread), then the generation."""
-        error = await writer.complete_spill()
-        if error is not None:
-            log.warning("edge %s: spill file not completed: %s", writer.edge, error)
-        self._settle(writer, Exited(0), spill_done=True)
 
     async def _record(self, edge: EdgeId, kind: str, data: dict[str, Any]) -> None:
         try:
@@ -919,112 +563,7 @@ class Node:
         slot = self.slots.get(edge)
         return slot.writer if slot is not None else None
 
-    async def _writer_for_hello(self, edge: EdgeId, generation: int) -> WriterEnd | None:
-        """The writer end a reader dials for ``generation``.
-
-        Discovery hands the new generation to waiting readers the moment it records it,
-        while its answer to this daemon may still be on the way: a reader can dial before
-        the end is installed here. Wait for the registration rather than call that
-        generation gone (the reader would then wait for a re-run that never comes).
-        """
-        with trio.move_on_after(dataplane.HANDSHAKE_TIMEOUT):
-            while True:
-                slot = self.slots.get(edge)
-                writer = slot.writer if slot is not None else None
-                if writer is not None and writer.generation >= generation:
-                    return writer
-                if slot is None or "writer" not in slot.opening:
-                    return writer
-                await self.writers_changed.wait()
-        return self.writer_for(edge)
-
     # -- background ----------------------------------------------------------------------
-
-    async def _accept(self, listener: trio.socket.SocketType) -> None:
-        async with trio.open_nursery() as nursery:
-            while True:
-                try:
-                    sock, _addr = await listener.accept()
-                except OSError as exc:
-                    log.warning("data plane accept failed: %s", exc)
-                    await trio.sleep(0.1)
-                    continue
-                nursery.start_soon(self._guarded, self._serve, sock)
-
-    async def _serve(self, sock: trio.socket.SocketType) -> None:
-        with sock:
-            try:
-                dataplane.tune(sock)
-                hello = await dataplane.read_hello(sock)
-                writer = await self._writer_for_hello(hello.edge, hello.generation)
-                reply = dataplane.check_hello(hello, writer)
-                await dataplane.send_all(sock, [reply.encode()])
-                if (
-                    writer is not None
-                    and reply.status is Status.BAD_OFFSET
-                    and hello.offset < writer.base
-                    and writer.state is WriterState.OPEN
-                ):
-                    # A re-run reader wants bytes already acknowledged and freed: only a
-                    # re-run of this writer can produce them again.
-                    writer.abort(AbortReason.READER_LOST, "the reader restarted")
-                if writer is None or reply.status is not Status.OK:
-                    return
-                writer.reader_lost = False  # it redialled: alive after all
-                try:
-                    await dataplane.serve_edge(sock, writer, hello.offset)
-                finally:
-                    if writer.connection is None:
-                        self._reader_gone(writer)  # a no-op unless discovery lost its node
-                self._reap(writer.edge)
-            except* (OSError, dataplane.ConnectionLost, trio.TooSlowError) as group:
-                log.debug("data connection ended: %s", group.exceptions[0])
-            except* HandshakeError as group:
-                log.info("rejected data connection: %s", group.exceptions[0])
-
-    async def _watch_events(self) -> None:
-        """Follows discovery's event log: removals made on other nodes end edges here."""
-        after = -1
-        attempt = 0
-        while True:
-            try:
-                if after < 0:
-                    after = int((await self.discovery.health(retry_for=0))["last_event"])
-                got = await self.discovery.events(after, wait=LONG_POLL)
-                attempt = 0
-            except (Unavailable, DiscoveryError, KeyError, ValueError):
-                await trio.sleep(backoff(attempt, cap=2.0))
-                attempt += 1
-                continue
-            for event in got["events"]:
-                self._on_event(event)
-            after = int(got["last"])
-
-    def _on_event(self, event: dict[str, Any]) -> None:
-        try:
-            edge = EdgeId.parse(event["edge"])
-        except (KeyError, ValueError):
-            return
-        kind = event.get("kind")
-        data = event.get("data") or {}
-        writer = self.writer_for(edge)
-        if kind == "deleted":
-            self._abort_local(edge, "removed")
-        elif kind == "writer" and writer is not None:
-            if int(data.get("generation", 0)) > writer.generation:
-                self._fence(writer)
-        elif kind == "reader-lost" and writer is not None:
-            writer.reader_lost = True
-            # A silent node may only be stalled or cut off: while its connection lives (or
-            # until it comes back and redials) it loses nothing. A restarted or departed
-            # daemon took what its reader had delivered with it.
-            if data.get("cause") != "silent" or writer.connection is None:
-                self._reader_gone(writer)
-        elif kind in ("reader-back", "reader") and writer is not None:
-            writer.reader_lost = False
-        elif kind == "reader-done" and writer is not None:
-            with contextlib.suppress(TypeError, ValueError):
-                writer.on_reader_done(int(data.get("bytes", 0)))
 
     def _reader_gone(self, writer: WriterEnd) -> None:
         """The reader's daemon is gone. If it had acknowledged bytes that a transient writer
@@ -1047,43 +586,3 @@ class Node:
             )
             writer.abort(AbortReason.STALE, "a newer writer generation took the edge over")
             self._reap(writer.edge)
-
-    async def heartbeat_once(self) -> None:
-        """Tells discovery which ends this daemon holds; fences off the stale ones."""
-        writers = {
-            e.hex: s.writer.generation
-            for e, s in self.slots.items()
-            if s.writer is not None and s.writer.state in (WriterState.OPEN, WriterState.COMPLETE)
-        }
-        readers = [e.hex for e, s in self.slots.items() if s.reader is not None]
-        stale = await self.discovery.heartbeat(self.name, self.boot, writers, readers)
-        for edge in stale:
-            writer = self.writer_for(EdgeId.parse(edge))
-            # Only the generation reported: a newer one may have opened meanwhile.
-            if writer is not None and writer.generation == writers.get(edge):
-                self._fence(writer)
-
-    async def _heartbeat(self) -> None:
-        while True:
-            try:
-                await self.heartbeat_once()
-            except (Unavailable, DiscoveryError) as exc:
-                log.debug("heartbeat failed: %s", exc)
-            except (KeyError, ValueError, TypeError) as exc:  # a malformed answer
-                log.warning("heartbeat: unexpected answer from discovery: %r", exc)
-            await trio.sleep(HEARTBEAT_EVERY)
-
-    async def _report_progress(self) -> None:
-        reported: dict[EdgeId, int] = {}
-        while True:
-            await trio.sleep(1.0)
-            for edge, slot in list(self.slots.items()):
-                reader = slot.reader
-                if reader is None or reported.get(edge) == reader.delivered:
-                    continue
-                reported[edge] = reader.delivered
-                with contextlib.suppress(Unavailable, DiscoveryError):
-                    await self.discovery.progress(edge.hex, reader.delivered)
-            for edge in list(reported):
-                if edge not in self.slots:
-                    del reported[edge]

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import trio
 
-from fractalfs.node import ExitWatcher
+from fractalfs.exits import ExitWatcher
 from fractalfs.writerstate import Exited, Running, Unknown
 
 
