@@ -64,16 +64,19 @@ async def recv_exact(sock: trio.socket.SocketType, n: int) -> bytes:
 
 async def send_all(sock: trio.socket.SocketType, buffers: Sequence[bytes | memoryview]) -> None:
     bufs = list(buffers)
-    while bufs:
-        sent = await sock.sendmsg(bufs[:MAX_IOV])
+    i = 0  # the first buffer not sent completely (an index: no quadratic list.pop(0))
+    while i < len(bufs):
+        sent = await sock.sendmsg(bufs[i : i + MAX_IOV])
         while sent:
-            first = len(bufs[0])
+            first = len(bufs[i])
             if sent >= first:
                 sent -= first
-                bufs.pop(0)
+                i += 1
             else:
-                bufs[0] = memoryview(bufs[0])[sent:]
+                bufs[i] = memoryview(bufs[i])[sent:]
                 sent = 0
+        while i < len(bufs) and not len(bufs[i]):
+            i += 1  # empty buffers need no sendmsg of their own
 
 
 def parse_endpoint(text: str) -> tuple[str, int]:
@@ -212,9 +215,10 @@ async def _receive_controls(
         while True:
             kind, value = handshake.parse_control(await recv_exact(sock, handshake.CONTROL.size))
             if kind is Control.ACK:
+                writer.ack(value)  # bytes received, not "delivered": that is END_ACK
+            elif kind is Control.END_ACK:
                 writer.ack(value)
-                if writer.state is WriterState.COMPLETE and value >= writer.end:
-                    writer.end_acked = True
+                writer.on_end_acked(value)
             elif kind is Control.CLOSE:
                 writer.reader_closed = True
                 writer.changed.notify()
@@ -322,8 +326,8 @@ async def _receive(sock: trio.socket.SocketType, reader: ReaderEnd, offset: int)
                 reader.accept(event.payload)
             elif isinstance(event, codec.End):
                 reader.check_end(event.total)
-                await send_all(sock, [handshake.control(Control.ACK, event.total)])
                 reader.finish()
+                await send_all(sock, [handshake.control(Control.END_ACK, event.total)])
                 return Result(PullOutcome.END)
             elif isinstance(event, codec.Abort):
                 return Result(_ABORTS[event.reason], f"{event.reason.name}: {event.message}")
@@ -361,7 +365,7 @@ async def pull_local(
             if writer.state is WriterState.COMPLETE:
                 reader.check_end(writer.end)
                 reader.finish()
-                writer.end_acked = True
+                writer.on_end_acked(writer.end)
                 return Result(PullOutcome.END)
             if writer.state is WriterState.FAILED:
                 return Result(PullOutcome.GONE, "the writing program failed")

@@ -126,6 +126,10 @@ class WriterEnd:
         self.written_metric: Any = _NO_METRIC
         self.handler_time = 0.0  # seconds its program spent inside our write handler
         self.end_acked = False  # a reader acknowledged the END frame: fully delivered
+        # A reader's *program* read the whole stream (discovery recorded the reader done
+        # with every byte): only then may a persistent spill be collected.
+        self.delivered = False
+        self.delivery_checked_at = float("-inf")
 
     @property
     def prefix_retained(self) -> bool:
@@ -205,6 +209,19 @@ class WriterEnd:
                 spill.append(chunk)
 
         def finished(result: outcome.Outcome[None]) -> None:  # in the trio thread
+            # Runs as a run_sync_soon callback: an exception here would end trio's run
+            # (the daemon), so none may escape.
+            try:
+                settled(result)
+            except Exception as exc:
+                log.exception("edge %s: handling the end of a spill append failed", self.edge)
+                if self.spill_error is None and self.spill is spill:
+                    self.spill_error = OSError(errno.EIO, f"spill bookkeeping failed: {exc!r}")
+            finally:
+                self._spilling = False
+                self.changed.notify()
+
+        def settled(result: outcome.Outcome[None]) -> None:
             self._spilling = False
             if isinstance(result, outcome.Error):
                 error = result.error
@@ -242,6 +259,24 @@ class WriterEnd:
         if self.spill_error is not None:
             exc = self.spill_error
             raise EdgeError(exc.errno or errno.EIO, f"spill file: {exc.strerror}")
+
+    async def complete_spill(self) -> OSError | None:
+        """Marks the spill complete (:meth:`SpillFile.finish`: three fsyncs) in a worker
+        thread; an abort meanwhile removes the spill only after it. Returns its error."""
+        spill = self.spill
+        if spill is None or spill.complete:
+            return None
+        self._spilling = True
+        try:
+            await trio.to_thread.run_sync(spill.finish)  # not abandoned on cancel
+            return None
+        except OSError as exc:
+            return exc
+        finally:
+            self._spilling = False
+            if self._remove_spill_after:
+                spill.remove()
+            self.changed.notify()
 
     def persist(self, spill: SpillFile, reason: str) -> None:
         """Switches to persistent mode: what memory holds goes to disk first, then all writes.
@@ -283,6 +318,18 @@ class WriterEnd:
             else:
                 self.spill.remove()
         self.changed.notify()  # its connection sends the reader an ABORT frame
+
+    def on_reader_done(self, delivered: int) -> None:
+        """Discovery says the reader's program read ``delivered`` bytes and the end."""
+        if self.state is WriterState.COMPLETE and delivered >= self.end:
+            self.delivered = True
+
+    def on_end_acked(self, total: int) -> None:
+        """A reader acknowledged the END frame of a stream of ``total`` bytes: delivered.
+        Only for a complete stream of exactly that length (a data ACK never counts)."""
+        if self.state is WriterState.COMPLETE and total == self.end:
+            self.end_acked = True
+            self.changed.notify()
 
     def ack(self, offset: int) -> None:
         """The reader holds every byte below ``offset``: free them."""
@@ -380,6 +427,7 @@ class ReaderEnd:
         self.read_metric: Any = _NO_METRIC
         self.exit_status: int | None = None  # seen at FLUSH if the program was exiting
         self.released = False  # the program's file is closed
+        self.claim = 0  # discovery's id of this reader's claim (its release names it)
         # xxh3-128 of every byte received (~21 us/MiB): what a re-run writer must reproduce.
         self.digest = xxhash.xxh3_128()
         # Replay of a re-run writer: stream offset reached, and the digest of the replayed
@@ -397,7 +445,12 @@ class ReaderEnd:
 
         A resumed generation continues at ``received``. A re-run writer (``replay``) starts at
         0: its first ``received`` bytes are checked against what was delivered, not passed on.
+        A connection lost in the middle of such a check resumes the *check*, at the offset the
+        replay reached: the generation being verified is the one dialled again, and only a
+        finished check may let its bytes through.
         """
+        if not replay and self._replay is not None:
+            return self.stream_pos  # finish verifying the replayed prefix first
         if replay and self.received:
             self._replay = xxhash.xxh3_128()
             self._expected = self.digest.digest()

@@ -25,6 +25,7 @@ and, if the status is OK, the stream's frames (see :mod:`fractalfs.codec`) follo
 
     u8 kind | u64 value        ACK: bytes up to value are safely received
                                CLOSE: the reading program closed early (value = offset)
+                               END_ACK: the END frame arrived and checked (value = total)
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class Status(IntEnum):
 class Control(IntEnum):
     ACK = 1
     CLOSE = 2
+    END_ACK = 3  # the END frame arrived and was verified (value = total): delivered
 
 
 @dataclass(frozen=True, slots=True)

@@ -146,7 +146,7 @@ async def serve(
     # forgets the ends a previous run held (it may have crashed a moment ago).
     with contextlib.suppress(Unavailable, DiscoveryError):
         await node.heartbeat_once()
-        await node.restore_spills()
+    await node.restore_spills()  # never raises for discovery: what fails is retried
     ops = Operations(node)
     mounted = False
     try:

@@ -11,17 +11,17 @@ import contextlib
 import errno
 import functools
 import logging
-import os
 import secrets
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import trio
 
-from . import dataplane, metrics, procs, spill
+from . import dataplane, metrics, procs, writerstate
 from .codec import AbortReason
 from .config import NodeConfig
+from .dataserver import DataServer
 from .discovery.client import (
     Conflict,
     DiscoveryClient,
@@ -39,65 +39,18 @@ from .edges import (
     wait_or_interrupt,
 )
 from .edgestate import Connect, EdgeView, Fail, PullOutcome, Query, ReaderMachine, backoff
-from .handshake import HandshakeError, Status
-from .policy import Mode, Observation, decide
+from .exits import ExitWatcher
+from .membership import Membership
+from .persistence import Persistence
+from .policy import Mode
+from .writerstate import Exit, Exited, Unknown
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 LONG_POLL = 25.0
-HEARTBEAT_EVERY = 0.5
 CLOSE_GRACE = 0.25  # how long a close by a live program waits to see it exit
-RELEASE_GRACE = 2.0  # how long an open waits for a dying program's end to be released
-
-
-class ExitWatcher:
-    """Exit statuses of writing programs, from the kernel's proc connector or /proc."""
-
-    def __init__(self) -> None:
-        raw = procs.open_exit_events()
-        self._sock = trio.socket.from_stdlib_socket(raw) if raw is not None else None
-        self._watched: dict[int, int | None] = {}  # pid -> status once it exited
-        self.changed = Notifier()
-
-    @property
-    def precise(self) -> bool:
-        return self._sock is not None
-
-    def watch(self, pid: int) -> None:
-        self._watched.setdefault(pid, None)
-
-    def forget(self, pid: int) -> None:
-        self._watched.pop(pid, None)
-
-    async def run(self) -> None:
-        if self._sock is None:
-            log.info(
-                "proc connector unavailable (not root, or not the initial network "
-                "namespace): exit statuses come from /proc"
-            )
-            return
-        with self._sock:
-            while True:
-                data = await self._sock.recv(4096)
-                event = procs.parse_exit_event(data)
-                if event is not None and event[0] in self._watched:
-                    self._watched[event[0]] = event[1]
-                    self.changed.notify()
-
-    async def outcome(self, pid: int, grace: float) -> int | None:
-        """The exit status of ``pid`` if it exits within ``grace`` seconds, else None."""
-        with trio.move_on_after(grace):
-            while True:
-                status = self._watched.get(pid)
-                if status is None:
-                    status = procs.exit_status(pid)
-                if status is not None:
-                    return status
-                if self._sock is not None:
-                    await self.changed.wait()
-                else:
-                    await trio.sleep(0.002)
-        return None
+RELEASE_GRACE = 2.0
 
 
 @dataclass
@@ -128,10 +81,12 @@ class Node:
         self.exits = ExitWatcher()
         self.boot = secrets.token_hex(8)  # tells discovery this is a new run of the daemon
         self.data_key: bytes | None = None  # the HELLO's HMAC key (auth.data_key); mount sets it
-        self.handshaking = 0  # data connections not yet past the HELLO (capped)
         self.mode = Mode(config.mode)
         self.mode_overrides: dict[EdgeId, Mode] = {}  # per edge (xattr user.fractalfs.mode)
-        self.spill_bandwidth = 200e6  # bytes/s until measured
+        # The parts that own the node's background tasks (each started with nursery.start).
+        self.persistence = Persistence(self)
+        self.membership = Membership(self)
+        self.data_server = DataServer(self)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -143,15 +98,17 @@ class Node:
     ) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(self._forever, self._accept, listener)
-            nursery.start_soon(self._forever, self._watch_events)
-            nursery.start_soon(self._forever, self._report_progress)
             nursery.start_soon(self._forever, self.exits.run)
-            nursery.start_soon(self._forever, self._heartbeat)
-            nursery.start_soon(self._forever, self._apply_policy)
-            nursery.start_soon(self._forever, self._collect_spills)
-            nursery.start_soon(self._measure_spill_bandwidth)
+            await nursery.start(self.data_server.run, listener)
+            await nursery.start(self.membership.run)
+            await nursery.start(self.persistence.run)
             task_status.started()
+
+    async def heartbeat_once(self) -> None:
+        await self.membership.heartbeat_once()
+
+    async def restore_spills(self) -> None:
+        await self.persistence.restore_spills()
 
     def shutdown(self) -> None:
         """Wakes every blocked program with an error; stops serving."""
@@ -222,6 +179,38 @@ class Node:
             self._reap(slot.edge)
             self.writers_changed.notify()  # a data connection may wait for this end
 
+    async def _interruptible(self, pid: int, call: Callable[[], Awaitable[T]]) -> T:
+        """Runs a discovery ``call`` for the program ``pid``; answers EINTR as soon as that
+        program gets a signal. Discovery calls retry for up to ``discovery_retry`` seconds,
+        and pyfuse3 ignores FUSE_INTERRUPT: without this a program opening or removing an
+        edge while discovery is down could not even be killed for that long."""
+        if pid <= 0:
+            return await call()
+        interrupted = False
+        result: list[T] = []
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def poll() -> None:
+                    nonlocal interrupted
+                    while True:
+                        await trio.sleep(self.config.signal_poll)
+                        if procs.signal_pending(pid):
+                            interrupted = True
+                            nursery.cancel_scope.cancel()
+                            return
+
+                nursery.start_soon(poll)
+                result.append(await call())
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:  # the call's own error, one of one
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+        if interrupted:
+            raise EdgeError(errno.EINTR, "interrupted by a signal")
+        return result[0]
+
     async def _await_release(self, end: WriterEnd | ReaderEnd, pid: int) -> None:
         """A re-run often opens the edge while the killed program it replaces is still
         exiting, before the kernel has sent that program's RELEASE: wait a moment for it
@@ -255,7 +244,12 @@ class Node:
         if "writer" in slot.opening or (old is not None and old.state is WriterState.OPEN):
             raise EdgeError(errno.EBUSY, f"edge {edge} already has a writer on this node")
         with self._opening(slot, "writer"):
-            rec = await self.discovery.register_writer(edge.hex, self.name, self.endpoint)
+            rec = await self._interruptible(
+                pid,
+                functools.partial(
+                    self.discovery.register_writer, edge.hex, self.name, self.endpoint
+                ),
+            )
         slot = self._slot(edge)
         if slot.writer is not None:
             slot.writer.abort(AbortReason.STALE, "a newer writer took the edge over")
@@ -264,7 +258,7 @@ class Node:
         slot.writer = writer  # before any waiter runs: nothing here awaits
         try:
             self.exits.watch(pid)
-            self._set_up_mode(writer)
+            self.persistence._set_up_mode(writer)
         except OSError as exc:
             self._abandon(writer, exc)  # e.g. EMFILE: no ghost open writer in discovery
         log.info("edge %s: writer opened, generation %d", edge, writer.generation)
@@ -281,178 +275,6 @@ class Node:
         self._spawn(self._close_writer, writer, "failed", why)
         self._reap(writer.edge)
         raise EdgeError(exc.errno or errno.EIO, why) from None
-
-    def _set_up_mode(self, writer: WriterEnd) -> None:
-        writer.configured = self.mode_overrides.get(writer.edge, self.mode)
-        try:
-            writer.pgid = os.getpgid(writer.pid)
-        except OSError:
-            writer.pgid = writer.pid
-        writer.cpu_at_open, writer.queued_at_open = procs.group_times(writer.pgid)
-        if writer.configured is Mode.PERSISTENT:
-            self._persist(writer, "configured persistent")
-        elif writer.configured is Mode.DYNAMIC:
-            writer.retain_limit = self.config.retain_limit
-            writer.mode_reason = "dynamic: undecided"
-            writer.on_window_full = self._window_full
-            writer.on_switch_failed = self._switch_failed
-        self._spawn(self._report_mode, writer)
-
-    def _persist(self, writer: WriterEnd, reason: str) -> bool:
-        try:
-            sp = spill.SpillFile.create(
-                self.config.spill_dir, writer.edge, writer.generation, writer.base
-            )
-            writer.persist(sp, reason)
-        except OSError as exc:
-            writer.settle_transient(f"spill failed: {exc.strerror}")
-            self._switch_failed(writer, exc)
-            return False
-        log.info("edge %s: persistent from offset %d (%s)", writer.edge, sp.start, reason)
-        return True
-
-    def _switch_failed(self, writer: WriterEnd, exc: OSError) -> None:
-        """The spill could not be created, or the prefix held in memory not written to it:
-        the edge stays transient for good (the policy does not retry it every second)."""
-        log.warning("edge %s: cannot spill (%s): stays transient", writer.edge, exc)
-        writer.on_window_full = None
-        self._spawn(self._report_mode, writer)
-
-    def _window_full(self, writer: WriterEnd) -> None:
-        """Dynamic mode, the reader absent or slow: spill rather than block the producer."""
-        if writer.configured is Mode.DYNAMIC and writer.spill is None:
-            decision = decide(self._observe(writer, window_full=True))
-            if decision.mode is Mode.PERSISTENT and self._persist(writer, decision.reason):
-                self._spawn(self._report_mode, writer)
-
-    def _observe(self, writer: WriterEnd, window_full: bool = False) -> Observation:
-        cpu, queued = procs.group_times(writer.pgid)
-        return Observation(
-            configured=writer.configured,
-            current=writer.mode,
-            bytes_written=writer.end,
-            cpu_seconds=max(0.0, cpu - writer.cpu_at_open),
-            elapsed=max(
-                0.0,
-                trio.current_time()
-                - writer.opened_at
-                - writer.handler_time
-                - max(0.0, queued - writer.queued_at_open),
-            ),
-            spill_bandwidth=self.spill_bandwidth,
-            window_full=window_full,
-            prefix_retained=writer.prefix_retained,
-        )
-
-    async def _apply_policy(self) -> None:
-        """Re-decides every undecided dynamic edge a few times a second."""
-        while True:
-            await trio.sleep(0.25)
-            for slot in list(self.slots.values()):
-                w = slot.writer
-                if w is None or w.state is not WriterState.OPEN or w.spill is not None:
-                    continue
-                if w.configured is not Mode.DYNAMIC or not w.retain_limit:
-                    continue
-                decision = decide(self._observe(w))
-                if decision.mode is Mode.PERSISTENT:
-                    if self._persist(w, decision.reason):
-                        self._spawn(self._report_mode, w)
-                else:
-                    w.mode_reason = decision.reason
-
-    async def _report_mode(self, writer: WriterEnd) -> None:
-        try:
-            await self.discovery.set_mode(
-                writer.edge.hex, writer.generation, writer.mode.value, writer.mode_reason
-            )
-        except (Unavailable, DiscoveryError) as exc:
-            log.debug("edge %s: could not report mode: %s", writer.edge, exc)
-
-    async def _measure_spill_bandwidth(self) -> None:
-        try:
-            bw = await trio.to_thread.run_sync(spill.measure_bandwidth, self.config.spill_dir)
-        except OSError as exc:
-            log.warning("cannot measure spill bandwidth in %s: %s", self.config.spill_dir, exc)
-            return
-        self.spill_bandwidth = bw
-        log.info("spill bandwidth of %s: %.0f MB/s", self.config.spill_dir, bw / 1e6)
-
-    def _gauge(self) -> None:
-        spills = [s.writer.spill for s in self.slots.values() if s.writer and s.writer.spill]
-        metrics.OPEN_EDGES.set(len(self.slots))
-        metrics.SPILL_FILES.set(len(spills))
-        metrics.SPILL_BYTES.set(sum(sp.end - sp.start for sp in spills))
-
-    async def _collect_spills(self) -> None:
-        """Deletes spill files nobody can need any more: delivered, and past retention or
-        over the quota (oldest first). Undelivered ones are never touched; the prefix of a
-        failed generation goes the same way (a re-run reproduces it), or when superseded."""
-        while True:
-            await trio.sleep(1.0)
-            self._gauge()
-            now = trio.current_time()
-            delivered = [
-                s.writer
-                for s in self.slots.values()
-                if s.writer is not None
-                and s.writer.spill is not None
-                and s.writer.connection is None
-                and (
-                    s.writer.state is WriterState.FAILED
-                    or (s.writer.state is WriterState.COMPLETE and s.writer.acked >= s.writer.end)
-                )
-            ]
-            delivered.sort(key=lambda w: w.completed_at or 0.0)
-            total = sum(w.spill.end - w.spill.start for w in delivered if w.spill)
-            for w in delivered:
-                expired = now - (w.completed_at or now) > self.config.spill_retention
-                over = self.config.spill_quota and total > self.config.spill_quota
-                if not (expired or over):
-                    continue
-                assert w.spill is not None
-                total -= w.spill.end - w.spill.start
-                log.info(
-                    "edge %s: spill file removed (%s)",
-                    w.edge,
-                    "retention passed" if expired else "over quota",
-                )
-                w.spill.remove()
-                w.spill = None
-                self._reap(w.edge)
-
-    async def restore_spills(self) -> None:
-        """After a restart: serve the spill files again. A complete one is the whole
-        stream; an incomplete one died with its writer (its program lost this mount), so
-        its generation is failed, but its prefix is served until a re-run supersedes it
-        (a reader verifies it against the re-run, as after any failed writer)."""
-        for info in spill.scan(self.config.spill_dir):
-            complete = info.complete is not None
-            try:
-                await self.discovery.restore_writer(
-                    info.edge.hex, info.generation, self.name, self.endpoint, complete
-                )
-            except (Conflict, DiscoveryError) as exc:
-                log.info("edge %s: spill not restored (%s)", info.edge, exc)
-                info.path.unlink(missing_ok=True)
-                continue
-            writer = WriterEnd(info.edge, info.generation, self.config.write_window, 0)
-            writer.spill = spill.SpillFile.open(info)
-            writer.base = writer.end = writer.spill.end
-            writer.acked = 0  # not known to be delivered: keep it for its reader
-            writer.mode = Mode.PERSISTENT
-            writer.mode_reason = "restored from its spill file"
-            writer.state = WriterState.COMPLETE if complete else WriterState.FAILED
-            writer.completed_at = trio.current_time()
-            writer.released = True
-            self._slot(info.edge).writer = writer
-            log.info(
-                "edge %s: %s spill of generation %d (%d bytes) served again",
-                info.edge,
-                "complete" if complete else "incomplete (failed)",
-                info.generation,
-                writer.end,
-            )
 
     async def write(self, writer: WriterEnd, data: bytes) -> int:
         n = await writer.write(data, self.config.signal_poll)
@@ -483,7 +305,7 @@ class Node:
             self._reap(writer.edge)
             return
         if writer.exit_status is not None and not writer.spilling:
-            self._settle(writer, writer.exit_status)
+            self._settle(writer, Exited(writer.exit_status))
         else:
             # Closed while its program still ran; GNU tools do that in atexit right before
             # exiting non-zero, so watch it for a moment before calling the stream complete.
@@ -492,30 +314,31 @@ class Node:
     async def _settle_later(self, writer: WriterEnd) -> None:
         while writer.spilling:
             await writer.changed.wait()
-        status = writer.exit_status
-        if status is None:
-            status = await self.exits.outcome(writer.pid, CLOSE_GRACE)
-        self._settle(writer, status or 0)
+        exit: Exit
+        if writer.exit_status is not None:
+            exit = Exited(writer.exit_status)
+        else:
+            exit = await self.exits.outcome(writer.pid, CLOSE_GRACE)
+        self._settle(writer, exit)
 
-    def _settle(self, writer: WriterEnd, status: int) -> None:
+    def _settle(self, writer: WriterEnd, exit: Exit, spill_done: bool = False) -> None:
         self.exits.forget(writer.pid)
         if writer.state is not WriterState.OPEN:
             return
-        if status or writer.spill_error is not None:
-            why = (
-                f"writing program {procs.describe_status(status)}"
-                if status
-                else f"spill file failed: {writer.spill_error}"
-            )
+        spill_error = "" if writer.spill_error is None else str(writer.spill_error)
+        verdict = writerstate.settle(exit, spill_error)
+        if isinstance(exit, Unknown) and not exit.observable:
+            log.warning("edge %s: %s: taken as complete", writer.edge, exit.why)
+        if isinstance(verdict, writerstate.FailWriter):
+            why = verdict.why
             log.warning("edge %s: %s: generation %d failed", writer.edge, why, writer.generation)
             writer.finish(WriterState.FAILED)
             self._spawn(self._close_writer, writer, "failed", why)
+        elif writer.spill is not None and not writer.spill.complete and not spill_done:
+            # Its fsyncs run in a worker thread; the end completes after them.
+            self._spawn(self.persistence._complete_spill, writer)
+            return
         else:
-            if writer.spill is not None:
-                try:
-                    writer.spill.finish()
-                except OSError as exc:
-                    log.warning("edge %s: spill file not completed: %s", writer.edge, exc)
             writer.finish(WriterState.COMPLETE)
             self._spawn(self._close_writer, writer, "complete", "")
             if writer.configured is Mode.DYNAMIC and writer.spill is None:
@@ -524,7 +347,7 @@ class Node:
                 writer.mode_reason = "dynamic, stayed transient: " + (
                     "finished before it had to decide" if undecided else writer.mode_reason
                 )
-                self._spawn(self._report_mode, writer)
+                self._spawn(self.persistence._report_mode, writer)
         self._reap(writer.edge)
 
     async def _record(self, edge: EdgeId, kind: str, data: dict[str, Any]) -> None:
@@ -583,29 +406,38 @@ class Node:
         if "reader" in slot.opening or slot.reader is not None:
             raise EdgeError(errno.EBUSY, f"edge {edge} already has a reader on this node")
         with self._opening(slot, "reader"):
-            await self._claim_reader(edge, pid)
+            claim = await self._claim_reader(edge, pid)
         reader = ReaderEnd(edge, self.config.read_buffer, pid)
+        reader.claim = claim
         reader.read_metric = metrics.BYTES_READ.labels(edge.hex)
         self._slot(edge).reader = reader
         self._spawn(self._pump, reader)
         return reader
 
-    async def _claim_reader(self, edge: EdgeId, pid: int) -> None:
+    async def _claim_reader(self, edge: EdgeId, pid: int) -> int:
         """Discovery refuses a second open reader; but the reader it knows of may be a
         killed one whose node has not said so yet (the re-run came at once, elsewhere).
         Give that release a moment to arrive, watching the edge, before answering EBUSY."""
         deadline = trio.current_time() + RELEASE_GRACE
         while True:
             try:
-                await self.discovery.claim_reader(edge.hex, self.name)
-                return
+                rec = await self._interruptible(
+                    pid, functools.partial(self.discovery.claim_reader, edge.hex, self.name)
+                )
+                return int(rec.get("reader_claim", 0))
             except Conflict:
                 left = deadline - trio.current_time()
                 if left <= 0:
                     raise
-            rec = await self.discovery.get(edge.hex)
-            await self.discovery.get(
-                edge.hex, wait=min(left, self.config.signal_poll), since=int(rec["version"])
+            rec = await self._interruptible(pid, functools.partial(self.discovery.get, edge.hex))
+            await self._interruptible(
+                pid,
+                functools.partial(
+                    self.discovery.get,
+                    edge.hex,
+                    wait=min(left, self.config.signal_poll),
+                    since=int(rec["version"]),
+                ),
             )
             if procs.signal_pending(pid):
                 raise EdgeError(errno.EINTR, "interrupted by a signal")
@@ -641,7 +473,12 @@ class Node:
             reader.edge,
             f"reader {state}",
             functools.partial(
-                self.discovery.release_reader, reader.edge.hex, self.name, state, reader.delivered
+                self.discovery.release_reader,
+                reader.edge.hex,
+                self.name,
+                state,
+                reader.delivered,
+                reader.claim,
             ),
         )
 
@@ -715,11 +552,11 @@ class Node:
 
     # -- whole edges ---------------------------------------------------------------------
 
-    async def remove(self, edge: EdgeId) -> None:
+    async def remove(self, edge: EdgeId, pid: int = 0) -> None:
         """Ends the edge on every node (the one here at once, others via discovery)."""
         known = edge in self.slots
         try:
-            await self.discovery.delete(edge.hex)
+            await self._interruptible(pid, functools.partial(self.discovery.delete, edge.hex))
         except DiscoveryError as exc:
             if exc.status != 404 or not known:
                 raise EdgeError(errno.ENOENT, str(exc)) from None
@@ -742,118 +579,7 @@ class Node:
         slot = self.slots.get(edge)
         return slot.writer if slot is not None else None
 
-    async def _writer_for_hello(self, edge: EdgeId, generation: int) -> WriterEnd | None:
-        """The writer end a reader dials for ``generation``.
-
-        Discovery hands the new generation to waiting readers the moment it records it,
-        while its answer to this daemon may still be on the way: a reader can dial before
-        the end is installed here. Wait for the registration rather than call that
-        generation gone (the reader would then wait for a re-run that never comes).
-        """
-        with trio.move_on_after(dataplane.HANDSHAKE_TIMEOUT):
-            while True:
-                slot = self.slots.get(edge)
-                writer = slot.writer if slot is not None else None
-                if writer is not None and writer.generation >= generation:
-                    return writer
-                if slot is None or "writer" not in slot.opening:
-                    return writer
-                await self.writers_changed.wait()
-        return self.writer_for(edge)
-
     # -- background ----------------------------------------------------------------------
-
-    async def _accept(self, listener: trio.socket.SocketType) -> None:
-        async with trio.open_nursery() as nursery:
-            while True:
-                try:
-                    sock, _addr = await listener.accept()
-                except OSError as exc:
-                    log.warning("data plane accept failed: %s", exc)
-                    await trio.sleep(0.1)
-                    continue
-                if self.handshaking >= dataplane.MAX_HANDSHAKES:
-                    sock.close()  # a flood of idle or unauthenticated peers: refuse early
-                    continue
-                self.handshaking += 1
-                nursery.start_soon(self._guarded, self._serve, sock)
-
-    async def _serve(self, sock: trio.socket.SocketType) -> None:
-        with sock:
-            try:
-                try:
-                    dataplane.tune(sock)
-                    hello = await dataplane.accept_hello(sock, self.data_key)
-                finally:
-                    self.handshaking -= 1
-                if hello is None:
-                    return
-                writer = await self._writer_for_hello(hello.edge, hello.generation)
-                reply = dataplane.check_hello(hello, writer)
-                await dataplane.send_all(sock, [reply.encode()])
-                if (
-                    writer is not None
-                    and reply.status is Status.BAD_OFFSET
-                    and hello.offset < writer.base
-                    and writer.state is WriterState.OPEN
-                ):
-                    # A re-run reader wants bytes already acknowledged and freed: only a
-                    # re-run of this writer can produce them again.
-                    writer.abort(AbortReason.READER_LOST, "the reader restarted")
-                if writer is None or reply.status is not Status.OK:
-                    return
-                writer.reader_lost = False  # it redialled: alive after all
-                try:
-                    await dataplane.serve_edge(sock, writer, hello.offset)
-                finally:
-                    if writer.connection is None:
-                        self._reader_gone(writer)  # a no-op unless discovery lost its node
-                self._reap(writer.edge)
-            except* (OSError, dataplane.ConnectionLost, trio.TooSlowError) as group:
-                log.debug("data connection ended: %s", group.exceptions[0])
-            except* HandshakeError as group:
-                log.info("rejected data connection: %s", group.exceptions[0])
-
-    async def _watch_events(self) -> None:
-        """Follows discovery's event log: removals made on other nodes end edges here."""
-        after = -1
-        attempt = 0
-        while True:
-            try:
-                if after < 0:
-                    after = int((await self.discovery.health(retry_for=0))["last_event"])
-                got = await self.discovery.events(after, wait=LONG_POLL)
-                attempt = 0
-            except (Unavailable, DiscoveryError, KeyError, ValueError):
-                await trio.sleep(backoff(attempt, cap=2.0))
-                attempt += 1
-                continue
-            for event in got["events"]:
-                self._on_event(event)
-            after = int(got["last"])
-
-    def _on_event(self, event: dict[str, Any]) -> None:
-        try:
-            edge = EdgeId.parse(event["edge"])
-        except (KeyError, ValueError):
-            return
-        kind = event.get("kind")
-        data = event.get("data") or {}
-        writer = self.writer_for(edge)
-        if kind == "deleted":
-            self._abort_local(edge, "removed")
-        elif kind == "writer" and writer is not None:
-            if int(data.get("generation", 0)) > writer.generation:
-                self._fence(writer)
-        elif kind == "reader-lost" and writer is not None:
-            writer.reader_lost = True
-            # A silent node may only be stalled or cut off: while its connection lives (or
-            # until it comes back and redials) it loses nothing. A restarted or departed
-            # daemon took what its reader had delivered with it.
-            if data.get("cause") != "silent" or writer.connection is None:
-                self._reader_gone(writer)
-        elif kind in ("reader-back", "reader") and writer is not None:
-            writer.reader_lost = False
 
     def _reader_gone(self, writer: WriterEnd) -> None:
         """The reader's daemon is gone. If it had acknowledged bytes that a transient writer
@@ -876,41 +602,3 @@ class Node:
             )
             writer.abort(AbortReason.STALE, "a newer writer generation took the edge over")
             self._reap(writer.edge)
-
-    async def heartbeat_once(self) -> None:
-        """Tells discovery which ends this daemon holds; fences off the stale ones."""
-        writers = {
-            e.hex: s.writer.generation
-            for e, s in self.slots.items()
-            if s.writer is not None and s.writer.state in (WriterState.OPEN, WriterState.COMPLETE)
-        }
-        readers = [e.hex for e, s in self.slots.items() if s.reader is not None]
-        stale = await self.discovery.heartbeat(self.name, self.boot, writers, readers)
-        for edge in stale:
-            writer = self.writer_for(EdgeId.parse(edge))
-            # Only the generation reported: a newer one may have opened meanwhile.
-            if writer is not None and writer.generation == writers.get(edge):
-                self._fence(writer)
-
-    async def _heartbeat(self) -> None:
-        while True:
-            try:
-                await self.heartbeat_once()
-            except (Unavailable, DiscoveryError) as exc:
-                log.debug("heartbeat failed: %s", exc)
-            await trio.sleep(HEARTBEAT_EVERY)
-
-    async def _report_progress(self) -> None:
-        reported: dict[EdgeId, int] = {}
-        while True:
-            await trio.sleep(1.0)
-            for edge, slot in list(self.slots.items()):
-                reader = slot.reader
-                if reader is None or reported.get(edge) == reader.delivered:
-                    continue
-                reported[edge] = reader.delivered
-                with contextlib.suppress(Unavailable, DiscoveryError):
-                    await self.discovery.progress(edge.hex, reader.delivered)
-            for edge in list(reported):
-                if edge not in self.slots:
-                    del reported[edge]

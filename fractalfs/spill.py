@@ -3,7 +3,8 @@
 Layout::
 
     header (64 bytes): magic "FRSPILL1" | edge id (16) | u64 generation | u64 start offset
-                       | u64 complete length (all ones while incomplete) | 16 reserved
+                       | u64 complete length (all ones while incomplete)
+                       | u64 sealed (0, or 1 + the stream length: payload ends there) | 8 reserved
     payload:           raw stream bytes from ``start``
     trailer:           the codec's END frame (sentinel + total length), once complete
 
@@ -38,6 +39,9 @@ from .edgeid import EdgeId
 
 MAGIC = b"FRSPILL1"
 HEADER = struct.Struct(">8s16sQQQ16x")
+COMPLETE_AT = 8 + 16 + 8 + 8  # header offset of the complete length
+SEALED_AT = COMPLETE_AT + 8  # header offset of "sealed": written before the END frame
+SEALED = struct.Struct(">Q")
 INCOMPLETE = 2**64 - 1
 SUFFIX = ".spill"
 # Buffered appends (no O_DIRECT): page cache kept behind a spill's end (for readers close
@@ -227,12 +231,17 @@ class SpillFile:
             os.posix_fadvise(self.fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
 
     def finish(self) -> None:
-        """Marks the stream complete: END frame, fsync, then the header's length, fsync."""
+        """Marks the stream complete: the payload's end ("sealed"), fsync, END frame, fsync,
+        then the header's length, fsync. A crash before the last step leaves an incomplete
+        file whose payload still ends where the seal says: the END frame after it is never
+        served as stream bytes."""
         self._write_staged()  # the last partial block of a direct spill
+        os.pwrite(self.fd, SEALED.pack(self.end + 1), SEALED_AT)
+        os.fsync(self.fd)
         pos = HEADER.size + self.end - self.start
         os.pwrite(self.fd, codec.end_frame(self.end), pos)
         os.fsync(self.fd)
-        os.pwrite(self.fd, struct.pack(">Q", self.end), 8 + 16 + 8 + 8)
+        os.pwrite(self.fd, struct.pack(">Q", self.end), COMPLETE_AT)
         os.fsync(self.fd)
         self.complete = True
 
@@ -321,6 +330,9 @@ def inspect(path: Path) -> SpillInfo:
                 return SpillInfo(
                     path, EdgeId(edge), gen, start, int(complete), int(complete - start)
                 )
+            (sealed,) = SEALED.unpack(head[SEALED_AT : SEALED_AT + SEALED.size])
+            if sealed:  # finish() was under way: what follows the payload is no payload
+                payload = min(payload, max(0, sealed - 1 - start))
             return SpillInfo(path, EdgeId(edge), gen, start, None, payload)
     except OSError as exc:
         raise SpillError(f"{path}: {exc.strerror}") from None

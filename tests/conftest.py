@@ -297,3 +297,24 @@ class SlowProxy:
     def close(self) -> None:
         self.closed = True
         self.listener.close()
+
+
+def in_fuse_request(pid: int) -> bool:
+    """``pid`` waits in a FUSE request for our daemon's answer (blocked in an open, read or
+    write), as /proc/<pid>/wchan shows: what a test means by "the program is blocked"."""
+    try:
+        wchan = Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return False
+    return "request_wait_answer" in wchan or "fuse" in wchan
+
+
+def blocked_on_a_full_window(pid: int, window: int = 8 << 20) -> bool:
+    """``pid`` wrote a whole write window (``wchar`` in /proc/<pid>/io) and waits in a
+    FUSE request: blocked on backpressure, not still opening."""
+    try:
+        io = Path(f"/proc/{pid}/io").read_text()
+    except OSError:
+        return False
+    wchar = int(io.split("wchar:")[1].split()[0])
+    return wchar >= window and in_fuse_request(pid)

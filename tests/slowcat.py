@@ -1,12 +1,18 @@
 """A writer with a pace: copies SRC to DST in chunks, optionally pausing after N bytes.
 
 python slowcat.py SRC DST [--chunk BYTES] [--delay SECONDS] [--pause-after BYTES]
+                  [--resume-on-usr1]
+
+With --resume-on-usr1 a paused copy goes on when it gets SIGUSR1; a write that fails then
+prints "write failed: ERRNO" on stderr and exits 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import signal
 import sys
 import time
 
@@ -18,15 +24,29 @@ def main() -> int:
     ap.add_argument("--chunk", type=int, default=1 << 16)
     ap.add_argument("--delay", type=float, default=0.0)
     ap.add_argument("--pause-after", type=int, default=-1)
+    ap.add_argument("--resume-on-usr1", action="store_true")
     args = ap.parse_args()
+    if args.resume_on_usr1:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     fd = os.open(args.dst, os.O_WRONLY)
     done = 0
     with open(args.src, "rb") as src:
         while chunk := src.read(args.chunk):
-            os.write(fd, chunk)
+            try:
+                os.write(fd, chunk)
+            except OSError as exc:
+                print(
+                    f"write failed: {errno.errorcode.get(exc.errno or 0, exc.errno)}",
+                    file=sys.stderr,
+                )
+                return 1
             done += len(chunk)
             if 0 <= args.pause_after <= done:
                 print("paused", flush=True)
+                if args.resume_on_usr1:
+                    signal.sigwait({signal.SIGUSR1})
+                    args.pause_after = -1
+                    continue
                 time.sleep(3600)
             if args.delay:
                 time.sleep(args.delay)

@@ -3,6 +3,7 @@ real network, sha256 of what the reader delivered == the writer's stream."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from fractalfs.cluster import NetCluster, available
+from fractalfs.dataplane import SILENCE_TIMEOUT
 from fractalfs.testing import operator_auth
 
 from .conftest import failed, fuse_d_state, new_edge, sha_file, size, wait_for
@@ -49,7 +51,12 @@ def done(proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
     assert proc.returncode == 0, err.decode(errors="replace")
 
 
-def test_link_down_3s_resumes_from_the_offset(net: NetCluster, src: Path, tmp_path: Path) -> None:
+def test_link_down_past_the_silence_timeout_redials_and_resumes_at_an_offset(
+    net: NetCluster, src: Path, tmp_path: Path
+) -> None:
+    """The writer's link is down longer than the reader's silence timeout: the reader's
+    daemon gives the connection up, redials when the link is back and resumes at the
+    offset it had (recorded as a "resumed" event); the writer runs once."""
     _, h1, h2 = net.hosts
     assert h1.node and h2.node
     edge, out = new_edge(), tmp_path / "out"
@@ -57,7 +64,7 @@ def test_link_down_3s_resumes_from_the_offset(net: NetCluster, src: Path, tmp_pa
     writer = net.run(h1, f"{SLOWCAT} {src} {h1.node.path(edge)} --chunk {MiB} --delay 0.05")
     wait_for(lambda: size(out) >= 8 * MiB, 20, "8 MiB delivered", [reader, writer])
     net.link(h1, up=False)
-    time.sleep(3)
+    time.sleep(SILENCE_TIMEOUT + 1.5)  # the outage itself: longer than the silence timeout
     frozen = size(out)
     net.link(h1, up=True)
     resumed = wait_for(lambda: size(out) > frozen + MiB, 10, "bytes flowing again")
@@ -65,6 +72,11 @@ def test_link_down_3s_resumes_from_the_offset(net: NetCluster, src: Path, tmp_pa
     done(reader)
     assert sha_file(out) == sha_file(src)
     assert resumed < 2.0, f"resumed {resumed:.2f} s after the link came back"
+    events = json.loads(net.api("/v1/events?after=0"))["events"]
+    resumes = [e["data"] for e in events if e["edge"] == edge and e["kind"] == "resumed"]
+    assert resumes, "no redial was recorded"
+    assert all(r["how"] == "reconnect" and r["generation"] == 1 for r in resumes)
+    assert resumes[0]["offset"] >= 8 * MiB  # resumed where it was, not from 0
 
 
 def test_random_packet_loss(net: NetCluster, src: Path, tmp_path: Path) -> None:

@@ -92,3 +92,20 @@ def test_every_waiter_on_an_edge_is_answered(api: httpx.Client) -> None:
         t.join(timeout=10)
     assert len(answers) == 5
     assert all(node == "r" and at - changed_at < 2 for at, node in answers), answers
+
+
+def test_more_events_than_one_page_are_all_delivered(api: httpx.Client) -> None:
+    """Defect 9: with more than 1,000 events pending, "last" was the head of the log and
+    a follower continuing from it skipped every event beyond the first page."""
+    first = int(api.get("/health").json()["last_event"])
+    for _ in range(1100):
+        assert api.post(f"/edges/{E}/reader", json={"node": "n"}).status_code == 200
+    seen: list[int] = []
+    after = first
+    while True:
+        got = api.get("/events", params={"after": after}).json()
+        if not got["events"]:
+            break
+        seen += [e["seq"] for e in got["events"]]
+        after = int(got["last"])
+    assert len(seen) == 1100 and seen == sorted(set(seen))

@@ -147,13 +147,49 @@ async def test_replay_of_the_same_bytes_is_verified_and_skipped() -> None:
     check()
 
 
+def test_a_connection_lost_during_a_replay_resumes_the_check_not_the_stream() -> None:
+    """Defect 1: gen 1 delivered a prefix, a *different* gen 2 replays from 0 and its
+    connection drops before the prefix is replayed. The redial of gen 2 (no longer a "new
+    generation" to the reader machine) must go on verifying at the replay's offset; it
+    used to resume at ``received`` and pass gen 1's prefix + gen 2's tail as the stream."""
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from fractalfs.edges import Diverged
+
+    @given(st.binary(min_size=2, max_size=200), st.data())
+    def check(prefix: bytes, data: st.DataObject) -> None:
+        cut = data.draw(st.integers(1, len(prefix) - 1))
+        r = ReaderEnd(EdgeId.new(), 10_000, os.getpid())
+        r.begin_stream(replay=False)
+        r.accept(prefix)
+        assert r.begin_stream(replay=True) == 0
+        r.accept(prefix[:cut])  # gen 2 agrees so far ...
+        assert r.begin_stream(replay=False) == cut  # ... the connection broke: redial
+        different = bytes([prefix[cut] ^ 1]) + prefix[cut + 1 :]
+        with pytest.raises(Diverged):
+            r.accept(different)  # ... and gen 2 differs after the cut
+        assert b"".join(bytes(c) for c in r.chunks) == prefix  # nothing of gen 2 passed
+
+        same = ReaderEnd(EdgeId.new(), 10_000, os.getpid())
+        same.accept(prefix)
+        same.begin_stream(replay=True)
+        same.accept(prefix[:cut])
+        assert same.begin_stream(replay=False) == cut
+        same.accept(prefix[cut:] + b"tail")
+        same.check_end(len(prefix) + 4)
+        assert b"".join(bytes(c) for c in same.chunks) == prefix + b"tail"
+
+    check()
+
+
 async def test_complete_empty_stream_is_not_delivered_until_its_end_is_acknowledged() -> None:
     from fractalfs.edges import WriterState
 
     w = writer()
     w.finish(WriterState.COMPLETE)
     assert not w.done  # no reader has seen the end yet: keep it (regression: empty streams)
-    w.end_acked = True
+    w.on_end_acked(0)
     assert w.done
 
 
@@ -241,3 +277,21 @@ async def test_a_failed_switch_leaves_the_edge_transient_and_loses_nothing(
     for b in bufs:
         out += b
     assert bytes(out) == b"defghi"
+
+
+async def test_a_failing_spill_callback_never_raises_into_trio(tmp_path: Path) -> None:
+    """Defect 10: the end of a spill append is handled in a run_sync_soon callback; an
+    exception there (here from on_switch_failed) ended trio's run: the daemon died."""
+
+    def broken(end: WriterEnd, exc: OSError) -> None:
+        raise RuntimeError("bug in a callback")
+
+    w = writer(window=1 << 20)
+    w.retain_limit = 1 << 30
+    w.on_switch_failed = broken
+    await w.write(b"abc", POLL)
+    sp = FlakySpill.create(tmp_path, w.edge, w.generation, 0, direct=False)
+    sp.room = 1  # the prefix does not fit: the switch fails, the callback raises
+    w.persist(sp, "test")
+    await w.write(b"hi", POLL)  # the loop lives on; the edge is transient again
+    assert not w.spilling and w.spill is None and w.end == 5

@@ -3,6 +3,7 @@ dead daemons. Every check compares sha256 of what the reader delivered with the 
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from .conftest import (
     Cluster,
     Programs,
     SlowProxy,
+    in_fuse_request,
     needs_fuse,
     new_edge,
     sh,
@@ -137,21 +139,24 @@ def test_stale_writer_is_fenced_off_when_its_node_returns(
     edge = new_edge()
     out = tmp_path / "out"
     reader = programs.start(f"cat {c.path(edge)} > {out}")
-    writer = paused_writer(programs, src, a.path(edge), 2 * MiB)
+    cmd = " ".join([*SLOWCAT, str(src), a.path(edge), "--pause-after", str(2 * MiB)])
+    writer = programs.start(f"exec {cmd} --resume-on-usr1")
+    assert writer.stdout is not None and writer.stdout.readline() == b"paused\n"
     wait_for(lambda: size(out) >= 2 * MiB, 10, "2 MiB delivered")
     a.signal(signal.SIGSTOP)
     try:
-        time.sleep(2.5)  # > 1.5 s: discovery declares node a lost
+        wait_for(lambda: cluster.edge(edge)["writer_state"] == "lost", 5, "node a lost")
         sh(f"cat {src} > {b.path(edge)}")  # re-run elsewhere: generation 2
     finally:
         a.signal(signal.SIGCONT)
     reader.communicate(timeout=30)
     assert reader.returncode == 0 and sha_file(out) == sha_file(src)
     # The frozen writer wakes up: its next write must fail, not interleave.
-    writer.stdin = None
-    os.kill(writer.pid, signal.SIGALRM)  # ends its sleep (default action: terminate)
-    writer.wait(timeout=10)
-    assert "fenced off" in a.log.read_text()
+    wait_for(lambda: "fenced off" in a.log.read_text(), 5, "generation 1 fenced off")
+    os.kill(writer.pid, signal.SIGUSR1)  # it goes on writing
+    _, err = writer.communicate(timeout=10)
+    assert writer.returncode == 1 and b"write failed: EPIPE" in err, err
+    assert sha_file(out) == sha_file(src)  # nothing of it reached the reader
 
 
 def test_writer_daemon_killed_then_rerun_on_another_node(
@@ -229,3 +234,24 @@ def test_reader_dials_before_the_writer_daemon_heard_its_generation(
         assert reader.communicate(timeout=15)[0] == b"paired\n"
     finally:
         proxy.close()
+
+
+def test_an_open_waiting_for_discovery_can_be_interrupted(
+    cluster: Cluster, programs: Programs, tmp_path: Path
+) -> None:
+    """Defect 11: opens retried discovery for up to discovery_retry (30 s) without looking
+    at the opener's signals; pyfuse3 ignores FUSE_INTERRUPT, so the program could not even
+    be killed meanwhile."""
+    disc = cluster.start_discovery()
+    a = cluster.node("a")
+    disc.stop()
+    writer = programs.start(f"exec cat > {a.path(new_edge())}")
+    reader = programs.start(f"exec cat {a.path(new_edge())} > {tmp_path / 'out'}")
+    for pid in (writer.pid, reader.pid):
+        wait_for(functools.partial(in_fuse_request, pid), 5, "the open waits for discovery")
+    time.sleep(0.5)  # well inside the 30 s of retries
+    for proc in (writer, reader):
+        assert proc.poll() is None and in_fuse_request(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+    for proc in (writer, reader):
+        assert proc.wait(timeout=3) == -signal.SIGTERM

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -255,3 +256,62 @@ def test_incomplete_spill_prefix_is_served_after_the_writer_daemon_crashes(
     assert out.read_bytes() == src.read_bytes()
     assert "replay of" in b.log.read_text()  # the prefix was verified, not trusted
     wait_for(lambda: not list((a.state / "spill").glob(f"{edge}.1.*")), 5, "old spill gone")
+
+
+def test_a_spill_whose_reader_program_did_not_read_it_all_is_kept(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Defect 6: garbage collection took "the reader's daemon acknowledged every byte"
+    for delivered. A reader program that read all but the last byte and exited 0 left a
+    spill that retention then deleted: the re-run reader found no writer (README: a spill
+    a reader may need is never deleted)."""
+    retention = tmp_path / "retention.toml"
+    retention.write_text("spill_retention = 0.5\n")
+    cluster.start_discovery()
+    a = cluster.node("a", mode="persistent", extra=["--config", str(retention)])
+    b = cluster.node("b")
+    edge, n = new_edge(), 2 * MiB
+    data = os.urandom(n)
+    (tmp_path / "src").write_bytes(data)
+    sh(f"cat {tmp_path / 'src'} > {a.path(edge)}")
+    partial = (
+        "import sys, time\n"
+        f"f = open({b.path(edge)!r}, 'rb', buffering=0)\n"
+        f"got = 0\n"
+        f"while got < {n - 1}:\n"
+        f"    got += len(f.read({n - 1} - got))\n"
+        # The END frame arrives with the last byte's frame; let the daemon acknowledge it.
+        "time.sleep(0.5)\n"
+    )
+    sh(f"{sys.executable} -c {shlex.quote(partial)}")
+    wait_for(lambda: cluster.edge(edge)["reader_state"] == "closed", 5, "the reader closed")
+    time.sleep(2.5)  # retention (0.5 s) and two collection passes (1 s each) went by
+    assert list((a.state / "spill").glob(f"{edge}.*"))
+    out = sh(f"cat {b.path(edge)}", timeout=20).stdout  # the re-run reader
+    assert out == data
+    # Now a program read it all: delivered, and collected after retention.
+    wait_for(
+        lambda: not list((a.state / "spill").glob(f"{edge}.*")), 10, "the delivered spill gone"
+    )
+
+
+def test_a_spill_discovery_does_not_know_is_kept_after_a_restart(
+    cluster: Cluster, src: Path
+) -> None:
+    """Defect 7: a restarted daemon unlinked every spill discovery answered 404 for (here
+    its database was wiped): the only copy of a complete stream was deleted."""
+    disc = cluster.start_discovery()
+    a = cluster.node("a", mode="persistent")
+    edge = new_edge()
+    sh(f"cat {src} > {a.path(edge)}")
+    wait_for(lambda: cluster.edge(edge)["writer_state"] == "complete", 5, "completion")
+    a.kill()
+    disc.stop()
+    disc.db.unlink()  # the database is gone; discovery comes back empty, same port
+    for wal in disc.db.parent.glob("discovery.db-*"):
+        wal.unlink()
+    disc.start()
+    a = cluster.node("a", mode="persistent")
+    wait_for(lambda: "kept on disk, not served" in a.log.read_text(), 5, "the spill kept")
+    kept = list((a.state / "spill").glob(f"{edge}.*"))
+    assert len(kept) == 1 and kept[0].stat().st_size > src.stat().st_size

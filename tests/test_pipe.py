@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import os
 import signal
@@ -13,7 +14,17 @@ import pytest
 
 from fractalfs.codec import SENTINEL
 
-from .conftest import Pair, Programs, needs_fuse, new_edge, sh, sha_file
+from .conftest import (
+    Pair,
+    Programs,
+    blocked_on_a_full_window,
+    in_fuse_request,
+    needs_fuse,
+    new_edge,
+    sh,
+    sha_file,
+    wait_for,
+)
 
 pytestmark = needs_fuse
 
@@ -45,8 +56,8 @@ def test_exact_bytes_arrive_reader_first(
     src = tmp_path / "src"
     src.write_bytes(data)
     _, w, r = pair.paths()
-    reader = programs.start(f"cat {r} > {tmp_path / 'out'}")
-    time.sleep(0.2)
+    reader = programs.start(f"exec cat {r} > {tmp_path / 'out'}")
+    wait_for(lambda: in_fuse_request(reader.pid), 5, "the reader waiting for its writer")
     sh(f"cat {src} > {w}")
     finish(reader)
     assert sha_file(tmp_path / "out") == sha(data)
@@ -135,7 +146,7 @@ def test_ctrl_c_and_kill_end_a_blocked_reader(pair: Pair, programs: Programs) ->
     for signum in (signal.SIGINT, signal.SIGKILL):
         _, _, r = pair.paths()
         reader = programs.start(f"exec cat {r}")
-        time.sleep(0.5)  # blocked in read: no writer
+        wait_for(functools.partial(in_fuse_request, reader.pid), 5, "blocked in read: no writer")
         assert reader.poll() is None
         t0 = time.monotonic()
         os.kill(reader.pid, signum)
@@ -147,7 +158,9 @@ def test_ctrl_c_and_kill_end_a_blocked_reader(pair: Pair, programs: Programs) ->
 def test_kill_ends_a_writer_blocked_on_backpressure(pair: Pair, programs: Programs) -> None:
     _, w, _ = pair.paths()
     writer = programs.start(f"exec dd if=/dev/zero of={w} bs=1M count=100 status=none")
-    time.sleep(0.7)  # the window (8 MiB) is full: blocked in write
+    wait_for(
+        functools.partial(blocked_on_a_full_window, writer.pid), 5, "blocked on the full window"
+    )
     assert writer.poll() is None
     t0 = time.monotonic()
     os.kill(writer.pid, signal.SIGTERM)
@@ -162,7 +175,9 @@ def test_a_rerun_may_open_while_the_killed_program_is_still_exiting(
     once must not get EBUSY for that (CI saw it after a SIGKILL of a blocked writer)."""
     _, w, r = pair.paths()
     writer = programs.start(f"exec dd if=/dev/zero of={w} bs=1M count=100 status=none")
-    time.sleep(0.7)  # the window is full: blocked in write, answered only on a signal poll
+    wait_for(
+        functools.partial(blocked_on_a_full_window, writer.pid), 5, "blocked on the full window"
+    )
     assert writer.poll() is None
     os.kill(writer.pid, signal.SIGKILL)
     fd = os.open(w, os.O_WRONLY)  # the re-run, while dd still waits to die
@@ -174,7 +189,7 @@ def test_a_rerun_may_open_while_the_killed_program_is_still_exiting(
 
     edge2, w2, r2 = pair.paths()
     reader = programs.start(f"exec cat {r2}")
-    time.sleep(0.5)  # blocked in read: no writer yet
+    wait_for(lambda: in_fuse_request(reader.pid), 5, "blocked in read: no writer yet")
     os.kill(reader.pid, signal.SIGKILL)
     fd = os.open(pair.writer.path(edge2), os.O_RDONLY)  # same node, or another one
     try:

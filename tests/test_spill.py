@@ -15,7 +15,15 @@ from hypothesis import strategies as st
 
 from fractalfs import codec
 from fractalfs.edgeid import EdgeId
-from fractalfs.spill import CACHE_BEHIND, RECYCLE_EVERY, SpillError, SpillFile, inspect, scan
+from fractalfs.spill import (
+    CACHE_BEHIND,
+    HEADER,
+    RECYCLE_EVERY,
+    SpillError,
+    SpillFile,
+    inspect,
+    scan,
+)
 
 
 @pytest.mark.parametrize("direct", [True, False])
@@ -62,12 +70,47 @@ def test_direct_appends_of_any_sizes_keep_the_stream(tmp_path_factory, sizes) ->
 def test_a_payload_ending_in_an_end_frame_is_still_incomplete(tmp_path_factory, payload) -> None:  # type: ignore[no-untyped-def]
     """Upstream's defect: a cut stream whose last bytes look like the end marker."""
     d = tmp_path_factory.mktemp("s")
+    # Whole blocks, so that O_DIRECT has written every byte of the forged end frame (a
+    # staged partial block would make this hold for any payload).
+    payload += b"p" * (-(HEADER.size + len(payload) + codec.END_FRAME_SIZE) % 4096)
     sp = SpillFile.create(d, EdgeId.new(), 1, 0)
     forged = payload + codec.end_frame(len(payload))
     sp.append(forged)  # the program itself wrote an end frame for its own prefix
-    assert inspect(sp.path).complete is None  # crash here: never complete
+    info = inspect(sp.path)
+    assert info.size == len(forged)  # the forged frame is on the disk ...
+    assert info.complete is None  # ... and a crash here is never complete
     sp.finish()
     assert inspect(sp.path).complete == len(forged)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_crash_inside_finish_never_serves_the_end_frame_as_data(
+    tmp_path: Path, direct: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defect 2: a crash between the END frame and the header's length left an incomplete
+    file whose whole size counted as payload: a restore served the END frame as data."""
+    from fractalfs import spill as spill_module
+
+    data = os.urandom(10_000)
+    sp = SpillFile.create(tmp_path, EdgeId.new(), 1, 7, direct=direct)
+    sp.append(data)
+    real = os.pwrite
+
+    def crash_at_the_length(fd: int, buf: bytes, pos: int) -> int:
+        if pos == spill_module.COMPLETE_AT:
+            raise OSError(errno.EIO, "crashed before the header's length")
+        return real(fd, buf, pos)
+
+    monkeypatch.setattr(os, "pwrite", crash_at_the_length)
+    with pytest.raises(OSError):
+        sp.finish()
+    monkeypatch.setattr(os, "pwrite", real)
+    sp.close()
+    info = inspect(sp.path)
+    assert info.complete is None and info.size == len(data)
+    restored = SpillFile.open(info)
+    assert restored.read(7, 1 << 20) == data
+    restored.close()
 
 
 def test_damage_is_detected(tmp_path: Path) -> None:

@@ -52,6 +52,21 @@ def test_reader_claims() -> None:
     assert rec.reader_node == "r2"
 
 
+def test_a_late_release_of_an_older_claim_on_the_same_node_keeps_the_newer_claim() -> None:
+    """Defect 5: the release matched on the node only, so a late release of a reader the
+    node had replaced wiped the new claim, and a reader elsewhere could open the edge."""
+    store = Store(":memory:")
+    old = store.claim_reader(E, "r1").reader_claim
+    new = store.claim_reader(E, "r1").reader_claim  # a re-run reader on the same node
+    assert old and new and new != old
+    rec = store.release_reader(E, "r1", "closed", 0, claim=old)  # the old one's, late
+    assert rec.reader_state == "open" and rec.reader_claim == new
+    with pytest.raises(Conflict):
+        store.claim_reader(E, "r2")
+    assert store.release_reader(E, "r1", "done", 5, claim=new).reader_state == "done"
+    assert store.claim_reader(E, "r2").reader_node == "r2"
+
+
 def test_events_and_versions() -> None:
     store = Store(":memory:")
     a = store.register_writer(E, "a", "h:1")

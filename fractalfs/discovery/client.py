@@ -46,6 +46,24 @@ def split_urls(url: str) -> list[str]:
     return [u for u in urls if u]
 
 
+def _json_object(resp: httpx.Response) -> dict[str, Any] | None:
+    """The answer's JSON object ({} for an empty body), or None if it is anything else (a
+    proxy's HTML, a plain-text 413): every caller then gets a typed error, never a
+    ``JSONDecodeError`` that would end its loop."""
+    if not resp.content:
+        return {}
+    try:
+        data = resp.json()
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _snippet(resp: httpx.Response) -> str:
+    text = resp.content[:120].decode("utf-8", "replace")
+    return " ".join(text.split()) or "(empty)"
+
+
 class DiscoveryClient:
     def __init__(
         self, url: str, *, retry_for: float = 30.0, auth: tuple[str, str] | None = None
@@ -115,14 +133,18 @@ class DiscoveryClient:
                 attempt += 1
                 failed = 0
                 continue
-            try:
-                data = resp.json() if resp.content else {}
-            except ValueError:  # e.g. a proxy's or aiohttp's own plain-text error page
-                data = {"error": resp.text[:200] or resp.reason_phrase}
+            # A 502/503/504 (a proxy's plain page included) went to the next replica above.
+            data = _json_object(resp)
+            if data is None:
+                raise DiscoveryError(
+                    resp.status_code,
+                    f"discovery answered {resp.status_code} {resp.reason_phrase} without a "
+                    f"JSON object: {_snippet(resp)}",
+                )
             if resp.status_code == 409:
-                raise Conflict(409, data.get("error", "conflict"))
+                raise Conflict(409, str(data.get("error", "conflict")))
             if resp.status_code >= 400:
-                raise DiscoveryError(resp.status_code, data.get("error", resp.reason_phrase))
+                raise DiscoveryError(resp.status_code, str(data.get("error", resp.reason_phrase)))
             return data
 
     async def health(self, *, retry_for: float | None = None) -> dict[str, Any]:
@@ -157,13 +179,12 @@ class DiscoveryClient:
         return await self._call("POST", f"/edges/{edge}/reader", body={"node": node})
 
     async def release_reader(
-        self, edge: str, node: str, state: str, delivered: int
+        self, edge: str, node: str, state: str, delivered: int, claim: int = 0
     ) -> dict[str, Any]:
-        return await self._call(
-            "POST",
-            f"/edges/{edge}/reader/close",
-            body={"node": node, "state": state, "bytes": delivered},
-        )
+        body: dict[str, Any] = {"node": node, "state": state, "bytes": delivered}
+        if claim:
+            body["claim"] = claim  # which claim of this node ends (not a newer one)
+        return await self._call("POST", f"/edges/{edge}/reader/close", body=body)
 
     async def set_mode(self, edge: str, generation: int, mode: str, reason: str) -> None:
         await self._call(

@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -326,18 +327,29 @@ class EtcdStore:
         def change(cur: Edge) -> tuple[str, dict[str, Any], dict[str, Any]]:
             if cur.reader_state == "open" and cur.reader_node != node:
                 raise Conflict(f"edge {edge} has an open reader on node {cur.reader_node}")
-            fields = {"reader_node": node, "reader_state": "open", "bytes_delivered": 0}
+            fields = {
+                "reader_node": node,
+                "reader_state": "open",
+                "bytes_delivered": 0,
+                # Names this claim, so a late release of an older one cannot end it (the
+                # SQLite store uses its event's seq; here the event's revision comes after).
+                "reader_claim": secrets.randbits(62) or 1,
+            }
             return "reader", {"node": node}, fields
 
         return self._mutate(edge, change, create=True)
 
-    def release_reader(self, edge: str, node: str, state: str, delivered: int) -> Edge:
+    def release_reader(
+        self, edge: str, node: str, state: str, delivered: int, claim: int = 0
+    ) -> Edge:
         if state not in READER_STATES - {"none", "open"}:
             raise ValueError(f"reader state {state!r} is not done, closed or failed")
 
         def change(cur: Edge) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
             if cur.reader_node != node or cur.reader_state != "open":
                 return None  # a newer reader owns the edge; this release is late
+            if claim and cur.reader_claim != claim:
+                return None  # a newer claim of the same node
             data = {"node": node, "bytes": delivered}
             return f"reader-{state}", data, {"reader_state": state, "bytes_delivered": delivered}
 

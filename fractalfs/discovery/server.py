@@ -489,8 +489,9 @@ class DiscoveryApp:
     async def release_reader(self, request: web.Request) -> web.Response:
         edge = _edge_id(request)
         body = await _body(request)
+        claim = _int(body, "claim") if "claim" in body else 0
         rec = self.store.release_reader(
-            edge, _str(body, "node"), _str(body, "state"), _int(body, "bytes")
+            edge, _str(body, "node"), _str(body, "state"), _int(body, "bytes"), claim
         )
         self._changed(edge)
         return web.json_response(_edge_json(edge, rec))
@@ -585,9 +586,11 @@ class DiscoveryApp:
         if wait > 0:
             await self.changes.wait_until(lambda: self.store.last_seq() > after, wait)
         events = self.store.events(after)
-        return web.json_response(
-            {"events": [e.to_json() for e in events], "last": self.store.last_seq()}
-        )
+        # "last" is where the next request continues: the last event returned (more may
+        # be pending beyond one page), or the head when there is nothing after ``after``
+        # (also when the log restarted below it).
+        last = events[-1].seq if events else self.store.last_seq()
+        return web.json_response({"events": [e.to_json() for e in events], "last": last})
 
 
 def parse_listen(text: str, default_port: int) -> tuple[str, int]:

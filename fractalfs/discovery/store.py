@@ -33,6 +33,7 @@ CREATE TABLE IF NOT EXISTS edges (
     reason TEXT NOT NULL DEFAULT '',
     mode TEXT NOT NULL DEFAULT '',
     mode_reason TEXT NOT NULL DEFAULT '',
+    reader_claim INTEGER NOT NULL DEFAULT 0,
     version INTEGER NOT NULL DEFAULT 0,
     created REAL NOT NULL,
     updated REAL NOT NULL
@@ -53,7 +54,7 @@ CREATE INDEX IF NOT EXISTS edges_reader ON edges (reader_node, reader_state);
 CREATE INDEX IF NOT EXISTS edges_done ON edges (reader_state, updated);
 """
 
-SCHEMA_VERSION = 2  # 1: no mode columns
+SCHEMA_VERSION = 3  # 1: no mode columns; 2: no reader_claim
 
 READER_STATES = frozenset({"none", "open", "done", "closed", "failed", "lost"})
 EVENTS_KEPT = 100_000
@@ -81,6 +82,7 @@ class Edge:
     reason: str = ""
     mode: str = ""
     mode_reason: str = ""
+    reader_claim: int = 0  # the event seq of the current reader's claim: names that claim
     version: int = 0
     created: float = 0.0
     updated: float = 0.0
@@ -144,6 +146,8 @@ class Store:
         for column in ("mode", "mode_reason"):
             if column not in have:
                 self._db.execute(f"ALTER TABLE edges ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
+        if "reader_claim" not in have:
+            self._db.execute("ALTER TABLE edges ADD COLUMN reader_claim INTEGER NOT NULL DEFAULT 0")
         self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
@@ -222,22 +226,30 @@ class Store:
             cur = self._get_or_new(edge)
             if cur.reader_state == "open" and cur.reader_node != node:
                 raise Conflict(f"edge {edge} has an open reader on node {cur.reader_node}")
-            return self._update(
+            seq = self._event(edge, "reader", {"node": node})
+            return self._set(
                 cur,
-                "reader",
-                {"node": node},
+                seq,
                 reader_node=node,
                 reader_state="open",
                 bytes_delivered=0,
+                reader_claim=seq,
             )
 
-    def release_reader(self, edge: str, node: str, state: str, delivered: int) -> Edge:
+    def release_reader(
+        self, edge: str, node: str, state: str, delivered: int, claim: int = 0
+    ) -> Edge:
+        """The reader of ``node`` closed. ``claim`` (the ``reader_claim`` its claim
+        returned) names which of that node's claims: a late release of an older one must
+        not end a newer reader on the same node (0: any claim of ``node``)."""
         if state not in READER_STATES - {"none", "open"}:
             raise ValueError(f"reader state {state!r} is not done, closed or failed")
         with self._tx():
             cur = self._require(edge)
             if cur.reader_node != node or cur.reader_state != "open":
                 return cur  # a newer reader owns the edge; this release is late
+            if claim and cur.reader_claim != claim:
+                return cur  # a newer claim of the same node
             return self._update(
                 cur,
                 f"reader-{state}",
@@ -417,7 +429,9 @@ class Store:
         return seq
 
     def _update(self, cur: Edge, kind: str, data: dict[str, Any], **fields: Any) -> Edge:
-        seq = self._event(cur.id, kind, data)
+        return self._set(cur, self._event(cur.id, kind, data), **fields)
+
+    def _set(self, cur: Edge, seq: int, **fields: Any) -> Edge:
         fields["version"] = seq
         fields["updated"] = time.time()
         cols = ", ".join(f"{k} = ?" for k in fields)

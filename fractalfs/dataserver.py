@@ -1,0 +1,110 @@
+"""The data server of a node: accepts readers' daemons and streams writer ends to them.
+
+One listening socket per daemon; each connection's HELLO names the edge, generation and
+offset (:mod:`fractalfs.handshake`), and :func:`fractalfs.dataplane.serve_edge` streams it.
+Moved out of :class:`fractalfs.node.Node` unchanged (``_accept``, ``_serve``,
+``_writer_for_hello``); it owns its connections' tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import trio
+
+from . import dataplane
+from .codec import AbortReason
+from .edgeid import EdgeId
+from .edges import WriterEnd, WriterState
+from .handshake import HandshakeError, Status
+
+if TYPE_CHECKING:
+    from .node import Node
+
+log = logging.getLogger(__name__)
+
+
+class DataServer:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.handshaking = 0  # data connections not yet past the HELLO (capped)
+
+    async def run(
+        self,
+        listener: trio.socket.SocketType,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        task_status.started()
+        await self.node._forever(self._accept, listener)
+
+    async def _accept(self, listener: trio.socket.SocketType) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    sock, _addr = await listener.accept()
+                except OSError as exc:
+                    log.warning("data plane accept failed: %s", exc)
+                    await trio.sleep(0.1)
+                    continue
+                if self.handshaking >= dataplane.MAX_HANDSHAKES:
+                    sock.close()  # a flood of idle or unauthenticated peers: refuse early
+                    continue
+                self.handshaking += 1
+                nursery.start_soon(self.node._guarded, self._serve, sock)
+
+    async def _serve(self, sock: trio.socket.SocketType) -> None:
+        with sock:
+            try:
+                try:
+                    dataplane.tune(sock)
+                    hello = await dataplane.accept_hello(sock, self.node.data_key)
+                finally:
+                    self.handshaking -= 1
+                if hello is None:
+                    return
+                writer = await self._writer_for_hello(hello.edge, hello.generation)
+                reply = dataplane.check_hello(hello, writer)
+                await dataplane.send_all(sock, [reply.encode()])
+                if (
+                    writer is not None
+                    and reply.status is Status.BAD_OFFSET
+                    and hello.offset < writer.base
+                    and writer.state is WriterState.OPEN
+                ):
+                    # A re-run reader wants bytes already acknowledged and freed: only a
+                    # re-run of this writer can produce them again.
+                    writer.abort(AbortReason.READER_LOST, "the reader restarted")
+                if writer is None or reply.status is not Status.OK:
+                    return
+                writer.reader_lost = False  # it redialled: alive after all
+                try:
+                    await dataplane.serve_edge(sock, writer, hello.offset)
+                finally:
+                    if writer.connection is None:
+                        self.node._reader_gone(writer)  # a no-op unless discovery lost its node
+                self.node._reap(writer.edge)
+            except* (OSError, dataplane.ConnectionLost, trio.TooSlowError) as group:
+                log.debug("data connection ended: %s", group.exceptions[0])
+            except* HandshakeError as group:
+                log.info("rejected data connection: %s", group.exceptions[0])
+
+    async def _writer_for_hello(self, edge: EdgeId, generation: int) -> WriterEnd | None:
+        """The writer end a reader dials for ``generation``.
+
+        Discovery hands the new generation to waiting readers the moment it records it,
+        while its answer to this daemon may still be on the way: a reader can dial before
+        the end is installed here. Wait for the registration rather than call that
+        generation gone (the reader would then wait for a re-run that never comes).
+        """
+        with trio.move_on_after(dataplane.HANDSHAKE_TIMEOUT):
+            while True:
+                slot = self.node.slots.get(edge)
+                writer = slot.writer if slot is not None else None
+                if writer is not None and writer.generation >= generation:
+                    return writer
+                if slot is None or "writer" not in slot.opening:
+                    return writer
+                await self.node.writers_changed.wait()
+        return self.node.writer_for(edge)

@@ -1,0 +1,124 @@
+"""Exit statuses of writing programs: the kernel's proc connector, or /proc.
+
+Moved out of :mod:`fractalfs.node` unchanged. :meth:`ExitWatcher.outcome` answers
+:class:`~fractalfs.writerstate.Exited`, ``Running`` or ``Unknown``; what that means for
+the stream is :func:`fractalfs.writerstate.settle`'s to decide.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+
+import trio
+
+from . import procs
+from .edges import Notifier
+from .writerstate import Exit, Exited, Running, Unknown
+
+log = logging.getLogger(__name__)
+
+EVENT_LATENESS = 1.0  # how long a proc connector event may trail the process's exit
+
+
+class ExitWatcher:
+    """Exit statuses of writing programs, from the kernel's proc connector or /proc."""
+
+    def __init__(self) -> None:
+        raw = procs.open_exit_events()
+        self._sock = trio.socket.from_stdlib_socket(raw) if raw is not None else None
+        self._watched: dict[int, int | None] = {}  # pid -> status once it exited
+        self._overrun = 0  # exit events the kernel dropped so far (ENOBUFS), as a count
+        self._watched_at: dict[int, int] = {}  # pid -> the overrun count when watched
+        self.changed = Notifier()
+
+    @property
+    def precise(self) -> bool:
+        return self._sock is not None
+
+    def watch(self, pid: int) -> None:
+        self._watched.setdefault(pid, None)
+        self._watched_at.setdefault(pid, self._overrun)
+
+    def forget(self, pid: int) -> None:
+        self._watched.pop(pid, None)
+        self._watched_at.pop(pid, None)
+
+    async def run(self) -> None:
+        if self._sock is None:
+            log.info(
+                "proc connector unavailable (not root, or not the initial network "
+                "namespace): exit statuses come from /proc"
+            )
+            return
+        with self._sock:
+            while True:
+                try:
+                    data = await self._sock.recv(4096)
+                except OSError as exc:
+                    if exc.errno != errno.ENOBUFS:
+                        raise
+                    # The kernel dropped exit events (a busy host, SO_RCVBUF capped by
+                    # rmem_max): the socket still works, but an exit of a watched program
+                    # may be gone for good: its outcome is unknown, never success.
+                    log.warning("proc connector overrun: exit events were lost")
+                    self._overrun += 1
+                    self.changed.notify()
+                    continue
+                event = procs.parse_exit_event(data)
+                if event is not None and event[0] in self._watched:
+                    self._watched[event[0]] = event[1]
+                    self.changed.notify()
+
+    def _status(self, pid: int) -> int | None:
+        status = self._watched.get(pid)
+        return status if status is not None else procs.exit_status(pid)
+
+    def _lost_events(self, pid: int) -> bool:
+        return self._overrun != self._watched_at.get(pid, self._overrun)
+
+    async def outcome(self, pid: int, grace: float) -> Exit:
+        """How ``pid`` ended if it exits within ``grace`` seconds; :class:`Running` if it
+        still runs then; :class:`Unknown` if it is gone and its status was not seen."""
+        if self._sock is not None:
+            with trio.move_on_after(grace):
+                while (status := self._status(pid)) is None and not self._lost_events(pid):
+                    await self.changed.wait()
+                if status is not None:
+                    return Exited(status)
+        else:
+            pidfd = -1
+            with contextlib.suppress(OSError):
+                pidfd = os.pidfd_open(pid)  # readable the moment it exits
+            try:
+                with trio.move_on_after(grace):
+                    while (status := self._status(pid)) is None and pidfd >= 0:
+                        with trio.move_on_after(0.002):
+                            await trio.lowlevel.wait_readable(pidfd)
+                        if not os.path.exists(f"/proc/{pid}"):
+                            break
+                    status = self._status(pid)
+                    if status is not None:
+                        return Exited(status)
+            finally:
+                if pidfd >= 0:
+                    os.close(pidfd)
+        status = self._status(pid)
+        if status is not None:
+            return Exited(status)
+        if os.path.exists(f"/proc/{pid}"):
+            return Running()
+        if self._sock is not None:
+            # It exited just now: its event may still be on the way.
+            with trio.move_on_after(EVENT_LATENESS):
+                while (status := self._status(pid)) is None and not self._lost_events(pid):
+                    await self.changed.wait()
+            if status is not None:
+                return Exited(status)
+            why = "its exit event was lost" if self._lost_events(pid) else "no exit event came"
+            return Unknown(f"process {pid} is gone; {why}")
+        # Without the proc connector a program reaped by its parent between two looks at
+        # /proc leaves no trace: its status cannot be observed here at all (see README).
+        return Unknown(f"process {pid} was reaped before /proc showed its status", False)

@@ -1,0 +1,127 @@
+"""A node's membership in the cluster: heartbeats, discovery's event log, progress.
+
+The heartbeat tells discovery which ends this daemon holds (and fences off writer
+generations discovery no longer has); the event follower carries removals and losses made
+elsewhere to the ends here; progress reports what readers delivered. Moved out of
+:class:`fractalfs.node.Node` unchanged (``heartbeat_once``, ``_heartbeat``,
+``_watch_events``, ``_on_event``, ``_report_progress``); it owns these three tasks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .discovery.client import DiscoveryError, Unavailable
+from .edgeid import EdgeId
+from .edges import WriterState
+from .edgestate import backoff
+
+if TYPE_CHECKING:
+    from .node import Node
+
+log = logging.getLogger(__name__)
+
+LONG_POLL = 25.0
+HEARTBEAT_EVERY = 0.5
+
+
+class Membership:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.node._forever, self._watch_events)
+            nursery.start_soon(self.node._forever, self._report_progress)
+            nursery.start_soon(self.node._forever, self._heartbeat)
+            task_status.started()
+
+    async def heartbeat_once(self) -> None:
+        """Tells discovery which ends this daemon holds; fences off the stale ones."""
+        writers = {
+            e.hex: s.writer.generation
+            for e, s in self.node.slots.items()
+            if s.writer is not None and s.writer.state in (WriterState.OPEN, WriterState.COMPLETE)
+        }
+        readers = [e.hex for e, s in self.node.slots.items() if s.reader is not None]
+        stale = await self.node.discovery.heartbeat(
+            self.node.name, self.node.boot, writers, readers
+        )
+        for edge in stale:
+            writer = self.node.writer_for(EdgeId.parse(edge))
+            # Only the generation reported: a newer one may have opened meanwhile.
+            if writer is not None and writer.generation == writers.get(edge):
+                self.node._fence(writer)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            try:
+                await self.heartbeat_once()
+            except (Unavailable, DiscoveryError) as exc:
+                log.debug("heartbeat failed: %s", exc)
+            except (KeyError, ValueError, TypeError) as exc:  # a malformed answer
+                log.warning("heartbeat: unexpected answer from discovery: %r", exc)
+            await trio.sleep(HEARTBEAT_EVERY)
+
+    async def _watch_events(self) -> None:
+        """Follows discovery's event log: removals made on other nodes end edges here."""
+        after = -1
+        attempt = 0
+        while True:
+            try:
+                if after < 0:
+                    after = int((await self.node.discovery.health(retry_for=0))["last_event"])
+                got = await self.node.discovery.events(after, wait=LONG_POLL)
+                attempt = 0
+            except (Unavailable, DiscoveryError, KeyError, ValueError):
+                await trio.sleep(backoff(attempt, cap=2.0))
+                attempt += 1
+                continue
+            for event in got["events"]:
+                self._on_event(event)
+            after = int(got["last"])
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        try:
+            edge = EdgeId.parse(event["edge"])
+        except (KeyError, ValueError):
+            return
+        kind = event.get("kind")
+        data = event.get("data") or {}
+        writer = self.node.writer_for(edge)
+        if kind == "deleted":
+            self.node._abort_local(edge, "removed")
+        elif kind == "writer" and writer is not None:
+            if int(data.get("generation", 0)) > writer.generation:
+                self.node._fence(writer)
+        elif kind == "reader-lost" and writer is not None:
+            writer.reader_lost = True
+            # A silent node may only be stalled or cut off: while its connection lives (or
+            # until it comes back and redials) it loses nothing. A restarted or departed
+            # daemon took what its reader had delivered with it.
+            if data.get("cause") != "silent" or writer.connection is None:
+                self.node._reader_gone(writer)
+        elif kind in ("reader-back", "reader") and writer is not None:
+            writer.reader_lost = False
+        elif kind == "reader-done" and writer is not None:
+            with contextlib.suppress(TypeError, ValueError):
+                writer.on_reader_done(int(data.get("bytes", 0)))
+
+    async def _report_progress(self) -> None:
+        reported: dict[EdgeId, int] = {}
+        while True:
+            await trio.sleep(1.0)
+            for edge, slot in list(self.node.slots.items()):
+                reader = slot.reader
+                if reader is None or reported.get(edge) == reader.delivered:
+                    continue
+                reported[edge] = reader.delivered
+                with contextlib.suppress(Unavailable, DiscoveryError):
+                    await self.node.discovery.progress(edge.hex, reader.delivered)
+            for edge in list(reported):
+                if edge not in self.node.slots:
+                    del reported[edge]

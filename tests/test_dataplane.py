@@ -1,0 +1,55 @@
+"""The writer's side of a data connection, over a real socket pair."""
+
+from __future__ import annotations
+
+import os
+
+import trio
+
+from fractalfs import dataplane, handshake
+from fractalfs.edgeid import EdgeId
+from fractalfs.edges import WriterEnd, WriterState
+from fractalfs.handshake import Control
+
+
+async def test_a_data_ack_of_every_byte_is_not_the_end_acknowledged() -> None:
+    """Defect 4: an ACK equal to ``end`` (the reader's daemon received every byte) used to
+    mark a complete stream delivered before the END frame was acknowledged."""
+    w = WriterEnd(EdgeId.new(), 1, 1 << 20, os.getpid())
+    await w.write(b"x" * 1000, 0.05)
+    w.finish(WriterState.COMPLETE)
+    here, there = trio.socket.socketpair()
+    with here, there:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(dataplane.serve_edge, here, w, 0)
+            await dataplane.send_all(there, [handshake.control(Control.ACK, 1000)])
+            with trio.fail_after(5):
+                while w.acked < 1000:
+                    await w.changed.wait()
+            assert not w.end_acked and not w.done
+            await dataplane.send_all(there, [handshake.control(Control.END_ACK, 1000)])
+            with trio.fail_after(5):
+                while not w.end_acked:
+                    await w.changed.wait()
+            assert w.done
+            there.close()  # the reader hangs up: the connection ends
+    assert w.connection is None
+
+
+async def test_send_all_sends_many_small_buffers_in_order() -> None:
+    """Defect 12 (``list.pop(0)`` made this quadratic); an empty buffer (here the last)
+    used to make it spin forever on zero-byte sendmsgs."""
+    bufs = [bytes([i % 251]) * (1 + i % 7) for i in range(20_000)] + [b""]
+    here, there = trio.socket.socketpair()
+    got = bytearray()
+    with here, there:
+        async with trio.open_nursery() as nursery:
+
+            async def receive() -> None:
+                while len(got) < sum(map(len, bufs)):
+                    got.extend(await there.recv(1 << 16))
+
+            nursery.start_soon(receive)
+            with trio.fail_after(10):
+                await dataplane.send_all(here, bufs)
+    assert bytes(got) == b"".join(bufs)

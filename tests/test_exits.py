@@ -1,0 +1,49 @@
+"""ExitWatcher.outcome: how a writing program ended, or that it is not known (defect 3)."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import trio
+
+from fractalfs.exits import ExitWatcher
+from fractalfs.writerstate import Exited, Running, Unknown
+
+
+@pytest.mark.parametrize("precise", [True, False])
+async def test_a_program_gone_without_a_seen_status_is_unknown_not_success(
+    precise: bool,
+) -> None:
+    if precise and not ExitWatcher().precise:
+        pytest.skip("no proc connector here (not root, or not the initial network namespace)")
+    """A program whose exit nobody saw (its exit event lost, its zombie reaped between two
+    looks at /proc) used to come back as None, which settled as exit status 0: COMPLETE."""
+    watcher = ExitWatcher()
+    if not precise and watcher._sock is not None:
+        watcher._sock.close()
+        watcher._sock = None  # the /proc fallback
+    # (precise: the event socket is never read here, as if the kernel dropped the event)
+    proc = subprocess.Popen(["sleep", "0.1"])
+    watcher.watch(proc.pid)
+    proc.wait()  # exited 0 and reaped before anyone looked
+    got = await watcher.outcome(proc.pid, 0.25)
+    assert isinstance(got, Unknown), got
+    assert got.observable is precise  # without the connector: documented as unobservable
+    if watcher._sock is not None:
+        watcher._sock.close()
+
+
+async def test_known_statuses_and_a_program_that_runs_on() -> None:
+    watcher = ExitWatcher()
+    failing = subprocess.Popen(["sh", "-c", "exit 3"])
+    with trio.fail_after(5):
+        got = await watcher.outcome(failing.pid, 2.0)  # a zombie until we wait
+    assert got == Exited(3 << 8)
+    failing.wait()
+    running = subprocess.Popen(["sleep", "5"])
+    try:
+        assert await watcher.outcome(running.pid, 0.1) == Running()
+    finally:
+        running.kill()
+        running.wait()
