@@ -194,6 +194,7 @@ def _layered(cls: type, config: object, args: argparse.Namespace, default_path: 
 
 def _cmd_discovery(args: argparse.Namespace) -> None:
     from .config import default_state_dir
+    from .discovery.etcd import EtcdUnavailable
     from .discovery.limits import Limits
     from .discovery.server import parse_listen, serve_forever
 
@@ -232,6 +233,8 @@ def _cmd_discovery(args: argparse.Namespace) -> None:
         asyncio.run(serve_forever(db, host, port, ready, secret, lim, config.retention))
     except OSError as exc:
         raise QuietError(f"discovery cannot start on {config.listen}: {exc.strerror}") from None
+    except EtcdUnavailable as exc:
+        raise QuietError(f"discovery cannot start: {exc}") from None
     except KeyboardInterrupt:
         pass
     finally:

@@ -192,3 +192,39 @@ def test_pages_and_pruning(store: EtcdStore) -> None:
     assert store.prune(time.time() - 3600) == 0
     assert store.prune(time.time() + 1) == 1
     assert store.get(edges[0]) is None and store.get(edges[1]) is not None
+
+
+def test_discovery_refuses_a_bad_or_unreachable_store(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from fractalfs.etcdtesting import free_port
+
+    def run(store: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "fractalfs", "discovery", "--listen", "127.0.0.1:0"]
+        return subprocess.run([*cmd, "--store", store], capture_output=True, text=True, timeout=60)
+
+    bad = run("http://x:2379")
+    assert bad.returncode == 2 and "is not etcd://HOST:PORT" in bad.stderr
+    down = run(f"etcd://127.0.0.1:{free_port()}")
+    assert down.returncode == 1
+    assert down.stderr.startswith("fractalfs: discovery cannot start: no etcd member answered")
+    assert "Traceback" not in down.stderr
+
+
+def test_open_ends_are_indexed_by_node(store: EtcdStore) -> None:
+    a, b = new_edge(), new_edge()
+    store.register_writer(a, "n1", "h:1")
+    store.claim_reader(a, "n1")  # a same-node pair: both ends on n1
+    store.claim_reader(b, "n2")
+    assert store.nodes_with_open_ends() == {"n1", "n2"}
+    assert store._held_by("n1") == [a]
+    store.close_writer(a, 1, "complete", 0)
+    assert store._held_by("n1") == [a]  # its reader is still open
+    store.release_reader(a, "n1", "done", 0)
+    assert store._held_by("n1") == [] and store.nodes_with_open_ends() == {"n2"}
+    assert [e.id for e in store.node_lost("n2")] == [b]
+    assert store.nodes_with_open_ends() == set()
+    store.claim_reader(b, "n3")  # lost reader: another node may claim it
+    store.delete(b)
+    assert store.nodes_with_open_ends() == set()
