@@ -99,14 +99,14 @@ class Membership:
             if int(data.get("generation", 0)) > writer.generation:
                 self.node._fence(writer)
         elif kind == "reader-lost" and writer is not None:
-            writer.reader_lost = True
+            writer.set_reader_lost(True)
             # A silent node may only be stalled or cut off: while its connection lives (or
             # until it comes back and redials) it loses nothing. A restarted or departed
             # daemon took what its reader had delivered with it.
             if data.get("cause") != "silent" or writer.connection is None:
                 self.node._reader_gone(writer)
         elif kind in ("reader-back", "reader") and writer is not None:
-            writer.reader_lost = False
+            writer.set_reader_lost(False)
         elif kind == "reader-done" and writer is not None:
             with contextlib.suppress(TypeError, ValueError):
                 writer.on_reader_done(int(data.get("bytes", 0)))
