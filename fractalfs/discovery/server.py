@@ -24,6 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from ..edgeid import EdgeId
+from . import schema
 from .store import Conflict, Edge, NotFound, Store
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ API = "/v1"
 MAX_BODY = 64 * 1024
 MAX_WAIT = 60.0
 MAX_NAME = 255
-NODE_EVENTS = frozenset({"resumed", "diverged"})
+NODE_EVENTS = schema.NODE_EVENTS
 NODE_TIMEOUT = 1.5  # a node silent this long is lost (daemons heartbeat every 0.5 s)
 MAX_ENDS = 100_000
 
