@@ -180,9 +180,18 @@ def edges_row(work: Path, n: int) -> dict[str, Any]:
 
 def _delivered(now: float) -> Edge:
     return Edge(
-        EdgeId.new().hex, 1, "old", "h:1", "complete", 10, "old2", "done", 10, "", "", "", 0,
-        now, now,
-    )  # fmt: skip
+        EdgeId.new().hex,
+        generation=1,
+        writer_node="old",
+        writer_endpoint="h:1",
+        writer_state="complete",
+        bytes_written=10,
+        reader_node="old2",
+        reader_state="done",
+        bytes_delivered=10,
+        created=now,
+        updated=now,
+    )
 
 
 def history_row(

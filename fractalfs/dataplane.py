@@ -220,8 +220,7 @@ async def _receive_controls(
                 writer.ack(value)
                 writer.on_end_acked(value)
             elif kind is Control.CLOSE:
-                writer.reader_closed = True
-                writer.changed.notify()
+                writer.on_reader_closed()
                 break
     except (ConnectionLost, OSError, handshake.HandshakeError):
         pass
@@ -308,8 +307,7 @@ async def pull(
 
 async def _receive(sock: trio.socket.SocketType, reader: ReaderEnd, offset: int) -> Result:
     decoder = codec.Decoder(offset)
-    reader.state = ReaderState.STREAMING
-    reader.changed.notify()
+    reader.start_streaming()
     acked = offset
     while True:
         await _wait_for_space(reader)
@@ -346,8 +344,7 @@ async def pull_local(
         return Result(PullOutcome.GONE, f"offset {offset} is outside the local window")
     on_connected(writer.generation)
     cursor: tuple[int, int] | None = None
-    reader.state = ReaderState.STREAMING
-    reader.changed.notify()
+    reader.start_streaming()
     try:
         while True:
             await _wait_for_space(reader)
@@ -374,5 +371,4 @@ async def pull_local(
         return Result(PullOutcome.DIVERGED, str(exc))
     finally:
         if reader.state is ReaderState.CLOSED and reader.tell_writer:
-            writer.reader_closed = True
-            writer.changed.notify()
+            writer.on_reader_closed()

@@ -78,7 +78,7 @@ class DataServer:
                     writer.abort(AbortReason.READER_LOST, "the reader restarted")
                 if writer is None or reply.status is not Status.OK:
                     return
-                writer.reader_lost = False  # it redialled: alive after all
+                writer.set_reader_lost(False)  # it redialled: alive after all
                 try:
                     await dataplane.serve_edge(sock, writer, hello.offset)
                 finally:

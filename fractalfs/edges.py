@@ -319,6 +319,44 @@ class WriterEnd:
                 self.spill.remove()
         self.changed.notify()  # its connection sends the reader an ABORT frame
 
+    # -- what the node and the data plane observe (no other module assigns the fields) --
+
+    @classmethod
+    def restored(cls, spill: SpillFile, window: int, complete: bool) -> WriterEnd:
+        """The end of a spill file found after a restart: complete, or the prefix of a
+        generation that died with the daemon (failed). Released: no program holds it."""
+        writer = cls(spill.edge, spill.generation, window, 0)
+        writer.spill = spill
+        writer.base = writer.end = spill.end
+        writer.acked = 0  # not known to be delivered: keep it for its reader
+        writer.mode = Mode.PERSISTENT
+        writer.mode_reason = "restored from its spill file"
+        writer.state = WriterState.COMPLETE if complete else WriterState.FAILED
+        writer.completed_at = trio.current_time()
+        writer.released = True
+        return writer
+
+    def on_released(self, exit_status: int | None) -> None:
+        """Its program's file is closed for good (``exit_status``: seen at FLUSH)."""
+        self.released = True
+        if exit_status is not None:
+            self.exit_status = exit_status
+
+    def on_reader_closed(self) -> None:
+        """The reading program closed its end early: the next write gets EPIPE."""
+        self.reader_closed = True
+        self.changed.notify()
+
+    def set_reader_lost(self, lost: bool) -> None:
+        """Discovery lost the reader's node (it may come back), or it is back."""
+        self.reader_lost = lost
+
+    def drop_spill(self) -> None:
+        """Garbage collection: the spill file goes; nobody can need it any more."""
+        if self.spill is not None:
+            self.spill.remove()
+            self.spill = None
+
     def on_reader_done(self, delivered: int) -> None:
         """Discovery says the reader's program read ``delivered`` bytes and the end."""
         if self.state is WriterState.COMPLETE and delivered >= self.end:
@@ -411,7 +449,7 @@ class ReaderState(Enum):
 
 
 class ReaderEnd:
-    def __init__(self, edge: EdgeId, limit: int, pid: int) -> None:
+    def __init__(self, edge: EdgeId, limit: int, pid: int, claim: int = 0) -> None:
         self.edge = edge
         self.limit = limit
         self.pid = pid
@@ -427,7 +465,7 @@ class ReaderEnd:
         self.read_metric: Any = _NO_METRIC
         self.exit_status: int | None = None  # seen at FLUSH if the program was exiting
         self.released = False  # the program's file is closed
-        self.claim = 0  # discovery's id of this reader's claim (its release names it)
+        self.claim = claim  # discovery's id of this reader's claim (its release names it)
         # xxh3-128 of every byte received (~21 us/MiB): what a re-run writer must reproduce.
         self.digest = xxhash.xxh3_128()
         # Replay of a re-run writer: stream offset reached, and the digest of the replayed
@@ -439,6 +477,18 @@ class ReaderEnd:
     @property
     def has_space(self) -> bool:
         return self.received - self.delivered < self.limit
+
+    def start_streaming(self) -> None:
+        """A writer accepted the handshake: bytes may flow."""
+        self.state = ReaderState.STREAMING
+        self.changed.notify()
+
+    def on_released(self) -> None:
+        self.released = True
+
+    def attach_pump(self, scope: trio.CancelScope) -> None:
+        """The task filling this end; :meth:`close` cancels it."""
+        self.pump = scope
 
     def begin_stream(self, replay: bool) -> int:
         """A stream starts; returns the offset to ask the writer for.

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .discovery.client import DiscoveryError, Unavailable
+from .discovery.schema import EventKind, LossCause
 from .edgeid import EdgeId
 from .edges import WriterState
 from .edgestate import backoff
@@ -90,24 +91,24 @@ class Membership:
             edge = EdgeId.parse(event["edge"])
         except (KeyError, ValueError):
             return
-        kind = event.get("kind")
+        kind = event.get("kind")  # an EventKind (a StrEnum compares equal to its string)
         data = event.get("data") or {}
         writer = self.node.writer_for(edge)
-        if kind == "deleted":
+        if kind == EventKind.DELETED:
             self.node._abort_local(edge, "removed")
-        elif kind == "writer" and writer is not None:
+        elif kind == EventKind.WRITER and writer is not None:
             if int(data.get("generation", 0)) > writer.generation:
                 self.node._fence(writer)
-        elif kind == "reader-lost" and writer is not None:
-            writer.reader_lost = True
+        elif kind == EventKind.READER_LOST and writer is not None:
+            writer.set_reader_lost(True)
             # A silent node may only be stalled or cut off: while its connection lives (or
             # until it comes back and redials) it loses nothing. A restarted or departed
             # daemon took what its reader had delivered with it.
-            if data.get("cause") != "silent" or writer.connection is None:
+            if data.get("cause") != LossCause.SILENT or writer.connection is None:
                 self.node._reader_gone(writer)
-        elif kind in ("reader-back", "reader") and writer is not None:
-            writer.reader_lost = False
-        elif kind == "reader-done" and writer is not None:
+        elif kind in (EventKind.READER_BACK, EventKind.READER) and writer is not None:
+            writer.set_reader_lost(False)
+        elif kind == EventKind.READER_DONE and writer is not None:
             with contextlib.suppress(TypeError, ValueError):
                 writer.on_reader_done(int(data.get("bytes", 0)))
 

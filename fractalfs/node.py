@@ -294,7 +294,7 @@ class Node:
         A program killed by a signal or exiting non-zero did not finish its stream: that is
         a failed generation (the reader waits for a re-run), never an end.
         """
-        writer.released = True
+        writer.on_released(None)
         self.released.notify()
         if writer.state is WriterState.ABORTED:
             reason, message = writer.abort_reason or (AbortReason.REMOVED, "")
@@ -407,8 +407,7 @@ class Node:
             raise EdgeError(errno.EBUSY, f"edge {edge} already has a reader on this node")
         with self._opening(slot, "reader"):
             claim = await self._claim_reader(edge, pid)
-        reader = ReaderEnd(edge, self.config.read_buffer, pid)
-        reader.claim = claim
+        reader = ReaderEnd(edge, self.config.read_buffer, pid, claim)
         reader.read_metric = metrics.BYTES_READ.labels(edge.hex)
         self._slot(edge).reader = reader
         self._spawn(self._pump, reader)
@@ -451,7 +450,7 @@ class Node:
         reader.exit_status = procs.exit_status(reader.pid)
 
     def release_reader(self, reader: ReaderEnd) -> None:
-        reader.released = True
+        reader.on_released()
         self.released.notify()
         complete = reader.state is ReaderState.EOF and reader.delivered == reader.received
         if reader.state is not ReaderState.EOF:
@@ -491,7 +490,7 @@ class Node:
             long_poll=LONG_POLL,
         )
         with trio.CancelScope() as scope:
-            reader.pump = scope
+            reader.attach_pump(scope)
             action = machine.start()
             attempt = 0
             while reader.state in (ReaderState.WAITING, ReaderState.STREAMING):

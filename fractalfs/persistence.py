@@ -194,8 +194,7 @@ class Persistence:
                     continue
                 total -= w.spill.end - w.spill.start
                 log.info("edge %s: spill file removed (%s)", w.edge, action.why)
-                w.spill.remove()
-                w.spill = None
+                w.drop_spill()
                 self.node._reap(w.edge)
 
     async def _check_delivered(self, writer: WriterEnd) -> None:
@@ -263,15 +262,8 @@ class Persistence:
 
     def _install_restored(self, info: spill.SpillInfo) -> None:
         complete = info.complete is not None
-        writer = WriterEnd(info.edge, info.generation, self.node.config.write_window, 0)
-        writer.spill = spill.SpillFile.open(info)
-        writer.base = writer.end = writer.spill.end
-        writer.acked = 0  # not known to be delivered: keep it for its reader
-        writer.mode = Mode.PERSISTENT
-        writer.mode_reason = "restored from its spill file"
-        writer.state = WriterState.COMPLETE if complete else WriterState.FAILED
-        writer.completed_at = trio.current_time()
-        writer.released = True
+        sp = spill.SpillFile.open(info)
+        writer = WriterEnd.restored(sp, self.node.config.write_window, complete)
         self.node._slot(info.edge).writer = writer
         log.info(
             "edge %s: %s spill of generation %d (%d bytes) served again",

@@ -1,8 +1,12 @@
-"""``fractalfs watch``: live progress of active edges and every lifecycle event."""
+"""``fractalfs watch``: every lifecycle event as it happens (discovery's SSE stream) and,
+on a terminal, a live progress bar with rate and ETA per active edge (``rich``)."""
 
 from __future__ import annotations
 
+import json
+import queue
 import sys
+import threading
 import time
 from typing import Any
 
@@ -34,15 +38,44 @@ def describe(event: dict[str, Any]) -> str:
     return printable(line)
 
 
-def _bar(done: int, total: int, width: int = 24) -> str:
-    if total <= 0:
-        return "[" + "?" * width + "]"
-    filled = min(width, int(width * done / total))
-    return "[" + "#" * filled + "." * (width - filled) + "]"
+def _follow(
+    base: str,
+    after: int,
+    out: queue.Queue[dict[str, Any] | str],
+    auth: tuple[str, str] | None = None,
+) -> None:
+    """Follows discovery's SSE stream from ``after`` (resuming where it broke off with
+    ``?after=``) and queues every event, or a line saying why it is reconnecting."""
+    while True:
+        try:
+            with httpx.stream(
+                "GET",
+                f"{base}/events/stream",
+                params={"after": after},
+                timeout=httpx.Timeout(10.0, read=60.0),  # keep-alives every 15 s
+                auth=auth,
+            ) as resp:
+                resp.raise_for_status()
+                data = ""
+                for line in resp.iter_lines():
+                    if line.startswith("data:"):
+                        data += line[5:].strip()
+                    elif not line and data:
+                        event = json.loads(data)
+                        data = ""
+                        after = max(after, int(event["seq"]))
+                        out.put(event)
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            out.put(f"fractalfs watch: {exc}; reconnecting")
+            time.sleep(1)
+
+
+ACTIVE = ("streaming", "waiting-for-reader", "waiting-for-writer", "node-lost", "complete")
 
 
 def watch(url: str, auth: tuple[str, str] | None = None, interval: float = 0.5) -> None:
-    tty = sys.stdout.isatty()
+    """Events as lines; on a terminal, a live rich progress bar (rate, ETA) per active
+    edge below them."""
     base = url.rstrip("/") + "/v1"
     with httpx.Client(timeout=10, auth=auth) as http:
         try:
@@ -50,49 +83,72 @@ def watch(url: str, auth: tuple[str, str] | None = None, interval: float = 0.5) 
             if first.status_code == 401:
                 raise QuietError(f"discovery at {url} wants the cluster secret: --secret-file")
             after = int(first.json()["last"])
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
             raise QuietError(f"discovery at {url} unreachable: {exc}") from None
-        last: dict[str, tuple[float, int]] = {}
-        drawn = 0
-        while True:
-            try:
-                got = http.get(
-                    f"{base}/events",
-                    params={"after": after, "wait": interval},
-                    timeout=interval + 10,
-                ).json()
-                edges = http.get(f"{base}/edges").json()["edges"]
-            except httpx.HTTPError as exc:
-                print(f"fractalfs watch: {exc}; retrying", file=sys.stderr)
-                time.sleep(1)
-                continue
-            after = int(got["last"])
-            lines = []
-            now = time.monotonic()
-            for e in edges:
-                if e["state"] not in (
-                    "streaming",
-                    "waiting-for-reader",
-                    "waiting-for-writer",
-                    "node-lost",
-                    "complete",
-                ):
+        # rich is imported after the start point is fixed: nothing is missed meanwhile.
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TaskID,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        console = Console()
+        tty = console.is_terminal
+        events: queue.Queue[dict[str, Any] | str] = queue.Queue()
+        threading.Thread(target=_follow, args=(base, after, events, auth), daemon=True).start()
+        progress = Progress(
+            TextColumn("{task.fields[edge]}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[mode]:10} {task.fields[state]}"),
+            console=console,
+            disable=not tty,
+        )
+        tasks: dict[str, TaskID] = {}
+        with progress:
+            next_poll = 0.0
+            while True:
+                try:
+                    item = events.get(timeout=interval)
+                except queue.Empty:
+                    item = None
+                if isinstance(item, str):
+                    print(item, file=sys.stderr)
+                elif item is not None:
+                    line = describe(item)
+                    if tty:
+                        progress.console.print(line, markup=False, highlight=False)
+                    else:
+                        print(line, flush=True)
+                if not tty or time.monotonic() < next_poll:
                     continue
-                done = int(e["bytes_delivered"])
-                t0, b0 = last.get(e["id"], (now, done))
-                rate = (done - b0) / (now - t0) / 1e6 if now > t0 else 0.0
-                last[e["id"]] = (now, done)
-                total = int(e["bytes_written"]) if e["writer_state"] == "complete" else 0
-                lines.append(
-                    f"{printable(e['id'][:12])} {_bar(done, total)} {done / 1e6:10.1f} MB "
-                    f"{rate:8.1f} MB/s  {printable(e['mode'] or '-'):10s} {printable(e['state'])}"
-                )
-            if tty and drawn:
-                sys.stdout.write(f"\x1b[{drawn}F\x1b[J")  # redraw the progress block
-            for event in got["events"]:
-                print(describe(event))
-            if tty:
-                for line in lines:
-                    print(line)
-                drawn = len(lines)
-            sys.stdout.flush()
+                next_poll = time.monotonic() + interval
+                try:
+                    edges = http.get(f"{base}/edges").json()["edges"]
+                except (httpx.HTTPError, ValueError, KeyError):
+                    continue  # the event follower says why
+                shown = set()
+                for e in edges:
+                    if e["state"] not in ACTIVE:
+                        continue
+                    shown.add(e["id"])
+                    done = int(e["bytes_delivered"])
+                    total = int(e["bytes_written"]) if e["writer_state"] == "complete" else None
+                    fields: dict[str, Any] = {
+                        "edge": printable(e["id"][:12]),
+                        "mode": printable(e["mode"] or "-").replace("[", "("),
+                        "state": printable(e["state"]).replace("[", "("),
+                    }
+                    if e["id"] not in tasks:
+                        tasks[e["id"]] = progress.add_task("", total=total, **fields)
+                    progress.update(tasks[e["id"]], completed=done, total=total, **fields)
+                for edge_id in list(tasks):
+                    if edge_id not in shown:
+                        progress.remove_task(tasks.pop(edge_id))

@@ -143,3 +143,25 @@ def test_restored_spills_complete_or_failed_prefix() -> None:
     rec = store.restore_writer(other, 1, "a", "h:2", complete=False)
     assert (rec.writer_state, rec.writer_endpoint) == ("failed", "h:2")
     assert "prefix" in rec.reason
+
+
+def test_every_event_the_store_writes_is_a_typed_kind() -> None:
+    from fractalfs.discovery.schema import EventKind
+
+    store = Store(":memory:")
+    store.register_writer(E, "w", "h:1")
+    store.claim_reader(E, "r")
+    store.set_mode(E, 1, "persistent", "test")
+    store.node_lost("w", "silent")
+    store.node_alive("w", {E: 1}, [])
+    store.node_lost("r", "left")
+    store.register_writer(E, "w", "h:1")
+    store.close_writer(E, 2, "complete", 3)
+    store.claim_reader(E, "r2")
+    store.release_reader(E, "r2", "done", 3)
+    store.restore_writer(E, 2, "w", "h:1", True)
+    store.record(E, "resumed", {})
+    store.delete(E)
+    kinds = {e.kind for e in store.events(0)}
+    assert kinds <= set(EventKind), kinds - set(EventKind)
+    assert len(kinds) >= 10

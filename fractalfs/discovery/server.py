@@ -24,7 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from ..edgeid import EdgeId
-from . import guard, limits, upkeep
+from . import guard, limits, schema, upkeep
 from .backend import DiscoveryStore, open_store
 from .etcd import cap_event_data
 from .heartbeat import NODE_HEADER, Delta, HeldEnds
@@ -37,7 +37,7 @@ API = "/v1"
 MAX_BODY = 64 * 1024
 MAX_WAIT = 60.0
 MAX_NAME = 255
-NODE_EVENTS = frozenset({"resumed", "diverged"})
+NODE_EVENTS = schema.NODE_EVENTS
 NODE_TIMEOUT = 1.5  # a node silent this long is lost (daemons heartbeat every 0.5 s)
 MAX_ENDS = 100_000
 LIMITS = web.AppKey("limits", Limits)

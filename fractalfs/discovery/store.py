@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .schema import EventKind, LossCause, ReaderState, WriterState
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS edges (
     id TEXT PRIMARY KEY,
@@ -56,7 +58,7 @@ CREATE INDEX IF NOT EXISTS edges_done ON edges (reader_state, updated);
 
 SCHEMA_VERSION = 3  # 1: no mode columns; 2: no reader_claim
 
-READER_STATES = frozenset({"none", "open", "done", "closed", "failed", "lost"})
+READER_STATES = frozenset(ReaderState)
 EVENTS_KEPT = 100_000
 
 
@@ -185,7 +187,7 @@ class Store:
         """
         with self._tx():
             cur = self._get_or_new(edge)
-            if cur.writer_state == "open" and cur.writer_node != node:
+            if cur.writer_state == WriterState.OPEN and cur.writer_node != node:
                 raise Conflict(f"edge {edge} has an open writer on node {cur.writer_node}")
             gen = cur.generation + 1
             return self._update(
@@ -203,7 +205,7 @@ class Store:
     def close_writer(
         self, edge: str, generation: int, state: str, written: int, reason: str = ""
     ) -> Edge:
-        if state not in ("complete", "failed"):
+        if state not in (WriterState.COMPLETE, WriterState.FAILED):
             raise ValueError(f"writer state {state!r} is not complete or failed")
         with self._tx():
             cur = self._current(edge, generation)
@@ -224,9 +226,9 @@ class Store:
     def claim_reader(self, edge: str, node: str) -> Edge:
         with self._tx():
             cur = self._get_or_new(edge)
-            if cur.reader_state == "open" and cur.reader_node != node:
+            if cur.reader_state == ReaderState.OPEN and cur.reader_node != node:
                 raise Conflict(f"edge {edge} has an open reader on node {cur.reader_node}")
-            seq = self._event(edge, "reader", {"node": node})
+            seq = self._event(edge, EventKind.READER, {"node": node})
             return self._set(
                 cur,
                 seq,
@@ -242,11 +244,11 @@ class Store:
         """The reader of ``node`` closed. ``claim`` (the ``reader_claim`` its claim
         returned) names which of that node's claims: a late release of an older one must
         not end a newer reader on the same node (0: any claim of ``node``)."""
-        if state not in READER_STATES - {"none", "open"}:
+        if state not in READER_STATES - {ReaderState.NONE, ReaderState.OPEN}:
             raise ValueError(f"reader state {state!r} is not done, closed or failed")
         with self._tx():
             cur = self._require(edge)
-            if cur.reader_node != node or cur.reader_state != "open":
+            if cur.reader_node != node or cur.reader_state != ReaderState.OPEN:
                 return cur  # a newer reader owns the edge; this release is late
             if claim and cur.reader_claim != claim:
                 return cur  # a newer claim of the same node
@@ -258,7 +260,7 @@ class Store:
                 bytes_delivered=delivered,
             )
 
-    def node_lost(self, node: str, cause: str = "silent") -> list[Edge]:
+    def node_lost(self, node: str, cause: str = LossCause.SILENT) -> list[Edge]:
         """``node``'s open ends are lost. ``cause`` says how sure that is: ``silent`` (it
         stopped heartbeating and may come back), ``restarted`` or ``left`` (its daemon is
         gone, and whatever the old one held with it)."""
@@ -268,7 +270,7 @@ class Store:
                 if cur.writer_node == node and cur.writer_state == "open":
                     cur = self._update(
                         cur,
-                        "writer-lost",
+                        EventKind.WRITER_LOST,
                         {"node": node, "generation": cur.generation, "cause": cause},
                         writer_state="lost",
                         reason=f"node {node} stopped responding",
@@ -277,7 +279,10 @@ class Store:
                 if cur.reader_node == node and cur.reader_state == "open":
                     changed.append(
                         self._update(
-                            cur, "reader-lost", {"node": node, "cause": cause}, reader_state="lost"
+                            cur,
+                            EventKind.READER_LOST,
+                            {"node": node, "cause": cause},
+                            reader_state=ReaderState.LOST,
                         )
                     )
         return changed
@@ -360,7 +365,7 @@ class Store:
         with self._tx():
             self._require(edge)
             self._db.execute("DELETE FROM edges WHERE id = ?", (edge,))
-            self._event(edge, "deleted", {})
+            self._event(edge, EventKind.DELETED, {})
 
     # -- history ---------------------------------------------------------------------------
 
