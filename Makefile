@@ -47,6 +47,7 @@ bench: install
 	@command -v socat >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); $$SUDO apt-get install -y -qq socat >/dev/null; }
 	$(BIN)/python bench/bench.py
 	$(BIN)/python bench/spill_pages.py
+	$(BIN)/python bench/scale.py --edges 1000 --history 100000
 
 # Three hosts (network namespaces) with their own daemons, discovery on the first; Ctrl-C
 # tears everything down.

@@ -1,0 +1,252 @@
+#!/usr/bin/env python3
+"""Scale rows: N edges open at once between two daemons, and discovery with a long history.
+
+    make bench                          # N = 1000
+    .venv/bin/python bench/scale.py --edges 1000 --history 100000
+
+Edges: N readers open first on daemon B (threads of this process, each open()+read() on
+the mount), then N writers on daemon A each write 64 KiB and close. Reported: time to pair
+all, pairing latency (writer's open() to its reader's first byte) p50/p99, every stream
+sha256-exact, nodes declared lost, and RSS/CPU of each process. History: discovery's
+request latency with H delivered edges in its SQLite file (rows inserted directly).
+Results also go to bench/results/scale.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import sqlite3
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fractalfs.discovery.store import Store
+from fractalfs.edgeid import EdgeId
+from fractalfs.testing import Discovery, Node, Process
+
+HERE = Path(__file__).resolve().parent
+SIZE = 64 * 1024
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def usage(procs: dict[str, Process]) -> dict[str, dict[str, float]]:
+    return {
+        name: {"rss_mib": round(rss_mib(p.pid), 1), "cpu_s": round(cpu_s(p.pid), 2)}
+        for name, p in procs.items()
+    }
+
+
+def payload(i: int) -> bytes:
+    return random.Random(i).randbytes(SIZE)
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def lost_events(url: str) -> int:
+    lost, after = 0, 0
+    with httpx.Client(timeout=30) as http:
+        while True:
+            got = http.get(f"{url}/v1/events", params={"after": after}).json()
+            if not got["events"]:
+                return lost
+            lost += sum(e["kind"] in ("writer-lost", "reader-lost") for e in got["events"])
+            after = got["events"][-1]["seq"]
+
+
+def edges_row(work: Path, n: int) -> dict[str, Any]:
+    disc = Discovery(work / "discovery")
+    disc.start()
+    a = Node(work, "a", disc.url, extra=["--mode", "transient"])
+    b = Node(work, "b", disc.url, extra=["--mode", "transient"])
+    procs: dict[str, Process] = {
+        "discovery": disc,
+        "daemon A (writers)": a,
+        "daemon B (readers)": b,
+    }
+    try:
+        a.start()
+        b.start()
+        before = usage(procs)
+        edges = [EdgeId.new().hex for _ in range(n)]
+        first_byte: dict[int, float] = {}
+        digests: dict[int, str] = {}
+        errors: list[str] = []
+
+        def reader(i: int) -> None:
+            try:
+                h = hashlib.sha256()
+                with open(b.path(edges[i]), "rb", buffering=0) as f:
+                    chunk = f.read(SIZE)
+                    first_byte[i] = time.monotonic()
+                    while chunk:
+                        h.update(chunk)
+                        chunk = f.read(SIZE)
+                digests[i] = h.hexdigest()
+            except OSError as exc:
+                errors.append(f"reader {i}: {exc}")
+
+        started: dict[int, float] = {}
+
+        def writer(i: int) -> None:
+            data = payload(i)
+            try:
+                started[i] = time.monotonic()
+                with open(a.path(edges[i]), "wb", buffering=0) as f:
+                    f.write(data)
+            except OSError as exc:
+                errors.append(f"writer {i}: {exc}")
+
+        readers = [threading.Thread(target=reader, args=(i,), daemon=True) for i in range(n)]
+        for t in readers:
+            t.start()
+        http = httpx.Client(timeout=30)
+        deadline = time.monotonic() + 300
+        while True:  # every reader registered with discovery
+            listed = http.get(f"{disc.url}/v1/edges").json()["edges"]
+            if sum(e["reader_state"] == "open" for e in listed) >= n:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("readers did not all register")
+            time.sleep(0.2)
+        time.sleep(1.0)
+        idle = usage(procs)
+        writers = [threading.Thread(target=writer, args=(i,), daemon=True) for i in range(n)]
+        t0 = time.monotonic()
+        for t in writers:
+            t.start()
+        for t in [*writers, *readers]:
+            t.join(max(1.0, deadline - time.monotonic()))
+        elapsed = time.monotonic() - t0
+        after = usage(procs)
+        exact = sum(digests.get(i) == hashlib.sha256(payload(i)).hexdigest() for i in range(n))
+        pairing = [(first_byte[i] - started[i]) * 1000 for i in first_byte if i in started]
+        return {
+            "edges": n,
+            "exact": exact,
+            "errors": errors[:5],
+            "time_to_pair_all_s": round(max(first_byte.values()) - t0, 2) if first_byte else None,
+            "all_done_s": round(elapsed, 2),
+            "pairing_ms_p50": round(statistics.median(pairing), 1) if pairing else None,
+            "pairing_ms_p99": round(percentile(pairing, 99), 1) if pairing else None,
+            "nodes_lost_events": lost_events(disc.url),
+            "idle_rss_kib_per_edge_B": round(
+                (idle["daemon B (readers)"]["rss_mib"] - before["daemon B (readers)"]["rss_mib"])
+                * 1024
+                / n,
+                2,
+            ),
+            "usage_before": before,
+            "usage_idle_readers": idle,
+            "usage_after": after,
+        }
+    finally:
+        b.stop()
+        a.stop()
+        disc.stop()
+
+
+def history_row(work: Path, history: int, samples: int = 200) -> dict[str, Any]:
+    db = work / "history.db"
+    Store(db).close()  # the schema and indexes
+    now = time.time() - 60
+    with sqlite3.connect(db) as conn:
+        conn.executemany(
+            "INSERT INTO edges (id, generation, writer_node, writer_endpoint, writer_state, "
+            "bytes_written, reader_node, reader_state, bytes_delivered, version, created, "
+            "updated) VALUES (?, 1, 'old', 'h:1', 'complete', 10, 'old2', 'done', 10, 0, ?, ?)",
+            ((EdgeId.new().hex, now, now) for _ in range(history)),
+        )
+    proc = Process(["discovery", "--listen", "127.0.0.1:0", "--db", str(db)], work / "hist.log")
+    url = proc.start().split(" listening on ")[1].split()[0]
+    try:
+        out: dict[str, Any] = {"history_edges": history}
+        with httpx.Client(base_url=url + "/v1", timeout=30) as http:
+            live = [EdgeId.new().hex for _ in range(10)]
+            for e in live:
+                http.post(f"/edges/{e}/writer", json={"node": "n1", "endpoint": "h:1"})
+            hb = {"boot": "b", "writers": {e: 1 for e in live}, "readers": []}
+            some = EdgeId.new().hex
+
+            def register() -> None:
+                http.post(f"/edges/{EdgeId.new().hex}/reader", json={"node": "n2"})
+
+            requests: dict[str, Callable[[], object]] = {
+                "GET /v1/health": lambda: http.get("/health"),
+                "GET /v1/edges/{id}": lambda: http.get(f"/edges/{some}"),
+                "POST /v1/edges/{id}/reader (new edge)": register,
+                "POST /v1/nodes/{node}/heartbeat (10 ends)": lambda: http.post(
+                    "/nodes/n1/heartbeat", json=hb
+                ),
+                "GET /v1/edges?limit=100": lambda: http.get("/edges", params={"limit": 100}),
+            }
+            for name, call in requests.items():
+                times = []
+                for _ in range(samples):
+                    t = time.perf_counter()
+                    call()
+                    times.append((time.perf_counter() - t) * 1000)
+                out[name] = {
+                    "p50_ms": round(statistics.median(times), 2),
+                    "p99_ms": round(percentile(times, 99), 2),
+                }
+            t = time.perf_counter()
+            http.post("/nodes/n1/leave")
+            out["POST /v1/nodes/{node}/leave (node lost, 10 open ends)_ms"] = round(
+                (time.perf_counter() - t) * 1000, 2
+            )
+        out["discovery_rss_mib"] = round(rss_mib(proc.pid), 1)
+        return out
+    finally:
+        proc.stop()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--edges", type=int, action="append", help="N (repeatable; default 1000)")
+    ap.add_argument("--history", type=int, default=100_000)
+    args = ap.parse_args()
+    results: dict[str, Any] = {"edges": [], "history": None}
+    with tempfile.TemporaryDirectory(prefix="fractalfs-scale-") as tmp:
+        for n in args.edges or [1000]:
+            row = edges_row(Path(tmp) / f"n{n}", n)
+            results["edges"].append(row)
+            print(json.dumps(row, indent=1), flush=True)
+        if args.history:
+            results["history"] = history_row(Path(tmp), args.history)
+            print(json.dumps(results["history"], indent=1), flush=True)
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / "scale.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
