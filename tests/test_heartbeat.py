@@ -4,6 +4,7 @@ a real discovery answering a daemon-sized heartbeat."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +14,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fractalfs.discovery.client import DiscoveryClient
-from fractalfs.discovery.heartbeat import PAGE, Delta, Ends, HeldEnds, accept, deltas, digest_of
+from fractalfs.discovery.heartbeat import (
+    NODE_HEADER,
+    PAGE,
+    Delta,
+    Ends,
+    HeldEnds,
+    accept,
+    deltas,
+    digest_of,
+)
 from fractalfs.edgeid import EdgeId
 from fractalfs.testing import Discovery
 
@@ -126,3 +136,25 @@ async def test_five_thousand_ends_keep_a_node_alive(discovery: Discovery) -> Non
     nodes = httpx.get(discovery.url + "/v1/nodes").json()["nodes"]
     assert [n["alive"] for n in nodes if n["node"] == "big"] == [True]
     assert httpx.get(f"{discovery.url}/v1/edges/{edge}").json()["writer_state"] == "open"
+
+
+def test_busy_is_not_dead(discovery: Discovery) -> None:
+    """The liveness rule: a node is lost after 1.5 s with no request of any kind from it.
+    A daemon too busy to heartbeat on time still registers, long-polls and reports
+    progress; each of those requests (it names its node in a header) keeps it alive."""
+    api = httpx.Client(base_url=discovery.url + "/v1", timeout=10)
+    edge = EdgeId.new().hex
+    api.post(f"/edges/{edge}/writer", json={"node": "busy", "endpoint": "h:1"})
+    api.post("/nodes/busy/heartbeat", json={"boot": "b", "writers": {edge: 1}, "readers": []})
+    busy = {NODE_HEADER: "busy"}
+    end = time.monotonic() + 4.0  # well past the 1.5 s timeout, with no heartbeat
+    while time.monotonic() < end:
+        api.get(f"/edges/{EdgeId.new().hex}", headers=busy)
+        time.sleep(0.3)
+    assert api.get(f"/edges/{edge}").json()["writer_state"] == "open"
+    # Silent for real: lost.
+    start = time.monotonic()
+    while api.get(f"/edges/{edge}").json()["writer_state"] != "lost":
+        assert time.monotonic() - start < 5, "a silent node was never declared lost"
+        time.sleep(0.1)
+    assert time.monotonic() - start < 2.5

@@ -16,7 +16,7 @@ import httpx
 import trio
 
 from ..edgestate import backoff
-from .heartbeat import Ends, deltas
+from .heartbeat import NODE_HEADER, Ends, deltas
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,10 @@ class DiscoveryClient:
         self.retry_for = retry_for
         self._current = 0
         self._acked: dict[str, Ends | None] = {}  # node -> its ends as discovery has them
+        # Heartbeats have their own small pool: never queued behind a thousand long-polls.
+        self._beats = httpx.AsyncClient(
+            timeout=httpx.Timeout(10.0), limits=httpx.Limits(max_connections=4)
+        )
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(10.0),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
@@ -69,6 +73,7 @@ class DiscoveryClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+        await self._beats.aclose()
 
     async def _call(
         self,
@@ -79,6 +84,7 @@ class DiscoveryClient:
         params: dict[str, Any] | None = None,
         timeout: float = 10.0,
         retry_for: float | None = None,
+        beat: bool = False,
     ) -> dict[str, Any]:
         deadline = trio.current_time() + (self.retry_for if retry_for is None else retry_for)
         attempt = 0
@@ -86,7 +92,7 @@ class DiscoveryClient:
         while True:
             url = self.url
             try:
-                resp = await self._http.request(
+                resp = await (self._beats if beat else self._http).request(
                     method, f"{url}/v1{path}", json=body, params=params, timeout=timeout
                 )
                 why = "" if resp.status_code not in UNAVAILABLE else f"answered {resp.status_code}"
@@ -194,6 +200,8 @@ class DiscoveryClient:
         Only the changes since the last acknowledged beat go out (see heartbeat.py); when
         discovery asks for a resync, the whole set follows in pages.
         """
+        for http in (self._http, self._beats):
+            http.headers[NODE_HEADER] = node
         stale: list[str] = []
         for _ in range(2):
             pages = deltas(self._acked.get(node), writers, readers)
@@ -205,6 +213,7 @@ class DiscoveryClient:
                     body={"boot": boot, "delta": page.to_json()},
                     timeout=2.0,
                     retry_for=0.0,
+                    beat=True,
                 )
                 stale += got.get("stale", [])
                 if got.get("resync"):
@@ -215,4 +224,4 @@ class DiscoveryClient:
         return sorted(set(stale))
 
     async def leave(self, node: str) -> None:
-        await self._call("POST", f"/nodes/{node}/leave", timeout=2.0, retry_for=0.0)
+        await self._call("POST", f"/nodes/{node}/leave", timeout=2.0, retry_for=0.0, beat=True)

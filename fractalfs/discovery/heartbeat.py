@@ -21,6 +21,7 @@ from typing import Any
 
 from ..edgeid import EdgeId
 
+NODE_HEADER = "X-Fractalfs-Node"  # on every request of a daemon: a sign of its life
 PAGE = 1000  # ends per heartbeat body: ~45 KiB at most, under the 64 KiB body limit
 
 

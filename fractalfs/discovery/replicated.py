@@ -82,6 +82,13 @@ class EtcdDiscoveryApp(DiscoveryApp):
         self.last_seen[node] = asyncio.get_running_loop().time()
         self.lost.discard(node)
 
+    def _alive(self, node: str) -> None:
+        # Any request keeps the lease alive too, but at most once per half second.
+        now = asyncio.get_running_loop().time()
+        if now - self.last_seen.get(node, 0.0) >= 0.5:
+            self.store.node_heartbeat(node, "", self.ttl)
+            self.last_seen[node] = now
+
     async def leave(self, request: web.Request) -> web.Response:
         resp = await super().leave(request)
         self.store.node_leave(self._node_name(request))

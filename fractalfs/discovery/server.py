@@ -27,7 +27,7 @@ from ..edgeid import EdgeId
 from . import upkeep
 from .backend import DiscoveryStore, open_store
 from .etcd import cap_event_data
-from .heartbeat import Delta, HeldEnds
+from .heartbeat import NODE_HEADER, Delta, HeldEnds
 from .store import Conflict, Edge, NotFound
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,11 @@ class DiscoveryApp:
         self.changes.notify(edge)
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY, middlewares=[_errors])
+        @web.middleware
+        async def sign_of_life(request: web.Request, handler: Handler) -> web.StreamResponse:
+            return await self._sign_of_life(request, handler)
+
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[sign_of_life, _errors])
         r = app.router
         r.add_get(f"{API}/health", self.health)
         r.add_get("/metrics", self.metrics)
@@ -255,6 +259,18 @@ class DiscoveryApp:
         app.on_startup.append(self._start_upkeep)
         app.on_cleanup.append(self._stop_upkeep)
         return app
+
+    async def _sign_of_life(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Busy is not dead: any request a daemon makes (a registration, a long-poll, a
+        progress report) shows it is alive, not only its heartbeat, which a daemon busy
+        with thousands of edges may send late."""
+        node = request.headers.get(NODE_HEADER)
+        if node and node in self.last_seen and node not in self.lost:
+            self._alive(node)
+        return await handler(request)
+
+    def _alive(self, node: str) -> None:
+        self.last_seen[node] = asyncio.get_running_loop().time()
 
     def _node_name(self, request: web.Request) -> str:
         name = request.match_info["node"]
