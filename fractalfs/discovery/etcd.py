@@ -512,6 +512,9 @@ class EtcdStore:
             lease = json.loads(_unb64(kvs[0]["value"])).get("lease", 0)
             self.gateway.call("/v3/lease/revoke", {"ID": str(lease)})
 
+    def node_is_live(self, node: str) -> bool:
+        return bool(self.gateway.range(self._node_key(node)))
+
     def live_nodes(self) -> dict[str, dict[str, Any]]:
         start = f"{self.prefix}n/"
         return {

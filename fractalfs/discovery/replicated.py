@@ -158,8 +158,11 @@ class EtcdDiscoveryApp(DiscoveryApp):
             revision = max(revision, int(kv.get("mod_revision", 0)))
             key = base64.b64decode(kv["key"]).decode()[len(self.store.prefix) :]
             if key.startswith("n/") and ev.get("type") == "DELETE":
-                # Every replica sees this; marking the ends lost is idempotent.
-                self._lose(key[2:], "silent", "its lease expired")
+                # Every replica sees this; marking the ends lost is idempotent. The node
+                # may have heartbeaten a new lease since (the watch can lag): then it is
+                # alive, and losing its ends now would undo that heartbeat's "back".
+                if not self.store.node_is_live(key[2:]):
+                    self._lose(key[2:], "silent", "its lease expired")
             elif key.startswith("e/"):
                 edges.add(key[2:])
             elif key == "head":
