@@ -154,6 +154,7 @@ def _layered(cls: type, config: object, args: argparse.Namespace, default_path: 
 
 def _cmd_discovery(args: argparse.Namespace) -> None:
     from .config import default_state_dir
+    from .discovery.etcd import EtcdUnavailable
     from .discovery.server import parse_listen, serve_forever
 
     config = DiscoveryConfig()
@@ -183,6 +184,8 @@ def _cmd_discovery(args: argparse.Namespace) -> None:
         asyncio.run(serve_forever(db, host, port, ready, config.retention))
     except OSError as exc:
         raise QuietError(f"discovery cannot start on {config.listen}: {exc.strerror}") from None
+    except EtcdUnavailable as exc:
+        raise QuietError(f"discovery cannot start: {exc}") from None
     except KeyboardInterrupt:
         pass
     finally:

@@ -192,3 +192,21 @@ def test_pages_and_pruning(store: EtcdStore) -> None:
     assert store.prune(time.time() - 3600) == 0
     assert store.prune(time.time() + 1) == 1
     assert store.get(edges[0]) is None and store.get(edges[1]) is not None
+
+
+def test_discovery_refuses_a_bad_or_unreachable_store(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from fractalfs.etcdtesting import free_port
+
+    def run(store: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "fractalfs", "discovery", "--listen", "127.0.0.1:0"]
+        return subprocess.run([*cmd, "--store", store], capture_output=True, text=True, timeout=60)
+
+    bad = run("http://x:2379")
+    assert bad.returncode == 2 and "is not etcd://HOST:PORT" in bad.stderr
+    down = run(f"etcd://127.0.0.1:{free_port()}")
+    assert down.returncode == 1
+    assert down.stderr.startswith("fractalfs: discovery cannot start: no etcd member answered")
+    assert "Traceback" not in down.stderr

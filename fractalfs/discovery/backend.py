@@ -48,7 +48,9 @@ def open_store(spec: str) -> DiscoveryStore:
     if is_etcd(spec):
         from .etcd import EtcdStore
 
-        return EtcdStore.from_url(spec)
+        store = EtcdStore.from_url(spec)
+        store.check()  # an unreachable cluster stops start-up with one line, not 503s later
+        return store
     from .store import Store
 
     return Store(spec)

@@ -121,7 +121,7 @@ class Gateway:
                         raise ValueError(f"etcd refused {path}: {data.get('message', data)}")
                     return data
                 why = resp.text[:200]
-            except httpx.TransportError as exc:
+            except httpx.TransportError as exc:  # refused, reset, timed out
                 why = str(exc) or type(exc).__name__
             # This member is down or has no leader: try the next one.
             self._current = (self._current + 1) % len(self.endpoints)
@@ -170,6 +170,14 @@ class EtcdStore:
 
     def close(self) -> None:
         self.gateway.close()
+
+    def check(self, within: float = 5.0) -> None:
+        """Raises EtcdUnavailable if no member answers within ``within`` seconds."""
+        retry_for, self.gateway.retry_for = self.gateway.retry_for, within
+        try:
+            self.gateway.call("/v3/maintenance/status", {})
+        finally:
+            self.gateway.retry_for = retry_for
 
     def _key(self, edge: str) -> str:
         return f"{self.prefix}e/{edge}"
