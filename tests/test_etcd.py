@@ -210,3 +210,21 @@ def test_discovery_refuses_a_bad_or_unreachable_store(tmp_path: Path) -> None:
     assert down.returncode == 1
     assert down.stderr.startswith("fractalfs: discovery cannot start: no etcd member answered")
     assert "Traceback" not in down.stderr
+
+
+def test_open_ends_are_indexed_by_node(store: EtcdStore) -> None:
+    a, b = new_edge(), new_edge()
+    store.register_writer(a, "n1", "h:1")
+    store.claim_reader(a, "n1")  # a same-node pair: both ends on n1
+    store.claim_reader(b, "n2")
+    assert store.nodes_with_open_ends() == {"n1", "n2"}
+    assert store._held_by("n1") == [a]
+    store.close_writer(a, 1, "complete", 0)
+    assert store._held_by("n1") == [a]  # its reader is still open
+    store.release_reader(a, "n1", "done", 0)
+    assert store._held_by("n1") == [] and store.nodes_with_open_ends() == {"n2"}
+    assert [e.id for e in store.node_lost("n2")] == [b]
+    assert store.nodes_with_open_ends() == set()
+    store.claim_reader(b, "n3")  # lost reader: another node may claim it
+    store.delete(b)
+    assert store.nodes_with_open_ends() == set()

@@ -5,6 +5,7 @@ Keys under one prefix (default ``fractalfs/``)::
     e/<edge>          the edge record (JSON); its mod revision is the edge's ``version``
     ev/<time><rand>   one event (JSON); its create revision is the event's ``seq``
     head              rewritten with every event: its mod revision is the newest event's seq
+    h/<node>/<edge>:w an index: <node> holds an open writer (":r" reader) of <edge>
     n/<node>          a live node: {"boot", "lease"}, attached to the node's lease
 
 Every change is a read, then one transaction that compares the edge key's mod revision with
@@ -222,13 +223,30 @@ class EtcdStore:
         return int(kvs[0]["mod_revision"]) if kvs else 0
 
     def nodes_with_open_ends(self) -> set[str]:
-        out = set()
-        for e in self.edges():
+        start = f"{self.prefix}h/"
+        keys = self.gateway.range(start, prefix_end(start), keys_only=True)
+        return {_unb64(kv["key"])[len(start) :].rsplit("/", 1)[0] for kv in keys}
+
+    def _held_by(self, node: str) -> list[str]:
+        """The edges ``node`` holds an open end of, from the index (not a scan)."""
+        start = f"{self.prefix}h/{node}/"
+        keys = self.gateway.range(start, prefix_end(start), keys_only=True)
+        return sorted({_unb64(kv["key"])[len(start) :].split(":")[0] for kv in keys})
+
+    def _index_ops(self, old: Edge | None, new: Edge | None) -> list[dict[str, Any]]:
+        def held(e: Edge | None) -> set[str]:
+            if e is None:
+                return set()
+            out = set()
             if e.writer_state == "open" and e.writer_node:
-                out.add(e.writer_node)
+                out.add(f"{self.prefix}h/{e.writer_node}/{e.id}:w")
             if e.reader_state == "open" and e.reader_node:
-                out.add(e.reader_node)
-        return out
+                out.add(f"{self.prefix}h/{e.reader_node}/{e.id}:r")
+            return out
+
+        before, after = held(old), held(new)
+        ops = [{"request_delete_range": {"key": _b64(k)}} for k in sorted(before - after)]
+        return ops + [_put(k, "") for k in sorted(after - before)]
 
     # -- the one way to change an edge ---------------------------------------------------
 
@@ -276,7 +294,7 @@ class EtcdStore:
                 return cur
             kind, data, fields = step
             new = replace(cur, updated=time.time(), **fields)
-            ops = [_put(key, _edge_value(new))]
+            ops = [_put(key, _edge_value(new)), *self._index_ops(cur, new)]
             if event:
                 ops += self._event_ops(edge, kind, data)
             ok, got = self.gateway.txn([compare], ops)
@@ -353,7 +371,7 @@ class EtcdStore:
 
     def node_lost(self, node: str, cause: str = "silent") -> list[Edge]:
         changed = []
-        for e in self.edges():
+        for e in self._many(self._held_by(node)).values():
             if e.writer_node == node and e.writer_state == "open":
 
                 def writer_lost(cur: Edge) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
@@ -459,12 +477,19 @@ class EtcdStore:
             self._mutate(edge, change, event=False)
 
     def delete(self, edge: str) -> None:
-        key = self._key(edge)
-        exists = {"key": _b64(key), "target": "VERSION", "result": "GREATER", "version": "0"}
-        ops = [{"request_delete_range": {"key": _b64(key)}}, *self._event_ops(edge, "deleted", {})]
-        ok, _ = self.gateway.txn([exists], ops)
-        if not ok:
+        kv = self._kv(edge)
+        if kv is None:
             raise NotFound(f"no edge {edge}")
+        key = _b64(self._key(edge))
+        same = {"key": key, "target": "MOD", "result": "EQUAL", "mod_revision": kv["mod_revision"]}
+        ops = [
+            {"request_delete_range": {"key": key}},
+            *self._index_ops(_edge_from(kv, edge), None),
+            *self._event_ops(edge, "deleted", {}),
+        ]
+        ok, _ = self.gateway.txn([same], ops)
+        if not ok:
+            self.delete(edge)  # it changed meanwhile: again, with what it is now
 
     # -- history ---------------------------------------------------------------------------
 
@@ -487,7 +512,8 @@ class EtcdStore:
                     "result": "EQUAL",
                     "mod_revision": str(e.version),
                 }
-                ok, _ = self.gateway.txn([same], [{"request_delete_range": {"key": key}}])
+                ops = [{"request_delete_range": {"key": key}}, *self._index_ops(e, None)]
+                ok, _ = self.gateway.txn([same], ops)
                 pruned += ok
         return pruned
 
