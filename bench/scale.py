@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """Scale rows: N edges open at once between two daemons, and discovery with a long history.
 
-    make bench                          # N = 1000
+    make bench                          # N = 1000; history on SQLite and on etcd
     .venv/bin/python bench/scale.py --edges 1000 --history 100000
 
 Edges: N readers open first on daemon B (threads of this process, each open()+read() on
 the mount), then N writers on daemon A each write 64 KiB and close. Reported: time to pair
 all, pairing latency (writer's open() to its reader's first byte) p50/p99, every stream
 sha256-exact, nodes declared lost, and RSS/CPU of each process. History: discovery's
-request latency with H delivered edges in its SQLite file (rows inserted directly).
+request latency with H delivered edges in its history (rows inserted directly), on SQLite
+and on a one-member etcd.
 Results also go to bench/results/scale.json.
 """
 
@@ -26,6 +27,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import astuple
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +35,10 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fractalfs.discovery.store import Store
+from fractalfs.discovery.etcd import EtcdStore, _edge_value, _put
+from fractalfs.discovery.store import Edge, Store
 from fractalfs.edgeid import EdgeId
+from fractalfs.etcdtesting import EtcdCluster, have_etcd
 from fractalfs.testing import Discovery, Node, Process
 
 HERE = Path(__file__).resolve().parent
@@ -174,26 +178,48 @@ def edges_row(work: Path, n: int) -> dict[str, Any]:
         disc.stop()
 
 
-def history_row(work: Path, history: int, samples: int = 200) -> dict[str, Any]:
-    db = work / "history.db"
-    Store(db).close()  # the schema and indexes
+def _delivered(now: float) -> Edge:
+    return Edge(
+        EdgeId.new().hex, 1, "old", "h:1", "complete", 10, "old2", "done", 10, "", "", "", 0,
+        now, now,
+    )  # fmt: skip
+
+
+def history_row(
+    work: Path, history: int, backend: str = "sqlite", samples: int = 200
+) -> dict[str, Any]:
     now = time.time() - 60
-    with sqlite3.connect(db) as conn:
-        conn.executemany(
-            "INSERT INTO edges (id, generation, writer_node, writer_endpoint, writer_state, "
-            "bytes_written, reader_node, reader_state, bytes_delivered, version, created, "
-            "updated) VALUES (?, 1, 'old', 'h:1', 'complete', 10, 'old2', 'done', 10, 0, ?, ?)",
-            ((EdgeId.new().hex, now, now) for _ in range(history)),
-        )
-    proc = Process(["discovery", "--listen", "127.0.0.1:0", "--db", str(db)], work / "hist.log")
+    cluster: EtcdCluster | None = None
+    if backend == "etcd":
+        cluster = EtcdCluster(work / "etcd", members=1)
+        cluster.start()
+        store = EtcdStore.from_url(cluster.url)
+        for _ in range(0, history, 100):
+            puts = []
+            for _ in range(100):
+                e = _delivered(now)
+                puts.append(_put(store._key(e.id), _edge_value(e)))
+            store.gateway.txn([], puts)
+        store.close()
+        args = ["--store", cluster.url]
+    else:
+        db = work / "history.db"
+        Store(db).close()  # the schema and indexes
+        with sqlite3.connect(db) as conn:
+            conn.executemany(
+                "INSERT INTO edges VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (astuple(_delivered(now)) for _ in range(history)),
+            )
+        args = ["--db", str(db)]
+    proc = Process(["discovery", "--listen", "127.0.0.1:0", *args], work / f"hist-{backend}.log")
     url = proc.start().split(" listening on ")[1].split()[0]
     try:
-        out: dict[str, Any] = {"history_edges": history}
+        out: dict[str, Any] = {"backend": backend, "history_edges": history}
         with httpx.Client(base_url=url + "/v1", timeout=30) as http:
             live = [EdgeId.new().hex for _ in range(10)]
-            for e in live:
-                http.post(f"/edges/{e}/writer", json={"node": "n1", "endpoint": "h:1"})
-            hb = {"boot": "b", "writers": {e: 1 for e in live}, "readers": []}
+            for edge in live:
+                http.post(f"/edges/{edge}/writer", json={"node": "n1", "endpoint": "h:1"})
+            hb = {"boot": "b", "writers": dict.fromkeys(live, 1), "readers": []}
             some = EdgeId.new().hex
 
             def register() -> None:
@@ -227,6 +253,8 @@ def history_row(work: Path, history: int, samples: int = 200) -> dict[str, Any]:
         return out
     finally:
         proc.stop()
+        if cluster is not None:
+            cluster.stop()
 
 
 def main() -> int:
@@ -234,15 +262,18 @@ def main() -> int:
     ap.add_argument("--edges", type=int, action="append", help="N (repeatable; default 1000)")
     ap.add_argument("--history", type=int, default=100_000)
     args = ap.parse_args()
-    results: dict[str, Any] = {"edges": [], "history": None}
+    results: dict[str, Any] = {"edges": [], "history": []}
     with tempfile.TemporaryDirectory(prefix="fractalfs-scale-") as tmp:
         for n in args.edges or [1000]:
             row = edges_row(Path(tmp) / f"n{n}", n)
             results["edges"].append(row)
             print(json.dumps(row, indent=1), flush=True)
-        if args.history:
-            results["history"] = history_row(Path(tmp), args.history)
-            print(json.dumps(results["history"], indent=1), flush=True)
+        for backend in ("sqlite", "etcd") if args.history else ():
+            if backend == "etcd" and not have_etcd():
+                continue
+            row = history_row(Path(tmp), args.history, backend)
+            results["history"].append(row)
+            print(json.dumps(row, indent=1), flush=True)
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "scale.json").write_text(json.dumps(results, indent=1))
     return 0
