@@ -236,3 +236,19 @@ def test_kill_an_etcd_member_and_a_replica_mid_stream(
     assert all(gens[-1][0] == 1 for gens in watch.seen.values())  # no writer re-ran
     print(f"paired {paired:.2f} s after the kills")
     assert paired < 2.0, f"pairing resumed {paired:.2f} s after the kills"
+
+
+def test_status_takes_the_first_replica_that_answers(discovery: Discovery) -> None:
+    import subprocess
+
+    edge = new_edge()
+    httpx.post(f"{discovery.url}/v1/edges/{edge}/reader", json={"node": "n"}).raise_for_status()
+    dead = f"http://127.0.0.1:{free_port()}"
+    cmd = [sys.executable, "-m", "fractalfs", "status", "--json"]
+    got = subprocess.run(
+        [*cmd, "--discovery", f"{dead},{discovery.url}"], capture_output=True, text=True, timeout=60
+    )
+    assert got.returncode == 0, got.stderr
+    assert edge in got.stdout
+    down = subprocess.run([*cmd, "--discovery", dead], capture_output=True, text=True, timeout=60)
+    assert down.returncode != 0 and "unreachable" in down.stderr and "Traceback" not in down.stderr
