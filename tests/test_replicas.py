@@ -242,7 +242,9 @@ def test_status_takes_the_first_replica_that_answers(discovery: Discovery) -> No
     import subprocess
 
     edge = new_edge()
-    httpx.post(f"{discovery.url}/v1/edges/{edge}/reader", json={"node": "n"}).raise_for_status()
+    httpx.post(
+        f"{discovery.url}/v1/edges/{edge}/reader", json={"node": "n"}, auth=discovery.auth
+    ).raise_for_status()
     dead = f"http://127.0.0.1:{free_port()}"
     cmd = [sys.executable, "-m", "fractalfs", "status", "--json"]
     got = subprocess.run(
