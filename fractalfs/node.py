@@ -83,6 +83,7 @@ class Node:
         self.data_key: bytes | None = None  # the HELLO's HMAC key (auth.data_key); mount sets it
         self.mode = Mode(config.mode)
         self.mode_overrides: dict[EdgeId, Mode] = {}  # per edge (xattr user.fractalfs.mode)
+        self._closing: dict[EdgeId, trio.Event] = {}  # a generation's end not recorded yet
         # The parts that own the node's background tasks (each started with nursery.start).
         self.persistence = Persistence(self)
         self.membership = Membership(self)
@@ -244,6 +245,7 @@ class Node:
         if "writer" in slot.opening or (old is not None and old.state is WriterState.OPEN):
             raise EdgeError(errno.EBUSY, f"edge {edge} already has a writer on this node")
         with self._opening(slot, "writer"):
+            await self._await_close_recorded(edge, pid)
             rec = await self._interruptible(
                 pid,
                 functools.partial(
@@ -300,7 +302,7 @@ class Node:
             reason, message = writer.abort_reason or (AbortReason.REMOVED, "")
             if reason is AbortReason.READER_LOST:
                 # Readers must not try this generation again: only a re-run can serve them.
-                self._spawn(self._close_writer, writer, "failed", message)
+                self._report_close(writer, "failed", message)
         if writer.state is not WriterState.OPEN:
             self._reap(writer.edge)
             return
@@ -333,14 +335,14 @@ class Node:
             why = verdict.why
             log.warning("edge %s: %s: generation %d failed", writer.edge, why, writer.generation)
             writer.finish(WriterState.FAILED)
-            self._spawn(self._close_writer, writer, "failed", why)
+            self._report_close(writer, "failed", why)
         elif writer.spill is not None and not writer.spill.complete and not spill_done:
             # Its fsyncs run in a worker thread; the end completes after them.
             self._spawn(self.persistence._complete_spill, writer)
             return
         else:
             writer.finish(WriterState.COMPLETE)
-            self._spawn(self._close_writer, writer, "complete", "")
+            self._report_close(writer, "complete", "")
             if writer.configured is Mode.DYNAMIC and writer.spill is None:
                 # Say how it ended: the policy's last reason, or that it never had to decide.
                 undecided = writer.mode_reason == "dynamic: undecided"
@@ -356,19 +358,49 @@ class Node:
         except (Unavailable, DiscoveryError) as exc:
             log.debug("edge %s: event %s not recorded: %s", edge, kind, exc)
 
-    async def _close_writer(self, writer: WriterEnd, state: str, reason: str) -> None:
-        await self._until_recorded(
-            writer.edge,
-            f"writer {state}",
-            functools.partial(
-                self.discovery.close_writer,
-                writer.edge.hex,
-                writer.generation,
-                state,
-                writer.end,
-                reason,
-            ),
-        )
+    def _report_close(self, writer: WriterEnd, state: str, reason: str) -> None:
+        """How a generation ended goes to discovery before a next writer of the edge
+        registers here (``open_writer`` waits for it): otherwise a re-run started at once
+        can take generation N+1 first, and discovery refuses N's end as stale (its
+        'failed' event, which readers and ``fractalfs watch`` show, was lost)."""
+        done = trio.Event()
+        self._closing[writer.edge] = done
+        self._spawn(self._close_writer, writer, state, reason, done)
+
+    async def _close_writer(
+        self, writer: WriterEnd, state: str, reason: str, done: trio.Event | None = None
+    ) -> None:
+        try:
+            await self._until_recorded(
+                writer.edge,
+                f"writer {state}",
+                functools.partial(
+                    self.discovery.close_writer,
+                    writer.edge.hex,
+                    writer.generation,
+                    state,
+                    writer.end,
+                    reason,
+                ),
+            )
+        finally:
+            if done is not None:
+                done.set()
+                if self._closing.get(writer.edge) is done:
+                    del self._closing[writer.edge]
+
+    async def _await_close_recorded(self, edge: EdgeId, pid: int) -> None:
+        """Waits (briefly, interruptibly) until the end of the edge's previous generation
+        on this node is recorded; with discovery down the registration fails anyway."""
+        done = self._closing.get(edge)
+        if done is None:
+            return
+        with trio.move_on_after(RELEASE_GRACE):
+            while not done.is_set():
+                with trio.move_on_after(self.config.signal_poll):
+                    await done.wait()
+                if not done.is_set() and procs.signal_pending(pid):
+                    raise EdgeError(errno.EINTR, "interrupted by a signal")
 
     async def _until_recorded(
         self, edge: EdgeId, what: str, call: Callable[[], Awaitable[object]]
