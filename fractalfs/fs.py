@@ -33,7 +33,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
-from . import metrics
+from . import metrics, procs
 from .edgeid import EdgeId
 from .edges import EdgeError, ReaderEnd, WriterEnd
 from .node import Node
@@ -247,7 +247,12 @@ class Operations(pyfuse3.Operations):
         writer = self._handle(fh).writer
         if writer is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        return await self.node.write(writer, buf)
+        try:
+            return await self.node.write(writer, buf)
+        except EdgeError as exc:
+            if exc.errno == errno.EPIPE and writer.reader_closed:
+                procs.sigpipe_writer(writer.pid, writer.edge.hex)  # as a pipe does
+            raise
 
     @_guard
     async def flush(self, fh: int) -> None:

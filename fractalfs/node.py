@@ -606,7 +606,7 @@ class Node:
         self.released.notify()
         complete = reader.state is ReaderState.EOF and reader.delivered == reader.received
         if reader.state is not ReaderState.EOF:
-            if reader.exit_status:
+            if not procs.reader_closed_early(reader.exit_status):
                 # Killed or failed: not "I want no more". A persistent writer carries on for
                 # a re-run reader; a transient one learns when the re-run asks for offset 0.
                 reader.close(tell_writer=False)
