@@ -44,6 +44,11 @@ log = logging.getLogger(__name__)
 ROOT = pyfuse3.ROOT_INODE
 XATTR_MODE = b"user.fractalfs.mode"  # transient | persistent | dynamic, before the writer opens
 XATTR_REASON = b"user.fractalfs.mode_reason"
+#: What stat reports as an edge's size. An edge's length is unknown until its end, and
+#: GNU sort sizes its buffer from st_size of a regular file: with 0 it kept one line per
+#: buffer and wrote a temporary file per line. 1 MiB is about the guess sort makes for a
+#: pipe, and keeps `wc`'s column width (7 digits) what it is for a pipe.
+EDGE_SIZE = 1 << 20
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -136,7 +141,10 @@ class Operations(pyfuse3.Operations):
             self._edge(inode)
             attrs.st_mode = stat.S_IFREG | 0o666
             attrs.st_nlink = 1
-        attrs.st_size = 0
+            # Programs size buffers from st_size of a regular file (see EDGE_SIZE); blocks
+            # agree with it, or cp takes the file for sparse and tries SEEK_DATA.
+            attrs.st_size = EDGE_SIZE
+            attrs.st_blocks = EDGE_SIZE // 512
         attrs.st_uid = self._uid
         attrs.st_gid = self._gid
         attrs.st_blksize = 1 << 20

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from fractalfs.codec import SENTINEL
+from fractalfs.fs import EDGE_SIZE
 
 from .conftest import Pair, Programs, needs_fuse, new_edge, sh, sha_file
 
@@ -220,7 +221,8 @@ def test_names_and_listing(pair: Pair) -> None:
         (mnt / "not-an-edge").write_bytes(b"x")
     edge, w, _ = pair.paths()
     st = os.stat(w)
-    assert st.st_size == 0 and (st.st_mode & 0o170000) == 0o100000  # a regular file
+    assert (st.st_mode & 0o170000) == 0o100000  # a regular file, sized for buffers
+    assert st.st_size == EDGE_SIZE and st.st_blocks * 512 == st.st_size  # not sparse
     fd = os.open(w, os.O_WRONLY)
     try:
         assert edge in os.listdir(mnt)
