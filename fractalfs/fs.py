@@ -33,7 +33,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
-from . import metrics, procs
+from . import fiforoute, metrics, procs
 from .edgeid import EdgeId
 from .edges import EdgeError, ReaderEnd, WriterEnd
 from .node import Node
@@ -97,6 +97,8 @@ class Operations(pyfuse3.Operations):
         self._edges: dict[int, EdgeId] = {}  # every inode the kernel may still use
         self._lookups: dict[int, int] = {}  # kernel lookup counts, released by forget
         self._last_ino = ROOT
+        self._fifos: set[int] = set()  # inodes handed out as a writer's kernel FIFO
+        self._fifo_writers: dict[EdgeId, fiforoute.Fifo] = {}
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._started_ns = time.time_ns()
@@ -137,6 +139,10 @@ class Operations(pyfuse3.Operations):
         if inode == ROOT:
             attrs.st_mode = stat.S_IFDIR | 0o777
             attrs.st_nlink = 2
+        elif inode in self._fifos:
+            self._edge(inode)
+            attrs.st_mode = stat.S_IFIFO | 0o666
+            attrs.st_nlink = 1
         else:
             self._edge(inode)
             attrs.st_mode = stat.S_IFREG | 0o666
@@ -161,7 +167,37 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         if name in (b".", b".."):
             return self._attrs(ROOT)
-        return self._attrs(self._looked_up(self._inode(self._name(name))))
+        if name.startswith(fiforoute.HIDDEN) and fiforoute.is_own_thread(ctx.pid):
+            ino = int(name[len(fiforoute.HIDDEN) :])
+            if ino not in self._fifos:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._attrs(self._looked_up(ino))
+        edge = self._name(name)
+        if self.node.config.fifo_writers and fiforoute.wants_fifo_writer(ctx.pid):
+            return await self._fifo_writer(edge, ctx.pid)
+        return self._attrs(self._looked_up(self._inode(edge)))
+
+    async def _fifo_writer(self, edge: EdgeId, pid: int) -> pyfuse3.EntryAttributes:
+        """A write-only open gets a kernel FIFO the daemon drains (fiforoute)."""
+        fifo = self._fifo_writers.get(edge)
+        if fifo is not None and fifo.unopened_by(pid):
+            return self._attrs(self._looked_up(fifo.ino))
+        writer = await self.node.open_writer(edge, pid)
+        self._last_ino += 1
+        ino = self._last_ino
+        self._edges[ino] = edge
+        self._fifos.add(ino)
+        hidden = os.path.join(self.node.config.mountpoint, f"{fiforoute.HIDDEN.decode()}{ino}")
+        fifo = self._fifo_writers[edge] = fiforoute.Fifo(writer, ino, hidden)
+        self.node.spawn(self._drain, edge, fifo)
+        return self._attrs(self._looked_up(ino))
+
+    async def _drain(self, edge: EdgeId, fifo: fiforoute.Fifo) -> None:
+        try:
+            await fiforoute.drain(self.node, fifo)
+        finally:
+            if self._fifo_writers.get(edge) is fifo:
+                del self._fifo_writers[edge]
 
     @_guard
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -330,6 +366,7 @@ class Operations(pyfuse3.Operations):
                 self._lookups[ino] = left
                 continue
             self._lookups.pop(ino, None)
+            self._fifos.discard(ino)
             edge = self._edges.pop(ino, None)
             if edge is not None and self._inodes.get(edge) == ino:
                 del self._inodes[edge]

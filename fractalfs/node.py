@@ -178,6 +178,8 @@ class Node:
         assert self._nursery is not None
         self._nursery.start_soon(self._guarded, fn, *args)
 
+    spawn = _spawn  # for fiforoute: a guarded background task of this node
+
     async def _forever(self, fn: Any, *args: Any) -> None:
         """Runs a service task of the node; restarts it if it fails."""
         while True:

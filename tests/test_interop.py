@@ -40,14 +40,22 @@ class Duo:
         return total
 
 
-@pytest.fixture(scope="module")
-def duo(tmp_path_factory: pytest.TempPathFactory, shared_discovery: Discovery) -> Iterator[Duo]:
+@pytest.fixture(scope="module", params=["fuse-writes", "fifo-writers"])
+def duo(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    shared_discovery: Discovery,
+) -> Iterator[Duo]:
+    """The default daemons, and daemons with the experimental FIFO route for writers."""
     workdir = tmp_path_factory.mktemp("interop")
+    config = workdir / "fractalfs.toml"
+    config.write_text(f"fifo_writers = {str(request.param == 'fifo-writers').lower()}\n")
     nodes = []
     try:
         for name in ("a", "b"):
             spill = workdir / f"spill-{name}"
-            node = Node(workdir, name, shared_discovery.url, extra=["--spill-dir", str(spill)])
+            extra = ["--spill-dir", str(spill), "--config", str(config)]
+            node = Node(workdir, name, shared_discovery.url, extra=extra)
             node.workdir_spill = spill  # type: ignore[attr-defined]
             nodes.append(node)
             node.start()
@@ -69,26 +77,26 @@ def both(duo: Duo) -> Iterator[Duo]:
 # -- early close ---------------------------------------------------------------------------
 
 EARLY_ENDINGS = {
-    # how the reader ends -> (command for the reader, signal sent to it after 0.5 s)
+    # how the reader ends -> (command for the reader, signal sent once it has bytes)
     "sigpipe": ("cat {r} | head -1", None),
     "close": ("head -c 10 {r}", None),
-    "sigint": ("exec cat {r} >/dev/null", signal.SIGINT),
-    "sigterm": ("exec cat {r} >/dev/null", signal.SIGTERM),
+    "sigint": ("exec cat {r} > {part}", signal.SIGINT),
+    "sigterm": ("exec cat {r} > {part}", signal.SIGTERM),
 }
 
 
 @pytest.mark.parametrize("ending", EARLY_ENDINGS)
 def test_a_reader_closing_early_stops_the_writer_at_once(
-    both: Duo, programs: Programs, ending: str
+    both: Duo, programs: Programs, tmp_path: Path, ending: str
 ) -> None:
     edge = new_edge()
     spilled = both.spilled()
+    part = tmp_path / "part"
     writer = programs.start(f"exec yes > {both.a.path(edge)}")
     cmd, signum = EARLY_ENDINGS[ending]
-    reader = programs.start(cmd.format(r=both.b.path(edge)))
+    reader = programs.start(cmd.format(r=both.b.path(edge), part=part))
     if signum is not None:
-        time.sleep(0.5)
-        assert reader.poll() is None
+        wait_for(lambda: part.exists() and part.stat().st_size > 0, 10, "bytes", [reader])
         os.kill(reader.pid, signum)
     reader.communicate(timeout=10)
     t0 = time.monotonic()
