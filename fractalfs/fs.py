@@ -6,8 +6,9 @@ makes this node the edge's writer, opening for reading its reader; reads and wri
 handed to :class:`~fractalfs.node.Node`.
 
 Pitfalls handled here (see DEVELOPERS.md):
-* edge files are S_IFREG (an S_IFIFO would be served by the kernel, locally) and opened
-  ``direct_io``, ``nonseekable``, ``keep_cache=False``;
+* edge files are S_IFREG (an S_IFIFO is served by the kernel, locally) sized EDGE_SIZE and
+  opened ``direct_io``, ``nonseekable``, ``keep_cache=False``; only with ``fifo_writers``
+  a write-only open gets a kernel FIFO the daemon drains (fiforoute);
 * entry and attribute timeouts are short: pyfuse3's default is 300 s;
 * a direct_io WRITE holds the inode's lock in the kernel for as long as we block it, so an
   unlink of that inode would wait in vfs_unlink without ever reaching us. Edge entries are
