@@ -199,6 +199,9 @@ class Operations(pyfuse3.Operations):
         finally:
             if self._fifo_writers.get(edge) is fifo:
                 del self._fifo_writers[edge]
+            if fifo.ino not in self._lookups:  # forgotten meanwhile
+                self._fifos.discard(fifo.ino)
+                self._edges.pop(fifo.ino, None)
 
     @_guard
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -367,7 +370,14 @@ class Operations(pyfuse3.Operations):
                 self._lookups[ino] = left
                 continue
             self._lookups.pop(ino, None)
-            self._fifos.discard(ino)
-            edge = self._edges.pop(ino, None)
-            if edge is not None and self._inodes.get(edge) == ino:
-                del self._inodes[edge]
+            if ino in self._fifos:
+                # The kernel forgets a FIFO inode whose revalidation failed, maybe before
+                # the second LOOKUP of the same open and the daemon's own open of it
+                # arrive: it lives as long as its drain (see _drain).
+                fifo = self._fifo_writers.get(self._edges[ino])
+                if fifo is not None and fifo.ino == ino:
+                    continue
+                self._fifos.discard(ino)
+            gone = self._edges.pop(ino, None)
+            if gone is not None and self._inodes.get(gone) == ino:
+                del self._inodes[gone]

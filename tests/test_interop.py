@@ -406,3 +406,22 @@ def test_program_on_an_edge_as_on_a_fifo(
     assert got.seconds <= 3 * ref.seconds + 1, (
         f"edge {got.seconds:.2f} s, {row.ref} {ref.seconds:.2f} s"
     )
+
+
+def test_writer_open_after_a_reader_on_the_same_node(
+    both: Duo, programs: Programs, tmp_path: Path
+) -> None:
+    """The reader's open leaves a cached regular-file entry; the writer's open then sees
+    its revalidation fail and looks the name up twice, while the kernel forgets the first
+    answer: with the FIFO route both lookups must give the same live FIFO (it gave ENOENT,
+    then CREATE and EBUSY)."""
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(3 * 1024 * 1024 + 7))
+    want = hashlib.sha256(src.read_bytes()).hexdigest()
+    for bs in ("4k", "64k", "1M", "4k", "64k", "1M"):
+        path = both.a.path(new_edge())
+        reader = programs.start(f"dd if={path} bs={bs} status=none | sha256sum")
+        time.sleep(0.1)
+        sh(f"dd if={src} of={path} bs={bs} status=none")
+        out, err = reader.communicate(timeout=30)
+        assert out.split()[0].decode() == want, err
