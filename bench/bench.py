@@ -243,17 +243,106 @@ def persistence(
     return out
 
 
+def small_writes(nodes: tuple[Node, Node]) -> dict[str, float]:
+    """Writers that write a few KiB at a time (seconds; into a pipe and into an edge read on
+    the other daemon)."""
+    a, b = nodes
+    out: dict[str, float] = {}
+    for label, prog in (
+        ("yes | head -c 200000000", "yes abcdefghij | head -c 200000000"),
+        ("seq 1 20000000", "seq 1 20000000"),
+    ):
+        t0 = time.perf_counter()
+        subprocess.run(["bash", "-c", f"{prog} | cat > /dev/null"], check=True)
+        out[f"{label}, pipe"] = time.perf_counter() - t0
+        edge = EdgeId.new().hex
+        out[f"{label}, edge"] = timed_pair(
+            f"{prog} > {a.path(edge)}", f"cat {b.path(edge)} > /dev/null"
+        )
+    return out
+
+
+# The PaSh "oneliners" word frequencies: tr | grep | tr | sort | uniq -c | sort -rn.
+PASH_STAGES = [
+    "tr -cs A-Za-z '\\n'",
+    "grep -v '^$'",
+    "tr A-Z a-z",
+    "sort",
+    "uniq -c",
+    "sort -rn",
+]
+
+
+def pash_input(path: Path, size: int) -> None:
+    import random
+
+    rng = random.Random(1)
+    vocab = [
+        "".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(5000)
+    ]
+    vocab = [w.capitalize() if i % 7 == 0 else w for i, w in enumerate(vocab)]
+    weights = [1 / (i + 1) for i in range(len(vocab))]
+    with open(path, "w") as f:
+        written = 0
+        while written < size:
+            line = " ".join(rng.choices(vocab, weights, k=12)) + ",  " + str(written % 97) + ".\n"
+            f.write(line)
+            written += len(line)
+
+
+def pash(nodes: tuple[Node, Node], work: Path, size: int) -> dict[str, float]:
+    """The pipeline with plain pipes on one node, and with its stages alternating between
+    two daemons joined by edges; seconds, and whether the outputs are identical."""
+    a, b = nodes
+    src = work / "pash-in.txt"
+    if not src.exists():
+        pash_input(src, size)
+    env = {**os.environ, "LC_ALL": "C"}
+    t0 = time.perf_counter()
+    plain = subprocess.run(
+        ["bash", "-c", f"cat {src} | " + " | ".join(PASH_STAGES) + " | sha256sum"],
+        capture_output=True,
+        env=env,
+        check=True,
+    ).stdout
+    out = {"plain pipes, one node s": time.perf_counter() - t0}
+    edges = [EdgeId.new().hex for _ in PASH_STAGES[1:]]
+    node = [a, b]
+    cmds = []
+    for k, stage in enumerate(PASH_STAGES):
+        here = node[k % 2]
+        inp = f"cat {src}" if k == 0 else f"cat {here.path(edges[k - 1])}"
+        dst = f"> {here.path(edges[k])}" if k < len(edges) else "| sha256sum"
+        cmds.append(f"{inp} | {stage} {dst}")
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(["bash", "-c", c], stdout=subprocess.PIPE, env=env) for c in cmds]
+    results = [p.communicate(timeout=600)[0] for p in procs]
+    out["stages over two daemons s"] = time.perf_counter() - t0
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"pash over edges: {[p.returncode for p in procs]}")
+    out["edges / pipes"] = out["stages over two daemons s"] / out["plain pipes, one node s"]
+    out["outputs identical"] = float(results[-1] == plain)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--size", default="2G", help="bytes per throughput run (default 2G)")
-    ap.add_argument("--bs", default="1M,64K", help="block sizes (default 1M,64K)")
-    ap.add_argument("--only", choices=["throughput", "latency", "pairing", "persistence"])
+    ap.add_argument("--bs", default="1M,64K,4K", help="block sizes (default 1M,64K,4K)")
+    ap.add_argument("--small-size", default="256M", help="bytes per run at bs < 64K")
+    ap.add_argument("--pash-size", default="64M", help="text for the PaSh pipeline")
+    ap.add_argument(
+        "--only",
+        help="comma-separated sections: throughput, latency, pairing, persistence, "
+        "programs, pash (default: all)",
+    )
     ap.add_argument(
         "--no-secret",
         action="store_true",
         help="daemons without the cluster secret (the cost of authentication, by difference)",
     )
     args = ap.parse_args()
+    only = set(args.only.split(",")) if args.only else None
     if shutil.which("socat") is None:
         print("bench: socat is needed for the baseline (apt install socat)", file=sys.stderr)
         return 2
@@ -270,23 +359,39 @@ def main() -> int:
             a.start()
             b.start()
             nodes = (a, b)
-            if args.only in (None, "throughput"):
+            if only is None or "throughput" in only:
                 for bs in args.bs.split(","):
-                    r = throughput(nodes, work, size, bs)
+                    small = parse_size(bs) < 64 << 10
+                    r = throughput(nodes, work, parse_size(args.small_size) if small else size, bs)
                     results[f"throughput_{bs}"] = r
-                    print(f"\nthroughput, {args.size} at bs={bs} (MB/s; ratio vs socat, FIFO)")
+                    print(
+                        f"\nthroughput, {args.small_size if small else args.size} at bs={bs}"
+                        " (MB/s; ratio vs socat, FIFO)"
+                    )
                     for k, v in r.items():
                         print(
                             f"  {k:24s} {v:8.0f}   x{v / r['socat TCP loopback']:.2f} socat"
                             f"   x{v / r['kernel FIFO']:.2f} FIFO"
                         )
-            if args.only in (None, "latency"):
+            if only is None or "programs" in only:
+                sw = small_writes(nodes)
+                results["small_writes_s"] = sw
+                print("\nsmall writes (seconds; the edge is read on the other daemon)")
+                for k, v in sw.items():
+                    print(f"  {k:40s} {v:8.2f}")
+            if only is None or "pash" in only:
+                pw = pash(nodes, work, parse_size(args.pash_size))
+                results["pash_word_frequencies"] = pw
+                print(f"\nPaSh word frequencies, {args.pash_size} of text")
+                for k, v in pw.items():
+                    print(f"  {k:40s} {v:8.2f}")
+            if only is None or "latency" in only:
                 lat = latency(nodes, work)
                 results["line_latency_ms"] = lat
                 print("\nline latency (ms: median, max of 300 lines 3 ms apart)")
                 for k, (med, worst) in lat.items():
                     print(f"  {k:24s} {med:8.3f} {worst:8.3f}")
-            if args.only in (None, "persistence"):
+            if only is None or "persistence" in only:
                 # The spill on the state disk, and on tmpfs (what the software costs
                 # when the disk does not bound it).
                 shm = Path(tempfile.mkdtemp(prefix="fractalfs-bench-", dir="/dev/shm"))
@@ -307,7 +412,7 @@ def main() -> int:
                     for k, v in per.items():
                         print(f"  {k:40s} {v:10.2f}")
                 shutil.rmtree(shm, ignore_errors=True)
-            if args.only in (None, "pairing"):
+            if only is None or "pairing" in only:
                 pair = pairing(nodes)
                 results["pairing_ms"] = pair
                 print("\npairing (ms, median: reader waiting, writer open -> first byte)")

@@ -38,6 +38,10 @@ class NodeConfig:
     #: Bytes a writer may have sent but not yet acknowledged by its reader; a writer
     #: blocks beyond this (the replay window of transient mode).
     write_window: int = 8 * MiB
+    #: Experimental: write-only opens get a kernel FIFO the daemon drains, keeping FUSE
+    #: off the writer's data path (fractalfs/fiforoute.py); see the README for what it
+    #: does not do yet. false: every write is a FUSE request.
+    fifo_writers: bool = False
     #: Bytes a reader's daemon buffers ahead of the reading program.
     read_buffer: int = 8 * MiB
     #: pyfuse3 worker limit; every blocked read or write holds one.

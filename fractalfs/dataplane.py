@@ -13,6 +13,7 @@ and :func:`pull` / :func:`pull_local` fill one reader end, each returning how it
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import socket
@@ -303,6 +304,14 @@ async def pull(
             if reader.state is ReaderState.CLOSED and reader.tell_writer:
                 with trio.CancelScope(shield=True), trio.move_on_after(1):
                     await send_all(sock, [handshake.control(Control.CLOSE, reader.delivered)])
+                    # Closing now, with the writer's data unread, would reset the
+                    # connection: the writer's send fails and may end its side before it
+                    # reads the CLOSE (seen: 1 early close in 7 did not stop the writer).
+                    # Let the writer hang up first.
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_WR)
+                        while await sock.recv(RECV_MAX):
+                            pass
 
 
 async def _receive(sock: trio.socket.SocketType, reader: ReaderEnd, offset: int) -> Result:

@@ -91,6 +91,7 @@ class WriterEnd:
         self.generation = generation
         self.window = window
         self.pid = pid
+        self.interrupt_pid = pid  # whose pending signals end a wait (0: nobody waits)
         self.chunks: deque[bytes] = deque()
         self.first_index = 0  # absolute index of chunks[0]
         self.base = 0  # stream offset of chunks[0]
@@ -186,7 +187,7 @@ class WriterEnd:
                     continue
             self.blocked += 1
             try:
-                await wait_or_interrupt(self.changed, self.pid, min(poll, FULL_FOR))
+                await wait_or_interrupt(self.changed, self.interrupt_pid, min(poll, FULL_FOR))
             finally:
                 self.blocked -= 1
         self.chunks.append(data)
@@ -255,7 +256,7 @@ class WriterEnd:
         """Waits until no spill append runs; raises the error of a failed one (every
         later write and the close fail with it: the stream is no longer persisted)."""
         while self._spilling:
-            await wait_or_interrupt(self.changed, self.pid, poll)
+            await wait_or_interrupt(self.changed, self.interrupt_pid, poll)
         if self.spill_error is not None:
             exc = self.spill_error
             raise EdgeError(exc.errno or errno.EIO, f"spill file: {exc.strerror}")

@@ -6,8 +6,9 @@ makes this node the edge's writer, opening for reading its reader; reads and wri
 handed to :class:`~fractalfs.node.Node`.
 
 Pitfalls handled here (see DEVELOPERS.md):
-* edge files are S_IFREG (an S_IFIFO would be served by the kernel, locally) and opened
-  ``direct_io``, ``nonseekable``, ``keep_cache=False``;
+* edge files are S_IFREG (an S_IFIFO is served by the kernel, locally) sized EDGE_SIZE and
+  opened ``direct_io``, ``nonseekable``, ``keep_cache=False``; only with ``fifo_writers``
+  a write-only open gets a kernel FIFO the daemon drains (fiforoute);
 * entry and attribute timeouts are short: pyfuse3's default is 300 s;
 * a direct_io WRITE holds the inode's lock in the kernel for as long as we block it, so an
   unlink of that inode would wait in vfs_unlink without ever reaching us. Edge entries are
@@ -33,7 +34,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
-from . import metrics
+from . import fiforoute, metrics, procs
 from .edgeid import EdgeId
 from .edges import EdgeError, ReaderEnd, WriterEnd
 from .node import Node
@@ -45,6 +46,11 @@ log = logging.getLogger(__name__)
 ROOT = pyfuse3.ROOT_INODE
 XATTR_MODE = b"user.fractalfs.mode"  # transient | persistent | dynamic, before the writer opens
 XATTR_REASON = b"user.fractalfs.mode_reason"
+#: What stat reports as an edge's size. An edge's length is unknown until its end, and
+#: GNU sort sizes its buffer from st_size of a regular file: with 0 it kept one line per
+#: buffer and wrote a temporary file per line. 1 MiB is about the guess sort makes for a
+#: pipe, and keeps `wc`'s column width (7 digits) what it is for a pipe.
+EDGE_SIZE = 1 << 20
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -95,6 +101,8 @@ class Operations(pyfuse3.Operations):
         self._edges: dict[int, EdgeId] = {}  # every inode the kernel may still use
         self._lookups: dict[int, int] = {}  # kernel lookup counts, released by forget
         self._last_ino = ROOT
+        self._fifos: set[int] = set()  # inodes handed out as a writer's kernel FIFO
+        self._fifo_writers: dict[EdgeId, fiforoute.Fifo] = {}
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._started_ns = time.time_ns()
@@ -186,11 +194,16 @@ class Operations(pyfuse3.Operations):
             attrs.st_nlink = 2
         else:
             owner = self.owners.owner(self._edge(inode))
-            attrs.st_mode = stat.S_IFREG | (0o666 if owner is None else 0o600)
+            kind = stat.S_IFIFO if inode in self._fifos else stat.S_IFREG
+            attrs.st_mode = kind | (0o666 if owner is None else 0o600)
             attrs.st_nlink = 1
             if owner is not None:
                 attrs.st_uid, attrs.st_gid = owner.uid, owner.gid
-        attrs.st_size = 0
+            if kind == stat.S_IFREG:
+                # Programs size buffers from st_size of a regular file (see EDGE_SIZE); blocks
+                # agree with it, or cp takes the file for sparse and tries SEEK_DATA.
+                attrs.st_size = EDGE_SIZE
+                attrs.st_blocks = EDGE_SIZE // 512
         attrs.st_blksize = 1 << 20
         attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = self._started_ns
         attrs.entry_timeout = 1.0 if inode == ROOT else 0.0
@@ -205,7 +218,42 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         if name in (b".", b".."):
             return self._attrs(ROOT)
-        return self._attrs(self._looked_up(self._inode(self._name(name))))
+        if name.startswith(fiforoute.HIDDEN) and fiforoute.is_own_thread(ctx.pid):
+            ino = int(name[len(fiforoute.HIDDEN) :])
+            if ino not in self._fifos:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._attrs(self._looked_up(ino))
+        edge = self._name(name)
+        if self.node.config.fifo_writers and fiforoute.wants_fifo_writer(ctx.pid):
+            # The kernel serves a FIFO's open itself: ownership is decided here.
+            self._permit(edge, ctx, errno.EACCES, claim=True)
+            return await self._fifo_writer(edge, ctx.pid)
+        return self._attrs(self._looked_up(self._inode(edge)))
+
+    async def _fifo_writer(self, edge: EdgeId, pid: int) -> pyfuse3.EntryAttributes:
+        """A write-only open gets a kernel FIFO the daemon drains (fiforoute)."""
+        fifo = self._fifo_writers.get(edge)
+        if fifo is not None and fifo.unopened_by(pid):
+            return self._attrs(self._looked_up(fifo.ino))
+        writer = await self.node.open_writer(edge, pid)
+        self._last_ino += 1
+        ino = self._last_ino
+        self._edges[ino] = edge
+        self._fifos.add(ino)
+        hidden = os.path.join(self.node.config.mountpoint, f"{fiforoute.HIDDEN.decode()}{ino}")
+        fifo = self._fifo_writers[edge] = fiforoute.Fifo(writer, ino, hidden)
+        self.node.spawn(self._drain, edge, fifo)
+        return self._attrs(self._looked_up(ino))
+
+    async def _drain(self, edge: EdgeId, fifo: fiforoute.Fifo) -> None:
+        try:
+            await fiforoute.drain(self.node, fifo)
+        finally:
+            if self._fifo_writers.get(edge) is fifo:
+                del self._fifo_writers[edge]
+            if fifo.ino not in self._lookups:  # forgotten meanwhile
+                self._fifos.discard(fifo.ino)
+                self._edges.pop(fifo.ino, None)
 
     @_guard
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -303,7 +351,12 @@ class Operations(pyfuse3.Operations):
         if writer is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         self._check_spill(handle)
-        return await self.node.write(writer, buf)
+        try:
+            return await self.node.write(writer, buf)
+        except EdgeError as exc:
+            if exc.errno == errno.EPIPE and writer.reader_closed:
+                procs.sigpipe_writer(writer.pid, writer.edge.hex)  # as a pipe does
+            raise
 
     @_guard
     async def flush(self, fh: int) -> None:
@@ -384,6 +437,14 @@ class Operations(pyfuse3.Operations):
                 self._lookups[ino] = left
                 continue
             self._lookups.pop(ino, None)
-            edge = self._edges.pop(ino, None)
-            if edge is not None and self._inodes.get(edge) == ino:
-                del self._inodes[edge]
+            if ino in self._fifos:
+                # The kernel forgets a FIFO inode whose revalidation failed, maybe before
+                # the second LOOKUP of the same open and the daemon's own open of it
+                # arrive: it lives as long as its drain (see _drain).
+                fifo = self._fifo_writers.get(self._edges[ino])
+                if fifo is not None and fifo.ino == ino:
+                    continue
+                self._fifos.discard(ino)
+            gone = self._edges.pop(ino, None)
+            if gone is not None and self._inodes.get(gone) == ino:
+                del self._inodes[gone]

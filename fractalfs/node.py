@@ -138,6 +138,8 @@ class Node:
         assert self._nursery is not None
         self._nursery.start_soon(self._guarded, fn, *args)
 
+    spawn = _spawn  # for fiforoute: a guarded background task of this node
+
     async def _forever(self, fn: Any, *args: Any) -> None:
         """Runs a service task of the node; restarts it if it fails."""
         while True:
@@ -486,7 +488,7 @@ class Node:
         self.released.notify()
         complete = reader.state is ReaderState.EOF and reader.delivered == reader.received
         if reader.state is not ReaderState.EOF:
-            if reader.exit_status:
+            if not procs.reader_closed_early(reader.exit_status):
                 # Killed or failed: not "I want no more". A persistent writer carries on for
                 # a re-run reader; a transient one learns when the re-run asks for offset 0.
                 reader.close(tell_writer=False)

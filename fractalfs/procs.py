@@ -122,6 +122,51 @@ def group_times(pgid: int) -> tuple[float, float]:
     return cpu / CLK_TCK, queued / 1e9
 
 
+# A reader that ends with one of these signals asked for no more, as every program at the
+# head of a shell pipeline does: SIGPIPE (its own output was closed, `cat E | head -1`),
+# SIGINT (Ctrl-C), SIGTERM (`kill`, a job being cancelled), SIGHUP (its terminal went).
+# Anything else that kills it (SIGKILL, SIGSEGV, SIGABRT, ...) or a non-zero exit is a
+# failure, and its writer keeps the bytes for a re-run reader.
+EARLY_CLOSE_SIGNALS = frozenset({1, 2, 13, 15})  # SIGHUP, SIGINT, SIGPIPE, SIGTERM
+
+
+def reader_closed_early(status: int | None) -> bool:
+    """Whether a reader that closed before the end, with wait status ``status`` (None: it
+    was still running), means "no more" (the writer gets EPIPE, as through a pipe) rather
+    than "failed" (the stream is kept for a re-run)."""
+    if status is None or status == 0:
+        return True
+    signum = status & 0x7F
+    return signum in EARLY_CLOSE_SIGNALS
+
+
+# write(2), pwrite64(2), writev(2), pwritev(2), pwritev2(2) by machine
+_WRITE_SYSCALLS = {
+    "x86_64": frozenset({1, 18, 20, 296, 328}),
+    "aarch64": frozenset({64, 66, 68, 70, 287}),
+}.get(os.uname().machine, frozenset())
+
+
+def sigpipe_writer(pid: int, name: str) -> bool:
+    """Sends SIGPIPE to ``pid`` if it is now inside a write to a file whose path ends in
+    ``name``, as the kernel's pipe code does before failing a write with EPIPE. A FUSE
+    filesystem can only answer EPIPE, which a program that (like most) leaves SIGPIPE at its
+    default takes for an error (`yes: standard output: Broken pipe`, exit 1) where a pipe
+    would have ended it quietly (killed by SIGPIPE, status 141 in a shell)."""
+    try:
+        with open(f"/proc/{pid}/syscall", "rb") as f:
+            fields = f.read().split()
+        if int(fields[0]) not in _WRITE_SYSCALLS:
+            return False
+        target = os.readlink(f"/proc/{pid}/fd/{int(fields[1], 16)}")
+        if not target.endswith(name):
+            return False
+        os.kill(pid, 13)  # SIGPIPE
+    except (OSError, ValueError, IndexError):
+        return False
+    return True
+
+
 def describe_status(status: int) -> str:
     if status & 0x7F:
         return f"killed by signal {status & 0x7F}"

@@ -95,3 +95,15 @@ def test_dying_is_gone_or_exiting_but_not_merely_signalled() -> None:
         child.kill()
         child.wait()
     assert procs.dying(child.pid)  # reaped
+
+
+def test_which_reader_endings_mean_closed_early() -> None:
+    assert procs.reader_closed_early(None)  # closed while still running (`head -c 10`)
+    assert procs.reader_closed_early(0)
+    for signum in (signal.SIGPIPE, signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        assert procs.reader_closed_early(int(signum)), signum
+        assert procs.reader_closed_early(int(signum) | 0x80), signum  # with a core dump bit
+    for signum in (signal.SIGKILL, signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS):
+        assert not procs.reader_closed_early(int(signum)), signum
+    assert not procs.reader_closed_early(1 << 8)  # exit 1
+    assert not procs.reader_closed_early(2 << 8)  # exit 2: not SIGINT
