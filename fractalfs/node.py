@@ -321,11 +321,18 @@ class Node:
             exit = await self.exits.outcome(writer.pid, CLOSE_GRACE)
         self._settle(writer, exit)
 
-    def _settle(self, writer: WriterEnd, exit: Exit, spill_done: bool = False) -> None:
+    def _settle(
+        self,
+        writer: WriterEnd,
+        exit: Exit,
+        spill_done: bool = False,
+        spill_failure: OSError | None = None,
+    ) -> None:
         self.exits.forget(writer.pid)
         if writer.state is not WriterState.OPEN:
             return
-        spill_error = "" if writer.spill_error is None else str(writer.spill_error)
+        failure = writer.spill_error or spill_failure  # an append's, or the completion's
+        spill_error = "" if failure is None else str(failure)
         verdict = writerstate.settle(exit, spill_error)
         if isinstance(exit, Unknown) and not exit.observable:
             log.warning("edge %s: %s: taken as complete", writer.edge, exit.why)
