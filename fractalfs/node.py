@@ -287,6 +287,10 @@ class Node:
         if writer.spill is not None and writer.state is WriterState.OPEN:
             await writer.drain_spill(self.config.signal_poll)
         writer.exit_status = procs.exit_status(writer.pid)
+        if writer.exit_status is None:
+            # The opener runs on: this close may be a holder's it handed the file to (a
+            # child killed mid-stream). Its death is not an end, however the opener goes on.
+            writer.exit_status = procs.failing_in_group(writer.pgid, writer.pid)
 
     def release_writer(self, writer: WriterEnd) -> None:
         """The writer's file is closed for good: the stream ends, cleanly or not.
