@@ -597,11 +597,23 @@ class Node:
         if (
             writer.reader_lost
             and writer.acked > 0
-            and writer.state is WriterState.OPEN
+            and writer.state in (WriterState.OPEN, WriterState.COMPLETE)
             and writer.spill is None  # a persistent stream still has every byte for a re-run
         ):
             log.warning("edge %s: the reader's node was lost with acknowledged bytes", writer.edge)
-            writer.abort(AbortReason.READER_LOST, "the reader's node was lost")
+            self._lose_freed_prefix(writer, "the reader's node was lost")
+
+    def _lose_freed_prefix(self, writer: WriterEnd, why: str) -> None:
+        """A transient writer's reader took bytes it freed, and they are gone with it: only
+        a re-run of the writer can produce them again. A running program gets EPIPE (its
+        release records the failure); one that already finished well has its complete
+        generation failed in discovery now, or it would read "complete" for good while
+        no reader could ever be served (a re-run reader waited, then EIO)."""
+        complete = writer.state is WriterState.COMPLETE
+        writer.abort(AbortReason.READER_LOST, why)
+        if complete:
+            self._spawn(self._close_writer, writer, "failed", why)
+            self._reap(writer.edge)
 
     def _fence(self, writer: WriterEnd) -> None:
         if writer.state is not WriterState.ABORTED:

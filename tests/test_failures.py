@@ -249,6 +249,41 @@ def test_reader_daemon_killed_releases_everyone_and_reruns_recover(
     assert a.alive() and b.alive() and c.alive()  # a reset connection never kills a daemon
 
 
+def test_reader_daemon_killed_after_its_writer_finished_fails_the_generation(
+    cluster: Cluster, programs: Programs, tmp_path: Path
+) -> None:
+    """Transient: the writing program finished (exit 0) while its reader's daemon held
+    acknowledged bytes its program had not read; that daemon dies. The bytes are gone
+    everywhere, yet the generation stayed "complete" in discovery for good: nothing said
+    to re-run the writer, and a re-run reader waited, then got EIO. Now the generation
+    fails, as a running writer would (EPIPE), and a re-run writer serves the re-run reader."""
+    cluster.start_discovery()
+    a = cluster.node("a")
+    c = cluster.node("c", extra=["--writer-lost-timeout", "20"])
+    edge = new_edge()
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(10 * MiB))  # under read buffer + window: the writer finishes
+    slow = f"import time; f = open({c.path(edge)!r}, 'rb'); f.read({MiB}); time.sleep(60)"
+    reader = programs.start(f"exec {sys.executable} -c {shlex.quote(slow)}")
+    sh(f"cat {src} > {a.path(edge)}", timeout=20)  # exit 0: the generation is complete
+    c.kill()
+    os.killpg(reader.pid, signal.SIGKILL)  # its program goes with it
+    reader.communicate(timeout=10)
+    c = cluster.node("c", extra=["--writer-lost-timeout", "20"])
+    wait_for(
+        lambda: cluster.edge(edge).get("writer_state") == "failed",
+        5,
+        "the complete generation failed in discovery",
+    )
+    out = tmp_path / "out"
+    reader2 = programs.start(f"cat {c.path(edge)} > {out}")
+    time.sleep(0.5)
+    sh(f"cat {src} > {a.path(edge)}")  # the re-run writer
+    _, err = reader2.communicate(timeout=30)
+    assert reader2.returncode == 0, err
+    assert sha_file(out) == sha_file(src)
+
+
 def test_reader_dials_before_the_writer_daemon_heard_its_generation(
     cluster: Cluster, programs: Programs, tmp_path: Path
 ) -> None:
