@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 import trio
 
 from . import dataplane
-from .codec import AbortReason
 from .edgeid import EdgeId
 from .edges import WriterEnd, WriterState
 from .handshake import HandshakeError, Status
@@ -71,11 +70,11 @@ class DataServer:
                     writer is not None
                     and reply.status is Status.BAD_OFFSET
                     and hello.offset < writer.base
-                    and writer.state is WriterState.OPEN
+                    and writer.state in (WriterState.OPEN, WriterState.COMPLETE)
                 ):
                     # A re-run reader wants bytes already acknowledged and freed: only a
                     # re-run of this writer can produce them again.
-                    writer.abort(AbortReason.READER_LOST, "the reader restarted")
+                    self.node._lose_freed_prefix(writer, "the reader restarted")
                 if writer is None or reply.status is not Status.OK:
                     return
                 writer.set_reader_lost(False)  # it redialled: alive after all

@@ -291,6 +291,10 @@ class Node:
         if writer.spill is not None and writer.state is WriterState.OPEN:
             await writer.drain_spill(self.config.signal_poll)
         writer.exit_status = procs.exit_status(writer.pid)
+        if writer.exit_status is None:
+            # The opener runs on: this close may be a holder's it handed the file to (a
+            # child killed mid-stream). Its death is not an end, however the opener goes on.
+            writer.exit_status = procs.failing_in_group(writer.pgid, writer.pid)
 
     def release_writer(self, writer: WriterEnd) -> None:
         """The writer's file is closed for good: the stream ends, cleanly or not.
@@ -325,11 +329,18 @@ class Node:
             exit = await self.exits.outcome(writer.pid, CLOSE_GRACE)
         self._settle(writer, exit)
 
-    def _settle(self, writer: WriterEnd, exit: Exit, spill_done: bool = False) -> None:
+    def _settle(
+        self,
+        writer: WriterEnd,
+        exit: Exit,
+        spill_done: bool = False,
+        spill_failure: OSError | None = None,
+    ) -> None:
         self.exits.forget(writer.pid)
         if writer.state is not WriterState.OPEN:
             return
-        spill_error = "" if writer.spill_error is None else str(writer.spill_error)
+        failure = writer.spill_error or spill_failure  # an append's, or the completion's
+        spill_error = "" if failure is None else str(failure)
         verdict = writerstate.settle(exit, spill_error)
         if isinstance(exit, Unknown) and not exit.observable:
             log.warning("edge %s: %s: taken as complete", writer.edge, exit.why)
@@ -620,11 +631,23 @@ class Node:
         if (
             writer.reader_lost
             and writer.acked > 0
-            and writer.state is WriterState.OPEN
+            and writer.state in (WriterState.OPEN, WriterState.COMPLETE)
             and writer.spill is None  # a persistent stream still has every byte for a re-run
         ):
             log.warning("edge %s: the reader's node was lost with acknowledged bytes", writer.edge)
-            writer.abort(AbortReason.READER_LOST, "the reader's node was lost")
+            self._lose_freed_prefix(writer, "the reader's node was lost")
+
+    def _lose_freed_prefix(self, writer: WriterEnd, why: str) -> None:
+        """A transient writer's reader took bytes it freed, and they are gone with it: only
+        a re-run of the writer can produce them again. A running program gets EPIPE (its
+        release records the failure); one that already finished well has its complete
+        generation failed in discovery now, or it would read "complete" for good while
+        no reader could ever be served (a re-run reader waited, then EIO)."""
+        complete = writer.state is WriterState.COMPLETE
+        writer.abort(AbortReason.READER_LOST, why)
+        if complete:
+            self._spawn(self._close_writer, writer, "failed", why)
+            self._reap(writer.edge)
 
     def _fence(self, writer: WriterEnd) -> None:
         if writer.state is not WriterState.ABORTED:

@@ -291,4 +291,6 @@ class Persistence:
         error = await writer.complete_spill()
         if error is not None:
             log.warning("edge %s: spill file not completed: %s", writer.edge, error)
-        self.node._settle(writer, Exited(0), spill_done=True)
+        # A failed completion fails the generation (writerstate.settle): its bytes may not
+        # be on disk, and the unsealed spill must not be served as the whole stream.
+        self.node._settle(writer, Exited(0), spill_done=True, spill_failure=error)

@@ -82,6 +82,34 @@ def exit_status(pid: int) -> int | None:
     return int(fields[52 - 3]) if len(fields) > 52 - 3 else 0
 
 
+def failing_in_group(pgid: int, exclude: int) -> int | None:
+    """The wait status of a process of group ``pgid`` (not ``exclude``) that is exiting
+    with a non-zero status right now, else None.
+
+    A FLUSH comes from the process closing the file, and a process dying with the file
+    open closes it while exiting. When the opener itself runs on, the close was made by
+    another holder: a child it handed the file to (``subprocess.Popen(stdout=f)``, or a
+    shell's ``exec 3>E; producer >&3``), which shares its process group.
+    """
+    if pgid <= 0:
+        return None
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == exclude:
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                text = f.read()
+            fields = text[text.rindex(b")") + 2 :].split()
+            if int(fields[5 - 3]) != pgid or not int(fields[9 - 3]) & PF_EXITING:
+                continue
+            status = int(fields[52 - 3]) if len(fields) > 52 - 3 else 0
+        except (OSError, IndexError, ValueError):
+            continue
+        if status:
+            return status
+    return None
+
+
 def dying(pid: int) -> bool:
     """True if ``pid`` is gone, exiting, or has a SIGKILL pending: its files are being or
     about to be closed, though the kernel may not have sent their RELEASE yet."""

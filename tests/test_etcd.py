@@ -228,3 +228,14 @@ def test_open_ends_are_indexed_by_node(store: EtcdStore) -> None:
     store.claim_reader(b, "n3")  # lost reader: another node may claim it
     store.delete(b)
     assert store.nodes_with_open_ends() == set()
+
+
+def test_a_reader_that_finished_while_its_node_was_lost_is_recorded_done(
+    store: EtcdStore,
+) -> None:
+    """See tests/test_store.py: a release from a node taken for lost still counts."""
+    edge = new_edge()
+    claim = store.claim_reader(edge, "r").reader_claim
+    store.node_lost("r")
+    assert store.release_reader(edge, "r", "done", 0, claim=claim).reader_state == "done"
+    assert store.nodes_with_open_ends() == set()

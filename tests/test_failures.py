@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -93,6 +94,41 @@ def test_gnu_tool_exiting_nonzero_after_closing_is_not_an_end(
     sh(f"cat {src} > {a.path(edge)}")
     reader.communicate(timeout=30)
     assert reader.returncode == 0 and sha_file(out) == sha_file(src)
+
+
+def test_a_killed_child_holding_the_writers_file_is_not_an_end(
+    cluster: Cluster, programs: Programs, src: Path, tmp_path: Path
+) -> None:
+    """An orchestrator opens the edge, hands the file to its producer and closes its own
+    copy (``subprocess.Popen(stdout=f)``, or ``exec 3>E; producer >&3``). The producer is
+    killed mid-stream while the orchestrator runs on: the last close was the dead
+    producer's, yet the stream was taken as complete and the reader exited 0 with a
+    truncated stream."""
+    a, _, c = three_nodes(cluster)
+    edge = new_edge()
+    out = tmp_path / "out"
+    reader = programs.start(f"cat {c.path(edge)} > {out}")
+    script = (
+        "import subprocess, sys, time\n"
+        f"f = open({a.path(edge)!r}, 'wb')\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import os, time\\n"
+        'os.write(1, b"x" * 100000)\\ntime.sleep(60)\'], stdout=f)\n'
+        "f.close()\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    orchestrator = programs.start(f"exec {sys.executable} -c {shlex.quote(script)}")
+    assert orchestrator.stdout is not None
+    child = int(orchestrator.stdout.readline())
+    wait_for(lambda: size(out) >= 100000, 10, "the producer's bytes delivered")
+    os.kill(child, signal.SIGKILL)
+    time.sleep(1.5)
+    assert orchestrator.poll() is None
+    assert reader.poll() is None, "a killed producer must not end the stream"
+    os.killpg(orchestrator.pid, signal.SIGKILL)
+    sh(f"head -c 200000 {src} > {a.path(edge)}")  # the re-run
+    reader.communicate(timeout=30)
+    assert reader.returncode != 0  # its replay differs from the x's: EIO, never silent
 
 
 def test_rerun_that_differs_fails_the_reader_with_eio(
@@ -211,6 +247,41 @@ def test_reader_daemon_killed_releases_everyone_and_reruns_recover(
     assert reader2.returncode == 0, err
     assert sha_file(out2) == sha_file(src)
     assert a.alive() and b.alive() and c.alive()  # a reset connection never kills a daemon
+
+
+def test_reader_daemon_killed_after_its_writer_finished_fails_the_generation(
+    cluster: Cluster, programs: Programs, tmp_path: Path
+) -> None:
+    """Transient: the writing program finished (exit 0) while its reader's daemon held
+    acknowledged bytes its program had not read; that daemon dies. The bytes are gone
+    everywhere, yet the generation stayed "complete" in discovery for good: nothing said
+    to re-run the writer, and a re-run reader waited, then got EIO. Now the generation
+    fails, as a running writer would (EPIPE), and a re-run writer serves the re-run reader."""
+    cluster.start_discovery()
+    a = cluster.node("a")
+    c = cluster.node("c", extra=["--writer-lost-timeout", "20"])
+    edge = new_edge()
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(10 * MiB))  # under read buffer + window: the writer finishes
+    slow = f"import time; f = open({c.path(edge)!r}, 'rb'); f.read({MiB}); time.sleep(60)"
+    reader = programs.start(f"exec {sys.executable} -c {shlex.quote(slow)}")
+    sh(f"cat {src} > {a.path(edge)}", timeout=20)  # exit 0: the generation is complete
+    c.kill()
+    os.killpg(reader.pid, signal.SIGKILL)  # its program goes with it
+    reader.communicate(timeout=10)
+    c = cluster.node("c", extra=["--writer-lost-timeout", "20"])
+    wait_for(
+        lambda: cluster.edge(edge).get("writer_state") == "failed",
+        5,
+        "the complete generation failed in discovery",
+    )
+    out = tmp_path / "out"
+    reader2 = programs.start(f"cat {c.path(edge)} > {out}")
+    time.sleep(0.5)
+    sh(f"cat {src} > {a.path(edge)}")  # the re-run writer
+    _, err = reader2.communicate(timeout=30)
+    assert reader2.returncode == 0, err
+    assert sha_file(out) == sha_file(src)
 
 
 def test_reader_dials_before_the_writer_daemon_heard_its_generation(

@@ -165,3 +165,24 @@ def test_every_event_the_store_writes_is_a_typed_kind() -> None:
     kinds = {e.kind for e in store.events(0)}
     assert kinds <= set(EventKind), kinds - set(EventKind)
     assert len(kinds) >= 10
+
+
+def test_a_reader_that_finished_while_its_node_was_lost_is_recorded_done() -> None:
+    """A reader whose node discovery took for silent (a stall, a cut link to discovery)
+    finishes meanwhile: its release must still be recorded. Ignored, the heartbeat of the
+    node that comes back no longer names the reader, so the edge stayed 'lost' for good
+    and its completion (delivered: the spill's garbage collection) was never recorded."""
+    store = Store(":memory:")
+    claim = store.claim_reader(E, "r").reader_claim
+    store.register_writer(E, "a", "h:1")
+    store.close_writer(E, 1, "complete", 3)
+    assert store.node_lost("r")[0].reader_state == "lost"
+    assert store.release_reader(E, "r", "done", 3, claim=claim).state == "delivered"
+    store.node_alive("r", {}, [])
+    assert store.get(E).reader_state == "done"  # type: ignore[union-attr]
+    # A lost reader whose edge another node claimed since stays the other node's.
+    other = "e" * 32
+    old = store.claim_reader(other, "r").reader_claim
+    store.node_lost("r")
+    store.claim_reader(other, "r2")
+    assert store.release_reader(other, "r", "closed", 0, claim=old).reader_node == "r2"

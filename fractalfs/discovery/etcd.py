@@ -372,7 +372,8 @@ class EtcdStore:
             raise ValueError(f"reader state {state!r} is not done, closed or failed")
 
         def change(cur: Edge) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
-            if cur.reader_node != node or cur.reader_state != "open":
+            # Also one its node was taken for lost with: see store.Store.release_reader.
+            if cur.reader_node != node or cur.reader_state not in ("open", "lost"):
                 return None  # a newer reader owns the edge; this release is late
             if claim and cur.reader_claim != claim:
                 return None  # a newer claim of the same node

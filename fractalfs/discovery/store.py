@@ -248,7 +248,11 @@ class Store:
             raise ValueError(f"reader state {state!r} is not done, closed or failed")
         with self._tx():
             cur = self._require(edge)
-            if cur.reader_node != node or cur.reader_state != ReaderState.OPEN:
+            # Also a reader its node was taken for lost with (silent: stalled or cut off
+            # from discovery): it finished meanwhile, and the node's heartbeat, back, no
+            # longer names it; ignored, the edge would stay "lost" for good.
+            held = (ReaderState.OPEN, ReaderState.LOST)
+            if cur.reader_node != node or cur.reader_state not in held:
                 return cur  # a newer reader owns the edge; this release is late
             if claim and cur.reader_claim != claim:
                 return cur  # a newer claim of the same node
