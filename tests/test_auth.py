@@ -279,3 +279,21 @@ def test_idle_peers_at_the_data_port_are_capped_and_timed_out(
     sh(f"echo still-serving > {a.path(edge)}")
     out, _ = reader.communicate(timeout=20)
     assert out == b"still-serving\n"
+
+
+def test_a_node_may_not_restore_another_nodes_writer(disc: Discovery) -> None:
+    """Restoring a spill re-announces the writer of a generation: only the node that wrote
+    it, else any node could take over another's stream (its endpoint, its state)."""
+    a, b = as_node("a"), as_node("b")
+    with httpx.Client(base_url=disc.url + "/v1", timeout=10) as http:
+        w = {"node": "b", "endpoint": "h:1"}
+        assert http.post(f"/edges/{E}/writer", json=w, auth=b).status_code == 200
+        hijack = {"generation": 1, "node": "a", "endpoint": "evil:1", "complete": True}
+        resp = http.post(f"/edges/{E}/writer/restore", json=hijack, auth=a)
+        assert resp.status_code == 403 and "not the writer" in resp.json()["error"]
+        rec = http.get(f"/edges/{E}", auth=a).json()
+        assert rec["writer_node"] == "b" and rec["writer_endpoint"] == "h:1"
+        assert rec["writer_state"] == "open"
+        # Its own writer's restart: allowed, as before.
+        own = {"generation": 1, "node": "b", "endpoint": "h:2", "complete": True}
+        assert http.post(f"/edges/{E}/writer/restore", json=own, auth=b).status_code == 200
