@@ -335,7 +335,7 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         edge = self._name(name)
         self._permit(edge, ctx, errno.EPERM, claim=False)
-        await self.node.remove(edge, ctx.pid)
+        await self.node.remove(edge, ctx.pid, unprivileged=ctx.uid != ROOT_UID)
         if not self._busy(edge):
             self.owners.drop(edge)
             self.node.mode_overrides.pop(edge, None)
