@@ -202,3 +202,21 @@ def test_a_user_cannot_remove_a_stream_live_on_another_node(programs: Programs) 
         disc.stop()
         shutil.rmtree(work, ignore_errors=True)
     assert not fuse_d_state()
+
+
+@needs_fuse
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
+def test_other_users_do_not_see_the_names_of_owned_edges(node: Node, programs: Programs) -> None:
+    """An edge's name is what another node's reader opens: listing the mount must not hand
+    another user the names of root's (or anyone's) edges."""
+    edge = new_edge()
+    writer = programs.start(f"exec sleep 60 > {node.path(edge)}")
+    deadline = time.monotonic() + 10
+    while edge not in os.listdir(node.mountpoint) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert edge in os.listdir(node.mountpoint)  # root sees it
+    listed = py_as_nobody(f"import os; print(os.listdir({str(node.mountpoint)!r}))")
+    assert listed.returncode == 0, listed.stderr
+    assert edge not in listed.stdout
+    os.killpg(writer.pid, 9)
+    writer.wait()
