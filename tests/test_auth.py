@@ -297,3 +297,31 @@ def test_a_node_may_not_restore_another_nodes_writer(disc: Discovery) -> None:
         # Its own writer's restart: allowed, as before.
         own = {"generation": 1, "node": "b", "endpoint": "h:2", "complete": True}
         assert http.post(f"/edges/{E}/writer/restore", json=own, auth=b).status_code == 200
+
+
+def test_a_node_without_secret_keeps_its_data_port_on_loopback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Like standalone discovery: without a secret the data port would serve any stream to
+    any peer (HELLO v1), so a non-loopback data address is refused unless --insecure."""
+    import trio
+
+    from fractalfs import mount
+    from fractalfs.config import NodeConfig
+    from fractalfs.errors import QuietError
+
+    started: list[object] = []
+    monkeypatch.setattr(trio, "run", lambda *a, **k: started.append(a))
+    monkeypatch.setattr(mount, "freeze_startup_heap", lambda: None)
+
+    def config(listen: str, insecure: bool = False) -> NodeConfig:
+        c = NodeConfig(mountpoint=str(tmp_path), discovery_url="http://127.0.0.1:1")
+        c.state_dir, c.data_listen, c.insecure = str(tmp_path / "state"), listen, insecure
+        return c
+
+    with pytest.raises(QuietError, match="without a cluster secret"):
+        mount.run(config("0.0.0.0:7701"))
+    assert not started
+    mount.run(config("127.0.0.1:0"))
+    mount.run(config("0.0.0.0:7701", insecure=True))
+    assert len(started) == 2
