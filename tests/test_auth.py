@@ -325,3 +325,25 @@ def test_a_node_without_secret_keeps_its_data_port_on_loopback(
     mount.run(config("127.0.0.1:0"))
     mount.run(config("0.0.0.0:7701", insecure=True))
     assert len(started) == 2
+
+
+def test_a_node_may_not_end_a_writer_no_node_registered(disc: Discovery) -> None:
+    """An edge with only a reader has generation 0 and no writer node: no node is its
+    writer, so none may close, restore or reconfigure that generation (a forged "complete,
+    0 bytes" would end the waiting reader's stream empty)."""
+    a, b = as_node("a"), as_node("b")
+    with httpx.Client(base_url=disc.url + "/v1", timeout=10) as http:
+        assert http.post(f"/edges/{E}/reader", json={"node": "a"}, auth=a).status_code == 200
+        close = {"generation": 0, "state": "complete", "bytes": 0}
+        resp = http.post(f"/edges/{E}/writer/close", json=close, auth=b)
+        assert resp.status_code == 403 and "not the writer" in resp.json()["error"]
+        mode = {"generation": 0, "mode": "persistent", "reason": "x"}
+        assert http.post(f"/edges/{E}/mode", json=mode, auth=b).status_code == 403
+        restore = {"generation": 0, "node": "b", "endpoint": "evil:1", "complete": True}
+        assert http.post(f"/edges/{E}/writer/restore", json=restore, auth=b).status_code == 403
+        assert http.get(f"/edges/{E}", auth=a).json()["writer_state"] == "none"
+        # A writer registers: then it is the writer, as before.
+        w = {"node": "b", "endpoint": "h:1"}
+        assert http.post(f"/edges/{E}/writer", json=w, auth=b).status_code == 200
+        close["generation"] = 1
+        assert http.post(f"/edges/{E}/writer/close", json=close, auth=b).status_code == 200

@@ -72,9 +72,10 @@ async def _allowed(
         if record is None:
             return ""
         owner = record.reader_node if tail == "/progress" else record.writer_node
-        if owner and not who.may_act_as(owner):
+        if not who.may_act_as(owner):  # no node yet ("") is no node's end either
             end = "reader" if tail == "/progress" else "writer"
-            return f"node {who.node} is not the {end} of edge {edge} (node {owner} is)"
+            holder = f"node {owner} is" if owner else "no node is"
+            return f"node {who.node} is not the {end} of edge {edge} ({holder})"
     return ""
 
 
