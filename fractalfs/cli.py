@@ -138,6 +138,12 @@ def _parser() -> argparse.ArgumentParser:
         "discovery is embedded)",
     )
     m.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="without a secret, serve the data port on a non-loopback address anyway",
+    )
+    m.add_argument(
         "--write-window",
         type=int,
         metavar="BYTES",

@@ -67,6 +67,9 @@ class NodeConfig:
     #: The cluster secret (``fractalfs new-secret``; mode 0600). Empty: state_dir/secret,
     #: created if this daemon embeds discovery.
     secret_file: str = ""
+    #: Without a secret, serve the data port on a non-loopback address anyway (anyone
+    #: reaching it reads any stream whose edge id and generation it knows).
+    insecure: bool = False
     #: Per local user (not root): memory its open ends may hold (a writer reserves its
     #: write window, plus retain_limit in dynamic mode; a reader its read buffer); an open
     #: beyond it fails with EDQUOT.

@@ -133,6 +133,10 @@ async def greet(sock: trio.socket.SocketType, hello: Hello, key: bytes | None) -
             return Reply(Status.AUTH_FAILED, message="the writer's node has another secret")
         await send_all(sock, [proof])
         first = await recv_exact(sock, 1)
+    elif key is not None:
+        # No proof: whoever answers at that address (a port bound by another program
+        # after the daemon died, a redirected endpoint) must not be streamed from.
+        return Reply(Status.AUTH_FAILED, message="the writer's node did not prove the secret")
     fixed = first + await recv_exact(sock, REPLY.size - 1)
     return Reply.decode(fixed, await recv_exact(sock, Reply.message_length(fixed)))
 

@@ -105,6 +105,8 @@ class Operations(pyfuse3.Operations):
         self._fifo_writers: dict[EdgeId, fiforoute.Fifo] = {}
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
+        self._dir_uids: dict[int, int] = {}  # open directory handle -> the uid listing it
+        self._next_dir = 1
         self._started_ns = time.time_ns()
         self._uid = os.getuid()
         self._gid = os.getgid()
@@ -277,12 +279,28 @@ class Operations(pyfuse3.Operations):
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         if inode != ROOT:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return 0
+        fh = self._next_dir
+        self._next_dir += 1
+        self._dir_uids[fh] = ctx.uid
+        return fh
+
+    @_guard
+    async def releasedir(self, fh: int) -> None:
+        self._dir_uids.pop(fh, None)
+
+    def _listed(self, edge: EdgeId, uid: int) -> bool:
+        """An edge's name is shown to root, its owner, or anyone while nobody owns it: the
+        name of another user's edge would let them claim its other end on another node."""
+        if uid == ROOT_UID:
+            return True
+        owner = self.owners.owner(edge)
+        return owner is None or owner.uid == uid
 
     @_guard
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         # Offsets are positions in the sorted listing; readdirplus counts as a lookup.
-        names = sorted(edge.hex for edge in self.node.slots)
+        uid = self._dir_uids.get(fh, -1)  # unknown: only what nobody owns
+        names = sorted(edge.hex for edge in self.node.slots if self._listed(edge, uid))
         for pos, name in enumerate(names[start_id:], start=start_id + 1):
             ino = self._inode(EdgeId.parse(name))
             if not pyfuse3.readdir_reply(token, name.encode(), self._attrs(ino), pos):
@@ -388,7 +406,7 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         edge = self._name(name)
         self._permit(edge, ctx, errno.EPERM, claim=False)
-        await self.node.remove(edge, ctx.pid)
+        await self.node.remove(edge, ctx.pid, unprivileged=ctx.uid != ROOT_UID)
         if not self._busy(edge):
             self.owners.drop(edge)
             self.node.mode_overrides.pop(edge, None)

@@ -218,10 +218,26 @@ def cluster_secret(config: NodeConfig) -> bytes | None:
     return None
 
 
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def run(config: NodeConfig, *, ready: Callable[[str], None] | None = None) -> None:
     config.finalize()
     config.mountpoint = prepare_mountpoint(config.mountpoint)
     secret = cluster_secret(config)
+    data_host, _ = parse_listen(config.data_listen, 7701)
+    if secret is None and not config.insecure and not _loopback(data_host):
+        raise QuietError(
+            f"refusing to serve the data port on {data_host} without a cluster secret: pass "
+            "--secret-file (make one with `fractalfs new-secret`), or --insecure",
+            2,
+        )
     embedded: EmbeddedDiscovery | None = None
     if config.discovery_url is None:
         host, port = parse_listen(config.discovery_listen, 7700)

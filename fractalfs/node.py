@@ -596,9 +596,27 @@ class Node:
 
     # -- whole edges ---------------------------------------------------------------------
 
-    async def remove(self, edge: EdgeId, pid: int = 0) -> None:
-        """Ends the edge on every node (the one here at once, others via discovery)."""
+    async def remove(self, edge: EdgeId, pid: int = 0, *, unprivileged: bool = False) -> None:
+        """Ends the edge on every node (the one here at once, others via discovery).
+
+        ``unprivileged`` (a user but root): ownership is per node, so a user who holds no
+        end of the edge here may not end the live ends other nodes hold (another user's
+        stream there): EPERM while any is open or lost (its node may come back)."""
         known = edge in self.slots
+        if unprivileged and not known:
+            try:
+                rec = await self._interruptible(
+                    pid, functools.partial(self.discovery.get, edge.hex)
+                )
+            except DiscoveryError as exc:
+                raise EdgeError(errno.ENOENT, str(exc)) from None
+            except Unavailable as exc:
+                raise EdgeError(errno.EIO, str(exc)) from None
+            live = ("open", "lost")
+            if (rec.get("writer_state") in live and rec.get("writer_node") != self.name) or (
+                rec.get("reader_state") in live and rec.get("reader_node") != self.name
+            ):
+                raise EdgeError(errno.EPERM, f"edge {edge} has live ends on other nodes")
         try:
             await self._interruptible(pid, functools.partial(self.discovery.delete, edge.hex))
         except DiscoveryError as exc:

@@ -279,3 +279,71 @@ def test_idle_peers_at_the_data_port_are_capped_and_timed_out(
     sh(f"echo still-serving > {a.path(edge)}")
     out, _ = reader.communicate(timeout=20)
     assert out == b"still-serving\n"
+
+
+def test_a_node_may_not_restore_another_nodes_writer(disc: Discovery) -> None:
+    """Restoring a spill re-announces the writer of a generation: only the node that wrote
+    it, else any node could take over another's stream (its endpoint, its state)."""
+    a, b = as_node("a"), as_node("b")
+    with httpx.Client(base_url=disc.url + "/v1", timeout=10) as http:
+        w = {"node": "b", "endpoint": "h:1"}
+        assert http.post(f"/edges/{E}/writer", json=w, auth=b).status_code == 200
+        hijack = {"generation": 1, "node": "a", "endpoint": "evil:1", "complete": True}
+        resp = http.post(f"/edges/{E}/writer/restore", json=hijack, auth=a)
+        assert resp.status_code == 403 and "not the writer" in resp.json()["error"]
+        rec = http.get(f"/edges/{E}", auth=a).json()
+        assert rec["writer_node"] == "b" and rec["writer_endpoint"] == "h:1"
+        assert rec["writer_state"] == "open"
+        # Its own writer's restart: allowed, as before.
+        own = {"generation": 1, "node": "b", "endpoint": "h:2", "complete": True}
+        assert http.post(f"/edges/{E}/writer/restore", json=own, auth=b).status_code == 200
+
+
+def test_a_node_without_secret_keeps_its_data_port_on_loopback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Like standalone discovery: without a secret the data port would serve any stream to
+    any peer (HELLO v1), so a non-loopback data address is refused unless --insecure."""
+    import trio
+
+    from fractalfs import mount
+    from fractalfs.config import NodeConfig
+    from fractalfs.errors import QuietError
+
+    started: list[object] = []
+    monkeypatch.setattr(trio, "run", lambda *a, **k: started.append(a))
+    monkeypatch.setattr(mount, "freeze_startup_heap", lambda: None)
+
+    def config(listen: str, insecure: bool = False) -> NodeConfig:
+        c = NodeConfig(mountpoint=str(tmp_path), discovery_url="http://127.0.0.1:1")
+        c.state_dir, c.data_listen, c.insecure = str(tmp_path / "state"), listen, insecure
+        return c
+
+    with pytest.raises(QuietError, match="without a cluster secret"):
+        mount.run(config("0.0.0.0:7701"))
+    assert not started
+    mount.run(config("127.0.0.1:0"))
+    mount.run(config("0.0.0.0:7701", insecure=True))
+    assert len(started) == 2
+
+
+def test_a_node_may_not_end_a_writer_no_node_registered(disc: Discovery) -> None:
+    """An edge with only a reader has generation 0 and no writer node: no node is its
+    writer, so none may close, restore or reconfigure that generation (a forged "complete,
+    0 bytes" would end the waiting reader's stream empty)."""
+    a, b = as_node("a"), as_node("b")
+    with httpx.Client(base_url=disc.url + "/v1", timeout=10) as http:
+        assert http.post(f"/edges/{E}/reader", json={"node": "a"}, auth=a).status_code == 200
+        close = {"generation": 0, "state": "complete", "bytes": 0}
+        resp = http.post(f"/edges/{E}/writer/close", json=close, auth=b)
+        assert resp.status_code == 403 and "not the writer" in resp.json()["error"]
+        mode = {"generation": 0, "mode": "persistent", "reason": "x"}
+        assert http.post(f"/edges/{E}/mode", json=mode, auth=b).status_code == 403
+        restore = {"generation": 0, "node": "b", "endpoint": "evil:1", "complete": True}
+        assert http.post(f"/edges/{E}/writer/restore", json=restore, auth=b).status_code == 403
+        assert http.get(f"/edges/{E}", auth=a).json()["writer_state"] == "none"
+        # A writer registers: then it is the writer, as before.
+        w = {"node": "b", "endpoint": "h:1"}
+        assert http.post(f"/edges/{E}/writer", json=w, auth=b).status_code == 200
+        close["generation"] = 1
+        assert http.post(f"/edges/{E}/writer/close", json=close, auth=b).status_code == 200

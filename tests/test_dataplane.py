@@ -53,3 +53,17 @@ async def test_send_all_sends_many_small_buffers_in_order() -> None:
             with trio.fail_after(10):
                 await dataplane.send_all(here, bufs)
     assert bytes(got) == b"".join(bufs)
+
+
+async def test_a_reader_with_the_secret_requires_the_writers_proof() -> None:
+    """A peer at the writer's address that answers OK without a CHALLENGE (a port bound by
+    someone else after the daemon died, an endpoint redirected) must not be streamed from:
+    skipping the proof would let it inject any bytes."""
+    key = b"k" * 32
+    hello = handshake.Hello(EdgeId.new(), 1, 0, handshake.FLAG_HMAC, os.urandom(16))
+    here, there = trio.socket.socketpair()
+    with here, there:
+        fake = handshake.Reply(handshake.Status.OK, 1, 0).encode()
+        await there.send(fake)
+        reply = await dataplane.greet(here, hello, key)
+        assert reply.status is handshake.Status.AUTH_FAILED, reply

@@ -239,3 +239,29 @@ def test_a_reader_that_finished_while_its_node_was_lost_is_recorded_done(
     store.node_lost("r")
     assert store.release_reader(edge, "r", "done", 0, claim=claim).reader_state == "done"
     assert store.nodes_with_open_ends() == set()
+
+
+def test_etcd_down_is_503_also_where_the_guard_reads_the_edge(tmp_path: Path) -> None:
+    """The guard reads the edge for a writer's close or mode; with etcd gone that must be
+    503 (the node tries another replica), not a 500 (the node gives the close up)."""
+    from fractalfs import auth
+    from fractalfs.testing import shared_secret_file
+
+    cluster = EtcdCluster(tmp_path / "etcd", members=1)
+    cluster.start()
+    rep = Replica(tmp_path, cluster.url)
+    rep.listen = "127.0.0.1:0"
+    try:
+        rep.start()
+        node = auth.node_credentials(auth.load_secret(str(shared_secret_file())), "a")
+        edge = new_edge()
+        with httpx.Client(base_url=rep.url + "/v1", timeout=20, auth=node) as http:
+            w = {"node": "a", "endpoint": "h:1"}
+            assert http.post(f"/edges/{edge}/writer", json=w).status_code == 200
+            cluster.kill(0)
+            close = {"generation": 1, "state": "complete", "bytes": 0}
+            resp = http.post(f"/edges/{edge}/writer/close", json=close)
+            assert resp.status_code == 503, resp.text
+    finally:
+        rep.stop()
+        cluster.stop()

@@ -276,3 +276,13 @@ def test_watch_escapes_control_characters() -> None:
 
     line = describe({"edge": E, "kind": "failed", "data": {"reason": "\x1b[2J\x1b]0;x\x07"}})
     assert "\x1b" not in line and "\x07" not in line and "\\x1b[2J" in line
+
+
+def test_heartbeat_delta_generations_are_bounded(api: httpx.Client) -> None:
+    """A generation in a heartbeat delta is an integer from 0 to 2**63-1, as everywhere."""
+    zero = f"{0:032x}"
+    for gen in (2**63, 2**64, -1):
+        delta = {"reset": True, "base": zero, "digest": zero, "writers": {E: gen}}
+        resp = api.post("/nodes/n/heartbeat", json={"boot": "1", "delta": delta})
+        assert resp.status_code == 400, (gen, resp.text)
+        assert "generation" in resp.json()["error"]

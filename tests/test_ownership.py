@@ -3,6 +3,7 @@ through setpriv) can neither read, write, remove nor set attributes of it."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -158,3 +159,64 @@ def test_per_uid_memory_and_spill_limits(programs: Programs) -> None:
         n.stop()
         shutil.rmtree(work, ignore_errors=True)
     assert not fuse_d_state()
+
+
+@needs_fuse
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
+def test_a_user_cannot_remove_a_stream_live_on_another_node(programs: Programs) -> None:
+    """Ownership is per node, but `rm` ends an edge everywhere: a user who claimed an edge
+    on node b (setfattr claims without opening) must not end root's writer on node a."""
+    from fractalfs.testing import Discovery
+
+    work = Path(tempfile.mkdtemp(prefix="fractalfs-owners-"))
+    work.chmod(0o755)
+    disc = Discovery(work / "discovery")
+    disc.start()
+    a, b = Node(work, "a", disc.url), Node(work, "b", disc.url)
+    try:
+        for n in (a, b):
+            n.start()
+            n.mountpoint.chmod(0o755)
+        edge = new_edge()
+        writer = programs.start(f"exec sleep 60 > {a.path(edge)}")
+        deadline = time.monotonic() + 10
+        while os.stat(a.path(edge)).st_mode & 0o777 != 0o600 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        claim = py_as_nobody(
+            f"import os; os.setxattr({str(b.path(edge))!r}, 'user.fractalfs.mode', b'transient')"
+        )
+        assert claim.returncode == 0, claim.stderr  # nobody owns it on b: allowed
+        rm = as_nobody("rm", "-f", str(b.path(edge)))
+        assert rm.returncode != 0 and "not permitted" in rm.stderr, rm.stderr
+        assert writer.poll() is None
+        got = sh(f"{sys.executable} -m fractalfs status --json --discovery {disc.url}")
+        edges = {e["id"]: e for e in json.loads(got.stdout)["edges"]}
+        assert edges[edge]["writer_state"] == "open"
+        # Root may still remove it.
+        sh(f"rm -f {b.path(edge)}")
+        os.killpg(writer.pid, 9)
+        writer.wait()
+    finally:
+        b.stop()
+        a.stop()
+        disc.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    assert not fuse_d_state()
+
+
+@needs_fuse
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
+def test_other_users_do_not_see_the_names_of_owned_edges(node: Node, programs: Programs) -> None:
+    """An edge's name is what another node's reader opens: listing the mount must not hand
+    another user the names of root's (or anyone's) edges."""
+    edge = new_edge()
+    writer = programs.start(f"exec sleep 60 > {node.path(edge)}")
+    deadline = time.monotonic() + 10
+    while edge not in os.listdir(node.mountpoint) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert edge in os.listdir(node.mountpoint)  # root sees it
+    listed = py_as_nobody(f"import os; print(os.listdir({str(node.mountpoint)!r}))")
+    assert listed.returncode == 0, listed.stderr
+    assert edge not in listed.stdout
+    os.killpg(writer.pid, 9)
+    writer.wait()

@@ -6,8 +6,9 @@ The rules (see :mod:`fractalfs.auth` for the credentials):
 * ``/nodes/{node}/...`` (heartbeat, leave): only ``node``;
 * a body naming a ``node`` (writer registration, reader claim and release, restore): only
   that node;
-* ``/writer/close`` and ``/mode``: only the edge's writer node; ``/progress``: only its
-  reader node (discovery recorded who registered what);
+* ``/writer/close``, ``/mode`` and ``/writer/restore``: only the edge's writer node (a
+  restarted node restores what it wrote, never another node's stream); ``/progress``:
+  only its reader node (discovery recorded who registered what);
 * everything else (reads, removal, the event log, metrics, the status page): any principal.
 
 The operator's credential (the secret itself) may do everything.
@@ -61,8 +62,9 @@ async def _allowed(
         named = await _body_node(request, body_timeout)
         if isinstance(named, str) and not who.may_act_as(named):
             return f"node {who.node} may not act as node {named}"
-        return ""
-    if tail in ("/writer/close", "/mode", "/progress"):
+        if tail != "/writer/restore":
+            return ""
+    if tail in ("/writer/close", "/mode", "/progress", "/writer/restore"):
         try:
             record = store.get(edge)
         except ValueError:
@@ -70,9 +72,10 @@ async def _allowed(
         if record is None:
             return ""
         owner = record.reader_node if tail == "/progress" else record.writer_node
-        if owner and not who.may_act_as(owner):
+        if not who.may_act_as(owner):  # no node yet ("") is no node's end either
             end = "reader" if tail == "/progress" else "writer"
-            return f"node {who.node} is not the {end} of edge {edge} (node {owner} is)"
+            holder = f"node {owner} is" if owner else "no node is"
+            return f"node {who.node} is not the {end} of edge {edge} ({holder})"
     return ""
 
 

@@ -22,6 +22,7 @@ from typing import Any
 from ..edgeid import EdgeId
 
 NODE_HEADER = "X-Fractalfs-Node"  # on every request of a daemon: a sign of its life
+MAX_GENERATION = 2**63 - 1  # as every integer discovery takes (SQLite INTEGER)
 PAGE = 1000  # ends per heartbeat body: ~45 KiB at most, under the 64 KiB body limit
 
 
@@ -122,9 +123,12 @@ class Delta:
         if not isinstance(reset, bool):
             raise ValueError("delta 'reset' must be true or false")
         if not isinstance(writers, dict) or not all(
-            isinstance(g, int) and not isinstance(g, bool) for g in writers.values()
+            isinstance(g, int) and not isinstance(g, bool) and 0 <= g <= MAX_GENERATION
+            for g in writers.values()
         ):
-            raise ValueError("delta 'writers' must be an object of edge id -> generation")
+            raise ValueError(
+                "delta 'writers' must be an object of edge id -> generation (0 to 2**63-1)"
+            )
         if not all(isinstance(x, list) and all(isinstance(e, str) for e in x) for x in lists):
             raise ValueError("delta 'gone_writers', 'readers', 'gone_readers' must be lists")
         delta = cls(reset, base, digest, writers, *lists)

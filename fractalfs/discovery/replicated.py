@@ -65,7 +65,8 @@ class EtcdDiscoveryApp(DiscoveryApp):
 
     def app(self) -> web.Application:
         app = super().app()
-        app.middlewares.append(_unavailable)
+        # Outermost: the guard reads the store too (who is an edge's writer).
+        app.middlewares.insert(0, _unavailable)
         return app
 
     async def _start_liveness(self, app: web.Application) -> None:
