@@ -148,8 +148,9 @@ class WriterEnd:
             return False  # also a failed one: it serves its prefix until superseded
         if self.state is WriterState.FAILED:
             return True
-        # Not "acked >= end": for an empty stream that holds before any reader came.
-        return self.state is WriterState.COMPLETE and self.end_acked
+        # Not "acked >= end": for an empty stream that holds before any reader came. An
+        # END_ACK lost with its connection is made up for by discovery's "reader done".
+        return self.state is WriterState.COMPLETE and (self.end_acked or self.delivered)
 
     async def write(self, data: bytes, poll: float) -> int:
         entered = trio.current_time()

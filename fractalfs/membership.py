@@ -111,6 +111,7 @@ class Membership:
         elif kind == EventKind.READER_DONE and writer is not None:
             with contextlib.suppress(TypeError, ValueError):
                 writer.on_reader_done(int(data.get("bytes", 0)))
+            self.node._reap(edge)  # a transient end whose END_ACK was lost is done too
 
     async def _report_progress(self) -> None:
         reported: dict[EdgeId, int] = {}

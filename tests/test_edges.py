@@ -193,6 +193,22 @@ async def test_complete_empty_stream_is_not_delivered_until_its_end_is_acknowled
     assert w.done
 
 
+async def test_a_complete_end_whose_end_ack_was_lost_is_done_once_discovery_says_delivered() -> (
+    None
+):
+    """The END_ACK can be lost with its connection; the reader, at EOF, never redials. The
+    end must not stay in memory (and in every heartbeat) for good."""
+    from fractalfs.edges import WriterState
+
+    w = writer()
+    await w.write(b"abc", 0.2)
+    w.finish(WriterState.COMPLETE)
+    w.on_reader_done(2)  # not every byte: not delivered
+    assert not w.done
+    w.on_reader_done(3)
+    assert w.done
+
+
 class FlakySpill(SpillFile):
     """A spill whose appends fail with ENOSPC after ``room`` bytes."""
 
