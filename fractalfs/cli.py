@@ -331,7 +331,7 @@ def _cmd_status(args: argparse.Namespace) -> None:
         )
         for e in edges
     ]
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(cols)]
     for row in (cols, *rows):
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
 

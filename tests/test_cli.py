@@ -54,3 +54,11 @@ def test_status_errors_and_json(cluster: Cluster) -> None:
     disc = cluster.start_discovery()
     out = run("status", "--discovery", disc.url, "--json")
     assert out.returncode == 0 and json.loads(out.stdout) == {"edges": []}
+
+
+def test_status_of_a_discovery_without_edges(cluster: Cluster) -> None:
+    disc = cluster.start_discovery()
+    out = run("status", "--discovery", disc.url)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["ID", "STATE", "GEN", "MODE", "WRITER", "ENDPOINT", "READER",
+                                  "DELIVERED", "WHY"]  # fmt: skip
