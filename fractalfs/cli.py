@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import ssl
 import sys
 from typing import Any
 
@@ -60,6 +61,29 @@ def _client_auth(args: argparse.Namespace) -> tuple[str, str] | None:
         raise QuietError(str(exc), 2) from None
 
 
+TLS_HELP = (
+    "TLS: a directory made by `fractalfs new-tls` (ca.pem, cert.pem, key.pem); "
+    "default: $FRACTALFS_TLS_DIR"
+)
+
+
+def _client_tls(args: argparse.Namespace) -> ssl.SSLContext | bool:
+    """What status and watch verify an https discovery against: the cluster's CA."""
+    from .tls import TlsError, check_dir, client_context
+
+    directory = args.tls_dir or os.environ.get("FRACTALFS_TLS_DIR", "")
+    if not directory:
+        return True  # the system's CAs (and plain http needs nothing)
+    try:
+        return client_context(check_dir(directory))
+    except TlsError as exc:
+        raise QuietError(str(exc), 2) from None
+
+
+def _add_tls(p: argparse.ArgumentParser, help_text: str) -> None:
+    p.add_argument("--tls-dir", "--tls", dest="tls_dir", metavar="DIR", help=help_text)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fractalfs", description="Remote named pipes as ordinary files (FUSE)."
@@ -87,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="allow serving without a secret on a non-loopback address",
     )
+    _add_tls(d, "serve HTTPS with the cluster certificate of `fractalfs new-tls DIR`")
     d.add_argument(
         "--retention",
         type=float,
@@ -137,6 +162,11 @@ def _parser() -> argparse.ArgumentParser:
         help="the cluster secret, mode 0600 (default: STATE_DIR/secret, created when "
         "discovery is embedded)",
     )
+    _add_tls(
+        m,
+        "mutual TLS on data connections and HTTPS to (and of an embedded) discovery, with "
+        "the files of `fractalfs new-tls DIR`; every node must use it",
+    )
     m.add_argument(
         "--insecure",
         action="store_true",
@@ -168,14 +198,18 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("new-edge", help="print a fresh edge id")
     sub.add_parser("new-secret", help="print a fresh cluster secret (store it mode 0600)")
+    t = sub.add_parser("new-tls", help="create DIR with a CA, the cluster certificate and key")
+    t.add_argument("dir", metavar="DIR")
 
     w = sub.add_parser("watch", help="live progress and lifecycle events of the edges")
     w.add_argument("--discovery", metavar="URL", default=_discovery_default())
     w.add_argument("--secret-file", metavar="PATH", help=SECRET_HELP)
+    _add_tls(w, TLS_HELP)
 
     s = sub.add_parser("status", help="list the edges discovery knows")
     s.add_argument("--discovery", metavar="URL", default=_discovery_default())
     s.add_argument("--secret-file", metavar="PATH", help=SECRET_HELP)
+    _add_tls(s, TLS_HELP)
     s.add_argument("--json", action="store_true", help="machine-readable output")
     return p
 
@@ -214,6 +248,14 @@ def _cmd_discovery(args: argparse.Namespace) -> None:
         raise QuietError("retention must be positive", 2)
     db = config.db or os.path.join(default_state_dir(), "discovery.db")
     secret = _discovery_secret(config, host)
+    ssl_context = None
+    if config.tls_dir:
+        from .tls import TlsError, check_dir, server_context
+
+        try:
+            ssl_context = server_context(check_dir(config.tls_dir), mutual=False)
+        except TlsError as exc:
+            raise QuietError(str(exc), 2) from None
     lim = Limits(
         max_connections=config.max_connections,
         header_timeout=config.header_timeout,
@@ -236,7 +278,9 @@ def _cmd_discovery(args: argparse.Namespace) -> None:
 
     freeze_startup_heap()
     try:
-        asyncio.run(serve_forever(db, host, port, ready, secret, lim, config.retention))
+        asyncio.run(
+            serve_forever(db, host, port, ready, secret, lim, config.retention, ssl_context)
+        )
     except OSError as exc:
         raise QuietError(f"discovery cannot start on {config.listen}: {exc.strerror}") from None
     except EtcdUnavailable as exc:
@@ -286,7 +330,9 @@ def _cmd_mount(args: argparse.Namespace) -> None:
     mount.run(config, ready=lambda line: print(line, flush=True))
 
 
-def _fetch_edges(urls: str, auth: tuple[str, str] | None) -> list[dict[str, Any]]:
+def _fetch_edges(
+    urls: str, auth: tuple[str, str] | None, verify: ssl.SSLContext | bool = True
+) -> list[dict[str, Any]]:
     import httpx
 
     from .discovery.client import split_urls
@@ -294,7 +340,7 @@ def _fetch_edges(urls: str, auth: tuple[str, str] | None) -> list[dict[str, Any]
     why: Exception | str = "no URL given"
     for url in split_urls(urls):  # replicas: the first that answers
         try:
-            resp = httpx.get(url + "/v1/edges", timeout=10, auth=auth)
+            resp = httpx.get(url + "/v1/edges", timeout=10, auth=auth, verify=verify)
             break
         except httpx.HTTPError as exc:
             why = exc
@@ -308,7 +354,7 @@ def _fetch_edges(urls: str, auth: tuple[str, str] | None) -> list[dict[str, Any]
 
 
 def _cmd_status(args: argparse.Namespace) -> None:
-    edges = _fetch_edges(args.discovery, _client_auth(args))
+    edges = _fetch_edges(args.discovery, _client_auth(args), _client_tls(args))
     if args.json:
         json.dump({"edges": edges}, sys.stdout, indent=2)
         print()
@@ -355,12 +401,20 @@ def main(argv: list[str] | None = None) -> int:
             from .auth import new_secret
 
             print(new_secret())
+        elif args.command == "new-tls":
+            from .tls import TlsError, new_tls
+
+            try:
+                new_tls(args.dir)
+            except TlsError as exc:
+                raise QuietError(str(exc), 2) from None
+            print(f"{args.dir}: ca.pem, cert.pem, key.pem (copy the directory to every node)")
         elif args.command == "status":
             _cmd_status(args)
         elif args.command == "watch":
             from .watch import watch
 
-            watch(args.discovery, _client_auth(args))
+            watch(args.discovery, _client_auth(args), verify=_client_tls(args))
     except QuietError as exc:
         print(f"fractalfs: {exc}", file=sys.stderr)
         return exc.exitcode

@@ -70,6 +70,9 @@ class NodeConfig:
     #: Without a secret, serve the data port on a non-loopback address anyway (anyone
     #: reaching it reads any stream whose edge id and generation it knows).
     insecure: bool = False
+    #: TLS for the data plane (mutual) and discovery: a directory of ``fractalfs new-tls``
+    #: (ca.pem, cert.pem, key.pem 0600). Empty: no TLS. Every node must agree.
+    tls_dir: str = ""
     #: Per local user (not root): memory its open ends may hold (a writer reserves its
     #: write window, plus retain_limit in dynamic mode; a reader its read buffer); an open
     #: beyond it fails with EDQUOT.
@@ -111,6 +114,8 @@ class DiscoveryConfig:
     #: Serve without a secret on a non-loopback address (anyone reaching it controls
     #: every stream).
     insecure: bool = False
+    #: Serve HTTPS with the cluster certificate of ``fractalfs new-tls`` (empty: HTTP).
+    tls_dir: str = ""
     #: Client connections at once (each is a descriptor; more are closed on accept).
     max_connections: int = 4096
     #: Seconds a client has to send a request head, and its body.

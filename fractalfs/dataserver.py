@@ -17,6 +17,7 @@ from . import dataplane
 from .edgeid import EdgeId
 from .edges import WriterEnd, WriterState
 from .handshake import HandshakeError, Status
+from .tls import TlsConn
 
 if TYPE_CHECKING:
     from .node import Node
@@ -53,11 +54,16 @@ class DataServer:
                 self.handshaking += 1
                 nursery.start_soon(self.node._guarded, self._serve, sock)
 
-    async def _serve(self, sock: trio.socket.SocketType) -> None:
-        with sock:
+    async def _serve(self, raw: trio.socket.SocketType) -> None:
+        with raw:
             try:
                 try:
-                    dataplane.tune(sock)
+                    dataplane.tune(raw)
+                    sock: dataplane.Conn = raw
+                    if self.node.tls is not None:  # mutual TLS first, then the HMAC HELLO
+                        sock = TlsConn(raw, self.node.tls.data_server, server=True)
+                        with trio.fail_after(dataplane.HANDSHAKE_TIMEOUT):
+                            await sock.handshake()
                     hello = await dataplane.accept_hello(sock, self.node.data_key)
                 finally:
                     self.handshaking -= 1

@@ -26,6 +26,8 @@ from .fs import Operations
 from .node import Node
 from .notify import notify
 from .runtime import freeze_startup_heap
+from .tls import Tls, TlsError
+from .tls import load as tls_load
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +117,16 @@ async def serve(
     *,
     ready: Callable[[str], None] | None = None,
     secret: bytes | None = None,
+    tls: Tls | None = None,
 ) -> None:
     """Mounts and serves until unmounted or signalled; always unmounts."""
     creds = auth.node_credentials(secret, config.node) if secret is not None else None
-    client = DiscoveryClient(discovery_url, retry_for=config.discovery_retry, auth=creds)
+    client = DiscoveryClient(
+        discovery_url,
+        retry_for=config.discovery_retry,
+        auth=creds,
+        verify=tls.client if tls is not None else True,
+    )
     try:
         await client.health(retry_for=3.0)
         await client.edges()  # proves the secret (or learns discovery wants one)
@@ -142,6 +150,7 @@ async def serve(
         metrics.serve(*parse_listen(config.metrics_listen, 9701))
     node = Node(config, client, endpoint)
     node.data_key = auth.data_key(secret) if secret is not None else None
+    node.tls = tls
     # Before anything can be opened: discovery learns this is a new run of the daemon, and
     # forgets the ends a previous run held (it may have crashed a moment ago).
     with contextlib.suppress(Unavailable, DiscoveryError):
@@ -227,6 +236,16 @@ def _loopback(host: str) -> bool:
         return False
 
 
+def load_tls(directory: str) -> Tls | None:
+    """The cluster's TLS contexts from ``directory`` (empty: no TLS); exit 2 if unusable."""
+    if not directory:
+        return None
+    try:
+        return tls_load(directory)
+    except TlsError as exc:
+        raise QuietError(str(exc), 2) from None
+
+
 def run(config: NodeConfig, *, ready: Callable[[str], None] | None = None) -> None:
     config.finalize()
     config.mountpoint = prepare_mountpoint(config.mountpoint)
@@ -238,10 +257,17 @@ def run(config: NodeConfig, *, ready: Callable[[str], None] | None = None) -> No
             "--secret-file (make one with `fractalfs new-secret`), or --insecure",
             2,
         )
+    tls = load_tls(config.tls_dir)
     embedded: EmbeddedDiscovery | None = None
     if config.discovery_url is None:
         host, port = parse_listen(config.discovery_listen, 7700)
-        embedded = EmbeddedDiscovery(config.discovery_db, host, port, secret)
+        embedded = EmbeddedDiscovery(
+            config.discovery_db,
+            host,
+            port,
+            secret,
+            tls.http_server if tls is not None else None,
+        )
         try:
             url = embedded.start()
         except OSError as exc:
@@ -252,7 +278,7 @@ def run(config: NodeConfig, *, ready: Callable[[str], None] | None = None) -> No
         url = check_url(config.discovery_url)
     freeze_startup_heap()
     try:
-        trio.run(functools.partial(serve, config, url, ready=ready, secret=secret))
+        trio.run(functools.partial(serve, config, url, ready=ready, secret=secret, tls=tls))
     except _ForcedStop:
         pass
     except BaseExceptionGroup as group:

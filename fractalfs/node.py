@@ -43,6 +43,7 @@ from .exits import ExitWatcher
 from .membership import Membership
 from .persistence import Persistence
 from .policy import Mode
+from .tls import Tls
 from .writerstate import Exit, Exited, Unknown
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class Node:
         self.exits = ExitWatcher()
         self.boot = secrets.token_hex(8)  # tells discovery this is a new run of the daemon
         self.data_key: bytes | None = None  # the HELLO's HMAC key (auth.data_key); mount sets it
+        self.tls: Tls | None = None  # --tls-dir: mutual TLS on data connections; mount sets it
         self.mode = Mode(config.mode)
         self.mode_overrides: dict[EdgeId, Mode] = {}  # per edge (xattr user.fractalfs.mode)
         self._closing: dict[EdgeId, trio.Event] = {}  # a generation's end not recorded yet
@@ -591,7 +593,13 @@ class Node:
         if action.node == self.name and local is not None and local.generation == action.generation:
             return await dataplane.pull_local(reader, local, action.replay, on_connected)
         return await dataplane.pull(
-            reader, action.endpoint, action.generation, action.replay, on_connected, self.data_key
+            reader,
+            action.endpoint,
+            action.generation,
+            action.replay,
+            on_connected,
+            self.data_key,
+            self.tls.client if self.tls is not None else None,
         )
 
     # -- whole edges ---------------------------------------------------------------------

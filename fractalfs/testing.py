@@ -170,7 +170,7 @@ class Discovery(Process):
         line = super().start(timeout)
         self.url = line.split(" listening on ")[1].split()[0]
         # A restart must come back on the same port.
-        self.listen = self.url.removeprefix("http://")
+        self.listen = self.url.split("://", 1)[1]
         return line
 
 

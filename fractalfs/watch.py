@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import queue
+import ssl
 import sys
 import threading
 import time
@@ -43,6 +44,7 @@ def _follow(
     after: int,
     out: queue.Queue[dict[str, Any] | str],
     auth: tuple[str, str] | None = None,
+    verify: ssl.SSLContext | bool = True,
 ) -> None:
     """Follows discovery's SSE stream from ``after`` (resuming where it broke off with
     ``?after=``) and queues every event, or a line saying why it is reconnecting."""
@@ -54,6 +56,7 @@ def _follow(
                 params={"after": after},
                 timeout=httpx.Timeout(10.0, read=60.0),  # keep-alives every 15 s
                 auth=auth,
+                verify=verify,
             ) as resp:
                 resp.raise_for_status()
                 data = ""
@@ -73,11 +76,16 @@ def _follow(
 ACTIVE = ("streaming", "waiting-for-reader", "waiting-for-writer", "node-lost", "complete")
 
 
-def watch(url: str, auth: tuple[str, str] | None = None, interval: float = 0.5) -> None:
+def watch(
+    url: str,
+    auth: tuple[str, str] | None = None,
+    interval: float = 0.5,
+    verify: ssl.SSLContext | bool = True,
+) -> None:
     """Events as lines; on a terminal, a live rich progress bar (rate, ETA) per active
     edge below them."""
     base = url.rstrip("/") + "/v1"
-    with httpx.Client(timeout=10, auth=auth) as http:
+    with httpx.Client(timeout=10, auth=auth, verify=verify) as http:
         try:
             first = http.get(f"{base}/events", params={"after": 2**62})
             if first.status_code == 401:
@@ -100,7 +108,8 @@ def watch(url: str, auth: tuple[str, str] | None = None, interval: float = 0.5) 
         console = Console()
         tty = console.is_terminal
         events: queue.Queue[dict[str, Any] | str] = queue.Queue()
-        threading.Thread(target=_follow, args=(base, after, events, auth), daemon=True).start()
+        follow = (base, after, events, auth, verify)
+        threading.Thread(target=_follow, args=follow, daemon=True).start()
         progress = Progress(
             TextColumn("{task.fields[edge]}"),
             BarColumn(),

@@ -10,6 +10,7 @@ the one tried first.
 from __future__ import annotations
 
 import logging
+import ssl
 from typing import Any
 
 import httpx
@@ -66,8 +67,14 @@ def _snippet(resp: httpx.Response) -> str:
 
 class DiscoveryClient:
     def __init__(
-        self, url: str, *, retry_for: float = 30.0, auth: tuple[str, str] | None = None
+        self,
+        url: str,
+        *,
+        retry_for: float = 30.0,
+        auth: tuple[str, str] | None = None,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
+        """``verify``: the cluster's TLS client context for https URLs (``--tls-dir``)."""
         self.urls = split_urls(url)
         if not self.urls:
             raise ValueError("no discovery URL given")
@@ -77,12 +84,16 @@ class DiscoveryClient:
         self._acked: dict[str, Ends | None] = {}  # node -> its ends as discovery has them
         # Heartbeats have their own small pool: never queued behind a thousand long-polls.
         self._beats = httpx.AsyncClient(
-            auth=auth, timeout=httpx.Timeout(10.0), limits=httpx.Limits(max_connections=4)
+            auth=auth,
+            timeout=httpx.Timeout(10.0),
+            limits=httpx.Limits(max_connections=4),
+            verify=verify,
         )
         self._http = httpx.AsyncClient(
             auth=auth,
             timeout=httpx.Timeout(10.0),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
+            verify=verify,
         )
 
     @property

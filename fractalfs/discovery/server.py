@@ -16,6 +16,7 @@ import functools
 import json
 import logging
 import signal
+import ssl
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -630,8 +631,11 @@ async def start(
     secret: bytes | None = None,
     lim: Limits = DEFAULT_LIMITS,
     retention: float = upkeep.RETENTION,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> tuple[web.AppRunner, str]:
-    """Starts serving; returns the runner and the URL actually bound (port 0 resolved)."""
+    """Starts serving; returns the runner and the URL actually bound (port 0 resolved).
+
+    ``ssl_context``: serve HTTPS (``--tls-dir``, see :mod:`fractalfs.tls`)."""
     app = make_app(store, retention, secret, lim).app()
     runner = web.AppRunner(
         app, access_log=None, shutdown_timeout=1.0, keepalive_timeout=lim.keepalive_timeout
@@ -639,11 +643,12 @@ async def start(
     await runner.setup()
     assert runner.server is not None
     limits.install(runner.server, lim)
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)
     await site.start()
     bound = runner.addresses[0]
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
-    return runner, f"http://{shown}:{bound[1]}"
+    scheme = "https" if ssl_context is not None else "http"
+    return runner, f"{scheme}://{shown}:{bound[1]}"
 
 
 async def serve_forever(
@@ -654,9 +659,10 @@ async def serve_forever(
     secret: bytes | None = None,
     lim: Limits = DEFAULT_LIMITS,
     retention: float = upkeep.RETENTION,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> None:
     store = open_store(db)
-    runner, url = await start(store, host, port, secret, lim, retention)
+    runner, url = await start(store, host, port, secret, lim, retention, ssl_context)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -674,9 +680,17 @@ async def serve_forever(
 class EmbeddedDiscovery:
     """A discovery server on its own asyncio loop in a daemon thread of the node process."""
 
-    def __init__(self, db: str, host: str, port: int, secret: bytes | None = None) -> None:
+    def __init__(
+        self,
+        db: str,
+        host: str,
+        port: int,
+        secret: bytes | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self._args = (db, host, port)
         self._secret = secret
+        self._ssl = ssl_context
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._ready = threading.Event()
@@ -705,7 +719,7 @@ class EmbeddedDiscovery:
         self._stop = asyncio.Event()
         try:
             store = open_store(db)
-            runner, self.url = await start(store, host, port, self._secret)
+            runner, self.url = await start(store, host, port, self._secret, ssl_context=self._ssl)
         except BaseException as exc:
             self.error = exc
             self._ready.set()

@@ -1,0 +1,163 @@
+"""TLS as an option (``--tls-dir``/``--tls``): mutual TLS on the data plane, HTTPS at
+discovery, both verified against the cluster's CA of ``fractalfs new-tls``."""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from fractalfs import tls
+from fractalfs.edgeid import EdgeId
+from fractalfs.handshake import REPLY, Hello, Reply, Status
+from fractalfs.testing import Discovery, Node
+
+from .conftest import Programs, needs_fuse, new_edge, sh, sha_file
+
+CMD = [sys.executable, "-m", "fractalfs"]
+
+
+def new_tls(directory: Path) -> Path:
+    done = subprocess.run([*CMD, "new-tls", str(directory)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return directory
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CMD, *args], capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_new_tls_makes_private_files_and_unsafe_ones_are_refused(tmp_path: Path) -> None:
+    d = new_tls(tmp_path / "tls")
+    for name in ("ca.pem", "cert.pem", "key.pem"):
+        assert stat.S_IMODE(os.stat(d / name).st_mode) == 0o600
+    assert not (d / "ca.key").exists()  # nothing else can be signed
+    again = run("new-tls", str(d))
+    assert again.returncode == 2 and "exists" in again.stderr
+    loaded = tls.load(str(d))  # the contexts build: the chain verifies
+    assert loaded.data_server.verify_mode is ssl.CERT_REQUIRED
+
+    missing = run("discovery", "--listen", "127.0.0.1:0", "--tls-dir", str(tmp_path / "none"))
+    assert missing.returncode == 2, missing.stderr
+    assert missing.stderr.count("\n") == 1 and "new-tls" in missing.stderr
+    os.chmod(d / "key.pem", 0o644)
+    for args in (
+        ["discovery", "--listen", "127.0.0.1:0", "--tls", str(d)],
+        ["mount", str(tmp_path / "mnt"), "--tls-dir", str(d), "--state-dir", str(tmp_path)],
+        ["status", "--discovery", "https://127.0.0.1:1", "--tls-dir", str(d)],
+    ):
+        (tmp_path / "mnt").mkdir(exist_ok=True)
+        unsafe = run(*args)
+        assert unsafe.returncode == 2, (args, unsafe.stderr)
+        assert unsafe.stderr.count("\n") == 1 and "chmod 600" in unsafe.stderr, unsafe.stderr
+
+
+def test_discovery_over_https_with_the_cli_and_a_wrong_ca_is_refused(tmp_path: Path) -> None:
+    d = new_tls(tmp_path / "tls")
+    other = new_tls(tmp_path / "other")
+    disc = Discovery(tmp_path / "disc", extra=["--tls-dir", str(d)])
+    disc.start()
+    try:
+        assert disc.url.startswith("https://127.0.0.1:")
+        ok = run("status", "--discovery", disc.url, "--tls-dir", str(d))
+        assert ok.returncode == 0 and ok.stdout.startswith("ID"), ok.stderr
+        env = {**os.environ, "FRACTALFS_TLS_DIR": str(d)}
+        assert run("status", "--json", "--discovery", disc.url, env=env).returncode == 0
+        for refused in (
+            run("status", "--discovery", disc.url, "--tls-dir", str(other)),  # another CA
+            run("status", "--discovery", disc.url),  # the system's CAs
+        ):
+            assert refused.returncode == 1, refused.stderr
+            assert "CERTIFICATE_VERIFY_FAILED" in refused.stderr, refused.stderr
+        with pytest.raises(httpx.HTTPError):  # plain HTTP to the HTTPS port
+            httpx.get(disc.url.replace("https", "http") + "/v1/health", timeout=5)
+        verified = httpx.get(disc.url + "/v1/health", verify=tls.load(str(d)).client)
+        assert verified.status_code == 200
+    finally:
+        disc.stop()
+
+
+def _tls_answer(endpoint: str, ctx: ssl.SSLContext, data: bytes) -> bytes:
+    """What the data port answers ``data`` over TLS with ``ctx`` (b"": refused)."""
+    host, _, port = endpoint.rpartition(":")
+    try:
+        with ctx.wrap_socket(socket.create_connection((host, int(port)), timeout=10)) as s:
+            s.sendall(data)
+            return s.recv(4096)
+    except (ssl.SSLError, ConnectionError):
+        return b""
+
+
+@needs_fuse
+def test_a_stream_over_tls_is_exact_and_plain_or_foreign_peers_are_refused(
+    tmp_path: Path, programs: Programs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = new_tls(tmp_path / "tls")
+    other = new_tls(tmp_path / "other")
+    monkeypatch.setenv("FRACTALFS_TLS_DIR", str(d))  # the daemons and the CLI
+    disc = Discovery(tmp_path / "disc")
+    nodes: list[Node] = []
+    try:
+        disc.start()
+        assert disc.url.startswith("https://")
+        for name in ("a", "b"):
+            node = Node(tmp_path, name, disc.url, extra=["--mode", "transient"])
+            nodes.append(node)
+            node.start()
+        a, b = nodes
+        edge = new_edge()
+        src, out = tmp_path / "src", tmp_path / "out"
+        sh(f"head -c 24M /dev/urandom > {src}")
+        reader = programs.start(f"cat {b.path(edge)} > {out}")
+        slowcat = Path(__file__).with_name("slowcat.py")
+        writer = programs.start(
+            f"{sys.executable} {slowcat} {src} {a.path(edge)} --chunk 1048576 --delay 0.15"
+        )
+        endpoint = a.ready_line.split("data ")[1].split(",")[0]
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            status = run("status", "--discovery", disc.url)  # over https, CA from the env
+            assert status.returncode == 0, status.stderr
+            if "streaming" in status.stdout:
+                break
+            time.sleep(0.1)
+        assert "streaming" in status.stdout, status.stdout
+        # A plain-TCP peer (a HELLO in the clear): no reply, the connection just ends.
+        host, _, port = endpoint.rpartition(":")
+        hello = Hello(EdgeId.parse(edge), 1, 0).encode()
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(hello)
+            try:
+                got = s.recv(4096)
+            except ConnectionResetError:
+                got = b""
+            assert not got.startswith(b"\x05") and b"FRFS" not in got  # TLS alert at most
+        # A TLS peer of another cluster's CA, or of this CA without a client certificate:
+        # the handshake fails, or the writer's node hangs up without a word.
+        no_cert = ssl.create_default_context(cafile=str(d / "ca.pem"))
+        no_cert.check_hostname = False
+        for ctx in (tls.load(str(other)).client, no_cert):
+            assert _tls_answer(endpoint, ctx, hello) == b""
+        # The cluster's own certificate gets through TLS to the HMAC HELLO, which still
+        # refuses a HELLO without proof of the secret (and names no generation).
+        reply = Reply.decode(
+            _tls_answer(endpoint, tls.load(str(d)).client, hello)[: REPLY.size], b""
+        )
+        assert reply.status is Status.AUTH_REQUIRED and reply.generation == 0
+        assert writer.wait(timeout=90) == 0
+        assert reader.wait(timeout=90) == 0
+        assert sha_file(out) == sha_file(src)
+        log = a.log.read_text()
+        assert "rejected data connection" not in log or "AUTH" not in log
+    finally:
+        for node in reversed(nodes):
+            node.stop()
+        disc.stop()
