@@ -28,7 +28,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fractalfs.edgeid import EdgeId
-from fractalfs.testing import Discovery, Node
+from fractalfs.testing import COMMAND, Discovery, Node, Process
 
 HERE = Path(__file__).resolve().parent
 
@@ -59,7 +59,15 @@ def timed_pair(writer_cmd: str, reader_cmd: str, reader_first: float = 0.2) -> f
     return elapsed
 
 
-def throughput(nodes: tuple[Node, Node], work: Path, size: int, bs: str) -> dict[str, float]:
+def throughput(
+    nodes: tuple[Node, Node],
+    work: Path,
+    size: int,
+    bs: str,
+    tls: tuple[tuple[Node, Node], Path] | None = None,
+) -> dict[str, float]:
+    """MB/s of each pipe; ``tls``: a second pair of daemons with ``--tls-dir`` and that
+    directory (rows for them and for socat over TLS with the same certificate)."""
     count = size // parse_size(bs)
     src = f"dd if=/dev/zero bs={bs} count={count} status=none"
     sink = f"dd of=/dev/null bs={bs} status=none"
@@ -84,6 +92,19 @@ def throughput(nodes: tuple[Node, Node], work: Path, size: int, bs: str) -> dict
     out["fractalfs two daemons"] = timed_pair(
         f"{src} of={a.path(edge)}", f"{sink} if={b.path(edge)}"
     )
+    if tls is not None:
+        (ta, tb), d = tls
+        opts = f"cert={d}/cert.pem,key={d}/key.pem,cafile={d}/ca.pem,verify=1"
+        port = free_port()
+        out["socat TLS loopback"] = timed_pair(
+            f"{src} | socat -u - OPENSSL:127.0.0.1:{port},{opts},commonname=fractalfs",
+            f"socat -u OPENSSL-LISTEN:{port},reuseaddr,{opts} - | {sink}",
+            reader_first=0.5,
+        )
+        edge = EdgeId.new().hex
+        out["fractalfs two daemons TLS"] = timed_pair(
+            f"{src} of={ta.path(edge)}", f"{sink} if={tb.path(edge)}"
+        )
     return {k: size / v / 1e6 for k, v in out.items()}  # MB/s
 
 
@@ -341,6 +362,11 @@ def main() -> int:
         action="store_true",
         help="daemons without the cluster secret (the cost of authentication, by difference)",
     )
+    ap.add_argument(
+        "--tls",
+        action="store_true",
+        help="also two daemons with --tls-dir (and socat over TLS): the cost of TLS",
+    )
     args = ap.parse_args()
     only = set(args.only.split(",")) if args.only else None
     if shutil.which("socat") is None:
@@ -355,14 +381,34 @@ def main() -> int:
         disc.start()
         a = Node(work, "a", disc.url, extra=["--mode", "transient"], secret_file=secret)
         b = Node(work, "b", disc.url, extra=["--mode", "transient"], secret_file=secret)
+        tls_procs: list[Process] = []
         try:
             a.start()
             b.start()
             nodes = (a, b)
+            tls: tuple[tuple[Node, Node], Path] | None = None
+            if args.tls and (only is None or "throughput" in only):
+                tls_dir = work / "tls"
+                subprocess.run([*COMMAND, "new-tls", str(tls_dir)], check=True)
+                # Their own discovery over HTTPS: every node of a cluster agrees on TLS.
+                tdisc = Discovery(
+                    work / "tls-discovery", secret_file=secret, extra=["--tls-dir", str(tls_dir)]
+                )
+                tls_procs.append(tdisc)
+                tdisc.start()
+                extra = ["--mode", "transient", "--tls-dir", str(tls_dir)]
+                ta = Node(work, "ta", tdisc.url, extra=extra, secret_file=secret)
+                tb = Node(work, "tb", tdisc.url, extra=extra, secret_file=secret)
+                for n in (ta, tb):
+                    tls_procs.append(n)
+                    n.start()
+                tls = ((ta, tb), tls_dir)
             if only is None or "throughput" in only:
                 for bs in args.bs.split(","):
                     small = parse_size(bs) < 64 << 10
-                    r = throughput(nodes, work, parse_size(args.small_size) if small else size, bs)
+                    r = throughput(
+                        nodes, work, parse_size(args.small_size) if small else size, bs, tls
+                    )
                     results[f"throughput_{bs}"] = r
                     print(
                         f"\nthroughput, {args.small_size if small else args.size} at bs={bs}"
@@ -419,6 +465,8 @@ def main() -> int:
                 for k, v in pair.items():
                     print(f"  {k:24s} {v:8.2f}")
         finally:
+            for proc in reversed(tls_procs):
+                proc.stop()
             b.stop()
             a.stop()
             disc.stop()
