@@ -7,7 +7,9 @@ baselines measured in the same run (a kernel FIFO and a socat TCP pipeline on lo
 
 Throughput uses `dd if=/dev/zero | <pipe> | dd of=/dev/null` at the given block sizes. The
 socat baseline is what a user would do by hand: `dd | socat -u - TCP:...` into
-`socat -u TCP-LISTEN:... - | dd`. Results also go to bench/results/latest.json.
+`socat -u TCP-LISTEN:... - | dd`. With --tls, two more daemons with `--tls-dir` (their own
+discovery over https) and socat over TLS with the same certificate add two rows: the cost
+of TLS in the same run. Results also go to bench/results/latest.json.
 """
 
 from __future__ import annotations
