@@ -4,6 +4,7 @@ discovery, both verified against the cluster's CA of ``fractalfs new-tls``."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import ssl
 import stat
@@ -161,3 +162,32 @@ def test_a_stream_over_tls_is_exact_and_plain_or_foreign_peers_are_refused(
         for node in reversed(nodes):
             node.stop()
         disc.stop()
+
+
+@needs_fuse
+def test_embedded_discovery_over_https_with_status_and_watch(
+    tmp_path: Path, programs: Programs
+) -> None:
+    d = new_tls(tmp_path / "tls")
+    node = Node(tmp_path, "e", None, extra=["--tls", str(d)])
+    try:
+        node.start()
+        assert node.discovery_url.startswith("https://127.0.0.1:"), node.ready_line
+        watch = programs.start(
+            f"exec {' '.join(CMD)} watch --discovery {node.discovery_url} --tls-dir {d}"
+        )
+        time.sleep(2.5)  # subscribed before the edge's first event (a loaded machine)
+        edge = new_edge()
+        reader = programs.start(f"cat {node.path(edge)}")
+        sh(f"echo over-https > {node.path(edge)}")
+        out, _ = reader.communicate(timeout=20)
+        assert out == b"over-https\n"
+        status = run("status", "--discovery", node.discovery_url, "--tls-dir", str(d))
+        assert status.returncode == 0 and edge in status.stdout, status.stderr
+        time.sleep(1.5)
+        watch.send_signal(signal.SIGINT)
+        events, errors = watch.communicate(timeout=10)
+        assert f"{edge} writer registered".encode() in events, (events, errors)
+        assert b"reconnecting" not in errors, errors
+    finally:
+        node.stop()
