@@ -21,7 +21,9 @@ from fractalfs.edgeid import EdgeId
 from fractalfs.handshake import REPLY, Hello, Reply, Status
 from fractalfs.testing import Discovery, Node
 
-from .conftest import Programs, needs_fuse, new_edge, sh, sha_file
+from .conftest import Cluster, Programs, needs_fuse, new_edge, sh, sha_file
+
+MiB = 1 << 20
 
 CMD = [sys.executable, "-m", "fractalfs"]
 
@@ -258,3 +260,34 @@ def test_tls_conn_streams_exactly_while_the_other_side_talks_back(tmp_path: Path
 
     got, acks = trio.run(main)
     assert got == want and acks > 0
+
+
+@needs_fuse
+def test_over_tls_a_killed_writer_is_rerun_on_another_node_exactly_once(
+    cluster: Cluster, programs: Programs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replay path (a new data connection to another node, verified prefix) over TLS."""
+    monkeypatch.setenv("FRACTALFS_TLS_DIR", str(new_tls(tmp_path / "tls")))
+    assert cluster.start_discovery().url.startswith("https://")
+    a, b, c = (cluster.node(n, extra=["--writer-lost-timeout", "20"]) for n in "abc")
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.write_bytes(os.urandom(12 * MiB + 333))
+    edge = new_edge()
+    reader = programs.start(f"cat {c.path(edge)} > {out}")
+    slowcat = Path(__file__).with_name("slowcat.py")
+    writer = programs.start(
+        f"exec {sys.executable} {slowcat} {src} {a.path(edge)} --pause-after {5 * MiB}"
+    )
+    assert writer.stdout is not None and writer.stdout.readline() == b"paused\n"
+    deadline = time.monotonic() + 10
+    while (out.stat().st_size if out.exists() else 0) < 5 * MiB:
+        assert time.monotonic() < deadline, "5 MiB not delivered"
+        time.sleep(0.05)
+    os.killpg(writer.pid, signal.SIGKILL)
+    time.sleep(1.0)
+    assert reader.poll() is None and out.stat().st_size == 5 * MiB
+    sh(f"cat {src} > {b.path(edge)}")  # the re-run, on another node
+    reader.communicate(timeout=30)
+    assert reader.returncode == 0
+    assert sha_file(out) == sha_file(src)
+    assert "replay of 5242880 bytes verified" in c.log.read_text()
