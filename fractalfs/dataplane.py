@@ -198,12 +198,16 @@ async def serve_edge(sock: Conn, writer: WriterEnd, offset: int) -> None:
 async def _send_stream(sock: Conn, writer: WriterEnd, offset: int) -> None:
     pos = offset
     cursor: tuple[int, int] | None = None
+    bufs: Sequence[bytes | memoryview]
     while True:
         if writer.state is WriterState.ABORTED:
             reason, message = writer.abort_reason or (AbortReason.REMOVED, "")
             await send_all(sock, [codec.abort_frame(reason, message)])
             return
-        bufs, cursor = writer.read_at(pos, cursor, BATCH)
+        if writer.on_disk(pos):
+            bufs, cursor = [await writer.read_spill(pos, BATCH)], None
+        else:
+            bufs, cursor = writer.read_at(pos, cursor, BATCH)
         if bufs:
             size = sum(len(b) for b in bufs)
             await send_all(sock, [codec.data_header(size), *bufs])
@@ -373,6 +377,7 @@ async def pull_local(
         return Result(PullOutcome.GONE, f"offset {offset} is outside the local window")
     on_connected(writer.generation)
     cursor: tuple[int, int] | None = None
+    bufs: Sequence[bytes | memoryview]
     reader.start_streaming()
     try:
         while True:
@@ -382,7 +387,12 @@ async def pull_local(
             if writer.state is WriterState.ABORTED:
                 reason, message = writer.abort_reason or (AbortReason.REMOVED, "")
                 return Result(_ABORTS[reason], message)
-            bufs, cursor = writer.read_at(reader.stream_pos, cursor, BATCH)
+            if writer.on_disk(reader.stream_pos):
+                bufs, cursor = [await writer.read_spill(reader.stream_pos, BATCH)], None
+                if reader.state is ReaderState.CLOSED:  # type: ignore[comparison-overlap]
+                    return Result(PullOutcome.CLOSED)  # while the thread ran
+            else:
+                bufs, cursor = writer.read_at(reader.stream_pos, cursor, BATCH)
             if bufs:
                 for buf in bufs:
                     reader.accept(buf)

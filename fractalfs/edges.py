@@ -411,10 +411,26 @@ class WriterEnd:
         (``cursor``: where the previous call left off, or None). Bytes no longer in memory
         (persistent mode) come from the spill file; none when nothing new was written."""
         if pos < self.base and self.spill is not None:
-            return [self.spill.read(pos, limit)], None
+            return [self.spill.read(pos, limit)], None  # the data plane: read_spill
         if cursor is None or cursor[0] < self.first_index:
             cursor = self.locate(pos)
         return self.take(cursor, limit)
+
+    def on_disk(self, pos: int) -> bool:
+        """Stream offset ``pos`` is no longer in memory: :meth:`read_spill` reads it."""
+        return pos < self.base and self.spill is not None
+
+    async def read_spill(self, pos: int, limit: int) -> bytes:
+        """Up to ``limit`` bytes from ``pos`` out of the spill file, in a worker thread
+        (up to 1 MiB of O_DIRECT pread: not on the loop). The spill's close or removal
+        meanwhile (abort, garbage collection, supersede) waits until the read returns."""
+        spill = self.spill
+        assert spill is not None
+        spill.begin_read()
+        try:
+            return await trio.to_thread.run_sync(spill.read, pos, limit)  # not abandoned
+        finally:
+            spill.end_read()
 
     def take(self, cursor: tuple[int, int], limit: int) -> tuple[list[memoryview], tuple[int, int]]:
         """Up to ``limit`` bytes from ``cursor`` (as views, no copy) and the cursor after."""

@@ -26,16 +26,21 @@ is handed back behind the writer (``CACHE_BEHIND``).
 from __future__ import annotations
 
 import errno
+import itertools
+import logging
 import mmap
 import os
 import stat
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
 from . import codec
 from .edgeid import EdgeId
+
+log = logging.getLogger(__name__)
 
 MAGIC = b"FRSPILL1"
 HEADER = struct.Struct(">8s16sQQQ16x")
@@ -44,6 +49,8 @@ SEALED_AT = COMPLETE_AT + 8  # header offset of "sealed": written before the END
 SEALED = struct.Struct(">Q")
 INCOMPLETE = 2**64 - 1
 SUFFIX = ".spill"
+REMOVING = ".removing"  # a removed spill, renamed until a worker thread unlinks it
+_removals = itertools.count()
 # Buffered appends (no O_DIRECT): page cache kept behind a spill's end (for readers close
 # behind the writer); older pages are handed back every RECYCLE_EVERY bytes. A spill
 # streams gigabytes once: left cached they would evict the node's useful cache, and
@@ -74,7 +81,14 @@ class SpillInfo:
 
 
 class SpillFile:
-    """An open spill file. Not thread-safe; owned by one writer end."""
+    """An open spill file, owned by one writer end.
+
+    Not thread-safe, except :meth:`read`: reads may run in worker threads (the data plane
+    reads up to 1 MiB at a time off the trio loop), bracketed by :meth:`begin_read` and
+    :meth:`end_read` on the loop's thread. A :meth:`close` or :meth:`remove` while one
+    runs waits until the last returns: fd numbers are reused, and a read in flight must
+    never read another file's bytes.
+    """
 
     def __init__(self, path: Path, fd: int, edge: EdgeId, generation: int, start: int) -> None:
         self.path = path
@@ -95,6 +109,11 @@ class SpillFile:
         self._direct_reads = True
         self._rfd = -1
         self._rbuf: mmap.mmap | None = None
+        self._rlock = threading.Lock()  # the aligned read buffer: one read at a time
+        # Reads in worker threads, and what waits for them (on the loop's thread).
+        self._reads = 0
+        self._after_reads: str | None = None  # "close" or "remove"
+        self._removed = False
 
     @classmethod
     def create(
@@ -254,7 +273,8 @@ class SpillFile:
             return b""
         pos = HEADER.size + offset - self.start
         if self._direct_reads and size <= STAGE:
-            data = self._read_direct(pos, size)
+            with self._rlock:  # a superseded connection's read may still run
+                data = self._read_direct(pos, size)
             if data is not None:
                 return data
         data = os.pread(self.fd, size, pos)
@@ -288,7 +308,27 @@ class SpillFile:
             return None  # shorter than the file says (written since): read it buffered
         return self._rbuf[pos - lo : pos - lo + size]
 
+    def begin_read(self) -> None:
+        """A :meth:`read` is about to run in a worker thread: close and remove wait for it."""
+        if self.fd < 0 or self._after_reads is not None:
+            raise OSError(errno.EBADF, f"spill file {self.path} is closed")
+        self._reads += 1
+
+    def end_read(self) -> None:
+        """That read returned: a close or removal it held back happens now."""
+        self._reads -= 1
+        if not self._reads and self._after_reads is not None:
+            what, self._after_reads = self._after_reads, None
+            if what == "remove":
+                self.remove()
+            else:
+                self.close()
+
     def close(self) -> None:
+        if self._reads:
+            if self._after_reads is None:
+                self._after_reads = "close"
+            return
         if self._rfd >= 0:
             os.close(self._rfd)
             self._rfd = -1
@@ -306,8 +346,35 @@ class SpillFile:
             self.fd = -1
 
     def remove(self) -> None:
+        """Closes and deletes the file; idempotent. The name goes at once (a rename: a new
+        spill may be created under it), the data in a worker thread: unlinking gigabytes
+        takes a while and must not stall the loop."""
+        if self._reads:
+            self._after_reads = "remove"
+            return
         self.close()
-        self.path.unlink(missing_ok=True)
+        if self._removed:
+            return
+        self._removed = True
+        doomed = self.path.with_name(f".{self.path.name}.{os.getpid()}-{next(_removals)}{REMOVING}")
+        try:
+            os.rename(self.path, doomed)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning(
+                "spill file %s: cannot rename it for removal (%s): unlinking", self.path, exc
+            )
+            doomed = self.path
+        threading.Thread(target=_unlink, args=(doomed,), name="spill-unlink").start()
+
+
+def _unlink(path: Path) -> None:
+    """In a worker thread (not a daemon thread: an exit waits for it); nothing waits."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        log.error("cannot delete spill file %s: %s", path, exc)
 
 
 def inspect(path: Path) -> SpillInfo:
@@ -343,6 +410,8 @@ def scan(spill_dir: str | Path) -> list[SpillInfo]:
     directory = Path(spill_dir)
     if not directory.is_dir():
         return []
+    for path in directory.glob(f".*{REMOVING}"):  # removed before a crash
+        _unlink(path)
     for path in sorted(directory.glob(f"*{SUFFIX}")):
         try:
             found.append(inspect(path))

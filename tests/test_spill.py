@@ -7,18 +7,23 @@ import hashlib
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
+import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fractalfs import codec
+from fractalfs.codec import AbortReason
 from fractalfs.edgeid import EdgeId
+from fractalfs.edges import WriterEnd
 from fractalfs.spill import (
     CACHE_BEHIND,
     HEADER,
     RECYCLE_EVERY,
+    REMOVING,
     SpillError,
     SpillFile,
     inspect,
@@ -250,3 +255,115 @@ def test_direct_reads_at_any_offset_and_length(tmp_path: Path) -> None:
     assert again.read(100, len(stream)) == stream  # more than a stage: buffered
     again.close()
     sp.remove()
+
+
+def _join_unlinks() -> None:
+    for t in threading.enumerate():
+        if t.name == "spill-unlink":
+            t.join(10)
+
+
+def _spill_of(tmp_path: Path, size: int) -> tuple[SpillFile, bytes]:
+    sp = SpillFile.create(tmp_path, EdgeId.new(), 1, 0)
+    data = os.urandom(size)
+    sp.append(data)
+    sp.finish()
+    return sp, data
+
+
+def test_a_removal_waits_for_a_read_in_a_worker_thread(tmp_path: Path) -> None:
+    """Abort during a spill read off the loop: the read gets its bytes from the right file,
+    the fds stay open (no number reused) until it returns, then the file goes."""
+    sp, data = _spill_of(tmp_path, 3 << 20)
+    started, go = threading.Event(), threading.Event()
+    real_read = sp.read
+
+    def slow_read(offset: int, size: int) -> bytes:
+        started.set()
+        assert go.wait(10)
+        return real_read(offset, size)
+
+    sp.read = slow_read  # type: ignore[method-assign]
+    got: list[bytes] = []
+
+    async def main() -> None:
+        writer = WriterEnd(sp.edge, 1, 1 << 20, os.getpid())
+        writer.spill = sp
+        writer.base = writer.end = sp.end
+        assert writer.on_disk(12345)
+
+        async def reader() -> None:
+            got.append(await writer.read_spill(12345, 1 << 20))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await trio.to_thread.run_sync(started.wait)
+            fds = {sp.fd, sp._rfd, sp._dfd} - {-1}
+            writer.abort(AbortReason.REMOVED, "removed")  # removes the spill
+            sp.remove()  # idempotent, still deferred
+            assert sp.fd >= 0 and sp.path.exists()  # nothing closed under the read
+            probe = os.open(os.devnull, os.O_RDONLY)
+            os.close(probe)
+            assert probe not in fds
+            go.set()
+        assert sp.fd == -1 and sp._rfd == -1 and not sp.path.exists()
+        with pytest.raises(OSError):
+            await writer.read_spill(0, 10)  # a removed spill is not read
+
+    trio.run(main)
+    assert got == [data[12345 : 12345 + (1 << 20)]]
+    _join_unlinks()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_close_waits_for_a_read_in_a_worker_thread(tmp_path: Path) -> None:
+    sp, data = _spill_of(tmp_path, 1 << 20)
+    sp.begin_read()
+    sp.close()
+    assert sp.fd >= 0  # deferred
+    assert sp.read(10, 20) == data[10:30]
+    sp.end_read()
+    assert sp.fd == -1 and sp.path.exists()
+    sp.remove()
+    _join_unlinks()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_concurrent_reads_do_not_share_the_read_buffer(tmp_path: Path) -> None:
+    """A superseded connection's read may still run in a thread when a new one reads."""
+    sp, data = _spill_of(tmp_path, 4 << 20)
+    bad: list[int] = []
+
+    def hammer(seed: int) -> None:
+        for i in range(150):
+            offset = ((seed * 7919 + i * 104729) * 4093) % (3 << 20)
+            size = 1 + (seed * 31 + i * 65537) % (1 << 20)
+            if sp.read(offset, size) != data[offset : offset + size]:
+                bad.append(offset)
+
+    threads = [threading.Thread(target=hammer, args=(s,)) for s in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad
+    sp.remove()
+
+
+def test_removal_renames_at_once_and_unlinks_in_a_thread(tmp_path: Path) -> None:
+    sp, _ = _spill_of(tmp_path, 1 << 20)
+    sp.remove()
+    assert not sp.path.exists()  # the name is free at once
+    again = SpillFile.create(tmp_path, sp.edge, sp.generation, 0)  # same name
+    sp.remove()  # idempotent: never deletes the new file
+    _join_unlinks()
+    assert [p.name for p in tmp_path.iterdir()] == [again.path.name]
+    again.remove()
+    _join_unlinks()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_removal_cut_short_by_a_crash_is_finished_by_the_scan(tmp_path: Path) -> None:
+    (tmp_path / f".x.1.spill.1-2{REMOVING}").write_bytes(b"old")
+    assert scan(tmp_path) == []
+    assert list(tmp_path.iterdir()) == []
