@@ -318,3 +318,19 @@ def blocked_on_a_full_window(pid: int, window: int = 8 << 20) -> bool:
         return False
     wchar = int(io.split("wchar:")[1].split()[0])
     return wchar >= window and in_fuse_request(pid)
+
+
+@pytest.fixture
+def discovery(tmp_path: Path) -> Iterator[Discovery]:
+    """A discovery server of its own (with the suite's cluster secret) for one test."""
+    disc = Discovery(tmp_path / "discovery")
+    disc.start()
+    try:
+        yield disc
+    finally:
+        disc.stop()
+
+
+@pytest.fixture
+def disc(discovery: Discovery) -> Discovery:
+    return discovery

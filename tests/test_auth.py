@@ -9,7 +9,6 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -44,16 +43,6 @@ ROUTES = [
     ("POST", "/v1/nodes/a/heartbeat"),
     ("POST", "/v1/nodes/a/leave"),
 ]
-
-
-@pytest.fixture
-def disc(tmp_path: Path) -> Iterator[Discovery]:
-    d = Discovery(tmp_path)
-    d.start()
-    try:
-        yield d
-    finally:
-        d.stop()
 
 
 def secret() -> bytes:

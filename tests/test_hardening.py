@@ -30,16 +30,6 @@ HUGE = 2**64
 
 
 @pytest.fixture
-def disc(tmp_path: Path) -> Iterator[Discovery]:
-    d = Discovery(tmp_path)
-    d.start()
-    try:
-        yield d
-    finally:
-        d.stop()
-
-
-@pytest.fixture
 def api(disc: Discovery) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=disc.url + "/v1", timeout=20, auth=disc.auth) as client:
         yield client

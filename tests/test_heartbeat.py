@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -106,16 +104,6 @@ def test_a_big_node_is_checked_in_a_rotating_window() -> None:
         assert got is not None and len(got[0]) <= PAGE
         seen |= set(got[0])
     assert seen == set(writers)  # every end checked within ends / PAGE beats
-
-
-@pytest.fixture
-def discovery(tmp_path: Path) -> Iterator[Discovery]:
-    disc = Discovery(tmp_path / "discovery")
-    disc.start()
-    try:
-        yield disc
-    finally:
-        disc.stop()
 
 
 async def test_five_thousand_ends_keep_a_node_alive(discovery: Discovery) -> None:

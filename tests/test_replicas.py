@@ -26,16 +26,6 @@ SLOWCAT = f"{sys.executable} {Path(__file__).with_name('slowcat.py')}"
 MiB = 1 << 20
 
 
-@pytest.fixture
-def discovery(tmp_path: Path) -> Iterator[Discovery]:
-    disc = Discovery(tmp_path / "discovery")
-    disc.start()
-    try:
-        yield disc
-    finally:
-        disc.stop()
-
-
 class _Busy(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self.send_response(503)

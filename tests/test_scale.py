@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
 from fractalfs.discovery.server import Changes
 from fractalfs.discovery.store import Store
@@ -50,16 +48,6 @@ def test_a_change_wakes_only_the_waiters_of_its_edge() -> None:
         assert changes.waiting() == 0
 
     asyncio.run(main())
-
-
-@pytest.fixture
-def discovery(tmp_path: Path) -> Iterator[Discovery]:
-    disc = Discovery(tmp_path / "discovery")
-    disc.start()
-    try:
-        yield disc
-    finally:
-        disc.stop()
 
 
 def test_history_is_pruned_and_queries_use_indexes(tmp_path: Path) -> None:
