@@ -22,6 +22,7 @@ import os
 import random
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -75,9 +76,9 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-def lost_events(url: str) -> int:
+def lost_events(url: str, auth: tuple[str, str] | None) -> int:
     lost, after = 0, 0
-    with httpx.Client(timeout=30) as http:
+    with httpx.Client(timeout=30, auth=auth) as http:
         while True:
             got = http.get(f"{url}/v1/events", params={"after": after}).json()
             if not got["events"]:
@@ -96,6 +97,7 @@ def edges_row(work: Path, n: int) -> dict[str, Any]:
         "daemon A (writers)": a,
         "daemon B (readers)": b,
     }
+    errors: list[str] = []
     try:
         a.start()
         b.start()
@@ -103,7 +105,6 @@ def edges_row(work: Path, n: int) -> dict[str, Any]:
         edges = [EdgeId.new().hex for _ in range(n)]
         first_byte: dict[int, float] = {}
         digests: dict[int, str] = {}
-        errors: list[str] = []
 
         def reader(i: int) -> None:
             try:
@@ -121,18 +122,28 @@ def edges_row(work: Path, n: int) -> dict[str, Any]:
         started: dict[int, float] = {}
 
         def writer(i: int) -> None:
-            data = payload(i)
+            # A process per writer: the daemon takes a writer whose thread ends while its
+            # process lives on for one whose program vanished (see the README's scale notes).
+            src = work / f"payload-{i}"
+            src.write_bytes(payload(i))
             try:
                 started[i] = time.monotonic()
-                with open(a.path(edges[i]), "wb", buffering=0) as f:
-                    f.write(data)
-            except OSError as exc:
+                with open(src, "rb") as stdin:
+                    done = subprocess.run(
+                        ["dd", f"of={a.path(edges[i])}", "bs=65536", "status=none"],
+                        stdin=stdin,
+                        capture_output=True,
+                        timeout=300,
+                    )
+                if done.returncode:
+                    errors.append(f"writer {i}: {done.stderr.decode(errors='replace').strip()}")
+            except (OSError, subprocess.SubprocessError) as exc:
                 errors.append(f"writer {i}: {exc}")
 
         readers = [threading.Thread(target=reader, args=(i,), daemon=True) for i in range(n)]
         for t in readers:
             t.start()
-        http = httpx.Client(timeout=30)
+        http = httpx.Client(timeout=30, auth=disc.auth)
         deadline = time.monotonic() + 300
         while True:  # every reader registered with discovery
             listed = http.get(f"{disc.url}/v1/edges").json()["edges"]
@@ -161,7 +172,7 @@ def edges_row(work: Path, n: int) -> dict[str, Any]:
             "all_done_s": round(elapsed, 2),
             "pairing_ms_p50": round(statistics.median(pairing), 1) if pairing else None,
             "pairing_ms_p99": round(percentile(pairing, 99), 1) if pairing else None,
-            "nodes_lost_events": lost_events(disc.url),
+            "nodes_lost_events": lost_events(disc.url, disc.auth),
             "idle_rss_kib_per_edge_B": round(
                 (idle["daemon B (readers)"]["rss_mib"] - before["daemon B (readers)"]["rss_mib"])
                 * 1024
@@ -176,6 +187,10 @@ def edges_row(work: Path, n: int) -> dict[str, Any]:
         b.stop()
         a.stop()
         disc.stop()
+        if errors:  # keep the logs of a failed row for a look
+            (HERE / "results").mkdir(exist_ok=True)
+            for name, p in (("discovery", disc), ("a", a), ("b", b)):
+                (HERE / "results" / f"scale-n{n}-{name}.log").write_text(p.log.read_text())
 
 
 def _delivered(now: float) -> Edge:
