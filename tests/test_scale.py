@@ -226,3 +226,23 @@ def test_one_signal_check_per_program_for_all_its_blocked_handlers(
         assert len(interrupted) == 200
 
     trio.run(main)
+
+
+def test_a_lost_node_names_its_edges_in_the_feed(tmp_path: Path) -> None:
+    """Losing a node wakes the waiters of its edges only, not every waiting reader."""
+    from fractalfs.discovery.server import DiscoveryApp
+
+    store = Store(tmp_path / "d.db")
+    try:
+        app = DiscoveryApp(store)
+        held, other = new_edge(), new_edge()
+        store.register_writer(held, "lost", "h:1")
+        store.claim_reader(other, "alive")
+        seq = app.changes.seq
+        app._lose("lost", "left")
+        assert app.changes.changed_since(seq) == ([held], False)
+        seq = app.changes.seq
+        app._lose("nobody", "left")  # nothing held: no edge changed
+        assert app.changes.changed_since(seq) == ([], False)
+    finally:
+        store.close()

@@ -282,7 +282,12 @@ class DiscoveryApp:
             self.held.forget(node)
         changed = self.store.node_lost(node, cause)
         log.warning("node %s lost (%s); %d edges affected", node, why or cause, len(changed))
-        self._changed()
+        # Each edge it changed, by name: waiters (and the feed's followers) of other edges
+        # are not woken; the event streams are woken by any change.
+        for edge in changed:
+            self._changed(edge.id)
+        if not changed:
+            self._changed("")
 
     def _changed(self, edge: str | None = None) -> None:
         self.changes.notify(edge)
