@@ -246,3 +246,42 @@ def test_a_lost_node_names_its_edges_in_the_feed(tmp_path: Path) -> None:
         assert app.changes.changed_since(seq) == ([], False)
     finally:
         store.close()
+
+
+def test_the_signal_watch_keeps_its_scans_to_a_tenth_of_the_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import time as _time
+
+    import trio
+
+    from fractalfs import procs
+    from fractalfs.edges import Notifier, wait_or_interrupt
+
+    checks = 0
+
+    def slow(pid: int) -> bool:
+        nonlocal checks
+        checks += 1
+        _time.sleep(0.001)  # a /proc read on a busy machine
+        return False
+
+    monkeypatch.setattr(procs, "signal_pending", slow)
+
+    async def main() -> None:
+        notifier = Notifier()
+
+        async def handler(pid: int) -> None:
+            while True:
+                await wait_or_interrupt(notifier, pid, 0.005)
+
+        async with trio.open_nursery() as nursery:
+            for pid in range(1000, 1050):  # 50 programs: a scan takes ~50 ms
+                nursery.start_soon(handler, pid)
+            await trio.sleep(2.0)
+            nursery.cancel_scope.cancel()
+
+    t0 = _time.monotonic()
+    trio.run(main)
+    scanning = checks * 0.001
+    assert scanning < 0.25 * (_time.monotonic() - t0), checks  # not back to back
