@@ -87,6 +87,29 @@ def lost_events(url: str, auth: tuple[str, str] | None) -> int:
             after = got["events"][-1]["seq"]
 
 
+SPAWNER = """
+import subprocess, sys, threading, time
+lock = threading.Lock()
+def say(text):
+    with lock:
+        sys.stdout.write(text + "\\n")
+        sys.stdout.flush()
+def run(i, src, dst):
+    with open(src, "rb") as stdin:
+        t = time.monotonic()
+        p = subprocess.Popen(["dd", "of=" + dst, "bs=65536", "status=none"], stdin=stdin,
+                             stderr=subprocess.PIPE)
+    say(f"start {i} {t}")
+    err = p.communicate(timeout=300)[1].decode(errors="replace").strip()
+    say(f"done {i} {p.returncode if not err else err}")
+threads = [threading.Thread(target=run, args=line.split()) for line in sys.stdin]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+"""
+
+
 def edges_row(work: Path, n: int) -> dict[str, Any]:
     disc = Discovery(work / "discovery")
     disc.start()
@@ -121,24 +144,19 @@ def edges_row(work: Path, n: int) -> dict[str, Any]:
 
         started: dict[int, float] = {}
 
-        def writer(i: int) -> None:
-            # A process per writer: the daemon takes a writer whose thread ends while its
-            # process lives on for one whose program vanished (see the README's scale notes).
-            src = work / f"payload-{i}"
-            src.write_bytes(payload(i))
-            try:
-                started[i] = time.monotonic()
-                with open(src, "rb") as stdin:
-                    done = subprocess.run(
-                        ["dd", f"of={a.path(edges[i])}", "bs=65536", "status=none"],
-                        stdin=stdin,
-                        capture_output=True,
-                        timeout=300,
-                    )
-                if done.returncode:
-                    errors.append(f"writer {i}: {done.stderr.decode(errors='replace').strip()}")
-            except (OSError, subprocess.SubprocessError) as exc:
-                errors.append(f"writer {i}: {exc}")
+        # Writers are processes (one `dd` each): the daemon takes a writer thread that ends
+        # while its process lives on for a vanished program. They are started by a helper
+        # that holds no file of the mount: a fork of this process would inherit the
+        # readers' 1,000 open files, and every child closing them sends FUSE a FLUSH each.
+        spawner = subprocess.Popen(
+            [sys.executable, "-c", SPAWNER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert spawner.stdin is not None and spawner.stdout is not None
+        for i in range(n):
+            (work / f"payload-{i}").write_bytes(payload(i))
 
         readers = [threading.Thread(target=reader, args=(i,), daemon=True) for i in range(n)]
         for t in readers:
@@ -154,11 +172,18 @@ def edges_row(work: Path, n: int) -> dict[str, Any]:
             time.sleep(0.2)
         time.sleep(1.0)
         idle = usage(procs)
-        writers = [threading.Thread(target=writer, args=(i,), daemon=True) for i in range(n)]
         t0 = time.monotonic()
-        for t in writers:
-            t.start()
-        for t in [*writers, *readers]:
+        for i in range(n):
+            spawner.stdin.write(f"{i} {work / f'payload-{i}'} {a.path(edges[i])}\n")
+        spawner.stdin.close()
+        for line in spawner.stdout:
+            kind, i_text, rest = line.rstrip("\n").split(" ", 2)
+            if kind == "start":
+                started[int(i_text)] = float(rest)
+            elif rest != "0":
+                errors.append(f"writer {i_text}: {rest}")
+        spawner.wait()
+        for t in readers:
             t.join(max(1.0, deadline - time.monotonic()))
         elapsed = time.monotonic() - t0
         after = usage(procs)
