@@ -22,6 +22,7 @@ import os
 import random
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -75,15 +76,38 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-def lost_events(url: str) -> int:
+def lost_events(url: str, auth: tuple[str, str] | None) -> int:
     lost, after = 0, 0
-    with httpx.Client(timeout=30) as http:
+    with httpx.Client(timeout=30, auth=auth) as http:
         while True:
             got = http.get(f"{url}/v1/events", params={"after": after}).json()
             if not got["events"]:
                 return lost
             lost += sum(e["kind"] in ("writer-lost", "reader-lost") for e in got["events"])
             after = got["events"][-1]["seq"]
+
+
+SPAWNER = """
+import subprocess, sys, threading, time
+lock = threading.Lock()
+def say(text):
+    with lock:
+        sys.stdout.write(text + "\\n")
+        sys.stdout.flush()
+def run(i, src, dst):
+    with open(src, "rb") as stdin:
+        t = time.monotonic()
+        p = subprocess.Popen(["dd", "of=" + dst, "bs=65536", "status=none"], stdin=stdin,
+                             stderr=subprocess.PIPE)
+    say(f"start {i} {t}")
+    err = p.communicate(timeout=300)[1].decode(errors="replace").strip()
+    say(f"done {i} {p.returncode if not err else err}")
+threads = [threading.Thread(target=run, args=line.split()) for line in sys.stdin]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+"""
 
 
 def edges_row(work: Path, n: int) -> dict[str, Any]:
@@ -96,6 +120,7 @@ def edges_row(work: Path, n: int) -> dict[str, Any]:
         "daemon A (writers)": a,
         "daemon B (readers)": b,
     }
+    errors: list[str] = []
     try:
         a.start()
         b.start()
@@ -103,7 +128,6 @@ def edges_row(work: Path, n: int) -> dict[str, Any]:
         edges = [EdgeId.new().hex for _ in range(n)]
         first_byte: dict[int, float] = {}
         digests: dict[int, str] = {}
-        errors: list[str] = []
 
         def reader(i: int) -> None:
             try:
@@ -120,19 +144,24 @@ def edges_row(work: Path, n: int) -> dict[str, Any]:
 
         started: dict[int, float] = {}
 
-        def writer(i: int) -> None:
-            data = payload(i)
-            try:
-                started[i] = time.monotonic()
-                with open(a.path(edges[i]), "wb", buffering=0) as f:
-                    f.write(data)
-            except OSError as exc:
-                errors.append(f"writer {i}: {exc}")
+        # Writers are processes (one `dd` each): the daemon takes a writer thread that ends
+        # while its process lives on for a vanished program. They are started by a helper
+        # that holds no file of the mount: a fork of this process would inherit the
+        # readers' 1,000 open files, and every child closing them sends FUSE a FLUSH each.
+        spawner = subprocess.Popen(
+            [sys.executable, "-c", SPAWNER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert spawner.stdin is not None and spawner.stdout is not None
+        for i in range(n):
+            (work / f"payload-{i}").write_bytes(payload(i))
 
         readers = [threading.Thread(target=reader, args=(i,), daemon=True) for i in range(n)]
         for t in readers:
             t.start()
-        http = httpx.Client(timeout=30)
+        http = httpx.Client(timeout=30, auth=disc.auth)
         deadline = time.monotonic() + 300
         while True:  # every reader registered with discovery
             listed = http.get(f"{disc.url}/v1/edges").json()["edges"]
@@ -143,11 +172,18 @@ def edges_row(work: Path, n: int) -> dict[str, Any]:
             time.sleep(0.2)
         time.sleep(1.0)
         idle = usage(procs)
-        writers = [threading.Thread(target=writer, args=(i,), daemon=True) for i in range(n)]
         t0 = time.monotonic()
-        for t in writers:
-            t.start()
-        for t in [*writers, *readers]:
+        for i in range(n):
+            spawner.stdin.write(f"{i} {work / f'payload-{i}'} {a.path(edges[i])}\n")
+        spawner.stdin.close()
+        for line in spawner.stdout:
+            kind, i_text, rest = line.rstrip("\n").split(" ", 2)
+            if kind == "start":
+                started[int(i_text)] = float(rest)
+            elif rest != "0":
+                errors.append(f"writer {i_text}: {rest}")
+        spawner.wait()
+        for t in readers:
             t.join(max(1.0, deadline - time.monotonic()))
         elapsed = time.monotonic() - t0
         after = usage(procs)
@@ -161,7 +197,7 @@ def edges_row(work: Path, n: int) -> dict[str, Any]:
             "all_done_s": round(elapsed, 2),
             "pairing_ms_p50": round(statistics.median(pairing), 1) if pairing else None,
             "pairing_ms_p99": round(percentile(pairing, 99), 1) if pairing else None,
-            "nodes_lost_events": lost_events(disc.url),
+            "nodes_lost_events": lost_events(disc.url, disc.auth),
             "idle_rss_kib_per_edge_B": round(
                 (idle["daemon B (readers)"]["rss_mib"] - before["daemon B (readers)"]["rss_mib"])
                 * 1024
@@ -176,6 +212,10 @@ def edges_row(work: Path, n: int) -> dict[str, Any]:
         b.stop()
         a.stop()
         disc.stop()
+        if errors:  # keep the logs of a failed row for a look
+            (HERE / "results").mkdir(exist_ok=True)
+            for name, p in (("discovery", disc), ("a", a), ("b", b)):
+                (HERE / "results" / f"scale-n{n}-{name}.log").write_text(p.log.read_text())
 
 
 def _delivered(now: float) -> Edge:

@@ -66,12 +66,89 @@ class Notifier:
         await self._event.wait()
 
 
-async def wait_or_interrupt(notifier: Notifier, pid: int, poll: float) -> None:
-    """Waits for ``notifier``; raises EINTR if ``pid`` gets a signal meanwhile."""
-    with trio.move_on_after(poll):
-        await notifier.wait()
-        return
-    if procs.signal_pending(pid):
+class _Waiting:
+    __slots__ = ("scope", "signalled")
+
+    def __init__(self, scope: trio.CancelScope) -> None:
+        self.scope = scope
+        self.signalled = False
+
+
+class SignalWatch:
+    """One loop per daemon looks for pending signals of every program a handler blocks
+    for: one ``/proc/<pid>/status`` read per program per tick, however many handlers wait,
+    instead of a timer and a read per blocked handler. A program with a signal pending has
+    its waits cancelled (they raise EINTR)."""
+
+    def __init__(self, poll: float) -> None:
+        self.poll = poll
+        self.pids: dict[int, set[_Waiting]] = {}
+        self.running = False
+
+    def add(self, pid: int, waiting: _Waiting) -> None:
+        if pid <= 0:
+            return  # nobody to interrupt
+        self.pids.setdefault(pid, set()).add(waiting)
+        if not self.running:
+            self.running = True
+            trio.lowlevel.spawn_system_task(self._tick, name="fractalfs signal watch")
+
+    def remove(self, pid: int, waiting: _Waiting) -> None:
+        held = self.pids.get(pid)
+        if held is not None:
+            held.discard(waiting)
+            if not held:
+                del self.pids[pid]
+
+    async def _tick(self) -> None:
+        try:
+            pause = self.poll
+            while self.pids:
+                await trio.sleep(pause)
+                started = trio.current_time()
+                for pid in list(self.pids):
+                    try:
+                        pending = procs.signal_pending(pid)
+                    except Exception:  # never take the run down: the waits time out anyway
+                        log.exception("signal check of pid %d failed", pid)
+                        continue
+                    if pending:
+                        for waiting in self.pids.pop(pid, ()):
+                            waiting.signalled = True
+                            waiting.scope.cancel()
+                # Thousands of waiting programs: keep the scan to a tenth of the time.
+                pause = max(self.poll, 9 * (trio.current_time() - started))
+        finally:
+            self.running = False
+
+
+_WATCH: trio.lowlevel.RunVar[SignalWatch] = trio.lowlevel.RunVar("fractalfs_signal_watch")
+
+
+def signal_watch(poll: float) -> SignalWatch:
+    try:
+        return _WATCH.get()
+    except LookupError:
+        watch = SignalWatch(poll)
+        _WATCH.set(watch)
+        return watch
+
+
+async def wait_or_interrupt(
+    notifier: Notifier, pid: int, poll: float, timeout: float | None = None
+) -> None:
+    """Waits for ``notifier`` (at most ``timeout``, by default a few ticks: callers loop);
+    raises EINTR if ``pid`` gets a signal meanwhile (see :class:`SignalWatch`)."""
+    watch = signal_watch(poll)
+    with trio.move_on_after(max(5 * poll, 1.0) if timeout is None else timeout) as scope:
+        waiting = _Waiting(scope)
+        watch.add(pid, waiting)
+        try:
+            await notifier.wait()
+            return
+        finally:
+            watch.remove(pid, waiting)
+    if waiting.signalled:
         raise EdgeError(errno.EINTR, "interrupted by a signal")
 
 
@@ -188,7 +265,9 @@ class WriterEnd:
                     continue
             self.blocked += 1
             try:
-                await wait_or_interrupt(self.changed, self.interrupt_pid, min(poll, FULL_FOR))
+                await wait_or_interrupt(
+                    self.changed, self.interrupt_pid, poll, timeout=min(poll, FULL_FOR)
+                )
             finally:
                 self.blocked -= 1
         self.chunks.append(data)

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import logging
 import os
+import socket
 
 import trio
 
@@ -28,6 +29,7 @@ class ExitWatcher:
 
     def __init__(self) -> None:
         raw = procs.open_exit_events()
+        self._raw = raw
         self._sock = trio.socket.from_stdlib_socket(raw) if raw is not None else None
         self._watched: dict[int, int | None] = {}  # pid -> status once it exited
         self._overrun = 0  # exit events the kernel dropped so far (ENOBUFS), as a count
@@ -67,12 +69,39 @@ class ExitWatcher:
                     self._overrun += 1
                     self.changed.notify()
                     continue
-                event = procs.parse_exit_event(data)
-                if event is not None and event[0] in self._watched:
-                    self._watched[event[0]] = event[1]
-                    self.changed.notify()
+                self._apply(data)
+                self._drain()  # the backlog of a busy loop, in one go
+
+    def _apply(self, data: bytes) -> None:
+        event = procs.parse_exit_event(data)
+        if event is not None and event[0] in self._watched:
+            self._watched[event[0]] = event[1]
+            self.changed.notify()
+
+    def _drain(self) -> None:
+        """Applies every exit event already queued on the socket, without waiting: the
+        kernel queues a process's event before its parent can reap it, so once the
+        process is gone its event is here unless the kernel dropped it. On a busy loop
+        (a thousand writers) the reading task may not have run for longer than
+        ``EVENT_LATENESS``: a gone program must not be taken as unknown for that."""
+        if self._raw is None or self._sock is None:
+            return
+        while True:
+            try:
+                data = self._raw.recv(4096, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    return
+                log.warning("proc connector overrun: exit events were lost")
+                self._overrun += 1
+                self.changed.notify()
+                continue
+            self._apply(data)
 
     def _status(self, pid: int) -> int | None:
+        self._drain()
         status = self._watched.get(pid)
         return status if status is not None else procs.exit_status(pid)
 

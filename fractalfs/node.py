@@ -40,6 +40,7 @@ from .edges import (
 )
 from .edgestate import Connect, EdgeView, Fail, PullOutcome, Query, ReaderMachine, backoff
 from .exits import ExitWatcher
+from .follow import Follower
 from .membership import Membership
 from .persistence import Persistence
 from .policy import Mode
@@ -90,6 +91,7 @@ class Node:
         self.persistence = Persistence(self)
         self.membership = Membership(self)
         self.data_server = DataServer(self)
+        self.follower = Follower(discovery)  # one long-poll for every waiting reader
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -102,6 +104,7 @@ class Node:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._forever, self.exits.run)
+            nursery.start_soon(self._forever, self.follower.run)
             await nursery.start(self.data_server.run, listener)
             await nursery.start(self.membership.run)
             await nursery.start(self.persistence.run)
@@ -545,7 +548,7 @@ class Node:
                     if action.delay:
                         await trio.sleep(action.delay)
                     try:
-                        rec = await self.discovery.get(edge, wait=action.wait, since=action.since)
+                        rec = await self.follower.get(edge, wait=action.wait, since=action.since)
                     except (Unavailable, DiscoveryError) as exc:
                         log.info("edge %s: discovery: %s; retrying", edge, exc)
                         await trio.sleep(backoff(attempt, cap=1.0))

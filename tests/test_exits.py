@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 
 import pytest
@@ -23,10 +24,15 @@ async def test_a_program_gone_without_a_seen_status_is_unknown_not_success(
     if not precise and watcher._sock is not None:
         watcher._sock.close()
         watcher._sock = None  # the /proc fallback
-    # (precise: the event socket is never read here, as if the kernel dropped the event)
     proc = subprocess.Popen(["sleep", "0.1"])
     watcher.watch(proc.pid)
     proc.wait()  # exited 0 and reaped before anyone looked
+    if precise:  # the kernel dropped the event: take it off the socket unseen
+        while True:
+            try:
+                watcher._raw.recv(4096, socket.MSG_DONTWAIT)  # type: ignore[union-attr]
+            except BlockingIOError:
+                break
     got = await watcher.outcome(proc.pid, 0.25)
     assert isinstance(got, Unknown), got
     assert got.observable is precise  # without the connector: documented as unobservable
@@ -47,3 +53,19 @@ async def test_known_statuses_and_a_program_that_runs_on() -> None:
     finally:
         running.kill()
         running.wait()
+
+
+async def test_an_exit_event_queued_while_the_loop_was_busy_is_not_lost() -> None:
+    """With a thousand writers the reading task may not run for seconds: a program that
+    exited 0 meanwhile must not be taken as unknown (its stream failed) for that."""
+    watcher = ExitWatcher()
+    if not watcher.precise:
+        pytest.skip("no proc connector here (not root, or not the initial network namespace)")
+    try:
+        proc = subprocess.Popen(["sh", "-c", "exit 0"])
+        watcher.watch(proc.pid)
+        proc.wait()  # gone; its event waits on the socket, which nothing has read
+        got = await watcher.outcome(proc.pid, 0.25)
+        assert got == Exited(0), got
+    finally:
+        watcher._sock.close()  # type: ignore[union-attr]

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from fractalfs import procs
 
 
@@ -107,3 +109,29 @@ def test_which_reader_endings_mean_closed_early() -> None:
         assert not procs.reader_closed_early(int(signum)), signum
     assert not procs.reader_closed_early(1 << 8)  # exit 1
     assert not procs.reader_closed_early(2 << 8)  # exit 2: not SIGINT
+
+
+def test_a_burst_of_writer_opens_scans_proc_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dynamic policy's CPU figures: one /proc scan serves every group for a moment,
+    so N writers opened at once do not cost N scans of every process."""
+    import os as _os
+
+    from fractalfs import procs as _procs
+
+    scans = 0
+    listdir = _os.listdir
+
+    def counting(path: str) -> list[str]:
+        nonlocal scans
+        scans += path == "/proc"
+        return listdir(path)
+
+    monkeypatch.setattr(_os, "listdir", counting)
+    monkeypatch.setattr(_procs, "_scan", (float("-inf"), {}))
+    own = _os.getpgid(0)
+    sum(range(3_000_000))  # some CPU of our own
+    times = [_procs.group_times(own) for _ in range(500)]
+    assert scans == 1
+    assert times[0][0] > 0 and len(set(times)) == 1
+    assert _procs.group_times(own, max_age=0)[0] >= times[0][0]  # fresh when asked
+    assert scans == 2

@@ -123,3 +123,153 @@ def test_a_discovery_forgets_delivered_edges_after_its_retention(tmp_path: Path)
         assert live in {e["id"] for e in api.get("/edges").json()["edges"]}
     finally:
         proc.stop()
+
+
+def test_the_feed_of_changes_names_the_edges_that_changed(discovery: Discovery) -> None:
+    api = httpx.Client(base_url=discovery.url + "/v1", timeout=10, auth=discovery.auth)
+    # A new follower (no feed, or another server's) is told to resync, with the position.
+    first = api.get("/changes", params={"feed": "", "after": 0}).json()
+    assert first["resync"] is True and first["edges"] == []
+    feed, seq = first["feed"], first["seq"]
+    quiet = api.get("/changes", params={"feed": feed, "after": seq}).json()
+    assert quiet == {"feed": feed, "seq": seq, "edges": [], "all": False, "resync": False}
+    one, two = new_edge(), new_edge()
+    api.post(f"/edges/{one}/reader", json={"node": "n"}).raise_for_status()
+    api.post(f"/edges/{two}/reader", json={"node": "n"}).raise_for_status()
+    api.post(f"/edges/{one}/writer", json={"node": "n", "endpoint": "h:1"}).raise_for_status()
+    got = api.get("/changes", params={"feed": feed, "after": seq}).json()
+    assert sorted(got["edges"]) == sorted([one, two]) and not got["resync"]
+    assert got["seq"] == seq + 3
+    # A long-poll is answered the moment an edge changes, naming only that one.
+    t0 = time.monotonic()
+    with httpx.Client(base_url=discovery.url + "/v1", timeout=10, auth=discovery.auth) as other:
+        import threading
+
+        threading.Timer(0.3, lambda: other.delete(f"/edges/{two}")).start()
+        waited = api.get("/changes", params={"feed": feed, "after": got["seq"], "wait": 5}).json()
+    assert waited["edges"] == [two] and time.monotonic() - t0 < 3
+    # A position from the future, or a wrong feed, is a resync.
+    assert api.get("/changes", params={"feed": feed, "after": 10**9}).json()["resync"]
+    assert api.get("/changes", params={"feed": "x", "after": 0}).json()["resync"]
+    # Like every route but /v1/health, the feed requires the cluster secret.
+    anon = httpx.get(discovery.url + "/v1/changes", params={"feed": feed, "after": 0})
+    assert anon.status_code == 401
+
+
+def test_the_feed_forgets_old_positions_and_marks_many_edge_changes() -> None:
+    changes = Changes()
+    edges = [new_edge() for _ in range(3)]
+    for edge in edges:
+        changes.notify(edge)
+    changes.notify("")  # an event only: no edge changed
+    assert changes.changed_since(0) == (edges[::-1], False)  # newest first
+    changes.notify(edges[0])  # changed again: named once
+    assert changes.changed_since(1) == ([edges[0], edges[2], edges[1]], False)
+    changes.notify()  # a node lost: every edge
+    assert changes.changed_since(4) == ([], True)
+    assert changes.changed_since(changes.seq) == ([], False)
+    changes._feed = type(changes._feed)(list(changes._feed)[-2:], maxlen=2)
+    assert changes.changed_since(0) is None  # too old: the caller resyncs
+
+
+def test_one_signal_check_per_program_for_all_its_blocked_handlers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import errno
+
+    import trio
+
+    from fractalfs import procs
+    from fractalfs.edges import EdgeError, Notifier, wait_or_interrupt
+
+    checks: list[int] = []
+    pending = False
+
+    def signal_pending(pid: int) -> bool:
+        checks.append(pid)
+        return pending
+
+    monkeypatch.setattr(procs, "signal_pending", signal_pending)
+
+    async def main() -> None:
+        nonlocal pending
+        notifier = Notifier()
+        interrupted: list[int] = []
+
+        async def handler(pid: int) -> None:
+            try:
+                while True:
+                    await wait_or_interrupt(notifier, pid, 0.05)
+            except EdgeError as exc:
+                assert exc.errno == errno.EINTR
+                interrupted.append(pid)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(200):
+                nursery.start_soon(handler, 1000 + i % 2)  # 200 handlers of two programs
+            await trio.sleep(0.5)
+            ticks = len(checks) / 2
+            assert 3 <= ticks <= 12, checks[:20]  # two reads a tick, not 200
+            pending = True
+        assert len(interrupted) == 200
+
+    trio.run(main)
+
+
+def test_a_lost_node_names_its_edges_in_the_feed(tmp_path: Path) -> None:
+    """Losing a node wakes the waiters of its edges only, not every waiting reader."""
+    from fractalfs.discovery.server import DiscoveryApp
+
+    store = Store(tmp_path / "d.db")
+    try:
+        app = DiscoveryApp(store)
+        held, other = new_edge(), new_edge()
+        store.register_writer(held, "lost", "h:1")
+        store.claim_reader(other, "alive")
+        seq = app.changes.seq
+        app._lose("lost", "left")
+        assert app.changes.changed_since(seq) == ([held], False)
+        seq = app.changes.seq
+        app._lose("nobody", "left")  # nothing held: no edge changed
+        assert app.changes.changed_since(seq) == ([], False)
+    finally:
+        store.close()
+
+
+def test_the_signal_watch_keeps_its_scans_to_a_tenth_of_the_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import time as _time
+
+    import trio
+
+    from fractalfs import procs
+    from fractalfs.edges import Notifier, wait_or_interrupt
+
+    checks = 0
+
+    def slow(pid: int) -> bool:
+        nonlocal checks
+        checks += 1
+        _time.sleep(0.001)  # a /proc read on a busy machine
+        return False
+
+    monkeypatch.setattr(procs, "signal_pending", slow)
+
+    async def main() -> None:
+        notifier = Notifier()
+
+        async def handler(pid: int) -> None:
+            while True:
+                await wait_or_interrupt(notifier, pid, 0.005)
+
+        async with trio.open_nursery() as nursery:
+            for pid in range(1000, 1050):  # 50 programs: a scan takes ~50 ms
+                nursery.start_soon(handler, pid)
+            await trio.sleep(2.0)
+            nursery.cancel_scope.cancel()
+
+    t0 = _time.monotonic()
+    trio.run(main)
+    scanning = checks * 0.001
+    assert scanning < 0.25 * (_time.monotonic() - t0), checks  # not back to back

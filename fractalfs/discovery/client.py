@@ -166,6 +166,14 @@ class DiscoveryClient:
         params = {"wait": wait, "since": since} if wait and since >= 0 else None
         return await self._call("GET", f"/edges/{edge}", params=params, timeout=wait + 10.0)
 
+    async def changes(self, feed: str, after: int, *, wait: float = 0.0) -> dict[str, Any]:
+        """Which edges changed after position ``after`` of ``feed`` (see the server's
+        ``edge_changes``); one try per replica, no retries: the caller follows the feed."""
+        params = {"feed": feed, "after": after, "wait": wait}
+        return await self._call(
+            "GET", "/changes", params=params, timeout=wait + 10.0, retry_for=0.0
+        )
+
     async def edges(self) -> list[dict[str, Any]]:
         return (await self._call("GET", "/edges"))["edges"]  # type: ignore[no-any-return]
 

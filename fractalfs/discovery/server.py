@@ -15,9 +15,11 @@ import asyncio
 import functools
 import json
 import logging
+import secrets
 import signal
 import ssl
 import threading
+from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,7 @@ MAX_ENDS = 100_000
 LIMITS = web.AppKey("limits", Limits)
 MAX_INT = 2**63 - 1  # SQLite INTEGER; anything larger is a client's mistake, not a 500
 MAX_PAGE = 10_000
+FEED = 20_000  # edge changes the feed remembers (GET /v1/changes); older positions resync
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -62,9 +65,18 @@ class Changes:
         self.held = 0  # long-polls waiting now (capped: max_waiters)
         self.max_waiters = max_waiters
         self._edges: dict[str, tuple[asyncio.Event, int]] = {}  # edge -> (event, waiters)
+        # The feed of changed edges (GET /v1/changes): one long-poll per daemon learns
+        # which edges changed, instead of one long-poll per waiting reader. Positions are
+        # this process's own (``feed`` names it): another replica's answer a resync.
+        self.feed = secrets.token_hex(8)
+        self.seq = 0
+        self._feed: deque[tuple[int, str]] = deque(maxlen=FEED)  # (seq, edge or "*")
 
     def notify(self, edge: str | None = None) -> None:
-        """A change of ``edge`` (None: of any number of edges)."""
+        """A change of ``edge`` (None: of any number of edges; "": an event only)."""
+        if edge != "":
+            self.seq += 1
+            self._feed.append((self.seq, "*" if edge is None else edge))
         self._event.set()
         self._event = asyncio.Event()
         if edge is None:
@@ -86,6 +98,24 @@ class Changes:
                 del self._edges[edge]
             else:
                 self._edges[edge] = (event, got[1] - 1)
+
+    def changed_since(self, after: int) -> tuple[list[str], bool] | None:
+        """The edges changed after position ``after`` (and whether "every edge" is among
+        them), or None if the feed no longer reaches back that far."""
+        if after > self.seq or (self._feed and self._feed[0][0] > after + 1):
+            return None
+        if not self._feed and after < self.seq:
+            return None
+        edges: dict[str, None] = {}
+        every = False
+        for seq, edge in reversed(self._feed):
+            if seq <= after:
+                break
+            if edge == "*":
+                every = True
+            else:
+                edges[edge] = None
+        return list(edges), every
 
     def waiting(self) -> int:
         """Edges with a waiter (for tests: nothing leaks)."""
@@ -253,7 +283,12 @@ class DiscoveryApp:
             self.held.forget(node)
         changed = self.store.node_lost(node, cause)
         log.warning("node %s lost (%s); %d edges affected", node, why or cause, len(changed))
-        self._changed()
+        # Each edge it changed, by name: waiters (and the feed's followers) of other edges
+        # are not woken; the event streams are woken by any change.
+        for edge in changed:
+            self._changed(edge.id)
+        if not changed:
+            self._changed("")
 
     def _changed(self, edge: str | None = None) -> None:
         self.changes.notify(edge)
@@ -276,6 +311,7 @@ class DiscoveryApp:
         r.add_get("/", self.status_page)
         r.add_get(f"{API}/edges", self.list_edges)
         r.add_get(f"{API}/edges/{{edge}}", self.get_edge)
+        r.add_get(f"{API}/changes", self.edge_changes)
         r.add_delete(f"{API}/edges/{{edge}}", self.delete_edge)
         r.add_post(f"{API}/edges/{{edge}}/writer", self.register_writer)
         r.add_post(f"{API}/edges/{{edge}}/writer/close", self.close_writer)
@@ -453,6 +489,52 @@ class DiscoveryApp:
 
             await self.changes.wait_until(changed, wait, edge)
         return web.json_response(_edge_json(edge, self.store.get(edge)))
+
+    async def edge_changes(self, request: web.Request) -> web.Response:
+        """``GET /v1/changes?feed=F&after=SEQ&wait=S``: which edges changed after position
+        SEQ of feed F, answered the moment one does (or after S seconds, with none).
+
+        ``{"feed": F, "seq": N, "edges": [ids], "all": bool, "resync": bool}``: continue
+        with ``after=N``. ``all``: a change touched edges it does not name (a node was
+        lost). ``resync``: F is not this server's feed (a restart, another replica) or SEQ
+        is too old; the caller looks at every edge it waits for once, then follows from N.
+        """
+        changes = self.changes
+        after = int(_query_number(request, "after", -1, 2**62))
+        wait = _query_number(request, "wait", 0.0, MAX_WAIT)
+        if request.query.get("feed", "") != changes.feed or after < 0:
+            return web.json_response(
+                {
+                    "feed": changes.feed,
+                    "seq": changes.seq,
+                    "edges": [],
+                    "all": False,
+                    "resync": True,
+                }
+            )
+        if wait > 0:
+            await changes.wait_until(lambda: changes.seq > after, wait)
+        got = changes.changed_since(after)
+        if got is None:
+            return web.json_response(
+                {
+                    "feed": changes.feed,
+                    "seq": changes.seq,
+                    "edges": [],
+                    "all": False,
+                    "resync": True,
+                }
+            )
+        edges, every = got
+        return web.json_response(
+            {
+                "feed": changes.feed,
+                "seq": changes.seq,
+                "edges": edges,
+                "all": every,
+                "resync": False,
+            }
+        )
 
     async def delete_edge(self, request: web.Request) -> web.Response:
         edge = _edge_id(request)
