@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from fractalfs.discovery.server import Changes
 from fractalfs.discovery.store import Store
