@@ -224,7 +224,11 @@ class Node:
         exiting, before the kernel has sent that program's RELEASE: wait a moment for it
         instead of answering EBUSY. A live holder is not waited for."""
         if not procs.dying(end.pid):
-            return
+            # A killed program passes through an instant where its SIGKILL is no longer
+            # pending and it is not yet exiting (/proc shows neither): look once more.
+            await trio.sleep(0.02)
+            if end.released or not procs.dying(end.pid):
+                return
         with trio.move_on_after(RELEASE_GRACE):
             while not end.released:
                 await wait_or_interrupt(self.released, pid, self.config.signal_poll)
