@@ -30,7 +30,8 @@ complete: its last 21 bytes parse as an END frame whose length matches the file.
 
 Framing costs 5 bytes per frame and no per-byte work: the hot path sends a header and the
 payload with one ``sendmsg`` and the reader receives payload straight into its own buffer
-(:meth:`Decoder.want` tells the I/O layer how many bytes to ask for next).
+(:meth:`Decoder.want` tells the I/O layer how many bytes to ask for next; large payloads
+are received into one buffer per frame and counted with :meth:`Decoder.took`).
 """
 
 from __future__ import annotations
@@ -161,6 +162,17 @@ class Decoder:
         if self._kind is None:
             return HEADER.size - len(self._header)
         return self._remaining
+
+    def took(self, n: int) -> None:
+        """``n`` payload bytes of the current DATA frame were received by the caller
+        straight into its own buffer (``recv_into``), not through :meth:`feed`: count them.
+        ``n`` must not exceed :meth:`want` inside a DATA frame."""
+        if self._kind is not Kind.DATA or not 0 <= n <= self._remaining:
+            raise ValueError(f"{n} payload bytes outside a data frame's remaining bytes")
+        self._remaining -= n
+        self.offset += n
+        if self._remaining == 0:
+            self._kind = None
 
     def feed(self, data: bytes) -> list[Event]:
         """Decode ``data``; returns the events it completes (possibly none)."""

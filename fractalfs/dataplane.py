@@ -4,8 +4,10 @@ One listening socket per node daemon serves every edge it writes; a reader's dae
 it, says which edge, generation and offset it wants (:mod:`fractalfs.handshake`), and gets
 frames (:mod:`fractalfs.codec`) from that offset. The writer batches whatever its program has
 written into one DATA frame per ``sendmsg`` (up to 1 MiB, no copies); the reader receives
-payload straight into buffers it hands to the FUSE layer. TCP_NODELAY is on: a netpipefs-like
-42 ms Nagle/delayed-ACK stall per request would otherwise cap small writes at a few MB/s.
+a large frame's payload with ``recv_into`` into one buffer per frame and hands growing views
+of it to the FUSE layer (a 1 MiB read is answered without a join). TCP_NODELAY is on: a
+netpipefs-like 42 ms Nagle/delayed-ACK stall per request would otherwise cap small writes
+at a few MB/s.
 
 Nothing here decides policy: :func:`serve_edge` streams one writer end to one connection
 and :func:`pull` / :func:`pull_local` fill one reader end, each returning how it ended.
@@ -37,6 +39,7 @@ BATCH = 1 << 20  # bytes per DATA frame / sendmsg
 MAX_IOV = 512
 RECV_MAX = 1 << 20
 SMALL_RECV = 64 * 1024  # read-ahead when a header is due: small frames cost one syscall
+BIG_FRAME = 32 * 1024  # payload left in a frame beyond this is received into its own buffer
 ACK_EVERY = 256 * 1024
 HANDSHAKE_TIMEOUT = 5.0
 MAX_HANDSHAKES = 256  # connections at once that have not yet proved the secret
@@ -55,6 +58,8 @@ class Conn(Protocol):
     no extra call per batch), or :class:`fractalfs.tls.TlsConn` around one."""
 
     def recv(self, bufsize: int, /) -> Awaitable[bytes]: ...
+
+    def recv_into(self, buffer: memoryview, /) -> Awaitable[int]: ...
 
     def sendmsg(self, buffers: Sequence[bytes | memoryview], /) -> Awaitable[int]: ...
 
@@ -342,26 +347,43 @@ async def _receive(sock: Conn, reader: ReaderEnd, offset: int) -> Result:
     decoder = codec.Decoder(offset)
     reader.start_streaming()
     acked = offset
+    # A large frame's payload is received into one buffer of its own (recv_into, no join
+    # later): the reader's chunks are growing views of it and a program's large read is
+    # answered with the frame received so far, without a copy.
+    frame = bytearray()
+    fill = 0
     while True:
         await _wait_for_space(reader)
         if reader.state is ReaderState.CLOSED:
             return Result(PullOutcome.CLOSED)
         want = decoder.want()
-        # A live writer's daemon sends at least a PING every PING_EVERY seconds.
-        with trio.fail_after(SILENCE_TIMEOUT):
-            data = await sock.recv(min(want, RECV_MAX) if decoder.in_data else SMALL_RECV)
-        if not data:
-            decoder.close()  # raises Truncated: an end without the end marker
-        for event in decoder.feed(data):
-            if isinstance(event, codec.Data):
-                reader.accept(event.payload)
-            elif isinstance(event, codec.End):
-                reader.check_end(event.total)
-                reader.finish()
-                await send_all(sock, [handshake.control(Control.END_ACK, event.total)])
-                return Result(PullOutcome.END)
-            elif isinstance(event, codec.Abort):
-                return Result(_ABORTS[event.reason], f"{event.reason.name}: {event.message}")
+        if decoder.in_data and (fill < len(frame) or want >= BIG_FRAME):
+            if fill == len(frame):
+                frame, fill = bytearray(min(want, RECV_MAX)), 0
+            view = memoryview(frame)[fill : fill + min(want, len(frame) - fill)]
+            with trio.fail_after(SILENCE_TIMEOUT):
+                n = await sock.recv_into(view)
+            if not n:
+                decoder.close()  # raises Truncated: an end without the end marker
+            decoder.took(n)
+            reader.accept(view[:n], fill)
+            fill += n
+        else:
+            # A live writer's daemon sends at least a PING every PING_EVERY seconds.
+            with trio.fail_after(SILENCE_TIMEOUT):
+                data = await sock.recv(min(want, RECV_MAX) if decoder.in_data else SMALL_RECV)
+            if not data:
+                decoder.close()  # raises Truncated: an end without the end marker
+            for event in decoder.feed(data):
+                if isinstance(event, codec.Data):
+                    reader.accept(event.payload)
+                elif isinstance(event, codec.End):
+                    reader.check_end(event.total)
+                    reader.finish()
+                    await send_all(sock, [handshake.control(Control.END_ACK, event.total)])
+                    return Result(PullOutcome.END)
+                elif isinstance(event, codec.Abort):
+                    return Result(_ABORTS[event.reason], f"{event.reason.name}: {event.message}")
         if decoder.offset - acked >= ACK_EVERY:
             acked = decoder.offset
             await send_all(sock, [handshake.control(Control.ACK, acked)])

@@ -570,6 +570,13 @@ class ReaderEnd:
         self.stream_pos = 0
         self._replay: xxhash.xxh3_128 | None = None
         self._expected = b""
+        # The last chunk, when it is a view of a receive buffer still being filled: the
+        # view itself, its buffer and its [start, end) there. The next piece received
+        # right behind it extends it, so a frame's payload reads as one buffer.
+        self._tail: memoryview | None = None
+        self._tail_buf: Any = None
+        self._tail_start = 0
+        self._tail_end = 0
 
     @property
     def has_space(self) -> bool:
@@ -607,8 +614,9 @@ class ReaderEnd:
             self.stream_pos = self.received
         return self.stream_pos
 
-    def accept(self, data: bytes | memoryview) -> None:
-        """Bytes of the stream at ``stream_pos``: verify the replayed part, push the rest."""
+    def accept(self, data: bytes | memoryview, at: int = -1) -> None:
+        """Bytes of the stream at ``stream_pos``: verify the replayed part, push the rest.
+        ``at``: ``data`` is a view of a receive buffer starting at that index (see push)."""
         replay = self._replay
         if replay is not None:
             take = min(len(data), self.received - self.stream_pos)
@@ -626,8 +634,9 @@ class ReaderEnd:
             if take == len(data):
                 return
             data = memoryview(data)[take:]
+            at = at + take if at >= 0 else at
         self.stream_pos += len(data)
-        self.push(data)
+        self.push(data, at)
 
     def check_end(self, total: int) -> None:
         if self._replay is not None or total < self.received:
@@ -635,10 +644,31 @@ class ReaderEnd:
                 f"the re-run writer ended after {total} bytes; {self.received} were delivered"
             )
 
-    def push(self, data: bytes | memoryview) -> None:
+    def push(self, data: bytes | memoryview, at: int = -1) -> None:
+        """Appends received bytes. ``at`` >= 0: ``data`` is a memoryview of a receive buffer
+        (``data.obj``) starting at index ``at``; if it continues the last chunk in that
+        buffer, the two become one view (no copy), so a program's large read gets the
+        whole frame received so far in one piece instead of a join of the pieces."""
         self.digest.update(data)
-        self.chunks.append(data)
         self.received += len(data)
+        chunks = self.chunks
+        tail = self._tail
+        if at < 0 or not isinstance(data, memoryview):
+            self._tail = None
+            chunks.append(data)
+        elif (
+            tail is not None
+            and chunks
+            and chunks[-1] is tail
+            and data.obj is self._tail_buf
+            and at == self._tail_end
+        ):
+            self._tail_end = at + len(data)
+            self._tail = chunks[-1] = memoryview(data.obj)[self._tail_start : self._tail_end]
+        else:
+            self._tail, self._tail_buf = data, data.obj
+            self._tail_start, self._tail_end = at, at + len(data)
+            chunks.append(data)
         self.changed.notify()
 
     def finish(self) -> None:
@@ -658,6 +688,7 @@ class ReaderEnd:
         self.tell_writer = tell_writer
         self.state = ReaderState.CLOSED
         self.chunks.clear()
+        self._tail = self._tail_buf = None
         self.changed.notify()
         if self.pump is not None:
             self.pump.cancel()

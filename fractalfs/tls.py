@@ -240,6 +240,11 @@ class TlsConn:
             await trio.lowlevel.checkpoint()  # all from the buffer: still let others run
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    async def recv_into(self, buffer: memoryview, /) -> int:
+        data = await self.recv(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
     async def sendmsg(self, buffers: Sequence[bytes | memoryview], /) -> int:
         sent = 0
         try:

@@ -65,9 +65,12 @@ def new_edge() -> str:
 
 
 def fuse_d_state() -> list[str]:
-    """Processes stuck in uninterruptible sleep inside a FUSE request."""
+    """Processes stuck in uninterruptible sleep inside a FUSE request (except those stuck
+    before this test session began: another checkout's suite on the same machine)."""
     stuck = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
+        if pid in _STUCK_BEFORE:
+            continue
         try:
             with open(f"/proc/{pid}/stat") as f:
                 state = f.read().rsplit(")", 1)[1].split()[0]
@@ -82,6 +85,10 @@ def fuse_d_state() -> list[str]:
         if "fuse" in wchan or "request_wait_answer" in wchan:
             stuck.append(f"{pid} {cmd} ({wchan})")
     return stuck
+
+
+_STUCK_BEFORE: set[str] = set()
+_STUCK_BEFORE.update(entry.split()[0] for entry in fuse_d_state())
 
 
 class Programs:

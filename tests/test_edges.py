@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import xxhash
 
 from fractalfs.codec import AbortReason
 from fractalfs.edgeid import EdgeId
@@ -311,3 +312,20 @@ async def test_a_failing_spill_callback_never_raises_into_trio(tmp_path: Path) -
     w.persist(sp, "test")
     await w.write(b"hi", POLL)  # the loop lives on; the edge is transient again
     assert not w.spilling and w.spill is None and w.end == 5
+
+
+def test_pieces_received_into_one_buffer_read_as_one_view() -> None:
+    """What the data plane pushes for a large frame (views of one buffer as it fills) is
+    read back as one piece, without a join; the digest sees every byte once."""
+    r = ReaderEnd(EdgeId.new(), 1 << 20, 0)
+    frame = bytearray(b"abcdefghij")
+    view = memoryview(frame)
+    r.push(view[0:3], 0)
+    r.push(view[3:7], 3)
+    assert len(r.chunks) == 1 and bytes(r.chunks[0]) == b"abcdefg"
+    r.push(b"XY")  # a piece that is no view of the buffer: a chunk of its own
+    r.push(view[7:10], 7)  # the buffer again, but not right behind the last chunk
+    assert [bytes(c) for c in r.chunks] == [b"abcdefg", b"XY", b"hij"]
+    assert r.received == 12
+    expected = xxhash.xxh3_128(b"abcdefgXYhij").digest()
+    assert r.digest.digest() == expected
