@@ -4,8 +4,8 @@ One listening socket per node daemon serves every edge it writes; a reader's dae
 it, says which edge, generation and offset it wants (:mod:`fractalfs.handshake`), and gets
 frames (:mod:`fractalfs.codec`) from that offset. The writer batches whatever its program has
 written into one DATA frame per ``sendmsg`` (up to 1 MiB, no copies); the reader receives
-a large frame's payload with ``recv_into`` into one buffer per frame and hands growing views
-of it to the FUSE layer (a 1 MiB read is answered without a join). TCP_NODELAY is on: a
+large payloads with ``recv_into`` into reused arenas and hands growing views of them to
+the FUSE layer (a 1 MiB read is answered without a join, see :class:`Arenas`). TCP_NODELAY is on: a
 netpipefs-like 42 ms Nagle/delayed-ACK stall per request would otherwise cap small writes
 at a few MB/s.
 
@@ -20,6 +20,7 @@ import logging
 import secrets
 import socket
 import ssl
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -40,7 +41,12 @@ MAX_IOV = 512
 RECV_MAX = 1 << 20
 SMALL_RECV = 64 * 1024  # read-ahead when a header is due: small frames cost one syscall
 BIG_FRAME = 32 * 1024  # payload left in a frame beyond this is received into its own buffer
+# Acknowledgements are cumulative: one once ACK_EVERY bytes are unacknowledged, but at most
+# one per ACK_GAP seconds unless ACK_MAX are (each one is a loopback send and a wakeup of
+# the writer's daemon); a deferred one goes out when its gap ends, data or not.
 ACK_EVERY = 256 * 1024
+ACK_GAP = 0.002
+ACK_MAX = 2 << 20
 HANDSHAKE_TIMEOUT = 5.0
 MAX_HANDSHAKES = 256  # connections at once that have not yet proved the secret
 CONNECT_TIMEOUT = 1.0  # a link that is down must not hold a redial for SYN retries
@@ -343,40 +349,110 @@ async def pull(
                             pass
 
 
+class Arenas:
+    """Receive buffers of one connection. Large payloads are received into an arena, one
+    frame after another, so the reader's chunks are views of it (consecutive pieces merge
+    into one view, see :meth:`ReaderEnd.push`) and no byte is copied after ``recv_into``.
+    An arena the reader no longer holds any view of is filled again instead of allocating
+    (and zero-filling) a new one."""
+
+    KEEP = 8  # arenas kept for reuse per connection
+
+    def __init__(self, size: int = RECV_MAX) -> None:
+        self.size = size
+        self.spare: list[bytearray] = []
+        self.buf = bytearray(size)
+        self.fill = 0
+
+    @property
+    def room(self) -> int:
+        return len(self.buf) - self.fill
+
+    def next(self) -> None:
+        """Moves on to a fresh arena: a spare one nobody holds a view of, else a new one."""
+        spare = self.spare
+        spare.append(self.buf)
+        for i in range(len(spare) - 1):
+            if _refs(spare, i) == _UNSHARED:
+                self.buf = spare.pop(i)
+                break
+        else:
+            self.buf = bytearray(self.size)
+            if len(spare) > self.KEEP:
+                del spare[0]  # still held by the reader: left to the garbage collector
+        self.fill = 0
+
+
+def _refs(spare: list[bytearray], i: int) -> int:
+    return sys.getrefcount(spare[i])
+
+
+# What _refs counts for an arena held by nothing but the spare list (a memoryview of it,
+# alive anywhere, adds one): measured, not assumed, for this interpreter.
+_UNSHARED = _refs([bytearray(1)], 0)
+
+
 async def _receive(sock: Conn, reader: ReaderEnd, offset: int) -> Result:
     decoder = codec.Decoder(offset)
     reader.start_streaming()
     acked = offset
-    # A large frame's payload is received into one buffer of its own (recv_into, no join
-    # later): the reader's chunks are growing views of it and a program's large read is
-    # answered with the frame received so far, without a copy.
-    frame = bytearray()
-    fill = 0
+    acked_at = heard = trio.current_time()
+    arenas = Arenas()
+    into = False  # the current DATA frame's payload goes into the arena
     while True:
         await _wait_for_space(reader)
         if reader.state is ReaderState.CLOSED:
             return Result(PullOutcome.CLOSED)
         want = decoder.want()
-        if decoder.in_data and (fill < len(frame) or want >= BIG_FRAME):
-            if fill == len(frame):
-                frame, fill = bytearray(min(want, RECV_MAX)), 0
-            view = memoryview(frame)[fill : fill + min(want, len(frame) - fill)]
-            with trio.fail_after(SILENCE_TIMEOUT):
+        # A live writer's daemon sends at least a PING every PING_EVERY seconds.
+        deadline = heard + SILENCE_TIMEOUT
+        if decoder.offset - acked >= ACK_EVERY:
+            deadline = min(deadline, acked_at + ACK_GAP)  # a deferred ACK is due then
+        if into:
+            if not arenas.room:
+                arenas.next()
+            at = arenas.fill
+            view = memoryview(arenas.buf)[at : at + min(want, arenas.room)]
+            n = -1
+            with trio.CancelScope(deadline=deadline):
                 n = await sock.recv_into(view)
+            if n < 0:
+                acked, acked_at = await _timed_out(sock, decoder.offset, heard)
+                continue
+            heard = trio.current_time()
             if not n:
                 decoder.close()  # raises Truncated: an end without the end marker
             decoder.took(n)
-            reader.accept(view[:n], fill)
-            fill += n
+            arenas.fill += n
+            into = decoder.in_data
+            reader.accept(view[:n], at)
         else:
-            # A live writer's daemon sends at least a PING every PING_EVERY seconds.
-            with trio.fail_after(SILENCE_TIMEOUT):
+            data = None
+            with trio.CancelScope(deadline=deadline):
                 data = await sock.recv(min(want, RECV_MAX) if decoder.in_data else SMALL_RECV)
+            if data is None:
+                acked, acked_at = await _timed_out(sock, decoder.offset, heard)
+                continue
+            heard = trio.current_time()
             if not data:
-                decoder.close()  # raises Truncated: an end without the end marker
-            for event in decoder.feed(data):
+                decoder.close()
+            events = decoder.feed(data)
+            last = len(events) - 1
+            for i, event in enumerate(events):
                 if isinstance(event, codec.Data):
-                    reader.accept(event.payload)
+                    if i == last and decoder.in_data and decoder.want() >= BIG_FRAME:
+                        # The start of a large frame came with its header: into the
+                        # arena with it, so the whole frame reads as one buffer.
+                        k = len(event.payload)
+                        if arenas.room < k:
+                            arenas.next()
+                        at = arenas.fill
+                        arenas.buf[at : at + k] = event.payload
+                        arenas.fill += k
+                        into = True
+                        reader.accept(memoryview(arenas.buf)[at : at + k], at)
+                    else:
+                        reader.accept(event.payload)
                 elif isinstance(event, codec.End):
                     reader.check_end(event.total)
                     reader.finish()
@@ -384,9 +460,22 @@ async def _receive(sock: Conn, reader: ReaderEnd, offset: int) -> Result:
                     return Result(PullOutcome.END)
                 elif isinstance(event, codec.Abort):
                     return Result(_ABORTS[event.reason], f"{event.reason.name}: {event.message}")
-        if decoder.offset - acked >= ACK_EVERY:
-            acked = decoder.offset
+            if decoder.in_data and decoder.want() >= BIG_FRAME:
+                into = True  # a header alone (or its frame's start): the rest into the arena
+        unacked = decoder.offset - acked
+        if unacked >= ACK_EVERY and (unacked >= ACK_MAX or heard - acked_at >= ACK_GAP):
+            acked, acked_at = decoder.offset, heard
             await send_all(sock, [handshake.control(Control.ACK, acked)])
+
+
+async def _timed_out(sock: Conn, offset: int, heard: float) -> tuple[int, float]:
+    """A receive's deadline passed: the writer has been silent too long (TooSlowError), or
+    a deferred ACK is due: sends it; returns the new (acked, acked_at)."""
+    now = trio.current_time()
+    if now - heard >= SILENCE_TIMEOUT:
+        raise trio.TooSlowError
+    await send_all(sock, [handshake.control(Control.ACK, offset)])
+    return offset, now
 
 
 async def pull_local(

@@ -537,6 +537,9 @@ class Diverged(Exception):
     """A re-run writer's bytes differ from what was already delivered."""
 
 
+SHORT_READ = 64 * 1024  # a read is answered with one buffer alone from this size on
+
+
 class ReaderState(Enum):
     WAITING = "waiting"  # for a writer
     STREAMING = "streaming"
@@ -706,8 +709,9 @@ class ReaderEnd:
         first = chunks[0]
         head = self.head
         out: bytes | memoryview
-        if (head == 0 and len(first) >= size // 2) or len(chunks) == 1:
-            # One buffer answers: hand it (or a view of it) over without copying.
+        if len(first) - head >= min(size // 2, SHORT_READ) or len(chunks) == 1:
+            # One buffer answers: hand it (or a view of it) over without copying. A large
+            # one is worth a short read (as a pipe gives) rather than a copy to fill it.
             if len(first) - head <= size:
                 chunks.popleft()
                 out = first if head == 0 else memoryview(first)[head:]

@@ -222,7 +222,8 @@ class TlsConn:
                 if parts:
                     break
                 if self._out.pending:
-                    await self._flush()
+                    with trio.CancelScope(shield=True):  # records half sent: never
+                        await self._flush()
                 if self._eof:
                     return b""  # an EOF without close_notify: the frames tell truncation
                 await self._fill()
@@ -237,7 +238,9 @@ class TlsConn:
             parts.append(data)
             size += len(data)
         if not waited:
-            await trio.lowlevel.checkpoint()  # all from the buffer: still let others run
+            # All from the buffer: still let others run, but a cancel here would lose what
+            # was read (the data plane cancels a receive to send a deferred ACK).
+            await trio.lowlevel.cancel_shielded_checkpoint()
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def recv_into(self, buffer: memoryview, /) -> int:

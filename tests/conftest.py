@@ -64,13 +64,14 @@ def new_edge() -> str:
     return EdgeId.new().hex
 
 
-def fuse_d_state() -> list[str]:
-    """Processes stuck in uninterruptible sleep inside a FUSE request (except those stuck
-    before this test session began: another checkout's suite on the same machine)."""
+def fuse_d_state(*roots: Path) -> list[str]:
+    """Processes of this test session stuck in uninterruptible sleep inside a FUSE request.
+    Ours: their command line or working directory is under the session's temporary
+    directory or one of ``roots`` (other checkouts' suites run on the same machine, on
+    their own mounts)."""
+    mine = [str(r) for r in roots] + ([_SESSION_ROOT] if _SESSION_ROOT else [])
     stuck = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
-        if pid in _STUCK_BEFORE:
-            continue
         try:
             with open(f"/proc/{pid}/stat") as f:
                 state = f.read().rsplit(")", 1)[1].split()[0]
@@ -80,15 +81,23 @@ def fuse_d_state() -> list[str]:
                 wchan = f.read()
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            cwd = os.readlink(f"/proc/{pid}/cwd")
         except OSError:
+            continue
+        if mine and not any(r in cmd or cwd.startswith(r) for r in mine):
             continue
         if "fuse" in wchan or "request_wait_answer" in wchan:
             stuck.append(f"{pid} {cmd} ({wchan})")
     return stuck
 
 
-_STUCK_BEFORE: set[str] = set()
-_STUCK_BEFORE.update(entry.split()[0] for entry in fuse_d_state())
+_SESSION_ROOT = ""  # set by the session_root fixture
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_root(tmp_path_factory: pytest.TempPathFactory) -> None:
+    global _SESSION_ROOT
+    _SESSION_ROOT = str(tmp_path_factory.getbasetemp())
 
 
 class Programs:

@@ -67,3 +67,21 @@ async def test_a_reader_with_the_secret_requires_the_writers_proof() -> None:
         await there.send(fake)
         reply = await dataplane.greet(here, hello, key)
         assert reply.status is handshake.Status.AUTH_FAILED, reply
+
+
+def test_an_arena_is_reused_only_once_no_view_of_it_is_alive() -> None:
+    arenas = dataplane.Arenas(size=16)
+    first = id(arenas.buf)  # ids, not references: a reference would keep it in use
+    held = memoryview(arenas.buf)[0:4]  # a chunk the reading program has not read yet
+    arenas.fill = 16
+    arenas.next()
+    second = id(arenas.buf)
+    assert second != first
+    arenas.fill = 16
+    arenas.next()  # the first is still viewed: a new arena, not the first filled again
+    assert id(arenas.buf) not in (first, second)
+    assert arenas.fill == 0
+    del held
+    arenas.fill = 16
+    arenas.next()
+    assert id(arenas.buf) == first  # nothing views it any more (it is alive in the spares)

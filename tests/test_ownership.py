@@ -46,7 +46,7 @@ def node() -> Iterator[Node]:
     finally:
         n.stop()
         shutil.rmtree(work, ignore_errors=True)
-    assert not fuse_d_state()
+    assert not fuse_d_state(work)
 
 
 @needs_fuse
@@ -158,7 +158,7 @@ def test_per_uid_memory_and_spill_limits(programs: Programs) -> None:
     finally:
         n.stop()
         shutil.rmtree(work, ignore_errors=True)
-    assert not fuse_d_state()
+    assert not fuse_d_state(work)
 
 
 @needs_fuse
@@ -201,7 +201,7 @@ def test_a_user_cannot_remove_a_stream_live_on_another_node(programs: Programs) 
         a.stop()
         disc.stop()
         shutil.rmtree(work, ignore_errors=True)
-    assert not fuse_d_state()
+    assert not fuse_d_state(work)
 
 
 @needs_fuse
