@@ -6,9 +6,9 @@ import os
 
 import trio
 
-from fractalfs import dataplane, handshake
+from fractalfs import codec, dataplane, handshake
 from fractalfs.edgeid import EdgeId
-from fractalfs.edges import WriterEnd, WriterState
+from fractalfs.edges import ReaderEnd, WriterEnd, WriterState
 from fractalfs.handshake import Control
 
 
@@ -85,3 +85,26 @@ def test_an_arena_is_reused_only_once_no_view_of_it_is_alive() -> None:
     arenas.fill = 16
     arenas.next()
     assert id(arenas.buf) == first  # nothing views it any more (it is alive in the spares)
+
+
+async def test_a_deferred_ack_goes_out_when_its_gap_ends_without_more_data() -> None:
+    """ACKs are rate-limited; one held back must still be sent when the writer sends
+    nothing more (a writer blocked on its window waits for exactly that ACK)."""
+    reader = ReaderEnd(EdgeId.new(), 8 << 20, 0)
+    sizes = [300 * 1024, 300 * 1024]  # within one ACK gap of each other
+    total = sum(sizes)
+    here, there = trio.socket.socketpair()
+    with here, there:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(dataplane._receive, there, reader, 0)
+            for size in sizes:
+                await dataplane.send_all(here, [codec.data_header(size), b"y" * size])
+            acked = 0
+            with trio.fail_after(1):  # not the 3.5 s silence timeout
+                while acked < total:
+                    raw = await dataplane.recv_exact(here, handshake.CONTROL.size)
+                    kind, acked = handshake.parse_control(raw)
+                    assert kind is Control.ACK
+            assert acked == total == reader.received
+            nursery.cancel_scope.cancel()
+    assert b"".join(bytes(c) for c in reader.chunks) == b"y" * total
