@@ -354,14 +354,15 @@ class Arenas:
     frame after another, so the reader's chunks are views of it (consecutive pieces merge
     into one view, see :meth:`ReaderEnd.push`) and no byte is copied after ``recv_into``.
     An arena the reader no longer holds any view of is filled again instead of allocating
-    (and zero-filling) a new one."""
+    (and zero-filling) a new one. None is made before the first large frame: a connection
+    carrying only small frames (lines) holds no arena, whatever the number of edges."""
 
-    KEEP = 8  # arenas kept for reuse per connection
+    KEEP = 2  # retired arenas kept for reuse per connection (each RECV_MAX bytes)
 
     def __init__(self, size: int = RECV_MAX) -> None:
         self.size = size
         self.spare: list[bytearray] = []
-        self.buf = bytearray(size)
+        self.buf = bytearray()  # no room: the first large frame makes one
         self.fill = 0
 
     @property
@@ -371,7 +372,8 @@ class Arenas:
     def next(self) -> None:
         """Moves on to a fresh arena: a spare one nobody holds a view of, else a new one."""
         spare = self.spare
-        spare.append(self.buf)
+        if self.buf:
+            spare.append(self.buf)
         for i in range(len(spare) - 1):
             if _refs(spare, i) == _UNSHARED:
                 self.buf = spare.pop(i)
