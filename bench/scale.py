@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import random
+import signal
 import sqlite3
 import statistics
 import subprocess
@@ -110,7 +111,25 @@ for t in threads:
 """
 
 
-def edges_row(work: Path, n: int) -> dict[str, Any]:
+def profilers(procs: dict[str, Process], out: Path | None) -> list[subprocess.Popen[bytes]]:
+    """py-spy (if asked for and installed) on every process: collapsed stacks in ``out``."""
+    if out is None:
+        return []
+    spy = Path(sys.executable).parent / "py-spy"
+    out.mkdir(parents=True, exist_ok=True)
+    return [
+        subprocess.Popen(
+            [str(spy), "record", "--format", "raw", "--rate", "200", "--nonblocking",
+             "-o", str(out / ("".join(name.split()[:2]) + ".txt")),
+             "-p", str(p.pid)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for name, p in procs.items()
+    ]
+
+
+def edges_row(work: Path, n: int, profile: Path | None = None) -> dict[str, Any]:
     disc = Discovery(work / "discovery")
     disc.start()
     a = Node(work, "a", disc.url, extra=["--mode", "transient"])
@@ -125,6 +144,7 @@ def edges_row(work: Path, n: int) -> dict[str, Any]:
         a.start()
         b.start()
         before = usage(procs)
+        spies = profilers(procs, profile)
         edges = [EdgeId.new().hex for _ in range(n)]
         first_byte: dict[int, float] = {}
         digests: dict[int, str] = {}
@@ -187,6 +207,9 @@ def edges_row(work: Path, n: int) -> dict[str, Any]:
             t.join(max(1.0, deadline - time.monotonic()))
         elapsed = time.monotonic() - t0
         after = usage(procs)
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(timeout=60)
         exact = sum(digests.get(i) == hashlib.sha256(payload(i)).hexdigest() for i in range(n))
         pairing = [(first_byte[i] - started[i]) * 1000 for i in first_byte if i in started]
         return {
@@ -310,11 +333,12 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--edges", type=int, action="append", help="N (repeatable; default 1000)")
     ap.add_argument("--history", type=int, default=100_000)
+    ap.add_argument("--profile", type=Path, help="py-spy every process; stacks go here")
     args = ap.parse_args()
     results: dict[str, Any] = {"edges": [], "history": []}
     with tempfile.TemporaryDirectory(prefix="fractalfs-scale-") as tmp:
         for n in args.edges or [1000]:
-            row = edges_row(Path(tmp) / f"n{n}", n)
+            row = edges_row(Path(tmp) / f"n{n}", n, args.profile)
             results["edges"].append(row)
             print(json.dumps(row, indent=1), flush=True)
         for backend in ("sqlite", "etcd") if args.history else ():

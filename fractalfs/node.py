@@ -300,9 +300,12 @@ class Node:
         if writer.spill is not None and writer.state is WriterState.OPEN:
             await writer.drain_spill(self.config.signal_poll)
         writer.exit_status = procs.exit_status(writer.pid)
-        if writer.exit_status is None:
-            # The opener runs on: this close may be a holder's it handed the file to (a
-            # child killed mid-stream). Its death is not an end, however the opener goes on.
+        if writer.exit_status is None and not procs.closing_a_file(writer.pid):
+            # The opener runs on and is not the one closing: this close may be a holder's
+            # it handed the file to (a child killed mid-stream). Its death is not an end,
+            # however the opener goes on. (A scan of every process: skipped when the opener
+            # is itself in close(2), as `dd of=E` or `cmd > E` are, or 1,000 writers closing
+            # at once cost a million /proc reads.)
             writer.exit_status = procs.failing_in_group(writer.pgid, writer.pid)
 
     def release_writer(self, writer: WriterEnd) -> None:

@@ -56,10 +56,11 @@ class Persistence:
             writer.pgid = os.getpgid(writer.pid)
         except OSError:
             writer.pgid = writer.pid
-        writer.cpu_at_open, writer.queued_at_open = procs.group_times(writer.pgid)
         if writer.configured is Mode.PERSISTENT:
             self._persist(writer, "configured persistent")
         elif writer.configured is Mode.DYNAMIC:
+            # Only the dynamic policy needs the group's CPU (a scan of every process).
+            writer.cpu_at_open, writer.queued_at_open = procs.group_times(writer.pgid)
             writer.retain_limit = self.node.config.retain_limit
             writer.mode_reason = "dynamic: undecided"
             writer.on_window_full = self._window_full
