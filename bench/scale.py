@@ -103,9 +103,10 @@ def run(i, src, dst):
     say(f"start {i} {t}")
     err = p.communicate(timeout=300)[1].decode(errors="replace").strip()
     say(f"done {i} {p.returncode if not err else err}")
-threads = [threading.Thread(target=run, args=line.split()) for line in sys.stdin]
-for t in threads:
-    t.start()
+threads = []
+for line in sys.stdin:  # each writer starts as soon as its line arrives
+    threads.append(threading.Thread(target=run, args=line.split()))
+    threads[-1].start()
 for t in threads:
     t.join()
 """
@@ -119,9 +120,19 @@ def profilers(procs: dict[str, Process], out: Path | None) -> list[subprocess.Po
     out.mkdir(parents=True, exist_ok=True)
     return [
         subprocess.Popen(
-            [str(spy), "record", "--format", "raw", "--rate", "200", "--nonblocking",
-             "-o", str(out / ("".join(name.split()[:2]) + ".txt")),
-             "-p", str(p.pid)],
+            [
+                str(spy),
+                "record",
+                "--format",
+                "raw",
+                "--rate",
+                "200",
+                "--nonblocking",
+                "-o",
+                str(out / ("".join(name.split()[:2]) + ".txt")),
+                "-p",
+                str(p.pid),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -129,7 +140,7 @@ def profilers(procs: dict[str, Process], out: Path | None) -> list[subprocess.Po
     ]
 
 
-def edges_row(work: Path, n: int, profile: Path | None = None) -> dict[str, Any]:
+def edges_row(work: Path, n: int, profile: Path | None = None, pairs: int = 200) -> dict[str, Any]:
     disc = Discovery(work / "discovery")
     disc.start()
     a = Node(work, "a", disc.url, extra=["--mode", "transient"])
@@ -145,7 +156,7 @@ def edges_row(work: Path, n: int, profile: Path | None = None) -> dict[str, Any]
         b.start()
         before = usage(procs)
         spies = profilers(procs, profile)
-        edges = [EdgeId.new().hex for _ in range(n)]
+        edges = [EdgeId.new().hex for _ in range(n + pairs)]
         first_byte: dict[int, float] = {}
         digests: dict[int, str] = {}
 
@@ -175,7 +186,7 @@ def edges_row(work: Path, n: int, profile: Path | None = None) -> dict[str, Any]
             text=True,
         )
         assert spawner.stdin is not None and spawner.stdout is not None
-        for i in range(n):
+        for i in range(n + pairs):
             (work / f"payload-{i}").write_bytes(payload(i))
 
         readers = [threading.Thread(target=reader, args=(i,), daemon=True) for i in range(n)]
@@ -192,16 +203,42 @@ def edges_row(work: Path, n: int, profile: Path | None = None) -> dict[str, Any]
             time.sleep(0.2)
         time.sleep(1.0)
         idle = usage(procs)
-        t0 = time.monotonic()
-        for i in range(n):
-            spawner.stdin.write(f"{i} {work / f'payload-{i}'} {a.path(edges[i])}\n")
-        spawner.stdin.close()
-        for line in spawner.stdout:
-            kind, i_text, rest = line.rstrip("\n").split(" ", 2)
+
+        def spawned() -> tuple[str, int, str]:
+            assert spawner.stdout is not None
+            kind, i_text, rest = spawner.stdout.readline().rstrip("\n").split(" ", 2)
             if kind == "start":
                 started[int(i_text)] = float(rest)
             elif rest != "0":
                 errors.append(f"writer {i_text}: {rest}")
+            return kind, int(i_text), rest
+
+        # With the N readers waiting: M more edges paired one at a time (reader open and
+        # registered, then its writer), each stream read to its end before the next.
+        for i in range(n, n + pairs):
+            t = threading.Thread(target=reader, args=(i,), daemon=True)
+            t.start()
+            while http.get(f"{disc.url}/v1/edges/{edges[i]}").json().get("reader_state") != "open":
+                if time.monotonic() > deadline or not t.is_alive():
+                    raise RuntimeError(f"reader {i} did not register")
+                time.sleep(0.005)
+            spawner.stdin.write(f"{i} {work / f'payload-{i}'} {a.path(edges[i])}\n")
+            spawner.stdin.flush()
+            while spawned()[0] != "done":
+                pass
+            t.join(60)
+        paired = [
+            (first_byte[i] - started[i]) * 1000 for i in range(n, n + pairs) if i in first_byte
+        ]
+        idle_after_pairs = usage(procs)
+
+        t0 = time.monotonic()
+        deadline = t0 + 300
+        for i in range(n):
+            spawner.stdin.write(f"{i} {work / f'payload-{i}'} {a.path(edges[i])}\n")
+        spawner.stdin.close()
+        for _ in range(2 * n):
+            spawned()
         spawner.wait()
         for t in readers:
             t.join(max(1.0, deadline - time.monotonic()))
@@ -210,13 +247,24 @@ def edges_row(work: Path, n: int, profile: Path | None = None) -> dict[str, Any]
         for spy in spies:
             spy.send_signal(signal.SIGINT)
             spy.wait(timeout=60)
-        exact = sum(digests.get(i) == hashlib.sha256(payload(i)).hexdigest() for i in range(n))
-        pairing = [(first_byte[i] - started[i]) * 1000 for i in first_byte if i in started]
+        exact = sum(
+            digests.get(i) == hashlib.sha256(payload(i)).hexdigest() for i in range(n + pairs)
+        )
+        pairing = [(first_byte[i] - started[i]) * 1000 for i in range(n) if i in first_byte]
         return {
             "edges": n,
             "exact": exact,
+            "exact_of": n + pairs,
+            "pairs_one_at_a_time": pairs,
+            "pairs_ms_p50": round(statistics.median(paired), 1) if paired else None,
+            "pairs_ms_p99": round(percentile(paired, 99), 1) if paired else None,
+            "pairs_ms_max": round(max(paired), 1) if paired else None,
             "errors": errors[:5],
-            "time_to_pair_all_s": round(max(first_byte.values()) - t0, 2) if first_byte else None,
+            "time_to_pair_all_s": (
+                round(max(first_byte[i] for i in range(n) if i in first_byte) - t0, 2)
+                if any(i in first_byte for i in range(n))
+                else None
+            ),
             "all_done_s": round(elapsed, 2),
             "pairing_ms_p50": round(statistics.median(pairing), 1) if pairing else None,
             "pairing_ms_p99": round(percentile(pairing, 99), 1) if pairing else None,
@@ -229,6 +277,7 @@ def edges_row(work: Path, n: int, profile: Path | None = None) -> dict[str, Any]
             ),
             "usage_before": before,
             "usage_idle_readers": idle,
+            "usage_after_pairs": idle_after_pairs,
             "usage_after": after,
         }
     finally:
@@ -333,12 +382,13 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--edges", type=int, action="append", help="N (repeatable; default 1000)")
     ap.add_argument("--history", type=int, default=100_000)
+    ap.add_argument("--pairs", type=int, default=200, help="M edges paired one at a time")
     ap.add_argument("--profile", type=Path, help="py-spy every process; stacks go here")
     args = ap.parse_args()
     results: dict[str, Any] = {"edges": [], "history": []}
     with tempfile.TemporaryDirectory(prefix="fractalfs-scale-") as tmp:
         for n in args.edges or [1000]:
-            row = edges_row(Path(tmp) / f"n{n}", n, args.profile)
+            row = edges_row(Path(tmp) / f"n{n}", n, args.profile, args.pairs)
             results["edges"].append(row)
             print(json.dumps(row, indent=1), flush=True)
         for backend in ("sqlite", "etcd") if args.history else ():
