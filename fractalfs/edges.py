@@ -559,7 +559,7 @@ class ReaderEnd:
         self.changed = Notifier()
         self.pump: trio.CancelScope | None = None
         self.tell_writer = True
-        self.read_metric: Any = _NO_METRIC
+        self.read_metric: Any = None  # the node's counter, made at the first bytes read
         self.exit_status: int | None = None  # seen at FLUSH if the program was exiting
         self.released = False  # the program's file is closed
         self.claim = claim  # discovery's id of this reader's claim (its release names it)

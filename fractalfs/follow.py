@@ -94,6 +94,7 @@ class Follower:
             rec = await self.discovery.get(edge)
             if int(rec.get("version", 0)) > since:
                 return rec
+            del rec  # a waiting reader holds no decoded record (thousands wait)
             with trio.move_on_after(wait):
                 await event.wait()
             return await self.discovery.get(edge)

@@ -465,7 +465,6 @@ class Node:
         with self._opening(slot, "reader"):
             claim = await self._claim_reader(edge, pid)
         reader = ReaderEnd(edge, self.config.read_buffer, pid, claim)
-        reader.read_metric = metrics.BYTES_READ.labels(edge.hex)
         self._slot(edge).reader = reader
         self._spawn(self._pump, reader)
         return reader
@@ -500,7 +499,10 @@ class Node:
 
     async def read(self, reader: ReaderEnd, size: int) -> bytes | memoryview:
         data = await reader.read(size, self.config.signal_poll)
-        reader.read_metric.inc(len(data))
+        if data:
+            if reader.read_metric is None:  # its series exists once bytes are read
+                reader.read_metric = metrics.BYTES_READ.labels(reader.edge.hex)
+            reader.read_metric.inc(len(data))
         return data
 
     def flush_reader(self, reader: ReaderEnd) -> None:
@@ -564,6 +566,7 @@ class Node:
                     attempt = 0
                     view = EdgeView.from_json(rec)
                     action = machine.on_record(view, trio.current_time(), reader.received)
+                    del rec, view  # not held while the next query waits
                 elif isinstance(action, Connect):
                     if machine.lost_since is not None or action.replay:
                         resumed_from = reader.received
