@@ -99,10 +99,14 @@ def closing_a_file(pid: int) -> bool:
             fields = f.read().split()
         if int(fields[0]) != _CLOSE_SYSCALL:
             return False
-        os.readlink(f"/proc/{pid}/fd/{int(fields[1], 16)}")
-    except FileNotFoundError:
-        return True  # in close, and the descriptor is gone from its table
+        fd = int(fields[1], 16)
     except (OSError, ValueError, IndexError):
+        return False  # gone, or running ("running" is not a number)
+    try:
+        os.readlink(f"/proc/{pid}/fd/{fd}")
+    except FileNotFoundError:
+        return os.path.exists(f"/proc/{pid}")  # in close, the descriptor out of its table
+    except OSError:
         return False
     return False  # the descriptor it closes is open again (reused): not ours to judge
 
