@@ -42,7 +42,7 @@ from .edgestate import Connect, EdgeView, Fail, PullOutcome, Query, ReaderMachin
 from .exits import ExitWatcher
 from .follow import Follower
 from .membership import Membership
-from .persistence import Persistence
+from .persistence import DYNAMIC_UNDECIDED, Persistence
 from .policy import Mode
 from .tls import Tls
 from .writerstate import Exit, Exited, Unknown
@@ -255,12 +255,17 @@ class Node:
             old = slot.writer
         if "writer" in slot.opening or (old is not None and old.state is WriterState.OPEN):
             raise EdgeError(errno.EBUSY, f"edge {edge} already has a writer on this node")
+        expected = self.persistence.expected_mode(edge)
         with self._opening(slot, "writer"):
             await self._await_close_recorded(edge, pid)
             rec = await self._interruptible(
                 pid,
                 functools.partial(
-                    self.discovery.register_writer, edge.hex, self.name, self.endpoint
+                    self.discovery.register_writer,
+                    edge.hex,
+                    self.name,
+                    self.endpoint,
+                    (expected[0].value, expected[1]),
                 ),
             )
         slot = self._slot(edge)
@@ -271,7 +276,8 @@ class Node:
         slot.writer = writer  # before any waiter runs: nothing here awaits
         try:
             self.exits.watch(pid)
-            self.persistence._set_up_mode(writer)
+            recorded = (str(rec.get("mode", "")), str(rec.get("mode_reason", "")))
+            self.persistence._set_up_mode(writer, recorded)
         except OSError as exc:
             self._abandon(writer, exc)  # e.g. EMFILE: no ghost open writer in discovery
         log.info("edge %s: writer opened, generation %d", edge, writer.generation)
@@ -370,7 +376,7 @@ class Node:
             self._report_close(writer, "complete", "")
             if writer.configured is Mode.DYNAMIC and writer.spill is None:
                 # Say how it ended: the policy's last reason, or that it never had to decide.
-                undecided = writer.mode_reason == "dynamic: undecided"
+                undecided = writer.mode_reason == DYNAMIC_UNDECIDED
                 writer.mode_reason = "dynamic, stayed transient: " + (
                     "finished before it had to decide" if undecided else writer.mode_reason
                 )

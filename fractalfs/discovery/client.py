@@ -180,10 +180,15 @@ class DiscoveryClient:
     async def delete(self, edge: str) -> None:
         await self._call("DELETE", f"/edges/{edge}")
 
-    async def register_writer(self, edge: str, node: str, endpoint: str) -> dict[str, Any]:
-        return await self._call(
-            "POST", f"/edges/{edge}/writer", body={"node": node, "endpoint": endpoint}
-        )
+    async def register_writer(
+        self, edge: str, node: str, endpoint: str, mode: tuple[str, str] | None = None
+    ) -> dict[str, Any]:
+        """``mode``: (mode, reason) of the new generation, recorded with it (a discovery
+        that does not know the field answers without them: see the record's ``mode``)."""
+        body = {"node": node, "endpoint": endpoint}
+        if mode is not None:
+            body["mode"], body["reason"] = mode
+        return await self._call("POST", f"/edges/{edge}/writer", body=body)
 
     async def close_writer(
         self, edge: str, generation: int, state: str, written: int, reason: str = ""
