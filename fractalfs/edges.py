@@ -152,6 +152,7 @@ async def wait_or_interrupt(
         raise EdgeError(errno.EINTR, "interrupted by a signal")
 
 
+IDLE_WAIT = 30.0  # a waiting reader's read looks again after this long without a change
 FULL_FOR = 1.0  # seconds without any ack before "the reader is absent or slow"
 
 
@@ -671,7 +672,9 @@ class ReaderEnd:
                 raise self.error
             if self.state is ReaderState.CLOSED:
                 raise EdgeError(errno.EBADF, "edge closed")
-            await wait_or_interrupt(self.changed, self.pid, poll)
+            # Every change of the end notifies (bytes, EOF, failure, close); the timeout is a
+            # safety net only: a thousand waiting readers do not wake once a second each.
+            await wait_or_interrupt(self.changed, self.pid, poll, timeout=IDLE_WAIT)
         first = chunks[0]
         head = self.head
         out: bytes | memoryview

@@ -95,7 +95,8 @@ class Follower:
         """What ``discovery.get(edge, wait=, since=)`` answers: the edge's record once its
         version is above ``since``, or after ``wait`` seconds."""
         if not self.live or wait <= 0 or since < 0:
-            return await self.discovery.get(edge, wait=wait, since=since)
+            # Discovery's own long-poll (it caps a wait at MAX_WAIT): one per pump.
+            return await self.discovery.get(edge, wait=min(wait, self.poll), since=since)
         event = trio.Event()
         self._waiters.setdefault(edge, set()).add(event)
         self._wanted.set()

@@ -50,7 +50,7 @@ from .writerstate import Exit, Exited, Unknown
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-LONG_POLL = 25.0
+LONG_POLL = 120.0  # a waiting pump looks at its edge again after this long (the feed wakes it)
 CLOSE_GRACE = 0.25  # how long a close by a live program waits to see it exit
 RELEASE_GRACE = 2.0
 
