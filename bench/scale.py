@@ -89,26 +89,41 @@ def lost_events(url: str, auth: tuple[str, str] | None) -> int:
 
 
 SPAWNER = """
-import subprocess, sys, threading, time
+import os, shutil, sys, threading, time
+DD = shutil.which("dd")
 lock = threading.Lock()
+started = {}
 def say(text):
     with lock:
         sys.stdout.write(text + "\\n")
         sys.stdout.flush()
-def run(i, src, dst):
-    with open(src, "rb") as stdin:
-        t = time.monotonic()
-        p = subprocess.Popen(["dd", "of=" + dst, "bs=65536", "status=none"], stdin=stdin,
-                             stderr=subprocess.PIPE)
-    say(f"start {i} {t}")
-    err = p.communicate(timeout=300)[1].decode(errors="replace").strip()
-    say(f"done {i} {p.returncode if not err else err}")
-threads = []
+def reap():  # one thread waits for every writer (not a thread per writer: pids run out)
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            if done_reading.is_set():
+                return
+            time.sleep(0.01)
+            continue
+        with lock:
+            i = started.pop(pid)
+        say(f"done {i} {os.waitstatus_to_exitcode(status)}")
+done_reading = threading.Event()
+reaper = threading.Thread(target=reap)
+reaper.start()
 for line in sys.stdin:  # each writer starts as soon as its line arrives
-    threads.append(threading.Thread(target=run, args=line.split()))
-    threads[-1].start()
-for t in threads:
-    t.join()
+    i, src, dst = line.split()
+    fd = os.open(src, os.O_RDONLY)
+    with lock:
+        t = time.monotonic()
+        pid = os.posix_spawn(DD, ["dd", "of=" + dst, "bs=65536", "status=none"],
+                             os.environ, file_actions=[(os.POSIX_SPAWN_DUP2, fd, 0)])
+        started[pid] = i
+    os.close(fd)
+    say(f"start {i} {t}")
+done_reading.set()
+reaper.join()
 """
 
 
@@ -140,7 +155,34 @@ def profilers(procs: dict[str, Process], out: Path | None) -> list[subprocess.Po
     ]
 
 
+def raise_limits(n: int) -> str:
+    """What N edges at once need here, or why they cannot run (empty: they can).
+
+    Each daemon holds a data connection per edge while it streams and this process a file
+    per reader, so descriptors: 2N and some (root may raise its hard limit). A blocked read
+    holds a pyfuse3 task (``max_tasks``, from the environment the daemons inherit). Pids:
+    a reader thread and a `dd` per edge (the spawner waits for all with one thread)."""
+    import resource
+
+    want = 2 * n + 4096
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(hard, want)))
+        except (ValueError, OSError) as exc:
+            return f"needs {want} descriptors, the limit is {hard} ({exc})"
+    with open("/proc/sys/kernel/pid_max") as f:
+        if int(f.read()) < 2 * n + 4096:
+            return f"needs {2 * n + 4096} pids (kernel.pid_max is lower)"
+    os.environ["FRACTALFS_MAX_TASKS"] = str(n + 4096)
+    threading.stack_size(256 * 1024)  # a reader thread needs little
+    return ""
+
+
 def edges_row(work: Path, n: int, profile: Path | None = None, pairs: int = 200) -> dict[str, Any]:
+    why = raise_limits(n + pairs)
+    if why:
+        return {"edges": n, "skipped": why}
     disc = Discovery(work / "discovery")
     disc.start()
     a = Node(work, "a", disc.url, extra=["--mode", "transient"])
@@ -193,14 +235,14 @@ def edges_row(work: Path, n: int, profile: Path | None = None, pairs: int = 200)
         for t in readers:
             t.start()
         http = httpx.Client(timeout=30, auth=disc.auth)
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + max(300, 0.06 * n)
         while True:  # every reader registered with discovery
             listed = http.get(f"{disc.url}/v1/edges").json()["edges"]
             if sum(e["reader_state"] == "open" for e in listed) >= n:
                 break
             if time.monotonic() > deadline:
                 raise RuntimeError("readers did not all register")
-            time.sleep(0.2)
+            time.sleep(max(0.2, n / 5000))  # a listing of every edge is not free
         time.sleep(1.0)
         idle = usage(procs)
 
@@ -233,7 +275,7 @@ def edges_row(work: Path, n: int, profile: Path | None = None, pairs: int = 200)
         idle_after_pairs = usage(procs)
 
         t0 = time.monotonic()
-        deadline = t0 + 300
+        deadline = t0 + max(300, 0.06 * n)
         for i in range(n):
             spawner.stdin.write(f"{i} {work / f'payload-{i}'} {a.path(edges[i])}\n")
         spawner.stdin.close()
