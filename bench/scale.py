@@ -158,13 +158,14 @@ def profilers(procs: dict[str, Process], out: Path | None) -> list[subprocess.Po
 def raise_limits(n: int) -> str:
     """What N edges at once need here, or why they cannot run (empty: they can).
 
-    Each daemon holds a data connection per edge while it streams and this process a file
-    per reader, so descriptors: 2N and some (root may raise its hard limit). A blocked read
+    This process holds a file per reader, and each daemon a data connection per edge that
+    is streaming (with 64 KiB streams, a part of N at a time): N and some descriptors. A
+    blocked read
     holds a pyfuse3 task (``max_tasks``, from the environment the daemons inherit). Pids:
     a reader thread and a `dd` per edge (the spawner waits for all with one thread)."""
     import resource
 
-    want = 2 * n + 4096
+    want = n + 4096
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < want:
         try:
@@ -273,6 +274,20 @@ def edges_row(work: Path, n: int, profile: Path | None = None, pairs: int = 200)
             (first_byte[i] - started[i]) * 1000 for i in range(n, n + pairs) if i in first_byte
         ]
         idle_after_pairs = usage(procs)
+        print(  # in case the row does not finish (10,000 writers at once)
+            json.dumps(
+                {
+                    "edges": n,
+                    "pairs_ms_p50": round(statistics.median(paired), 1) if paired else None,
+                    "pairs_ms_p99": round(percentile(paired, 99), 1) if paired else None,
+                    "idle": idle,
+                    "after_pairs": idle_after_pairs,
+                    "before": before,
+                }
+            ),
+            file=sys.stderr,
+            flush=True,
+        )
 
         t0 = time.monotonic()
         deadline = t0 + max(300, 0.06 * n)
