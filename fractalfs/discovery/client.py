@@ -65,6 +65,9 @@ def _snippet(resp: httpx.Response) -> str:
     return " ".join(text.split()) or "(empty)"
 
 
+MAX_CONNECTIONS = 1024  # a daemon's connections to discovery (heartbeats aside)
+
+
 class DiscoveryClient:
     def __init__(
         self,
@@ -92,7 +95,10 @@ class DiscoveryClient:
         self._http = httpx.AsyncClient(
             auth=auth,
             timeout=httpx.Timeout(10.0),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
+            # Bounded: 10,000 readers opening at once made 10,000 connections, over
+            # discovery's cap (4,096): refused, retried, the daemon declared lost. Beyond
+            # this many, requests queue in the pool (each within its own timeout).
+            limits=httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=32),
             verify=verify,
         )
 
