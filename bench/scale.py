@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import random
+import signal
 import sqlite3
 import statistics
 import subprocess
@@ -88,29 +89,101 @@ def lost_events(url: str, auth: tuple[str, str] | None) -> int:
 
 
 SPAWNER = """
-import subprocess, sys, threading, time
+import os, shutil, sys, threading, time
+DD = shutil.which("dd")
 lock = threading.Lock()
+started = {}
 def say(text):
     with lock:
         sys.stdout.write(text + "\\n")
         sys.stdout.flush()
-def run(i, src, dst):
-    with open(src, "rb") as stdin:
+def reap():  # one thread waits for every writer (not a thread per writer: pids run out)
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            if done_reading.is_set():
+                return
+            time.sleep(0.01)
+            continue
+        with lock:
+            i = started.pop(pid)
+        say(f"done {i} {os.waitstatus_to_exitcode(status)}")
+done_reading = threading.Event()
+reaper = threading.Thread(target=reap)
+reaper.start()
+for line in sys.stdin:  # each writer starts as soon as its line arrives
+    i, src, dst = line.split()
+    fd = os.open(src, os.O_RDONLY)
+    with lock:
         t = time.monotonic()
-        p = subprocess.Popen(["dd", "of=" + dst, "bs=65536", "status=none"], stdin=stdin,
-                             stderr=subprocess.PIPE)
+        pid = os.posix_spawn(DD, ["dd", "of=" + dst, "bs=65536", "status=none"],
+                             os.environ, file_actions=[(os.POSIX_SPAWN_DUP2, fd, 0)])
+        started[pid] = i
+    os.close(fd)
     say(f"start {i} {t}")
-    err = p.communicate(timeout=300)[1].decode(errors="replace").strip()
-    say(f"done {i} {p.returncode if not err else err}")
-threads = [threading.Thread(target=run, args=line.split()) for line in sys.stdin]
-for t in threads:
-    t.start()
-for t in threads:
-    t.join()
+done_reading.set()
+reaper.join()
 """
 
 
-def edges_row(work: Path, n: int) -> dict[str, Any]:
+def profilers(procs: dict[str, Process], out: Path | None) -> list[subprocess.Popen[bytes]]:
+    """py-spy (if asked for and installed) on every process: collapsed stacks in ``out``."""
+    if out is None:
+        return []
+    spy = Path(sys.executable).parent / "py-spy"
+    out.mkdir(parents=True, exist_ok=True)
+    return [
+        subprocess.Popen(
+            [
+                str(spy),
+                "record",
+                "--format",
+                "raw",
+                "--rate",
+                "200",
+                "--nonblocking",
+                "-o",
+                str(out / ("".join(name.split()[:2]) + ".txt")),
+                "-p",
+                str(p.pid),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for name, p in procs.items()
+    ]
+
+
+def raise_limits(n: int) -> str:
+    """What N edges at once need here, or why they cannot run (empty: they can).
+
+    This process holds a file per reader, and each daemon a data connection per edge that
+    is streaming (with 64 KiB streams, a part of N at a time): N and some descriptors. A
+    blocked read
+    holds a pyfuse3 task (``max_tasks``, from the environment the daemons inherit). Pids:
+    a reader thread and a `dd` per edge (the spawner waits for all with one thread)."""
+    import resource
+
+    want = n + 4096
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(hard, want)))
+        except (ValueError, OSError) as exc:
+            return f"needs {want} descriptors, the limit is {hard} ({exc})"
+    with open("/proc/sys/kernel/pid_max") as f:
+        if int(f.read()) < 2 * n + 4096:
+            return f"needs {2 * n + 4096} pids (kernel.pid_max is lower)"
+    os.environ["FRACTALFS_MAX_TASKS"] = str(n + 4096)
+    threading.stack_size(256 * 1024)  # a reader thread needs little
+    return ""
+
+
+def edges_row(work: Path, n: int, profile: Path | None = None, pairs: int = 200) -> dict[str, Any]:
+    why = raise_limits(n + pairs)
+    if why:
+        return {"edges": n, "skipped": why}
     disc = Discovery(work / "discovery")
     disc.start()
     a = Node(work, "a", disc.url, extra=["--mode", "transient"])
@@ -125,7 +198,8 @@ def edges_row(work: Path, n: int) -> dict[str, Any]:
         a.start()
         b.start()
         before = usage(procs)
-        edges = [EdgeId.new().hex for _ in range(n)]
+        spies = profilers(procs, profile)
+        edges = [EdgeId.new().hex for _ in range(n + pairs)]
         first_byte: dict[int, float] = {}
         digests: dict[int, str] = {}
 
@@ -155,45 +229,99 @@ def edges_row(work: Path, n: int) -> dict[str, Any]:
             text=True,
         )
         assert spawner.stdin is not None and spawner.stdout is not None
-        for i in range(n):
+        for i in range(n + pairs):
             (work / f"payload-{i}").write_bytes(payload(i))
 
         readers = [threading.Thread(target=reader, args=(i,), daemon=True) for i in range(n)]
         for t in readers:
             t.start()
         http = httpx.Client(timeout=30, auth=disc.auth)
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + max(300, 0.06 * n)
         while True:  # every reader registered with discovery
             listed = http.get(f"{disc.url}/v1/edges").json()["edges"]
             if sum(e["reader_state"] == "open" for e in listed) >= n:
                 break
             if time.monotonic() > deadline:
                 raise RuntimeError("readers did not all register")
-            time.sleep(0.2)
+            time.sleep(max(0.2, n / 5000))  # a listing of every edge is not free
         time.sleep(1.0)
         idle = usage(procs)
-        t0 = time.monotonic()
-        for i in range(n):
-            spawner.stdin.write(f"{i} {work / f'payload-{i}'} {a.path(edges[i])}\n")
-        spawner.stdin.close()
-        for line in spawner.stdout:
-            kind, i_text, rest = line.rstrip("\n").split(" ", 2)
+
+        def spawned() -> tuple[str, int, str]:
+            assert spawner.stdout is not None
+            kind, i_text, rest = spawner.stdout.readline().rstrip("\n").split(" ", 2)
             if kind == "start":
                 started[int(i_text)] = float(rest)
             elif rest != "0":
                 errors.append(f"writer {i_text}: {rest}")
+            return kind, int(i_text), rest
+
+        # With the N readers waiting: M more edges paired one at a time (reader open and
+        # registered, then its writer), each stream read to its end before the next.
+        for i in range(n, n + pairs):
+            t = threading.Thread(target=reader, args=(i,), daemon=True)
+            t.start()
+            while http.get(f"{disc.url}/v1/edges/{edges[i]}").json().get("reader_state") != "open":
+                if time.monotonic() > deadline or not t.is_alive():
+                    raise RuntimeError(f"reader {i} did not register")
+                time.sleep(0.005)
+            spawner.stdin.write(f"{i} {work / f'payload-{i}'} {a.path(edges[i])}\n")
+            spawner.stdin.flush()
+            while spawned()[0] != "done":
+                pass
+            t.join(60)
+        paired = [
+            (first_byte[i] - started[i]) * 1000 for i in range(n, n + pairs) if i in first_byte
+        ]
+        idle_after_pairs = usage(procs)
+        print(  # in case the row does not finish (10,000 writers at once)
+            json.dumps(
+                {
+                    "edges": n,
+                    "pairs_ms_p50": round(statistics.median(paired), 1) if paired else None,
+                    "pairs_ms_p99": round(percentile(paired, 99), 1) if paired else None,
+                    "idle": idle,
+                    "after_pairs": idle_after_pairs,
+                    "before": before,
+                }
+            ),
+            file=sys.stderr,
+            flush=True,
+        )
+
+        t0 = time.monotonic()
+        deadline = t0 + max(300, 0.06 * n)
+        for i in range(n):
+            spawner.stdin.write(f"{i} {work / f'payload-{i}'} {a.path(edges[i])}\n")
+        spawner.stdin.close()
+        for _ in range(2 * n):
+            spawned()
         spawner.wait()
         for t in readers:
             t.join(max(1.0, deadline - time.monotonic()))
         elapsed = time.monotonic() - t0
         after = usage(procs)
-        exact = sum(digests.get(i) == hashlib.sha256(payload(i)).hexdigest() for i in range(n))
-        pairing = [(first_byte[i] - started[i]) * 1000 for i in first_byte if i in started]
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(timeout=60)
+        exact = sum(
+            digests.get(i) == hashlib.sha256(payload(i)).hexdigest() for i in range(n + pairs)
+        )
+        pairing = [(first_byte[i] - started[i]) * 1000 for i in range(n) if i in first_byte]
         return {
             "edges": n,
             "exact": exact,
+            "exact_of": n + pairs,
+            "pairs_one_at_a_time": pairs,
+            "pairs_ms_p50": round(statistics.median(paired), 1) if paired else None,
+            "pairs_ms_p99": round(percentile(paired, 99), 1) if paired else None,
+            "pairs_ms_max": round(max(paired), 1) if paired else None,
             "errors": errors[:5],
-            "time_to_pair_all_s": round(max(first_byte.values()) - t0, 2) if first_byte else None,
+            "time_to_pair_all_s": (
+                round(max(first_byte[i] for i in range(n) if i in first_byte) - t0, 2)
+                if any(i in first_byte for i in range(n))
+                else None
+            ),
             "all_done_s": round(elapsed, 2),
             "pairing_ms_p50": round(statistics.median(pairing), 1) if pairing else None,
             "pairing_ms_p99": round(percentile(pairing, 99), 1) if pairing else None,
@@ -206,6 +334,7 @@ def edges_row(work: Path, n: int) -> dict[str, Any]:
             ),
             "usage_before": before,
             "usage_idle_readers": idle,
+            "usage_after_pairs": idle_after_pairs,
             "usage_after": after,
         }
     finally:
@@ -310,11 +439,13 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--edges", type=int, action="append", help="N (repeatable; default 1000)")
     ap.add_argument("--history", type=int, default=100_000)
+    ap.add_argument("--pairs", type=int, default=200, help="M edges paired one at a time")
+    ap.add_argument("--profile", type=Path, help="py-spy every process; stacks go here")
     args = ap.parse_args()
     results: dict[str, Any] = {"edges": [], "history": []}
     with tempfile.TemporaryDirectory(prefix="fractalfs-scale-") as tmp:
         for n in args.edges or [1000]:
-            row = edges_row(Path(tmp) / f"n{n}", n)
+            row = edges_row(Path(tmp) / f"n{n}", n, args.profile, args.pairs)
             results["edges"].append(row)
             print(json.dumps(row, indent=1), flush=True)
         for backend in ("sqlite", "etcd") if args.history else ():

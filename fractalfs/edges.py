@@ -158,6 +158,7 @@ async def wait_or_interrupt(
         raise EdgeError(errno.EINTR, "interrupted by a signal")
 
 
+IDLE_WAIT = 30.0  # a waiting reader's read looks again after this long without a change
 FULL_FOR = 1.0  # seconds without any ack before "the reader is absent or slow"
 
 
@@ -568,7 +569,7 @@ class ReaderEnd:
         self.changed = Notifier()
         self.pump: trio.CancelScope | None = None
         self.tell_writer = True
-        self.read_metric: Any = _NO_METRIC
+        self.read_metric: Any = None  # the node's counter, made at the first bytes read
         self.exit_status: int | None = None  # seen at FLUSH if the program was exiting
         self.released = False  # the program's file is closed
         self.claim = claim  # discovery's id of this reader's claim (its release names it)
@@ -711,7 +712,9 @@ class ReaderEnd:
                 raise self.error
             if self.state is ReaderState.CLOSED:
                 raise EdgeError(errno.EBADF, "edge closed")
-            await wait_or_interrupt(self.changed, self.pid, poll)
+            # Every change of the end notifies (bytes, EOF, failure, close); the timeout is a
+            # safety net only: a thousand waiting readers do not wake once a second each.
+            await wait_or_interrupt(self.changed, self.pid, poll, timeout=IDLE_WAIT)
         first = chunks[0]
         head = self.head
         out: bytes | memoryview

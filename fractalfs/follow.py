@@ -9,8 +9,9 @@ edges it names; a woken pump reads its edge once (a plain GET).
 Correctness does not depend on the feed being complete: a pump registers before it reads
 its edge, so a change after that read is in a later answer of the feed; a feed that breaks,
 resyncs or names "all edges" wakes every pump, and a pump still looks at its edge after its
-own wait runs out. A discovery without the feed (404) is asked the old way (a long-poll
-per edge).
+own wait runs out. While no pump waits, the feed is not followed (a daemon of writers only
+asks nothing); it resumes from the position it stopped at. A discovery without the feed
+(404) is asked the old way (a long-poll per edge).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Follower:
         self.live = False  # following now: a change after a pump registered will wake it
         self.supported = True  # False: discovery has no feed (an older server)
         self._waiters: dict[str, set[trio.Event]] = {}
+        self._wanted = trio.Event()  # set when a pump waits: the feed is followed again
 
     def waiting(self) -> int:
         """Edges with a waiting pump (for tests: nothing leaks)."""
@@ -54,6 +56,12 @@ class Follower:
         task_status.started()
         feed, seq, attempt = "", 0, 0
         while True:
+            if self.live and not self._waiters:
+                # Nobody waits (a daemon of writers only, or all paired): follow nothing.
+                # The position is kept, so the first answer after a pump registers names
+                # every edge changed since (or resyncs): nothing it must see is skipped.
+                self._wanted = trio.Event()
+                await self._wanted.wait()
             try:
                 got = await self.discovery.changes(feed, seq, wait=self.poll if self.live else 0)
             except DiscoveryError as exc:
@@ -87,13 +95,16 @@ class Follower:
         """What ``discovery.get(edge, wait=, since=)`` answers: the edge's record once its
         version is above ``since``, or after ``wait`` seconds."""
         if not self.live or wait <= 0 or since < 0:
-            return await self.discovery.get(edge, wait=wait, since=since)
+            # Discovery's own long-poll (it caps a wait at MAX_WAIT): one per pump.
+            return await self.discovery.get(edge, wait=min(wait, self.poll), since=since)
         event = trio.Event()
         self._waiters.setdefault(edge, set()).add(event)
+        self._wanted.set()
         try:
             rec = await self.discovery.get(edge)
             if int(rec.get("version", 0)) > since:
                 return rec
+            del rec  # a waiting reader holds no decoded record (thousands wait)
             with trio.move_on_after(wait):
                 await event.wait()
             return await self.discovery.get(edge)

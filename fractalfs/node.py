@@ -42,7 +42,7 @@ from .edgestate import Connect, EdgeView, Fail, PullOutcome, Query, ReaderMachin
 from .exits import ExitWatcher
 from .follow import Follower
 from .membership import Membership
-from .persistence import Persistence
+from .persistence import DYNAMIC_UNDECIDED, Persistence
 from .policy import Mode
 from .tls import Tls
 from .writerstate import Exit, Exited, Unknown
@@ -50,7 +50,7 @@ from .writerstate import Exit, Exited, Unknown
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-LONG_POLL = 25.0
+LONG_POLL = 120.0  # a waiting pump looks at its edge again after this long (the feed wakes it)
 CLOSE_GRACE = 0.25  # how long a close by a live program waits to see it exit
 RELEASE_GRACE = 2.0
 
@@ -255,12 +255,17 @@ class Node:
             old = slot.writer
         if "writer" in slot.opening or (old is not None and old.state is WriterState.OPEN):
             raise EdgeError(errno.EBUSY, f"edge {edge} already has a writer on this node")
+        expected = self.persistence.expected_mode(edge)
         with self._opening(slot, "writer"):
             await self._await_close_recorded(edge, pid)
             rec = await self._interruptible(
                 pid,
                 functools.partial(
-                    self.discovery.register_writer, edge.hex, self.name, self.endpoint
+                    self.discovery.register_writer,
+                    edge.hex,
+                    self.name,
+                    self.endpoint,
+                    (expected[0].value, expected[1]),
                 ),
             )
         slot = self._slot(edge)
@@ -271,7 +276,8 @@ class Node:
         slot.writer = writer  # before any waiter runs: nothing here awaits
         try:
             self.exits.watch(pid)
-            self.persistence._set_up_mode(writer)
+            recorded = (str(rec.get("mode", "")), str(rec.get("mode_reason", "")))
+            self.persistence._set_up_mode(writer, recorded)
         except OSError as exc:
             self._abandon(writer, exc)  # e.g. EMFILE: no ghost open writer in discovery
         log.info("edge %s: writer opened, generation %d", edge, writer.generation)
@@ -300,9 +306,12 @@ class Node:
         if writer.spill is not None and writer.state is WriterState.OPEN:
             await writer.drain_spill(self.config.signal_poll)
         writer.exit_status = procs.exit_status(writer.pid)
-        if writer.exit_status is None:
-            # The opener runs on: this close may be a holder's it handed the file to (a
-            # child killed mid-stream). Its death is not an end, however the opener goes on.
+        if writer.exit_status is None and not procs.closing_a_file(writer.pid):
+            # The opener runs on and is not the one closing: this close may be a holder's
+            # it handed the file to (a child killed mid-stream). Its death is not an end,
+            # however the opener goes on. (A scan of every process: skipped when the opener
+            # is itself in close(2), as `dd of=E` or `cmd > E` are, or 1,000 writers closing
+            # at once cost a million /proc reads.)
             writer.exit_status = procs.failing_in_group(writer.pgid, writer.pid)
 
     def release_writer(self, writer: WriterEnd) -> None:
@@ -367,7 +376,7 @@ class Node:
             self._report_close(writer, "complete", "")
             if writer.configured is Mode.DYNAMIC and writer.spill is None:
                 # Say how it ended: the policy's last reason, or that it never had to decide.
-                undecided = writer.mode_reason == "dynamic: undecided"
+                undecided = writer.mode_reason == DYNAMIC_UNDECIDED
                 writer.mode_reason = "dynamic, stayed transient: " + (
                     "finished before it had to decide" if undecided else writer.mode_reason
                 )
@@ -462,7 +471,6 @@ class Node:
         with self._opening(slot, "reader"):
             claim = await self._claim_reader(edge, pid)
         reader = ReaderEnd(edge, self.config.read_buffer, pid, claim)
-        reader.read_metric = metrics.BYTES_READ.labels(edge.hex)
         self._slot(edge).reader = reader
         self._spawn(self._pump, reader)
         return reader
@@ -497,7 +505,10 @@ class Node:
 
     async def read(self, reader: ReaderEnd, size: int) -> bytes | memoryview:
         data = await reader.read(size, self.config.signal_poll)
-        reader.read_metric.inc(len(data))
+        if data:
+            if reader.read_metric is None:  # its series exists once bytes are read
+                reader.read_metric = metrics.BYTES_READ.labels(reader.edge.hex)
+            reader.read_metric.inc(len(data))
         return data
 
     def flush_reader(self, reader: ReaderEnd) -> None:
@@ -561,6 +572,7 @@ class Node:
                     attempt = 0
                     view = EdgeView.from_json(rec)
                     action = machine.on_record(view, trio.current_time(), reader.received)
+                    del rec, view  # not held while the next query waits
                 elif isinstance(action, Connect):
                     if machine.lost_since is not None or action.replay:
                         resumed_from = reader.received

@@ -23,10 +23,12 @@ from .policy import Mode, Observation, decide
 from .writerstate import Exited
 
 if TYPE_CHECKING:
+    from .edgeid import EdgeId
     from .node import Node
 
 log = logging.getLogger(__name__)
 
+DYNAMIC_UNDECIDED = "dynamic: undecided"
 DELIVERY_CHECK_EVERY = 2.0  # how often GC asks discovery whether a spill was delivered
 _PHASES = {
     WriterState.OPEN: writerstate.Phase.OPEN,
@@ -50,21 +52,33 @@ class Persistence:
             nursery.start_soon(self._measure_spill_bandwidth)
             task_status.started()
 
-    def _set_up_mode(self, writer: WriterEnd) -> None:
+    def expected_mode(self, edge: EdgeId) -> tuple[Mode, str]:
+        """The mode and reason a new writer of ``edge`` starts with, unless its spill cannot
+        be created (registered with it: no separate report)."""
+        configured = self.node.mode_overrides.get(edge, self.node.mode)
+        if configured is Mode.DYNAMIC:
+            return Mode.TRANSIENT, DYNAMIC_UNDECIDED
+        return configured, f"configured {configured.value}"
+
+    def _set_up_mode(self, writer: WriterEnd, recorded: tuple[str, str] = ("", "")) -> None:
+        """``recorded``: the (mode, reason) discovery recorded with the registration; the
+        mode is reported only if the writer's differs."""
         writer.configured = self.node.mode_overrides.get(writer.edge, self.node.mode)
         try:
             writer.pgid = os.getpgid(writer.pid)
         except OSError:
             writer.pgid = writer.pid
-        writer.cpu_at_open, writer.queued_at_open = procs.group_times(writer.pgid)
         if writer.configured is Mode.PERSISTENT:
             self._persist(writer, "configured persistent")
         elif writer.configured is Mode.DYNAMIC:
+            # Only the dynamic policy needs the group's CPU (a scan of every process).
+            writer.cpu_at_open, writer.queued_at_open = procs.group_times(writer.pgid)
             writer.retain_limit = self.node.config.retain_limit
-            writer.mode_reason = "dynamic: undecided"
+            writer.mode_reason = DYNAMIC_UNDECIDED
             writer.on_window_full = self._window_full
             writer.on_switch_failed = self._switch_failed
-        self.node._spawn(self._report_mode, writer)
+        if (writer.mode.value, writer.mode_reason) != recorded:
+            self.node._spawn(self._report_mode, writer)
 
     def _persist(self, writer: WriterEnd, reason: str) -> bool:
         try:

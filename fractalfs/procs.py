@@ -83,6 +83,34 @@ def exit_status(pid: int) -> int | None:
     return int(fields[52 - 3]) if len(fields) > 52 - 3 else 0
 
 
+# close(2) by machine
+_CLOSE_SYSCALL = {"x86_64": 3, "aarch64": 57}.get(os.uname().machine, -1)
+
+
+def closing_a_file(pid: int) -> bool:
+    """True if ``pid`` is blocked in close(2) of a descriptor it no longer has: the FLUSH
+    being served is (all but certainly) its own. The kernel drops the descriptor from the
+    table before it flushes the file, and the program waits in close until we answer, so
+    ``/proc/<pid>/syscall`` shows the close while we look. Any doubt answers False."""
+    if _CLOSE_SYSCALL < 0 or pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/syscall", "rb") as f:
+            fields = f.read().split()
+        if int(fields[0]) != _CLOSE_SYSCALL:
+            return False
+        fd = int(fields[1], 16)
+    except (OSError, ValueError, IndexError):
+        return False  # gone, or running ("running" is not a number)
+    try:
+        os.readlink(f"/proc/{pid}/fd/{fd}")
+    except FileNotFoundError:
+        return os.path.exists(f"/proc/{pid}")  # in close, the descriptor out of its table
+    except OSError:
+        return False
+    return False  # the descriptor it closes is open again (reused): not ours to judge
+
+
 def failing_in_group(pgid: int, exclude: int) -> int | None:
     """The wait status of a process of group ``pgid`` (not ``exclude``) that is exiting
     with a non-zero status right now, else None.

@@ -109,3 +109,25 @@ def test_more_events_than_one_page_are_all_delivered(api: httpx.Client) -> None:
         seen += [e["seq"] for e in got["events"]]
         after = int(got["last"])
     assert len(seen) == 1100 and seen == sorted(set(seen))
+
+
+def test_a_writer_registers_with_its_mode_in_one_request(api: httpx.Client) -> None:
+    """The writer's daemon sends the new generation's mode with its registration (one
+    request per open, not two); a bad mode takes no generation."""
+    error(
+        api.post(f"/edges/{E}/writer", json={"node": "a", "endpoint": "h:1", "mode": "x"}),
+        400,
+        "'mode'",
+    )
+    assert api.get(f"/edges/{E}").json()["generation"] == 0
+    body = {"node": "a", "endpoint": "h:1", "mode": "persistent", "reason": "configured persistent"}
+    rec = api.post(f"/edges/{E}/writer", json=body).json()
+    assert (rec["generation"], rec["mode"], rec["mode_reason"]) == (
+        1,
+        "persistent",
+        "configured persistent",
+    )
+    kinds = [e["kind"] for e in api.get("/events", params={"after": 0}).json()["events"]]
+    assert kinds[-2:] == ["writer", "mode"]  # as two requests would have recorded it
+    rec = api.post(f"/edges/{E}/writer", json={"node": "a", "endpoint": "h:1"}).json()
+    assert rec["generation"] == 2  # without the field: as before

@@ -201,6 +201,7 @@ def test_slowloris_heads_and_bodies_are_cut_off(tight: Discovery) -> None:
     body.close()
     with httpx.Client(auth=tight.auth) as http:
         assert http.get(tight.url + "/v1/edges").status_code == 200
+    assert "Exception in callback _check_head" not in tight.log.read_text()
 
 
 def test_connection_cap_keeps_descriptors_bounded(tight: Discovery) -> None:

@@ -135,3 +135,46 @@ def test_a_burst_of_writer_opens_scans_proc_once(monkeypatch: pytest.MonkeyPatch
     assert times[0][0] > 0 and len(set(times)) == 1
     assert _procs.group_times(own, max_age=0)[0] >= times[0][0]  # fresh when asked
     assert scans == 2
+
+
+LINGERING_CLOSE = """
+import socket, struct, sys
+listener = socket.create_server(("127.0.0.1", 0))
+sock = socket.create_connection(listener.getsockname())
+peer, _ = listener.accept()  # never reads: what we send stays queued
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+sock.setblocking(False)
+try:
+    while True:
+        sock.send(b"x" * 65536)
+except BlockingIOError:
+    pass
+sock.setblocking(True)
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 5))
+other = open("/dev/null")  # a descriptor that stays open: a close of it is not ours
+print(sock.fileno(), flush=True)
+sock.close()  # blocks (lingers) until the peer reads or 5 s pass
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc/<pid>/syscall")
+def test_closing_a_file_sees_a_program_blocked_in_close() -> None:
+    """A FLUSH is served while its program waits in close(2), its descriptor already out
+    of the table: ``closing_a_file`` says so (a socket closing with SO_LINGER waits the
+    same way). A program elsewhere (sleeping, running) is not closing a file."""
+    closing = subprocess.Popen([sys.executable, "-c", LINGERING_CLOSE], stdout=subprocess.PIPE)
+    sleeping = subprocess.Popen(["sleep", "30"])
+    try:
+        assert closing.stdout is not None
+        closing.stdout.readline()
+        deadline = time.monotonic() + 4
+        while not procs.closing_a_file(closing.pid):
+            assert time.monotonic() < deadline, "never seen in close(2)"
+            time.sleep(0.01)
+        assert not procs.closing_a_file(sleeping.pid)
+        assert not procs.closing_a_file(999_999_999)  # no such process
+    finally:
+        closing.kill()
+        sleeping.kill()
+        closing.wait()
+        sleeping.wait()

@@ -274,3 +274,60 @@ def test_the_signal_watch_keeps_its_scans_to_a_tenth_of_the_time(
     trio.run(main)
     scanning = checks * 0.001
     assert scanning < 0.25 * (_time.monotonic() - t0), checks  # not back to back
+
+
+def test_the_feed_is_not_followed_while_no_reader_waits() -> None:
+    """A daemon of writers only has no pump waiting: it asks discovery's feed nothing (a
+    thousand opens elsewhere cost it no request each). A pump that starts waiting resumes
+    the feed from the position it stopped at, and is woken by a change after it."""
+    import trio
+
+    from fractalfs.follow import Follower
+
+    edge = new_edge()
+
+    class Fake:
+        def __init__(self) -> None:
+            self.feed_calls: list[int] = []
+            self.seq = 1
+            self.version = 1
+            self.changed = trio.Event()
+
+        async def changes(self, feed: str, after: int, *, wait: float = 0.0) -> dict[str, object]:
+            self.feed_calls.append(after)
+            if after >= self.seq:
+                with trio.move_on_after(wait):
+                    await self.changed.wait()
+            self.changed = trio.Event()
+            return {"feed": "f", "seq": self.seq, "edges": [edge] if after < self.seq else []}
+
+        async def get(self, name: str, *, wait: float = 0.0, since: int = -1) -> dict[str, object]:
+            return {"id": name, "version": self.version}
+
+        def change(self) -> None:  # discovery records a change of the edge
+            self.seq += 1
+            self.version += 1
+            self.changed.set()
+
+    async def main() -> None:
+        fake = Fake()
+        follower = Follower(fake, poll=0.05)  # type: ignore[arg-type]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(follower.run)
+            await trio.sleep(0.5)  # ten polls' worth of time with nobody waiting
+            assert len(fake.feed_calls) == 1, fake.feed_calls  # the first, to go live
+            fake.seq += 5  # changes meanwhile, nobody waiting for them
+
+            async def waiter() -> None:
+                rec = await follower.get(edge, wait=5.0, since=fake.version)
+                assert rec["version"] == fake.version
+
+            with trio.fail_after(2):
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(waiter)
+                    await trio.sleep(0.2)
+                    assert fake.feed_calls[1] == 1  # resumed from where it stopped
+                    fake.change()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)

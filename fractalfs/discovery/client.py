@@ -65,6 +65,9 @@ def _snippet(resp: httpx.Response) -> str:
     return " ".join(text.split()) or "(empty)"
 
 
+MAX_CONNECTIONS = 1024  # a daemon's connections to discovery (heartbeats aside)
+
+
 class DiscoveryClient:
     def __init__(
         self,
@@ -92,7 +95,10 @@ class DiscoveryClient:
         self._http = httpx.AsyncClient(
             auth=auth,
             timeout=httpx.Timeout(10.0),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
+            # Bounded: 10,000 readers opening at once made 10,000 connections, over
+            # discovery's cap (4,096): refused, retried, the daemon declared lost. Beyond
+            # this many, requests queue in the pool (each within its own timeout).
+            limits=httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=32),
             verify=verify,
         )
 
@@ -180,10 +186,15 @@ class DiscoveryClient:
     async def delete(self, edge: str) -> None:
         await self._call("DELETE", f"/edges/{edge}")
 
-    async def register_writer(self, edge: str, node: str, endpoint: str) -> dict[str, Any]:
-        return await self._call(
-            "POST", f"/edges/{edge}/writer", body={"node": node, "endpoint": endpoint}
-        )
+    async def register_writer(
+        self, edge: str, node: str, endpoint: str, mode: tuple[str, str] | None = None
+    ) -> dict[str, Any]:
+        """``mode``: (mode, reason) of the new generation, recorded with it (a discovery
+        that does not know the field answers without them: see the record's ``mode``)."""
+        body = {"node": node, "endpoint": endpoint}
+        if mode is not None:
+            body["mode"], body["reason"] = mode
+        return await self._call("POST", f"/edges/{edge}/writer", body=body)
 
     async def close_writer(
         self, edge: str, generation: int, state: str, written: int, reason: str = ""

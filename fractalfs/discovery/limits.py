@@ -55,9 +55,10 @@ def install(server: web.Server, limits: Limits) -> None:
 
 def _check_head(handler: Any) -> None:
     # aiohttp counts a request once its head is parsed (RequestHandler._request_count).
-    if getattr(handler, "_request_count", 1) == 0 and handler.transport is not None:
-        handler.force_close()
-        handler.transport.close()
+    transport = handler.transport
+    if getattr(handler, "_request_count", 1) == 0 and transport is not None:
+        handler.force_close()  # may drop handler.transport already
+        transport.close()
 
 
 async def read_body(request: web.Request, timeout: float) -> bytes:

@@ -545,7 +545,13 @@ class DiscoveryApp:
     async def register_writer(self, request: web.Request) -> web.Response:
         edge = _edge_id(request)
         body = await _body(request)
+        mode = body.get("mode")
+        if mode is not None and mode not in ("transient", "persistent"):
+            raise BadRequest("field 'mode' must be transient or persistent")
+        reason = _str(body, "reason", required=False)
         rec = self.store.register_writer(edge, _str(body, "node"), _str(body, "endpoint"))
+        if mode is not None:  # the new generation's mode, in the same request (one, not two)
+            rec = self.store.set_mode(edge, rec.generation, mode, reason)
         self._changed(edge)
         return web.json_response(_edge_json(edge, rec))
 
