@@ -7,8 +7,9 @@ handed to :class:`~fractalfs.node.Node`.
 
 Pitfalls handled here (see DEVELOPERS.md):
 * edge files are S_IFREG (an S_IFIFO is served by the kernel, locally) sized EDGE_SIZE and
-  opened ``direct_io``, ``nonseekable``, ``keep_cache=False``; only with ``fifo_writers``
-  a write-only open gets a kernel FIFO the daemon drains (fiforoute);
+  opened ``direct_io``, ``nonseekable``, ``keep_cache=False``; a plain read-only open gets
+  a kernel FIFO the daemon fills (``fifo_readers``, the default), and with ``fifo_writers``
+  a write-only open gets one the daemon drains (fiforoute);
 * entry and attribute timeouts are short: pyfuse3's default is 300 s;
 * a direct_io WRITE holds the inode's lock in the kernel for as long as we block it, so an
   unlink of that inode would wait in vfs_unlink without ever reaching us. Edge entries are
@@ -33,8 +34,9 @@ from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
+import trio
 
-from . import fiforoute, metrics, procs
+from . import fifokeeper, fiforoute, metrics, procs
 from .edgeid import EdgeId
 from .edges import EdgeError, ReaderEnd, WriterEnd
 from .node import Node
@@ -51,6 +53,7 @@ XATTR_REASON = b"user.fractalfs.mode_reason"
 #: buffer and wrote a temporary file per line. 1 MiB is about the guess sort makes for a
 #: pipe, and keeps `wc`'s column width (7 digits) what it is for a pipe.
 EDGE_SIZE = 1 << 20
+SPARES = 2  # reader FIFOs kept open ahead (fiforoute.Spare)
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -103,6 +106,12 @@ class Operations(pyfuse3.Operations):
         self._last_ino = ROOT
         self._fifos: set[int] = set()  # inodes handed out as a writer's kernel FIFO
         self._fifo_writers: dict[EdgeId, fiforoute.Fifo] = {}
+        self._fifo_readers: dict[EdgeId, fiforoute.FifoReader] = {}
+        self.keeper = fifokeeper.Keeper()  # holds reader FIFOs' write ends past our death
+        self._spares: list[fiforoute.Spare] = []  # reader FIFOs opened ahead
+        self._spare_inos: set[int] = set()  # their inodes (and those being prepared)
+        self._preparing = 0
+        self._spares_paused = 0.0  # after a failure to prepare one: not before then
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._dir_uids: dict[int, int] = {}  # open directory handle -> the uid listing it
@@ -195,6 +204,11 @@ class Operations(pyfuse3.Operations):
             attrs.st_mode = stat.S_IFDIR | 0o1777
             attrs.st_nlink = 2
         else:
+            if inode in self._spare_inos:  # not a reader's yet: only the daemon opens it
+                attrs.st_mode = stat.S_IFIFO | 0o600
+                attrs.st_nlink = 1
+                attrs.entry_timeout = attrs.attr_timeout = 0.0
+                return attrs
             owner = self.owners.owner(self._edge(inode))
             kind = stat.S_IFIFO if inode in self._fifos else stat.S_IFREG
             attrs.st_mode = kind | (0o666 if owner is None else 0o600)
@@ -226,11 +240,116 @@ class Operations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOENT)
             return self._attrs(self._looked_up(ino))
         edge = self._name(name)
-        if self.node.config.fifo_writers and fiforoute.wants_fifo_writer(ctx.pid):
+        config = self.node.config
+        if config.fifo_writers or config.fifo_readers:
+            flags = fiforoute.open_flags(ctx.pid)
             # The kernel serves a FIFO's open itself: ownership is decided here.
-            self._permit(edge, ctx, errno.EACCES, claim=True)
-            return await self._fifo_writer(edge, ctx.pid)
+            if config.fifo_writers and fiforoute.wants_fifo_writer(ctx.pid, flags):
+                self._permit(edge, ctx, errno.EACCES, claim=True)
+                return await self._fifo_writer(edge, ctx.pid)
+            if config.fifo_readers:
+                self._replenish()
+                if (
+                    fiforoute.wants_fifo_reader(flags)
+                    and (self._spares or not fiforoute.wants_spare(flags))
+                    and not fiforoute.stays_on_fuse(ctx.pid)
+                ):
+                    self._permit(edge, ctx, errno.EACCES, claim=True)
+                    return await self._fifo_reader(edge, ctx, fiforoute.wants_spare(flags))
         return self._attrs(self._looked_up(self._inode(edge)))
+
+    def _replenish(self) -> None:
+        """Keeps SPARES reader FIFOs opened ahead (fiforoute.Spare)."""
+        if self.node.closing or time.monotonic() < self._spares_paused:
+            return
+        while len(self._spares) + self._preparing < SPARES:
+            self._preparing += 1
+            self._last_ino += 1
+            ino = self._last_ino
+            self._fifos.add(ino)
+            self._spare_inos.add(ino)
+            hidden = os.path.join(self.node.config.mountpoint, f"{fiforoute.HIDDEN.decode()}{ino}")
+            self.node.spawn(self._prepare_spare, fiforoute.Spare(ino, hidden))
+
+    async def _prepare_spare(self, spare: fiforoute.Spare) -> None:
+        try:
+            await trio.to_thread.run_sync(spare.prepare, self.keeper)
+        except OSError as exc:
+            log.warning("cannot prepare a reader FIFO: %s; readers wait for the daemon", exc)
+            self._spares_paused = time.monotonic() + 10.0
+            self._spare_inos.discard(spare.ino)
+            if spare.ino not in self._lookups:
+                self._fifos.discard(spare.ino)
+            return
+        finally:
+            self._preparing -= 1
+        self._spares.append(spare)
+
+    def _new_fifo_ino(self, edge: EdgeId) -> tuple[int, str]:
+        self._last_ino += 1
+        ino = self._last_ino
+        self._edges[ino] = edge
+        self._fifos.add(ino)
+        hidden = os.path.join(self.node.config.mountpoint, f"{fiforoute.HIDDEN.decode()}{ino}")
+        return ino, hidden
+
+    def _fifo_alive(self, ino: int) -> bool:
+        """A FIFO inode lives as long as its drain or feed (see forget)."""
+        edge = self._edges.get(ino)
+        if edge is None:
+            return False
+        fifo: fiforoute.Fifo | fiforoute.FifoReader | None
+        for fifo in (self._fifo_writers.get(edge), self._fifo_readers.get(edge)):
+            if fifo is not None and fifo.ino == ino:
+                return True
+        return False
+
+    async def _fifo_reader(
+        self, edge: EdgeId, ctx: pyfuse3.RequestContext, need_spare: bool
+    ) -> pyfuse3.EntryAttributes:
+        """A read-only open gets a kernel FIFO the daemon fills (fiforoute.feed): a spare,
+        whose write end is open already, or (none ready) a fresh one whose write end opens
+        once the program is in its open (not for a non-blocking open: see wants_spare)."""
+        fifo = self._fifo_readers.get(edge)
+        if fifo is not None and fifo.unopened_by(ctx.pid):
+            return self._attrs(self._looked_up(fifo.ino))
+        reserved = self._reserve(edge, False, ctx.uid)
+        spare = self._spares.pop() if self._spares else None
+        if spare is None and need_spare:  # taken meanwhile: a regular file, as without
+            return self._attrs(self._looked_up(self._inode(edge)))
+        try:
+            reader = await self.node.open_reader(edge, ctx.pid)
+        except BaseException:
+            if spare is not None:
+                self._spares.append(spare)
+            raise
+        if spare is None:
+            ino, hidden = self._new_fifo_ino(edge)
+            fifo = fiforoute.FifoReader(reader, ino, hidden)
+        else:
+            ino = spare.ino
+            self._spare_inos.discard(ino)
+            self._edges[ino] = edge
+            fifo = fiforoute.FifoReader(reader, ino, spare.path)
+            fifo.fd, fifo.hold = spare.fd, spare.hold
+            self.keeper.add(spare.fd, ino, edge.hex)
+        self._replenish()
+        self._fifo_readers[edge] = fifo
+        # No FUSE handle: this one counts the uid's memory and keeps the edge busy.
+        self._handles[-ino] = Handle(ino, reader=reader, uid=ctx.uid, reserved=reserved)
+        self.node.spawn(self._feed, edge, fifo)
+        return self._attrs(self._looked_up(ino))
+
+    async def _feed(self, edge: EdgeId, fifo: fiforoute.FifoReader) -> None:
+        try:
+            await fiforoute.feed(self.node, fifo, self.keeper)
+        finally:
+            self._handles.pop(-fifo.ino, None)
+            if self._fifo_readers.get(edge) is fifo:
+                del self._fifo_readers[edge]
+            if fifo.ino not in self._lookups:  # forgotten meanwhile
+                self._fifos.discard(fifo.ino)
+                self._edges.pop(fifo.ino, None)
 
     async def _fifo_writer(self, edge: EdgeId, pid: int) -> pyfuse3.EntryAttributes:
         """A write-only open gets a kernel FIFO the daemon drains (fiforoute)."""
@@ -238,11 +357,7 @@ class Operations(pyfuse3.Operations):
         if fifo is not None and fifo.unopened_by(pid):
             return self._attrs(self._looked_up(fifo.ino))
         writer = await self.node.open_writer(edge, pid)
-        self._last_ino += 1
-        ino = self._last_ino
-        self._edges[ino] = edge
-        self._fifos.add(ino)
-        hidden = os.path.join(self.node.config.mountpoint, f"{fiforoute.HIDDEN.decode()}{ino}")
+        ino, hidden = self._new_fifo_ino(edge)
         fifo = self._fifo_writers[edge] = fiforoute.Fifo(writer, ino, hidden)
         self.node.spawn(self._drain, edge, fifo)
         return self._attrs(self._looked_up(ino))
@@ -309,6 +424,8 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        if self.node.config.fifo_readers:
+            self._replenish()  # start-up asks statfs first: spares are ready for readers
         data = pyfuse3.StatvfsData()
         data.f_bsize = data.f_frsize = 1 << 20
         data.f_namemax = 255
@@ -458,9 +575,8 @@ class Operations(pyfuse3.Operations):
             if ino in self._fifos:
                 # The kernel forgets a FIFO inode whose revalidation failed, maybe before
                 # the second LOOKUP of the same open and the daemon's own open of it
-                # arrive: it lives as long as its drain (see _drain).
-                fifo = self._fifo_writers.get(self._edges[ino])
-                if fifo is not None and fifo.ino == ino:
+                # arrive: it lives as long as its drain or feed (see _drain, _feed).
+                if ino in self._spare_inos or self._fifo_alive(ino):
                     continue
                 self._fifos.discard(ino)
             gone = self._edges.pop(ino, None)

@@ -376,25 +376,10 @@ def _md5(path: Path) -> bytes:
     return hashlib.md5(path.read_bytes()).hexdigest().encode() + b"  -\n"
 
 
-# What no regular file can do: head seeks back over what it read past its last line when
-# its input is a regular file (and says so when that fails), gzip compares the bytes it read
-# with st_size. Strict: these rows fail the suite once they pass.
-REGULAR_FILE_LIMITS = {
-    "head -n": "head lseeks back on a regular file: 'cannot seek ...: Illegal seek'",
-    "gzip FILE": "gzip warns 'file size changed while zipping' unless st_size is exact",
-    "gzip <": "gzip warns 'file size changed while zipping' unless st_size is exact",
-}
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(reason=REGULAR_FILE_LIMITS[n], strict=True))
-        if n in REGULAR_FILE_LIMITS
-        else n
-        for n in ROWS
-    ],
-)
+# Readers get a kernel FIFO (fifo_readers, the default): `head -n N FILE` (which seeks back
+# over what it read past its last line on a regular file, and says so when that fails) and
+# gzip (which compares the bytes it read with st_size) behave as on a pipe.
+@pytest.mark.parametrize("name", list(ROWS))
 def test_program_on_an_edge_as_on_a_fifo(
     both: Duo, inputs: dict[str, str], tmp_path: Path, name: str
 ) -> None:
