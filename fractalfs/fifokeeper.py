@@ -42,7 +42,7 @@ def holds(pid: int, name: str, ino: int) -> bool:
     suffix = "/" + name
     for fd in fds:
         try:
-            if not os.readlink(f"{base}/{fd}").endswith(suffix):
+            if not os.readlink(f"{base}/{fd}").removesuffix(" (deleted)").endswith(suffix):
                 continue
             with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
                 info = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)

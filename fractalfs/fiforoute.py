@@ -152,7 +152,7 @@ def _has_open(pid: int, name: str) -> bool:
         return False
     for fd in fds:
         with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/{pid}/fd/{fd}").endswith("/" + name):
+            if procs.link_path(os.readlink(f"/proc/{pid}/fd/{fd}")).endswith("/" + name):
                 return True
     return False
 
