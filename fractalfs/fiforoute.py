@@ -38,7 +38,6 @@ import logging
 import os
 import select
 import termios
-import time
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -110,8 +109,7 @@ def _fsyncs(pid: int) -> bool:
 
 def wants_fifo_reader(flags: int | None) -> bool:
     """Whether an open with ``flags`` (:func:`open_flags`) should get a reader FIFO: a
-    read-only open (not ``O_PATH``, ``O_DIRECTORY``, ``O_CREAT``, ``O_TRUNC``). A
-    non-blocking one needs a :class:`Spare` (see :func:`wants_spare`)."""
+    read-only open (not ``O_PATH``, ``O_DIRECTORY``, ``O_CREAT``, ``O_TRUNC``)."""
     if flags is None or flags & os.O_ACCMODE != os.O_RDONLY:
         return False
     return not flags & (os.O_PATH | os.O_DIRECTORY | os.O_CREAT | os.O_TRUNC)
@@ -272,6 +270,8 @@ class FifoReader:
         self.opened = False  # the program's open was seen (or given up on)
         self.done = False
         self.pending = 0  # bytes taken from the reader end, not yet in the pipe
+        self.prepared = False  # prepare() is done (or failed: ``failure``)
+        self.failure: OSError | None = None
 
     def unopened_by(self, pid: int) -> bool:
         """True while the program ``pid`` has not opened this FIFO yet: a second LOOKUP of
@@ -285,69 +285,37 @@ class FifoReader:
         return self.pending + (fionread(fd) if fd is not None else 0)
 
 
-class Spare:
-    """A FIFO inode opened ahead of any reader: a write end, and a read-write stand-in
-    reader (Linux allows it on a FIFO) so that the write end could open."""
+FIFO_DIR = b".fifo"  # the daemon's directory of reader FIFOs (see prepare)
+PREPARE_FOR = 1.0  # seconds a LOOKUP waits for the write end before answering anyway
 
-    def __init__(self, ino: int, path: str) -> None:
-        self.ino, self.path = ino, path
-        self.fd = self.hold = -1
 
-    def prepare(self, keeper: fifokeeper.Keeper) -> None:
-        """Runs in a worker thread, never while a LOOKUP of a program waits for it: each
-        open is a LOOKUP of the hidden name, and the kernel serialises the lookups of one
-        directory (the daemon would wait for itself)."""
-        self.hold = os.open(self.path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+def prepare(fifo: FifoReader, keeper: fifokeeper.Keeper) -> None:
+    """Opens the FIFO's write end before the program's LOOKUP is answered, so that its open
+    finds a writer: a blocking open does not wait, and a non-blocking one (gzip opens
+    ``O_NONBLOCK``, then clears it) does not read EOF before the daemon came. A write-only
+    open needs a reader: a read-write one (Linux allows it on a FIFO) stands in until the
+    program has opened (:func:`_await_opener`).
+
+    Runs in a worker thread while the loop waits in the program's LOOKUP. The kernel
+    serialises the lookups of one directory (``fuse_lock_inode``) and the program's LOOKUP
+    holds the root's: the path is ``MOUNT/.fifo/<ino>``, whose ``.fifo`` entry the kernel
+    keeps cached (see Operations.warm_fifo_dir), so only ``.fifo``'s own lock is taken."""
+    try:
+        hold = os.open(fifo.path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = os.open(fifo.path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
-            os.close(self.hold)
+            os.close(hold)
             raise
         with contextlib.suppress(OSError):
-            fcntl.fcntl(self.fd, F_SETPIPE_SZ, PIPE_SIZE)
-        keeper.start()
-
-    def close(self) -> None:
-        for fd in (self.fd, self.hold):
-            if fd >= 0:
-                os.close(fd)
-        self.fd = self.hold = -1
-
-
-def wants_spare(flags: int | None) -> bool:
-    """A non-blocking open completes without a writer and would read EOF before the
-    daemon opened one (gzip opens ``O_NONBLOCK``, then clears it): only a FIFO whose
-    write end is already open (a :class:`Spare`) may serve it."""
-    return flags is not None and bool(flags & os.O_NONBLOCK)
-
-
-def _open_write_end(fifo: FifoReader, keeper: fifokeeper.Keeper) -> int | None:
-    """Without a spare: opens the write end once the program is inside its (blocking) open
-    of the read end (before that, a non-blocking open fails with ENXIO); None if the
-    program never opens it. Runs in a worker thread, after the LOOKUP was answered."""
-    reader = fifo.reader
-    flags = os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC
-    nap, start, absent = 0.0002, time.monotonic(), 0
-    while not fifo.done:
-        try:
-            fd = os.open(fifo.path, flags)
-        except OSError as exc:
-            if exc.errno != errno.ENXIO:
-                raise
-        else:
-            fifo.fd = fd
-            fifo.opened = True
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
-            keeper.add(fd, fifo.ino, reader.edge.hex)
-            return fd
-        time.sleep(nap)
-        nap = min(2 * nap, OPEN_NAP)
-        if time.monotonic() - start > 0.2:
-            absent = absent + 1 if open_flags(reader.pid) is None else 0
-            if absent >= 3:
-                return None
-    return None
+            fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
+        keeper.add(fd, fifo.ino, fifo.reader.edge.hex)
+        fifo.hold, fifo.fd = hold, fd
+    except OSError as exc:
+        fifo.failure = exc
+        raise
+    finally:
+        fifo.prepared = True
 
 
 async def _await_opener(fifo: FifoReader) -> bool:
@@ -386,14 +354,11 @@ async def feed(node: Node, fifo: FifoReader, keeper: fifokeeper.Keeper) -> None:
     settled = False  # the stream's fate is decided: the keeper may let the write end go
     reader.exit_status = 9  # until decided otherwise: a failure, never "no more"
     try:
-        if fifo.fd is None:  # no spare was ready
-            try:
-                opened = await trio.to_thread.run_sync(_open_write_end, fifo, keeper) is not None
-            except OSError as exc:
-                log.warning("edge %s: cannot open the reader's FIFO: %s", reader.edge, exc)
-                opened = False
-        else:
-            opened = await _await_opener(fifo)
+        while not fifo.prepared:  # the LOOKUP answered before prepare() was done
+            await trio.sleep(0.005)
+        if fifo.failure is not None:
+            log.warning("edge %s: cannot open the reader's FIFO: %s", reader.edge, fifo.failure)
+        opened = fifo.fd is not None and await _await_opener(fifo)
         if not opened or fifo.fd is None:
             log.info("edge %s: the opener never opened its FIFO", reader.edge)
             settled = True

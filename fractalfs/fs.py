@@ -23,6 +23,7 @@ Pitfalls handled here (see DEVELOPERS.md):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -53,7 +54,7 @@ XATTR_REASON = b"user.fractalfs.mode_reason"
 #: buffer and wrote a temporary file per line. 1 MiB is about the guess sort makes for a
 #: pipe, and keeps `wc`'s column width (7 digits) what it is for a pipe.
 EDGE_SIZE = 1 << 20
-SPARES = 2  # reader FIFOs kept open ahead (fiforoute.Spare)
+FOREVER = 365 * 86400.0  # entry and attribute timeout of MOUNT/.fifo
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -108,10 +109,10 @@ class Operations(pyfuse3.Operations):
         self._fifo_writers: dict[EdgeId, fiforoute.Fifo] = {}
         self._fifo_readers: dict[EdgeId, fiforoute.FifoReader] = {}
         self.keeper = fifokeeper.Keeper()  # holds reader FIFOs' write ends past our death
-        self._spares: list[fiforoute.Spare] = []  # reader FIFOs opened ahead
-        self._spare_inos: set[int] = set()  # their inodes (and those being prepared)
-        self._preparing = 0
-        self._spares_paused = 0.0  # after a failure to prepare one: not before then
+        self._last_ino += 1
+        self._fifo_dir = self._last_ino  # MOUNT/.fifo: the daemon's reader FIFOs
+        self._fifo_dir_warm = False  # its entry is cached (warm_fifo_dir)
+        self._warming = False
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._dir_uids: dict[int, int] = {}  # open directory handle -> the uid listing it
@@ -204,10 +205,10 @@ class Operations(pyfuse3.Operations):
             attrs.st_mode = stat.S_IFDIR | 0o1777
             attrs.st_nlink = 2
         else:
-            if inode in self._spare_inos:  # not a reader's yet: only the daemon opens it
-                attrs.st_mode = stat.S_IFIFO | 0o600
-                attrs.st_nlink = 1
-                attrs.entry_timeout = attrs.attr_timeout = 0.0
+            if inode == self._fifo_dir:  # cached for good: see warm_fifo_dir
+                attrs.st_mode = stat.S_IFDIR | 0o700
+                attrs.st_nlink = 2
+                attrs.entry_timeout = attrs.attr_timeout = FOREVER
                 return attrs
             owner = self.owners.owner(self._edge(inode))
             kind = stat.S_IFIFO if inode in self._fifos else stat.S_IFREG
@@ -230,10 +231,17 @@ class Operations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        if parent_inode == self._fifo_dir and fiforoute.is_own_thread(ctx.pid):
+            ino = int(name) if name.isdigit() else 0
+            if ino not in self._fifos:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._attrs(self._looked_up(ino))
         if parent_inode != ROOT:
             raise pyfuse3.FUSEError(errno.ENOENT)
         if name in (b".", b".."):
             return self._attrs(ROOT)
+        if name == fiforoute.FIFO_DIR and fiforoute.is_own_thread(ctx.pid):
+            return self._attrs(self._fifo_dir)
         if name.startswith(fiforoute.HIDDEN) and fiforoute.is_own_thread(ctx.pid):
             ino = int(name[len(fiforoute.HIDDEN) :])
             if ino not in self._fifos:
@@ -247,43 +255,15 @@ class Operations(pyfuse3.Operations):
             if config.fifo_writers and fiforoute.wants_fifo_writer(ctx.pid, flags):
                 self._permit(edge, ctx, errno.EACCES, claim=True)
                 return await self._fifo_writer(edge, ctx.pid)
-            if config.fifo_readers:
-                self._replenish()
-                if (
-                    fiforoute.wants_fifo_reader(flags)
-                    and (self._spares or not fiforoute.wants_spare(flags))
-                    and not fiforoute.stays_on_fuse(ctx.pid)
-                ):
-                    self._permit(edge, ctx, errno.EACCES, claim=True)
-                    return await self._fifo_reader(edge, ctx, fiforoute.wants_spare(flags))
+            if (
+                config.fifo_readers
+                and self._fifo_dir_warm
+                and fiforoute.wants_fifo_reader(flags)
+                and not fiforoute.stays_on_fuse(ctx.pid)
+            ):
+                self._permit(edge, ctx, errno.EACCES, claim=True)
+                return await self._fifo_reader(edge, ctx)
         return self._attrs(self._looked_up(self._inode(edge)))
-
-    def _replenish(self) -> None:
-        """Keeps SPARES reader FIFOs opened ahead (fiforoute.Spare)."""
-        if self.node.closing or time.monotonic() < self._spares_paused:
-            return
-        while len(self._spares) + self._preparing < SPARES:
-            self._preparing += 1
-            self._last_ino += 1
-            ino = self._last_ino
-            self._fifos.add(ino)
-            self._spare_inos.add(ino)
-            hidden = os.path.join(self.node.config.mountpoint, f"{fiforoute.HIDDEN.decode()}{ino}")
-            self.node.spawn(self._prepare_spare, fiforoute.Spare(ino, hidden))
-
-    async def _prepare_spare(self, spare: fiforoute.Spare) -> None:
-        try:
-            await trio.to_thread.run_sync(spare.prepare, self.keeper)
-        except OSError as exc:
-            log.warning("cannot prepare a reader FIFO: %s; readers wait for the daemon", exc)
-            self._spares_paused = time.monotonic() + 10.0
-            self._spare_inos.discard(spare.ino)
-            if spare.ino not in self._lookups:
-                self._fifos.discard(spare.ino)
-            return
-        finally:
-            self._preparing -= 1
-        self._spares.append(spare)
 
     def _new_fifo_ino(self, edge: EdgeId) -> tuple[int, str]:
         self._last_ino += 1
@@ -305,40 +285,44 @@ class Operations(pyfuse3.Operations):
         return False
 
     async def _fifo_reader(
-        self, edge: EdgeId, ctx: pyfuse3.RequestContext, need_spare: bool
+        self, edge: EdgeId, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        """A read-only open gets a kernel FIFO the daemon fills (fiforoute.feed): a spare,
-        whose write end is open already, or (none ready) a fresh one whose write end opens
-        once the program is in its open (not for a non-blocking open: see wants_spare)."""
+        """A read-only open gets a kernel FIFO the daemon fills (fiforoute.feed); its write
+        end is opened before the LOOKUP is answered (fiforoute.prepare)."""
         fifo = self._fifo_readers.get(edge)
         if fifo is not None and fifo.unopened_by(ctx.pid):
             return self._attrs(self._looked_up(fifo.ino))
         reserved = self._reserve(edge, False, ctx.uid)
-        spare = self._spares.pop() if self._spares else None
-        if spare is None and need_spare:  # taken meanwhile: a regular file, as without
-            return self._attrs(self._looked_up(self._inode(edge)))
-        try:
-            reader = await self.node.open_reader(edge, ctx.pid)
-        except BaseException:
-            if spare is not None:
-                self._spares.append(spare)
-            raise
-        if spare is None:
-            ino, hidden = self._new_fifo_ino(edge)
-            fifo = fiforoute.FifoReader(reader, ino, hidden)
-        else:
-            ino = spare.ino
-            self._spare_inos.discard(ino)
-            self._edges[ino] = edge
-            fifo = fiforoute.FifoReader(reader, ino, spare.path)
-            fifo.fd, fifo.hold = spare.fd, spare.hold
-            self.keeper.add(spare.fd, ino, edge.hex)
-        self._replenish()
+        reader = await self.node.open_reader(edge, ctx.pid)
+        self._last_ino += 1
+        ino = self._last_ino
+        self._edges[ino] = edge
+        self._fifos.add(ino)
+        path = os.path.join(self.node.config.mountpoint, fiforoute.FIFO_DIR.decode(), f"{ino}")
+        fifo = fiforoute.FifoReader(reader, ino, path)
         self._fifo_readers[edge] = fifo
         # No FUSE handle: this one counts the uid's memory and keeps the edge busy.
         self._handles[-ino] = Handle(ino, reader=reader, uid=ctx.uid, reserved=reserved)
         self.node.spawn(self._feed, edge, fifo)
+        with trio.move_on_after(fiforoute.PREPARE_FOR) as late:
+            with contextlib.suppress(OSError):  # the feed reports it
+                await trio.to_thread.run_sync(
+                    fiforoute.prepare, fifo, self.keeper, abandon_on_cancel=True
+                )
+        if late.cancelled_caught:
+            log.warning("edge %s: the reader's FIFO is not open yet; answering anyway", edge)
         return self._attrs(self._looked_up(ino))
+
+    def warm_fifo_dir(self) -> None:
+        """Looks ``MOUNT/.fifo`` up once, from a worker thread: its entry stays cached (its
+        entry timeout is long), so opening a reader FIFO under it never waits for the
+        root's lookup lock (see fiforoute.prepare). Until then readers stay on FUSE."""
+        try:
+            os.stat(os.path.join(self.node.config.mountpoint, fiforoute.FIFO_DIR.decode()))
+        except OSError as exc:
+            log.warning("reader FIFOs off: %s", exc)
+            return
+        self._fifo_dir_warm = True
 
     async def _feed(self, edge: EdgeId, fifo: fiforoute.FifoReader) -> None:
         try:
@@ -424,8 +408,9 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        if self.node.config.fifo_readers:
-            self._replenish()  # start-up asks statfs first: spares are ready for readers
+        if self.node.config.fifo_readers and not self._fifo_dir_warm and not self._warming:
+            self._warming = True  # start-up asks statfs first
+            self.node.spawn(trio.to_thread.run_sync, self.warm_fifo_dir)
         data = pyfuse3.StatvfsData()
         data.f_bsize = data.f_frsize = 1 << 20
         data.f_namemax = 255
@@ -576,7 +561,7 @@ class Operations(pyfuse3.Operations):
                 # The kernel forgets a FIFO inode whose revalidation failed, maybe before
                 # the second LOOKUP of the same open and the daemon's own open of it
                 # arrive: it lives as long as its drain or feed (see _drain, _feed).
-                if ino in self._spare_inos or self._fifo_alive(ino):
+                if self._fifo_alive(ino):
                     continue
                 self._fifos.discard(ino)
             gone = self._edges.pop(ino, None)
