@@ -129,3 +129,27 @@ def test_a_failed_stream_kills_its_reader(
     reader.communicate(timeout=20)
     assert reader.returncode == -signal.SIGKILL
     assert size(out) == MiB
+
+
+def test_a_reader_whose_daemon_stops_mid_stream_is_killed(
+    cluster: Cluster, programs: Programs, tmp_path: Path
+) -> None:
+    """SIGTERM to the reader's daemon: a FUSE reader gets EIO; a FIFO reader of a stream
+    that is not complete is killed before the daemon lets its write end go."""
+    cluster.start_discovery()
+    a = cluster.node("a")
+    b = cluster.node("b")
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(2 * MiB))
+    edge = new_edge()
+    cmd = " ".join([*SLOWCAT, str(src), a.path(edge), "--pause-after", str(MiB)])
+    writer = programs.start(f"exec {cmd}")
+    assert writer.stdout is not None and writer.stdout.readline() == b"paused\n"
+    out = tmp_path / "out"
+    reader = programs.start(f"exec cat {b.path(edge)} > {out}")
+    wait_for(lambda: size(out) >= MiB, 10, "the first MiB")
+    b.stop()
+    reader.communicate(timeout=10)
+    assert reader.returncode == -signal.SIGKILL
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.communicate(timeout=10)
