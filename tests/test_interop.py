@@ -33,6 +33,7 @@ class Duo:
     def __init__(self, a: Node, b: Node, workdir: Path) -> None:
         self.a, self.b, self.workdir = a, b, workdir
         self.reads_on_fuse = False
+        self.writes_on_fifo = False
 
     def spilled(self) -> int:
         total = 0
@@ -69,6 +70,7 @@ def duo(
             node.start()
         duo = Duo(nodes[0], nodes[1], workdir)
         duo.reads_on_fuse = request.param == "fuse-reads"
+        duo.writes_on_fifo = request.param == "fifo-writers"
         yield duo
     finally:
         for node in reversed(nodes):
@@ -386,6 +388,8 @@ def _md5(path: Path) -> bytes:
 # Readers get a kernel FIFO (fifo_readers, the default): `head -n N FILE` (which seeks back
 # over what it read past its last line on a regular file, and says so when that fails) and
 # gzip (which compares the bytes it read with st_size) behave as on a pipe.
+HEAD_PARTNER_RACE = "fifo_writers buffers the whole input before head opens: cat exits 0"
+
 # With fifo_readers = false these rows cannot pass (a regular file for readers):
 REGULAR_FILE_LIMITS = {
     "head -n": "head lseeks back on a regular file: 'cannot seek ...: Illegal seek'",
@@ -401,6 +405,12 @@ def test_program_on_an_edge_as_on_a_fifo(
     row = ROWS[name]
     if both.reads_on_fuse and name in REGULAR_FILE_LIMITS:
         request.applymarker(pytest.mark.xfail(reason=REGULAR_FILE_LIMITS[name], strict=True))
+    if both.writes_on_fifo and name == "head -n":
+        # Not strict: a race. The writer's FIFO (1 MiB) and window (8 MiB) take all 8.5 MB
+        # of the input before `head` even opens, so its partner `cat` usually exits 0
+        # where on a `mkfifo` FIFO (64 KiB) it gets SIGPIPE. With FUSE writes the window
+        # stops `cat` until the reader comes. head's own output and status are right.
+        request.applymarker(pytest.mark.xfail(reason=HEAD_PARTNER_RACE, strict=False))
     ref = _on_fifo(row, inputs, tmp_path)
     got = _on_edge(row, inputs, tmp_path, both)
     assert (got.out, got.err, got.rc) == (ref.out, ref.err, ref.rc)
