@@ -42,6 +42,10 @@ class NodeConfig:
     #: off the writer's data path (fractalfs/fiforoute.py); see the README for what it
     #: does not do yet. false: every write is a FUSE request.
     fifo_writers: bool = False
+    #: Plain read-only opens get a kernel FIFO the daemon fills: programs see a FIFO
+    #: (fstat), so `head -n`, `gzip FILE` behave as on a pipe; a failed stream kills its
+    #: readers (fractalfs/fiforoute.py). false: every read is a FUSE request.
+    fifo_readers: bool = True
     #: Bytes a reader's daemon buffers ahead of the reading program.
     read_buffer: int = 8 * MiB
     #: pyfuse3 worker limit; every blocked read or write holds one.

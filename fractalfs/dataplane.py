@@ -338,7 +338,7 @@ async def pull(
         finally:
             if reader.state is ReaderState.CLOSED and reader.tell_writer:
                 with trio.CancelScope(shield=True), trio.move_on_after(1):
-                    await send_all(conn, [handshake.control(Control.CLOSE, reader.delivered)])
+                    await send_all(conn, [handshake.control(Control.CLOSE, reader.consumed)])
                     # Closing now, with the writer's data unread, would reset the
                     # connection: the writer's send fails and may end its side before it
                     # reads the CLOSE (seen: 1 early close in 7 did not stop the writer).

@@ -560,9 +560,12 @@ class ReaderEnd:
         self.edge = edge
         self.limit = limit
         self.pid = pid
+        self.interrupt_pid = pid  # whose pending signals end a wait (0: nobody waits)
         self.chunks: deque[bytes | memoryview] = deque()
         self.head = 0  # bytes of chunks[0] already delivered
-        self.delivered = 0
+        self.delivered = 0  # handed out by read() (to the program, or into its FIFO)
+        # The FIFO route: bytes in the reader's pipe, handed out but not yet consumed.
+        self.backlog: Callable[[], int] | None = None
         self.received = 0
         self.state = ReaderState.WAITING
         self.error: EdgeError | None = None
@@ -591,6 +594,12 @@ class ReaderEnd:
     @property
     def has_space(self) -> bool:
         return self.received - self.delivered < self.limit
+
+    @property
+    def consumed(self) -> int:
+        """Bytes the program has read: what progress, a close and a release report."""
+        backlog = self.backlog
+        return self.delivered if backlog is None else self.delivered - backlog()
 
     def start_streaming(self) -> None:
         """A writer accepted the handshake: bytes may flow."""
@@ -714,7 +723,7 @@ class ReaderEnd:
                 raise EdgeError(errno.EBADF, "edge closed")
             # Every change of the end notifies (bytes, EOF, failure, close); the timeout is a
             # safety net only: a thousand waiting readers do not wake once a second each.
-            await wait_or_interrupt(self.changed, self.pid, poll, timeout=IDLE_WAIT)
+            await wait_or_interrupt(self.changed, self.interrupt_pid, poll, timeout=IDLE_WAIT)
         first = chunks[0]
         head = self.head
         out: bytes | memoryview

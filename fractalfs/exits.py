@@ -34,6 +34,8 @@ class ExitWatcher:
         self._watched: dict[int, int | None] = {}  # pid -> status once it exited
         self._overrun = 0  # exit events the kernel dropped so far (ENOBUFS), as a count
         self._watched_at: dict[int, int] = {}  # pid -> the overrun count when watched
+        self._writers: set[int] = set()  # watched for a writer (watch/forget)
+        self._held: dict[int, int] = {}  # watched for FIFO readers (hold/unhold), counts
         self.changed = Notifier()
 
     @property
@@ -41,10 +43,32 @@ class ExitWatcher:
         return self._sock is not None
 
     def watch(self, pid: int) -> None:
+        self._writers.add(pid)
         self._watched.setdefault(pid, None)
         self._watched_at.setdefault(pid, self._overrun)
 
     def forget(self, pid: int) -> None:
+        self._writers.discard(pid)
+        self._drop(pid)
+
+    def hold(self, pid: int) -> None:
+        """Watches ``pid`` for a FIFO reader (fiforoute); independent of a writer's watch
+        of the same program (``cat E1 > E2``)."""
+        self._held[pid] = self._held.get(pid, 0) + 1
+        self._watched.setdefault(pid, None)
+        self._watched_at.setdefault(pid, self._overrun)
+
+    def unhold(self, pid: int) -> None:
+        left = self._held.get(pid, 0) - 1
+        if left > 0:
+            self._held[pid] = left
+            return
+        self._held.pop(pid, None)
+        self._drop(pid)
+
+    def _drop(self, pid: int) -> None:
+        if pid in self._writers or pid in self._held:
+            return
         self._watched.pop(pid, None)
         self._watched_at.pop(pid, None)
 

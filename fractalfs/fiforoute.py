@@ -17,8 +17,14 @@ pipe. The end: the pipe reports EOF once every holder of the write end closed it
 opener's exit status then decides, as at a FUSE close, whether that is the stream's end or
 a failed generation (:meth:`Node.release_writer`).
 
-Everything else stays on FUSE: reads (a FIFO cannot carry an error to a reader, only data
-or EOF, and a failed stream must never look complete), ``O_RDWR``, ``O_NONBLOCK`` and
+Readers (``fifo_readers``, on by default) take the same route the other way: a plain
+read-only open gets a fresh FIFO inode, the daemon opens its write end through the hidden
+name and pours the reader's stream into it (:func:`feed`). A FIFO cannot carry an error,
+only data or EOF, and a failed stream must never look complete: where a FUSE reader gets an
+errno, every holder of the FIFO's read end is killed (SIGKILL) before the write end closes,
+and a keeper process (:mod:`fractalfs.fifokeeper`) does the same if the daemon dies.
+
+Everything else stays on FUSE: ``O_RDWR``, ``O_NONBLOCK`` and
 ``O_SYNC``/``O_DSYNC`` opens, and ``dd conv=fsync``/``fdatasync`` (fsync of a pipe fails with
 EINVAL; a regular file's result is what those programs expect).
 """
@@ -31,11 +37,15 @@ import fcntl
 import logging
 import os
 import select
+import termios
+from collections import deque
 from typing import TYPE_CHECKING
 
 import trio
 
-from .edges import EdgeError, WriterEnd
+from . import fifokeeper, procs
+from .edges import EdgeError, ReaderEnd, ReaderState, WriterEnd
+from .writerstate import Exited, Running
 
 if TYPE_CHECKING:
     from .node import Node
@@ -46,6 +56,7 @@ HIDDEN = b".fifo-"  # + inode number: the daemon's own way to the FIFO it handed
 CHUNK = 1 << 20
 PIPE_SIZE = 1 << 20
 F_SETPIPE_SZ = 1031
+CLOSE_GRACE = 0.25  # how long a closed reader FIFO waits to see its program exit
 OPENER_CHECK = 1.0  # seconds between checks that the opener did open the FIFO
 
 # (syscall number -> index of its flags argument) by machine: open, openat (openat2 passes
@@ -70,6 +81,20 @@ def open_flags(pid: int) -> int | None:
         return None
 
 
+#: Programs that stat a path, open it and refuse the file unless fstat shows the same
+#: inode (coreutils copy.c: "skipping file ..., as it was replaced while being copied"):
+#: a reader FIFO is another inode than the regular file that stat shows.
+SAME_INODE_CHECKERS = frozenset({b"cp", b"mv", b"install"})
+
+
+def _argv0(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return os.path.basename(f.read().split(b"\0", 1)[0])
+    except OSError:
+        return b""
+
+
 def _fsyncs(pid: int) -> bool:
     """dd told to fsync its output (conv=fsync, conv=fdatasync)."""
     try:
@@ -82,9 +107,22 @@ def _fsyncs(pid: int) -> bool:
     return any(a.startswith(b"conv=") and b"sync" in a for a in argv[1:])
 
 
-def wants_fifo_writer(pid: int) -> bool:
-    """Whether the open ``pid`` is making should get a FIFO (a plain write-only open)."""
-    flags = open_flags(pid)
+def wants_fifo_reader(flags: int | None) -> bool:
+    """Whether an open with ``flags`` (:func:`open_flags`) should get a reader FIFO: a
+    read-only open (not ``O_PATH``, ``O_DIRECTORY``, ``O_CREAT``, ``O_TRUNC``)."""
+    if flags is None or flags & os.O_ACCMODE != os.O_RDONLY:
+        return False
+    return not flags & (os.O_PATH | os.O_DIRECTORY | os.O_CREAT | os.O_TRUNC)
+
+
+def stays_on_fuse(pid: int) -> bool:
+    """Readers that must see the regular file: see SAME_INODE_CHECKERS."""
+    return _argv0(pid) in SAME_INODE_CHECKERS
+
+
+def wants_fifo_writer(pid: int, flags: int | None) -> bool:
+    """Whether the open ``pid`` is making (with ``flags``, :func:`open_flags`) should get a
+    FIFO (a plain write-only open)."""
     if flags is None or flags & os.O_ACCMODE != os.O_WRONLY:
         return False
     if flags & (os.O_NONBLOCK | os.O_SYNC | os.O_DSYNC | os.O_DIRECT):
@@ -112,7 +150,7 @@ def _has_open(pid: int, name: str) -> bool:
         return False
     for fd in fds:
         with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/{pid}/fd/{fd}").endswith("/" + name):
+            if procs.link_path(os.readlink(f"/proc/{pid}/fd/{fd}")).endswith("/" + name):
                 return True
     return False
 
@@ -201,3 +239,261 @@ async def _write_all(node: Node, writer: WriterEnd, data: bytes) -> None:
                 continue
             raise
         data = data[n:]
+
+
+# -- readers ------------------------------------------------------------------------------
+
+OPEN_NAP = 0.02  # longest pause between tries to open a reader FIFO's write end
+CONSUMED_POLL = 0.005  # how often the end of a stream checks its pipe for unread bytes
+#: Bulk data goes into the pipe up to page boundaries of the stream, so a program reading
+#: records never sees a pipe holding a fraction of a page while more is on the way: GNU
+#: tar takes a read that is no multiple of 512 for a broken archive ("Unaligned block"), and
+#: on a `mkfifo` FIFO its writer's page-sized writes spare it that. A tail that is not page
+#: aligned waits TAIL_WAIT seconds for more; small writes (lines) pass at once.
+PAGE = 4096
+TAIL_WAIT = 0.02
+
+
+def fionread(fd: int) -> int:
+    """Bytes in the pipe of ``fd`` that no reader took yet (FIONREAD works on either end)."""
+    buf = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+    return int.from_bytes(buf, "little")
+
+
+class FifoReader:
+    """One FIFO handed out to a reader's open, and the daemon's write end of it."""
+
+    def __init__(self, reader: ReaderEnd, ino: int, path: str) -> None:
+        self.reader, self.ino, self.path = reader, ino, path
+        self.fd: int | None = None  # the write end
+        self.hold: int | None = None  # a stand-in reader until the program opened
+        self.opened = False  # the program's open was seen (or given up on)
+        self.done = False
+        self.pending = 0  # bytes taken from the reader end, not yet in the pipe
+        self.prepared = False  # prepare() is done (or failed: ``failure``)
+        self.failure: OSError | None = None
+
+    def unopened_by(self, pid: int) -> bool:
+        """True while the program ``pid`` has not opened this FIFO yet: a second LOOKUP of
+        the same open must get the same FIFO (see :meth:`Fifo.unopened_by`)."""
+        if self.done or self.opened or pid != self.reader.pid:
+            return False
+        return not fifokeeper.holds(pid, self.reader.edge.hex, self.ino)
+
+    def backlog(self) -> int:
+        fd = self.fd
+        return self.pending + (fionread(fd) if fd is not None else 0)
+
+
+FIFO_DIR = b".fifo"  # the daemon's directory of reader FIFOs (see prepare)
+PREPARE_FOR = 1.0  # seconds a LOOKUP waits for the write end before answering anyway
+
+
+def prepare(fifo: FifoReader, keeper: fifokeeper.Keeper) -> None:
+    """Opens the FIFO's write end before the program's LOOKUP is answered, so that its open
+    finds a writer: a blocking open does not wait, and a non-blocking one (gzip opens
+    ``O_NONBLOCK``, then clears it) does not read EOF before the daemon came. A write-only
+    open needs a reader: a read-write one (Linux allows it on a FIFO) stands in until the
+    program has opened (:func:`_await_opener`).
+
+    Runs in a worker thread while the loop waits in the program's LOOKUP. The kernel
+    serialises the lookups of one directory (``fuse_lock_inode``) and the program's LOOKUP
+    holds the root's: the path is ``MOUNT/.fifo/<ino>``, whose ``.fifo`` entry the kernel
+    keeps cached (see Operations.warm_fifo_dir), so only ``.fifo``'s own lock is taken."""
+    try:
+        hold = os.open(fifo.path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fd = os.open(fifo.path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            os.close(hold)
+            raise
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
+        keeper.add(fd, fifo.ino, fifo.reader.edge.hex)
+        fifo.hold, fifo.fd = hold, fd
+    except OSError as exc:
+        fifo.failure = exc
+        raise
+    finally:
+        fifo.prepared = True
+
+
+async def _await_opener(fifo: FifoReader) -> bool:
+    """Waits until the program holds its read end, then lets the stand-in reader go (from
+    then on POLLERR on the write end means no program reads any more). False: it never
+    opened it (its open failed, or it went)."""
+    reader = fifo.reader
+    name = reader.edge.hex
+    nap, start, absent = 0.0002, trio.current_time(), 0
+    opened = False
+    while True:
+        if fifokeeper.holds(reader.pid, name, fifo.ino):
+            opened = True
+            break
+        await trio.sleep(nap)
+        nap = min(2 * nap, OPEN_NAP)
+        if trio.current_time() - start > 0.2:
+            absent = absent + 1 if open_flags(reader.pid) is None else 0
+            if absent >= 3:
+                break
+    fifo.opened = True
+    if fifo.hold is not None:
+        os.close(fifo.hold)
+        fifo.hold = None
+    return opened
+
+
+async def feed(node: Node, fifo: FifoReader, keeper: fifokeeper.Keeper) -> None:
+    """Pours the reader's stream into the FIFO until it is complete *and* consumed (then
+    EOF), the program closed its read end (an early close or a failure, decided from how
+    it ended, as a FUSE release does), or the stream failed (every holder of the read end
+    is killed: a FIFO cannot carry the errno, and EOF would look like the end)."""
+    reader = fifo.reader
+    reader.interrupt_pid = 0  # nobody waits in our handler: signals are the kernel's
+    node.exits.hold(reader.pid)
+    settled = False  # the stream's fate is decided: the keeper may let the write end go
+    reader.exit_status = 9  # until decided otherwise: a failure, never "no more"
+    try:
+        while not fifo.prepared:  # the LOOKUP answered before prepare() was done
+            await trio.sleep(0.005)
+        if fifo.failure is not None:
+            log.warning("edge %s: cannot open the reader's FIFO: %s", reader.edge, fifo.failure)
+        opened = fifo.fd is not None and await _await_opener(fifo)
+        if not opened or fifo.fd is None:
+            log.info("edge %s: the opener never opened its FIFO", reader.edge)
+            settled = True
+            return  # not "no more": the stream stays for another reader
+        fd = fifo.fd
+        reader.backlog = fifo.backlog
+        result = await _pour(node, fifo, fd)
+        if result is True:
+            reader.exit_status = 0
+        elif result is False:
+            reader.exit_status = await _how_it_ended(node, reader.pid)
+            log.info(
+                "edge %s: the reading program closed its FIFO with %d bytes unread (status %s)",
+                reader.edge,
+                fifo.backlog(),
+                reader.exit_status,
+            )
+        else:
+            killed = await trio.to_thread.run_sync(
+                fifokeeper.kill_holders, reader.edge.hex, fifo.ino
+            )
+            log.warning(
+                "edge %s: reader FIFO: %s; killed %d reading program(s)",
+                reader.edge,
+                result,
+                killed,
+            )
+        settled = True
+    finally:
+        fifo.done = True
+        if fifo.hold is not None:
+            os.close(fifo.hold)
+            fifo.hold = None
+        if fifo.fd is not None:
+            reader.delivered = reader.consumed
+            reader.backlog = None
+            if settled:  # else (cancelled: the daemon stops) the keeper kills the readers
+                keeper.done(fifo.ino)
+            os.close(fifo.fd)  # EOF now only if the stream was complete and consumed
+            fifo.fd = None
+        node.exits.unhold(reader.pid)
+        node.release_reader(reader)
+
+
+async def _pour(node: Node, fifo: FifoReader, fd: int) -> bool | EdgeError:
+    """True: every byte and the end were consumed; False: every read end closed first;
+    an EdgeError: the stream failed."""
+    reader = fifo.reader
+    result: bool | EdgeError = False
+
+    async def hang_up(scope: trio.CancelScope) -> None:
+        # The write end is never readable: epoll reports only POLLERR (no reader left).
+        await trio.lowlevel.wait_readable(fd)
+        scope.cancel()
+
+    queue: deque[memoryview] = deque()  # taken from the reader end, not in the pipe yet
+    written = 0  # stream bytes put into the pipe
+
+    async def write_out(limit: int) -> bool:
+        nonlocal written
+        while limit > 0:
+            parts, size = [], 0
+            for part in queue:
+                parts.append(part[: limit - size])
+                size += len(parts[-1])
+                if size >= limit or len(parts) >= 64:
+                    break
+            try:
+                n = os.writev(fd, parts)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(fd)
+                continue
+            except BrokenPipeError:
+                return False
+            written += n
+            limit -= n
+            fifo.pending -= n
+            while n:
+                head = queue[0]
+                if len(head) <= n:
+                    n -= len(head)
+                    queue.popleft()
+                else:
+                    queue[0] = head[n:]
+                    n = 0
+        return True
+
+    async def pour() -> bool:
+        while True:
+            data: bytes | memoryview | None
+            if fifo.pending and (written + fifo.pending) % PAGE:
+                # An unaligned tail waits a moment for more: see PAGE.
+                with trio.move_on_after(TAIL_WAIT) as waited:
+                    data = await reader.read(CHUNK, node.config.signal_poll)
+                if waited.cancelled_caught:
+                    data = None
+            else:
+                data = await reader.read(CHUNK, node.config.signal_poll)
+            if data:
+                queue.append(memoryview(data))
+                fifo.pending += len(data)
+            limit = fifo.pending
+            if data and len(data) >= PAGE:  # bulk: up to a page boundary of the stream
+                limit -= (written + limit) % PAGE
+            if not await write_out(limit):
+                return False
+            if data is not None and not data:
+                break
+        while fionread(fd):
+            await trio.sleep(CONSUMED_POLL)
+        return reader.state is ReaderState.EOF
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hang_up, nursery.cancel_scope)
+        try:
+            result = await pour()
+        except EdgeError as exc:
+            result = exc
+        nursery.cancel_scope.cancel()
+    if result is False and reader.state is ReaderState.EOF and fifo.backlog() == 0:
+        return True  # the program closed right after its last byte
+    return result
+
+
+async def _how_it_ended(node: Node, pid: int) -> int | None:
+    """The wait status of the program that closed its FIFO (None: it runs on), as a FUSE
+    release decides from FLUSH; a program gone without a status seen is a failure."""
+    status = procs.exit_status(pid)
+    if status is not None:
+        return status
+    if os.path.exists(f"/proc/{pid}"):
+        return None  # closed while running on: "no more", as at a FUSE FLUSH
+    outcome = await node.exits.outcome(pid, CLOSE_GRACE)
+    if isinstance(outcome, Exited):
+        return outcome.status
+    if isinstance(outcome, Running):
+        return None
+    return 9

@@ -7,8 +7,9 @@ handed to :class:`~fractalfs.node.Node`.
 
 Pitfalls handled here (see DEVELOPERS.md):
 * edge files are S_IFREG (an S_IFIFO is served by the kernel, locally) sized EDGE_SIZE and
-  opened ``direct_io``, ``nonseekable``, ``keep_cache=False``; only with ``fifo_writers``
-  a write-only open gets a kernel FIFO the daemon drains (fiforoute);
+  opened ``direct_io``, ``nonseekable``, ``keep_cache=False``; a plain read-only open gets
+  a kernel FIFO the daemon fills (``fifo_readers``, the default), and with ``fifo_writers``
+  a write-only open gets one the daemon drains (fiforoute);
 * entry and attribute timeouts are short: pyfuse3's default is 300 s;
 * a direct_io WRITE holds the inode's lock in the kernel for as long as we block it, so an
   unlink of that inode would wait in vfs_unlink without ever reaching us. Edge entries are
@@ -22,6 +23,7 @@ Pitfalls handled here (see DEVELOPERS.md):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -33,8 +35,9 @@ from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
+import trio
 
-from . import fiforoute, metrics, procs
+from . import fifokeeper, fiforoute, metrics, procs
 from .edgeid import EdgeId
 from .edges import EdgeError, ReaderEnd, WriterEnd
 from .node import Node
@@ -51,6 +54,7 @@ XATTR_REASON = b"user.fractalfs.mode_reason"
 #: buffer and wrote a temporary file per line. 1 MiB is about the guess sort makes for a
 #: pipe, and keeps `wc`'s column width (7 digits) what it is for a pipe.
 EDGE_SIZE = 1 << 20
+FOREVER = 365 * 86400.0  # entry and attribute timeout of MOUNT/.fifo
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -103,6 +107,12 @@ class Operations(pyfuse3.Operations):
         self._last_ino = ROOT
         self._fifos: set[int] = set()  # inodes handed out as a writer's kernel FIFO
         self._fifo_writers: dict[EdgeId, fiforoute.Fifo] = {}
+        self._fifo_readers: dict[EdgeId, fiforoute.FifoReader] = {}
+        self.keeper = fifokeeper.Keeper()  # holds reader FIFOs' write ends past our death
+        self._last_ino += 1
+        self._fifo_dir = self._last_ino  # MOUNT/.fifo: the daemon's reader FIFOs
+        self._fifo_dir_warm = False  # its entry is cached (warm_fifo_dir)
+        self._warming = False
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._dir_uids: dict[int, int] = {}  # open directory handle -> the uid listing it
@@ -195,6 +205,11 @@ class Operations(pyfuse3.Operations):
             attrs.st_mode = stat.S_IFDIR | 0o1777
             attrs.st_nlink = 2
         else:
+            if inode == self._fifo_dir:  # cached for good: see warm_fifo_dir
+                attrs.st_mode = stat.S_IFDIR | 0o700
+                attrs.st_nlink = 2
+                attrs.entry_timeout = attrs.attr_timeout = FOREVER
+                return attrs
             owner = self.owners.owner(self._edge(inode))
             kind = stat.S_IFIFO if inode in self._fifos else stat.S_IFREG
             attrs.st_mode = kind | (0o666 if owner is None else 0o600)
@@ -216,21 +231,109 @@ class Operations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        if parent_inode == self._fifo_dir and fiforoute.is_own_thread(ctx.pid):
+            ino = int(name) if name.isdigit() else 0
+            if ino not in self._fifos:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._attrs(self._looked_up(ino))
         if parent_inode != ROOT:
             raise pyfuse3.FUSEError(errno.ENOENT)
         if name in (b".", b".."):
             return self._attrs(ROOT)
+        if name == fiforoute.FIFO_DIR and fiforoute.is_own_thread(ctx.pid):
+            return self._attrs(self._fifo_dir)
         if name.startswith(fiforoute.HIDDEN) and fiforoute.is_own_thread(ctx.pid):
             ino = int(name[len(fiforoute.HIDDEN) :])
             if ino not in self._fifos:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             return self._attrs(self._looked_up(ino))
         edge = self._name(name)
-        if self.node.config.fifo_writers and fiforoute.wants_fifo_writer(ctx.pid):
+        config = self.node.config
+        if config.fifo_writers or config.fifo_readers:
+            flags = fiforoute.open_flags(ctx.pid)
             # The kernel serves a FIFO's open itself: ownership is decided here.
-            self._permit(edge, ctx, errno.EACCES, claim=True)
-            return await self._fifo_writer(edge, ctx.pid)
+            if config.fifo_writers and fiforoute.wants_fifo_writer(ctx.pid, flags):
+                self._permit(edge, ctx, errno.EACCES, claim=True)
+                return await self._fifo_writer(edge, ctx.pid)
+            if (
+                config.fifo_readers
+                and self._fifo_dir_warm
+                and fiforoute.wants_fifo_reader(flags)
+                and not fiforoute.stays_on_fuse(ctx.pid)
+            ):
+                self._permit(edge, ctx, errno.EACCES, claim=True)
+                return await self._fifo_reader(edge, ctx)
         return self._attrs(self._looked_up(self._inode(edge)))
+
+    def _new_fifo_ino(self, edge: EdgeId) -> tuple[int, str]:
+        self._last_ino += 1
+        ino = self._last_ino
+        self._edges[ino] = edge
+        self._fifos.add(ino)
+        hidden = os.path.join(self.node.config.mountpoint, f"{fiforoute.HIDDEN.decode()}{ino}")
+        return ino, hidden
+
+    def _fifo_alive(self, ino: int) -> bool:
+        """A FIFO inode lives as long as its drain or feed (see forget)."""
+        edge = self._edges.get(ino)
+        if edge is None:
+            return False
+        fifo: fiforoute.Fifo | fiforoute.FifoReader | None
+        for fifo in (self._fifo_writers.get(edge), self._fifo_readers.get(edge)):
+            if fifo is not None and fifo.ino == ino:
+                return True
+        return False
+
+    async def _fifo_reader(
+        self, edge: EdgeId, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        """A read-only open gets a kernel FIFO the daemon fills (fiforoute.feed); its write
+        end is opened before the LOOKUP is answered (fiforoute.prepare)."""
+        fifo = self._fifo_readers.get(edge)
+        if fifo is not None and fifo.unopened_by(ctx.pid):
+            return self._attrs(self._looked_up(fifo.ino))
+        reserved = self._reserve(edge, False, ctx.uid)
+        reader = await self.node.open_reader(edge, ctx.pid)
+        self._last_ino += 1
+        ino = self._last_ino
+        self._edges[ino] = edge
+        self._fifos.add(ino)
+        path = os.path.join(self.node.config.mountpoint, fiforoute.FIFO_DIR.decode(), f"{ino}")
+        fifo = fiforoute.FifoReader(reader, ino, path)
+        self._fifo_readers[edge] = fifo
+        # No FUSE handle: this one counts the uid's memory and keeps the edge busy.
+        self._handles[-ino] = Handle(ino, reader=reader, uid=ctx.uid, reserved=reserved)
+        self.node.spawn(self._feed, edge, fifo)
+        with trio.move_on_after(fiforoute.PREPARE_FOR) as late:
+            with contextlib.suppress(OSError):  # the feed reports it
+                await trio.to_thread.run_sync(
+                    fiforoute.prepare, fifo, self.keeper, abandon_on_cancel=True
+                )
+        if late.cancelled_caught:
+            log.warning("edge %s: the reader's FIFO is not open yet; answering anyway", edge)
+        return self._attrs(self._looked_up(ino))
+
+    def warm_fifo_dir(self) -> None:
+        """Looks ``MOUNT/.fifo`` up once, from a worker thread: its entry stays cached (its
+        entry timeout is long), so opening a reader FIFO under it never waits for the
+        root's lookup lock (see fiforoute.prepare). Until then readers stay on FUSE."""
+        try:
+            os.stat(os.path.join(self.node.config.mountpoint, fiforoute.FIFO_DIR.decode()))
+        except OSError as exc:
+            log.warning("reader FIFOs off: %s", exc)
+            return
+        self._fifo_dir_warm = True
+
+    async def _feed(self, edge: EdgeId, fifo: fiforoute.FifoReader) -> None:
+        try:
+            await fiforoute.feed(self.node, fifo, self.keeper)
+        finally:
+            self._handles.pop(-fifo.ino, None)
+            if self._fifo_readers.get(edge) is fifo:
+                del self._fifo_readers[edge]
+            if fifo.ino not in self._lookups:  # forgotten meanwhile
+                self._fifos.discard(fifo.ino)
+                self._edges.pop(fifo.ino, None)
 
     async def _fifo_writer(self, edge: EdgeId, pid: int) -> pyfuse3.EntryAttributes:
         """A write-only open gets a kernel FIFO the daemon drains (fiforoute)."""
@@ -238,11 +341,7 @@ class Operations(pyfuse3.Operations):
         if fifo is not None and fifo.unopened_by(pid):
             return self._attrs(self._looked_up(fifo.ino))
         writer = await self.node.open_writer(edge, pid)
-        self._last_ino += 1
-        ino = self._last_ino
-        self._edges[ino] = edge
-        self._fifos.add(ino)
-        hidden = os.path.join(self.node.config.mountpoint, f"{fiforoute.HIDDEN.decode()}{ino}")
+        ino, hidden = self._new_fifo_ino(edge)
         fifo = self._fifo_writers[edge] = fiforoute.Fifo(writer, ino, hidden)
         self.node.spawn(self._drain, edge, fifo)
         return self._attrs(self._looked_up(ino))
@@ -309,6 +408,9 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        if self.node.config.fifo_readers and not self._fifo_dir_warm and not self._warming:
+            self._warming = True  # start-up asks statfs first
+            self.node.spawn(trio.to_thread.run_sync, self.warm_fifo_dir)
         data = pyfuse3.StatvfsData()
         data.f_bsize = data.f_frsize = 1 << 20
         data.f_namemax = 255
@@ -458,9 +560,8 @@ class Operations(pyfuse3.Operations):
             if ino in self._fifos:
                 # The kernel forgets a FIFO inode whose revalidation failed, maybe before
                 # the second LOOKUP of the same open and the daemon's own open of it
-                # arrive: it lives as long as its drain (see _drain).
-                fifo = self._fifo_writers.get(self._edges[ino])
-                if fifo is not None and fifo.ino == ino:
+                # arrive: it lives as long as its drain or feed (see _drain, _feed).
+                if self._fifo_alive(ino):
                     continue
                 self._fifos.discard(ino)
             gone = self._edges.pop(ino, None)

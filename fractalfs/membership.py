@@ -124,11 +124,11 @@ class Membership:
             await trio.sleep(1.0)
             for edge, slot in list(self.node.slots.items()):
                 reader = slot.reader
-                if reader is None or reported.get(edge) == reader.delivered:
+                if reader is None or reported.get(edge) == (consumed := reader.consumed):
                     continue
-                reported[edge] = reader.delivered
+                reported[edge] = consumed
                 with contextlib.suppress(Unavailable, DiscoveryError):
-                    await self.node.discovery.progress(edge.hex, reader.delivered)
+                    await self.node.discovery.progress(edge.hex, consumed)
             for edge in list(reported):
                 if edge not in self.node.slots:
                     del reported[edge]

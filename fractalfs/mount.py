@@ -177,6 +177,7 @@ async def serve(
     finally:
         if mounted:
             pyfuse3.close(unmount=True)
+        ops.keeper.close()  # it kills the readers of streams left unfinished, then exits
         listener.close()
         with trio.CancelScope(shield=True):
             await client.aclose()

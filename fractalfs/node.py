@@ -517,7 +517,7 @@ class Node:
     def release_reader(self, reader: ReaderEnd) -> None:
         reader.on_released()
         self.released.notify()
-        complete = reader.state is ReaderState.EOF and reader.delivered == reader.received
+        complete = reader.state is ReaderState.EOF and reader.consumed == reader.received
         if reader.state is not ReaderState.EOF:
             if not procs.reader_closed_early(reader.exit_status):
                 # Killed or failed: not "I want no more". A persistent writer carries on for
@@ -541,7 +541,7 @@ class Node:
                 reader.edge.hex,
                 self.name,
                 state,
-                reader.delivered,
+                reader.consumed,
                 reader.claim,
             ),
         )

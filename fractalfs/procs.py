@@ -220,6 +220,13 @@ _WRITE_SYSCALLS = {
 }.get(os.uname().machine, frozenset())
 
 
+def link_path(target: str) -> str:
+    """The path of a ``/proc/<pid>/fd`` link. Edge entries are never cached: a later
+    lookup of the same name (another open, a stat) that answers another inode leaves the
+    open file's dentry unhashed, and the kernel shows it as "<path> (deleted)"."""
+    return target.removesuffix(" (deleted)")
+
+
 def sigpipe_writer(pid: int, name: str) -> bool:
     """Sends SIGPIPE to ``pid`` if it is now inside a write to a file whose path ends in
     ``name``, as the kernel's pipe code does before failing a write with EPIPE. A FUSE
@@ -231,7 +238,7 @@ def sigpipe_writer(pid: int, name: str) -> bool:
             fields = f.read().split()
         if int(fields[0]) not in _WRITE_SYSCALLS:
             return False
-        target = os.readlink(f"/proc/{pid}/fd/{int(fields[1], 16)}")
+        target = link_path(os.readlink(f"/proc/{pid}/fd/{int(fields[1], 16)}"))
         if not target.endswith(name):
             return False
         os.kill(pid, 13)  # SIGPIPE

@@ -325,6 +325,16 @@ def in_fuse_request(pid: int) -> bool:
     return "request_wait_answer" in wchan or "fuse" in wchan
 
 
+def waiting_to_read(pid: int) -> bool:
+    """``pid`` is blocked reading an edge: in a FUSE request, or (a reader FIFO, the
+    default) in the kernel's pipe read."""
+    try:
+        wchan = Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return False
+    return "pipe_read" in wchan or in_fuse_request(pid)
+
+
 def blocked_on_a_full_window(pid: int, window: int = 8 << 20) -> bool:
     """``pid`` wrote a whole write window (``wchar`` in /proc/<pid>/io) and waits in a
     FUSE request: blocked on backpressure, not still opening."""

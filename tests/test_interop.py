@@ -32,6 +32,8 @@ class Duo:
 
     def __init__(self, a: Node, b: Node, workdir: Path) -> None:
         self.a, self.b, self.workdir = a, b, workdir
+        self.reads_on_fuse = False
+        self.writes_on_fifo = False
 
     def spilled(self) -> int:
         total = 0
@@ -43,16 +45,20 @@ class Duo:
         return total
 
 
-@pytest.fixture(scope="module", params=["fuse-writes", "fifo-writers"])
+@pytest.fixture(scope="module", params=["fuse-writes", "fifo-writers", "fuse-reads"])
 def duo(
     request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
     shared_discovery: Discovery,
 ) -> Iterator[Duo]:
-    """The default daemons, and daemons with the experimental FIFO route for writers."""
+    """The default daemons, daemons with the experimental FIFO route for writers, and
+    daemons whose readers stay on FUSE (``fifo_readers = false``)."""
     workdir = tmp_path_factory.mktemp("interop")
     config = workdir / "fractalfs.toml"
-    config.write_text(f"fifo_writers = {str(request.param == 'fifo-writers').lower()}\n")
+    config.write_text(
+        f"fifo_writers = {str(request.param == 'fifo-writers').lower()}\n"
+        f"fifo_readers = {str(request.param != 'fuse-reads').lower()}\n"
+    )
     nodes = []
     try:
         for name in ("a", "b"):
@@ -62,7 +68,10 @@ def duo(
             node.workdir_spill = spill  # type: ignore[attr-defined]
             nodes.append(node)
             node.start()
-        yield Duo(nodes[0], nodes[1], workdir)
+        duo = Duo(nodes[0], nodes[1], workdir)
+        duo.reads_on_fuse = request.param == "fuse-reads"
+        duo.writes_on_fifo = request.param == "fifo-writers"
+        yield duo
     finally:
         for node in reversed(nodes):
             node.stop()
@@ -376,9 +385,12 @@ def _md5(path: Path) -> bytes:
     return hashlib.md5(path.read_bytes()).hexdigest().encode() + b"  -\n"
 
 
-# What no regular file can do: head seeks back over what it read past its last line when
-# its input is a regular file (and says so when that fails), gzip compares the bytes it read
-# with st_size. Strict: these rows fail the suite once they pass.
+# Readers get a kernel FIFO (fifo_readers, the default): `head -n N FILE` (which seeks back
+# over what it read past its last line on a regular file, and says so when that fails) and
+# gzip (which compares the bytes it read with st_size) behave as on a pipe.
+HEAD_PARTNER_RACE = "fifo_writers buffers the whole input before head opens: cat exits 0"
+
+# With fifo_readers = false these rows cannot pass (a regular file for readers):
 REGULAR_FILE_LIMITS = {
     "head -n": "head lseeks back on a regular file: 'cannot seek ...: Illegal seek'",
     "gzip FILE": "gzip warns 'file size changed while zipping' unless st_size is exact",
@@ -386,19 +398,19 @@ REGULAR_FILE_LIMITS = {
 }
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(reason=REGULAR_FILE_LIMITS[n], strict=True))
-        if n in REGULAR_FILE_LIMITS
-        else n
-        for n in ROWS
-    ],
-)
+@pytest.mark.parametrize("name", list(ROWS))
 def test_program_on_an_edge_as_on_a_fifo(
-    both: Duo, inputs: dict[str, str], tmp_path: Path, name: str
+    both: Duo, inputs: dict[str, str], tmp_path: Path, name: str, request: pytest.FixtureRequest
 ) -> None:
     row = ROWS[name]
+    if both.reads_on_fuse and name in REGULAR_FILE_LIMITS:
+        request.applymarker(pytest.mark.xfail(reason=REGULAR_FILE_LIMITS[name], strict=True))
+    if both.writes_on_fifo and name == "head -n":
+        # Not strict: a race. The writer's FIFO (1 MiB) and window (8 MiB) take all 8.5 MB
+        # of the input before `head` even opens, so its partner `cat` usually exits 0
+        # where on a `mkfifo` FIFO (64 KiB) it gets SIGPIPE. With FUSE writes the window
+        # stops `cat` until the reader comes. head's own output and status are right.
+        request.applymarker(pytest.mark.xfail(reason=HEAD_PARTNER_RACE, strict=False))
     ref = _on_fifo(row, inputs, tmp_path)
     got = _on_edge(row, inputs, tmp_path, both)
     assert (got.out, got.err, got.rc) == (ref.out, ref.err, ref.rc)

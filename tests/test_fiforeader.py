@@ -1,0 +1,155 @@
+"""Readers through a kernel FIFO (``fifo_readers``, the default): a program sees a FIFO
+once it opened the edge, and a stream that did not complete never ends in EOF: bytes still
+in the pipe are not delivered, and a reader whose stream failed, or whose daemon died, is
+killed rather than given an EOF that would look like the end."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import sys
+import time
+from pathlib import Path
+
+from .conftest import (
+    Cluster,
+    Pair,
+    Programs,
+    needs_fuse,
+    new_edge,
+    sh,
+    sha_file,
+    size,
+    wait_for,
+    waiting_to_read,
+)
+
+pytestmark = needs_fuse
+
+SLOWCAT = [sys.executable, str(Path(__file__).with_name("slowcat.py"))]
+MiB = 1 << 20
+
+
+def test_an_open_reader_sees_a_fifo_and_stat_the_regular_file(pair: Pair) -> None:
+    _, w, r = pair.paths()
+    sh(f"printf hello > {w}")
+    fd = os.open(r, os.O_RDONLY)
+    try:
+        assert stat.S_ISFIFO(os.fstat(fd).st_mode)
+        assert stat.S_ISREG(os.stat(r).st_mode)  # stat, ls: the regular file, as before
+        assert os.read(fd, 100) == b"hello"
+        assert os.read(fd, 100) == b""
+    finally:
+        os.close(fd)
+
+
+READ_SOME = (
+    "import os, stat, sys, time\n"
+    "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+    "assert stat.S_ISFIFO(os.fstat(fd).st_mode)\n"
+    "got = b''\n"
+    "while len(got) < 1000:\n"
+    "    got += os.read(fd, 1000 - len(got))\n"
+    "print(len(got), flush=True)\n"
+    "time.sleep(60)\n"
+)
+
+
+def test_a_killed_reader_gets_the_bytes_left_in_its_pipe_again_exactly_once(
+    cluster: Cluster, programs: Programs, tmp_path: Path
+) -> None:
+    """Bytes in the reader's pipe were handed out, not consumed: the reader's daemon reports
+    only what the program read (written - FIONREAD), and a re-run reads the whole stream."""
+    cluster.start_discovery()
+    a = cluster.node("a", mode="persistent")
+    b = cluster.node("b", mode="persistent")
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(3 * MiB + 5))
+    edge = new_edge()
+    sh(f"cat {src} > {a.path(edge)}")
+    script = tmp_path / "read_some.py"
+    script.write_text(READ_SOME)
+    reader = programs.start(f"exec {sys.executable} {script} {b.path(edge)}")
+    assert reader.stdout is not None and reader.stdout.readline() == b"1000\n"
+    time.sleep(2.5)  # progress goes to discovery every second
+    assert cluster.edge(edge)["bytes_delivered"] == 1000  # not 1000 + the pipe's MiB
+    os.kill(reader.pid, signal.SIGKILL)
+    reader.communicate(timeout=10)
+    wait_for(lambda: cluster.edge(edge).get("reader_state") == "closed", 10, "reader closed")
+    assert cluster.edge(edge)["bytes_delivered"] == 1000
+    out = tmp_path / "out"
+    sh(f"cat {b.path(edge)} > {out}", timeout=60)
+    assert sha_file(out) == sha_file(src)
+
+
+def test_a_reader_whose_daemon_is_killed_mid_stream_is_killed_not_given_eof(
+    cluster: Cluster, programs: Programs, tmp_path: Path
+) -> None:
+    """The keeper holds the FIFO's write end past the daemon's death and kills the reader:
+    a program must never exit 0 with a short stream."""
+    cluster.start_discovery()
+    a = cluster.node("a")
+    b = cluster.node("b")
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(4 * MiB))
+    edge = new_edge()
+    cmd = " ".join([*SLOWCAT, str(src), a.path(edge), "--pause-after", str(MiB)])
+    writer = programs.start(f"exec {cmd}")
+    assert writer.stdout is not None and writer.stdout.readline() == b"paused\n"
+    out = tmp_path / "out"
+    reader = programs.start(f"exec cat {b.path(edge)} > {out}")
+    wait_for(lambda: size(out) >= MiB, 10, "the first MiB")
+    wait_for(lambda: waiting_to_read(reader.pid), 5, "the reader waiting for more")
+    b.kill()
+    reader.communicate(timeout=10)
+    assert reader.returncode == -signal.SIGKILL  # never EOF (status 0) with 1 MiB of 4
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.communicate(timeout=10)
+
+
+def test_a_failed_stream_kills_its_reader(
+    cluster: Cluster, programs: Programs, tmp_path: Path
+) -> None:
+    """No re-run writer within the writer-lost timeout: a FUSE reader gets EIO, a FIFO
+    reader is killed (a FIFO has no way to carry the error, and EOF would be the end)."""
+    cluster.start_discovery()
+    a = cluster.node("a")
+    b = cluster.node("b", extra=["--writer-lost-timeout", "1"])
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(2 * MiB))
+    edge = new_edge()
+    cmd = " ".join([*SLOWCAT, str(src), a.path(edge), "--pause-after", str(MiB)])
+    writer = programs.start(f"exec {cmd}")
+    assert writer.stdout is not None and writer.stdout.readline() == b"paused\n"
+    out = tmp_path / "out"
+    reader = programs.start(f"exec cat {b.path(edge)} > {out}")
+    wait_for(lambda: size(out) >= MiB, 10, "the first MiB")
+    os.kill(writer.pid, signal.SIGKILL)  # a failed generation; no re-run comes
+    reader.communicate(timeout=20)
+    assert reader.returncode == -signal.SIGKILL
+    assert size(out) == MiB
+
+
+def test_a_reader_whose_daemon_stops_mid_stream_is_killed(
+    cluster: Cluster, programs: Programs, tmp_path: Path
+) -> None:
+    """SIGTERM to the reader's daemon: a FUSE reader gets EIO; a FIFO reader of a stream
+    that is not complete is killed before the daemon lets its write end go."""
+    cluster.start_discovery()
+    a = cluster.node("a")
+    b = cluster.node("b")
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(2 * MiB))
+    edge = new_edge()
+    cmd = " ".join([*SLOWCAT, str(src), a.path(edge), "--pause-after", str(MiB)])
+    writer = programs.start(f"exec {cmd}")
+    assert writer.stdout is not None and writer.stdout.readline() == b"paused\n"
+    out = tmp_path / "out"
+    reader = programs.start(f"exec cat {b.path(edge)} > {out}")
+    wait_for(lambda: size(out) >= MiB, 10, "the first MiB")
+    b.stop()
+    reader.communicate(timeout=10)
+    assert reader.returncode == -signal.SIGKILL
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.communicate(timeout=10)
