@@ -223,11 +223,11 @@ class Node:
         """A re-run often opens the edge while the killed program it replaces is still
         exiting, before the kernel has sent that program's RELEASE: wait a moment for it
         instead of answering EBUSY. A live holder is not waited for."""
-        if not procs.dying(end.pid):
+        if not procs.dying(end.tgid):
             # A killed program passes through an instant where its SIGKILL is no longer
             # pending and it is not yet exiting (/proc shows neither): look once more.
             await trio.sleep(0.02)
-            if end.released or not procs.dying(end.pid):
+            if end.released or not procs.dying(end.tgid):
                 return
         with trio.move_on_after(RELEASE_GRACE):
             while not end.released:
@@ -266,11 +266,13 @@ class Node:
         slot = self._slot(edge)
         if slot.writer is not None:
             slot.writer.abort(AbortReason.STALE, "a newer writer took the edge over")
-        writer = WriterEnd(edge, int(rec["generation"]), self.config.write_window, pid)
+        # ``pid`` is the opening thread; the stream ends with its process, not with it.
+        tgid = procs.tgid(pid)
+        writer = WriterEnd(edge, int(rec["generation"]), self.config.write_window, pid, tgid)
         writer.written_metric = metrics.BYTES_WRITTEN.labels(edge.hex)
         slot.writer = writer  # before any waiter runs: nothing here awaits
         try:
-            self.exits.watch(pid)
+            self.exits.watch(tgid)
             self.persistence._set_up_mode(writer)
         except OSError as exc:
             self._abandon(writer, exc)  # e.g. EMFILE: no ghost open writer in discovery
@@ -284,7 +286,7 @@ class Node:
         log.warning("edge %s: %s", writer.edge, why)
         writer.released = True
         writer.finish(WriterState.FAILED)
-        self.exits.forget(writer.pid)
+        self.exits.forget(writer.tgid)
         self._spawn(self._close_writer, writer, "failed", why)
         self._reap(writer.edge)
         raise EdgeError(exc.errno or errno.EIO, why) from None
@@ -299,11 +301,11 @@ class Node:
         fails with its error otherwise); note whether its program is exiting, and how."""
         if writer.spill is not None and writer.state is WriterState.OPEN:
             await writer.drain_spill(self.config.signal_poll)
-        writer.exit_status = procs.exit_status(writer.pid)
+        writer.exit_status = procs.exit_status(writer.tgid)
         if writer.exit_status is None:
             # The opener runs on: this close may be a holder's it handed the file to (a
             # child killed mid-stream). Its death is not an end, however the opener goes on.
-            writer.exit_status = procs.failing_in_group(writer.pgid, writer.pid)
+            writer.exit_status = procs.failing_in_group(writer.pgid, writer.tgid)
 
     def release_writer(self, writer: WriterEnd) -> None:
         """The writer's file is closed for good: the stream ends, cleanly or not.
@@ -335,7 +337,7 @@ class Node:
         if writer.exit_status is not None:
             exit = Exited(writer.exit_status)
         else:
-            exit = await self.exits.outcome(writer.pid, CLOSE_GRACE)
+            exit = await self.exits.outcome(writer.tgid, CLOSE_GRACE)
         self._settle(writer, exit)
 
     def _settle(
@@ -345,7 +347,7 @@ class Node:
         spill_done: bool = False,
         spill_failure: OSError | None = None,
     ) -> None:
-        self.exits.forget(writer.pid)
+        self.exits.forget(writer.tgid)
         if writer.state is not WriterState.OPEN:
             return
         failure = writer.spill_error or spill_failure  # an append's, or the completion's
@@ -461,7 +463,7 @@ class Node:
             raise EdgeError(errno.EBUSY, f"edge {edge} already has a reader on this node")
         with self._opening(slot, "reader"):
             claim = await self._claim_reader(edge, pid)
-        reader = ReaderEnd(edge, self.config.read_buffer, pid, claim)
+        reader = ReaderEnd(edge, self.config.read_buffer, pid, claim, procs.tgid(pid))
         reader.read_metric = metrics.BYTES_READ.labels(edge.hex)
         self._slot(edge).reader = reader
         self._spawn(self._pump, reader)
@@ -501,7 +503,7 @@ class Node:
         return data
 
     def flush_reader(self, reader: ReaderEnd) -> None:
-        reader.exit_status = procs.exit_status(reader.pid)
+        reader.exit_status = procs.exit_status(reader.tgid)
 
     def release_reader(self, reader: ReaderEnd) -> None:
         reader.on_released()

@@ -53,9 +53,9 @@ class Persistence:
     def _set_up_mode(self, writer: WriterEnd) -> None:
         writer.configured = self.node.mode_overrides.get(writer.edge, self.node.mode)
         try:
-            writer.pgid = os.getpgid(writer.pid)
+            writer.pgid = os.getpgid(writer.tgid)
         except OSError:
-            writer.pgid = writer.pid
+            writer.pgid = writer.tgid
         writer.cpu_at_open, writer.queued_at_open = procs.group_times(writer.pgid)
         if writer.configured is Mode.PERSISTENT:
             self._persist(writer, "configured persistent")
