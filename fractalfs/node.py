@@ -272,7 +272,7 @@ class Node:
         writer.written_metric = metrics.BYTES_WRITTEN.labels(edge.hex)
         slot.writer = writer  # before any waiter runs: nothing here awaits
         try:
-            self.exits.watch(tgid)
+            self.exits.watch(tgid, writer)
             self.persistence._set_up_mode(writer)
         except OSError as exc:
             self._abandon(writer, exc)  # e.g. EMFILE: no ghost open writer in discovery
@@ -286,7 +286,7 @@ class Node:
         log.warning("edge %s: %s", writer.edge, why)
         writer.released = True
         writer.finish(WriterState.FAILED)
-        self.exits.forget(writer.tgid)
+        self.exits.forget(writer.tgid, writer)
         self._spawn(self._close_writer, writer, "failed", why)
         self._reap(writer.edge)
         raise EdgeError(exc.errno or errno.EIO, why) from None
@@ -347,7 +347,7 @@ class Node:
         spill_done: bool = False,
         spill_failure: OSError | None = None,
     ) -> None:
-        self.exits.forget(writer.tgid)
+        self.exits.forget(writer.tgid, writer)
         if writer.state is not WriterState.OPEN:
             return
         failure = writer.spill_error or spill_failure  # an append's, or the completion's
