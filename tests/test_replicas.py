@@ -267,6 +267,54 @@ def test_a_stalled_etcd_member_holds_no_request_for_long(replicated: Replicated)
     assert took[-1] < 2.5, took
 
 
+def test_watch_takes_the_replica_list_and_follows_on_when_one_dies(
+    replicated: Replicated,
+) -> None:
+    """``fractalfs watch --discovery URL1,URL2`` starts past a dead URL and, when the
+    replica it follows dies, resumes the event stream on the next one (event numbers are
+    etcd revisions: the same on every replica), missing nothing."""
+    import subprocess
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    r0, r1 = (r.url for r in replicated.replicas)
+    cmd = [sys.executable, "-m", "fractalfs", "watch", "--discovery", f"{dead},{r0},{r1}"]
+    watch = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+
+    def read() -> None:
+        assert watch.stdout is not None
+        for line in watch.stdout:
+            lines.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        with httpx.Client(timeout=10.0, auth=operator_auth()) as http:
+            first, second = new_edge(), new_edge()
+
+            def register(url: str, edge: str) -> None:
+                body = {"node": "w", "endpoint": "h:1"}
+                http.post(f"{url}/v1/edges/{edge}/writer", json=body).raise_for_status()
+
+            # The first event may come before watch fixed its start: register until seen.
+            deadline = time.monotonic() + 20
+            while not any(first in line for line in lines):
+                assert time.monotonic() < deadline, (lines, watch.poll())
+                register(r1, first)
+                time.sleep(0.5)
+            replicated.replicas[0].kill()
+            register(r1, second)
+            wait_for(lambda: any(second in line for line in lines), 20, "the event after the kill")
+    finally:
+        watch.terminate()
+        try:
+            _, err = watch.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            watch.kill()
+            _, err = watch.communicate()
+    assert "Traceback" not in err, err
+
+
 def test_status_takes_the_first_replica_that_answers(discovery: Discovery) -> None:
     import subprocess
 
