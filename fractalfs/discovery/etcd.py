@@ -56,6 +56,7 @@ REQUIRE_LEADER = {"Grpc-Metadata-hasleader": "true"}
 EVENT_RETENTION = 3600.0  # seconds an event stays readable through /v1/events
 MAX_EVENT_DATA = 4096  # bytes of JSON an event's data may take; more is summarised
 TXN_OPS = 100  # etcd's default --max-txn-ops is 128
+ID_SPACE = 16**32  # edge ids: 32 hex digits
 _EDGE_FIELDS = tuple(f for f in Edge.__dataclass_fields__ if f not in ("id", "version"))
 
 
@@ -192,6 +193,7 @@ class EtcdStore:
         self.prefix = prefix
         self.gateway = Gateway(endpoints)
         self._events_written = 0
+        self._density = 0.0  # edges per id, from the last page's range (0: not known yet)
 
     @classmethod
     def from_url(cls, url: str) -> EtcdStore:
@@ -542,10 +544,43 @@ class EtcdStore:
     # -- history ---------------------------------------------------------------------------
 
     def edges_page(self, after: str, limit: int) -> list[Edge]:
+        """The first ``limit`` edges with ids after ``after``, at a cost of O(page).
+
+        etcd 3.4 answers a limited range with the count of the *whole* range, walking its
+        index over every key in it: a page of 100 cost 100-300 ms with 200,000 edges (2-3 ms
+        for a range holding about 100). Edge ids are 32 random hex digits, evenly spread, so
+        the page is read from a span of ids sized by the density of edges seen in earlier
+        answers (each range's ``count`` over its span), widened while it holds too few.
+        Only the first page a replica serves reads to the end of the keyspace.
+        """
         start = f"{self.prefix}e/"
-        first = start + after + "\0" if after else start
-        kvs = self.gateway.range(first, prefix_end(start), limit=str(limit))
-        return [_edge_from(kv, _unb64(kv["key"])[len(start) :]) for kv in kvs]
+        out: list[dict[str, Any]] = []
+        pos = int(after, 16) + 1 if after else 0
+        while len(out) < limit and pos < ID_SPACE:
+            want = limit - len(out)
+            if self._density > 0:
+                span = max(1, int(want * 1.25 / self._density))
+                end = min(ID_SPACE, pos + span)
+            else:
+                end = ID_SPACE
+            body = {
+                "key": _b64(f"{start}{pos:032x}"),
+                "range_end": _b64(f"{start}{end:032x}" if end < ID_SPACE else prefix_end(start)),
+                "limit": str(want),
+            }
+            got = self.gateway.call("/v3/kv/range", body)
+            kvs = got.get("kvs", [])
+            out.extend(kvs)
+            count = int(got.get("count", 0))
+            if count > len(kvs):  # the page ends inside this span: the count covers it all
+                self._density = count / (end - pos)
+                break
+            if count or end == ID_SPACE:
+                self._density = max(count, 1) / (end - pos)
+            else:
+                self._density /= 4  # an empty span: the edges are sparser than thought
+            pos = end
+        return [_edge_from(kv, _unb64(kv["key"])[len(start) :]) for kv in out[:limit]]
 
     def prune(self, before: float) -> int:
         """Forgets edges delivered before ``before``; each delete compares the revision
