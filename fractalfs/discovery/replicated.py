@@ -79,7 +79,11 @@ class EtcdDiscoveryApp(DiscoveryApp):
         app = super().app()
         # Outermost: the guard reads the store too (who is an edge's writer).
         app.middlewares.insert(0, _unavailable)
+        app.on_cleanup.append(self._stop_pool)  # last: after every task that calls etcd
         return app
+
+    async def _stop_pool(self, app: web.Application) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def _start_liveness(self, app: web.Application) -> None:
         self._tasks = [
@@ -93,7 +97,6 @@ class EtcdDiscoveryApp(DiscoveryApp):
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def _seen(self, node: str, boot: str) -> None:
         before = await self._do(self.store.node_heartbeat, node, boot, self.ttl)
