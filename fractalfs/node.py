@@ -87,6 +87,8 @@ class Node:
         self.mode = Mode(config.mode)
         self.mode_overrides: dict[EdgeId, Mode] = {}  # per edge (xattr user.fractalfs.mode)
         self._closing: dict[EdgeId, trio.Event] = {}  # a generation's end not recorded yet
+        # The pull of each reader now: (its generation, its scope), for supersede().
+        self._pulls: dict[EdgeId, tuple[int, trio.CancelScope]] = {}
         # The parts that own the node's background tasks (each started with nursery.start).
         self.persistence = Persistence(self)
         self.membership = Membership(self)
@@ -581,7 +583,16 @@ class Node:
                         on_connected: Callable[[int], None] = connected
                     else:
                         on_connected = machine.on_connected
-                    result = await self._pull_once(reader, action, on_connected)
+                    with trio.CancelScope() as pull:
+                        self._pulls[reader.edge] = (action.generation, pull)
+                        try:
+                            result = await self._pull_once(reader, action, on_connected)
+                        finally:
+                            self._pulls.pop(reader.edge, None)
+                    if pull.cancelled_caught:
+                        detail = f"generation {action.generation} was superseded"
+                        log.info("edge %s: %s: leaving its writer", edge, detail)
+                        result = dataplane.Result(PullOutcome.GONE, detail)
                     log.debug("edge %s: pull ended: %s %s", edge, result.outcome, result.detail)
                     if result.outcome is PullOutcome.LOST:
                         log.info("edge %s: %s", edge, result.detail)
@@ -683,6 +694,15 @@ class Node:
         if complete:
             self._spawn(self._close_writer, writer, "failed", why)
             self._reap(writer.edge)
+
+    def supersede(self, edge: EdgeId, generation: int) -> None:
+        """Discovery recorded ``generation`` of ``edge``: a reader pulling an older one
+        drops that connection at once. A writer cut off by a partition keeps its connection
+        (shorter than the silence timeout) and would deliver its generation over it once
+        the partition heals, after a re-run took the edge over."""
+        pulling = self._pulls.get(edge)
+        if pulling is not None and pulling[0] < generation:
+            pulling[1].cancel()
 
     def _fence(self, writer: WriterEnd) -> None:
         if writer.state is not WriterState.ABORTED:
