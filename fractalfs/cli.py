@@ -202,12 +202,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("dir", metavar="DIR")
 
     w = sub.add_parser("watch", help="live progress and lifecycle events of the edges")
-    w.add_argument("--discovery", metavar="URL", default=_discovery_default())
+    w.add_argument("--discovery", metavar="URL[,URL...]", default=_discovery_default())
     w.add_argument("--secret-file", metavar="PATH", help=SECRET_HELP)
     _add_tls(w, TLS_HELP)
 
     s = sub.add_parser("status", help="list the edges discovery knows")
-    s.add_argument("--discovery", metavar="URL", default=_discovery_default())
+    s.add_argument("--discovery", metavar="URL[,URL...]", default=_discovery_default())
     s.add_argument("--secret-file", metavar="PATH", help=SECRET_HELP)
     _add_tls(s, TLS_HELP)
     s.add_argument("--json", action="store_true", help="machine-readable output")

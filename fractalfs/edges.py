@@ -7,8 +7,8 @@ is full. A :class:`ReaderEnd` lives on the reader's node and buffers bytes recei
 the reading program. Offsets count payload bytes from the start of the stream, so resuming is
 always "send from offset N".
 
-Blocking methods take the pid of the program that opened the file and give up with EINTR
-when it has a signal pending (see :mod:`fractalfs.procs`).
+Blocking methods take the thread that opened the file (FUSE's ``ctx.pid``) and its
+process, and give up with EINTR when it has a signal pending (see :mod:`fractalfs.procs`).
 """
 
 from __future__ import annotations
@@ -88,23 +88,23 @@ class SignalWatch:
 
     def __init__(self, poll: float) -> None:
         self.poll = poll
-        self.pids: dict[int, set[_Waiting]] = {}
+        self.pids: dict[tuple[int, int], set[_Waiting]] = {}  # (thread, process) -> waits
         self.running = False
 
-    def add(self, pid: int, waiting: _Waiting) -> None:
+    def add(self, pid: int, waiting: _Waiting, tgid: int = 0) -> None:
         if pid <= 0:
             return  # nobody to interrupt
-        self.pids.setdefault(pid, set()).add(waiting)
+        self.pids.setdefault((pid, tgid), set()).add(waiting)
         if not self.running:
             self.running = True
             trio.lowlevel.spawn_system_task(self._tick, name="fractalfs signal watch")
 
-    def remove(self, pid: int, waiting: _Waiting) -> None:
-        held = self.pids.get(pid)
+    def remove(self, pid: int, waiting: _Waiting, tgid: int = 0) -> None:
+        held = self.pids.get((pid, tgid))
         if held is not None:
             held.discard(waiting)
             if not held:
-                del self.pids[pid]
+                del self.pids[(pid, tgid)]
 
     async def _tick(self) -> None:
         try:
@@ -112,14 +112,14 @@ class SignalWatch:
             while self.pids:
                 await trio.sleep(pause)
                 started = trio.current_time()
-                for pid in list(self.pids):
+                for key in list(self.pids):
                     try:
-                        pending = procs.signal_pending(pid)
+                        pending = procs.signal_pending(*key)
                     except Exception:  # never take the run down: the waits time out anyway
-                        log.exception("signal check of pid %d failed", pid)
+                        log.exception("signal check of pid %d failed", key[0])
                         continue
                     if pending:
-                        for waiting in self.pids.pop(pid, ()):
+                        for waiting in self.pids.pop(key, ()):
                             waiting.signalled = True
                             waiting.scope.cancel()
                 # Thousands of waiting programs: keep the scan to a tenth of the time.
@@ -141,19 +141,20 @@ def signal_watch(poll: float) -> SignalWatch:
 
 
 async def wait_or_interrupt(
-    notifier: Notifier, pid: int, poll: float, timeout: float | None = None
+    notifier: Notifier, pid: int, poll: float, timeout: float | None = None, tgid: int = 0
 ) -> None:
     """Waits for ``notifier`` (at most ``timeout``, by default a few ticks: callers loop);
-    raises EINTR if ``pid`` gets a signal meanwhile (see :class:`SignalWatch`)."""
+    raises EINTR if thread ``pid`` of process ``tgid`` (0: ``pid`` is the process) gets a
+    signal meanwhile (see :class:`SignalWatch`)."""
     watch = signal_watch(poll)
     with trio.move_on_after(max(5 * poll, 1.0) if timeout is None else timeout) as scope:
         waiting = _Waiting(scope)
-        watch.add(pid, waiting)
+        watch.add(pid, waiting, tgid)
         try:
             await notifier.wait()
             return
         finally:
-            watch.remove(pid, waiting)
+            watch.remove(pid, waiting, tgid)
     if waiting.signalled:
         raise EdgeError(errno.EINTR, "interrupted by a signal")
 
@@ -170,11 +171,12 @@ class WriterState(Enum):
 
 
 class WriterEnd:
-    def __init__(self, edge: EdgeId, generation: int, window: int, pid: int) -> None:
+    def __init__(self, edge: EdgeId, generation: int, window: int, pid: int, tgid: int = 0) -> None:
         self.edge = edge
         self.generation = generation
         self.window = window
-        self.pid = pid
+        self.pid = pid  # the thread that opened it (FUSE's ctx.pid)
+        self.tgid = tgid or pid  # its process: whose exit ends or fails the stream
         self.interrupt_pid = pid  # whose pending signals end a wait (0: nobody waits)
         self.chunks: deque[bytes] = deque()
         self.first_index = 0  # absolute index of chunks[0]
@@ -205,7 +207,7 @@ class WriterEnd:
         self.completed_at: float | None = None
         self.on_window_full: Callable[[WriterEnd], None] | None = None
         self.on_switch_failed: Callable[[WriterEnd, OSError], None] | None = None
-        self.pgid = pid
+        self.pgid = self.tgid
         self.cpu_at_open = 0.0
         self.queued_at_open = 0.0
         self.written_metric: Any = _NO_METRIC
@@ -273,7 +275,11 @@ class WriterEnd:
             self.blocked += 1
             try:
                 await wait_or_interrupt(
-                    self.changed, self.interrupt_pid, poll, timeout=min(poll, FULL_FOR)
+                    self.changed,
+                    self.interrupt_pid,
+                    poll,
+                    timeout=min(poll, FULL_FOR),
+                    tgid=self.tgid,
                 )
             finally:
                 self.blocked -= 1
@@ -343,7 +349,7 @@ class WriterEnd:
         """Waits until no spill append runs; raises the error of a failed one (every
         later write and the close fail with it: the stream is no longer persisted)."""
         while self._spilling:
-            await wait_or_interrupt(self.changed, self.interrupt_pid, poll)
+            await wait_or_interrupt(self.changed, self.interrupt_pid, poll, tgid=self.tgid)
         if self.spill_error is not None:
             exc = self.spill_error
             raise EdgeError(exc.errno or errno.EIO, f"spill file: {exc.strerror}")
@@ -556,10 +562,11 @@ class ReaderState(Enum):
 
 
 class ReaderEnd:
-    def __init__(self, edge: EdgeId, limit: int, pid: int, claim: int = 0) -> None:
+    def __init__(self, edge: EdgeId, limit: int, pid: int, claim: int = 0, tgid: int = 0) -> None:
         self.edge = edge
         self.limit = limit
-        self.pid = pid
+        self.pid = pid  # the thread that opened it (FUSE's ctx.pid)
+        self.tgid = tgid or pid  # its process
         self.interrupt_pid = pid  # whose pending signals end a wait (0: nobody waits)
         self.chunks: deque[bytes | memoryview] = deque()
         self.head = 0  # bytes of chunks[0] already delivered
@@ -723,7 +730,9 @@ class ReaderEnd:
                 raise EdgeError(errno.EBADF, "edge closed")
             # Every change of the end notifies (bytes, EOF, failure, close); the timeout is a
             # safety net only: a thousand waiting readers do not wake once a second each.
-            await wait_or_interrupt(self.changed, self.interrupt_pid, poll, timeout=IDLE_WAIT)
+            await wait_or_interrupt(
+                self.changed, self.interrupt_pid, poll, timeout=IDLE_WAIT, tgid=self.tgid
+            )
         first = chunks[0]
         head = self.head
         out: bytes | memoryview

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -32,9 +33,17 @@ def free_port() -> int:
 
 class EtcdCluster:
     def __init__(
-        self, workdir: Path, members: int = 3, heartbeat_ms: int = 50, election_ms: int = 500
+        self,
+        workdir: Path,
+        members: int = 3,
+        heartbeat_ms: int = 50,
+        election_ms: int = 500,
+        prefix: list[str] | None = None,
     ) -> None:
+        """``prefix``: run the members inside a network namespace (``nsenter --net=...``),
+        on that namespace's loopback."""
         self.workdir = workdir
+        self.prefix = prefix or []
         self.heartbeat_ms = heartbeat_ms
         self.election_ms = election_ms
         self.names = [f"m{i}" for i in range(members)]
@@ -83,7 +92,7 @@ class EtcdCluster:
     def start_member(self, i: int) -> None:
         with open(self.workdir / f"etcd-{self.names[i]}.log", "ab") as log:
             self.procs[i] = subprocess.Popen(
-                self._args(i), stdout=log, stderr=log, start_new_session=True
+                [*self.prefix, *self._args(i)], stdout=log, stderr=log, start_new_session=True
             )
 
     def wait_healthy(self, timeout: float = 20.0) -> None:
@@ -92,15 +101,24 @@ class EtcdCluster:
             if self.procs[i] is None:
                 continue
             while True:
-                try:
-                    got = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0)
-                    if got.json().get("health") == "true":
-                        break
-                except (httpx.HTTPError, ValueError):
-                    pass
+                if self._healthy(port):
+                    break
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"etcd member {self.names[i]} not healthy")
                 time.sleep(0.1)
+
+    def _healthy(self, port: int) -> bool:
+        url = f"http://127.0.0.1:{port}/health"
+        if self.prefix:  # that loopback is the namespace's: ask from inside it
+            code = f"import httpx; print(httpx.get({url!r}, timeout=1.0).json()['health'])"
+            got = subprocess.run(
+                [*self.prefix, sys.executable, "-c", code], capture_output=True, text=True
+            )
+            return got.stdout.strip() == "true"
+        try:
+            return bool(httpx.get(url, timeout=1.0).json().get("health") == "true")
+        except (httpx.HTTPError, ValueError):
+            return False
 
     def kill(self, i: int) -> None:
         proc = self.procs[i]

@@ -34,41 +34,28 @@ class ExitWatcher:
         self._watched: dict[int, int | None] = {}  # pid -> status once it exited
         self._overrun = 0  # exit events the kernel dropped so far (ENOBUFS), as a count
         self._watched_at: dict[int, int] = {}  # pid -> the overrun count when watched
-        self._writers: set[int] = set()  # watched for a writer (watch/forget)
-        self._held: dict[int, int] = {}  # watched for FIFO readers (hold/unhold), counts
+        self._holders: dict[int, set[int]] = {}  # pid -> ids of the writers watching it
         self.changed = Notifier()
 
     @property
     def precise(self) -> bool:
         return self._sock is not None
 
-    def watch(self, pid: int) -> None:
-        self._writers.add(pid)
+    def watch(self, pid: int, holder: object = None) -> None:
+        """Watches process ``pid`` for ``holder`` (a writer): one program may hold several
+        edges (``tee E1 E2``, or threads of one process), each settled on its own. The
+        watch ends when the last holder forgets it (forgetting twice is harmless)."""
         self._watched.setdefault(pid, None)
         self._watched_at.setdefault(pid, self._overrun)
+        self._holders.setdefault(pid, set()).add(id(holder))
 
-    def forget(self, pid: int) -> None:
-        self._writers.discard(pid)
-        self._drop(pid)
-
-    def hold(self, pid: int) -> None:
-        """Watches ``pid`` for a FIFO reader (fiforoute); independent of a writer's watch
-        of the same program (``cat E1 > E2``)."""
-        self._held[pid] = self._held.get(pid, 0) + 1
-        self._watched.setdefault(pid, None)
-        self._watched_at.setdefault(pid, self._overrun)
-
-    def unhold(self, pid: int) -> None:
-        left = self._held.get(pid, 0) - 1
-        if left > 0:
-            self._held[pid] = left
-            return
-        self._held.pop(pid, None)
-        self._drop(pid)
-
-    def _drop(self, pid: int) -> None:
-        if pid in self._writers or pid in self._held:
-            return
+    def forget(self, pid: int, holder: object = None) -> None:
+        holders = self._holders.get(pid)
+        if holders is not None:
+            holders.discard(id(holder))
+            if holders:
+                return
+            del self._holders[pid]
         self._watched.pop(pid, None)
         self._watched_at.pop(pid, None)
 

@@ -350,7 +350,7 @@ async def feed(node: Node, fifo: FifoReader, keeper: fifokeeper.Keeper) -> None:
     is killed: a FIFO cannot carry the errno, and EOF would look like the end)."""
     reader = fifo.reader
     reader.interrupt_pid = 0  # nobody waits in our handler: signals are the kernel's
-    node.exits.hold(reader.pid)
+    node.exits.watch(reader.tgid, reader)
     settled = False  # the stream's fate is decided: the keeper may let the write end go
     reader.exit_status = 9  # until decided otherwise: a failure, never "no more"
     try:
@@ -369,7 +369,7 @@ async def feed(node: Node, fifo: FifoReader, keeper: fifokeeper.Keeper) -> None:
         if result is True:
             reader.exit_status = 0
         elif result is False:
-            reader.exit_status = await _how_it_ended(node, reader.pid)
+            reader.exit_status = await _how_it_ended(node, reader.tgid)
             log.info(
                 "edge %s: the reading program closed its FIFO with %d bytes unread (status %s)",
                 reader.edge,
@@ -399,7 +399,7 @@ async def feed(node: Node, fifo: FifoReader, keeper: fifokeeper.Keeper) -> None:
                 keeper.done(fifo.ino)
             os.close(fifo.fd)  # EOF now only if the stream was complete and consumed
             fifo.fd = None
-        node.exits.unhold(reader.pid)
+        node.exits.forget(reader.tgid, reader)
         node.release_reader(reader)
 
 

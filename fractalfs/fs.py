@@ -475,7 +475,7 @@ class Operations(pyfuse3.Operations):
             return await self.node.write(writer, buf)
         except EdgeError as exc:
             if exc.errno == errno.EPIPE and writer.reader_closed:
-                procs.sigpipe_writer(writer.pid, writer.edge.hex)  # as a pipe does
+                procs.sigpipe_writer(writer.tgid, writer.edge.hex, writer.pid)  # as a pipe does
             raise
 
     @_guard

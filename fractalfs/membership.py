@@ -101,9 +101,12 @@ class Membership:
         writer = self.node.writer_for(edge)
         if kind == EventKind.DELETED:
             self.node._abort_local(edge, "removed")
-        elif kind == EventKind.WRITER and writer is not None:
-            if int(data.get("generation", 0)) > writer.generation:
-                self.node._fence(writer)
+        elif kind == EventKind.WRITER:
+            with contextlib.suppress(TypeError, ValueError):
+                generation = int(data.get("generation", 0))
+                self.node.supersede(edge, generation)  # a reader here: leave the old one
+                if writer is not None and generation > writer.generation:
+                    self.node._fence(writer)
         elif kind == EventKind.READER_LOST and writer is not None:
             writer.set_reader_lost(True)
             # A silent node may only be stalled or cut off: while its connection lives (or

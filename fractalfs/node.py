@@ -87,6 +87,8 @@ class Node:
         self.mode = Mode(config.mode)
         self.mode_overrides: dict[EdgeId, Mode] = {}  # per edge (xattr user.fractalfs.mode)
         self._closing: dict[EdgeId, trio.Event] = {}  # a generation's end not recorded yet
+        # The pull of each reader now: (its generation, its scope), for supersede().
+        self._pulls: dict[EdgeId, tuple[int, trio.CancelScope]] = {}
         # The parts that own the node's background tasks (each started with nursery.start).
         self.persistence = Persistence(self)
         self.membership = Membership(self)
@@ -223,11 +225,11 @@ class Node:
         """A re-run often opens the edge while the killed program it replaces is still
         exiting, before the kernel has sent that program's RELEASE: wait a moment for it
         instead of answering EBUSY. A live holder is not waited for."""
-        if not procs.dying(end.pid):
+        if not procs.dying(end.tgid):
             # A killed program passes through an instant where its SIGKILL is no longer
             # pending and it is not yet exiting (/proc shows neither): look once more.
             await trio.sleep(0.02)
-            if end.released or not procs.dying(end.pid):
+            if end.released or not procs.dying(end.tgid):
                 return
         with trio.move_on_after(RELEASE_GRACE):
             while not end.released:
@@ -271,11 +273,13 @@ class Node:
         slot = self._slot(edge)
         if slot.writer is not None:
             slot.writer.abort(AbortReason.STALE, "a newer writer took the edge over")
-        writer = WriterEnd(edge, int(rec["generation"]), self.config.write_window, pid)
+        # ``pid`` is the opening thread; the stream ends with its process, not with it.
+        tgid = procs.tgid(pid)
+        writer = WriterEnd(edge, int(rec["generation"]), self.config.write_window, pid, tgid)
         writer.written_metric = metrics.BYTES_WRITTEN.labels(edge.hex)
         slot.writer = writer  # before any waiter runs: nothing here awaits
         try:
-            self.exits.watch(pid)
+            self.exits.watch(tgid, writer)
             recorded = (str(rec.get("mode", "")), str(rec.get("mode_reason", "")))
             self.persistence._set_up_mode(writer, recorded)
         except OSError as exc:
@@ -290,7 +294,7 @@ class Node:
         log.warning("edge %s: %s", writer.edge, why)
         writer.released = True
         writer.finish(WriterState.FAILED)
-        self.exits.forget(writer.pid)
+        self.exits.forget(writer.tgid, writer)
         self._spawn(self._close_writer, writer, "failed", why)
         self._reap(writer.edge)
         raise EdgeError(exc.errno or errno.EIO, why) from None
@@ -305,14 +309,14 @@ class Node:
         fails with its error otherwise); note whether its program is exiting, and how."""
         if writer.spill is not None and writer.state is WriterState.OPEN:
             await writer.drain_spill(self.config.signal_poll)
-        writer.exit_status = procs.exit_status(writer.pid)
+        writer.exit_status = procs.exit_status(writer.tgid)
         if writer.exit_status is None and not procs.closing_a_file(writer.pid):
             # The opener runs on and is not the one closing: this close may be a holder's
             # it handed the file to (a child killed mid-stream). Its death is not an end,
             # however the opener goes on. (A scan of every process: skipped when the opener
             # is itself in close(2), as `dd of=E` or `cmd > E` are, or 1,000 writers closing
             # at once cost a million /proc reads.)
-            writer.exit_status = procs.failing_in_group(writer.pgid, writer.pid)
+            writer.exit_status = procs.failing_in_group(writer.pgid, writer.tgid)
 
     def release_writer(self, writer: WriterEnd) -> None:
         """The writer's file is closed for good: the stream ends, cleanly or not.
@@ -344,7 +348,7 @@ class Node:
         if writer.exit_status is not None:
             exit = Exited(writer.exit_status)
         else:
-            exit = await self.exits.outcome(writer.pid, CLOSE_GRACE)
+            exit = await self.exits.outcome(writer.tgid, CLOSE_GRACE)
         self._settle(writer, exit)
 
     def _settle(
@@ -354,7 +358,7 @@ class Node:
         spill_done: bool = False,
         spill_failure: OSError | None = None,
     ) -> None:
-        self.exits.forget(writer.pid)
+        self.exits.forget(writer.tgid, writer)
         if writer.state is not WriterState.OPEN:
             return
         failure = writer.spill_error or spill_failure  # an append's, or the completion's
@@ -470,7 +474,7 @@ class Node:
             raise EdgeError(errno.EBUSY, f"edge {edge} already has a reader on this node")
         with self._opening(slot, "reader"):
             claim = await self._claim_reader(edge, pid)
-        reader = ReaderEnd(edge, self.config.read_buffer, pid, claim)
+        reader = ReaderEnd(edge, self.config.read_buffer, pid, claim, procs.tgid(pid))
         self._slot(edge).reader = reader
         self._spawn(self._pump, reader)
         return reader
@@ -512,7 +516,7 @@ class Node:
         return data
 
     def flush_reader(self, reader: ReaderEnd) -> None:
-        reader.exit_status = procs.exit_status(reader.pid)
+        reader.exit_status = procs.exit_status(reader.tgid)
 
     def release_reader(self, reader: ReaderEnd) -> None:
         reader.on_released()
@@ -591,7 +595,16 @@ class Node:
                         on_connected: Callable[[int], None] = connected
                     else:
                         on_connected = machine.on_connected
-                    result = await self._pull_once(reader, action, on_connected)
+                    with trio.CancelScope() as pull:
+                        self._pulls[reader.edge] = (action.generation, pull)
+                        try:
+                            result = await self._pull_once(reader, action, on_connected)
+                        finally:
+                            self._pulls.pop(reader.edge, None)
+                    if pull.cancelled_caught:
+                        detail = f"generation {action.generation} was superseded"
+                        log.info("edge %s: %s: leaving its writer", edge, detail)
+                        result = dataplane.Result(PullOutcome.GONE, detail)
                     log.debug("edge %s: pull ended: %s %s", edge, result.outcome, result.detail)
                     if result.outcome is PullOutcome.LOST:
                         log.info("edge %s: %s", edge, result.detail)
@@ -693,6 +706,15 @@ class Node:
         if complete:
             self._spawn(self._close_writer, writer, "failed", why)
             self._reap(writer.edge)
+
+    def supersede(self, edge: EdgeId, generation: int) -> None:
+        """Discovery recorded ``generation`` of ``edge``: a reader pulling an older one
+        drops that connection at once. A writer cut off by a partition keeps its connection
+        (shorter than the silence timeout) and would deliver its generation over it once
+        the partition heals, after a re-run took the edge over."""
+        pulling = self._pulls.get(edge)
+        if pulling is not None and pulling[0] < generation:
+            pulling[1].cancel()
 
     def _fence(self, writer: WriterEnd) -> None:
         if writer.state is not WriterState.ABORTED:

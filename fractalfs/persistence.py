@@ -65,9 +65,9 @@ class Persistence:
         mode is reported only if the writer's differs."""
         writer.configured = self.node.mode_overrides.get(writer.edge, self.node.mode)
         try:
-            writer.pgid = os.getpgid(writer.pid)
+            writer.pgid = os.getpgid(writer.tgid)
         except OSError:
-            writer.pgid = writer.pid
+            writer.pgid = writer.tgid
         if writer.configured is Mode.PERSISTENT:
             self._persist(writer, "configured persistent")
         elif writer.configured is Mode.DYNAMIC:

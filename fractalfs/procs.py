@@ -27,13 +27,45 @@ def _mask(value: str) -> int:
 SIGKILL_BIT = 1 << (9 - 1)
 
 
-def _signal_masks(pid: int) -> tuple[int, int, int] | None:
-    """(pending, blocked, ignored) signal masks of ``pid`` from /proc/<pid>/status, or None
-    if it no longer exists (other OSErrors propagate)."""
+def tgid(tid: int) -> int:
+    """The process (thread group) id of thread ``tid``. FUSE's ``ctx.pid`` is the id of the
+    requesting *thread*: a worker thread that opened a file may exit long before its
+    process closes it, so liveness and exit statuses are the process's, taken from this.
+    ``tid`` itself if /proc cannot tell (it is gone, or not a positive id)."""
+    if tid <= 0:
+        return tid
     try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            text = f.read()
-    except (FileNotFoundError, ProcessLookupError):
+        with open(f"/proc/{tid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Tgid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return tid
+
+
+def _status_paths(pid: int, tgid: int) -> tuple[str, ...]:
+    """Where to read the signal state of thread ``pid`` of process ``tgid``: the thread's
+    own view (its blocked mask, its pending signals and the process's shared ones) while
+    it exists, else the process's main thread's. Through ``task/`` so that a thread id
+    reused by another process after the thread exited is never read."""
+    if tgid <= 0 or tgid == pid:
+        return (f"/proc/{pid}/status",)
+    return (f"/proc/{tgid}/task/{pid}/status", f"/proc/{tgid}/status")
+
+
+def _signal_masks(pid: int, tgid: int = 0) -> tuple[int, int, int] | None:
+    """(pending, blocked, ignored) signal masks of thread ``pid`` (of process ``tgid``;
+    0: ``pid`` is the process) from /proc, or None if the process no longer exists (other
+    OSErrors propagate)."""
+    for path in _status_paths(pid, tgid):
+        try:
+            with open(path, "rb") as f:
+                text = f.read()
+            break
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    else:
         return None
     pending = blocked = ignored = 0
     for line in text.split(b"\n"):
@@ -46,15 +78,17 @@ def _signal_masks(pid: int) -> tuple[int, int, int] | None:
     return pending, blocked, ignored
 
 
-def signal_pending(pid: int) -> bool:
-    """True if ``pid`` has a pending signal that is neither blocked nor ignored.
+def signal_pending(pid: int, tgid: int = 0) -> bool:
+    """True if thread ``pid`` (of process ``tgid``; 0: ``pid`` is the process) has a
+    pending signal that is neither blocked nor ignored. Once that thread has exited, the
+    process's main thread answers: its shared pending signals are the process's.
 
     A process that no longer exists counts as interrupted: nobody is waiting any more.
     """
     if pid <= 0:
         return False
     try:
-        masks = _signal_masks(pid)
+        masks = _signal_masks(pid, tgid)
     except OSError:
         return False
     if masks is None:
@@ -63,17 +97,17 @@ def signal_pending(pid: int) -> bool:
     return bool(pending & SIGKILL_BIT) or bool(pending & ~blocked & ~ignored)
 
 
-def exit_status(pid: int) -> int | None:
-    """The wait status of ``pid`` if it is exiting (or a zombie), else None.
+GONE = -1
 
-    Reads ``/proc/<pid>/stat``: the process flags (field 9, PF_EXITING) and the exit code
-    (field 52, set by the kernel before it closes the exiting process's files).
-    """
+
+def _exiting(path: str) -> int | None:
+    """The exit code in the ``stat`` file at ``path`` if its task is exiting or a zombie,
+    ``GONE`` if there is no such task, else None."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
+        with open(path, "rb") as f:
             text = f.read()
     except OSError:
-        return None
+        return GONE
     fields = text[text.rindex(b")") + 2 :].split()
     # fields[0] is field 3 (state); field N is fields[N - 3].
     state = fields[0]
@@ -111,6 +145,27 @@ def closing_a_file(pid: int) -> bool:
     return False  # the descriptor it closes is open again (reused): not ours to judge
 
 
+def exit_status(pid: int) -> int | None:
+    """The wait status of process ``pid`` if it is exiting (or a zombie), else None.
+
+    Reads ``/proc/<pid>/stat``: the process flags (field 9, PF_EXITING) and the exit code
+    (field 52, set by the kernel before it closes the exiting process's files). A main
+    thread that ended alone (``pthread_exit``) looks the same while other threads run on:
+    the process is exiting only once none of its threads is still running.
+    """
+    status = _exiting(f"/proc/{pid}/stat")
+    if status is None or status == GONE:
+        return None
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return status
+    for tid in threads:
+        if tid != str(pid) and _exiting(f"/proc/{pid}/task/{tid}/stat") is None:
+            return None  # that thread still runs: so does the process
+    return status
+
+
 def failing_in_group(pgid: int, exclude: int) -> int | None:
     """The wait status of a process of group ``pgid`` (not ``exclude``) that is exiting
     with a non-zero status right now, else None.
@@ -140,8 +195,8 @@ def failing_in_group(pgid: int, exclude: int) -> int | None:
 
 
 def dying(pid: int) -> bool:
-    """True if ``pid`` is gone, exiting, or has a SIGKILL pending: its files are being or
-    about to be closed, though the kernel may not have sent their RELEASE yet."""
+    """True if process ``pid`` is gone, exiting, or has a SIGKILL pending: its files are
+    being or about to be closed, though the kernel may not have sent their RELEASE yet."""
     if exit_status(pid) is not None:
         return True
     try:
@@ -227,22 +282,37 @@ def link_path(target: str) -> str:
     return target.removesuffix(" (deleted)")
 
 
-def sigpipe_writer(pid: int, name: str) -> bool:
-    """Sends SIGPIPE to ``pid`` if it is now inside a write to a file whose path ends in
-    ``name``, as the kernel's pipe code does before failing a write with EPIPE. A FUSE
-    filesystem can only answer EPIPE, which a program that (like most) leaves SIGPIPE at its
-    default takes for an error (`yes: standard output: Broken pipe`, exit 1) where a pipe
-    would have ended it quietly (killed by SIGPIPE, status 141 in a shell)."""
+def _writing_to(task: str, name: str) -> bool:
+    """Whether the thread at ``task`` (a /proc directory) is inside a write to a file whose
+    path ends in ``name``."""
     try:
-        with open(f"/proc/{pid}/syscall", "rb") as f:
+        with open(f"{task}/syscall", "rb") as f:
             fields = f.read().split()
         if int(fields[0]) not in _WRITE_SYSCALLS:
             return False
-        target = link_path(os.readlink(f"/proc/{pid}/fd/{int(fields[1], 16)}"))
-        if not target.endswith(name):
-            return False
-        os.kill(pid, 13)  # SIGPIPE
+        return link_path(os.readlink(f"{task}/fd/{int(fields[1], 16)}")).endswith(name)
     except (OSError, ValueError, IndexError):
+        return False
+
+
+def sigpipe_writer(pid: int, name: str, tid: int = 0) -> bool:
+    """Sends SIGPIPE to process ``pid`` if one of its threads (``tid`` first, the one that
+    opened the file) is now inside a write to a file whose path ends in ``name``, as the
+    kernel's pipe code does before failing a write with EPIPE. A FUSE filesystem can only
+    answer EPIPE, which a program that (like most) leaves SIGPIPE at its default takes for
+    an error (`yes: standard output: Broken pipe`, exit 1) where a pipe would have ended it
+    quietly (killed by SIGPIPE, status 141 in a shell)."""
+    tasks = [f"/proc/{pid}/task/{tid or pid}"]
+    if not _writing_to(tasks[0], name):
+        try:
+            tasks = [f"/proc/{pid}/task/{t}" for t in os.listdir(f"/proc/{pid}/task")]
+        except OSError:
+            return False
+        if not any(_writing_to(task, name) for task in tasks):
+            return False
+    try:
+        os.kill(pid, 13)  # SIGPIPE
+    except OSError:
         return False
     return True
 

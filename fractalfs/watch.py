@@ -39,16 +39,41 @@ def describe(event: dict[str, Any]) -> str:
     return printable(line)
 
 
+class Replicas:
+    """The discovery URLs given (``URL1,URL2``: replicas in front of one etcd cluster),
+    and which one is used now: the one that answered last."""
+
+    def __init__(self, urls: str) -> None:
+        from .discovery.client import split_urls
+
+        self.bases = [u + "/v1" for u in split_urls(urls)]
+        if not self.bases:
+            raise QuietError("no discovery URL given")
+        self.current = 0
+
+    @property
+    def base(self) -> str:
+        return self.bases[self.current]
+
+    def next(self) -> bool:
+        """Moves on to the next replica; False once every one was tried this round."""
+        self.current = (self.current + 1) % len(self.bases)
+        return self.current != 0
+
+
 def _follow(
-    base: str,
+    replicas: Replicas,
     after: int,
     out: queue.Queue[dict[str, Any] | str],
     auth: tuple[str, str] | None = None,
     verify: ssl.SSLContext | bool = True,
 ) -> None:
     """Follows discovery's SSE stream from ``after`` (resuming where it broke off with
-    ``?after=``) and queues every event, or a line saying why it is reconnecting."""
+    ``?after=``, on the next replica if the one it was on is gone: event numbers are the
+    cluster's, not a replica's) and queues every event, or a line saying why it is
+    reconnecting."""
     while True:
+        base = replicas.base
         try:
             with httpx.stream(
                 "GET",
@@ -69,6 +94,9 @@ def _follow(
                         after = max(after, int(event["seq"]))
                         out.put(event)
         except (httpx.HTTPError, ValueError, KeyError) as exc:
+            if replicas.base == base and replicas.next():
+                out.put(f"fractalfs watch: {exc}; trying {replicas.base.removesuffix('/v1')}")
+                continue  # the next replica at once
             out.put(f"fractalfs watch: {exc}; reconnecting")
             time.sleep(1)
 
@@ -83,16 +111,24 @@ def watch(
     verify: ssl.SSLContext | bool = True,
 ) -> None:
     """Events as lines; on a terminal, a live rich progress bar (rate, ETA) per active
-    edge below them."""
-    base = url.rstrip("/") + "/v1"
+    edge below them. ``url``: one discovery URL or several (``URL1,URL2``), taken in turn
+    when one does not answer."""
+    replicas = Replicas(url)
     with httpx.Client(timeout=10, auth=auth, verify=verify) as http:
-        try:
-            first = http.get(f"{base}/events", params={"after": 2**62})
-            if first.status_code == 401:
-                raise QuietError(f"discovery at {url} wants the cluster secret: --secret-file")
-            after = int(first.json()["last"])
-        except (httpx.HTTPError, ValueError, KeyError) as exc:
-            raise QuietError(f"discovery at {url} unreachable: {exc}") from None
+        while True:
+            base = replicas.base
+            try:
+                first = http.get(f"{base}/events", params={"after": 2**62})
+                if first.status_code == 401:
+                    raise QuietError(
+                        f"discovery at {base[:-3]} wants the cluster secret: --secret-file"
+                    )
+                first.raise_for_status()
+                after = int(first.json()["last"])
+                break
+            except (httpx.HTTPError, ValueError, KeyError) as exc:
+                if not replicas.next():
+                    raise QuietError(f"discovery at {url} unreachable: {exc}") from None
         # rich is imported after the start point is fixed: nothing is missed meanwhile.
         from rich.console import Console
         from rich.progress import (
@@ -108,7 +144,7 @@ def watch(
         console = Console()
         tty = console.is_terminal
         events: queue.Queue[dict[str, Any] | str] = queue.Queue()
-        follow = (base, after, events, auth, verify)
+        follow = (replicas, after, events, auth, verify)
         threading.Thread(target=_follow, args=follow, daemon=True).start()
         progress = Progress(
             TextColumn("{task.fields[edge]}"),
@@ -140,9 +176,9 @@ def watch(
                     continue
                 next_poll = time.monotonic() + interval
                 try:
-                    edges = http.get(f"{base}/edges").json()["edges"]
+                    edges = http.get(f"{replicas.base}/edges").json()["edges"]
                 except (httpx.HTTPError, ValueError, KeyError):
-                    continue  # the event follower says why
+                    continue  # the event follower says why, and moves on
                 shown = set()
                 for e in edges:
                     if e["state"] not in ACTIVE:

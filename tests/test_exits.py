@@ -69,3 +69,27 @@ async def test_an_exit_event_queued_while_the_loop_was_busy_is_not_lost() -> Non
         assert got == Exited(0), got
     finally:
         watcher._sock.close()  # type: ignore[union-attr]
+
+
+async def test_one_program_holding_two_edges_keeps_its_watch_until_both_settle() -> None:
+    """``tee E1 E2``: the first edge settled forgot the program, and the second one's exit
+    event was dropped unwatched (exit status unknown: a failed generation)."""
+    watcher = ExitWatcher()
+    if not watcher.precise:
+        pytest.skip("no proc connector here (not root, or not the initial network namespace)")
+    try:
+        proc = subprocess.Popen(["sh", "-c", "read x; exit 0"], stdin=subprocess.PIPE)
+        first, second = object(), object()
+        watcher.watch(proc.pid, first)
+        watcher.watch(proc.pid, second)
+        watcher.forget(proc.pid, first)
+        watcher.forget(proc.pid, first)  # twice: harmless
+        proc.communicate(b"\n")  # exits 0 and is reaped
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watcher.run)
+            got = await watcher.outcome(proc.pid, 1.0)
+            nursery.cancel_scope.cancel()
+        assert got == Exited(0), got
+    finally:
+        if watcher._sock is not None:
+            watcher._sock.close()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -178,3 +180,44 @@ def test_closing_a_file_sees_a_program_blocked_in_close() -> None:
         sleeping.kill()
         closing.wait()
         sleeping.wait()
+
+
+def test_a_thread_maps_to_its_process_and_outlives_nothing() -> None:
+    """FUSE names the requesting thread. Once a worker thread that opened a file exited,
+    its process runs on: not interrupted, not exiting; its own signals still count."""
+    code = (
+        "import threading, time\n"
+        "t = threading.Thread(target=lambda: print(threading.get_native_id(), flush=True))\n"
+        "t.start(); t.join()\n"
+        "time.sleep(30)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None
+        tid = int(child.stdout.readline())
+        for _ in range(200):
+            if not Path(f"/proc/{child.pid}/task/{tid}").exists():
+                break
+            time.sleep(0.01)
+        assert tid != child.pid and procs.tgid(child.pid) == child.pid
+        assert not procs.signal_pending(tid, child.pid)  # the thread is gone, not the program
+        assert procs.signal_pending(tid)  # the old reading: "gone, nobody waits"
+        assert procs.exit_status(child.pid) is None
+        child.send_signal(signal.SIGSTOP)
+        child.send_signal(signal.SIGTERM)  # stays pending while stopped
+        time.sleep(0.05)
+        assert procs.signal_pending(tid, child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    assert procs.signal_pending(tid, child.pid)  # the process is gone
+
+
+def test_tgid_of_a_live_thread() -> None:
+    import threading
+
+    got: list[int] = []
+    t = threading.Thread(target=lambda: got.append(procs.tgid(threading.get_native_id())))
+    t.start()
+    t.join()
+    assert got == [os.getpid()]

@@ -225,10 +225,94 @@ def test_kill_an_etcd_member_and_a_replica_mid_stream(
     assert len(watch.seen) == 5
     assert all(gens[-1][0] == 1 for gens in watch.seen.values())  # no writer re-ran
     print(f"paired {paired:.2f} s after the kills")
-    # Usually 0.5-1.2 s (the issue's goal is 2 s). The bound is wider because a replica's
-    # etcd store is a blocking client on the replica's loop: while the cluster elects a
-    # new leader its requests wait, and one run of the suite measured 5.3 s (README).
-    assert paired < 10.0, f"pairing resumed {paired:.2f} s after the kills"
+    # The issue's goal. 0.59-0.91 s in six runs at load average ~600; before the replica's
+    # etcd calls left its loop (and each try on a member was bounded), one run took 5.3 s.
+    assert paired < 2.0, f"pairing resumed {paired:.2f} s after the kills"
+
+
+def test_a_stalled_etcd_member_holds_no_request_for_long(replicated: Replicated) -> None:
+    """A member that takes connections but never answers (SIGSTOP: a hung machine, an
+    election's follower) cost each request on it the client's 5 s timeout, on the replica's
+    loop: every other request waited behind it (one suite run paired 5.3 s after a kill).
+    Now each try is short and runs in a worker thread; the next member answers."""
+    import signal as sig
+    from concurrent.futures import ThreadPoolExecutor
+
+    replica = replicated.replicas[1]  # its store starts on member 0
+    auth = operator_auth()
+    with httpx.Client(timeout=30.0, auth=auth) as http:
+        http.get(replica.url + "/v1/edges").raise_for_status()  # it talks to member 0 now
+        member = replicated.etcd.procs[0]
+        assert member is not None
+        os.kill(member.pid, sig.SIGSTOP)
+        try:
+
+            def pair(i: int) -> float:
+                start = time.monotonic()
+                edge = new_edge()
+                url = f"{replica.url}/v1/edges/{edge}"
+                got = http.post(url + "/writer", json={"node": f"w{i}", "endpoint": "h:1"})
+                assert got.status_code == 200, got.text
+                got = http.post(url + "/reader", json={"node": f"r{i}"})
+                assert got.status_code == 200, got.text
+                assert http.get(url).json()["generation"] == 1
+                return time.monotonic() - start
+
+            with ThreadPoolExecutor(8) as pool:
+                took = sorted(pool.map(pair, range(8)))
+        finally:
+            os.kill(member.pid, sig.SIGCONT)
+    print(f"8 concurrent pairings with member 0 stopped: {took[0]:.2f}-{took[-1]:.2f} s")
+    # Old code: >= 5 s for the first, the rest queued behind it on the loop.
+    assert took[-1] < 2.5, took
+
+
+def test_watch_takes_the_replica_list_and_follows_on_when_one_dies(
+    replicated: Replicated,
+) -> None:
+    """``fractalfs watch --discovery URL1,URL2`` starts past a dead URL and, when the
+    replica it follows dies, resumes the event stream on the next one (event numbers are
+    etcd revisions: the same on every replica), missing nothing."""
+    import subprocess
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    r0, r1 = (r.url for r in replicated.replicas)
+    cmd = [sys.executable, "-m", "fractalfs", "watch", "--discovery", f"{dead},{r0},{r1}"]
+    watch = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+
+    def read() -> None:
+        assert watch.stdout is not None
+        for line in watch.stdout:
+            lines.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        with httpx.Client(timeout=10.0, auth=operator_auth()) as http:
+            first, second = new_edge(), new_edge()
+
+            def register(url: str, edge: str) -> None:
+                body = {"node": "w", "endpoint": "h:1"}
+                http.post(f"{url}/v1/edges/{edge}/writer", json=body).raise_for_status()
+
+            # The first event may come before watch fixed its start: register until seen.
+            deadline = time.monotonic() + 20
+            while not any(first in line for line in lines):
+                assert time.monotonic() < deadline, (lines, watch.poll())
+                register(r1, first)
+                time.sleep(0.5)
+            replicated.replicas[0].kill()
+            register(r1, second)
+            wait_for(lambda: any(second in line for line in lines), 20, "the event after the kill")
+    finally:
+        watch.terminate()
+        try:
+            _, err = watch.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            watch.kill()
+            _, err = watch.communicate()
+    assert "Traceback" not in err, err
 
 
 def test_status_takes_the_first_replica_that_answers(discovery: Discovery) -> None:

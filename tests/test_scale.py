@@ -186,7 +186,7 @@ def test_one_signal_check_per_program_for_all_its_blocked_handlers(
     checks: list[int] = []
     pending = False
 
-    def signal_pending(pid: int) -> bool:
+    def signal_pending(pid: int, tgid: int = 0) -> bool:
         checks.append(pid)
         return pending
 
@@ -228,10 +228,10 @@ def test_a_lost_node_names_its_edges_in_the_feed(tmp_path: Path) -> None:
         store.register_writer(held, "lost", "h:1")
         store.claim_reader(other, "alive")
         seq = app.changes.seq
-        app._lose("lost", "left")
+        asyncio.run(app._lose("lost", "left"))
         assert app.changes.changed_since(seq) == ([held], False)
         seq = app.changes.seq
-        app._lose("nobody", "left")  # nothing held: no edge changed
+        asyncio.run(app._lose("nobody", "left"))  # nothing held: no edge changed
         assert app.changes.changed_since(seq) == ([], False)
     finally:
         store.close()

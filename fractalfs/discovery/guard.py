@@ -23,10 +23,11 @@ from typing import Any
 from aiohttp import web
 
 from ..auth import Principal, check_basic
-from .backend import DiscoveryStore
 from .limits import read_body
+from .store import Edge
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Get = Callable[[str], Awaitable[Edge | None]]  # an edge's record from the store
 OPEN = frozenset({"/v1/health"})
 REALM = 'Basic realm="fractalfs", charset="UTF-8"'
 BODY_NODE = ("/writer", "/reader", "/reader/close", "/writer/restore")
@@ -45,9 +46,7 @@ async def _body_node(request: web.Request, body_timeout: float) -> Any:
     return body.get("node") if isinstance(body, dict) else None
 
 
-async def _allowed(
-    request: web.Request, who: Principal, store: DiscoveryStore, body_timeout: float
-) -> str:
+async def _allowed(request: web.Request, who: Principal, get: Get, body_timeout: float) -> str:
     """Empty if ``who`` may make ``request``, else the reason it may not."""
     if who.node is None or request.method not in ("POST", "PUT"):
         return ""
@@ -66,7 +65,7 @@ async def _allowed(
             return ""
     if tail in ("/writer/close", "/mode", "/progress", "/writer/restore"):
         try:
-            record = store.get(edge)
+            record = await get(edge)
         except ValueError:
             return ""
         if record is None:
@@ -79,7 +78,7 @@ async def _allowed(
     return ""
 
 
-def middleware(secret: bytes, store: DiscoveryStore, body_timeout: float) -> Any:
+def middleware(secret: bytes, get: Get, body_timeout: float) -> Any:
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in OPEN:
@@ -87,7 +86,7 @@ def middleware(secret: bytes, store: DiscoveryStore, body_timeout: float) -> Any
         who = check_basic(secret, request.headers.get("Authorization", ""))
         if who is None:
             return _refuse(401, "this discovery server requires the cluster secret")
-        reason = await _allowed(request, who, store, body_timeout)
+        reason = await _allowed(request, who, get, body_timeout)
         if reason:
             return _refuse(403, reason)
         request["principal"] = who

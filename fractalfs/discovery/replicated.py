@@ -16,10 +16,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import logging
 import math
-from typing import Any
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -32,6 +35,8 @@ from .upkeep import RETENTION
 log = logging.getLogger(__name__)
 
 MIN_TTL = 2  # etcd rounds a shorter lease up (its minimum is 1.5 x the election timeout)
+STORE_THREADS = 64  # etcd calls in flight at once; each may wait out an election
+T = TypeVar("T")
 
 
 def _b64(text: str) -> str:
@@ -62,12 +67,23 @@ class EtcdDiscoveryApp(DiscoveryApp):
         self.ttl = max(MIN_TTL, math.ceil(node_timeout))
         self._tasks: list[asyncio.Task[None]] = []
         self.watching = asyncio.Event()
+        self._pool = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="etcd")
+
+    async def _do(self, call: Callable[..., T], *args: Any) -> T:
+        """Every etcd call runs in a worker thread: a request waiting out an election
+        (or a dead member's timeout) holds one thread, not the replica's loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, functools.partial(call, *args))
 
     def app(self) -> web.Application:
         app = super().app()
         # Outermost: the guard reads the store too (who is an edge's writer).
         app.middlewares.insert(0, _unavailable)
+        app.on_cleanup.append(self._stop_pool)  # last: after every task that calls etcd
         return app
+
+    async def _stop_pool(self, app: web.Application) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def _start_liveness(self, app: web.Application) -> None:
         self._tasks = [
@@ -82,27 +98,28 @@ class EtcdDiscoveryApp(DiscoveryApp):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    def _seen(self, node: str, boot: str) -> None:
-        before = self.store.node_heartbeat(node, boot, self.ttl)
+    async def _seen(self, node: str, boot: str) -> None:
+        before = await self._do(self.store.node_heartbeat, node, boot, self.ttl)
         if boot and before and before != boot:
-            self._lose(node, "restarted")  # a new run of the daemon: the old one's ends are gone
+            # A new run of the daemon: the old one's ends are gone.
+            await self._lose(node, "restarted")
         self.last_seen[node] = asyncio.get_running_loop().time()
         self.lost.discard(node)
 
-    def _alive(self, node: str) -> None:
+    async def _alive(self, node: str) -> None:
         # Any request keeps the lease alive too, but at most once per half second.
         now = asyncio.get_running_loop().time()
         if now - self.last_seen.get(node, 0.0) >= 0.5:
-            self.store.node_heartbeat(node, "", self.ttl)
             self.last_seen[node] = now
+            await self._do(self.store.node_heartbeat, node, "", self.ttl)
 
     async def leave(self, request: web.Request) -> web.Response:
         resp = await super().leave(request)
-        self.store.node_leave(self._node_name(request))
+        await self._do(self.store.node_leave, self._node_name(request))
         return resp
 
     async def list_nodes(self, request: web.Request) -> web.Response:
-        live = self.store.live_nodes()
+        live = await self._do(self.store.live_nodes)
         names = sorted(set(live) | set(self.last_seen))
         return web.json_response({"nodes": [{"node": n, "alive": n in live} for n in names]})
 
@@ -110,8 +127,9 @@ class EtcdDiscoveryApp(DiscoveryApp):
         """Ends held by nodes that never heartbeat again after discovery started (e.g. the
         whole cluster restarted) are lost once a lease would have expired."""
         await asyncio.sleep(self.ttl + 1)
-        for node in self.store.nodes_with_open_ends() - set(self.store.live_nodes()):
-            self._lose(node, "silent", "no lease")
+        holding = await self._do(self.store.nodes_with_open_ends)
+        for node in holding - set(await self._do(self.store.live_nodes)):
+            await self._lose(node, "silent", "no lease")
 
     async def _watch_forever(self) -> None:
         """One watch on the whole prefix, resumed after the last revision seen on another
@@ -154,10 +172,10 @@ class EtcdDiscoveryApp(DiscoveryApp):
                 if result.get("created") and not revision:
                     revision = int(result["header"]["revision"])
                     self.watching.set()
-                revision = self._apply(result.get("events", []), revision)
+                revision = await self._apply(result.get("events", []), revision)
         return revision
 
-    def _apply(self, events: list[dict[str, Any]], revision: int) -> int:
+    async def _apply(self, events: list[dict[str, Any]], revision: int) -> int:
         edges: set[str] = set()
         head = False
         for ev in events:
@@ -168,8 +186,8 @@ class EtcdDiscoveryApp(DiscoveryApp):
                 # Every replica sees this; marking the ends lost is idempotent. The node
                 # may have heartbeaten a new lease since (the watch can lag): then it is
                 # alive, and losing its ends now would undo that heartbeat's "back".
-                if not self.store.node_is_live(key[2:]):
-                    self._lose(key[2:], "silent", "its lease expired")
+                if not await self._do(self.store.node_is_live, key[2:]):
+                    await self._lose(key[2:], "silent", "its lease expired")
             elif key.startswith("e/"):
                 edges.add(key[2:])
             elif key == "head":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import json
 import logging
 import secrets
@@ -22,7 +23,7 @@ import threading
 from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -49,6 +50,7 @@ MAX_PAGE = 10_000
 FEED = 20_000  # edge changes the feed remembers (GET /v1/changes); older positions resync
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+T = TypeVar("T")
 
 
 class BadRequest(Exception):
@@ -122,15 +124,25 @@ class Changes:
         return len(self._edges)
 
     async def wait_until(
-        self, ready: Callable[[], bool], timeout: float, edge: str | None = None
+        self,
+        ready: Callable[[], bool | Awaitable[bool]],
+        timeout: float,
+        edge: str | None = None,
     ) -> None:
+        """Returns once ``ready()`` (a plain or an async predicate) is true, or after
+        ``timeout`` seconds; looks again at each change (of ``edge``, if given)."""
         if self.held >= self.max_waiters:
             return  # too many held already: answer now, the client polls again
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         self.held += 1
+
+        async def check() -> bool:
+            got = ready()
+            return bool(await got) if inspect.isawaitable(got) else bool(got)
+
         try:
-            while not ready():
+            while not await check():
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     return
@@ -250,10 +262,16 @@ class DiscoveryApp:
         self.held = HeldEnds()  # what each node's run holds, from its heartbeats
         self._checker: asyncio.Task[None] | None = None
 
+    async def _do(self, call: Callable[..., T], *args: Any) -> T:
+        """Runs one store call. SQLite answers in microseconds: on the loop. A store across
+        the network (etcd, :mod:`.replicated`) runs it in a worker thread instead, so that
+        one slow answer (an election) does not hold every other request."""
+        return call(*args)
+
     async def _start_liveness(self, app: web.Application) -> None:
         # Nodes that held ends before a restart get one timeout to say they are still there.
         now = asyncio.get_running_loop().time()
-        for node in self.store.nodes_with_open_ends():
+        for node in await self._do(self.store.nodes_with_open_ends):
             self.last_seen.setdefault(node, now)
         self._checker = asyncio.create_task(self._check_liveness())
 
@@ -275,13 +293,13 @@ class DiscoveryApp:
             now = loop.time()
             for node, seen in list(self.last_seen.items()):
                 if node not in self.lost and now - seen > self.node_timeout:
-                    self._lose(node, "silent", f"silent for {now - seen:.1f} s")
+                    await self._lose(node, "silent", f"silent for {now - seen:.1f} s")
 
-    def _lose(self, node: str, cause: str, why: str = "") -> None:
+    async def _lose(self, node: str, cause: str, why: str = "") -> None:
         self.lost.add(node)
         if cause != "silent":
             self.held.forget(node)
-        changed = self.store.node_lost(node, cause)
+        changed = await self._do(self.store.node_lost, node, cause)
         log.warning("node %s lost (%s); %d edges affected", node, why or cause, len(changed))
         # Each edge it changed, by name: waiters (and the feed's followers) of other edges
         # are not woken; the event streams are woken by any change.
@@ -301,7 +319,8 @@ class DiscoveryApp:
         # The guard first: a sign of life counts only from a node that proved who it is.
         middlewares: list[Any] = [sign_of_life, _errors]
         if self.secret is not None:
-            guarded = guard.middleware(self.secret, self.store, self.limits.body_timeout)
+            get = functools.partial(self._do, self.store.get)
+            guarded = guard.middleware(self.secret, get, self.limits.body_timeout)
             middlewares.insert(0, guarded)
         app = web.Application(client_max_size=MAX_BODY, middlewares=middlewares)
         app[LIMITS] = self.limits
@@ -341,10 +360,10 @@ class DiscoveryApp:
         if who is not None and not who.may_act_as(node or ""):
             node = None  # with a secret, only a node's own credential shows it alive
         if node and node in self.last_seen and node not in self.lost:
-            self._alive(node)
+            await self._alive(node)
         return await handler(request)
 
-    def _alive(self, node: str) -> None:
+    async def _alive(self, node: str) -> None:
         self.last_seen[node] = asyncio.get_running_loop().time()
 
     def _node_name(self, request: web.Request) -> str:
@@ -378,25 +397,25 @@ class DiscoveryApp:
             raise BadRequest("field 'boot' must be a string")
         delta = Delta.from_json(body["delta"]) if "delta" in body else None
         was_lost = node in self.lost
-        self._seen(node, boot)
+        await self._seen(node, boot)
         if delta is not None:  # only what changed since the last beat: see heartbeat.py
             checked = self.held.receive(node, boot, delta, everything=was_lost)
             if checked is None:
                 return web.json_response({"stale": [], "resync": True})
             writers, readers = checked
-        before = self.store.last_seq()
-        stale = self.store.node_alive(node, writers, readers)
+        before = await self._do(self.store.last_seq)
+        stale = await self._do(self.store.node_alive, node, writers, readers)
         if was_lost:
             log.info("node %s is back", node)
-        if self.store.last_seq() != before:
+        if await self._do(self.store.last_seq) != before:
             self._changed()
         return web.json_response({"stale": stale})
 
-    def _seen(self, node: str, boot: str) -> None:
+    async def _seen(self, node: str, boot: str) -> None:
         """A heartbeat from ``node``'s daemon run ``boot``: it is alive."""
         if boot and self.boots.get(node, boot) != boot:
             # A new run of the daemon: whatever the old one held is gone with it.
-            self._lose(node, "restarted")
+            await self._lose(node, "restarted")
         if boot:
             self.boots[node] = boot
         self.last_seen[node] = asyncio.get_running_loop().time()
@@ -406,7 +425,7 @@ class DiscoveryApp:
         node = self._node_name(request)
         self.last_seen.pop(node, None)
         self.boots.pop(node, None)
-        self._lose(node, "left")
+        await self._lose(node, "left")
         self.lost.discard(node)
         return web.json_response({"node": node})
 
@@ -426,6 +445,8 @@ class DiscoveryApp:
         from prometheus_client.core import GaugeMetricFamily
 
         app = self
+        all_edges = await self._do(self.store.edges)
+        last_seq = await self._do(self.store.last_seq)
 
         class Collector:
             def collect(self) -> Any:
@@ -433,7 +454,7 @@ class DiscoveryApp:
                     "fractalfs_discovery_edges", "Edges by state", labels=["state"]
                 )
                 counts: dict[str, int] = {}
-                for edge in app.store.edges():
+                for edge in all_edges:
                     counts[edge.state] = counts.get(edge.state, 0) + 1
                 for state, n in sorted(counts.items()):
                     by_state.add_metric([state], n)
@@ -446,7 +467,7 @@ class DiscoveryApp:
                 nodes.add_metric(["false"], len(app.last_seen) - alive)
                 yield nodes
                 events = GaugeMetricFamily("fractalfs_discovery_last_event", "Event log head")
-                events.add_metric([], app.store.last_seq())
+                events.add_metric([], last_seq)
                 yield events
 
         registry = CollectorRegistry()
@@ -460,18 +481,19 @@ class DiscoveryApp:
         return web.Response(text=page, content_type="text/html")
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"ok": True, "last_event": self.store.last_seq()})
+        return web.json_response({"ok": True, "last_event": await self._do(self.store.last_seq)})
 
     async def list_edges(self, request: web.Request) -> web.Response:
         """Every edge, or with ``?limit=N[&after=ID]`` one page in id order and the id to
         continue after (``next``, null on the last page)."""
         if "limit" not in request.query:
-            return web.json_response({"edges": [_edge_json(e.id, e) for e in self.store.edges()]})
+            edges = await self._do(self.store.edges)
+            return web.json_response({"edges": [_edge_json(e.id, e) for e in edges]})
         limit = int(_query_number(request, "limit", 1000, MAX_PAGE))
         after = request.query.get("after", "")
         if after and not EdgeId.is_valid(after):
             raise BadRequest(f"query 'after' must be an edge id, not {after!r}")
-        page = self.store.edges_page(after, max(limit, 1))
+        page = await self._do(self.store.edges_page, after, max(limit, 1))
         more = len(page) == max(limit, 1)
         return web.json_response(
             {"edges": [_edge_json(e.id, e) for e in page], "next": page[-1].id if more else None}
@@ -483,12 +505,12 @@ class DiscoveryApp:
         since = _query_number(request, "since", -1, 2**62)
         if wait > 0:
 
-            def changed() -> bool:
-                rec = self.store.get(edge)
+            async def changed() -> bool:
+                rec = await self._do(self.store.get, edge)
                 return (rec.version if rec else 0) > since
 
             await self.changes.wait_until(changed, wait, edge)
-        return web.json_response(_edge_json(edge, self.store.get(edge)))
+        return web.json_response(_edge_json(edge, await self._do(self.store.get, edge)))
 
     async def edge_changes(self, request: web.Request) -> web.Response:
         """``GET /v1/changes?feed=F&after=SEQ&wait=S``: which edges changed after position
@@ -538,7 +560,7 @@ class DiscoveryApp:
 
     async def delete_edge(self, request: web.Request) -> web.Response:
         edge = _edge_id(request)
-        self.store.delete(edge)
+        await self._do(self.store.delete, edge)
         self._changed(edge)
         return web.json_response({"id": edge, "deleted": True})
 
@@ -549,16 +571,19 @@ class DiscoveryApp:
         if mode is not None and mode not in ("transient", "persistent"):
             raise BadRequest("field 'mode' must be transient or persistent")
         reason = _str(body, "reason", required=False)
-        rec = self.store.register_writer(edge, _str(body, "node"), _str(body, "endpoint"))
+        rec = await self._do(
+            self.store.register_writer, edge, _str(body, "node"), _str(body, "endpoint")
+        )
         if mode is not None:  # the new generation's mode, in the same request (one, not two)
-            rec = self.store.set_mode(edge, rec.generation, mode, reason)
+            rec = await self._do(self.store.set_mode, edge, rec.generation, mode, reason)
         self._changed(edge)
         return web.json_response(_edge_json(edge, rec))
 
     async def close_writer(self, request: web.Request) -> web.Response:
         edge = _edge_id(request)
         body = await _body(request)
-        rec = self.store.close_writer(
+        rec = await self._do(
+            self.store.close_writer,
             edge,
             _int(body, "generation"),
             _str(body, "state"),
@@ -571,7 +596,7 @@ class DiscoveryApp:
     async def claim_reader(self, request: web.Request) -> web.Response:
         edge = _edge_id(request)
         body = await _body(request)
-        rec = self.store.claim_reader(edge, _str(body, "node"))
+        rec = await self._do(self.store.claim_reader, edge, _str(body, "node"))
         self._changed(edge)
         return web.json_response(_edge_json(edge, rec))
 
@@ -579,8 +604,13 @@ class DiscoveryApp:
         edge = _edge_id(request)
         body = await _body(request)
         claim = _int(body, "claim") if "claim" in body else 0
-        rec = self.store.release_reader(
-            edge, _str(body, "node"), _str(body, "state"), _int(body, "bytes"), claim
+        rec = await self._do(
+            self.store.release_reader,
+            edge,
+            _str(body, "node"),
+            _str(body, "state"),
+            _int(body, "bytes"),
+            claim,
         )
         self._changed(edge)
         return web.json_response(_edge_json(edge, rec))
@@ -591,8 +621,12 @@ class DiscoveryApp:
         mode = _str(body, "mode")
         if mode not in ("transient", "persistent"):
             raise BadRequest("field 'mode' must be transient or persistent")
-        rec = self.store.set_mode(
-            edge, _int(body, "generation"), mode, _str(body, "reason", required=False)
+        rec = await self._do(
+            self.store.set_mode,
+            edge,
+            _int(body, "generation"),
+            mode,
+            _str(body, "reason", required=False),
         )
         self._changed(edge)
         return web.json_response(_edge_json(edge, rec))
@@ -603,8 +637,13 @@ class DiscoveryApp:
         complete = body.get("complete", True)
         if not isinstance(complete, bool):
             raise BadRequest("field 'complete' must be true or false")
-        rec = self.store.restore_writer(
-            edge, _int(body, "generation"), _str(body, "node"), _str(body, "endpoint"), complete
+        rec = await self._do(
+            self.store.restore_writer,
+            edge,
+            _int(body, "generation"),
+            _str(body, "node"),
+            _str(body, "endpoint"),
+            complete,
         )
         self._changed(edge)
         return web.json_response(_edge_json(edge, rec))
@@ -612,7 +651,7 @@ class DiscoveryApp:
     async def progress(self, request: web.Request) -> web.Response:
         edge = _edge_id(request)
         body = await _body(request)
-        self.store.progress(edge, _int(body, "bytes"))
+        await self._do(self.store.progress, edge, _int(body, "bytes"))
         return web.json_response({"id": edge})
 
     async def node_event(self, request: web.Request) -> web.Response:
@@ -625,7 +664,7 @@ class DiscoveryApp:
         if not isinstance(data, dict) or not _bounded(data):
             raise BadRequest("field 'data' must be an object of strings, numbers and booleans")
         data = cap_event_data(data)
-        self.store.record(edge, kind, data)
+        await self._do(self.store.record, edge, kind, data)
         self._changed(edge)
         return web.json_response({"id": edge})
 
@@ -638,7 +677,7 @@ class DiscoveryApp:
         elif last_id:
             raise BadRequest("header 'Last-Event-ID' must be an event number")
         if after < 0:
-            after = self.store.last_seq()  # only what happens from now on
+            after = await self._do(self.store.last_seq)  # only what happens from now on
         if self.subscribers >= self.limits.max_subscribers:
             return web.json_response(
                 {"error": f"too many event-stream subscribers ({self.subscribers})"}, status=503
@@ -656,29 +695,29 @@ class DiscoveryApp:
         await resp.prepare(request)
         await resp.write(b"retry: 1000\n\n")
         while True:
-            for event in self.store.events(after):
+            for event in await self._do(self.store.events, after):
                 payload = json.dumps(event.to_json())
                 await resp.write(
                     f"id: {event.seq}\nevent: {event.kind}\ndata: {payload}\n\n".encode()
                 )
                 after = event.seq
             await self.changes.wait_until(functools.partial(self._newer_than, after), 15.0)
-            if self.store.last_seq() <= after:
+            if await self._do(self.store.last_seq) <= after:
                 await resp.write(b": keep-alive\n\n")
 
-    def _newer_than(self, seq: int) -> bool:
-        return self.store.last_seq() > seq
+    async def _newer_than(self, seq: int) -> bool:
+        return await self._do(self.store.last_seq) > seq
 
     async def events(self, request: web.Request) -> web.Response:
         after = int(_query_number(request, "after", 0, 2**62))
         wait = _query_number(request, "wait", 0.0, MAX_WAIT)
         if wait > 0:
-            await self.changes.wait_until(lambda: self.store.last_seq() > after, wait)
-        events = self.store.events(after)
+            await self.changes.wait_until(functools.partial(self._newer_than, after), wait)
+        events = await self._do(self.store.events, after)
         # "last" is where the next request continues: the last event returned (more may
         # be pending beyond one page), or the head when there is nothing after ``after``
         # (also when the log restarted below it).
-        last = events[-1].seq if events else self.store.last_seq()
+        last = events[-1].seq if events else await self._do(self.store.last_seq)
         return web.json_response({"events": [e.to_json() for e in events], "last": last})
 
 

@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 RETENTION = 3600.0  # seconds a delivered edge stays visible in status and /v1/edges
 
 
-def prune_once(app: DiscoveryApp, retention: float) -> int:
-    pruned = app.store.prune(time.time() - retention)
+async def prune_once(app: DiscoveryApp, retention: float) -> int:
+    pruned = await app._do(app.store.prune, time.time() - retention)
     loop_now = asyncio.get_running_loop().time()
     for node in list(app.lost):
         if loop_now - app.last_seen.get(node, loop_now - retention - 1) > retention:
@@ -39,6 +39,6 @@ async def prune_forever(app: DiscoveryApp, retention: float) -> None:
     while True:
         await asyncio.sleep(min(60.0, max(retention / 10, 0.1)))
         try:
-            prune_once(app, retention)
+            await prune_once(app, retention)
         except Exception:  # the store is unreachable for a moment: try again later
             log.exception("pruning history failed")
