@@ -327,7 +327,9 @@ async def _await_opener(fifo: FifoReader) -> bool:
     nap, start, absent = 0.0002, trio.current_time(), 0
     opened = False
     while True:
-        if fifokeeper.holds(reader.pid, name, fifo.ino):
+        # The process's descriptors: the opening thread (``reader.pid``) may be gone while
+        # the program holds its read end (a worker thread opened it, then exited).
+        if fifokeeper.holds(reader.tgid, name, fifo.ino):
             opened = True
             break
         await trio.sleep(nap)
@@ -361,6 +363,10 @@ async def feed(node: Node, fifo: FifoReader, keeper: fifokeeper.Keeper) -> None:
         opened = fifo.fd is not None and await _await_opener(fifo)
         if not opened or fifo.fd is None:
             log.info("edge %s: the opener never opened its FIFO", reader.edge)
+            if fifo.fd is not None:
+                # Never EOF to a program we did not see open it (a holder we missed, or
+                # one that got the descriptor since): whoever holds it dies instead.
+                await trio.to_thread.run_sync(fifokeeper.kill_holders, reader.edge.hex, fifo.ino)
             settled = True
             return  # not "no more": the stream stays for another reader
         fd = fifo.fd

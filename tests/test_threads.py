@@ -12,7 +12,15 @@ import sys
 import time
 from pathlib import Path
 
-from .conftest import Pair, Programs, in_fuse_request, needs_fuse, sha_file, wait_for
+from .conftest import (
+    Pair,
+    Programs,
+    in_fuse_request,
+    needs_fuse,
+    sha_file,
+    wait_for,
+    waiting_to_read,
+)
 
 pytestmark = needs_fuse
 
@@ -130,7 +138,7 @@ def test_a_reader_thread_that_exits_before_its_process_is_not_a_dead_reader(
         out = tmp_path / f"out-{mode}"
         reader = _program(programs, READER, r, str(out), mode)
         assert reader.stdout is not None and reader.stdout.readline() == b"thread gone\n"
-        wait_for(functools.partial(in_fuse_request, reader.pid), 10, "the main thread blocked")
+        wait_for(functools.partial(waiting_to_read, reader.pid), 10, "the main thread blocked")
         time.sleep(1.0)  # several signal checks while it waits for a writer
         writer = programs.start(f"cat {src} > {w}")
         got, err = reader.communicate(timeout=30)
