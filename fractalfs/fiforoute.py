@@ -130,6 +130,15 @@ def wants_fifo_writer(pid: int, flags: int | None) -> bool:
     return not _fsyncs(pid)
 
 
+def is_own_child(pid: int) -> bool:
+    """Whether ``pid`` is a child process of this daemon (its warm-up of ``.fifo``)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[1]) == os.getpid()
+    except (OSError, ValueError, IndexError):
+        return False
+
+
 def is_own_thread(tid: int) -> bool:
     return os.path.exists(f"/proc/{os.getpid()}/task/{tid}")
 

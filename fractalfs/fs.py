@@ -29,6 +29,7 @@ import functools
 import logging
 import os
 import stat
+import subprocess
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -240,7 +241,9 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         if name in (b".", b".."):
             return self._attrs(ROOT)
-        if name == fiforoute.FIFO_DIR and fiforoute.is_own_thread(ctx.pid):
+        if name == fiforoute.FIFO_DIR and (
+            fiforoute.is_own_thread(ctx.pid) or fiforoute.is_own_child(ctx.pid)
+        ):
             return self._attrs(self._fifo_dir)
         if name.startswith(fiforoute.HIDDEN) and fiforoute.is_own_thread(ctx.pid):
             ino = int(name[len(fiforoute.HIDDEN) :])
@@ -317,10 +320,17 @@ class Operations(pyfuse3.Operations):
         """Looks ``MOUNT/.fifo`` up once, from a worker thread: its entry stays cached (its
         entry timeout is long), so opening a reader FIFO under it never waits for the
         root's lookup lock (see fiforoute.prepare). Until then readers stay on FUSE."""
+        # From a child process, not a thread of ours: a daemon killed while one of its own
+        # threads waits in a request to its mount can never exit (the thread waits for an
+        # answer only the dead daemon could give) and its mount hangs instead of failing.
+        path = os.path.join(self.node.config.mountpoint, fiforoute.FIFO_DIR.decode())
         try:
-            os.stat(os.path.join(self.node.config.mountpoint, fiforoute.FIFO_DIR.decode()))
-        except OSError as exc:
+            looked = subprocess.run(["test", "-d", path], timeout=30, check=False)
+        except (OSError, subprocess.SubprocessError) as exc:
             log.warning("reader FIFOs off: %s", exc)
+            return
+        if looked.returncode != 0:
+            log.warning("reader FIFOs off: %s cannot be looked up", path)
             return
         self._fifo_dir_warm = True
 
