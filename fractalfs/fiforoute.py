@@ -278,7 +278,8 @@ class FifoReader:
         the same open must get the same FIFO (see :meth:`Fifo.unopened_by`)."""
         if self.done or self.opened or pid != self.reader.pid:
             return False
-        return not fifokeeper.holds(pid, self.reader.edge.hex, self.ino)
+        mnt = fifokeeper.mount_of(self.fd) if self.fd is not None else None
+        return not fifokeeper.holds(pid, self.reader.edge.hex, self.ino, mnt)
 
     def backlog(self) -> int:
         fd = self.fd
@@ -326,8 +327,9 @@ async def _await_opener(fifo: FifoReader) -> bool:
     name = reader.edge.hex
     nap, start, absent = 0.0002, trio.current_time(), 0
     opened = False
+    mnt = fifokeeper.mount_of(fifo.fd) if fifo.fd is not None else None
     while True:
-        if fifokeeper.holds(reader.pid, name, fifo.ino):
+        if fifokeeper.holds(reader.pid, name, fifo.ino, mnt):
             opened = True
             break
         await trio.sleep(nap)
@@ -378,7 +380,7 @@ async def feed(node: Node, fifo: FifoReader, keeper: fifokeeper.Keeper) -> None:
             )
         else:
             killed = await trio.to_thread.run_sync(
-                fifokeeper.kill_holders, reader.edge.hex, fifo.ino
+                fifokeeper.kill_holders, reader.edge.hex, fifo.ino, fifokeeper.mount_of(fd)
             )
             log.warning(
                 "edge %s: reader FIFO: %s; killed %d reading program(s)",
