@@ -31,9 +31,24 @@ log = logging.getLogger(__name__)
 KILL_FOR = 2.0  # seconds to keep killing holders until none is left
 
 
-def holds(pid: int, name: str, ino: int) -> bool:
+def mount_of(fd: int) -> int | None:
+    """The mount id of this process's open file ``fd`` (fdinfo ``mnt_id``), or None."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
+            for line in f.read().splitlines():
+                if line.startswith(b"mnt_id:"):
+                    return int(line.split(b":", 1)[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def holds(pid: int, name: str, ino: int, mnt: int | None = None) -> bool:
     """Whether ``pid`` holds a read end of the FIFO inode ``ino`` whose path ends in
-    ``/name`` (link text, then fdinfo: never a stat through the link)."""
+    ``/name`` (link text, then fdinfo: never a stat through the link). An inode number
+    names an inode only within one mount (another fractalfs mount numbers its inodes
+    alike, any file elsewhere may be called ``name``): with ``mnt`` (:func:`mount_of` of
+    the daemon's own end) the fdinfo ``mnt_id`` must match too."""
     base = f"/proc/{pid}/fd"
     try:
         fds = os.listdir(base)
@@ -52,13 +67,16 @@ def holds(pid: int, name: str, ino: int) -> bool:
                 continue
             if seen_ino is not None and int(seen_ino.strip()) != ino:
                 continue
+            seen_mnt = info.get(b"mnt_id")
+            if mnt is not None and (seen_mnt is None or int(seen_mnt.strip()) != mnt):
+                continue
         except (OSError, ValueError):
             continue
         return True
     return False
 
 
-def holders(name: str, ino: int) -> set[int]:
+def holders(name: str, ino: int, mnt: int | None = None) -> set[int]:
     """Processes (other than this one) holding a read end of the FIFO inode ``ino`` whose
     path ends in ``/name``."""
     me = os.getpid()
@@ -66,16 +84,16 @@ def holders(name: str, ino: int) -> set[int]:
         pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
     except OSError:
         return set()
-    return {pid for pid in pids if pid != me and holds(pid, name, ino)}
+    return {pid for pid in pids if pid != me and holds(pid, name, ino, mnt)}
 
 
-def kill_holders(name: str, ino: int, sleep: float = 0.01) -> int:
+def kill_holders(name: str, ino: int, mnt: int | None = None, sleep: float = 0.01) -> int:
     """SIGKILLs every holder of the read end, again until none is left (a holder may have
     forked meanwhile); returns how many were killed."""
     killed: set[int] = set()
     deadline = time.monotonic() + KILL_FOR
     while True:
-        found = holders(name, ino)
+        found = holders(name, ino, mnt)
         if not found:
             break
         for pid in found:
@@ -183,7 +201,7 @@ def main(fd: int) -> None:
                 os.close(end[0])
     # The daemon is gone: no stream still held here may ever look complete.
     for ino, (wfd, name) in ends.items():
-        n = kill_holders(name, ino)
+        n = kill_holders(name, ino, mount_of(wfd))
         if n:
             print(f"fractalfs fifokeeper: killed {n} reader(s) of {name}", file=sys.stderr)
         os.close(wfd)

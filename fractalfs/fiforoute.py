@@ -287,7 +287,8 @@ class FifoReader:
         the same open must get the same FIFO (see :meth:`Fifo.unopened_by`)."""
         if self.done or self.opened or pid != self.reader.pid:
             return False
-        return not fifokeeper.holds(pid, self.reader.edge.hex, self.ino)
+        mnt = fifokeeper.mount_of(self.fd) if self.fd is not None else None
+        return not fifokeeper.holds(pid, self.reader.edge.hex, self.ino, mnt)
 
     def backlog(self) -> int:
         fd = self.fd
@@ -335,10 +336,11 @@ async def _await_opener(fifo: FifoReader) -> bool:
     name = reader.edge.hex
     nap, start, absent = 0.0002, trio.current_time(), 0
     opened = False
+    mnt = fifokeeper.mount_of(fifo.fd) if fifo.fd is not None else None
     while True:
         # The process's descriptors: the opening thread (``reader.pid``) may be gone while
         # the program holds its read end (a worker thread opened it, then exited).
-        if fifokeeper.holds(reader.tgid, name, fifo.ino):
+        if fifokeeper.holds(reader.tgid, name, fifo.ino, mnt):
             opened = True
             break
         await trio.sleep(nap)
@@ -375,7 +377,12 @@ async def feed(node: Node, fifo: FifoReader, keeper: fifokeeper.Keeper) -> None:
             if fifo.fd is not None:
                 # Never EOF to a program we did not see open it (a holder we missed, or
                 # one that got the descriptor since): whoever holds it dies instead.
-                await trio.to_thread.run_sync(fifokeeper.kill_holders, reader.edge.hex, fifo.ino)
+                await trio.to_thread.run_sync(
+                    fifokeeper.kill_holders,
+                    reader.edge.hex,
+                    fifo.ino,
+                    fifokeeper.mount_of(fifo.fd),
+                )
             settled = True
             return  # not "no more": the stream stays for another reader
         fd = fifo.fd
@@ -393,7 +400,7 @@ async def feed(node: Node, fifo: FifoReader, keeper: fifokeeper.Keeper) -> None:
             )
         else:
             killed = await trio.to_thread.run_sync(
-                fifokeeper.kill_holders, reader.edge.hex, fifo.ino
+                fifokeeper.kill_holders, reader.edge.hex, fifo.ino, fifokeeper.mount_of(fd)
             )
             log.warning(
                 "edge %s: reader FIFO: %s; killed %d reading program(s)",
