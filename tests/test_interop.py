@@ -61,7 +61,9 @@ def duo(
     )
     nodes = []
     try:
-        for name in ("a", "b"):
+        # Not "a" and "b": the session's shared nodes go by those names on the same
+        # discovery, and two live daemons of one name take turns being "restarted".
+        for name in ("ia", "ib"):
             spill = workdir / f"spill-{name}"
             extra = ["--spill-dir", str(spill), "--config", str(config)]
             node = Node(workdir, name, shared_discovery.url, extra=extra)
