@@ -113,7 +113,6 @@ class Operations(pyfuse3.Operations):
         self._last_ino += 1
         self._fifo_dir = self._last_ino  # MOUNT/.fifo: the daemon's reader FIFOs
         self._fifo_dir_warm = False  # its entry is cached (warm_fifo_dir)
-        self._warming = False
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._dir_uids: dict[int, int] = {}  # open directory handle -> the uid listing it
@@ -418,9 +417,6 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        if self.node.config.fifo_readers and not self._fifo_dir_warm and not self._warming:
-            self._warming = True  # start-up asks statfs first
-            self.node.spawn(trio.to_thread.run_sync, self.warm_fifo_dir)
         data = pyfuse3.StatvfsData()
         data.f_bsize = data.f_frsize = 1 << 20
         data.f_namemax = 255

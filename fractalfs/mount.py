@@ -168,7 +168,7 @@ async def serve(
                 f"fractalfs: {config.mountpoint} mounted (node {config.node}, "
                 f"data {endpoint}, discovery {discovery_url})"
             )
-            nursery.start_soon(_announce_when_answering, config.mountpoint, line, ready)
+            nursery.start_soon(_announce_when_answering, ops, line, ready)
             await pyfuse3.main(max_tasks=config.max_tasks)
             log.info("FUSE session ended; stopping")
             notify("STOPPING=1")
@@ -184,10 +184,18 @@ async def serve(
 
 
 async def _announce_when_answering(
-    mountpoint: str, line: str, ready: Callable[[str], None] | None
+    ops: Operations, line: str, ready: Callable[[str], None] | None
 ) -> None:
-    """READY only once the mount answers a request (served by this very loop)."""
-    await trio.to_thread.run_sync(os.statvfs, mountpoint)
+    """READY only once the mount answers a request (served by this very loop) and, with
+    reader FIFOs on, once ``MOUNT/.fifo`` is looked up (until then readers stay on FUSE).
+    Both from child processes, never a thread of ours: a daemon killed while one of its own
+    threads waits in a request to its mount can never exit, and its mount would hang."""
+    mountpoint = ops.node.config.mountpoint
+    await trio.run_process(
+        ["stat", "-f", "-c", "", mountpoint], stdout=subprocess.DEVNULL, check=False
+    )
+    if ops.node.config.fifo_readers:
+        await trio.to_thread.run_sync(ops.warm_fifo_dir)
     if ready is not None:
         ready(line)
     notify("READY=1")
