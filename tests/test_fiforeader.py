@@ -8,9 +8,13 @@ from __future__ import annotations
 import os
 import signal
 import stat
+import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+from fractalfs.testing import Node
 
 from .conftest import (
     Cluster,
@@ -29,6 +33,27 @@ pytestmark = needs_fuse
 
 SLOWCAT = [sys.executable, str(Path(__file__).with_name("slowcat.py"))]
 MiB = 1 << 20
+
+
+def _paused_stream(
+    cluster: Cluster, programs: Programs, tmp_path: Path, total: int, **reader_node: Any
+) -> tuple[Node, subprocess.Popen[bytes], subprocess.Popen[bytes], Path]:
+    """A writer on node a paused after its first MiB of ``total`` random bytes, and a
+    ``cat`` reader on node b (``reader_node``: its options) that has that MiB. Returns
+    node b, the writer, the reader and the reader's output."""
+    cluster.start_discovery()
+    a = cluster.node("a")
+    b = cluster.node("b", **reader_node)
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(total))
+    edge = new_edge()
+    cmd = " ".join([*SLOWCAT, str(src), a.path(edge), "--pause-after", str(MiB)])
+    writer = programs.start(f"exec {cmd}")
+    assert writer.stdout is not None and writer.stdout.readline() == b"paused\n"
+    out = tmp_path / "out"
+    reader = programs.start(f"exec cat {b.path(edge)} > {out}")
+    wait_for(lambda: size(out) >= MiB, 10, "the first MiB")
+    return b, writer, reader, out
 
 
 def test_an_open_reader_sees_a_fifo_and_stat_the_regular_file(pair: Pair) -> None:
@@ -88,18 +113,7 @@ def test_a_reader_whose_daemon_is_killed_mid_stream_is_killed_not_given_eof(
 ) -> None:
     """The keeper holds the FIFO's write end past the daemon's death and kills the reader:
     a program must never exit 0 with a short stream."""
-    cluster.start_discovery()
-    a = cluster.node("a")
-    b = cluster.node("b")
-    src = tmp_path / "src"
-    src.write_bytes(os.urandom(4 * MiB))
-    edge = new_edge()
-    cmd = " ".join([*SLOWCAT, str(src), a.path(edge), "--pause-after", str(MiB)])
-    writer = programs.start(f"exec {cmd}")
-    assert writer.stdout is not None and writer.stdout.readline() == b"paused\n"
-    out = tmp_path / "out"
-    reader = programs.start(f"exec cat {b.path(edge)} > {out}")
-    wait_for(lambda: size(out) >= MiB, 10, "the first MiB")
+    b, writer, reader, _out = _paused_stream(cluster, programs, tmp_path, 4 * MiB)
     wait_for(lambda: waiting_to_read(reader.pid), 5, "the reader waiting for more")
     b.kill()
     reader.communicate(timeout=10)
@@ -113,18 +127,9 @@ def test_a_failed_stream_kills_its_reader(
 ) -> None:
     """No re-run writer within the writer-lost timeout: a FUSE reader gets EIO, a FIFO
     reader is killed (a FIFO has no way to carry the error, and EOF would be the end)."""
-    cluster.start_discovery()
-    a = cluster.node("a")
-    b = cluster.node("b", extra=["--writer-lost-timeout", "1"])
-    src = tmp_path / "src"
-    src.write_bytes(os.urandom(2 * MiB))
-    edge = new_edge()
-    cmd = " ".join([*SLOWCAT, str(src), a.path(edge), "--pause-after", str(MiB)])
-    writer = programs.start(f"exec {cmd}")
-    assert writer.stdout is not None and writer.stdout.readline() == b"paused\n"
-    out = tmp_path / "out"
-    reader = programs.start(f"exec cat {b.path(edge)} > {out}")
-    wait_for(lambda: size(out) >= MiB, 10, "the first MiB")
+    _b, writer, reader, out = _paused_stream(
+        cluster, programs, tmp_path, 2 * MiB, extra=["--writer-lost-timeout", "1"]
+    )
     os.kill(writer.pid, signal.SIGKILL)  # a failed generation; no re-run comes
     reader.communicate(timeout=20)
     assert reader.returncode == -signal.SIGKILL
@@ -136,18 +141,7 @@ def test_a_reader_whose_daemon_stops_mid_stream_is_killed(
 ) -> None:
     """SIGTERM to the reader's daemon: a FUSE reader gets EIO; a FIFO reader of a stream
     that is not complete is killed before the daemon lets its write end go."""
-    cluster.start_discovery()
-    a = cluster.node("a")
-    b = cluster.node("b")
-    src = tmp_path / "src"
-    src.write_bytes(os.urandom(2 * MiB))
-    edge = new_edge()
-    cmd = " ".join([*SLOWCAT, str(src), a.path(edge), "--pause-after", str(MiB)])
-    writer = programs.start(f"exec {cmd}")
-    assert writer.stdout is not None and writer.stdout.readline() == b"paused\n"
-    out = tmp_path / "out"
-    reader = programs.start(f"exec cat {b.path(edge)} > {out}")
-    wait_for(lambda: size(out) >= MiB, 10, "the first MiB")
+    b, writer, reader, _out = _paused_stream(cluster, programs, tmp_path, 2 * MiB)
     b.stop()
     reader.communicate(timeout=10)
     assert reader.returncode == -signal.SIGKILL
