@@ -27,7 +27,7 @@ from typing import Protocol
 
 import trio
 
-from . import codec, handshake
+from . import codec, handshake, procs
 from .codec import AbortReason
 from .edges import Diverged, ReaderEnd, ReaderState, WriterEnd, WriterState
 from .edgestate import PullOutcome
@@ -458,7 +458,11 @@ async def _receive(sock: Conn, reader: ReaderEnd, offset: int) -> Result:
                 elif isinstance(event, codec.End):
                     reader.check_end(event.total)
                     reader.finish()
-                    await send_all(sock, [handshake.control(Control.END_ACK, event.total)])
+                    consumed = await until_consumed(reader, event.total)
+                    if consumed:
+                        await send_all(sock, [handshake.control(Control.END_ACK, event.total)])
+                    elif procs.reader_closed_early(reader.exit_status):
+                        await send_all(sock, [handshake.control(Control.CLOSE, reader.consumed)])
                     return Result(PullOutcome.END)
                 elif isinstance(event, codec.Abort):
                     return Result(_ABORTS[event.reason], f"{event.reason.name}: {event.message}")
@@ -468,6 +472,23 @@ async def _receive(sock: Conn, reader: ReaderEnd, offset: int) -> Result:
         if unacked >= ACK_EVERY and (unacked >= ACK_MAX or heard - acked_at >= ACK_GAP):
             acked, acked_at = decoder.offset, heard
             await send_all(sock, [handshake.control(Control.ACK, acked)])
+
+
+async def until_consumed(reader: ReaderEnd, total: int) -> bool:
+    """The END frame arrived: waits until the program has consumed all ``total`` bytes
+    (True), or its file was closed or released first (False).
+
+    Only then is the stream delivered (END_ACK), and only then may the writer's daemon
+    forget a transient end whose bytes it freed as they were received. Until then those
+    bytes live only in this daemon (its read buffer, the reader's FIFO): if it dies, the
+    writer's daemon, still holding the end, fails the generation so that a re-run of the
+    writer can produce them again. Acknowledged at receipt, the end was gone by then, and
+    the generation stayed "complete" with its bytes lost."""
+    while reader.consumed < total:
+        if reader.released or reader.state is ReaderState.CLOSED:
+            return False
+        await reader.changed.wait()
+    return True
 
 
 async def _timed_out(sock: Conn, offset: int, heard: float) -> tuple[int, float]:
@@ -514,7 +535,10 @@ async def pull_local(
             if writer.state is WriterState.COMPLETE:
                 reader.check_end(writer.end)
                 reader.finish()
-                writer.on_end_acked(writer.end)
+                if await until_consumed(reader, writer.end):
+                    writer.on_end_acked(writer.end)
+                elif procs.reader_closed_early(reader.exit_status):
+                    writer.on_reader_closed()
                 return Result(PullOutcome.END)
             if writer.state is WriterState.FAILED:
                 return Result(PullOutcome.GONE, "the writing program failed")

@@ -236,7 +236,10 @@ class WriterEnd:
             return True
         # Not "acked >= end": for an empty stream that holds before any reader came. An
         # END_ACK lost with its connection is made up for by discovery's "reader done".
-        return self.state is WriterState.COMPLETE and (self.end_acked or self.delivered)
+        # A reader that closed early after the END frame wants no more either.
+        return self.state is WriterState.COMPLETE and (
+            self.end_acked or self.delivered or self.reader_closed
+        )
 
     async def write(self, data: bytes, poll: float) -> int:
         entered = trio.current_time()
@@ -615,6 +618,7 @@ class ReaderEnd:
 
     def on_released(self) -> None:
         self.released = True
+        self.changed.notify()  # a pull waiting to acknowledge the end (until_consumed)
 
     def attach_pump(self, scope: trio.CancelScope) -> None:
         """The task filling this end; :meth:`close` cancels it."""

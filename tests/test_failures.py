@@ -265,10 +265,13 @@ def test_reader_daemon_killed_after_its_writer_finished_fails_the_generation(
     c = cluster.node("c", extra=["--writer-lost-timeout", "20"])
     edge = new_edge()
     src = tmp_path / "src"
-    src.write_bytes(os.urandom(10 * MiB))  # under read buffer + window: the writer finishes
+    # Under the read buffer: the reader's daemon receives every byte and the END frame
+    # (which it used to acknowledge at once, so the writer's daemon forgot the end).
+    src.write_bytes(os.urandom(3 * MiB))
     slow = f"import time; f = open({c.path(edge)!r}, 'rb'); f.read({MiB}); time.sleep(60)"
     reader = programs.start(f"exec {sys.executable} -c {shlex.quote(slow)}")
     sh(f"cat {src} > {a.path(edge)}", timeout=20)  # exit 0: the generation is complete
+    time.sleep(1.0)  # the END frame reaches the reader's daemon
     c.kill()
     os.killpg(reader.pid, signal.SIGKILL)  # its program goes with it
     reader.communicate(timeout=10)
