@@ -623,7 +623,9 @@ class Node:
     ) -> dataplane.Result:
         local = self.writer_for(reader.edge)
         if action.node == self.name and local is not None and local.generation == action.generation:
-            return await dataplane.pull_local(reader, local, action.replay, on_connected)
+            result = await dataplane.pull_local(reader, local, action.replay, on_connected)
+            self._reap(reader.edge)  # delivered, or closed early: no data connection reaps it
+            return result
         return await dataplane.pull(
             reader,
             action.endpoint,

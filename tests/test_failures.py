@@ -332,3 +332,22 @@ def test_an_open_waiting_for_discovery_can_be_interrupted(
         proc.send_signal(signal.SIGTERM)
     for proc in (writer, reader):
         assert proc.wait(timeout=3) == -signal.SIGTERM
+
+
+def test_same_node_early_close_after_the_end_lets_the_writer_end_go(
+    cluster: Cluster, programs: Programs, tmp_path: Path
+) -> None:
+    """A reader on the writer's node closes early (head -c) after the END arrived: the
+    writer's end is done (no reader wants more), yet nothing reaped it on the same-node
+    path (the TCP path reaps when its connection ends): the edge stayed listed, and held,
+    on the node for good, one per such edge."""
+    cluster.start_discovery()
+    a = cluster.node("a")
+    edge = new_edge()
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(3 * MiB))
+    sh(f"cat {src} > {a.path(edge)}", timeout=20)
+    got = sh(f"head -c 10 {a.path(edge)}", timeout=20).stdout
+    assert got == src.read_bytes()[:10]
+    wait_for(lambda: cluster.edge(edge).get("reader_state") == "closed", 5, "reader released")
+    wait_for(lambda: edge not in os.listdir(a.mountpoint), 5, "the done writer end reaped")
