@@ -624,6 +624,15 @@ class Node:
         local = self.writer_for(reader.edge)
         if action.node == self.name and local is not None and local.generation == action.generation:
             result = await dataplane.pull_local(reader, local, action.replay, on_connected)
+            first = local.spill.start if local.spill is not None else local.base
+            if (
+                result.outcome is PullOutcome.GONE
+                and reader.stream_pos < first
+                and local.state in (WriterState.OPEN, WriterState.COMPLETE)
+            ):
+                # As a data connection's BAD_OFFSET does (DataServer._serve): a re-run
+                # reader wants bytes already taken and freed; only a re-run writer has them.
+                self._lose_freed_prefix(local, "the reader restarted")
             self._reap(reader.edge)  # delivered, or closed early: no data connection reaps it
             return result
         return await dataplane.pull(

@@ -334,6 +334,41 @@ def test_an_open_waiting_for_discovery_can_be_interrupted(
         assert proc.wait(timeout=3) == -signal.SIGTERM
 
 
+def test_same_node_rerun_reader_after_a_killed_one_fails_the_generation(
+    cluster: Cluster, programs: Programs, tmp_path: Path
+) -> None:
+    """Transient, writer and reader on one node: the writing program finished, its reader
+    was killed after the END (bytes it had not read were freed as the same-node pull took
+    them). A re-run reader asks for offset 0. Over TCP that fails the generation
+    (BAD_OFFSET); the same-node pull only gave the generation up on this reader's side:
+    discovery said "complete" for good, nothing asked for a re-run of the writer, and the
+    re-run reader waited for --writer-lost-timeout, then was killed."""
+    cluster.start_discovery()
+    a = cluster.node("a", extra=["--writer-lost-timeout", "20"])
+    edge = new_edge()
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(3 * MiB))  # under the read buffer: the END is taken at once
+    slow = f"import time; f = open({a.path(edge)!r}, 'rb'); f.read({MiB}); time.sleep(60)"
+    reader = programs.start(f"exec {sys.executable} -c {shlex.quote(slow)}")
+    sh(f"cat {src} > {a.path(edge)}", timeout=20)  # exit 0: the generation is complete
+    wait_for(lambda: cluster.edge(edge).get("writer_state") == "complete", 5, "complete")
+    time.sleep(0.5)
+    os.killpg(reader.pid, signal.SIGKILL)  # not an early close: a failure
+    reader.communicate(timeout=10)
+    wait_for(lambda: cluster.edge(edge).get("reader_state") == "closed", 5, "reader released")
+    out = tmp_path / "out"
+    reader2 = programs.start(f"cat {a.path(edge)} > {out}")
+    wait_for(
+        lambda: cluster.edge(edge).get("writer_state") == "failed",
+        5,
+        "the complete generation failed in discovery",
+    )
+    sh(f"cat {src} > {a.path(edge)}")  # the re-run writer
+    _, err = reader2.communicate(timeout=30)
+    assert reader2.returncode == 0, err
+    assert sha_file(out) == sha_file(src)
+
+
 def test_same_node_early_close_after_the_end_lets_the_writer_end_go(
     cluster: Cluster, programs: Programs, tmp_path: Path
 ) -> None:
