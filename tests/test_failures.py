@@ -386,3 +386,39 @@ def test_same_node_early_close_after_the_end_lets_the_writer_end_go(
     assert got == src.read_bytes()[:10]
     wait_for(lambda: cluster.edge(edge).get("reader_state") == "closed", 5, "reader released")
     wait_for(lambda: edge not in os.listdir(a.mountpoint), 5, "the done writer end reaped")
+
+
+def test_daemon_killed_with_both_ends_fails_the_complete_generation(
+    cluster: Cluster, programs: Programs, tmp_path: Path
+) -> None:
+    """Transient, writer and reader on one node: the writing program finished (exit 0),
+    its reader had not read it all, and the daemon dies: the keeper kills the reader, and
+    the bytes are gone with the daemon. Nothing failed the generation: discovery said
+    "complete" for good, so nothing asked for a re-run of the writer, and a re-run reader
+    waited --writer-lost-timeout, then was killed. Discovery now fails it when the node
+    comes back as a new run (or leaves)."""
+    cluster.start_discovery()
+    a = cluster.node("a", extra=["--writer-lost-timeout", "20"])
+    edge = new_edge()
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(3 * MiB))
+    slow = f"import time; f = open({a.path(edge)!r}, 'rb'); f.read({MiB}); time.sleep(60)"
+    reader = programs.start(f"exec {sys.executable} -c {shlex.quote(slow)}")
+    sh(f"cat {src} > {a.path(edge)}", timeout=20)  # exit 0: the generation is complete
+    wait_for(lambda: cluster.edge(edge).get("writer_state") == "complete", 5, "complete")
+    a.kill()
+    reader.communicate(timeout=10)
+    assert reader.returncode == -signal.SIGKILL  # the keeper: never EOF of a lost stream
+    a = cluster.node("a", extra=["--writer-lost-timeout", "20"])
+    wait_for(
+        lambda: cluster.edge(edge).get("writer_state") == "failed",
+        5,
+        "the complete generation failed in discovery",
+    )
+    out = tmp_path / "out"
+    reader2 = programs.start(f"cat {a.path(edge)} > {out}")
+    time.sleep(0.5)
+    sh(f"cat {src} > {a.path(edge)}")  # the re-run writer
+    _, err = reader2.communicate(timeout=30)
+    assert reader2.returncode == 0, err
+    assert sha_file(out) == sha_file(src)

@@ -6,6 +6,7 @@ Keys under one prefix (default ``fractalfs/``)::
     ev/<time><rand>   one event (JSON); its create revision is the event's ``seq``
     head              rewritten with every event: its mod revision is the newest event's seq
     h/<node>/<edge>:w an index: <node> holds an open writer (":r" reader) of <edge>
+    u/<node>/<edge>   an index: <node> wrote <edge> complete, not read whole yet (undelivered)
     n/<node>          a live node: {"boot", "lease"}, attached to the node's lease
 
 Every change is a read, then one transaction that compares the edge key's mod revision with
@@ -41,7 +42,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from .store import READER_STATES, Conflict, Edge, Event, NotFound
+from .store import READER_STATES, Conflict, Edge, Event, NotFound, undelivered
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +265,12 @@ class EtcdStore:
         keys = self.gateway.range(start, prefix_end(start), keys_only=True)
         return sorted({_unb64(kv["key"])[len(start) :].split(":")[0] for kv in keys})
 
+    def _undelivered_by(self, node: str) -> list[str]:
+        """The edges ``node`` wrote complete that no reader read whole (store.undelivered)."""
+        start = f"{self.prefix}u/{node}/"
+        keys = self.gateway.range(start, prefix_end(start), keys_only=True)
+        return sorted(_unb64(kv["key"])[len(start) :] for kv in keys)
+
     def _index_ops(self, old: Edge | None, new: Edge | None) -> list[dict[str, Any]]:
         def held(e: Edge | None) -> set[str]:
             if e is None:
@@ -273,6 +280,8 @@ class EtcdStore:
                 out.add(f"{self.prefix}h/{e.writer_node}/{e.id}:w")
             if e.reader_state == "open" and e.reader_node:
                 out.add(f"{self.prefix}h/{e.reader_node}/{e.id}:r")
+            if undelivered(e) and e.writer_node:
+                out.add(f"{self.prefix}u/{e.writer_node}/{e.id}")
             return out
 
         before, after = held(old), held(new)
@@ -439,6 +448,17 @@ class EtcdStore:
                     return "reader-lost", {"node": node, "cause": cause}, {"reader_state": "lost"}
 
                 changed.append(self._mutate(e.id, reader_lost))
+        if cause != "silent":  # see store.Store.node_lost
+            why = f"node {node} {cause} before a reader read the whole stream"
+            for e in self._many(self._undelivered_by(node)).values():
+
+                def lost_stream(cur: Edge) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
+                    if cur.writer_node != node or not undelivered(cur):
+                        return None
+                    data = {"generation": cur.generation, "bytes": cur.bytes_written, "reason": why}
+                    return "failed", data, {"writer_state": "failed", "reason": why}
+
+                changed.append(self._mutate(e.id, lost_stream))
         return changed
 
     def _many(self, edges: list[str]) -> dict[str, Edge]:

@@ -62,6 +62,19 @@ READER_STATES = frozenset(ReaderState)
 EVENTS_KEPT = 100_000
 
 
+def undelivered(edge: Edge) -> bool:
+    """A complete generation whose bytes its writer's daemon still had to keep: not
+    persistent (a spill is served again after a restart, see ``restore_writer``), and no
+    reader read it whole ("done") or said it wants no more ("closed"). When that daemon
+    restarts or leaves, the stream is gone: the generation fails, so that a re-run of
+    the writer is asked for, instead of "complete" for good while a reader waits."""
+    return (
+        edge.writer_state == WriterState.COMPLETE
+        and edge.mode != "persistent"
+        and edge.reader_state not in (ReaderState.DONE, ReaderState.CLOSED)
+    )
+
+
 class Conflict(Exception):
     """The request contradicts the edge's current state (HTTP 409)."""
 
@@ -289,6 +302,19 @@ class Store:
                             reader_state=ReaderState.LOST,
                         )
                     )
+            if cause != LossCause.SILENT:
+                for cur in self._undelivered_by(node):
+                    why = f"node {node} {cause} before a reader read the whole stream"
+                    data = {"generation": cur.generation, "bytes": cur.bytes_written}
+                    changed.append(
+                        self._update(
+                            cur,
+                            EventKind.FAILED,
+                            {**data, "reason": why},
+                            writer_state="failed",
+                            reason=why,
+                        )
+                    )
         return changed
 
     def node_alive(self, node: str, writers: dict[str, int], readers: list[str]) -> list[str]:
@@ -380,6 +406,14 @@ class Store:
             (node, node),
         ).fetchall()
         return [Edge(**dict(r)) for r in rows]
+
+    def _undelivered_by(self, node: str) -> list[Edge]:
+        """Complete transient generations written on ``node`` that no reader has read whole:
+        their bytes lived only in its daemon (see :func:`undelivered`)."""
+        rows = self._db.execute(
+            "SELECT * FROM edges WHERE writer_node = ? AND writer_state = 'complete'", (node,)
+        ).fetchall()
+        return [e for e in (Edge(**dict(r)) for r in rows) if undelivered(e)]
 
     def edges_page(self, after: str, limit: int) -> list[Edge]:
         """Up to ``limit`` edges with ids after ``after``, in id order."""
