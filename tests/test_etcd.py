@@ -234,23 +234,27 @@ def test_a_restarted_writer_node_fails_the_complete_streams_no_reader_read_whole
     store: EtcdStore,
 ) -> None:
     """See tests/test_store.py: the same rule, found through the u/<node>/ index."""
-    names = ["unread", "reading", "done", "closed", "persistent", "elsewhere"]
+    names = ["unread", "same-node", "reading", "done", "closed", "persistent", "elsewhere"]
     ids = {name: new_edge() for name in names}
     for name, e in ids.items():
         store.register_writer(e, "b" if name == "elsewhere" else "a", "h:1")
         store.close_writer(e, 1, "complete", 10)
     store.set_mode(ids["persistent"], 1, "persistent", "configured persistent")
+    store.claim_reader(ids["same-node"], "a")  # lost with the writer's daemon
     for name in ("reading", "done", "closed"):
         store.claim_reader(ids[name], "r")
     store.release_reader(ids["done"], "r", "done", 10)
     store.release_reader(ids["closed"], "r", "closed", 3)
-    assert store.nodes_with_open_ends() == {"r"}  # the index of open ends is unchanged
-    assert store.node_lost("a") == []  # silent: it may come back with all it held
+    assert store.nodes_with_open_ends() == {"a", "r"}  # the index of open ends: unchanged
+    # Silent: it may come back with all it held. Only its reader is lost meanwhile.
+    assert [e.id for e in store.node_lost("a")] == [ids["same-node"]]
+    assert {store.get(e).writer_state for e in ids.values()} == {"complete"}  # type: ignore[union-attr]
     failed = {e.id for e in store.node_lost("a", "restarted")}
-    assert failed == {ids["unread"], ids["reading"]}
-    rec = store.get(ids["reading"])
+    assert failed == {ids["unread"], ids["same-node"]}
+    rec = store.get(ids["same-node"])
     assert rec is not None and rec.writer_state == "failed" and "restarted" in rec.reason
-    for name in ("done", "closed", "persistent", "elsewhere"):
+    # A live reader elsewhere may hold it all (its END arrived): not failed for it.
+    for name in ("reading", "done", "closed", "persistent", "elsewhere"):
         assert store.get(ids[name]).writer_state == "complete"  # type: ignore[union-attr]
     assert store.node_lost("a", "left") == []  # nothing left to fail, the index is clean
     assert store._undelivered_by("a") == []

@@ -114,25 +114,30 @@ def test_lost_node_comes_back_or_is_fenced() -> None:
 def test_a_restarted_writer_node_fails_the_complete_streams_no_reader_read_whole() -> None:
     """A complete transient generation lives in its writer's daemon until a reader read
     it: a restarted (or departed) daemon took it along, so it fails; a silent node may
-    come back with it. Delivered, closed early and persistent ones stay complete."""
+    come back with it. Delivered, closed early and persistent ones stay complete, and so
+    does one a live reader on another node reads."""
     store = Store(":memory:")
-    names = ["unread", "reading", "done", "closed", "persistent", "elsewhere"]
+    names = ["unread", "same-node", "reading", "done", "closed", "persistent", "elsewhere"]
     ids = {name: f"{i:032x}" for i, name in enumerate(names, 1)}
     for name, e in ids.items():
         store.register_writer(e, "b" if name == "elsewhere" else "a", "h:1")
         store.close_writer(e, 1, "complete", 10)
     store.set_mode(ids["persistent"], 1, "persistent", "configured persistent")
+    store.claim_reader(ids["same-node"], "a")  # lost with the writer's daemon
     for name in ("reading", "done", "closed"):
         store.claim_reader(ids[name], "r")
     store.release_reader(ids["done"], "r", "done", 10)
     store.release_reader(ids["closed"], "r", "closed", 3)
-    assert store.node_lost("a") == []  # silent: it may come back with all it held
+    # Silent: it may come back with all it held. Only its reader is lost meanwhile.
+    assert [e.id for e in store.node_lost("a")] == [ids["same-node"]]
+    assert {store.get(e).writer_state for e in ids.values()} == {"complete"}  # type: ignore[union-attr]
     failed = {e.id for e in store.node_lost("a", "restarted")}
-    assert failed == {ids["unread"], ids["reading"]}
-    rec = store.get(ids["reading"])
+    assert failed == {ids["unread"], ids["same-node"]}
+    rec = store.get(ids["same-node"])
     assert rec is not None and rec.writer_state == "failed" and "restarted" in rec.reason
-    assert rec.reader_state == "open"  # its reader's node is another one
-    for name in ("done", "closed", "persistent", "elsewhere"):
+    assert rec.reader_state == "lost"
+    # A live reader elsewhere may hold it all (its END arrived): not failed for it.
+    for name in ("reading", "done", "closed", "persistent", "elsewhere"):
         assert store.get(ids[name]).writer_state == "complete"  # type: ignore[union-attr]
     assert {e.edge for e in store.events(0) if e.kind == "failed"} == failed
     assert store.node_lost("a", "left") == []  # nothing left to fail

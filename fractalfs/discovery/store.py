@@ -63,15 +63,18 @@ EVENTS_KEPT = 100_000
 
 
 def undelivered(edge: Edge) -> bool:
-    """A complete generation whose bytes its writer's daemon still had to keep: not
+    """A complete generation whose bytes only its writer's daemon still holds: not
     persistent (a spill is served again after a restart, see ``restore_writer``), and no
-    reader read it whole ("done") or said it wants no more ("closed"). When that daemon
-    restarts or leaves, the stream is gone: the generation fails, so that a re-run of
-    the writer is asked for, instead of "complete" for good while a reader waits."""
+    live reader (none came, or it was lost or failed; a reader on the writer's own node
+    is lost with it). When that daemon restarts or leaves, the stream is gone: the
+    generation fails, so that a re-run of the writer is asked for, instead of "complete"
+    for good while a re-run reader waits. A live reader elsewhere ("open") may hold the
+    whole stream already (its END arrived), so it is not failed for it: a re-run there
+    would have no reader."""
     return (
         edge.writer_state == WriterState.COMPLETE
         and edge.mode != "persistent"
-        and edge.reader_state not in (ReaderState.DONE, ReaderState.CLOSED)
+        and edge.reader_state in (ReaderState.NONE, ReaderState.LOST, ReaderState.FAILED)
     )
 
 
@@ -408,8 +411,8 @@ class Store:
         return [Edge(**dict(r)) for r in rows]
 
     def _undelivered_by(self, node: str) -> list[Edge]:
-        """Complete transient generations written on ``node`` that no reader has read whole:
-        their bytes lived only in its daemon (see :func:`undelivered`)."""
+        """Complete generations written on ``node`` whose bytes only its daemon held (see
+        :func:`undelivered`)."""
         rows = self._db.execute(
             "SELECT * FROM edges WHERE writer_node = ? AND writer_state = 'complete'", (node,)
         ).fetchall()
