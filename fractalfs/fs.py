@@ -94,6 +94,16 @@ class Handle:
     reserved: int = 0  # memory this end may hold, counted against its uid
 
 
+def _refuse_failed(fifo: fiforoute.FifoReader) -> None:
+    """A reader FIFO whose write end could not be opened is not handed out: a non-blocking
+    open (gzip) would read EOF at once and take it for an empty stream (exit 0), a blocking
+    one would wait in open(2) for good. The open fails with the errno; the feed releases
+    the reader (the stream stays for the next one)."""
+    if fifo.failure is not None:
+        code = fifo.failure.errno or errno.EIO
+        raise EdgeError(code, f"cannot open the reader's FIFO: {fifo.failure.strerror}")
+
+
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
@@ -293,6 +303,7 @@ class Operations(pyfuse3.Operations):
         end is opened before the LOOKUP is answered (fiforoute.prepare)."""
         fifo = self._fifo_readers.get(edge)
         if fifo is not None and fifo.unopened_by(ctx.pid):
+            _refuse_failed(fifo)  # the kernel looks the name up again after an error
             return self._attrs(self._looked_up(fifo.ino))
         reserved = self._reserve(edge, False, ctx.uid)
         reader = await self.node.open_reader(edge, ctx.pid)
@@ -313,6 +324,8 @@ class Operations(pyfuse3.Operations):
                 )
         if late.cancelled_caught:
             log.warning("edge %s: the reader's FIFO is not open yet; answering anyway", edge)
+        else:
+            _refuse_failed(fifo)
         return self._attrs(self._looked_up(ino))
 
     def warm_fifo_dir(self) -> None:

@@ -147,3 +147,41 @@ def test_a_reader_whose_daemon_stops_mid_stream_is_killed(
     assert reader.returncode == -signal.SIGKILL
     os.kill(writer.pid, signal.SIGKILL)
     writer.communicate(timeout=10)
+
+
+def test_a_reader_fifo_that_cannot_be_opened_fails_the_open_not_the_stream(
+    cluster: Cluster, programs: Programs, tmp_path: Path
+) -> None:
+    """The daemon could not open the reader FIFO's write end (here: out of descriptors),
+    yet the LOOKUP handed the FIFO out: gzip's non-blocking open then read EOF at once (a
+    FIFO no writer ever opened) and wrote an empty archive, exit 0; a blocking `cat`
+    waited in open(2) for good. The open now fails with the errno."""
+    cluster.start_discovery()
+    # Persistent: the failed reader may have taken (and a transient writer freed) bytes.
+    a = cluster.node("a", mode="persistent")
+    warm = new_edge()  # the keeper runs and discovery's connections are pooled
+    first = programs.start(f"cat {a.path(warm)}")
+    sh(f"echo warm > {a.path(warm)}")
+    assert first.communicate(timeout=10)[0] == b"warm\n"
+    edge = new_edge()
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(64 * 1024))
+    sh(f"cat {src} > {a.path(edge)}")  # a complete stream, waiting for its reader
+    pid = a.pid
+    held = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    lowest_free = next(n for n in range(len(held) + 1) if n not in held)
+    soft, hard = sh(f"prlimit --pid {pid} --nofile -o SOFT,HARD --noheadings").stdout.split()
+    out = tmp_path / "out.gz"
+    # One descriptor left: enough to look at /proc, not for both ends the FIFO needs.
+    sh(f"prlimit --pid {pid} --nofile={lowest_free + 1}:{hard.decode()}")
+    try:
+        res = sh(f"timeout 20 gzip -c {a.path(edge)} > {out}", check=False)
+    finally:
+        sh(f"prlimit --pid {pid} --nofile={soft.decode()}:{hard.decode()}")
+    assert "cannot open the reader's FIFO: [Errno 24]" in a.log.read_text()  # the case
+    got = subprocess.run(["gzip", "-dc", str(out)], capture_output=True, check=False).stdout
+    assert res.returncode != 0 or got == src.read_bytes(), (res.returncode, len(got))
+    if res.returncode != 0:
+        # Nothing was lost: the stream is still there for the next reader.
+        again = sh(f"timeout 20 cat {a.path(edge)}").stdout
+        assert again == src.read_bytes()
