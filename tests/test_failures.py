@@ -422,3 +422,33 @@ def test_daemon_killed_with_both_ends_fails_the_complete_generation(
     _, err = reader2.communicate(timeout=30)
     assert reader2.returncode == 0, err
     assert sha_file(out) == sha_file(src)
+
+
+def test_reader_killed_after_the_end_then_a_rerun_reader_over_tcp(
+    cluster: Cluster, programs: Programs, tmp_path: Path
+) -> None:
+    """The END_ACK waits for the reading program: killed (not an early close) after the
+    END arrived, with bytes it had not read, its daemon sends nothing, and the writer's
+    daemon keeps the transient end. A re-run reader asks for offset 0, below what was
+    freed: the generation fails (BAD_OFFSET) and a re-run writer serves it whole."""
+    cluster.start_discovery()
+    a = cluster.node("a")
+    c = cluster.node("c", extra=["--writer-lost-timeout", "20"])
+    edge = new_edge()
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(3 * MiB))
+    slow = f"import time; f = open({c.path(edge)!r}, 'rb'); f.read({MiB}); time.sleep(60)"
+    reader = programs.start(f"exec {sys.executable} -c {shlex.quote(slow)}")
+    sh(f"cat {src} > {a.path(edge)}", timeout=20)
+    time.sleep(1.0)  # the END frame reaches the reader's daemon
+    os.killpg(reader.pid, signal.SIGKILL)
+    reader.communicate(timeout=10)
+    wait_for(lambda: cluster.edge(edge).get("reader_state") == "closed", 5, "reader released")
+    assert cluster.edge(edge).get("writer_state") == "complete"  # no END_ACK, no CLOSE
+    out = tmp_path / "out"
+    reader2 = programs.start(f"cat {c.path(edge)} > {out}")
+    wait_for(lambda: cluster.edge(edge).get("writer_state") == "failed", 5, "generation failed")
+    sh(f"cat {src} > {a.path(edge)}")  # the re-run writer
+    _, err = reader2.communicate(timeout=30)
+    assert reader2.returncode == 0, err
+    assert sha_file(out) == sha_file(src)
