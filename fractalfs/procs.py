@@ -27,6 +27,29 @@ def _mask(value: str) -> int:
 SIGKILL_BIT = 1 << (9 - 1)
 
 
+#: The inode number of the initial pid namespace (PROC_PID_INIT_INO, fixed by the kernel).
+INIT_PID_NS = 0xEFFFFFFC
+
+
+def sees_every_process() -> bool:
+    """Whether this process's /proc shows every process of the machine: it is in the
+    initial pid namespace, and /proc is that namespace's (``/proc/self`` is us). A daemon
+    in a container sees only the container's processes: a holder of one of its files
+    elsewhere is invisible to it, and cannot be found or killed."""
+    try:
+        ns = os.stat("/proc/self/ns/pid").st_ino
+        me = os.readlink("/proc/self")
+    except OSError:
+        return False
+    return ns == INIT_PID_NS and me == str(os.getpid())
+
+
+def visible(pid: int) -> bool:
+    """Whether ``pid`` (a FUSE requester: 0 when the kernel cannot name it in this
+    daemon's pid namespace) is a process this daemon's /proc shows."""
+    return pid > 0 and os.path.exists(f"/proc/{pid}")
+
+
 def tgid(tid: int) -> int:
     """The process (thread group) id of thread ``tid``. FUSE's ``ctx.pid`` is the id of the
     requesting *thread*: a worker thread that opened a file may exit long before its
