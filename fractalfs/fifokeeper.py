@@ -11,7 +11,7 @@ process holding the read end of a stream not finished, then closes the dups and 
 
 Holders are found by ``/proc/*/fd`` link text (the edge's name, never a ``stat`` through the
 link: that would be a FUSE request to the daemon) and confirmed by ``/proc/*/fdinfo`` (read
-access, the FIFO's inode number).
+access, the FIFO's inode number and mount): :func:`fractalfs.procs.holds_file`.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ import time
 from collections import deque
 from collections.abc import Iterator
 
+from . import procs
+
 log = logging.getLogger(__name__)
 
 KILL_FOR = 2.0  # seconds to keep killing holders until none is left
@@ -43,51 +45,6 @@ ANSWER_WITHIN = 2.0  # a ping unanswered this long: the keeper is stopped or stu
 MAX_REPLACEMENTS = 100  # a keeper that keeps dying: give the route up
 
 
-def mount_of(fd: int) -> int | None:
-    """The mount id of this process's open file ``fd`` (fdinfo ``mnt_id``), or None."""
-    try:
-        with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
-            for line in f.read().splitlines():
-                if line.startswith(b"mnt_id:"):
-                    return int(line.split(b":", 1)[1])
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def holds(pid: int, name: str, ino: int, mnt: int | None = None) -> bool:
-    """Whether ``pid`` holds a read end of the FIFO inode ``ino`` whose path ends in
-    ``/name`` (link text, then fdinfo: never a stat through the link). An inode number
-    names an inode only within one mount (another fractalfs mount numbers its inodes
-    alike, any file elsewhere may be called ``name``): with ``mnt`` (:func:`mount_of` of
-    the daemon's own end) the fdinfo ``mnt_id`` must match too."""
-    base = f"/proc/{pid}/fd"
-    try:
-        fds = os.listdir(base)
-    except OSError:
-        return False
-    suffix = "/" + name
-    for fd in fds:
-        try:
-            if not os.readlink(f"{base}/{fd}").removesuffix(" (deleted)").endswith(suffix):
-                continue
-            with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
-                info = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
-            flags = int(info.get(b"flags", b"0").strip(), 8)
-            seen_ino = info.get(b"ino")
-            if flags & os.O_ACCMODE == os.O_WRONLY:
-                continue
-            if seen_ino is not None and int(seen_ino.strip()) != ino:
-                continue
-            seen_mnt = info.get(b"mnt_id")
-            if mnt is not None and (seen_mnt is None or int(seen_mnt.strip()) != mnt):
-                continue
-        except (OSError, ValueError):
-            continue
-        return True
-    return False
-
-
 def holders(name: str, ino: int, mnt: int | None = None) -> set[int]:
     """Processes (other than this one) holding a read end of the FIFO inode ``ino`` whose
     path ends in ``/name``."""
@@ -96,7 +53,7 @@ def holders(name: str, ino: int, mnt: int | None = None) -> set[int]:
         pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
     except OSError:
         return set()
-    return {pid for pid in pids if pid != me and holds(pid, name, ino, mnt)}
+    return {pid for pid in pids if pid != me and procs.holds_file(pid, name, ino, mnt)}
 
 
 def kill_holders(name: str, ino: int, mnt: int | None = None, sleep: float = 0.01) -> int:
@@ -481,7 +438,7 @@ def main(fd: int) -> None:
         closing.set()
         left = list(ends.items())
     for ino, (wfd, name) in left:
-        n = kill_holders(name, ino, mount_of(wfd))
+        n = kill_holders(name, ino, procs.mount_id(wfd))
         if n:
             print(f"fractalfs fifokeeper: killed {n} reader(s) of {name}", file=sys.stderr)
         os.close(wfd)

@@ -145,24 +145,11 @@ def is_own_thread(tid: int) -> bool:
 
 
 def _holds(pid: int, name: str) -> bool | None:
-    """Whether ``pid`` has the edge ``name`` open, is still opening (None), or neither."""
-    if _has_open(pid, name):
+    """Whether ``pid`` has the edge ``name`` open for writing, is still opening (None), or
+    neither."""
+    if procs.holds_file(pid, name, writing=True):
         return True
     return None if open_flags(pid) is not None else False
-
-
-def _has_open(pid: int, name: str) -> bool:
-    """Whether ``pid`` holds a file of edge ``name``. By link text only: a stat through
-    the link would be a request to this very daemon, from the thread that must answer it."""
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return False
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            if procs.link_path(os.readlink(f"/proc/{pid}/fd/{fd}")).endswith("/" + name):
-                return True
-    return False
 
 
 class Fifo:
@@ -186,7 +173,8 @@ class Fifo:
         ready.register(self.fd, select.POLLIN | select.POLLHUP)
         if ready.poll(0):
             return False  # a writer came (bytes, or it came and went)
-        return not _has_open(pid, self.writer.edge.hex)
+        mnt = procs.mount_id(self.fd)
+        return not procs.holds_file(pid, self.writer.edge.hex, self.ino, mnt, writing=True)
 
 
 async def drain(node: Node, fifo: Fifo) -> None:
@@ -286,8 +274,8 @@ class FifoReader:
         the same open must get the same FIFO (see :meth:`Fifo.unopened_by`)."""
         if self.done or self.opened or pid != self.reader.pid:
             return False
-        mnt = fifokeeper.mount_of(self.fd) if self.fd is not None else None
-        return not fifokeeper.holds(pid, self.reader.edge.hex, self.ino, mnt)
+        mnt = procs.mount_id(self.fd) if self.fd is not None else None
+        return not procs.holds_file(pid, self.reader.edge.hex, self.ino, mnt)
 
     def backlog(self) -> int:
         fd = self.fd
@@ -357,11 +345,11 @@ async def _await_opener(fifo: FifoReader) -> bool:
     name = reader.edge.hex
     nap, start, absent = 0.0002, trio.current_time(), 0
     opened = False
-    mnt = fifokeeper.mount_of(fifo.fd) if fifo.fd is not None else None
+    mnt = procs.mount_id(fifo.fd) if fifo.fd is not None else None
     while True:
         # The process's descriptors: the opening thread (``reader.pid``) may be gone while
         # the program holds its read end (a worker thread opened it, then exited).
-        if fifokeeper.holds(reader.tgid, name, fifo.ino, mnt):
+        if procs.holds_file(reader.tgid, name, fifo.ino, mnt):
             opened = True
             break
         await trio.sleep(nap)
@@ -398,7 +386,7 @@ async def feed(node: Node, fifo: FifoReader, keeper: fifokeeper.Keeper) -> None:
                     fifokeeper.kill_holders,
                     reader.edge.hex,
                     fifo.ino,
-                    fifokeeper.mount_of(fifo.fd),
+                    procs.mount_id(fifo.fd),
                 )
             settled = True
             return  # not "no more": the stream stays for another reader
@@ -417,7 +405,7 @@ async def feed(node: Node, fifo: FifoReader, keeper: fifokeeper.Keeper) -> None:
             )
         else:
             killed = await trio.to_thread.run_sync(
-                fifokeeper.kill_holders, reader.edge.hex, fifo.ino, fifokeeper.mount_of(fd)
+                fifokeeper.kill_holders, reader.edge.hex, fifo.ino, procs.mount_id(fd)
             )
             log.warning(
                 "edge %s: reader FIFO: %s; killed %d reading program(s)",

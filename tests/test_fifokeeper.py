@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fractalfs import fifokeeper
+from fractalfs import fifokeeper, procs
 
 NAME = "0123456789abcdef0123456789abcdef"
 
@@ -39,15 +39,15 @@ def test_same_name_and_inode_number_on_another_mount_is_not_killed(tmp_path: Pat
     victim = _holder(str(victim_path))
     r, w = os.pipe()  # the daemon's own end lives on another mount than tmp_path
     try:
-        other = fifokeeper.mount_of(w)
+        other = procs.mount_id(w)
         assert other is not None
         assert fifokeeper.kill_holders(NAME, ino, other) == 0
         assert victim.poll() is None
         # The same scan with the file's own mount does find it (the test can fail).
         with open(victim_path, "rb") as own:
-            same = fifokeeper.mount_of(own.fileno())
-        assert fifokeeper.holds(victim.pid, NAME, ino, same)
-        assert not fifokeeper.holds(victim.pid, NAME, ino, other)
+            same = procs.mount_id(own.fileno())
+        assert procs.holds_file(victim.pid, NAME, ino, same)
+        assert not procs.holds_file(victim.pid, NAME, ino, other)
     finally:
         os.close(r)
         os.close(w)

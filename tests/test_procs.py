@@ -264,3 +264,32 @@ def test_reader_fifos_are_refused_where_a_holder_could_be_missed(
     monkeypatch.undo()
     ops.keeper._failed = True  # it could not be started
     assert "keeper" in ops._refuse_fifo(os.getpid())
+
+
+def test_holds_file_tells_reading_from_writing_and_checks_the_inode(tmp_path: Path) -> None:
+    """One scan serves both FIFO routes: a reader FIFO's holders (read access) and a writer
+    FIFO's opener (write access), by link text, then fdinfo (access, inode, mount)."""
+    name = "0123456789abcdef0123456789abcdef"
+    path = tmp_path / name
+    path.write_bytes(b"")
+    ino = os.stat(path).st_ino
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; f = open(sys.argv[1], 'ab'); sys.stdin.read()", path],
+        stdin=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not procs.holds_file(holder.pid, name, writing=True):
+            assert time.monotonic() < deadline, "the holder never opened its file"
+            time.sleep(0.01)
+        with open(path, "rb") as own:
+            mnt = procs.mount_id(own.fileno())
+        assert procs.holds_file(holder.pid, name, ino, mnt, writing=True)
+        assert not procs.holds_file(holder.pid, name, ino, mnt)  # not open for reading
+        assert not procs.holds_file(holder.pid, name, ino + 1, mnt, writing=True)
+        assert not procs.holds_file(holder.pid, name, ino, (mnt or 0) + 1, writing=True)
+        assert not procs.holds_file(holder.pid, "f" * 32, writing=True)
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(10)
