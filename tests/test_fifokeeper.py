@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from fractalfs import fifokeeper, procs
 
@@ -54,3 +60,92 @@ def test_same_name_and_inode_number_on_another_mount_is_not_killed(tmp_path: Pat
         assert victim.stdin is not None
         victim.stdin.close()
         victim.wait(5)
+
+
+def _fifo(tmp_path: Path, name: str = "f") -> str:
+    path = str(tmp_path / name)
+    os.mkfifo(path)
+    return path
+
+
+def _writers(path: str, reader: int) -> bool:
+    """Whether a write end of the FIFO at ``path`` is still open anywhere: a non-blocking
+    reader reads EAGAIN while one is, EOF once none is."""
+    try:
+        return os.read(reader, 1) != b""
+    except BlockingIOError:
+        return True
+
+
+def test_the_keeper_opens_both_ends_and_holds_the_write_end_until_done(tmp_path: Path) -> None:
+    keeper = fifokeeper.Keeper()
+    try:
+        assert keeper.start() and keeper.usable
+        path = _fifo(tmp_path)
+        hold, wfd = keeper.open_fifo(path, 7, NAME)
+        reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            os.close(hold)
+            os.close(wfd)
+            assert _writers(path, reader)  # the keeper's dup
+            keeper.done(7)
+            deadline = time.monotonic() + 5
+            while _writers(path, reader):
+                assert time.monotonic() < deadline, "the keeper kept its dup after done"
+                time.sleep(0.01)
+        finally:
+            os.close(reader)
+        with pytest.raises(OSError) as failed:
+            keeper.open_fifo(str(tmp_path / "missing"), 8, NAME)
+        assert failed.value.errno == errno.ENOENT
+    finally:
+        keeper.close()
+
+
+@pytest.mark.parametrize("trouble", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stopped"])
+def test_a_keeper_that_dies_or_stops_is_replaced_and_gets_the_live_ends(
+    tmp_path: Path, trouble: int
+) -> None:
+    keeper = fifokeeper.Keeper()
+    old = -1
+    try:
+        assert keeper.start()
+        path = _fifo(tmp_path)
+        hold, wfd = keeper.open_fifo(path, 7, NAME)
+        reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        os.close(hold)
+        old = keeper.pid
+        os.kill(old, trouble)
+        deadline = time.monotonic() + 10
+        while keeper.pid == old:
+            assert time.monotonic() < deadline, "the keeper was not replaced"
+            keeper.check()
+            time.sleep(0.1)
+        assert keeper.usable and keeper.replaced == 1
+        os.close(wfd)  # the daemon's own end: the new keeper's dup keeps the pipe open
+        time.sleep(0.2)
+        assert _writers(path, reader)
+        keeper.done(7)
+        deadline = time.monotonic() + 5
+        while _writers(path, reader):
+            assert time.monotonic() < deadline, "the new keeper kept its dup after done"
+            time.sleep(0.01)
+        os.close(reader)
+    finally:
+        if old > 0:
+            with contextlib.suppress(OSError):
+                os.kill(old, signal.SIGCONT)
+        keeper.close()
+
+
+def test_without_a_keeper_the_route_is_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_fork(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(subprocess, "Popen", no_fork)
+    keeper = fifokeeper.Keeper()
+    assert not keeper.start()
+    assert not keeper.usable
+    with pytest.raises(fifokeeper.KeeperUnavailable):
+        keeper.open_fifo("/nonexistent", 1, NAME)
+    keeper.close()
