@@ -11,69 +11,38 @@ process holding the read end of a stream not finished, then closes the dups and 
 
 Holders are found by ``/proc/*/fd`` link text (the edge's name, never a ``stat`` through the
 link: that would be a FUSE request to the daemon) and confirmed by ``/proc/*/fdinfo`` (read
-access, the FIFO's inode number).
+access, the FIFO's inode number and mount): :func:`fractalfs.procs.holds_file`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections import deque
+from collections.abc import Iterator
+
+from . import procs
 
 log = logging.getLogger(__name__)
 
 KILL_FOR = 2.0  # seconds to keep killing holders until none is left
-
-
-def mount_of(fd: int) -> int | None:
-    """The mount id of this process's open file ``fd`` (fdinfo ``mnt_id``), or None."""
-    try:
-        with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
-            for line in f.read().splitlines():
-                if line.startswith(b"mnt_id:"):
-                    return int(line.split(b":", 1)[1])
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def holds(pid: int, name: str, ino: int, mnt: int | None = None) -> bool:
-    """Whether ``pid`` holds a read end of the FIFO inode ``ino`` whose path ends in
-    ``/name`` (link text, then fdinfo: never a stat through the link). An inode number
-    names an inode only within one mount (another fractalfs mount numbers its inodes
-    alike, any file elsewhere may be called ``name``): with ``mnt`` (:func:`mount_of` of
-    the daemon's own end) the fdinfo ``mnt_id`` must match too."""
-    base = f"/proc/{pid}/fd"
-    try:
-        fds = os.listdir(base)
-    except OSError:
-        return False
-    suffix = "/" + name
-    for fd in fds:
-        try:
-            if not os.readlink(f"{base}/{fd}").removesuffix(" (deleted)").endswith(suffix):
-                continue
-            with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
-                info = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
-            flags = int(info.get(b"flags", b"0").strip(), 8)
-            seen_ino = info.get(b"ino")
-            if flags & os.O_ACCMODE == os.O_WRONLY:
-                continue
-            if seen_ino is not None and int(seen_ino.strip()) != ino:
-                continue
-            seen_mnt = info.get(b"mnt_id")
-            if mnt is not None and (seen_mnt is None or int(seen_mnt.strip()) != mnt):
-                continue
-        except (OSError, ValueError):
-            continue
-        return True
-    return False
+PIPE_SIZE = 1 << 20  # a reader FIFO's pipe (counted against the opener's uid_memory_limit)
+F_SETPIPE_SZ = 1031
+SEND_TIMEOUT = 2.0  # a blocking send to the keeper (from a worker thread) gives up after
+OPEN_WITHIN = 3.0  # seconds the keeper has to answer an open (one may wait ~1 s: fs.lookup)
+PING_EVERY = 1.0  # seconds between health checks of the keeper
+ANSWER_WITHIN = 2.0  # a ping unanswered this long: the keeper is stopped or stuck
+MAX_REPLACEMENTS = 100  # a keeper that keeps dying: give the route up
 
 
 def holders(name: str, ino: int, mnt: int | None = None) -> set[int]:
@@ -84,7 +53,7 @@ def holders(name: str, ino: int, mnt: int | None = None) -> set[int]:
         pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
     except OSError:
         return set()
-    return {pid for pid in pids if pid != me and holds(pid, name, ino, mnt)}
+    return {pid for pid in pids if pid != me and procs.holds_file(pid, name, ino, mnt)}
 
 
 def kill_holders(name: str, ino: int, mnt: int | None = None, sleep: float = 0.01) -> int:
@@ -106,22 +75,67 @@ def kill_holders(name: str, ino: int, mnt: int | None = None, sleep: float = 0.0
     return len(killed)
 
 
+class KeeperUnavailable(OSError):
+    """No keeper answers: the FIFO route must not be used (see :meth:`Keeper.open_fifo`)."""
+
+
 class Keeper:
-    """The daemon's side: starts the keeper on first use and hands it write ends."""
+    """The daemon's side: starts the keeper, has it open reader FIFOs' write ends, tells it
+    which streams are finished, and replaces a keeper that died or stopped answering.
+
+    Every open goes through the keeper process (:meth:`open_fifo`): a daemon SIGKILLed while
+    one of its own threads waits in a request to its own mount could never exit (the thread
+    waits for an answer only the dead daemon could give), its mount would hang instead of
+    failing with ENOTCONN, and so would its readers. The keeper's request pins nobody: when
+    the daemon dies its FUSE connection is aborted and the keeper's open fails.
+
+    A keeper that died (EOF on the socketpair) or stopped answering (a ping unanswered for
+    ``ANSWER_WITHIN``, an open unanswered, its socket full) is SIGKILLed (never just let go:
+    a keeper that sees EOF kills the readers of every unfinished stream) and a new one gets
+    a dup of every write end still live. If no keeper can be started, :attr:`usable` is
+    False and readers stay on FUSE.
+    """
 
     def __init__(self) -> None:
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
         self._failed = False
+        self._closed = False
+        # ino -> (a dup of the write end, kept for a replacement keeper; edge name)
+        self._live: dict[int, tuple[int, str]] = {}
+        self._pending: deque[int] = deque()  # finished streams done() could not settle yet
+        self._ping_sent = 0.0  # monotonic time of the unanswered ping (0: none)
+        self._suspect = False  # a send found the socket full: replace at the next check
+        self.replaced = 0  # keepers replaced since start (for logs and tests)
 
-    def start(self) -> None:
-        """Starts the keeper now (from a worker thread: it forks)."""
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The lock; on the way out, the streams :meth:`done` left pending are settled."""
         with self._lock:
-            self._start()
+            try:
+                yield
+            finally:
+                while self._pending:
+                    self._done_locked(self._pending.popleft())
+
+    @property
+    def usable(self) -> bool:
+        """Whether the FIFO route may be used: a keeper runs (or may still be started)."""
+        return not self._failed
+
+    @property
+    def pid(self) -> int:
+        proc = self._proc
+        return proc.pid if proc is not None else -1
+
+    def start(self) -> bool:
+        """Starts the keeper now (from a worker thread: it forks). False: none can run."""
+        with self._locked():
+            return self._start() is not None
 
     def _start(self) -> socket.socket | None:
-        if self._sock is not None or self._failed:
+        if self._sock is not None or self._failed or self._closed:
             return self._sock
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -132,38 +146,177 @@ class Keeper:
                 start_new_session=True,  # a signal to the daemon's group must not take it
             )
         except OSError as exc:
-            log.warning("cannot start the FIFO keeper: %s (a daemon crash gives EOF)", exc)
+            log.warning("reader FIFOs off: cannot start the FIFO keeper: %s", exc)
             self._failed = True
             ours.close()
             return None
         finally:
             theirs.close()
         self._sock = ours
+        self._ping_sent = 0.0
+        self._suspect = False
+        # A new keeper holds every stream still live, or a daemon crash would give EOF.
+        for ino, (fd, name) in list(self._live.items()):
+            try:
+                _send(ours, b"A %d %s" % (ino, name.encode()), [fd], SEND_TIMEOUT)
+            except OSError as exc:
+                log.error("FIFO keeper: cannot hand it edge %s: %s", name, exc)
+                self._replace_locked()
+                return self._sock
         return ours
 
-    def add(self, fd: int, ino: int, name: str) -> None:
-        """Hands the keeper a dup of write end ``fd`` (callable from a worker thread)."""
-        with self._lock:
-            sock = self._start()
-            if sock is None:
-                return
+    def _replace_locked(self) -> None:
+        """Kills the keeper (SIGKILL: it must not take our going for the daemon's death and
+        kill the readers) and starts another."""
+        proc, sock = self._proc, self._sock
+        self._proc = self._sock = None
+        log.warning(
+            "FIFO keeper (pid %s) gone or not answering: starting another",
+            proc.pid if proc is not None else "-",
+        )
+        if proc is not None:
+            with contextlib.suppress(OSError):
+                proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+        if sock is not None:
+            sock.close()
+        self.replaced += 1
+        if self.replaced > MAX_REPLACEMENTS:
+            log.error("reader FIFOs off: the FIFO keeper was replaced %d times", self.replaced)
+            self._failed = True
+            return
+        self._start()
+
+    def replace(self, sock: socket.socket | None) -> None:
+        """Replaces the keeper behind ``sock`` (if it is still the current one)."""
+        with self._locked():
+            if sock is self._sock and not self._failed:
+                self._replace_locked()
+
+    def open_fifo(self, path: str, ino: int, name: str) -> tuple[int, int]:
+        """Has the keeper open the FIFO at ``path`` (``MOUNT/.fifo/<ino>``) read-write (the
+        stand-in reader) and write-only, keep a dup of the write end, and hand both back:
+        (stand-in, write end). From a worker thread. KeeperUnavailable: no keeper answered
+        (even a fresh one); other OSErrors: the keeper's open failed."""
+        for _attempt in range(2):
+            with self._locked():
+                sock = self._start()
+                if sock is None:
+                    raise KeeperUnavailable(errno.ENOTCONN, "no FIFO keeper")
+                mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                try:
+                    msg = b"O %d %s %s" % (ino, name.encode(), os.fsencode(path))
+                    _send(sock, msg, [theirs.fileno()], SEND_TIMEOUT)
+                except OSError:
+                    mine.close()
+                    self._replace_locked()
+                    continue
+                finally:
+                    theirs.close()
             try:
-                socket.send_fds(sock, [b"A %d %s" % (ino, name.encode())], [fd])
-            except OSError as exc:
-                log.warning("FIFO keeper: %s", exc)
+                mine.settimeout(OPEN_WITHIN)
+                reply, fds, _, _ = socket.recv_fds(mine, 256, 2)
+            except OSError:  # no answer in time: stopped, or stuck
+                reply, fds = b"", []
+            finally:
+                mine.close()
+            if reply.startswith(b"K") and len(fds) == 2:
+                with self._locked():
+                    self._live[ino] = (os.dup(fds[1]), name)
+                    if self._sock is not sock and self._sock is not None:
+                        # Replaced meanwhile: the new keeper must hold this one too.
+                        try:
+                            add = b"A %d %s" % (ino, name.encode())
+                            _send(self._sock, add, [fds[1]], SEND_TIMEOUT)
+                        except OSError:
+                            self._replace_locked()
+                return fds[0], fds[1]
+            for fd in fds:
+                os.close(fd)
+            if reply.startswith(b"E "):
+                code = int(reply.split()[1])
+                raise OSError(code, os.strerror(code))
+            self.replace(sock)  # EOF (it died) or silence (stopped): a new one, then retry
+        raise KeeperUnavailable(errno.ETIMEDOUT, "the FIFO keeper does not answer")
 
     def done(self, ino: int) -> None:
-        """The stream of FIFO ``ino`` is finished: the keeper closes its dup."""
-        with self._lock:
-            if self._sock is None:
-                return
+        """The stream of FIFO ``ino`` is finished: the keeper closes its dup (then the
+        reader's EOF can happen). From the loop thread, so it never blocks: while a worker
+        thread holds the lock (an open, a replacement), that thread settles it on its way
+        out; a keeper whose socket is full is replaced by :meth:`check` (the old one's dups
+        die with it)."""
+        if not self._lock.acquire(blocking=False):
+            self._pending.append(ino)
+            return
+        try:
+            self._done_locked(ino)
+            while self._pending:
+                self._done_locked(self._pending.popleft())
+        finally:
+            self._lock.release()
+
+    def _done_locked(self, ino: int) -> None:
+        end = self._live.pop(ino, None)
+        if end is None:
+            return
+        os.close(end[0])
+        if self._sock is None:
+            return
+        try:
+            self._sock.send(b"D %d" % ino, socket.MSG_DONTWAIT)
+        except OSError as exc:
+            log.warning("FIFO keeper: %s (replacing it)", exc)
+            self._suspect = True
+
+    def check(self) -> bool:
+        """One health check (from a worker thread, every ``PING_EVERY`` s): reads pongs,
+        notices EOF, pings, and replaces a keeper that died or did not answer a ping within
+        ``ANSWER_WITHIN``. True: healthy (or nothing to check)."""
+        with self._locked():
+            sock = self._sock
+            if sock is None or self._failed:
+                return not self._failed
+            bad = self._suspect
+            while not bad:
+                try:
+                    msg = sock.recv(64, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    bad = True
+                    break
+                if not msg:
+                    bad = True  # the keeper died
+                elif msg.startswith(b"p"):
+                    self._ping_sent = 0.0
+            now = time.monotonic()
+            if not bad and self._ping_sent and now - self._ping_sent > ANSWER_WITHIN:
+                bad = True  # stopped (SIGSTOP) or stuck
+            if not bad and not self._ping_sent:
+                try:
+                    sock.send(b"P", socket.MSG_DONTWAIT)
+                    self._ping_sent = now
+                except OSError:
+                    bad = True
+            if bad:
+                self._replace_locked()
+            return not bad
+
+    async def watch(self) -> None:
+        """Checks the keeper every ``PING_EVERY`` seconds, for as long as the daemon runs."""
+        import trio
+
+        while True:
             try:
-                self._sock.send(b"D %d" % ino)
-            except OSError as exc:
-                log.warning("FIFO keeper: %s", exc)
+                await trio.to_thread.run_sync(self.check)
+            except Exception:
+                log.exception("FIFO keeper check failed")
+            await trio.sleep(PING_EVERY)
 
     def close(self) -> None:
-        with self._lock:
+        with self._locked():
+            self._closed = True
             if self._sock is not None:
                 self._sock.close()
                 self._sock = None
@@ -172,12 +325,76 @@ class Keeper:
                     self._proc.wait(5)
 
 
+def _send(sock: socket.socket, msg: bytes, fds: list[int], wait: float) -> None:
+    """Sends one message (with ``fds``), waiting at most ``wait`` seconds for room: the
+    socket stays blocking for nobody (TimeoutError: the keeper does not read)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            socket.send_fds(sock, [msg], fds, socket.MSG_DONTWAIT)
+            return
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(errno.ETIMEDOUT, "the FIFO keeper does not read") from None
+            ready = select.poll()
+            ready.register(sock.fileno(), select.POLLOUT)
+            ready.poll(min(left, 0.05) * 1000)
+
+
+def _open_for_daemon(
+    ino: int,
+    name: str,
+    path: bytes,
+    reply: socket.socket,
+    ends: dict[int, tuple[int, str]],
+    lock: threading.Lock,
+    closing: threading.Event,
+) -> None:
+    """The keeper's part of :meth:`Keeper.open_fifo` (a thread per open: one may wait for
+    the mount while others go on)."""
+    try:
+        try:
+            hold = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                wfd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                os.close(hold)
+                raise
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                reply.send(b"E %d" % (exc.errno or errno.EIO))
+            return
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(wfd, F_SETPIPE_SZ, PIPE_SIZE)
+        keep = os.dup(wfd)
+        with lock:
+            if closing.is_set():  # the daemon went meanwhile: nobody reads this one
+                os.close(keep)
+            else:
+                old = ends.pop(ino, None)
+                if old is not None:
+                    os.close(old[0])
+                ends[ino] = (keep, name)
+        try:
+            socket.send_fds(reply, [b"K"], [hold, wfd])
+        except OSError:
+            pass  # the daemon gave up on this open; its "D" (or its death) settles it
+        finally:
+            os.close(hold)
+            os.close(wfd)
+    finally:
+        reply.close()
+
+
 def main(fd: int) -> None:
     sock = socket.socket(fileno=fd)
     ends: dict[int, tuple[int, str]] = {}  # ino -> (write end, edge name)
+    lock = threading.Lock()
+    closing = threading.Event()
     while True:
         try:
-            msg, fds, _, _ = socket.recv_fds(sock, 512, 4)
+            msg, fds, _, _ = socket.recv_fds(sock, 4096, 4)
         except InterruptedError:
             continue
         except OSError:
@@ -186,22 +403,42 @@ def main(fd: int) -> None:
             for extra in fds:
                 os.close(extra)
             break
-        words = msg.split()
-        if words[0] == b"A" and fds:
-            ino = int(words[1])
-            old = ends.pop(ino, None)
-            if old is not None:
-                os.close(old[0])
-            ends[ino] = (fds[0], words[2].decode())
+        words = msg.split(b" ", 3)
+        if words[0] == b"O" and fds:
+            reply = socket.socket(fileno=fds[0])
+            for extra in fds[1:]:
+                os.close(extra)
+            threading.Thread(
+                target=_open_for_daemon,
+                args=(int(words[1]), words[2].decode(), words[3], reply, ends, lock, closing),
+                daemon=True,
+            ).start()
+        elif words[0] == b"A" and fds:
+            with lock:
+                ino = int(words[1])
+                old = ends.pop(ino, None)
+                if old is not None:
+                    os.close(old[0])
+                ends[ino] = (fds[0], words[2].decode())
             for extra in fds[1:]:
                 os.close(extra)
         elif words[0] == b"D":
-            end = ends.pop(int(words[1]), None)
+            with lock:
+                end = ends.pop(int(words[1]), None)
             if end is not None:
                 os.close(end[0])
+        elif words[0] == b"P":
+            with contextlib.suppress(OSError):
+                sock.send(b"p")
+        else:
+            for extra in fds:
+                os.close(extra)
     # The daemon is gone: no stream still held here may ever look complete.
-    for ino, (wfd, name) in ends.items():
-        n = kill_holders(name, ino, mount_of(wfd))
+    with lock:
+        closing.set()
+        left = list(ends.items())
+    for ino, (wfd, name) in left:
+        n = kill_holders(name, ino, procs.mount_id(wfd))
         if n:
             print(f"fractalfs fifokeeper: killed {n} reader(s) of {name}", file=sys.stderr)
         os.close(wfd)

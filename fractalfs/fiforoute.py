@@ -38,6 +38,7 @@ import logging
 import os
 import select
 import termios
+import threading
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -144,24 +145,11 @@ def is_own_thread(tid: int) -> bool:
 
 
 def _holds(pid: int, name: str) -> bool | None:
-    """Whether ``pid`` has the edge ``name`` open, is still opening (None), or neither."""
-    if _has_open(pid, name):
+    """Whether ``pid`` has the edge ``name`` open for writing, is still opening (None), or
+    neither."""
+    if procs.holds_file(pid, name, writing=True):
         return True
     return None if open_flags(pid) is not None else False
-
-
-def _has_open(pid: int, name: str) -> bool:
-    """Whether ``pid`` holds a file of edge ``name``. By link text only: a stat through
-    the link would be a request to this very daemon, from the thread that must answer it."""
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return False
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            if procs.link_path(os.readlink(f"/proc/{pid}/fd/{fd}")).endswith("/" + name):
-                return True
-    return False
 
 
 class Fifo:
@@ -185,7 +173,8 @@ class Fifo:
         ready.register(self.fd, select.POLLIN | select.POLLHUP)
         if ready.poll(0):
             return False  # a writer came (bytes, or it came and went)
-        return not _has_open(pid, self.writer.edge.hex)
+        mnt = procs.mount_id(self.fd)
+        return not procs.holds_file(pid, self.writer.edge.hex, self.ino, mnt, writing=True)
 
 
 async def drain(node: Node, fifo: Fifo) -> None:
@@ -272,23 +261,21 @@ def fionread(fd: int) -> int:
 class FifoReader:
     """One FIFO handed out to a reader's open, and the daemon's write end of it."""
 
-    def __init__(self, reader: ReaderEnd, ino: int, path: str) -> None:
+    def __init__(self, reader: ReaderEnd, ino: int, path: str, ends: tuple[int, int]) -> None:
         self.reader, self.ino, self.path = reader, ino, path
-        self.fd: int | None = None  # the write end
-        self.hold: int | None = None  # a stand-in reader until the program opened
+        self.hold: int | None = ends[0]  # a stand-in reader until the program opened
+        self.fd: int | None = ends[1]  # the write end
         self.opened = False  # the program's open was seen (or given up on)
         self.done = False
         self.pending = 0  # bytes taken from the reader end, not yet in the pipe
-        self.prepared = False  # prepare() is done (or failed: ``failure``)
-        self.failure: OSError | None = None
 
     def unopened_by(self, pid: int) -> bool:
         """True while the program ``pid`` has not opened this FIFO yet: a second LOOKUP of
         the same open must get the same FIFO (see :meth:`Fifo.unopened_by`)."""
         if self.done or self.opened or pid != self.reader.pid:
             return False
-        mnt = fifokeeper.mount_of(self.fd) if self.fd is not None else None
-        return not fifokeeper.holds(pid, self.reader.edge.hex, self.ino, mnt)
+        mnt = procs.mount_id(self.fd) if self.fd is not None else None
+        return not procs.holds_file(pid, self.reader.edge.hex, self.ino, mnt)
 
     def backlog(self) -> int:
         fd = self.fd
@@ -296,36 +283,58 @@ class FifoReader:
 
 
 FIFO_DIR = b".fifo"  # the daemon's directory of reader FIFOs (see prepare)
-PREPARE_FOR = 1.0  # seconds a LOOKUP waits for the write end before answering anyway
+PREPARE_FOR = 1.0  # seconds a LOOKUP waits for the write end; then the open stays on FUSE
 
 
-def prepare(fifo: FifoReader, keeper: fifokeeper.Keeper) -> None:
+class Opening:
+    """A reader FIFO's write end being opened (:func:`prepare`, in a worker thread) while
+    the program's LOOKUP waits at most ``PREPARE_FOR`` for it (:meth:`settle`)."""
+
+    def __init__(self, ino: int, path: str, name: str) -> None:
+        self.ino, self.path, self.name = ino, path, name
+        self._lock = threading.Lock()
+        self._ends: tuple[int, int] | None = None  # (stand-in reader, write end)
+        self._abandoned = False
+        self.failure: OSError | None = None
+
+    def settle(self) -> tuple[int, int] | None:
+        """The ends if they are open; else None, and ends opened later are let go."""
+        with self._lock:
+            self._abandoned = True
+            return self._ends
+
+
+def prepare(opening: Opening, keeper: fifokeeper.Keeper) -> None:
     """Opens the FIFO's write end before the program's LOOKUP is answered, so that its open
     finds a writer: a blocking open does not wait, and a non-blocking one (gzip opens
     ``O_NONBLOCK``, then clears it) does not read EOF before the daemon came. A write-only
     open needs a reader: a read-write one (Linux allows it on a FIFO) stands in until the
     program has opened (:func:`_await_opener`).
 
-    Runs in a worker thread while the loop waits in the program's LOOKUP. The kernel
-    serialises the lookups of one directory (``fuse_lock_inode``) and the program's LOOKUP
-    holds the root's: the path is ``MOUNT/.fifo/<ino>``, whose ``.fifo`` entry the kernel
-    keeps cached (see Operations.warm_fifo_dir), so only ``.fifo``'s own lock is taken."""
+    The keeper process opens both (:meth:`fifokeeper.Keeper.open_fifo`), never a thread of
+    the daemon: a daemon killed while its own thread waits in a request to its own mount
+    cannot exit. Runs in a worker thread while the loop waits in the program's LOOKUP. The
+    kernel serialises the lookups of one directory (``fuse_lock_inode``) and the program's
+    LOOKUP holds the root's: the path is ``MOUNT/.fifo/<ino>``, whose ``.fifo`` entry the
+    kernel keeps cached (see Operations.warm_fifo_dir), so only ``.fifo``'s own lock is
+    taken."""
     try:
-        hold = os.open(fifo.path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            fd = os.open(fifo.path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            os.close(hold)
-            raise
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
-        keeper.add(fd, fifo.ino, fifo.reader.edge.hex)
-        fifo.hold, fifo.fd = hold, fd
+        ends = keeper.open_fifo(opening.path, opening.ino, opening.name)
     except OSError as exc:
-        fifo.failure = exc
-        raise
-    finally:
-        fifo.prepared = True
+        opening.failure = exc
+        return
+    with opening._lock:
+        if not opening._abandoned:
+            opening._ends = ends
+            return
+    let_go(ends, opening.ino, keeper)
+
+
+def let_go(ends: tuple[int, int], ino: int, keeper: fifokeeper.Keeper) -> None:
+    """Closes a reader FIFO no program got (the keeper first: then nobody holds it)."""
+    os.close(ends[0])
+    keeper.done(ino)
+    os.close(ends[1])
 
 
 async def _await_opener(fifo: FifoReader) -> bool:
@@ -336,11 +345,11 @@ async def _await_opener(fifo: FifoReader) -> bool:
     name = reader.edge.hex
     nap, start, absent = 0.0002, trio.current_time(), 0
     opened = False
-    mnt = fifokeeper.mount_of(fifo.fd) if fifo.fd is not None else None
+    mnt = procs.mount_id(fifo.fd) if fifo.fd is not None else None
     while True:
         # The process's descriptors: the opening thread (``reader.pid``) may be gone while
         # the program holds its read end (a worker thread opened it, then exited).
-        if fifokeeper.holds(reader.tgid, name, fifo.ino, mnt):
+        if procs.holds_file(reader.tgid, name, fifo.ino, mnt):
             opened = True
             break
         await trio.sleep(nap)
@@ -367,10 +376,6 @@ async def feed(node: Node, fifo: FifoReader, keeper: fifokeeper.Keeper) -> None:
     settled = False  # the stream's fate is decided: the keeper may let the write end go
     reader.exit_status = 9  # until decided otherwise: a failure, never "no more"
     try:
-        while not fifo.prepared:  # the LOOKUP answered before prepare() was done
-            await trio.sleep(0.005)
-        if fifo.failure is not None:
-            log.warning("edge %s: cannot open the reader's FIFO: %s", reader.edge, fifo.failure)
         opened = fifo.fd is not None and await _await_opener(fifo)
         if not opened or fifo.fd is None:
             log.info("edge %s: the opener never opened its FIFO", reader.edge)
@@ -381,7 +386,7 @@ async def feed(node: Node, fifo: FifoReader, keeper: fifokeeper.Keeper) -> None:
                     fifokeeper.kill_holders,
                     reader.edge.hex,
                     fifo.ino,
-                    fifokeeper.mount_of(fifo.fd),
+                    procs.mount_id(fifo.fd),
                 )
             settled = True
             return  # not "no more": the stream stays for another reader
@@ -400,7 +405,7 @@ async def feed(node: Node, fifo: FifoReader, keeper: fifokeeper.Keeper) -> None:
             )
         else:
             killed = await trio.to_thread.run_sync(
-                fifokeeper.kill_holders, reader.edge.hex, fifo.ino, fifokeeper.mount_of(fd)
+                fifokeeper.kill_holders, reader.edge.hex, fifo.ino, procs.mount_id(fd)
             )
             log.warning(
                 "edge %s: reader FIFO: %s; killed %d reading program(s)",

@@ -23,7 +23,6 @@ Pitfalls handled here (see DEVELOPERS.md):
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import logging
@@ -94,16 +93,6 @@ class Handle:
     reserved: int = 0  # memory this end may hold, counted against its uid
 
 
-def _refuse_failed(fifo: fiforoute.FifoReader) -> None:
-    """A reader FIFO whose write end could not be opened is not handed out: a non-blocking
-    open (gzip) would read EOF at once and take it for an empty stream (exit 0), a blocking
-    one would wait in open(2) for good. The open fails with the errno; the feed releases
-    the reader (the stream stays for the next one)."""
-    if fifo.failure is not None:
-        code = fifo.failure.errno or errno.EIO
-        raise EdgeError(code, f"cannot open the reader's FIFO: {fifo.failure.strerror}")
-
-
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
@@ -120,6 +109,7 @@ class Operations(pyfuse3.Operations):
         self._fifo_writers: dict[EdgeId, fiforoute.Fifo] = {}
         self._fifo_readers: dict[EdgeId, fiforoute.FifoReader] = {}
         self.keeper = fifokeeper.Keeper()  # holds reader FIFOs' write ends past our death
+        self._fuse_reasons: set[str] = set()  # why readers fell back to FUSE (logged once)
         self._last_ino += 1
         self._fifo_dir = self._last_ino  # MOUNT/.fifo: the daemon's reader FIFOs
         self._fifo_dir_warm = False  # its entry is cached (warm_fifo_dir)
@@ -143,11 +133,12 @@ class Operations(pyfuse3.Operations):
         if not self.owners.allows(edge, ctx.uid, ctx.gid, claim=claim):
             raise pyfuse3.FUSEError(err)
 
-    def _reserve(self, edge: EdgeId, writing: bool, uid: int) -> int:
-        """The memory the new end may hold; EDQUOT if ``uid`` would exceed its limit."""
+    def _reserve(self, edge: EdgeId, writing: bool, uid: int, pipe: int = 0) -> int:
+        """The memory the new end may hold (and ``pipe``, a reader FIFO's kernel pipe);
+        EDQUOT if ``uid`` would exceed its limit."""
         config = self.node.config
         if not writing:
-            need = config.read_buffer
+            need = config.read_buffer + pipe
         else:
             mode = self.node.mode_overrides.get(edge, self.node.mode)
             need = config.write_window + (config.retain_limit if mode is Mode.DYNAMIC else 0)
@@ -241,7 +232,7 @@ class Operations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        if parent_inode == self._fifo_dir and fiforoute.is_own_thread(ctx.pid):
+        if parent_inode == self._fifo_dir and procs.tgid(ctx.pid) == self.keeper.pid:
             ino = int(name) if name.isdigit() else 0
             if ino not in self._fifos:
                 raise pyfuse3.FUSEError(errno.ENOENT)
@@ -274,7 +265,9 @@ class Operations(pyfuse3.Operations):
                 and not fiforoute.stays_on_fuse(ctx.pid)
             ):
                 self._permit(edge, ctx, errno.EACCES, claim=True)
-                return await self._fifo_reader(edge, ctx)
+                attrs = await self._fifo_reader(edge, ctx)
+                if attrs is not None:
+                    return attrs
         return self._attrs(self._looked_up(self._inode(edge)))
 
     def _new_fifo_ino(self, edge: EdgeId) -> tuple[int, str]:
@@ -298,35 +291,73 @@ class Operations(pyfuse3.Operations):
 
     async def _fifo_reader(
         self, edge: EdgeId, ctx: pyfuse3.RequestContext
-    ) -> pyfuse3.EntryAttributes:
+    ) -> pyfuse3.EntryAttributes | None:
         """A read-only open gets a kernel FIFO the daemon fills (fiforoute.feed); its write
-        end is opened before the LOOKUP is answered (fiforoute.prepare)."""
+        end is opened (by the keeper) before the LOOKUP is answered (fiforoute.prepare).
+        None: this open stays on FUSE (see _refuse_fifo)."""
         fifo = self._fifo_readers.get(edge)
         if fifo is not None and fifo.unopened_by(ctx.pid):
-            _refuse_failed(fifo)  # the kernel looks the name up again after an error
             return self._attrs(self._looked_up(fifo.ino))
-        reserved = self._reserve(edge, False, ctx.uid)
-        reader = await self.node.open_reader(edge, ctx.pid)
+        why = self._refuse_fifo(ctx.pid)
+        if why:
+            self._fuse_read_because(why)
+            return None
+        # The pipe's MiB is kernel memory the user pins: it counts with the read buffer.
+        reserved = self._reserve(edge, False, ctx.uid, fifokeeper.PIPE_SIZE)
         self._last_ino += 1
         ino = self._last_ino
         self._edges[ino] = edge
         self._fifos.add(ino)
         path = os.path.join(self.node.config.mountpoint, fiforoute.FIFO_DIR.decode(), f"{ino}")
-        fifo = fiforoute.FifoReader(reader, ino, path)
+        opening = fiforoute.Opening(ino, path, edge.hex)
+        with trio.move_on_after(fiforoute.PREPARE_FOR):
+            await trio.to_thread.run_sync(
+                fiforoute.prepare, opening, self.keeper, abandon_on_cancel=True
+            )
+        ends = opening.settle()
+        if ends is None:
+            self._forget_fifo(ino)
+            why = str(opening.failure) if opening.failure else "the keeper did not open it in time"
+            self._fuse_read_because(f"no FIFO for this open ({why})")
+            return None
+        try:
+            reader = await self.node.open_reader(edge, ctx.pid)
+        except BaseException:
+            fiforoute.let_go(ends, ino, self.keeper)
+            self._forget_fifo(ino)
+            raise
+        fifo = fiforoute.FifoReader(reader, ino, path, ends)
         self._fifo_readers[edge] = fifo
         # No FUSE handle: this one counts the uid's memory and keeps the edge busy.
         self._handles[-ino] = Handle(ino, reader=reader, uid=ctx.uid, reserved=reserved)
         self.node.spawn(self._feed, edge, fifo)
-        with trio.move_on_after(fiforoute.PREPARE_FOR) as late:
-            with contextlib.suppress(OSError):  # the feed reports it
-                await trio.to_thread.run_sync(
-                    fiforoute.prepare, fifo, self.keeper, abandon_on_cancel=True
-                )
-        if late.cancelled_caught:
-            log.warning("edge %s: the reader's FIFO is not open yet; answering anyway", edge)
-        else:
-            _refuse_failed(fifo)
         return self._attrs(self._looked_up(ino))
+
+    def _refuse_fifo(self, pid: int) -> str:
+        """Why an open by ``pid`` must not get a reader FIFO ("" if it may). A FIFO reader
+        of a failed stream must die (EOF would look like the end): only a daemon that can
+        find and kill every holder of the read end may hand one out."""
+        if not self.keeper.usable:
+            return "no FIFO keeper runs (a daemon crash would give its readers EOF)"
+        if not procs.sees_every_process():
+            return (
+                "this daemon is not in the initial pid namespace: a holder of a FIFO in "
+                "another one could not be killed"
+            )
+        if not procs.visible(pid):
+            return "the opener is not in this daemon's /proc"
+        return ""
+
+    def _fuse_read_because(self, why: str) -> None:
+        """Logs once per reason that reader FIFOs fall back to FUSE reads."""
+        if why not in self._fuse_reasons:
+            self._fuse_reasons.add(why)
+            log.warning("reader FIFOs: FUSE reads instead: %s", why)
+
+    def _forget_fifo(self, ino: int) -> None:
+        if ino not in self._lookups:  # else forget() does, once the kernel lets it go
+            self._fifos.discard(ino)
+            self._edges.pop(ino, None)
 
     def warm_fifo_dir(self) -> None:
         """Looks ``MOUNT/.fifo`` up once, from a worker thread: its entry stays cached (its
@@ -335,6 +366,8 @@ class Operations(pyfuse3.Operations):
         # From a child process, not a thread of ours: a daemon killed while one of its own
         # threads waits in a request to its mount can never exit (the thread waits for an
         # answer only the dead daemon could give) and its mount hangs instead of failing.
+        if not self.keeper.start():
+            return  # logged: readers stay on FUSE
         path = os.path.join(self.node.config.mountpoint, fiforoute.FIFO_DIR.decode())
         try:
             looked = subprocess.run(["test", "-d", path], timeout=30, check=False)
@@ -353,9 +386,7 @@ class Operations(pyfuse3.Operations):
             self._handles.pop(-fifo.ino, None)
             if self._fifo_readers.get(edge) is fifo:
                 del self._fifo_readers[edge]
-            if fifo.ino not in self._lookups:  # forgotten meanwhile
-                self._fifos.discard(fifo.ino)
-                self._edges.pop(fifo.ino, None)
+            self._forget_fifo(fifo.ino)
 
     async def _fifo_writer(self, edge: EdgeId, pid: int) -> pyfuse3.EntryAttributes:
         """A write-only open gets a kernel FIFO the daemon drains (fiforoute)."""

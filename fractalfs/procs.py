@@ -27,6 +27,29 @@ def _mask(value: str) -> int:
 SIGKILL_BIT = 1 << (9 - 1)
 
 
+#: The inode number of the initial pid namespace (PROC_PID_INIT_INO, fixed by the kernel).
+INIT_PID_NS = 0xEFFFFFFC
+
+
+def sees_every_process() -> bool:
+    """Whether this process's /proc shows every process of the machine: it is in the
+    initial pid namespace, and /proc is that namespace's (``/proc/self`` is us). A daemon
+    in a container sees only the container's processes: a holder of one of its files
+    elsewhere is invisible to it, and cannot be found or killed."""
+    try:
+        ns = os.stat("/proc/self/ns/pid").st_ino
+        me = os.readlink("/proc/self")
+    except OSError:
+        return False
+    return ns == INIT_PID_NS and me == str(os.getpid())
+
+
+def visible(pid: int) -> bool:
+    """Whether ``pid`` (a FUSE requester: 0 when the kernel cannot name it in this
+    daemon's pid namespace) is a process this daemon's /proc shows."""
+    return pid > 0 and os.path.exists(f"/proc/{pid}")
+
+
 def tgid(tid: int) -> int:
     """The process (thread group) id of thread ``tid``. FUSE's ``ctx.pid`` is the id of the
     requesting *thread*: a worker thread that opened a file may exit long before its
@@ -280,6 +303,57 @@ def link_path(target: str) -> str:
     lookup of the same name (another open, a stat) that answers another inode leaves the
     open file's dentry unhashed, and the kernel shows it as "<path> (deleted)"."""
     return target.removesuffix(" (deleted)")
+
+
+def mount_id(fd: int) -> int | None:
+    """The mount id of this process's open file ``fd`` (fdinfo ``mnt_id``), or None."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
+            for line in f.read().splitlines():
+                if line.startswith(b"mnt_id:"):
+                    return int(line.split(b":", 1)[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def holds_file(
+    pid: int, name: str, ino: int | None = None, mnt: int | None = None, *, writing: bool = False
+) -> bool:
+    """Whether process ``pid`` holds a file whose path ends in ``/name``, open for reading
+    (``writing``: for writing), of inode ``ino`` on mount ``mnt`` (:func:`mount_id` of the
+    daemon's own end of it; None: any).
+
+    Link text first, then ``/proc/<pid>/fdinfo``: never a ``stat`` through the link, which
+    for a file on this daemon's mount is a request to this very daemon, maybe from the
+    thread that must answer it. An inode number names an inode only within one mount
+    (another fractalfs mount numbers its inodes alike, any file elsewhere may be called
+    ``name``): with ``mnt`` the fdinfo ``mnt_id`` must match too."""
+    base = f"/proc/{pid}/fd"
+    try:
+        fds = os.listdir(base)
+    except OSError:
+        return False
+    suffix = "/" + name
+    unwanted = os.O_RDONLY if writing else os.O_WRONLY
+    for fd in fds:
+        try:
+            if not link_path(os.readlink(f"{base}/{fd}")).endswith(suffix):
+                continue
+            with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
+                info = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
+            if int(info.get(b"flags", b"0").strip(), 8) & os.O_ACCMODE == unwanted:
+                continue
+            seen_ino = info.get(b"ino")
+            if ino is not None and seen_ino is not None and int(seen_ino.strip()) != ino:
+                continue
+            seen_mnt = info.get(b"mnt_id")
+            if mnt is not None and (seen_mnt is None or int(seen_mnt.strip()) != mnt):
+                continue
+        except (OSError, ValueError):
+            continue
+        return True
+    return False
 
 
 def _writing_to(task: str, name: str) -> bool:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from fractalfs import fifokeeper
+import pytest
+
+from fractalfs import fifokeeper, procs
 
 NAME = "0123456789abcdef0123456789abcdef"
 
@@ -39,18 +45,107 @@ def test_same_name_and_inode_number_on_another_mount_is_not_killed(tmp_path: Pat
     victim = _holder(str(victim_path))
     r, w = os.pipe()  # the daemon's own end lives on another mount than tmp_path
     try:
-        other = fifokeeper.mount_of(w)
+        other = procs.mount_id(w)
         assert other is not None
         assert fifokeeper.kill_holders(NAME, ino, other) == 0
         assert victim.poll() is None
         # The same scan with the file's own mount does find it (the test can fail).
         with open(victim_path, "rb") as own:
-            same = fifokeeper.mount_of(own.fileno())
-        assert fifokeeper.holds(victim.pid, NAME, ino, same)
-        assert not fifokeeper.holds(victim.pid, NAME, ino, other)
+            same = procs.mount_id(own.fileno())
+        assert procs.holds_file(victim.pid, NAME, ino, same)
+        assert not procs.holds_file(victim.pid, NAME, ino, other)
     finally:
         os.close(r)
         os.close(w)
         assert victim.stdin is not None
         victim.stdin.close()
         victim.wait(5)
+
+
+def _fifo(tmp_path: Path, name: str = "f") -> str:
+    path = str(tmp_path / name)
+    os.mkfifo(path)
+    return path
+
+
+def _writers(path: str, reader: int) -> bool:
+    """Whether a write end of the FIFO at ``path`` is still open anywhere: a non-blocking
+    reader reads EAGAIN while one is, EOF once none is."""
+    try:
+        return os.read(reader, 1) != b""
+    except BlockingIOError:
+        return True
+
+
+def test_the_keeper_opens_both_ends_and_holds_the_write_end_until_done(tmp_path: Path) -> None:
+    keeper = fifokeeper.Keeper()
+    try:
+        assert keeper.start() and keeper.usable
+        path = _fifo(tmp_path)
+        hold, wfd = keeper.open_fifo(path, 7, NAME)
+        reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            os.close(hold)
+            os.close(wfd)
+            assert _writers(path, reader)  # the keeper's dup
+            keeper.done(7)
+            deadline = time.monotonic() + 5
+            while _writers(path, reader):
+                assert time.monotonic() < deadline, "the keeper kept its dup after done"
+                time.sleep(0.01)
+        finally:
+            os.close(reader)
+        with pytest.raises(OSError) as failed:
+            keeper.open_fifo(str(tmp_path / "missing"), 8, NAME)
+        assert failed.value.errno == errno.ENOENT
+    finally:
+        keeper.close()
+
+
+@pytest.mark.parametrize("trouble", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stopped"])
+def test_a_keeper_that_dies_or_stops_is_replaced_and_gets_the_live_ends(
+    tmp_path: Path, trouble: int
+) -> None:
+    keeper = fifokeeper.Keeper()
+    old = -1
+    try:
+        assert keeper.start()
+        path = _fifo(tmp_path)
+        hold, wfd = keeper.open_fifo(path, 7, NAME)
+        reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        os.close(hold)
+        old = keeper.pid
+        os.kill(old, trouble)
+        deadline = time.monotonic() + 10
+        while keeper.pid == old:
+            assert time.monotonic() < deadline, "the keeper was not replaced"
+            keeper.check()
+            time.sleep(0.1)
+        assert keeper.usable and keeper.replaced == 1
+        os.close(wfd)  # the daemon's own end: the new keeper's dup keeps the pipe open
+        time.sleep(0.2)
+        assert _writers(path, reader)
+        keeper.done(7)
+        deadline = time.monotonic() + 5
+        while _writers(path, reader):
+            assert time.monotonic() < deadline, "the new keeper kept its dup after done"
+            time.sleep(0.01)
+        os.close(reader)
+    finally:
+        if old > 0:
+            with contextlib.suppress(OSError):
+                os.kill(old, signal.SIGCONT)
+        keeper.close()
+
+
+def test_without_a_keeper_the_route_is_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_fork(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(subprocess, "Popen", no_fork)
+    keeper = fifokeeper.Keeper()
+    assert not keeper.start()
+    assert not keeper.usable
+    with pytest.raises(fifokeeper.KeeperUnavailable):
+        keeper.open_fifo("/nonexistent", 1, NAME)
+    keeper.close()

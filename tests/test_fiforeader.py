@@ -5,7 +5,9 @@ killed rather than given an EOF that would look like the end."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -13,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from fractalfs.testing import Node
 
@@ -185,3 +189,138 @@ def test_a_reader_fifo_that_cannot_be_opened_fails_the_open_not_the_stream(
         # Nothing was lost: the stream is still there for the next reader.
         again = sh(f"timeout 20 cat {a.path(edge)}").stdout
         assert again == src.read_bytes()
+
+
+# -- the keeper: it opens the write ends, and is replaced when it dies or stops -----------
+
+
+def _keeper(node: Node) -> int:
+    """The pid of ``node``'s FIFO keeper (its child running fractalfs.fifokeeper)."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == node.pid and b"fractalfs.fifokeeper" in cmdline:
+            return int(name)
+    return -1
+
+
+def _replaced(node: Node, old: int) -> bool:
+    return _keeper(node) not in (-1, old)
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_no_thread_of_the_daemon_opens_a_file_on_its_own_mount(
+    cluster: Cluster, programs: Programs, tmp_path: Path
+) -> None:
+    """The reader FIFO's write end is opened by the keeper process: a daemon SIGKILLed
+    while one of its own threads waits in a request to its own mount cannot exit (its
+    mount hangs instead of failing with ENOTCONN)."""
+    a = cluster.node("a")
+    trace = tmp_path / "trace"
+    tracer = programs.start(f"exec strace -f -qq -e trace=open,openat -o {trace} -p {a.pid}")
+    assert tracer.stderr is not None
+    wait_for(lambda: trace.exists(), 10, "strace attached")
+    time.sleep(0.5)
+    edge = new_edge()
+    sh(f"printf hello > {a.path(edge)}")
+    fd = os.open(a.path(edge), os.O_RDONLY)
+    try:
+        assert stat.S_ISFIFO(os.fstat(fd).st_mode)  # the FIFO route was taken
+        assert os.read(fd, 100) == b"hello"
+    finally:
+        os.close(fd)
+    time.sleep(0.5)
+    os.kill(tracer.pid, signal.SIGTERM)
+    tracer.communicate(timeout=10)
+    opens = [line for line in trace.read_text().splitlines() if str(a.mountpoint) in line]
+    assert not opens, opens
+
+
+def _stream_with_keeper_trouble(
+    cluster: Cluster, programs: Programs, tmp_path: Path
+) -> tuple[Node, subprocess.Popen[bytes], subprocess.Popen[bytes], Path, Path]:
+    """A writer on node a paused after 1 MiB of 2 (SIGUSR1 resumes it) and a ``cat`` on
+    node b that has that MiB through its FIFO. Returns b, writer, reader, source, output."""
+    cluster.start_discovery()
+    a = cluster.node("a")
+    b = cluster.node("b")
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(2 * MiB))
+    edge = new_edge()
+    cmd = " ".join([*SLOWCAT, str(src), a.path(edge), "--pause-after", str(MiB)])
+    writer = programs.start(f"exec {cmd} --resume-on-usr1")
+    assert writer.stdout is not None and writer.stdout.readline() == b"paused\n"
+    out = tmp_path / "out"
+    reader = programs.start(f"exec cat {b.path(edge)} > {out}")
+    wait_for(lambda: size(out) >= MiB, 10, "the first MiB")
+    return b, writer, reader, src, out
+
+
+def test_a_killed_keeper_is_replaced_and_the_new_one_holds_live_streams(
+    cluster: Cluster, programs: Programs, tmp_path: Path
+) -> None:
+    """The keeper killed mid-stream: the daemon starts another and hands it the live write
+    ends, so the daemon's death still kills the reader instead of giving it EOF."""
+    b, writer, reader, _src, _out = _stream_with_keeper_trouble(cluster, programs, tmp_path)
+    old = _keeper(b)
+    assert old > 0
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: _replaced(b, old), 10, "a new keeper")
+    time.sleep(0.5)  # the live write end reaches it
+    b.kill()
+    reader.communicate(timeout=10)
+    assert reader.returncode == -signal.SIGKILL  # never EOF (status 0) with 1 MiB of 2
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.communicate(timeout=10)
+
+
+def test_a_stopped_keeper_is_replaced_and_complete_streams_end(
+    cluster: Cluster, programs: Programs, tmp_path: Path
+) -> None:
+    """A keeper stopped (SIGSTOP) holds its dups of the write ends: a complete stream's
+    EOF would wait for it forever. The daemon notices that it stopped answering, kills it
+    and starts another: the reader ends with every byte."""
+    b, writer, reader, src, out = _stream_with_keeper_trouble(cluster, programs, tmp_path)
+    old = _keeper(b)
+    os.kill(old, signal.SIGSTOP)
+    try:
+        os.kill(writer.pid, signal.SIGUSR1)  # the rest, then the end
+        writer.communicate(timeout=20)
+        assert writer.returncode == 0
+        reader.communicate(timeout=20)
+        assert reader.returncode == 0
+        assert sha_file(out) == sha_file(src)
+        wait_for(lambda: _replaced(b, old), 10, "a new keeper")
+        assert not os.path.exists(f"/proc/{old}") or _zombie(old)
+        # The route still works, through the new keeper.
+        _read_through_a_fifo(b, b"again")
+    finally:
+        with contextlib.suppress(OSError):
+            os.kill(old, signal.SIGCONT)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+    except OSError:
+        return True
+
+
+def _read_through_a_fifo(node: Node, data: bytes) -> None:
+    edge = new_edge()
+    sh(f"printf {data.decode()} > {node.path(edge)}")
+    fd = os.open(node.path(edge), os.O_RDONLY)
+    try:
+        assert stat.S_ISFIFO(os.fstat(fd).st_mode)
+        assert os.read(fd, 100) == data
+        assert os.read(fd, 100) == b""
+    finally:
+        os.close(fd)

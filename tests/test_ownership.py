@@ -220,3 +220,42 @@ def test_other_users_do_not_see_the_names_of_owned_edges(node: Node, programs: P
     assert edge not in listed.stdout
     os.killpg(writer.pid, 9)
     writer.wait()
+
+
+@needs_fuse
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
+def test_a_reader_fifos_pipe_counts_against_the_uid_memory_limit(programs: Programs) -> None:
+    """A reader FIFO pins a 1 MiB kernel pipe besides its read buffer: with 4 MiB read
+    buffers and a 12 MiB limit, a user gets two FIFO readers (2 x 5 MiB), not three."""
+    work = Path(tempfile.mkdtemp(prefix="fractalfs-pipequota-"))
+    work.chmod(0o755)
+    conf = work / "node.toml"
+    conf.write_text(f"uid_memory_limit = {12 << 20}\nread_buffer = {4 << 20}\n")
+    n = Node(work, "pipequota", None, extra=["--config", str(conf)])
+    try:
+        n.start()
+        n.mountpoint.chmod(0o755)
+        held = []
+        for _ in range(2):
+            edge = new_edge()
+            held.append(
+                programs.start(f"exec {' '.join(NOBODY)} sh -c 'exec sleep 60 < {n.path(edge)}'")
+            )
+            reader = held[-1]
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    if stat.S_ISFIFO(os.stat(f"/proc/{reader.pid}/fd/0").st_mode):
+                        break
+                except OSError:
+                    pass
+                time.sleep(0.05)
+            else:
+                raise AssertionError("the reader did not get a FIFO")
+        third = as_nobody("sh", "-c", f"cat {n.path(new_edge())}")
+        assert third.returncode != 0 and "quota" in third.stderr, third.stderr
+        assert all(p.poll() is None for p in held)
+    finally:
+        n.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    assert not fuse_d_state(work)

@@ -221,3 +221,75 @@ def test_tgid_of_a_live_thread() -> None:
     t.start()
     t.join()
     assert got == [os.getpid()]
+
+
+SEES = "from fractalfs import procs; print(procs.sees_every_process())"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="unshare --pid needs root")
+@pytest.mark.parametrize("proc_mount", [[], ["--mount-proc"]], ids=["host-proc", "own-proc"])
+def test_only_the_initial_pid_namespace_sees_every_process(proc_mount: list[str]) -> None:
+    """A daemon that may miss a holder of its reader FIFO must not hand one out: in a child
+    pid namespace /proc shows either another namespace's processes (/proc/self is not us)
+    or only the namespace's own (--mount-proc: in a private mount namespace)."""
+    assert procs.sees_every_process()
+    got = subprocess.run(
+        ["unshare", "--pid", "--fork", *proc_mount, sys.executable, "-c", SEES],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert got.stdout.strip() == "False"
+
+
+def test_an_opener_the_daemon_cannot_name_is_not_visible() -> None:
+    assert procs.visible(os.getpid())
+    assert not procs.visible(0)  # FUSE's pid of a requester outside our pid namespace
+    assert not procs.visible(-1)
+
+
+def test_reader_fifos_are_refused_where_a_holder_could_be_missed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from types import SimpleNamespace
+
+    from fractalfs.fs import Operations
+
+    ops = Operations(SimpleNamespace())  # type: ignore[arg-type]
+    assert ops._refuse_fifo(os.getpid()) == ""
+    assert "not in this daemon's /proc" in ops._refuse_fifo(0)
+    monkeypatch.setattr(procs, "sees_every_process", lambda: False)
+    assert "pid namespace" in ops._refuse_fifo(os.getpid())
+    monkeypatch.undo()
+    ops.keeper._failed = True  # it could not be started
+    assert "keeper" in ops._refuse_fifo(os.getpid())
+
+
+def test_holds_file_tells_reading_from_writing_and_checks_the_inode(tmp_path: Path) -> None:
+    """One scan serves both FIFO routes: a reader FIFO's holders (read access) and a writer
+    FIFO's opener (write access), by link text, then fdinfo (access, inode, mount)."""
+    name = "0123456789abcdef0123456789abcdef"
+    path = tmp_path / name
+    path.write_bytes(b"")
+    ino = os.stat(path).st_ino
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; f = open(sys.argv[1], 'ab'); sys.stdin.read()", path],
+        stdin=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not procs.holds_file(holder.pid, name, writing=True):
+            assert time.monotonic() < deadline, "the holder never opened its file"
+            time.sleep(0.01)
+        with open(path, "rb") as own:
+            mnt = procs.mount_id(own.fileno())
+        assert procs.holds_file(holder.pid, name, ino, mnt, writing=True)
+        assert not procs.holds_file(holder.pid, name, ino, mnt)  # not open for reading
+        assert not procs.holds_file(holder.pid, name, ino + 1, mnt, writing=True)
+        assert not procs.holds_file(holder.pid, name, ino, (mnt or 0) + 1, writing=True)
+        assert not procs.holds_file(holder.pid, "f" * 32, writing=True)
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(10)

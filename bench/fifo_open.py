@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""What a reader's open costs: a reader FIFO (the daemon has its write end opened before
+the LOOKUP is answered, ``fiforoute.prepare``) against a FUSE open of the same edge, on
+one daemon with an embedded discovery, measured in the same run.
+
+    .venv/bin/python bench/fifo_open.py [--opens 100]
+
+Each round writes one byte into a fresh edge (so the reader's claim finds its writer),
+then times ``open(O_RDONLY)`` alone; the read and close follow untimed. Prints the
+median and 90th percentile per route, and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fractalfs.edgeid import EdgeId
+from fractalfs.testing import Node
+
+
+def opens(node: Node, n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+        path = node.path(EdgeId.new().hex)
+        fd = os.open(path, os.O_WRONLY)
+        os.write(fd, b"x")
+        os.close(fd)
+        t = time.perf_counter()
+        fd = os.open(path, os.O_RDONLY)
+        times.append(time.perf_counter() - t)
+        while os.read(fd, 4096):
+            pass
+        os.close(fd)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--opens", type=int, default=100)
+    args = parser.parse_args()
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for route, fifo in (("fuse", "false"), ("fifo", "true")):
+            config = Path(tmp) / f"{route}.toml"
+            config.write_text(f"fifo_readers = {fifo}\n")
+            node = Node(Path(tmp), route, None, extra=["--config", str(config)])
+            node.start()
+            try:
+                opens(node, 5)  # warm-up
+                results[route] = opens(node, args.opens)
+            finally:
+                node.stop()
+    for route, times in results.items():
+        ms = sorted(t * 1000 for t in times)
+        p90 = ms[int(len(ms) * 0.9)]
+        print(f"{route:5} open: median {statistics.median(ms):6.2f} ms, p90 {p90:6.2f} ms")
+    ratio = statistics.median(results["fifo"]) / statistics.median(results["fuse"])
+    print(f"reader FIFO open / FUSE open (medians): {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
