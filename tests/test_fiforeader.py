@@ -187,9 +187,7 @@ def test_no_thread_of_the_daemon_opens_a_file_on_its_own_mount(
     a = cluster.node("a")
     trace = tmp_path / "trace"
     tracer = programs.start(f"exec strace -f -qq -e trace=open,openat -o {trace} -p {a.pid}")
-    assert tracer.stderr is not None
-    wait_for(lambda: trace.exists(), 10, "strace attached")
-    time.sleep(0.5)
+    wait_for(lambda: _traced_by(a.pid, tracer.pid), 10, "strace attached to every thread")
     edge = new_edge()
     sh(f"printf hello > {a.path(edge)}")
     fd = os.open(a.path(edge), os.O_RDONLY)
@@ -203,6 +201,20 @@ def test_no_thread_of_the_daemon_opens_a_file_on_its_own_mount(
     tracer.communicate(timeout=10)
     opens = [line for line in trace.read_text().splitlines() if str(a.mountpoint) in line]
     assert not opens, opens
+
+
+def _traced_by(pid: int, tracer: int) -> bool:
+    """Every thread of ``pid`` is traced by ``tracer`` (TracerPid in its status)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+        for tid in tasks:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                line = next(x for x in f if x.startswith("TracerPid:"))
+            if int(line.split()[1]) != tracer:
+                return False
+    except (OSError, StopIteration, ValueError):
+        return False
+    return bool(tasks)
 
 
 def _stream_with_keeper_trouble(
