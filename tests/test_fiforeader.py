@@ -298,3 +298,35 @@ def _read_through_a_fifo(node: Node, data: bytes) -> None:
         assert os.read(fd, 100) == b""
     finally:
         os.close(fd)
+
+
+CHILD_DIES = (
+    "import os, signal, sys, time\n"
+    "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+    "os.read(fd, 1000)\n"
+    "if os.fork() == 0:\n"
+    "    os.read(fd, 1000)\n"
+    "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    "os.close(fd)\n"
+    "os.wait()\n"
+    "print('child gone', flush=True)\n"
+    "time.sleep(60)\n"
+)
+
+
+def test_a_forked_child_dying_with_the_read_end_while_the_opener_runs_is_an_early_close(
+    pair: Pair, programs: Programs, tmp_path: Path
+) -> None:
+    """The opener decides, as on FUSE: the last read end closed by a child killed while the
+    program that opened the edge runs on means "no more" (the writer gets SIGPIPE), not a
+    failure kept for a re-run. The daemon learns of the close only afterwards (POLLERR),
+    when such a child may be reaped already: no rule could tell its death from a close."""
+    _, w, r = pair.paths()
+    writer = programs.start(f"exec yes > {w}")
+    script = tmp_path / "child_dies.py"
+    script.write_text(CHILD_DIES)
+    reader = programs.start(f"exec {sys.executable} {script} {r}")
+    assert reader.stdout is not None and reader.stdout.readline() == b"child gone\n"
+    writer.communicate(timeout=20)
+    assert writer.returncode == -signal.SIGPIPE
+    assert reader.poll() is None  # the opener runs on
