@@ -7,7 +7,9 @@ one daemon with an embedded discovery, measured in the same run.
 
 Each round writes one byte into a fresh edge (so the reader's claim finds its writer),
 then times ``open(O_RDONLY)`` alone; the read and close follow untimed. Prints the
-median and 90th percentile per route, and their ratio.
+median and 90th percentile per route, and their ratio. Then what the keeper's part costs
+alone, on FIFOs outside any mount: its open of both ends and the hand-back
+(``Keeper.open_fifo``) against the same two opens made in this process.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from fractalfs import fifokeeper
 from fractalfs.edgeid import EdgeId
 from fractalfs.testing import Node
 
@@ -40,6 +43,31 @@ def opens(node: Node, n: int) -> list[float]:
             pass
         os.close(fd)
     return times
+
+
+def keeper_round_trips(directory: str, n: int) -> tuple[list[float], list[float]]:
+    keeper = fifokeeper.Keeper()
+    keeper.start()
+    direct, kept = [], []
+    try:
+        for i in range(n):
+            path = f"{directory}/fifo{i}"
+            os.mkfifo(path)
+            t = time.perf_counter()
+            hold = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+            wfd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+            direct.append(time.perf_counter() - t)
+            os.close(hold)
+            os.close(wfd)
+            t = time.perf_counter()
+            hold, wfd = keeper.open_fifo(path, i, "0" * 32)
+            kept.append(time.perf_counter() - t)
+            os.close(hold)
+            keeper.done(i)
+            os.close(wfd)
+    finally:
+        keeper.close()
+    return direct, kept
 
 
 def main() -> None:
@@ -64,6 +92,12 @@ def main() -> None:
         print(f"{route:5} open: median {statistics.median(ms):6.2f} ms, p90 {p90:6.2f} ms")
     ratio = statistics.median(results["fifo"]) / statistics.median(results["fuse"])
     print(f"reader FIFO open / FUSE open (medians): {ratio:.2f}x")
+    with tempfile.TemporaryDirectory() as tmp:
+        direct, kept = keeper_round_trips(tmp, 3 * args.opens)
+    print(
+        f"both ends opened here: median {statistics.median(direct) * 1e6:.0f} us; "
+        f"by the keeper: {statistics.median(kept) * 1e6:.0f} us"
+    )
 
 
 if __name__ == "__main__":

@@ -221,9 +221,22 @@ class Keeper:
                 reply, fds = b"", []
             finally:
                 mine.close()
-            if reply.startswith(b"K") and len(fds) == 2:
+            if reply.startswith(b"K") and len(fds) != 2:
+                # Out of descriptors here: the kernel dropped what did not fit (MSG_CTRUNC).
+                # Not the keeper's fault: it lets its dup go, and the open fails.
+                for fd in fds:
+                    os.close(fd)
+                self._forget_unused(ino)
+                raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+            if reply.startswith(b"K"):
                 with self._locked():
-                    self._live[ino] = (os.dup(fds[1]), name)
+                    try:
+                        self._live[ino] = (os.dup(fds[1]), name)
+                    except OSError:
+                        os.close(fds[0])
+                        os.close(fds[1])
+                        self._forget_unused(ino)
+                        raise
                     if self._sock is not sock and self._sock is not None:
                         # Replaced meanwhile: the new keeper must hold this one too.
                         try:
@@ -239,6 +252,13 @@ class Keeper:
                 raise OSError(code, os.strerror(code))
             self.replace(sock)  # EOF (it died) or silence (stopped): a new one, then retry
         raise KeeperUnavailable(errno.ETIMEDOUT, "the FIFO keeper does not answer")
+
+    def _forget_unused(self, ino: int) -> None:
+        """The keeper's dup of a FIFO the daemon never got goes (no program can hold it)."""
+        sock = self._sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.send(b"D %d" % ino, socket.MSG_DONTWAIT)
 
     def done(self, ino: int) -> None:
         """The stream of FIFO ``ino`` is finished: the keeper closes its dup (then the

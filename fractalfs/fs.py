@@ -316,9 +316,14 @@ class Operations(pyfuse3.Operations):
             )
         ends = opening.settle()
         if ends is None:
+            # Never a FIFO without its write end: a non-blocking open (gzip) would read EOF
+            # at once and take the stream for empty; a blocking one would wait for good.
             self._forget_fifo(ino)
-            why = str(opening.failure) if opening.failure else "the keeper did not open it in time"
-            self._fuse_read_because(f"no FIFO for this open ({why})")
+            if opening.failure is not None:
+                why = f"cannot open the reader's FIFO: {opening.failure}"
+            else:
+                why = f"the reader's FIFO was not open within {fiforoute.PREPARE_FOR} s"
+            log.warning("edge %s: %s; this open reads through FUSE", edge, why)
             return None
         try:
             reader = await self.node.open_reader(edge, ctx.pid)

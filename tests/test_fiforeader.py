@@ -226,9 +226,7 @@ def test_no_thread_of_the_daemon_opens_a_file_on_its_own_mount(
     a = cluster.node("a")
     trace = tmp_path / "trace"
     tracer = programs.start(f"exec strace -f -qq -e trace=open,openat -o {trace} -p {a.pid}")
-    assert tracer.stderr is not None
-    wait_for(lambda: trace.exists(), 10, "strace attached")
-    time.sleep(0.5)
+    wait_for(lambda: _traced_by(a.pid, tracer.pid), 10, "strace attached to every thread")
     edge = new_edge()
     sh(f"printf hello > {a.path(edge)}")
     fd = os.open(a.path(edge), os.O_RDONLY)
@@ -242,6 +240,20 @@ def test_no_thread_of_the_daemon_opens_a_file_on_its_own_mount(
     tracer.communicate(timeout=10)
     opens = [line for line in trace.read_text().splitlines() if str(a.mountpoint) in line]
     assert not opens, opens
+
+
+def _traced_by(pid: int, tracer: int) -> bool:
+    """Every thread of ``pid`` is traced by ``tracer`` (TracerPid in its status)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+        for tid in tasks:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                line = next(x for x in f if x.startswith("TracerPid:"))
+            if int(line.split()[1]) != tracer:
+                return False
+    except (OSError, StopIteration, ValueError):
+        return False
+    return bool(tasks)
 
 
 def _stream_with_keeper_trouble(
@@ -325,3 +337,35 @@ def _read_through_a_fifo(node: Node, data: bytes) -> None:
         assert os.read(fd, 100) == b""
     finally:
         os.close(fd)
+
+
+CHILD_DIES = (
+    "import os, signal, sys, time\n"
+    "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+    "os.read(fd, 1000)\n"
+    "if os.fork() == 0:\n"
+    "    os.read(fd, 1000)\n"
+    "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    "os.close(fd)\n"
+    "os.wait()\n"
+    "print('child gone', flush=True)\n"
+    "time.sleep(60)\n"
+)
+
+
+def test_a_forked_child_dying_with_the_read_end_while_the_opener_runs_is_an_early_close(
+    pair: Pair, programs: Programs, tmp_path: Path
+) -> None:
+    """The opener decides, as on FUSE: the last read end closed by a child killed while the
+    program that opened the edge runs on means "no more" (the writer gets SIGPIPE), not a
+    failure kept for a re-run. The daemon learns of the close only afterwards (POLLERR),
+    when such a child may be reaped already: no rule could tell its death from a close."""
+    _, w, r = pair.paths()
+    writer = programs.start(f"exec yes > {w}")
+    script = tmp_path / "child_dies.py"
+    script.write_text(CHILD_DIES)
+    reader = programs.start(f"exec {sys.executable} {script} {r}")
+    assert reader.stdout is not None and reader.stdout.readline() == b"child gone\n"
+    writer.communicate(timeout=20)
+    assert writer.returncode == -signal.SIGPIPE
+    assert reader.poll() is None  # the opener runs on
