@@ -241,7 +241,11 @@ async def drain(node: Node, fifo: Fifo) -> None:
                 break
             seen = True
             arenas.fill += n
-            await _write_all(node, writer, memoryview(arenas.buf)[at : at + n])
+            status = await _write_all(node, writer, memoryview(arenas.buf)[at : at + n])
+            if status is not None:
+                log.info("edge %s: the writing program failed (status %d)", writer.edge, status)
+                writer.exit_status = status
+                return
         await node.flush_writer(writer)
     except EdgeError as exc:
         if exc.errno != errno.EPIPE:
@@ -252,15 +256,48 @@ async def drain(node: Node, fifo: Fifo) -> None:
         node.release_writer(writer)
 
 
-async def _write_all(node: Node, writer: WriterEnd, data: memoryview) -> None:
+async def _write_all(node: Node, writer: WriterEnd, data: memoryview) -> int | None:
+    """Hands ``data`` to the writer end. None: done; a wait status: while the end was full
+    (window or spill), the program that opened the FIFO exited with that failure status.
+
+    Its bytes still in the pipe are then dropped, as a FUSE write interrupted by the kill
+    is: the generation failed, and waiting for window space to drain them held the end
+    open, so a re-run got EBUSY (``test_a_rerun_may_open_while_the_killed_program_is_
+    still_exiting``)."""
     while data:
+        full = writer.end - writer.acked >= writer.window or writer.spilling
+        n = 0
         try:
-            n = await node.write(writer, data)
+            if not full:
+                n = await node.write(writer, data)
+            else:
+                async with trio.open_nursery() as nursery:
+                    failed: list[int] = []
+                    nursery.start_soon(_opener_failed, node, writer, failed, nursery.cancel_scope)
+                    n = await node.write(writer, data)
+                    nursery.cancel_scope.cancel()
+                if failed:
+                    return failed[0]
         except EdgeError as exc:
             if exc.errno == errno.EINTR:
                 continue
             raise
         data = data[n:]
+    return None
+
+
+async def _opener_failed(
+    node: Node, writer: WriterEnd, failed: list[int], scope: trio.CancelScope
+) -> None:
+    """Cancels ``scope`` once the writer's program exited with a failure status."""
+    while True:
+        status = node.exits.status(writer.tgid)
+        if status is not None and status != 0:
+            failed.append(status)
+            scope.cancel()
+            return
+        with trio.move_on_after(node.config.signal_poll):
+            await node.exits.changed.wait()
 
 
 # -- readers ------------------------------------------------------------------------------
