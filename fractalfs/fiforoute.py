@@ -39,6 +39,7 @@ import os
 import select
 import termios
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -179,6 +180,9 @@ class Fifo:
         self.writer, self.ino, self.path = writer, ino, path
         self.fd: int | None = None
         self.done = False
+        #: Called before each write into the end; an EdgeError ends the drain (the uid's
+        #: spill limit, see Operations._fifo_writer).
+        self.check: Callable[[], None] = lambda: None
 
     def unopened_by(self, pid: int) -> bool:
         """True while no program opened this FIFO yet, and ``pid`` did not either: a second
@@ -241,6 +245,7 @@ async def drain(node: Node, fifo: Fifo) -> None:
                 break
             seen = True
             arenas.fill += n
+            fifo.check()
             status = await _write_all(node, writer, memoryview(arenas.buf)[at : at + n])
             if status is not None:
                 log.info("edge %s: the writing program failed (status %d)", writer.edge, status)
@@ -249,7 +254,8 @@ async def drain(node: Node, fifo: Fifo) -> None:
         await node.flush_writer(writer)
     except EdgeError as exc:
         if exc.errno != errno.EPIPE:
-            log.info("edge %s: writer FIFO: %s", writer.edge, exc)
+            # The program sees only EPIPE: the log names the errno it stands for.
+            log.warning("edge %s: writer FIFO: %s (%s)", writer.edge, exc, os.strerror(exc.errno))
     finally:
         fifo.done = True
         os.close(fd)  # the program's next write: EPIPE/SIGPIPE
