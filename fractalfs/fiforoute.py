@@ -277,13 +277,19 @@ async def _write_all(node: Node, writer: WriterEnd, data: memoryview) -> int | N
             if not full:
                 n = await node.write(writer, data)
             else:
+                error: EdgeError | None = None
                 async with trio.open_nursery() as nursery:
                     failed: list[int] = []
                     nursery.start_soon(_opener_failed, node, writer, failed, nursery.cancel_scope)
-                    n = await node.write(writer, data)
+                    try:
+                        n = await node.write(writer, data)
+                    except EdgeError as exc:
+                        error = exc  # raised in here it would leave as an ExceptionGroup
                     nursery.cancel_scope.cancel()
                 if failed:
                     return failed[0]
+                if error is not None:
+                    raise error
         except EdgeError as exc:
             if exc.errno == errno.EINTR:
                 continue
