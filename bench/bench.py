@@ -67,9 +67,11 @@ def throughput(
     size: int,
     bs: str,
     tls: tuple[tuple[Node, Node], Path] | None = None,
+    fuse: tuple[Node, Node] | None = None,
 ) -> dict[str, float]:
     """MB/s of each pipe; ``tls``: a second pair of daemons with ``--tls-dir`` and that
-    directory (rows for them and for socat over TLS with the same certificate)."""
+    directory (rows for them and for socat over TLS with the same certificate); ``fuse``: a
+    pair of daemons with both FIFO routes off (every read and write a FUSE request)."""
     count = size // parse_size(bs)
     src = f"dd if=/dev/zero bs={bs} count={count} status=none"
     sink = f"dd of=/dev/null bs={bs} status=none"
@@ -94,6 +96,12 @@ def throughput(
     out["fractalfs two daemons"] = timed_pair(
         f"{src} of={a.path(edge)}", f"{sink} if={b.path(edge)}"
     )
+    if fuse is not None:
+        fa, fb = fuse
+        edge = EdgeId.new().hex
+        out["two daemons, FUSE routes"] = timed_pair(
+            f"{src} of={fa.path(edge)}", f"{sink} if={fb.path(edge)}"
+        )
     if tls is not None:
         (ta, tb), d = tls
         opts = f"cert={d}/cert.pem,key={d}/key.pem,cafile={d}/ca.pem,verify=1"
@@ -266,9 +274,11 @@ def persistence(
     return out
 
 
-def small_writes(nodes: tuple[Node, Node]) -> dict[str, float]:
+def small_writes(
+    nodes: tuple[Node, Node], fuse: tuple[Node, Node] | None = None
+) -> dict[str, float]:
     """Writers that write a few KiB at a time (seconds; into a pipe and into an edge read on
-    the other daemon)."""
+    the other daemon; ``fuse``: also through daemons with both FIFO routes off)."""
     a, b = nodes
     out: dict[str, float] = {}
     for label, prog in (
@@ -282,6 +292,11 @@ def small_writes(nodes: tuple[Node, Node]) -> dict[str, float]:
         out[f"{label}, edge"] = timed_pair(
             f"{prog} > {a.path(edge)}", f"cat {b.path(edge)} > /dev/null"
         )
+        if fuse is not None:
+            edge = EdgeId.new().hex
+            out[f"{label}, edge, FUSE routes"] = timed_pair(
+                f"{prog} > {fuse[0].path(edge)}", f"cat {fuse[1].path(edge)} > /dev/null"
+            )
     return out
 
 
@@ -365,6 +380,12 @@ def main() -> int:
         help="daemons without the cluster secret (the cost of authentication, by difference)",
     )
     ap.add_argument(
+        "--no-fuse-compare",
+        action="store_true",
+        help="skip the comparison daemons with both FIFO routes off (fifo_writers and "
+        "fifo_readers false)",
+    )
+    ap.add_argument(
         "--tls",
         action="store_true",
         help="also two daemons with --tls-dir (and socat over TLS): the cost of TLS",
@@ -405,11 +426,22 @@ def main() -> int:
                     tls_procs.append(n)
                     n.start()
                 tls = ((ta, tb), tls_dir)
+            fuse: tuple[Node, Node] | None = None
+            if not args.no_fuse_compare and (only is None or only & {"throughput", "programs"}):
+                fuse_config = work / "fuse-routes.toml"
+                fuse_config.write_text("fifo_writers = false\nfifo_readers = false\n")
+                extra = ["--mode", "transient", "--config", str(fuse_config)]
+                fa = Node(work, "fa", disc.url, extra=extra, secret_file=secret)
+                fb = Node(work, "fb", disc.url, extra=extra, secret_file=secret)
+                for n in (fa, fb):
+                    tls_procs.append(n)
+                    n.start()
+                fuse = (fa, fb)
             if only is None or "throughput" in only:
                 for bs in args.bs.split(","):
                     small = parse_size(bs) < 64 << 10
                     r = throughput(
-                        nodes, work, parse_size(args.small_size) if small else size, bs, tls
+                        nodes, work, parse_size(args.small_size) if small else size, bs, tls, fuse
                     )
                     results[f"throughput_{bs}"] = r
                     print(
@@ -422,7 +454,7 @@ def main() -> int:
                             f"   x{v / r['kernel FIFO']:.2f} FIFO"
                         )
             if only is None or "programs" in only:
-                sw = small_writes(nodes)
+                sw = small_writes(nodes, fuse)
                 results["small_writes_s"] = sw
                 print("\nsmall writes (seconds; the edge is read on the other daemon)")
                 for k, v in sw.items():

@@ -38,10 +38,10 @@ class NodeConfig:
     #: Bytes a writer may have sent but not yet acknowledged by its reader; a writer
     #: blocks beyond this (the replay window of transient mode).
     write_window: int = 8 * MiB
-    #: Experimental: write-only opens get a kernel FIFO the daemon drains, keeping FUSE
-    #: off the writer's data path (fractalfs/fiforoute.py); see the README for what it
-    #: does not do yet. false: every write is a FUSE request.
-    fifo_writers: bool = False
+    #: Plain write-only opens get a kernel FIFO the daemon drains, keeping FUSE off the
+    #: writer's data path (fractalfs/fiforoute.py); errors reach such a writer as a
+    #: pipe's EPIPE/SIGPIPE, without a message. false: every write is a FUSE request.
+    fifo_writers: bool = True
     #: Plain read-only opens get a kernel FIFO the daemon fills: programs see a FIFO
     #: (fstat), so `head -n`, `gzip FILE` behave as on a pipe; a failed stream kills its
     #: readers (fractalfs/fiforoute.py). false: every read is a FUSE request.

@@ -359,8 +359,9 @@ class Arenas:
 
     KEEP = 2  # retired arenas kept for reuse per connection (each RECV_MAX bytes)
 
-    def __init__(self, size: int = RECV_MAX) -> None:
+    def __init__(self, size: int = RECV_MAX, keep: int = KEEP) -> None:
         self.size = size
+        self.keep = keep
         self.spare: list[bytearray] = []
         self.buf = bytearray()  # no room: the first large frame makes one
         self.fill = 0
@@ -380,7 +381,7 @@ class Arenas:
                 break
         else:
             self.buf = bytearray(self.size)
-            if len(spare) > self.KEEP:
+            if len(spare) > self.keep:
                 del spare[0]  # still held by the reader: left to the garbage collector
         self.fill = 0
 

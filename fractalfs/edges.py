@@ -178,7 +178,7 @@ class WriterEnd:
         self.pid = pid  # the thread that opened it (FUSE's ctx.pid)
         self.tgid = tgid or pid  # its process: whose exit ends or fails the stream
         self.interrupt_pid = pid  # whose pending signals end a wait (0: nobody waits)
-        self.chunks: deque[bytes] = deque()
+        self.chunks: deque[bytes | memoryview] = deque()
         self.first_index = 0  # absolute index of chunks[0]
         self.base = 0  # stream offset of chunks[0]
         self.end = 0  # bytes written so far
@@ -241,7 +241,7 @@ class WriterEnd:
             self.end_acked or self.delivered or self.reader_closed
         )
 
-    async def write(self, data: bytes, poll: float) -> int:
+    async def write(self, data: bytes | memoryview, poll: float) -> int:
         entered = trio.current_time()
         try:
             return await self._write(data, poll)
@@ -250,7 +250,7 @@ class WriterEnd:
             # own work, so not part of what a replay would cost.
             self.handler_time += trio.current_time() - entered
 
-    async def _write(self, data: bytes, poll: float) -> int:
+    async def _write(self, data: bytes | memoryview, poll: float) -> int:
         blocked_since: float | None = None
         while True:
             if self.reader_closed:
@@ -293,7 +293,9 @@ class WriterEnd:
         self.changed.notify()
         return len(data)
 
-    def _start_spill(self, spill: SpillFile, chunks: list[bytes], switch: bool = False) -> None:
+    def _start_spill(
+        self, spill: SpillFile, chunks: list[bytes | memoryview], switch: bool = False
+    ) -> None:
         """Appends ``chunks`` to the spill in a worker thread (pwrite releases the GIL);
         :meth:`drain_spill` waits for it. A failed ``switch`` (the prefix a dynamic edge
         held in memory when it turned persistent) leaves the edge transient: memory still

@@ -111,6 +111,10 @@ class ExitWatcher:
                 continue
             self._apply(data)
 
+    def status(self, pid: int) -> int | None:
+        """The wait status of ``pid`` if it has exited (and was watched, or is a zombie)."""
+        return self._status(pid)
+
     def _status(self, pid: int) -> int | None:
         self._drain()
         status = self._watched.get(pid)

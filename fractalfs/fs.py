@@ -257,7 +257,7 @@ class Operations(pyfuse3.Operations):
             # The kernel serves a FIFO's open itself: ownership is decided here.
             if config.fifo_writers and fiforoute.wants_fifo_writer(ctx.pid, flags):
                 self._permit(edge, ctx, errno.EACCES, claim=True)
-                return await self._fifo_writer(edge, ctx.pid)
+                return await self._fifo_writer(edge, ctx)
             if (
                 config.fifo_readers
                 and self._fifo_dir_warm
@@ -393,14 +393,30 @@ class Operations(pyfuse3.Operations):
                 del self._fifo_readers[edge]
             self._forget_fifo(fifo.ino)
 
-    async def _fifo_writer(self, edge: EdgeId, pid: int) -> pyfuse3.EntryAttributes:
-        """A write-only open gets a kernel FIFO the daemon drains (fiforoute)."""
+    async def _fifo_writer(
+        self, edge: EdgeId, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        """A write-only open gets a kernel FIFO the daemon drains (fiforoute). The uid's
+        memory and spill limits hold as for a FUSE writer: EDQUOT at the open, and a spill
+        past the limit ends the drain (the program's next write: EPIPE)."""
+        pid = ctx.pid
         fifo = self._fifo_writers.get(edge)
         if fifo is not None and fifo.unopened_by(pid):
             return self._attrs(self._looked_up(fifo.ino))
+        reserved = self._reserve(edge, True, ctx.uid)
         writer = await self.node.open_writer(edge, pid)
         ino, hidden = self._new_fifo_ino(edge)
         fifo = self._fifo_writers[edge] = fiforoute.Fifo(writer, ino, hidden)
+        # No FUSE handle: this one counts the uid's memory and spill.
+        handle = self._handles[-ino] = Handle(ino, writer=writer, uid=ctx.uid, reserved=reserved)
+
+        def check_spill() -> None:
+            try:
+                self._check_spill(handle)
+            except pyfuse3.FUSEError as exc:
+                raise EdgeError(exc.errno, "the uid's spill limit is exceeded") from None
+
+        fifo.check = check_spill
         self.node.spawn(self._drain, edge, fifo)
         return self._attrs(self._looked_up(ino))
 
@@ -408,6 +424,7 @@ class Operations(pyfuse3.Operations):
         try:
             await fiforoute.drain(self.node, fifo)
         finally:
+            self._handles.pop(-fifo.ino, None)
             if self._fifo_writers.get(edge) is fifo:
                 del self._fifo_writers[edge]
             if fifo.ino not in self._lookups:  # forgotten meanwhile

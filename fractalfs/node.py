@@ -299,7 +299,7 @@ class Node:
         self._reap(writer.edge)
         raise EdgeError(exc.errno or errno.EIO, why) from None
 
-    async def write(self, writer: WriterEnd, data: bytes) -> int:
+    async def write(self, writer: WriterEnd, data: bytes | memoryview) -> int:
         n = await writer.write(data, self.config.signal_poll)
         writer.written_metric.inc(n)
         return n

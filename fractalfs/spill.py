@@ -154,7 +154,7 @@ class SpillFile:
         spill.complete = info.complete is not None
         return spill
 
-    def append(self, data: bytes) -> None:
+    def append(self, data: bytes | memoryview) -> None:
         """Appends stream bytes; an OSError (ENOSPC, EIO) leaves the file as it was."""
         if self._dfd >= 0:
             try:
@@ -183,7 +183,7 @@ class SpillFile:
             self._recycled_at = pos
             self._uncache(pos - 2 * CACHE_BEHIND, pos - CACHE_BEHIND)
 
-    def _append_direct(self, data: bytes) -> None:
+    def _append_direct(self, data: bytes | memoryview) -> None:
         """Appends through O_DIRECT, whole blocks at a time, from the staging buffer.
 
         The page cache costs more CPU than anything else on a persistent writer's path

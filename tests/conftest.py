@@ -335,15 +335,25 @@ def waiting_to_read(pid: int) -> bool:
     return "pipe_read" in wchan or in_fuse_request(pid)
 
 
+def waiting_to_write(pid: int) -> bool:
+    """``pid`` is blocked writing an edge: in a FUSE request, or (a writer FIFO) in the
+    kernel's pipe write."""
+    try:
+        wchan = Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return False
+    return "pipe_write" in wchan or in_fuse_request(pid)
+
+
 def blocked_on_a_full_window(pid: int, window: int = 8 << 20) -> bool:
     """``pid`` wrote a whole write window (``wchar`` in /proc/<pid>/io) and waits in a
-    FUSE request: blocked on backpressure, not still opening."""
+    FUSE request or a full writer FIFO: blocked on backpressure, not still opening."""
     try:
         io = Path(f"/proc/{pid}/io").read_text()
     except OSError:
         return False
     wchar = int(io.split("wchar:")[1].split()[0])
-    return wchar >= window and in_fuse_request(pid)
+    return wchar >= window and waiting_to_write(pid)
 
 
 @pytest.fixture

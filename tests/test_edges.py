@@ -215,7 +215,7 @@ class FlakySpill(SpillFile):
 
     room = 0
 
-    def append(self, data: bytes) -> None:
+    def append(self, data: bytes | memoryview) -> None:
         if self.end - self.start + len(data) > self.room:
             raise OSError(errno.ENOSPC, "No space left on device")
         super().append(data)

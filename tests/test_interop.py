@@ -51,8 +51,8 @@ def duo(
     tmp_path_factory: pytest.TempPathFactory,
     shared_discovery: Discovery,
 ) -> Iterator[Duo]:
-    """The default daemons, daemons with the experimental FIFO route for writers, and
-    daemons whose readers stay on FUSE (``fifo_readers = false``)."""
+    """Daemons whose writers stay on FUSE (``fifo_writers = false``), the default daemons
+    (FIFOs for readers and writers), and daemons with both on FUSE."""
     workdir = tmp_path_factory.mktemp("interop")
     config = workdir / "fractalfs.toml"
     config.write_text(

@@ -15,11 +15,11 @@ from pathlib import Path
 from .conftest import (
     Pair,
     Programs,
-    in_fuse_request,
     needs_fuse,
     sha_file,
     wait_for,
     waiting_to_read,
+    waiting_to_write,
 )
 
 pytestmark = needs_fuse
@@ -116,7 +116,7 @@ def test_a_writer_thread_that_exits_before_its_process_is_not_a_dead_writer(
         writer = _program(programs, WRITER, w, str(src), mode)
         assert writer.stdout is not None and writer.stdout.readline() == b"thread gone\n"
         # The main thread fills the window and blocks: signal checks run meanwhile.
-        wait_for(functools.partial(in_fuse_request, writer.pid), 10, "the main thread blocked")
+        wait_for(functools.partial(waiting_to_write, writer.pid), 10, "the main thread blocked")
         time.sleep(1.0)
         reader = programs.start(f"cat {r} > {out}")
         got, err = writer.communicate(timeout=30)
