@@ -253,6 +253,45 @@ class Keeper:
             self.replace(sock)  # EOF (it died) or silence (stopped): a new one, then retry
         raise KeeperUnavailable(errno.ETIMEDOUT, "the FIFO keeper does not answer")
 
+    def open_drain_end(self, path: str) -> int:
+        """Has the keeper open the writer FIFO at ``path`` (``MOUNT/.fifo/<ino>``) read-only
+        and non-blocking (the end the daemon drains) and hand it back; the keeper keeps
+        nothing of it (a writer's daemon that dies gives its program EPIPE, as it should).
+        Not a thread of the daemon: one waiting in a request to the daemon's own mount
+        would keep a SIGKILLed daemon from exiting. From a worker thread.
+        KeeperUnavailable: no keeper answered; other OSErrors: the keeper's open failed."""
+        with self._locked():
+            sock = self._start()
+            if sock is None:
+                raise KeeperUnavailable(errno.ENOTCONN, "no FIFO keeper")
+            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                _send(sock, b"R 0 - %s" % os.fsencode(path), [theirs.fileno()], SEND_TIMEOUT)
+            except OSError:
+                mine.close()
+                self._replace_locked()
+                raise KeeperUnavailable(errno.ENOTCONN, "the FIFO keeper is gone") from None
+            finally:
+                theirs.close()
+        try:
+            mine.settimeout(OPEN_WITHIN)
+            reply, fds, _, _ = socket.recv_fds(mine, 256, 1)
+        except OSError:  # no answer in time: stopped, or stuck
+            reply, fds = b"", []
+        finally:
+            mine.close()
+        if reply.startswith(b"K") and len(fds) == 1:
+            return fds[0]
+        for fd in fds:
+            os.close(fd)
+        if reply.startswith(b"K"):  # out of descriptors here (MSG_CTRUNC)
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        if reply.startswith(b"E "):
+            code = int(reply.split()[1])
+            raise OSError(code, os.strerror(code))
+        self.replace(sock)  # EOF (it died) or silence (stopped): a new one for the next
+        raise KeeperUnavailable(errno.ETIMEDOUT, "the FIFO keeper does not answer")
+
     def _forget_unused(self, ino: int) -> None:
         """The keeper's dup of a FIFO the daemon never got goes (no program can hold it)."""
         sock = self._sock
@@ -407,6 +446,25 @@ def _open_for_daemon(
         reply.close()
 
 
+def _open_drain_end(path: bytes, reply: socket.socket) -> None:
+    """The keeper's part of :meth:`Keeper.open_drain_end` (a thread per open)."""
+    try:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                reply.send(b"E %d" % (exc.errno or errno.EIO))
+            return
+        try:
+            socket.send_fds(reply, [b"K"], [fd])
+        except OSError:
+            pass  # the daemon gave up on this open: the end closes here
+        finally:
+            os.close(fd)
+    finally:
+        reply.close()
+
+
 def main(fd: int) -> None:
     sock = socket.socket(fileno=fd)
     ends: dict[int, tuple[int, str]] = {}  # ino -> (write end, edge name)
@@ -433,6 +491,11 @@ def main(fd: int) -> None:
                 args=(int(words[1]), words[2].decode(), words[3], reply, ends, lock, closing),
                 daemon=True,
             ).start()
+        elif words[0] == b"R" and fds and len(words) == 4:
+            reply = socket.socket(fileno=fds[0])
+            for extra in fds[1:]:
+                os.close(extra)
+            threading.Thread(target=_open_drain_end, args=(words[3], reply), daemon=True).start()
         elif words[0] == b"A" and fds:
             with lock:
                 ino = int(words[1])

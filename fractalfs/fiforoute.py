@@ -55,7 +55,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-HIDDEN = b".fifo-"  # + inode number: the daemon's own way to the FIFO it handed out
 CHUNK = 1 << 20
 PIPE_SIZE = 1 << 20
 #: A writer FIFO is read into reused 1 MiB arenas, never into a fresh buffer per read: a
@@ -195,15 +194,8 @@ async def drain(node: Node, fifo: Fifo) -> None:
     the program EPIPE/SIGPIPE."""
     writer = fifo.writer
     writer.interrupt_pid = 0  # nobody waits in our handler: signals are the kernel's
-    try:
-        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
-        fd = fifo.fd = await trio.to_thread.run_sync(os.open, fifo.path, flags)
-    except OSError as exc:
-        log.warning("edge %s: cannot open the writer's FIFO: %s", writer.edge, exc)
-        writer.exit_status = 9  # never had its bytes: a failed generation
-        fifo.done = True
-        node.release_writer(writer)
-        return
+    fd = fifo.fd
+    assert fd is not None  # opened (by the keeper) before the LOOKUP was answered
     try:
         with contextlib.suppress(OSError):
             fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)

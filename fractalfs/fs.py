@@ -245,19 +245,20 @@ class Operations(pyfuse3.Operations):
             fiforoute.is_own_thread(ctx.pid) or fiforoute.is_own_child(ctx.pid)
         ):
             return self._attrs(self._fifo_dir)
-        if name.startswith(fiforoute.HIDDEN) and fiforoute.is_own_thread(ctx.pid):
-            ino = int(name[len(fiforoute.HIDDEN) :])
-            if ino not in self._fifos:
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            return self._attrs(self._looked_up(ino))
         edge = self._name(name)
         config = self.node.config
         if config.fifo_writers or config.fifo_readers:
             flags = fiforoute.open_flags(ctx.pid)
             # The kernel serves a FIFO's open itself: ownership is decided here.
-            if config.fifo_writers and fiforoute.wants_fifo_writer(ctx.pid, flags):
+            if (
+                config.fifo_writers
+                and self._fifo_dir_warm
+                and fiforoute.wants_fifo_writer(ctx.pid, flags)
+            ):
                 self._permit(edge, ctx, errno.EACCES, claim=True)
-                return await self._fifo_writer(edge, ctx)
+                attrs = await self._fifo_writer(edge, ctx)
+                if attrs is not None:
+                    return attrs
             if (
                 config.fifo_readers
                 and self._fifo_dir_warm
@@ -271,12 +272,14 @@ class Operations(pyfuse3.Operations):
         return self._attrs(self._looked_up(self._inode(edge)))
 
     def _new_fifo_ino(self, edge: EdgeId) -> tuple[int, str]:
+        """A new FIFO inode for ``edge`` and its path under ``MOUNT/.fifo``, by which only
+        the keeper may open it (see lookup)."""
         self._last_ino += 1
         ino = self._last_ino
         self._edges[ino] = edge
         self._fifos.add(ino)
-        hidden = os.path.join(self.node.config.mountpoint, f"{fiforoute.HIDDEN.decode()}{ino}")
-        return ino, hidden
+        path = os.path.join(self.node.config.mountpoint, fiforoute.FIFO_DIR.decode(), f"{ino}")
+        return ino, path
 
     def _fifo_alive(self, ino: int) -> bool:
         """A FIFO inode lives as long as its drain or feed (see forget)."""
@@ -359,6 +362,12 @@ class Operations(pyfuse3.Operations):
             self._fuse_reasons.add(why)
             log.warning("reader FIFOs: FUSE reads instead: %s", why)
 
+    def _fuse_write_because(self, why: str) -> None:
+        """Logs once per reason that writer FIFOs fall back to FUSE writes."""
+        if why not in self._fuse_reasons:
+            self._fuse_reasons.add(why)
+            log.warning("writer FIFOs: FUSE writes instead: %s", why)
+
     def _forget_fifo(self, ino: int) -> None:
         if ino not in self._lookups:  # else forget() does, once the kernel lets it go
             self._fifos.discard(ino)
@@ -395,18 +404,39 @@ class Operations(pyfuse3.Operations):
 
     async def _fifo_writer(
         self, edge: EdgeId, ctx: pyfuse3.RequestContext
-    ) -> pyfuse3.EntryAttributes:
+    ) -> pyfuse3.EntryAttributes | None:
         """A write-only open gets a kernel FIFO the daemon drains (fiforoute). The uid's
         memory and spill limits hold as for a FUSE writer: EDQUOT at the open, and a spill
-        past the limit ends the drain (the program's next write: EPIPE)."""
+        past the limit ends the drain (the program's next write: EPIPE).
+
+        The end the daemon drains is opened by the keeper before the LOOKUP is answered and
+        before the writer is registered: a thread of the daemon waiting in a request to
+        its own mount would keep a SIGKILLed daemon from ever exiting, and a FIFO nobody
+        reads would keep the program in open(2) for good. None: this open writes through
+        FUSE (no keeper, or it could not open the FIFO)."""
         pid = ctx.pid
         fifo = self._fifo_writers.get(edge)
         if fifo is not None and fifo.unopened_by(pid):
             return self._attrs(self._looked_up(fifo.ino))
+        if not self.keeper.usable:
+            self._fuse_write_because("no FIFO keeper runs")
+            return None
         reserved = self._reserve(edge, True, ctx.uid)
-        writer = await self.node.open_writer(edge, pid)
-        ino, hidden = self._new_fifo_ino(edge)
-        fifo = self._fifo_writers[edge] = fiforoute.Fifo(writer, ino, hidden)
+        ino, path = self._new_fifo_ino(edge)
+        try:
+            fd = await trio.to_thread.run_sync(self.keeper.open_drain_end, path)
+        except OSError as exc:
+            self._forget_fifo(ino)
+            self._fuse_write_because(f"no FIFO for this open ({exc})")
+            return None
+        try:
+            writer = await self.node.open_writer(edge, pid)
+        except BaseException:
+            os.close(fd)
+            self._forget_fifo(ino)
+            raise
+        fifo = self._fifo_writers[edge] = fiforoute.Fifo(writer, ino, path)
+        fifo.fd = fd
         # No FUSE handle: this one counts the uid's memory and spill.
         handle = self._handles[-ino] = Handle(ino, writer=writer, uid=ctx.uid, reserved=reserved)
 

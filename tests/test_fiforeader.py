@@ -183,13 +183,43 @@ def test_a_reader_fifo_that_cannot_be_opened_is_not_an_empty_stream(
         res = sh(f"timeout 20 gzip -c {a.path(edge)} > {out}", check=False)
     finally:
         sh(f"prlimit --pid {pid} --nofile={soft.decode()}:{hard.decode()}")
-    assert "no FIFO for this open ([Errno 24]" in a.log.read_text()  # the case
+    assert "cannot open the reader's FIFO: [Errno 24]" in a.log.read_text()  # the case
     got = subprocess.run(["gzip", "-dc", str(out)], capture_output=True, check=False).stdout
     assert res.returncode != 0 or got == src.read_bytes(), (res.returncode, len(got))
     if res.returncode != 0:
         # Nothing was lost: the stream is still there for the next reader.
         again = sh(f"timeout 20 cat {a.path(edge)}").stdout
         assert again == src.read_bytes()
+
+
+def test_a_writer_fifo_that_cannot_be_opened_writes_through_fuse(
+    cluster: Cluster, programs: Programs, tmp_path: Path
+) -> None:
+    """The keeper could not hand the daemon the end it drains (here: the daemon is out of
+    descriptors): the writer's open must neither hang in open(2) (a FIFO nobody reads) nor
+    lose the stream. It writes through FUSE instead."""
+    cluster.start_discovery()
+    a = cluster.node("a")
+    warm = new_edge()  # the keeper runs and discovery's connections are pooled
+    first = programs.start(f"cat {a.path(warm)}")
+    sh(f"echo warm > {a.path(warm)}")
+    assert first.communicate(timeout=10)[0] == b"warm\n"
+    edge = new_edge()
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(64 * 1024))
+    pid = a.pid
+    held = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    lowest_free = next(n for n in range(len(held) + 1) if n not in held)
+    soft, hard = sh(f"prlimit --pid {pid} --nofile -o SOFT,HARD --noheadings").stdout.split()
+    # One descriptor left: not enough for the keeper's socketpair and the end it sends.
+    sh(f"prlimit --pid {pid} --nofile={lowest_free + 1}:{hard.decode()}")
+    try:
+        res = sh(f"timeout 20 cat {src} > {a.path(edge)}", check=False)
+    finally:
+        sh(f"prlimit --pid {pid} --nofile={soft.decode()}:{hard.decode()}")
+    assert "writer FIFOs: FUSE writes instead" in a.log.read_text()  # the case
+    assert res.returncode == 0, res
+    assert sh(f"timeout 20 cat {a.path(edge)}").stdout == src.read_bytes()
 
 
 # -- the keeper: it opens the write ends, and is replaced when it dies or stops -----------
@@ -220,15 +250,21 @@ def _replaced(node: Node, old: int) -> bool:
 def test_no_thread_of_the_daemon_opens_a_file_on_its_own_mount(
     cluster: Cluster, programs: Programs, tmp_path: Path
 ) -> None:
-    """The reader FIFO's write end is opened by the keeper process: a daemon SIGKILLed
-    while one of its own threads waits in a request to its own mount cannot exit (its
-    mount hangs instead of failing with ENOTCONN)."""
+    """The reader FIFO's write end and the writer FIFO's read end are opened by the
+    keeper process: a daemon SIGKILLed while one of its own threads waits in a request to
+    its own mount cannot exit (its mount hangs instead of failing with ENOTCONN). The
+    writer (`printf > E`) and the reader both take the FIFO route here."""
     a = cluster.node("a")
     trace = tmp_path / "trace"
     tracer = programs.start(f"exec strace -f -qq -e trace=open,openat -o {trace} -p {a.pid}")
     wait_for(lambda: _traced_by(a.pid, tracer.pid), 10, "strace attached to every thread")
     edge = new_edge()
-    sh(f"printf hello > {a.path(edge)}")
+    w = os.open(a.path(edge), os.O_WRONLY | os.O_TRUNC)
+    try:
+        assert stat.S_ISFIFO(os.fstat(w).st_mode)  # the writer FIFO route was taken
+        os.write(w, b"hello")
+    finally:
+        os.close(w)
     fd = os.open(a.path(edge), os.O_RDONLY)
     try:
         assert stat.S_ISFIFO(os.fstat(fd).st_mode)  # the FIFO route was taken
