@@ -194,33 +194,43 @@ class Keeper:
             if sock is self._sock and not self._failed:
                 self._replace_locked()
 
+    def _ask(self, msg: bytes, nfds: int) -> tuple[socket.socket | None, bytes, list[int]]:
+        """Sends ``msg`` with a fresh reply socket and waits up to OPEN_WITHIN for the
+        answer: (the keeper's socket it went to, the reply, up to ``nfds`` descriptors).
+        The socket is None if the send failed (the keeper was replaced). An empty reply:
+        it died or did not answer in time. From a worker thread."""
+        with self._locked():
+            sock = self._start()
+            if sock is None:
+                raise KeeperUnavailable(errno.ENOTCONN, "no FIFO keeper")
+            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                _send(sock, msg, [theirs.fileno()], SEND_TIMEOUT)
+            except OSError:
+                mine.close()
+                self._replace_locked()
+                return None, b"", []
+            finally:
+                theirs.close()
+        try:
+            mine.settimeout(OPEN_WITHIN)
+            reply, fds, _, _ = socket.recv_fds(mine, 256, nfds)
+        except OSError:  # no answer in time: stopped, or stuck
+            reply, fds = b"", []
+        finally:
+            mine.close()
+        return sock, reply, fds
+
     def open_fifo(self, path: str, ino: int, name: str) -> tuple[int, int]:
         """Has the keeper open the FIFO at ``path`` (``MOUNT/.fifo/<ino>``) read-write (the
         stand-in reader) and write-only, keep a dup of the write end, and hand both back:
         (stand-in, write end). From a worker thread. KeeperUnavailable: no keeper answered
         (even a fresh one); other OSErrors: the keeper's open failed."""
         for _attempt in range(2):
-            with self._locked():
-                sock = self._start()
-                if sock is None:
-                    raise KeeperUnavailable(errno.ENOTCONN, "no FIFO keeper")
-                mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-                try:
-                    msg = b"O %d %s %s" % (ino, name.encode(), os.fsencode(path))
-                    _send(sock, msg, [theirs.fileno()], SEND_TIMEOUT)
-                except OSError:
-                    mine.close()
-                    self._replace_locked()
-                    continue
-                finally:
-                    theirs.close()
-            try:
-                mine.settimeout(OPEN_WITHIN)
-                reply, fds, _, _ = socket.recv_fds(mine, 256, 2)
-            except OSError:  # no answer in time: stopped, or stuck
-                reply, fds = b"", []
-            finally:
-                mine.close()
+            msg = b"O %d %s %s" % (ino, name.encode(), os.fsencode(path))
+            sock, reply, fds = self._ask(msg, 2)
+            if sock is None:
+                continue
             if reply.startswith(b"K") and len(fds) != 2:
                 # Out of descriptors here: the kernel dropped what did not fit (MSG_CTRUNC).
                 # Not the keeper's fault: it lets its dup go, and the open fails.
@@ -260,26 +270,9 @@ class Keeper:
         Not a thread of the daemon: one waiting in a request to the daemon's own mount
         would keep a SIGKILLed daemon from exiting. From a worker thread.
         KeeperUnavailable: no keeper answered; other OSErrors: the keeper's open failed."""
-        with self._locked():
-            sock = self._start()
-            if sock is None:
-                raise KeeperUnavailable(errno.ENOTCONN, "no FIFO keeper")
-            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            try:
-                _send(sock, b"R 0 - %s" % os.fsencode(path), [theirs.fileno()], SEND_TIMEOUT)
-            except OSError:
-                mine.close()
-                self._replace_locked()
-                raise KeeperUnavailable(errno.ENOTCONN, "the FIFO keeper is gone") from None
-            finally:
-                theirs.close()
-        try:
-            mine.settimeout(OPEN_WITHIN)
-            reply, fds, _, _ = socket.recv_fds(mine, 256, 1)
-        except OSError:  # no answer in time: stopped, or stuck
-            reply, fds = b"", []
-        finally:
-            mine.close()
+        sock, reply, fds = self._ask(b"R 0 - %s" % os.fsencode(path), 1)
+        if sock is None:
+            raise KeeperUnavailable(errno.ENOTCONN, "the FIFO keeper is gone")
         if reply.startswith(b"K") and len(fds) == 1:
             return fds[0]
         for fd in fds:
