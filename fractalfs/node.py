@@ -121,6 +121,7 @@ class Node:
     def shutdown(self) -> None:
         """Wakes every blocked program with an error; stops serving."""
         self.closing = True
+        self.membership.pulse.stop()  # before it leaves: a late pulse is not taken after
         for slot in list(self.slots.values()):
             if slot.writer is not None:
                 slot.writer.abort(AbortReason.SHUTDOWN, "the writer's daemon is shutting down")

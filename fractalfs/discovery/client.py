@@ -82,6 +82,7 @@ class DiscoveryClient:
         if not self.urls:
             raise ValueError("no discovery URL given")
         self.auth = auth
+        self.verify = verify  # for the pulse's own client (fractalfs.pulse)
         self.retry_for = retry_for
         self._current = 0
         self._acked: dict[str, Ends | None] = {}  # node -> its ends as discovery has them

@@ -43,6 +43,7 @@ MAX_WAIT = 60.0
 MAX_NAME = 255
 NODE_EVENTS = schema.NODE_EVENTS
 NODE_TIMEOUT = 1.5  # a node silent this long is lost (daemons heartbeat every 0.5 s)
+PULSE_REFRESH = 0.5  # a pulse refreshes a live node's record at most this often
 MAX_ENDS = 100_000
 LIMITS = web.AppKey("limits", Limits)
 MAX_INT = 2**63 - 1  # SQLite INTEGER; anything larger is a client's mistake, not a 500
@@ -345,6 +346,7 @@ class DiscoveryApp:
         r.add_get(f"{API}/nodes", self.list_nodes)
         r.add_post(f"{API}/nodes/{{node}}/heartbeat", self.heartbeat)
         r.add_post(f"{API}/nodes/{{node}}/leave", self.leave)
+        r.add_post(f"{API}/nodes/{{node}}/pulse", self.pulse)
         app.on_startup.append(self._start_liveness)
         app.on_cleanup.append(self._stop_liveness)
         app.on_startup.append(self._start_upkeep)
@@ -410,6 +412,46 @@ class DiscoveryApp:
         if await self._do(self.store.last_seq) != before:
             self._changed()
         return web.json_response({"stale": stale})
+
+    async def pulse(self, request: web.Request) -> web.Response:
+        """``{"boot": B}``: run B of the node is alive (from a thread of its daemon, on time
+        however busy its loop is: see :mod:`fractalfs.pulse`). A node declared lost that
+        pulses is back: the ends its run held (as its heartbeats told) are open again.
+        A run discovery has not heard a heartbeat from is not taken (``alive: false``):
+        the heartbeat introduces a run (and tells a restart)."""
+        node = self._node_name(request)
+        body = await _body(request)
+        boot = body.get("boot", "")
+        if not isinstance(boot, str) or not 0 < len(boot) <= MAX_NAME:
+            raise BadRequest(f"field 'boot' must be a string of 1 to {MAX_NAME} characters")
+        if not await self._takes_pulse(node, boot):
+            return web.json_response({"alive": False})
+        was_lost = node in self.lost
+        now = asyncio.get_running_loop().time()
+        if was_lost or now - self.last_seen.get(node, 0.0) >= PULSE_REFRESH:
+            await self._seen(node, boot)
+        if was_lost:
+            await self._back(node, boot)
+        return web.json_response({"alive": True})
+
+    async def _takes_pulse(self, node: str, boot: str) -> bool:
+        return node in self.last_seen and self.boots.get(node) == boot
+
+    async def _back(self, node: str, boot: str) -> None:
+        """``node`` was declared lost and is alive: what its run held is open again."""
+        ends = self.held.known(node, boot)
+        if ends is None:  # not known here: its next heartbeat resyncs and re-asserts all
+            log.info("node %s is back (pulse); its ends come with its next heartbeat", node)
+            return
+        before = await self._do(self.store.last_seq)
+        await self._do(self.store.node_alive, node, dict(ends.writers), sorted(ends.readers))
+        log.info(
+            "node %s is back (pulse); %d ends re-asserted",
+            node,
+            len(ends.writers) + len(ends.readers),
+        )
+        if await self._do(self.store.last_seq) != before:
+            self._changed()
 
     async def _seen(self, node: str, boot: str) -> None:
         """A heartbeat from ``node``'s daemon run ``boot``: it is alive."""
