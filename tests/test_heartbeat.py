@@ -277,3 +277,31 @@ def test_a_stopped_reader_daemon_is_lost_then_back_with_every_claim(
         assert r.returncode == 0
     assert [o.read_bytes() for o in outs] == data
     assert back < 2.0, f"b's claims took {back:.1f} s to come back"
+
+
+def test_discoverys_own_stall_is_not_a_nodes_silence(tmp_path: Path) -> None:
+    """Discovery's loop held for 2 s (a listing of every edge, a slow disk) reads nothing
+    meanwhile: the heartbeats wait in its sockets. The nodes are not declared lost for
+    that; a node silent for real still is, within the timeout."""
+    import asyncio
+
+    from fractalfs.discovery.server import DiscoveryApp
+    from fractalfs.discovery.store import Store
+
+    async def main() -> tuple[set[str], set[str]]:
+        app = DiscoveryApp(Store(tmp_path / "d.db"))
+        loop = asyncio.get_running_loop()
+        app.last_seen["n"] = loop.time()
+        checker = asyncio.create_task(app._check_liveness())
+        await asyncio.sleep(0.3)
+        app.last_seen["n"] = loop.time()
+        time.sleep(2.0)  # the loop is held: no request is read, no check runs
+        await asyncio.sleep(0.3)
+        after_stall = set(app.lost)
+        await asyncio.sleep(2.0)  # silent for real
+        checker.cancel()
+        return after_stall, set(app.lost)
+
+    after_stall, later = asyncio.run(main())
+    assert after_stall == set()
+    assert later == {"n"}

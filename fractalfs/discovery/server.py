@@ -289,9 +289,19 @@ class DiscoveryApp:
 
     async def _check_liveness(self) -> None:
         loop = asyncio.get_running_loop()
+        every = self.node_timeout / 6
+        last = loop.time()
         while True:
-            await asyncio.sleep(self.node_timeout / 6)
+            await asyncio.sleep(every)
             now = loop.time()
+            stalled, last = now - last - every, now
+            if stalled > every:
+                # Discovery's own loop was held (a listing of 10,000 edges, a slow disk):
+                # the requests that came meanwhile wait unread in its sockets. Its silence
+                # is not theirs: credit every node with it, and read those requests first.
+                for node in self.last_seen:
+                    self.last_seen[node] += stalled
+                continue
             for node, seen in list(self.last_seen.items()):
                 if node not in self.lost and now - seen > self.node_timeout:
                     await self._lose(node, "silent", f"silent for {now - seen:.1f} s")
