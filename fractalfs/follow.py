@@ -16,8 +16,10 @@ asks nothing); it resumes from the position it stopped at. A discovery without t
 
 from __future__ import annotations
 
+import heapq
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import trio
 
@@ -29,14 +31,48 @@ log = logging.getLogger(__name__)
 FEED_POLL = 25.0
 
 
+class _Waiter(Protocol):
+    def set(self) -> None: ...
+
+
+class Parked:
+    """A waiting reader with no task: the feed naming its edge, a broken feed, or its
+    deadline calls ``resume`` once (with True when the deadline ran out). Before it is
+    parked it is only watched: a change meanwhile marks it ``woken`` (the pump then
+    looks at its edge again instead of parking). A few hundred bytes where a waiting
+    pump task held several KiB (its frames, cancel scopes and an Event)."""
+
+    __slots__ = ("deadline", "edge", "resume", "woken")
+
+    def __init__(self, edge: str) -> None:
+        self.edge = edge
+        self.resume: Callable[[bool], None] | None = None
+        self.deadline = 0.0
+        self.woken = False
+
+    def set(self) -> None:
+        self._fire(False)
+
+    def _fire(self, expired: bool) -> None:
+        if self.woken:
+            return
+        self.woken = True
+        resume, self.resume = self.resume, None
+        if resume is not None:
+            resume(expired)
+
+
 class Follower:
     def __init__(self, discovery: DiscoveryClient, poll: float = FEED_POLL) -> None:
         self.discovery = discovery
         self.poll = poll
         self.live = False  # following now: a change after a pump registered will wake it
         self.supported = True  # False: discovery has no feed (an older server)
-        self._waiters: dict[str, set[trio.Event]] = {}
+        self._waiters: dict[str, set[_Waiter]] = {}
         self._wanted = trio.Event()  # set when a pump waits: the feed is followed again
+        self._deadlines: list[tuple[float, int, Parked]] = []  # a heap
+        self._order = 0
+        self._earlier = trio.Event()  # a parked reader's deadline is the earliest now
 
     def waiting(self) -> int:
         """Edges with a waiting pump (for tests: nothing leaks)."""
@@ -90,6 +126,66 @@ class Follower:
                     self._wake(edge)
             feed, seq = str(got.get("feed", "")), int(got.get("seq", 0))
             self.live = True
+
+    def can_park(self, wait: float, since: int) -> bool:
+        return self.live and wait > 0 and since >= 0
+
+    def watch(self, edge: str) -> Parked:
+        """Registers a waiter of ``edge`` before the pump reads it: a change after that
+        read wakes it (see the module docstring). Then :meth:`park` or :meth:`unwatch`."""
+        token = Parked(edge)
+        self._waiters.setdefault(edge, set()).add(token)
+        self._wanted.set()
+        return token
+
+    def unwatch(self, token: Parked) -> None:
+        token.woken = True
+        token.resume = None
+        self._discard(token)
+
+    def _discard(self, token: _Waiter | Parked) -> None:
+        edge = token.edge if isinstance(token, Parked) else None
+        if edge is None:
+            return
+        events = self._waiters.get(edge)
+        if events is not None:
+            events.discard(token)
+            if not events:
+                del self._waiters[edge]
+
+    def park(self, token: Parked, wait: float, resume: Callable[[bool], None]) -> None:
+        """The pump's task ends; ``resume`` starts it again once the edge changed (False)
+        or after ``wait`` seconds (True)."""
+        token.resume = resume
+        token.deadline = trio.current_time() + wait
+        self._order += 1
+        first = not self._deadlines or token.deadline < self._deadlines[0][0]
+        heapq.heappush(self._deadlines, (token.deadline, self._order, token))
+        if first:
+            self._earlier.set()
+
+    def forget(self, edge: str) -> None:
+        """The reader of ``edge`` is gone: its parked entry lets go of it now."""
+        for token in list(self._waiters.get(edge, ())):
+            if isinstance(token, Parked):
+                self.unwatch(token)
+
+    def parked(self) -> int:
+        """Readers parked (for tests and memory figures)."""
+        return sum(not t.woken for _, _, t in self._deadlines)
+
+    async def expire_parked(self) -> None:
+        """Resumes parked readers whose wait ran out (one task for all of them)."""
+        while True:
+            now = trio.current_time()
+            while self._deadlines and (self._deadlines[0][2].woken or self._deadlines[0][0] <= now):
+                _, _, token = heapq.heappop(self._deadlines)
+                if not token.woken:
+                    self._discard(token)
+                    token._fire(True)
+            self._earlier = trio.Event()
+            with trio.move_on_at(self._deadlines[0][0] if self._deadlines else now + 3600):
+                await self._earlier.wait()
 
     async def get(self, edge: str, *, wait: float, since: int) -> dict[str, Any]:
         """What ``discovery.get(edge, wait=, since=)`` answers: the edge's record once its

@@ -331,3 +331,58 @@ def test_the_feed_is_not_followed_while_no_reader_waits() -> None:
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_a_parked_reader_is_resumed_by_its_edge_its_deadline_or_not_at_all() -> None:
+    """A waiting reader has no task (parked with the follower): the feed naming its edge
+    resumes it, its wait running out resumes it as expired, a reader gone is let go of,
+    and a change between the watch and the park is not missed."""
+    import trio
+
+    from fractalfs.follow import Follower
+
+    edges = [new_edge() for _ in range(4)]
+
+    class Fake:
+        def __init__(self) -> None:
+            self.named: list[str] = []
+            self.changed = trio.Event()
+
+        async def changes(self, feed: str, after: int, *, wait: float = 0.0) -> dict[str, object]:
+            if not self.named:
+                with trio.move_on_after(wait):
+                    await self.changed.wait()
+            self.changed = trio.Event()
+            named, self.named = self.named, []
+            return {"feed": "f", "seq": after + 1, "edges": named}
+
+        def change(self, edge: str) -> None:
+            self.named.append(edge)
+            self.changed.set()
+
+    async def main() -> None:
+        fake = Fake()
+        follower = Follower(fake, poll=5.0)  # type: ignore[arg-type]
+        resumed: dict[str, bool] = {}
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(follower.run)
+            nursery.start_soon(follower.expire_parked)
+            with trio.fail_after(2):
+                while not follower.live:
+                    await trio.sleep(0.01)
+            tokens = [follower.watch(e) for e in edges]
+            fake.change(edges[3])  # between the watch and the park: marks it woken
+            with trio.fail_after(2):
+                while not tokens[3].woken:
+                    await trio.sleep(0.01)
+            for e, token, wait in zip(edges[:3], tokens[:3], (30.0, 0.3, 30.0), strict=True):
+                follower.park(token, wait, lambda expired, e=e: resumed.__setitem__(e, expired))
+            assert follower.parked() == 3
+            fake.change(edges[0])
+            follower.forget(edges[2])
+            await trio.sleep(0.6)
+            assert resumed == {edges[0]: False, edges[1]: True}  # edges[2]: let go of
+            assert follower.parked() == 0 and follower.waiting() == 0
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
