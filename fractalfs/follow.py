@@ -6,10 +6,14 @@ readers the daemon spends its time in them. Instead the daemon follows discovery
 changed edges (``GET /v1/changes``) with one request at a time and wakes the pumps of the
 edges it names; a woken pump reads its edge once (a plain GET).
 
+A waiting reader has no task at all: its pump parks it here (:class:`Parked`) and ends;
+the feed naming its edge, or its wait running out, starts the pump again.
+
 Correctness does not depend on the feed being complete: a pump registers before it reads
-its edge, so a change after that read is in a later answer of the feed; a feed that breaks,
-resyncs or names "all edges" wakes every pump, and a pump still looks at its edge after its
-own wait runs out. While no pump waits, the feed is not followed (a daemon of writers only
+its edge, so a change after that read is in a later answer of the feed; a feed that
+resyncs or names "all edges" wakes every pump, a feed that breaks wakes the pumps waiting
+in :meth:`Follower.get` (parked readers wait for the feed to resume from its position),
+and a pump still looks at its edge after its own wait runs out. While no pump waits, the feed is not followed (a daemon of writers only
 asks nothing); it resumes from the position it stopped at. A discovery without the feed
 (404) is asked the old way (a long-poll per edge).
 """
@@ -82,11 +86,15 @@ class Follower:
         for event in self._waiters.pop(edge, ()):
             event.set()
 
-    def _wake_all(self) -> None:
+    def _wake_all(self, parked: bool = True) -> None:
+        """Wakes every waiter; with ``parked`` False, the parked readers stay parked."""
         waiters, self._waiters = self._waiters, {}
-        for events in waiters.values():
+        for edge, events in waiters.items():
             for event in events:
-                event.set()
+                if parked or not isinstance(event, Parked):
+                    event.set()
+                else:
+                    self._waiters.setdefault(edge, set()).add(event)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -114,7 +122,12 @@ class Follower:
             if got is None:
                 if self.live:
                     self.live = False
-                    self._wake_all()  # they wait the old way until the feed is back
+                    # Pumps waiting in get() wait the old way until the feed is back.
+                    # Parked readers stay parked: the feed resumes from its position
+                    # (or resyncs) and names every edge changed meanwhile; ten thousand
+                    # readers each asking for their edge at once would only load a
+                    # discovery that is already failing.
+                    self._wake_all(parked=False)
                 await trio.sleep(backoff(attempt, cap=2.0))
                 attempt += 1
                 continue
@@ -128,7 +141,10 @@ class Follower:
             self.live = True
 
     def can_park(self, wait: float, since: int) -> bool:
-        return self.live and wait > 0 and since >= 0
+        """A parked reader is woken by the feed; while the feed is broken it stays parked
+        (the feed resumes from its position), but without a feed (an older discovery)
+        pumps long-poll their edges."""
+        return self.supported and wait > 0 and since >= 0
 
     def watch(self, edge: str) -> Parked:
         """Registers a waiter of ``edge`` before the pump reads it: a change after that
