@@ -386,3 +386,51 @@ def test_a_parked_reader_is_resumed_by_its_edge_its_deadline_or_not_at_all() -> 
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_a_broken_feed_leaves_parked_readers_parked_and_a_resync_wakes_them() -> None:
+    """Ten thousand parked readers each asking for their edge when the feed breaks would
+    only load a failing discovery: they stay parked; the feed coming back from another
+    discovery run (a resync) wakes every one of them."""
+    import trio
+
+    from fractalfs.discovery.client import Unavailable
+    from fractalfs.follow import Follower
+
+    class Fake:
+        def __init__(self) -> None:
+            self.feed = "f1"
+            self.down = False
+
+        async def changes(self, feed: str, after: int, *, wait: float = 0.0) -> dict[str, object]:
+            if self.down:
+                raise Unavailable("down")
+            if feed == self.feed:
+                await trio.sleep(min(wait, 0.05))
+            return {"feed": self.feed, "seq": 1, "edges": []}
+
+    async def main() -> None:
+        fake = Fake()
+        follower = Follower(fake, poll=5.0)  # type: ignore[arg-type]
+        resumed: list[bool] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(follower.run)
+            with trio.fail_after(2):
+                while not follower.live:
+                    await trio.sleep(0.01)
+            for _ in range(3):
+                follower.park(follower.watch(new_edge()), 30.0, resumed.append)
+            fake.down = True
+            with trio.fail_after(2):
+                while follower.live:
+                    await trio.sleep(0.01)
+            await trio.sleep(0.2)
+            assert resumed == [] and follower.parked() == 3
+            fake.feed, fake.down = "f2", False  # discovery restarted: resync
+            with trio.fail_after(5):
+                while len(resumed) < 3:
+                    await trio.sleep(0.01)
+            assert resumed == [False] * 3
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
