@@ -376,7 +376,11 @@ def test_a_parked_reader_is_resumed_by_its_edge_its_deadline_or_not_at_all() -> 
                 while not tokens[3].woken:
                     await trio.sleep(0.01)
             for e, token, wait in zip(edges[:3], tokens[:3], (30.0, 0.3, 30.0), strict=True):
-                follower.park(token, wait, lambda expired, e=e: resumed.__setitem__(e, expired))
+
+                def resume(expired: bool, e: str = e) -> None:
+                    resumed[e] = expired
+
+                follower.park(token, wait, resume)
             assert follower.parked() == 3
             fake.change(edges[0])
             follower.forget(edges[2])
