@@ -13,8 +13,9 @@ Correctness does not depend on the feed being complete: a pump registers before 
 its edge, so a change after that read is in a later answer of the feed; a feed that
 resyncs or names "all edges" wakes every pump, a feed that breaks wakes the pumps waiting
 in :meth:`Follower.get` (parked readers wait for the feed to resume from its position),
-and a pump still looks at its edge after its own wait runs out. While no pump waits, the feed is not followed (a daemon of writers only
-asks nothing); it resumes from the position it stopped at. A discovery without the feed
+and a pump still looks at its edge after its own wait runs out. While no pump waits, the
+feed is not followed (a daemon of writers only asks nothing); it resumes from the position
+it stopped at. A discovery without the feed
 (404) is asked the old way (a long-poll per edge).
 """
 

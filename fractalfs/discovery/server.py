@@ -21,7 +21,7 @@ import signal
 import ssl
 import threading
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -75,9 +75,12 @@ class Changes:
         self.seq = 0
         self._feed: deque[tuple[int, str]] = deque(maxlen=FEED)  # (seq, edge or "*")
 
-    def notify(self, edge: str | None = None) -> None:
-        """A change of ``edge`` (None: of any number of edges; "": an event only)."""
-        if edge != "":
+    def notify(self, edge: str | None = None, *, feed: bool = True) -> None:
+        """A change of ``edge`` (None: of any number of edges; "": an event only).
+        ``feed`` False: a change no reader's pump looks at (the reader side of the edge:
+        a claim, a release, its node lost or back); the edge's own waiters are woken,
+        the feed of changes does not name it."""
+        if edge != "" and feed:
             self.seq += 1
             self._feed.append((self.seq, "*" if edge is None else edge))
         self._event.set()
@@ -314,13 +317,26 @@ class DiscoveryApp:
         log.warning("node %s lost (%s); %d edges affected", node, why or cause, len(changed))
         # Each edge it changed, by name: waiters (and the feed's followers) of other edges
         # are not woken; the event streams are woken by any change.
-        for edge in changed:
-            self._changed(edge.id)
-        if not changed:
-            self._changed("")
+        self._ends_changed(
+            node,
+            [e.id for e in changed if e.writer_node == node],
+            [e.id for e in changed if e.reader_node == node],
+        )
 
-    def _changed(self, edge: str | None = None) -> None:
-        self.changes.notify(edge)
+    def _changed(self, edge: str | None = None, *, feed: bool = True) -> None:
+        self.changes.notify(edge, feed=feed)
+
+    def _ends_changed(self, node: str, writers: Iterable[str], readers: Iterable[str]) -> None:
+        """``node``'s ends changed (lost, back): each edge by name, and in the feed only
+        where the writer's side changed (a reader's pump looks at nothing else). At
+        10,000 ends, "every edge changed" woke every waiting reader of every daemon."""
+        writers = set(writers)
+        for edge in writers:
+            self._changed(edge)
+        for edge in readers:
+            if edge not in writers:
+                self._changed(edge, feed=False)
+        self._changed("")  # the event streams
 
     def app(self) -> web.Application:
         @web.middleware
@@ -420,7 +436,7 @@ class DiscoveryApp:
         if was_lost:
             log.info("node %s is back", node)
         if await self._do(self.store.last_seq) != before:
-            self._changed()
+            self._ends_changed(node, writers, readers)
         return web.json_response({"stale": stale})
 
     async def pulse(self, request: web.Request) -> web.Response:
@@ -454,14 +470,15 @@ class DiscoveryApp:
             log.info("node %s is back (pulse); its ends come with its next heartbeat", node)
             return
         before = await self._do(self.store.last_seq)
-        await self._do(self.store.node_alive, node, dict(ends.writers), sorted(ends.readers))
+        readers = sorted(ends.readers)
+        await self._do(self.store.node_alive, node, dict(ends.writers), readers)
         log.info(
             "node %s is back (pulse); %d ends re-asserted",
             node,
             len(ends.writers) + len(ends.readers),
         )
         if await self._do(self.store.last_seq) != before:
-            self._changed()
+            self._ends_changed(node, ends.writers, readers)
 
     async def _seen(self, node: str, boot: str) -> None:
         """A heartbeat from ``node``'s daemon run ``boot``: it is alive."""
@@ -649,7 +666,7 @@ class DiscoveryApp:
         edge = _edge_id(request)
         body = await _body(request)
         rec = await self._do(self.store.claim_reader, edge, _str(body, "node"))
-        self._changed(edge)
+        self._changed(edge, feed=False)  # no reader's pump looks at the reader side
         return web.json_response(_edge_json(edge, rec))
 
     async def release_reader(self, request: web.Request) -> web.Response:
@@ -664,7 +681,7 @@ class DiscoveryApp:
             _int(body, "bytes"),
             claim,
         )
-        self._changed(edge)
+        self._changed(edge, feed=False)  # no reader's pump looks at the reader side
         return web.json_response(_edge_json(edge, rec))
 
     async def set_mode(self, request: web.Request) -> web.Response:
