@@ -172,6 +172,7 @@ class Readers:
         self.done = threading.Condition()
         self._count = 0
         self._threads: list[threading.Thread] = []
+        self._mine: list[list[int]] = []  # the readers of each helper process
 
     def start(self, i: int, path: str) -> None:
         if self._count % self.per == 0:
@@ -182,16 +183,18 @@ class Readers:
                 text=True,
             )
             self.procs.append(proc)
-            t = threading.Thread(target=self._follow, args=(proc,), daemon=True)
+            self._mine.append([])
+            t = threading.Thread(target=self._follow, args=(proc, self._mine[-1]), daemon=True)
             t.start()
             self._threads.append(t)
         self._count += 1
+        self._mine[-1].append(i)
         stdin = self.procs[-1].stdin
         assert stdin is not None
         stdin.write(f"{i} {path}\n")
         stdin.flush()
 
-    def _follow(self, proc: subprocess.Popen[str]) -> None:
+    def _follow(self, proc: subprocess.Popen[str], mine: list[int]) -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
             kind, i_text, rest = line.rstrip("\n").split(" ", 2)
@@ -206,6 +209,14 @@ class Readers:
                 else:
                     self.errors.append(f"reader {i}: {rest}")
                 self.done.notify_all()
+        status = proc.wait()
+        with self.done:  # a helper killed (a FIFO reader's holders are, on a failure)
+            for i in mine:
+                if i in self.digests:
+                    continue
+                if not any(e.startswith(f"reader {i}:") for e in self.errors):
+                    self.errors.append(f"reader {i}: its helper process ended ({status})")
+            self.done.notify_all()
 
     def finished(self, i: int) -> bool:
         return i in self.digests or any(f"reader {i}:" in e for e in self.errors)
@@ -438,6 +449,9 @@ def edges_row(
             "usage_after_pairs": idle_after_pairs,
             "usage_after": after,
         }
+    except BaseException as exc:
+        errors.append(f"row failed: {exc!r}")
+        raise
     finally:
         for helper in helpers:
             for proc in helper.procs:
