@@ -295,8 +295,21 @@ def test_discoverys_own_stall_is_not_a_nodes_silence(tmp_path: Path) -> None:
         checker = asyncio.create_task(app._check_liveness())
         await asyncio.sleep(0.3)
         app.last_seen["n"] = loop.time()
-        time.sleep(2.0)  # the loop is held: no request is read, no check runs
-        await asyncio.sleep(0.3)
+
+        def seen(hops: int = 3) -> None:
+            # The node's request, read after the stall: its handler runs a few loop
+            # iterations later (protocol, then a task), after the check woke.
+            if hops:
+                loop.call_soon(seen, hops - 1)
+            else:
+                app.last_seen["n"] = loop.time()
+
+        def hold() -> None:
+            time.sleep(2.0)  # the loop is held: no request is read, no check runs
+            seen()
+
+        loop.call_soon(hold)
+        await asyncio.sleep(2.6)
         after_stall = set(app.lost)
         await asyncio.sleep(2.0)  # silent for real
         checker.cancel()

@@ -294,17 +294,20 @@ class DiscoveryApp:
         loop = asyncio.get_running_loop()
         every = self.node_timeout / 6
         last = loop.time()
+        skipped = False
         while True:
             await asyncio.sleep(every)
             now = loop.time()
-            stalled, last = now - last - every, now
-            if stalled > every:
-                # Discovery's own loop was held (a listing of 10,000 edges, a slow disk):
-                # the requests that came meanwhile wait unread in its sockets. Its silence
-                # is not theirs: credit every node with it, and read those requests first.
-                for node in self.last_seen:
-                    self.last_seen[node] += stalled
+            late, last = now - last - every, now
+            if late > every / 2 and not skipped:
+                # Discovery's own loop was held (a listing of 10,000 edges, a slow disk,
+                # no CPU): the requests that came meanwhile wait unread in its sockets, and
+                # this check runs before their handlers. Its silence is not theirs: read
+                # them first, judge at the next tick (at most one tick in a row is skipped,
+                # so a real death is seen one tick later, not a stall later).
+                skipped = True
                 continue
+            skipped = False
             for node, seen in list(self.last_seen.items()):
                 if node not in self.lost and now - seen > self.node_timeout:
                     await self._lose(node, "silent", f"silent for {now - seen:.1f} s")
