@@ -4,10 +4,11 @@
     make bench                          # N = 1000; history on SQLite and on etcd
     .venv/bin/python bench/scale.py --edges 1000 --history 100000
 
-Edges: N readers open first on daemon B (threads of this process, each open()+read() on
-the mount), then N writers on daemon A each write 64 KiB and close. Reported: time to pair
-all, pairing latency (writer's open() to its reader's first byte) p50/p99, every stream
-sha256-exact, nodes declared lost, and RSS/CPU of each process. History: discovery's
+Edges: N readers open first on daemon B (threads of helper processes, 100 each, each
+open()+read() on the mount), then N writers on daemon A each write 64 KiB and close.
+Reported: time to pair all, pairing latency (writer's open() to its reader's first byte)
+p50/p99, every stream sha256-exact, nodes declared lost, and RSS/CPU of each process.
+History: discovery's
 request latency with H delivered edges in its history (rows inserted directly), on SQLite
 and on a one-member etcd.
 Results also go to bench/results/scale.json.
@@ -127,6 +128,118 @@ reaper.join()
 """
 
 
+READERS = """
+import hashlib, sys, threading, time
+threading.stack_size(256 * 1024)  # a reader thread needs little
+lock = threading.Lock()
+def say(text):
+    with lock:
+        sys.stdout.write(text + "\\n")
+        sys.stdout.flush()
+def read(i, path):
+    try:
+        h = hashlib.sha256()
+        with open(path, "rb", buffering=0) as f:
+            say(f"open {i} 0")  # the open returns once the daemon registered the reader
+            chunk = f.read(SIZE)
+            say(f"first {i} {time.monotonic()}")
+            while chunk:
+                h.update(chunk)
+                chunk = f.read(SIZE)
+        say(f"done {i} {h.hexdigest()}")
+    except OSError as exc:
+        say(f"error {i} {exc}")
+for line in sys.stdin:  # each reader starts as soon as its line arrives
+    i, path = line.split()
+    threading.Thread(target=read, args=(int(i), path), daemon=True).start()
+while threading.active_count() > 1:
+    time.sleep(0.05)
+""".replace("SIZE", str(SIZE))
+
+
+class Readers:
+    """Reader threads in helper processes of at most ``per`` readers each: an open on the
+    FIFO route looks at the opener's descriptors (a process holding 10,000 read ends
+    would make that O(N) per open), and a real workload is many small programs."""
+
+    def __init__(self, per: int) -> None:
+        self.per = per
+        self.procs: list[subprocess.Popen[str]] = []
+        self.opened: set[int] = set()
+        self.first_byte: dict[int, float] = {}
+        self.digests: dict[int, str] = {}
+        self.errors: list[str] = []
+        self.done = threading.Condition()
+        self._count = 0
+        self._threads: list[threading.Thread] = []
+        self._mine: list[list[int]] = []  # the readers of each helper process
+
+    def start(self, i: int, path: str) -> None:
+        if self._count % self.per == 0:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", READERS],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            self.procs.append(proc)
+            self._mine.append([])
+            t = threading.Thread(target=self._follow, args=(proc, self._mine[-1]), daemon=True)
+            t.start()
+            self._threads.append(t)
+        self._count += 1
+        self._mine[-1].append(i)
+        stdin = self.procs[-1].stdin
+        assert stdin is not None
+        stdin.write(f"{i} {path}\n")
+        stdin.flush()
+
+    def _follow(self, proc: subprocess.Popen[str], mine: list[int]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            kind, i_text, rest = line.rstrip("\n").split(" ", 2)
+            i = int(i_text)
+            with self.done:
+                if kind == "open":
+                    self.opened.add(i)
+                elif kind == "first":
+                    self.first_byte[i] = float(rest)
+                elif kind == "done":
+                    self.digests[i] = rest
+                else:
+                    self.errors.append(f"reader {i}: {rest}")
+                self.done.notify_all()
+        status = proc.wait()
+        with self.done:  # a helper killed (a FIFO reader's holders are, on a failure)
+            for i in mine:
+                if i in self.digests:
+                    continue
+                if not any(e.startswith(f"reader {i}:") for e in self.errors):
+                    self.errors.append(f"reader {i}: its helper process ended ({status})")
+            self.done.notify_all()
+
+    def finished(self, i: int) -> bool:
+        return i in self.digests or any(f"reader {i}:" in e for e in self.errors)
+
+    def wait(self, i: int, timeout: float) -> None:
+        with self.done:
+            self.done.wait_for(lambda: self.finished(i), timeout)
+
+    def close(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for proc in self.procs:
+            if proc.stdin is not None and not proc.stdin.closed:
+                proc.stdin.close()
+        for proc in self.procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for t in self._threads:
+            t.join(5)
+
+
 def profilers(procs: dict[str, Process], out: Path | None) -> list[subprocess.Popen[bytes]]:
     """py-spy (if asked for and installed) on every process: collapsed stacks in ``out``."""
     if out is None:
@@ -180,7 +293,9 @@ def raise_limits(n: int) -> str:
     return ""
 
 
-def edges_row(work: Path, n: int, profile: Path | None = None, pairs: int = 200) -> dict[str, Any]:
+def edges_row(
+    work: Path, n: int, profile: Path | None = None, pairs: int = 200, per_process: int = 100
+) -> dict[str, Any]:
     why = raise_limits(n + pairs)
     if why:
         return {"edges": n, "skipped": why}
@@ -194,28 +309,15 @@ def edges_row(work: Path, n: int, profile: Path | None = None, pairs: int = 200)
         "daemon B (readers)": b,
     }
     errors: list[str] = []
+    helpers: list[Readers] = []
     try:
         a.start()
         b.start()
         before = usage(procs)
         spies = profilers(procs, profile)
         edges = [EdgeId.new().hex for _ in range(n + pairs)]
-        first_byte: dict[int, float] = {}
-        digests: dict[int, str] = {}
-
-        def reader(i: int) -> None:
-            try:
-                h = hashlib.sha256()
-                with open(b.path(edges[i]), "rb", buffering=0) as f:
-                    chunk = f.read(SIZE)
-                    first_byte[i] = time.monotonic()
-                    while chunk:
-                        h.update(chunk)
-                        chunk = f.read(SIZE)
-                digests[i] = h.hexdigest()
-            except OSError as exc:
-                errors.append(f"reader {i}: {exc}")
-
+        readers = Readers(per_process)
+        helpers.append(readers)
         started: dict[int, float] = {}
 
         # Writers are processes (one `dd` each): the daemon takes a writer thread that ends
@@ -232,18 +334,22 @@ def edges_row(work: Path, n: int, profile: Path | None = None, pairs: int = 200)
         for i in range(n + pairs):
             (work / f"payload-{i}").write_bytes(payload(i))
 
-        readers = [threading.Thread(target=reader, args=(i,), daemon=True) for i in range(n)]
-        for t in readers:
-            t.start()
+        t_readers = time.monotonic()
+        for i in range(n):
+            readers.start(i, b.path(edges[i]))
         http = httpx.Client(timeout=30, auth=disc.auth)
         deadline = time.monotonic() + max(300, 0.06 * n)
-        while True:  # every reader registered with discovery
-            listed = http.get(f"{disc.url}/v1/edges").json()["edges"]
-            if sum(e["reader_state"] == "open" for e in listed) >= n:
-                break
+        # Every reader registered with discovery: its open returned. (Not by listing every
+        # edge again and again: at N = 10,000 each listing held discovery's loop ~1 s.)
+        while len(readers.opened) + len(readers.errors) < n:
             if time.monotonic() > deadline:
-                raise RuntimeError("readers did not all register")
-            time.sleep(max(0.2, n / 5000))  # a listing of every edge is not free
+                raise RuntimeError(f"readers did not all register ({len(readers.opened)} of {n})")
+            time.sleep(0.2)
+        listed = http.get(f"{disc.url}/v1/edges").json()["edges"]
+        registered = sum(e["reader_state"] == "open" for e in listed)
+        if registered < n:
+            raise RuntimeError(f"{registered} of {n} readers registered with discovery")
+        registering_s = time.monotonic() - t_readers
         time.sleep(1.0)
         idle = usage(procs)
 
@@ -258,18 +364,20 @@ def edges_row(work: Path, n: int, profile: Path | None = None, pairs: int = 200)
 
         # With the N readers waiting: M more edges paired one at a time (reader open and
         # registered, then its writer), each stream read to its end before the next.
+        pairing_readers = Readers(pairs)
+        helpers.append(pairing_readers)
         for i in range(n, n + pairs):
-            t = threading.Thread(target=reader, args=(i,), daemon=True)
-            t.start()
+            pairing_readers.start(i, b.path(edges[i]))
             while http.get(f"{disc.url}/v1/edges/{edges[i]}").json().get("reader_state") != "open":
-                if time.monotonic() > deadline or not t.is_alive():
+                if time.monotonic() > deadline or pairing_readers.finished(i):
                     raise RuntimeError(f"reader {i} did not register")
                 time.sleep(0.005)
             spawner.stdin.write(f"{i} {work / f'payload-{i}'} {a.path(edges[i])}\n")
             spawner.stdin.flush()
             while spawned()[0] != "done":
                 pass
-            t.join(60)
+            pairing_readers.wait(i, 60)
+        first_byte = {**readers.first_byte, **pairing_readers.first_byte}
         paired = [
             (first_byte[i] - started[i]) * 1000 for i in range(n, n + pairs) if i in first_byte
         ]
@@ -297,9 +405,12 @@ def edges_row(work: Path, n: int, profile: Path | None = None, pairs: int = 200)
         for _ in range(2 * n):
             spawned()
         spawner.wait()
-        for t in readers:
-            t.join(max(1.0, deadline - time.monotonic()))
+        readers.close(max(1.0, deadline - time.monotonic()))
+        pairing_readers.close(5)
         elapsed = time.monotonic() - t0
+        first_byte = {**readers.first_byte, **pairing_readers.first_byte}
+        digests = {**readers.digests, **pairing_readers.digests}
+        errors += readers.errors + pairing_readers.errors
         after = usage(procs)
         for spy in spies:
             spy.send_signal(signal.SIGINT)
@@ -323,6 +434,7 @@ def edges_row(work: Path, n: int, profile: Path | None = None, pairs: int = 200)
                 else None
             ),
             "all_done_s": round(elapsed, 2),
+            "readers_registered_s": round(registering_s, 2),
             "pairing_ms_p50": round(statistics.median(pairing), 1) if pairing else None,
             "pairing_ms_p99": round(percentile(pairing, 99), 1) if pairing else None,
             "nodes_lost_events": lost_events(disc.url, disc.auth),
@@ -337,7 +449,14 @@ def edges_row(work: Path, n: int, profile: Path | None = None, pairs: int = 200)
             "usage_after_pairs": idle_after_pairs,
             "usage_after": after,
         }
+    except BaseException as exc:
+        errors.append(f"row failed: {exc!r}")
+        raise
     finally:
+        for helper in helpers:
+            for proc in helper.procs:
+                proc.kill()
+                proc.wait()
         b.stop()
         a.stop()
         disc.stop()
@@ -441,11 +560,16 @@ def main() -> int:
     ap.add_argument("--history", type=int, default=100_000)
     ap.add_argument("--pairs", type=int, default=200, help="M edges paired one at a time")
     ap.add_argument("--profile", type=Path, help="py-spy every process; stacks go here")
+    ap.add_argument(
+        "--readers-per-process", type=int, default=100, help="reader threads per helper process"
+    )
     args = ap.parse_args()
     results: dict[str, Any] = {"edges": [], "history": []}
     with tempfile.TemporaryDirectory(prefix="fractalfs-scale-") as tmp:
         for n in args.edges or [1000]:
-            row = edges_row(Path(tmp) / f"n{n}", n, args.profile, args.pairs)
+            row = edges_row(
+                Path(tmp) / f"n{n}", n, args.profile, args.pairs, args.readers_per_process
+            )
             results["edges"].append(row)
             print(json.dumps(row, indent=1), flush=True)
         for backend in ("sqlite", "etcd") if args.history else ():

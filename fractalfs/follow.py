@@ -6,18 +6,25 @@ readers the daemon spends its time in them. Instead the daemon follows discovery
 changed edges (``GET /v1/changes``) with one request at a time and wakes the pumps of the
 edges it names; a woken pump reads its edge once (a plain GET).
 
+A waiting reader has no task at all: its pump parks it here (:class:`Parked`) and ends;
+the feed naming its edge, or its wait running out, starts the pump again.
+
 Correctness does not depend on the feed being complete: a pump registers before it reads
-its edge, so a change after that read is in a later answer of the feed; a feed that breaks,
-resyncs or names "all edges" wakes every pump, and a pump still looks at its edge after its
-own wait runs out. While no pump waits, the feed is not followed (a daemon of writers only
-asks nothing); it resumes from the position it stopped at. A discovery without the feed
+its edge, so a change after that read is in a later answer of the feed; a feed that
+resyncs or names "all edges" wakes every pump, a feed that breaks wakes the pumps waiting
+in :meth:`Follower.get` (parked readers wait for the feed to resume from its position),
+and a pump still looks at its edge after its own wait runs out. While no pump waits, the
+feed is not followed (a daemon of writers only asks nothing); it resumes from the position
+it stopped at. A discovery without the feed
 (404) is asked the old way (a long-poll per edge).
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import trio
 
@@ -29,14 +36,48 @@ log = logging.getLogger(__name__)
 FEED_POLL = 25.0
 
 
+class _Waiter(Protocol):
+    def set(self) -> None: ...
+
+
+class Parked:
+    """A waiting reader with no task: the feed naming its edge, a broken feed, or its
+    deadline calls ``resume`` once (with True when the deadline ran out). Before it is
+    parked it is only watched: a change meanwhile marks it ``woken`` (the pump then
+    looks at its edge again instead of parking). A few hundred bytes where a waiting
+    pump task held several KiB (its frames, cancel scopes and an Event)."""
+
+    __slots__ = ("deadline", "edge", "resume", "woken")
+
+    def __init__(self, edge: str) -> None:
+        self.edge = edge
+        self.resume: Callable[[bool], None] | None = None
+        self.deadline = 0.0
+        self.woken = False
+
+    def set(self) -> None:
+        self._fire(False)
+
+    def _fire(self, expired: bool) -> None:
+        if self.woken:
+            return
+        self.woken = True
+        resume, self.resume = self.resume, None
+        if resume is not None:
+            resume(expired)
+
+
 class Follower:
     def __init__(self, discovery: DiscoveryClient, poll: float = FEED_POLL) -> None:
         self.discovery = discovery
         self.poll = poll
         self.live = False  # following now: a change after a pump registered will wake it
         self.supported = True  # False: discovery has no feed (an older server)
-        self._waiters: dict[str, set[trio.Event]] = {}
+        self._waiters: dict[str, set[_Waiter]] = {}
         self._wanted = trio.Event()  # set when a pump waits: the feed is followed again
+        self._deadlines: list[tuple[float, int, Parked]] = []  # a heap
+        self._order = 0
+        self._earlier = trio.Event()  # a parked reader's deadline is the earliest now
 
     def waiting(self) -> int:
         """Edges with a waiting pump (for tests: nothing leaks)."""
@@ -46,11 +87,15 @@ class Follower:
         for event in self._waiters.pop(edge, ()):
             event.set()
 
-    def _wake_all(self) -> None:
+    def _wake_all(self, parked: bool = True) -> None:
+        """Wakes every waiter; with ``parked`` False, the parked readers stay parked."""
         waiters, self._waiters = self._waiters, {}
-        for events in waiters.values():
+        for edge, events in waiters.items():
             for event in events:
-                event.set()
+                if parked or not isinstance(event, Parked):
+                    event.set()
+                else:
+                    self._waiters.setdefault(edge, set()).add(event)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -78,7 +123,12 @@ class Follower:
             if got is None:
                 if self.live:
                     self.live = False
-                    self._wake_all()  # they wait the old way until the feed is back
+                    # Pumps waiting in get() wait the old way until the feed is back.
+                    # Parked readers stay parked: the feed resumes from its position
+                    # (or resyncs) and names every edge changed meanwhile; ten thousand
+                    # readers each asking for their edge at once would only load a
+                    # discovery that is already failing.
+                    self._wake_all(parked=False)
                 await trio.sleep(backoff(attempt, cap=2.0))
                 attempt += 1
                 continue
@@ -90,6 +140,69 @@ class Follower:
                     self._wake(edge)
             feed, seq = str(got.get("feed", "")), int(got.get("seq", 0))
             self.live = True
+
+    def can_park(self, wait: float, since: int) -> bool:
+        """A parked reader is woken by the feed; while the feed is broken it stays parked
+        (the feed resumes from its position), but without a feed (an older discovery)
+        pumps long-poll their edges."""
+        return self.supported and wait > 0 and since >= 0
+
+    def watch(self, edge: str) -> Parked:
+        """Registers a waiter of ``edge`` before the pump reads it: a change after that
+        read wakes it (see the module docstring). Then :meth:`park` or :meth:`unwatch`."""
+        token = Parked(edge)
+        self._waiters.setdefault(edge, set()).add(token)
+        self._wanted.set()
+        return token
+
+    def unwatch(self, token: Parked) -> None:
+        token.woken = True
+        token.resume = None
+        self._discard(token)
+
+    def _discard(self, token: _Waiter | Parked) -> None:
+        edge = token.edge if isinstance(token, Parked) else None
+        if edge is None:
+            return
+        events = self._waiters.get(edge)
+        if events is not None:
+            events.discard(token)
+            if not events:
+                del self._waiters[edge]
+
+    def park(self, token: Parked, wait: float, resume: Callable[[bool], None]) -> None:
+        """The pump's task ends; ``resume`` starts it again once the edge changed (False)
+        or after ``wait`` seconds (True)."""
+        token.resume = resume
+        token.deadline = trio.current_time() + wait
+        self._order += 1
+        first = not self._deadlines or token.deadline < self._deadlines[0][0]
+        heapq.heappush(self._deadlines, (token.deadline, self._order, token))
+        if first:
+            self._earlier.set()
+
+    def forget(self, edge: str) -> None:
+        """The reader of ``edge`` is gone: its parked entry lets go of it now."""
+        for token in list(self._waiters.get(edge, ())):
+            if isinstance(token, Parked):
+                self.unwatch(token)
+
+    def parked(self) -> int:
+        """Readers parked (for tests and memory figures)."""
+        return sum(not t.woken for _, _, t in self._deadlines)
+
+    async def expire_parked(self) -> None:
+        """Resumes parked readers whose wait ran out (one task for all of them)."""
+        while True:
+            now = trio.current_time()
+            while self._deadlines and (self._deadlines[0][2].woken or self._deadlines[0][0] <= now):
+                _, _, token = heapq.heappop(self._deadlines)
+                if not token.woken:
+                    self._discard(token)
+                    token._fire(True)
+            self._earlier = trio.Event()
+            with trio.move_on_at(self._deadlines[0][0] if self._deadlines else now + 3600):
+                await self._earlier.wait()
 
     async def get(self, edge: str, *, wait: float, since: int) -> dict[str, Any]:
         """What ``discovery.get(edge, wait=, since=)`` answers: the edge's record once its

@@ -20,6 +20,7 @@ from .discovery.schema import EventKind, LossCause
 from .edgeid import EdgeId
 from .edges import WriterState
 from .edgestate import backoff
+from .pulse import Pulse
 
 if TYPE_CHECKING:
     from .node import Node
@@ -34,12 +35,17 @@ HEARTBEAT_EVERY = 0.5
 class Membership:
     def __init__(self, node: Node) -> None:
         self.node = node
+        client = node.discovery
+        self.pulse = Pulse(
+            client.urls, node.name, node.boot, auth=client.auth, verify=client.verify
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.node._forever, self._watch_events)
             nursery.start_soon(self.node._forever, self._report_progress)
             nursery.start_soon(self.node._forever, self._heartbeat)
+            await nursery.start(self.pulse.run)
             task_status.started()
 
     async def heartbeat_once(self) -> None:

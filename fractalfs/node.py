@@ -107,6 +107,7 @@ class Node:
             self._nursery = nursery
             nursery.start_soon(self._forever, self.exits.run)
             nursery.start_soon(self._forever, self.follower.run)
+            nursery.start_soon(self._forever, self.follower.expire_parked)
             await nursery.start(self.data_server.run, listener)
             await nursery.start(self.membership.run)
             await nursery.start(self.persistence.run)
@@ -121,6 +122,7 @@ class Node:
     def shutdown(self) -> None:
         """Wakes every blocked program with an error; stops serving."""
         self.closing = True
+        self.membership.pulse.stop()  # before it leaves: a late pulse is not taken after
         for slot in list(self.slots.values()):
             if slot.writer is not None:
                 slot.writer.abort(AbortReason.SHUTDOWN, "the writer's daemon is shutting down")
@@ -520,6 +522,7 @@ class Node:
 
     def release_reader(self, reader: ReaderEnd) -> None:
         reader.on_released()
+        self.follower.forget(reader.edge.hex)  # a parked pump lets go of it
         self.released.notify()
         complete = reader.state is ReaderState.EOF and reader.consumed == reader.received
         if reader.state is not ReaderState.EOF:
@@ -550,24 +553,46 @@ class Node:
             ),
         )
 
-    async def _pump(self, reader: ReaderEnd) -> None:
-        """Carries out the reader machine's actions until the stream ends or fails."""
+    async def _pump(
+        self,
+        reader: ReaderEnd,
+        machine: ReaderMachine | None = None,
+        parked: Query | None = None,
+        expired: bool = False,
+    ) -> None:
+        """Carries out the reader machine's actions until the stream ends or fails.
+
+        A reader waiting for a change of its edge has no task: the pump parks it with the
+        follower (``machine`` and the ``parked`` query kept there) and ends; the feed, or
+        the query's wait running out (``expired``), starts it again."""
         edge = reader.edge.hex
-        machine = ReaderMachine(
-            reconnect_for=self.config.reconnect_for,
-            writer_lost_timeout=self.config.writer_lost_timeout,
-            long_poll=LONG_POLL,
-        )
+        if machine is None:
+            machine = ReaderMachine(
+                reconnect_for=self.config.reconnect_for,
+                writer_lost_timeout=self.config.writer_lost_timeout,
+                long_poll=LONG_POLL,
+            )
         with trio.CancelScope() as scope:
             reader.attach_pump(scope)
-            action = machine.start()
+            action: Any = machine.start() if parked is None else parked
             attempt = 0
             while reader.state in (ReaderState.WAITING, ReaderState.STREAMING):
                 if isinstance(action, Query):
                     if action.delay:
                         await trio.sleep(action.delay)
                     try:
-                        rec = await self.follower.get(edge, wait=action.wait, since=action.since)
+                        if expired:  # the wait ran out: look at the edge as it is
+                            expired = False
+                            rec = await self.discovery.get(edge)
+                        elif self.follower.can_park(action.wait, action.since):
+                            got = await self._look_or_park(reader, machine, action)
+                            if got is None:
+                                return  # parked: the follower starts the pump again
+                            rec = got
+                        else:
+                            rec = await self.follower.get(
+                                edge, wait=action.wait, since=action.since
+                            )
                     except (Unavailable, DiscoveryError) as exc:
                         log.info("edge %s: discovery: %s; retrying", edge, exc)
                         await trio.sleep(backoff(attempt, cap=1.0))
@@ -617,6 +642,33 @@ class Node:
                     return
                 else:
                     return
+
+    async def _look_or_park(
+        self, reader: ReaderEnd, machine: ReaderMachine, query: Query
+    ) -> dict[str, Any] | None:
+        """The edge's record if it changed after ``query.since``; else None, and the
+        reader is parked with the follower until it does (or ``query.wait`` runs out)."""
+        edge = reader.edge.hex
+        while True:
+            token = self.follower.watch(edge)  # before the read: no change is missed
+            try:
+                rec = await self.discovery.get(edge)
+            except BaseException:
+                self.follower.unwatch(token)
+                raise
+            if int(rec.get("version", 0)) > query.since:
+                self.follower.unwatch(token)
+                return rec
+            if token.woken:  # changed since the read: read again
+                continue
+            del rec  # a parked reader holds no decoded record (thousands wait)
+
+            def resume(expired: bool) -> None:
+                if reader.state in (ReaderState.WAITING, ReaderState.STREAMING):
+                    self._spawn(self._pump, reader, machine, query, expired)
+
+            self.follower.park(token, query.wait, resume)
+            return None
 
     async def _pull_once(
         self, reader: ReaderEnd, action: Connect, on_connected: Callable[[int], None]

@@ -42,6 +42,7 @@ ROUTES = [
     ("GET", "/v1/nodes"),
     ("POST", "/v1/nodes/a/heartbeat"),
     ("POST", "/v1/nodes/a/leave"),
+    ("POST", "/v1/nodes/a/pulse"),
 ]
 
 
@@ -76,7 +77,7 @@ def test_a_node_may_act_only_as_itself(disc: Discovery) -> None:
         assert http.post("/nodes/a/heartbeat", json=hb, auth=a).status_code == 200
         assert http.post("/nodes/b/heartbeat", json=hb, auth=b).status_code == 200
         # Spoofed liveness: a cannot make b look restarted or gone.
-        for path in ("/nodes/b/heartbeat", "/nodes/b/leave"):
+        for path in ("/nodes/b/heartbeat", "/nodes/b/leave", "/nodes/b/pulse"):
             resp = http.post(path, json={**hb, "boot": "2"}, auth=a)
             assert resp.status_code == 403 and "may not act as node b" in resp.json()["error"]
         nodes = http.get("/nodes", auth=a).json()["nodes"]

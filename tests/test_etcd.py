@@ -335,3 +335,24 @@ def test_pages_read_a_span_of_ids_not_the_whole_range(store: EtcdStore) -> None:
     for _ in range(5):
         store.edges_page(edges[100], 10)
     assert max(calls) < 60, calls  # it was 299 (every edge after edges[100]) per page
+
+
+def test_pulses_alone_keep_a_nodes_lease_on_any_replica(replicas: list[Replica]) -> None:
+    """A daemon whose loop is too busy to heartbeat still pulses (fractalfs.pulse): on etcd
+    a pulse to either replica keeps the node's lease; without them the lease expires."""
+    a, b = (httpx.Client(base_url=r.url + "/v1", timeout=15, auth=r.auth) for r in replicas)
+    edge = new_edge()
+    a.post(f"/edges/{edge}/writer", json={"node": "n1", "endpoint": "h:1"}).raise_for_status()
+    a.post("/nodes/n1/heartbeat", json={"boot": "b1", "writers": {edge: 1}, "readers": []})
+    end = time.monotonic() + 5.0  # past the 2 s lease, pulses only
+    i = 0
+    while time.monotonic() < end:
+        got = (a, b)[i % 2].post("/nodes/n1/pulse", json={"boot": "b1"})
+        assert got.status_code == 200 and got.json()["alive"], got.text
+        i += 1
+        time.sleep(0.4)
+    assert b.get(f"/edges/{edge}").json()["writer_state"] == "open"
+    deadline = time.monotonic() + 6
+    while b.get(f"/edges/{edge}").json()["writer_state"] != "lost":
+        assert time.monotonic() < deadline, "the lease did not expire"
+        time.sleep(0.2)

@@ -4,10 +4,14 @@ a real discovery answering a daemon-sized heartbeat."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
+from pathlib import Path
 
 import httpx
 import pytest
+import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,7 +27,10 @@ from fractalfs.discovery.heartbeat import (
     digest_of,
 )
 from fractalfs.edgeid import EdgeId
+from fractalfs.pulse import Pulse
 from fractalfs.testing import Discovery
+
+from .conftest import Cluster, Programs, sh, wait_for
 
 EDGES = [EdgeId.new().hex for _ in range(40)]
 
@@ -147,3 +154,167 @@ def test_busy_is_not_dead(discovery: Discovery) -> None:
         assert time.monotonic() - start < 5, "a silent node was never declared lost"
         time.sleep(0.1)
     assert time.monotonic() - start < 2.5
+
+
+def _spin(seconds: float) -> None:
+    """Keeps this thread (and a trio loop running in it) busy in pure Python: the loop
+    reaches no checkpoint, as a daemon's loop saturated by work."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+def test_a_busy_loop_pulses_a_stuck_one_does_not_and_a_pulse_brings_a_node_back(
+    discovery: Discovery,
+) -> None:
+    """Busy is not dead: a daemon whose loop makes no heartbeat for 2.5 s (past the 1.5 s
+    timeout) but makes progress is kept alive by its pulse thread. A loop stuck past
+    ``loop_stall`` stops the pulse: the node is lost. When the loop moves again the pulse
+    alone (no heartbeat) brings the node back with the ends its run held."""
+    api = httpx.Client(base_url=discovery.url + "/v1", timeout=10, auth=discovery.auth)
+    edge = EdgeId.new().hex
+    readers = [EdgeId.new().hex for _ in range(3)]
+
+    def states() -> list[str]:
+        return [api.get(f"/edges/{edge}").json()["writer_state"]] + [
+            api.get(f"/edges/{r}").json()["reader_state"] for r in readers
+        ]
+
+    def lost_events() -> int:
+        events = api.get("/events", params={"after": 0}).json()["events"]
+        return sum(e["kind"] in ("writer-lost", "reader-lost") for e in events)
+
+    seen: dict[str, object] = {}
+
+    async def main() -> None:
+        client = DiscoveryClient(discovery.url, retry_for=2.0, auth=discovery.auth)
+        pulse = Pulse(client.urls, "busy", "boot1", auth=client.auth, loop_stall=3.0)
+        try:
+            rec = await client.register_writer(edge, "busy", "h:1")
+            for r in readers:
+                await client.claim_reader(r, "busy")
+            await client.heartbeat("busy", "boot1", {edge: rec["generation"]}, readers)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(pulse.run)
+                _spin(2.5)  # busy: no heartbeat, no checkpoint
+                seen["busy"] = (states(), lost_events())
+                await trio.sleep(0.3)  # progress
+                _spin(6.0)  # stuck past loop_stall (3 s): the pulse stops
+                seen["stuck"] = (states(), lost_events())
+                await trio.sleep(0.3)
+                with trio.move_on_after(5):  # the loop moves again: the pulse resumes
+                    while True:
+                        await trio.to_thread.run_sync(lambda: seen.update(back=states()))
+                        if seen["back"] == ["open"] * 4:
+                            break
+                        await trio.sleep(0.1)
+                nursery.cancel_scope.cancel()
+        finally:
+            pulse.stop()
+            await client.aclose()
+
+    trio.run(main)
+    assert seen["busy"] == (["open"] * 4, 0)  # not lost while busy
+    assert seen["stuck"] == (["lost"] * 4, 4)  # lost while stuck
+    assert seen["back"] == ["open"] * 4  # back, with its claims, by its pulse alone
+
+
+def test_a_pulse_is_taken_only_from_the_run_that_heartbeat(discovery: Discovery) -> None:
+    """A pulse does not introduce a node or a run: a restart is told by its heartbeat
+    (which ends what the old run held), and a node that left stays gone."""
+    api = httpx.Client(base_url=discovery.url + "/v1", timeout=10, auth=discovery.auth)
+    busy = {NODE_HEADER: "p"}
+    assert api.post("/nodes/p/pulse", json={"boot": "b1"}, headers=busy).json() == {"alive": False}
+    api.post("/nodes/p/heartbeat", json={"boot": "b1", "writers": {}, "readers": []})
+    assert api.post("/nodes/p/pulse", json={"boot": "b1"}, headers=busy).json()["alive"]
+    assert not api.post("/nodes/p/pulse", json={"boot": "b2"}, headers=busy).json()["alive"]
+    for bad in ({}, {"boot": 3}, {"boot": "x" * 1000}):
+        resp = api.post("/nodes/p/pulse", json=bad, headers=busy)
+        assert resp.status_code == 400 and "boot" in resp.json()["error"]
+    api.post("/nodes/p/leave")
+    assert not api.post("/nodes/p/pulse", json={"boot": "b1"}, headers=busy).json()["alive"]
+    assert "p" not in [n["node"] for n in api.get("/nodes").json()["nodes"]]
+
+
+def test_a_stopped_reader_daemon_is_lost_then_back_with_every_claim(
+    cluster: Cluster, programs: Programs, tmp_path: Path
+) -> None:
+    """A reader daemon stopped for 3 s (SIGSTOP: a VM pause) is declared lost; once it runs
+    again every claim it held is open again within a second or two (its pulse), nothing
+    is re-run, and every stream arrives exactly."""
+    cluster.start_discovery()
+    a = cluster.node("a")
+    b = cluster.node("b")
+    assert cluster.discovery is not None
+    api = httpx.Client(
+        base_url=cluster.discovery.url + "/v1", timeout=10, auth=cluster.discovery.auth
+    )
+
+    def all_readers(state: str) -> bool:
+        return all(api.get(f"/edges/{e}").json().get("reader_state") == state for e in edges)
+
+    edges = [EdgeId.new().hex for _ in range(20)]
+    outs = [tmp_path / f"out{i}" for i in range(len(edges))]
+    readers = [
+        programs.start(f"exec cat {b.path(e)} > {o}") for e, o in zip(edges, outs, strict=True)
+    ]
+    wait_for(lambda: all_readers("open"), 20, "every reader registered")
+    b.signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: all_readers("lost"), 5, "discovery to mark b's readers lost")
+        time.sleep(1.0)
+    finally:
+        b.signal(signal.SIGCONT)
+    t0 = time.monotonic()
+    wait_for(lambda: all_readers("open"), 5, "b's readers open again")
+    back = time.monotonic() - t0
+    data = [os.urandom(100_000 + i) for i in range(len(edges))]
+    for i, (e, d) in enumerate(zip(edges, data, strict=True)):
+        (tmp_path / f"src{i}").write_bytes(d)
+        sh(f"cat {tmp_path / f'src{i}'} > {a.path(e)}")
+    for r in readers:
+        r.communicate(timeout=30)
+        assert r.returncode == 0
+    assert [o.read_bytes() for o in outs] == data
+    assert back < 2.0, f"b's claims took {back:.1f} s to come back"
+
+
+def test_discoverys_own_stall_is_not_a_nodes_silence(tmp_path: Path) -> None:
+    """Discovery's loop held for 2 s (a listing of every edge, a slow disk) reads nothing
+    meanwhile: the heartbeats wait in its sockets. The nodes are not declared lost for
+    that; a node silent for real still is, within the timeout."""
+    import asyncio
+
+    from fractalfs.discovery.server import DiscoveryApp
+    from fractalfs.discovery.store import Store
+
+    async def main() -> tuple[set[str], set[str]]:
+        app = DiscoveryApp(Store(tmp_path / "d.db"))
+        loop = asyncio.get_running_loop()
+        app.last_seen["n"] = loop.time()
+        checker = asyncio.create_task(app._check_liveness())
+        await asyncio.sleep(0.3)
+        app.last_seen["n"] = loop.time()
+
+        def seen(hops: int = 3) -> None:
+            # The node's request, read after the stall: its handler runs a few loop
+            # iterations later (protocol, then a task), after the check woke.
+            if hops:
+                loop.call_soon(seen, hops - 1)
+            else:
+                app.last_seen["n"] = loop.time()
+
+        def hold() -> None:
+            time.sleep(2.0)  # the loop is held: no request is read, no check runs
+            seen()
+
+        loop.call_soon(hold)
+        await asyncio.sleep(2.6)
+        after_stall = set(app.lost)
+        await asyncio.sleep(2.0)  # silent for real
+        checker.cancel()
+        return after_stall, set(app.lost)
+
+    after_stall, later = asyncio.run(main())
+    assert after_stall == set()
+    assert later == {"n"}

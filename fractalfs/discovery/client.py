@@ -66,6 +66,12 @@ def _snippet(resp: httpx.Response) -> str:
 
 
 MAX_CONNECTIONS = 1024  # a daemon's connections to discovery (heartbeats aside)
+# Short requests (registrations, reads, reports) in flight at once; the rest wait their
+# turn here. httpcore's pool matches every queued request against every connection on
+# each change (O(queued x connections)): 10,000 pumps asking at once kept daemon B's loop
+# busy in AsyncConnectionPool._assign_requests_to_connections for minutes (py-spy,
+# N = 10,000). Long-polls (a wait) are not counted: they hold a connection for seconds.
+SHORT_IN_FLIGHT = 32
 
 
 class DiscoveryClient:
@@ -82,8 +88,10 @@ class DiscoveryClient:
         if not self.urls:
             raise ValueError("no discovery URL given")
         self.auth = auth
+        self.verify = verify  # for the pulse's own client (fractalfs.pulse)
         self.retry_for = retry_for
         self._current = 0
+        self._short = trio.CapacityLimiter(SHORT_IN_FLIGHT)
         self._acked: dict[str, Ends | None] = {}  # node -> its ends as discovery has them
         # Heartbeats have their own small pool: never queued behind a thousand long-polls.
         self._beats = httpx.AsyncClient(
@@ -131,9 +139,15 @@ class DiscoveryClient:
         while True:
             url = self.url
             try:
-                resp = await (self._beats if beat else self._http).request(
-                    method, f"{url}/v1{path}", json=body, params=params, timeout=timeout
-                )
+                if beat or (params is not None and params.get("wait")):
+                    resp = await (self._beats if beat else self._http).request(
+                        method, f"{url}/v1{path}", json=body, params=params, timeout=timeout
+                    )
+                else:
+                    async with self._short:
+                        resp = await self._http.request(
+                            method, f"{url}/v1{path}", json=body, params=params, timeout=timeout
+                        )
                 why = "" if resp.status_code not in UNAVAILABLE else f"answered {resp.status_code}"
             except httpx.TransportError as exc:
                 why = f"unreachable: {exc}"

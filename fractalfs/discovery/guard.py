@@ -3,7 +3,7 @@ and a node's own credential for whatever a node does in its own name.
 
 The rules (see :mod:`fractalfs.auth` for the credentials):
 
-* ``/nodes/{node}/...`` (heartbeat, leave): only ``node``;
+* ``/nodes/{node}/...`` (heartbeat, pulse, leave): only ``node``;
 * a body naming a ``node`` (writer registration, reader claim and release, restore): only
   that node;
 * ``/writer/close``, ``/mode`` and ``/writer/restore``: only the edge's writer node (a

@@ -197,6 +197,10 @@ class HeldEnds:
             del self._nodes[key]
             self._turn.pop(key, None)
 
+    def known(self, node: str, boot: str) -> Ends | None:
+        """What run ``boot`` of ``node`` holds, as its last acknowledged beat told."""
+        return self._nodes.get((node, boot))
+
     def receive(
         self, node: str, boot: str, delta: Delta, *, everything: bool
     ) -> tuple[dict[str, int], list[str]] | None:

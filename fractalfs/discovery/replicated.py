@@ -106,6 +106,11 @@ class EtcdDiscoveryApp(DiscoveryApp):
         self.last_seen[node] = asyncio.get_running_loop().time()
         self.lost.discard(node)
 
+    async def _takes_pulse(self, node: str, boot: str) -> bool:
+        # Another replica may have taken the node's heartbeats: etcd's lease decides, and
+        # _seen tells a new run (as a heartbeat does).
+        return True
+
     async def _alive(self, node: str) -> None:
         # Any request keeps the lease alive too, but at most once per half second.
         now = asyncio.get_running_loop().time()

@@ -21,7 +21,7 @@ import signal
 import ssl
 import threading
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,6 +43,7 @@ MAX_WAIT = 60.0
 MAX_NAME = 255
 NODE_EVENTS = schema.NODE_EVENTS
 NODE_TIMEOUT = 1.5  # a node silent this long is lost (daemons heartbeat every 0.5 s)
+PULSE_REFRESH = 0.5  # a pulse refreshes a live node's record at most this often
 MAX_ENDS = 100_000
 LIMITS = web.AppKey("limits", Limits)
 MAX_INT = 2**63 - 1  # SQLite INTEGER; anything larger is a client's mistake, not a 500
@@ -74,9 +75,12 @@ class Changes:
         self.seq = 0
         self._feed: deque[tuple[int, str]] = deque(maxlen=FEED)  # (seq, edge or "*")
 
-    def notify(self, edge: str | None = None) -> None:
-        """A change of ``edge`` (None: of any number of edges; "": an event only)."""
-        if edge != "":
+    def notify(self, edge: str | None = None, *, feed: bool = True) -> None:
+        """A change of ``edge`` (None: of any number of edges; "": an event only).
+        ``feed`` False: a change no reader's pump looks at (the reader side of the edge:
+        a claim, a release, its node lost or back); the edge's own waiters are woken,
+        the feed of changes does not name it."""
+        if edge != "" and feed:
             self.seq += 1
             self._feed.append((self.seq, "*" if edge is None else edge))
         self._event.set()
@@ -288,9 +292,22 @@ class DiscoveryApp:
 
     async def _check_liveness(self) -> None:
         loop = asyncio.get_running_loop()
+        every = self.node_timeout / 6
+        last = loop.time()
+        skipped = False
         while True:
-            await asyncio.sleep(self.node_timeout / 6)
+            await asyncio.sleep(every)
             now = loop.time()
+            late, last = now - last - every, now
+            if late > every / 2 and not skipped:
+                # Discovery's own loop was held (a listing of 10,000 edges, a slow disk,
+                # no CPU): the requests that came meanwhile wait unread in its sockets, and
+                # this check runs before their handlers. Its silence is not theirs: read
+                # them first, judge at the next tick (at most one tick in a row is skipped,
+                # so a real death is seen one tick later, not a stall later).
+                skipped = True
+                continue
+            skipped = False
             for node, seen in list(self.last_seen.items()):
                 if node not in self.lost and now - seen > self.node_timeout:
                     await self._lose(node, "silent", f"silent for {now - seen:.1f} s")
@@ -303,13 +320,26 @@ class DiscoveryApp:
         log.warning("node %s lost (%s); %d edges affected", node, why or cause, len(changed))
         # Each edge it changed, by name: waiters (and the feed's followers) of other edges
         # are not woken; the event streams are woken by any change.
-        for edge in changed:
-            self._changed(edge.id)
-        if not changed:
-            self._changed("")
+        self._ends_changed(
+            node,
+            [e.id for e in changed if e.writer_node == node],
+            [e.id for e in changed if e.reader_node == node],
+        )
 
-    def _changed(self, edge: str | None = None) -> None:
-        self.changes.notify(edge)
+    def _changed(self, edge: str | None = None, *, feed: bool = True) -> None:
+        self.changes.notify(edge, feed=feed)
+
+    def _ends_changed(self, node: str, writers: Iterable[str], readers: Iterable[str]) -> None:
+        """``node``'s ends changed (lost, back): each edge by name, and in the feed only
+        where the writer's side changed (a reader's pump looks at nothing else). At
+        10,000 ends, "every edge changed" woke every waiting reader of every daemon."""
+        writers = set(writers)
+        for edge in writers:
+            self._changed(edge)
+        for edge in readers:
+            if edge not in writers:
+                self._changed(edge, feed=False)
+        self._changed("")  # the event streams
 
     def app(self) -> web.Application:
         @web.middleware
@@ -345,6 +375,7 @@ class DiscoveryApp:
         r.add_get(f"{API}/nodes", self.list_nodes)
         r.add_post(f"{API}/nodes/{{node}}/heartbeat", self.heartbeat)
         r.add_post(f"{API}/nodes/{{node}}/leave", self.leave)
+        r.add_post(f"{API}/nodes/{{node}}/pulse", self.pulse)
         app.on_startup.append(self._start_liveness)
         app.on_cleanup.append(self._stop_liveness)
         app.on_startup.append(self._start_upkeep)
@@ -408,8 +439,49 @@ class DiscoveryApp:
         if was_lost:
             log.info("node %s is back", node)
         if await self._do(self.store.last_seq) != before:
-            self._changed()
+            self._ends_changed(node, writers, readers)
         return web.json_response({"stale": stale})
+
+    async def pulse(self, request: web.Request) -> web.Response:
+        """``{"boot": B}``: run B of the node is alive (from a thread of its daemon, on time
+        however busy its loop is: see :mod:`fractalfs.pulse`). A node declared lost that
+        pulses is back: the ends its run held (as its heartbeats told) are open again.
+        A run discovery has not heard a heartbeat from is not taken (``alive: false``):
+        the heartbeat introduces a run (and tells a restart)."""
+        node = self._node_name(request)
+        body = await _body(request)
+        boot = body.get("boot", "")
+        if not isinstance(boot, str) or not 0 < len(boot) <= MAX_NAME:
+            raise BadRequest(f"field 'boot' must be a string of 1 to {MAX_NAME} characters")
+        if not await self._takes_pulse(node, boot):
+            return web.json_response({"alive": False})
+        was_lost = node in self.lost
+        now = asyncio.get_running_loop().time()
+        if was_lost or now - self.last_seen.get(node, 0.0) >= PULSE_REFRESH:
+            await self._seen(node, boot)
+        if was_lost:
+            await self._back(node, boot)
+        return web.json_response({"alive": True})
+
+    async def _takes_pulse(self, node: str, boot: str) -> bool:
+        return node in self.last_seen and self.boots.get(node) == boot
+
+    async def _back(self, node: str, boot: str) -> None:
+        """``node`` was declared lost and is alive: what its run held is open again."""
+        ends = self.held.known(node, boot)
+        if ends is None:  # not known here: its next heartbeat resyncs and re-asserts all
+            log.info("node %s is back (pulse); its ends come with its next heartbeat", node)
+            return
+        before = await self._do(self.store.last_seq)
+        readers = sorted(ends.readers)
+        await self._do(self.store.node_alive, node, dict(ends.writers), readers)
+        log.info(
+            "node %s is back (pulse); %d ends re-asserted",
+            node,
+            len(ends.writers) + len(ends.readers),
+        )
+        if await self._do(self.store.last_seq) != before:
+            self._ends_changed(node, ends.writers, readers)
 
     async def _seen(self, node: str, boot: str) -> None:
         """A heartbeat from ``node``'s daemon run ``boot``: it is alive."""
@@ -597,7 +669,7 @@ class DiscoveryApp:
         edge = _edge_id(request)
         body = await _body(request)
         rec = await self._do(self.store.claim_reader, edge, _str(body, "node"))
-        self._changed(edge)
+        self._changed(edge, feed=False)  # no reader's pump looks at the reader side
         return web.json_response(_edge_json(edge, rec))
 
     async def release_reader(self, request: web.Request) -> web.Response:
@@ -612,7 +684,7 @@ class DiscoveryApp:
             _int(body, "bytes"),
             claim,
         )
-        self._changed(edge)
+        self._changed(edge, feed=False)  # no reader's pump looks at the reader side
         return web.json_response(_edge_json(edge, rec))
 
     async def set_mode(self, request: web.Request) -> web.Response:
