@@ -293,3 +293,31 @@ def test_holds_file_tells_reading_from_writing_and_checks_the_inode(tmp_path: Pa
         assert holder.stdin is not None
         holder.stdin.close()
         holder.wait(10)
+
+
+def test_opening_tells_an_open_from_another_call_and_from_running(tmp_path: Path) -> None:
+    """fiforoute.opening: a thread preempted inside its open reads "running" in
+    /proc/<pid>/syscall, like one in user code; only a thread blocked in another call (or
+    gone) is known not to be opening. Taking "running" for "not opening" killed readers
+    whose open had not finished yet on a loaded machine."""
+    from fractalfs import fiforoute
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    in_open = subprocess.Popen([sys.executable, "-c", f"open({str(fifo)!r}, 'rb')"])
+    asleep = subprocess.Popen(["sleep", "30"])
+    try:
+        deadline = time.monotonic() + 10
+        while fiforoute.opening(in_open.pid) is not True:
+            assert time.monotonic() < deadline, "never seen inside open(2)"
+            time.sleep(0.01)
+        while fiforoute.opening(asleep.pid) is not False:
+            assert time.monotonic() < deadline, "never seen blocked in nanosleep"
+            time.sleep(0.01)
+        assert fiforoute.opening(spin.pid) is None  # never blocked: "running"
+    finally:
+        for p in (spin, in_open, asleep):
+            p.kill()
+            p.wait()
+    assert fiforoute.opening(asleep.pid) is False  # gone
