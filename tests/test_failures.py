@@ -277,15 +277,29 @@ def test_reader_daemon_killed_after_its_writer_finished_fails_the_generation(
     os.killpg(reader.pid, signal.SIGKILL)  # its program goes with it
     reader.communicate(timeout=10)
     c = cluster.node("c", extra=["--writer-lost-timeout", "20"])
+    _failed_then_rerun_serves_it(cluster, programs, tmp_path, edge, src, c, a)
+
+
+def _failed_then_rerun_serves_it(
+    cluster: Cluster,
+    programs: Programs,
+    tmp_path: Path,
+    edge: str,
+    src: Path,
+    reader_node: Node,
+    writer_node: Node,
+) -> None:
+    """The complete generation of ``edge`` turns failed in discovery; then a re-run reader
+    on ``reader_node`` and a re-run writer on ``writer_node`` move ``src`` whole."""
     wait_for(
         lambda: cluster.edge(edge).get("writer_state") == "failed",
         5,
         "the complete generation failed in discovery",
     )
     out = tmp_path / "out"
-    reader2 = programs.start(f"cat {c.path(edge)} > {out}")
+    reader2 = programs.start(f"cat {reader_node.path(edge)} > {out}")
     time.sleep(0.5)
-    sh(f"cat {src} > {a.path(edge)}")  # the re-run writer
+    sh(f"cat {src} > {writer_node.path(edge)}")  # the re-run writer
     _, err = reader2.communicate(timeout=30)
     assert reader2.returncode == 0, err
     assert sha_file(out) == sha_file(src)
@@ -420,18 +434,7 @@ def test_daemon_killed_with_both_ends_fails_the_complete_generation(
     reader.communicate(timeout=10)
     assert reader.returncode == -signal.SIGKILL  # the keeper: never EOF of a lost stream
     a = cluster.node("a", extra=["--writer-lost-timeout", "20"])
-    wait_for(
-        lambda: cluster.edge(edge).get("writer_state") == "failed",
-        5,
-        "the complete generation failed in discovery",
-    )
-    out = tmp_path / "out"
-    reader2 = programs.start(f"cat {a.path(edge)} > {out}")
-    time.sleep(0.5)
-    sh(f"cat {src} > {a.path(edge)}")  # the re-run writer
-    _, err = reader2.communicate(timeout=30)
-    assert reader2.returncode == 0, err
-    assert sha_file(out) == sha_file(src)
+    _failed_then_rerun_serves_it(cluster, programs, tmp_path, edge, src, a, a)
 
 
 def test_reader_killed_after_the_end_then_a_rerun_reader_over_tcp(
