@@ -35,9 +35,13 @@ HEARTBEAT_EVERY = 0.5
 class Membership:
     def __init__(self, node: Node) -> None:
         self.node = node
-        client = node.discovery
+        client = node.discovery  # a stand-in without URLs (unit tests) gets a silent pulse
         self.pulse = Pulse(
-            client.urls, node.name, node.boot, auth=client.auth, verify=client.verify
+            getattr(client, "urls", []),
+            node.name,
+            node.boot,
+            auth=getattr(client, "auth", None),
+            verify=getattr(client, "verify", True),
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
