@@ -240,7 +240,7 @@ def test_a_stopped_reader_daemon_is_lost_then_back_with_every_claim(
     cluster: Cluster, programs: Programs, tmp_path: Path
 ) -> None:
     """A reader daemon stopped for 3 s (SIGSTOP: a VM pause) is declared lost; once it runs
-    again every claim it held is open again within a second or two (its pulse), nothing
+    again every claim it held is open again within a second or two, nothing
     is re-run, and every stream arrives exactly."""
     cluster.start_discovery()
     a = cluster.node("a")
