@@ -295,13 +295,22 @@ class Run:
     seconds: float
 
 
-def _run(cmd: str, partners: list[str], subs: dict[str, str], timeout: float = 60) -> Run:
-    """Starts the partners, then ``cmd``; waits for all; kills what is left on timeout."""
+def _run(
+    cmd: str,
+    partners: list[str],
+    subs: dict[str, str],
+    timeout: float = 60,
+    opened: tuple[str, ...] = (),
+) -> Run:
+    """Starts the partners, then ``cmd``; waits for all; kills what is left on timeout.
+    ``opened``: FIFOs the partners open for writing before ``cmd`` starts."""
     procs: list[subprocess.Popen[bytes]] = []
     t0 = time.monotonic()
     try:
         for partner in partners:
             procs.append(_start(partner.format(**subs)))
+        for fifo in opened:
+            _await_writer(fifo, procs)
         main = _start(cmd.format(**subs))
         procs.append(main)
         out, err = main.communicate(timeout=timeout)
@@ -327,6 +336,30 @@ def _run(cmd: str, partners: list[str], subs: dict[str, str], timeout: float = 6
         [(o, p.returncode) for (o, _), p in zip(done, procs, strict=False)],
         seconds,
     )
+
+
+def _await_writer(fifo: str, procs: list[subprocess.Popen[bytes]], within: float = 10) -> None:
+    """Waits until a process of ``procs``' sessions is in its open of ``fifo`` for writing
+    (blocked for a reader: ``wait_for_partner``) or holds it. gzip opens its input with
+    O_NONBLOCK: on a `mkfifo` FIFO that no writer opened yet it reads EOF at once, and the
+    reference run would compress nothing while its feeder then waits in open(2) for good."""
+    sessions = {p.pid for p in procs}
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                if os.getsid(int(pid)) not in sessions:
+                    continue
+                with open(f"/proc/{pid}/wchan") as f:
+                    if f.read() == "wait_for_partner":
+                        return
+                for fd in os.listdir(f"/proc/{pid}/fd"):
+                    with contextlib.suppress(OSError):
+                        if os.readlink(f"/proc/{pid}/fd/{fd}") == fifo:
+                            return
+        time.sleep(0.005)
 
 
 def _start(cmd: str) -> subprocess.Popen[bytes]:
@@ -365,7 +398,7 @@ def _on_fifo(row: Row, inputs: dict[str, str], tmp: Path) -> Run:
     partners = [_feeder(row)]
     if "{j}" in row.cmd:
         partners.append(_feeder(row).replace("{w}", str(g)))
-    return _run(row.cmd, partners, subs)
+    return _run(row.cmd, partners, subs, opened=(str(f),))
 
 
 def _on_edge(row: Row, inputs: dict[str, str], tmp: Path, duo: Duo) -> Run:
