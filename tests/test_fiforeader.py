@@ -112,6 +112,18 @@ def test_a_killed_reader_gets_the_bytes_left_in_its_pipe_again_exactly_once(
     assert sha_file(out) == sha_file(src)
 
 
+def _daemon_dies_and_its_reader_with_it(
+    node: Node, reader: subprocess.Popen[bytes], writer: subprocess.Popen[bytes]
+) -> None:
+    """SIGKILLs ``node``'s daemon mid-stream: its FIFO reader must die by SIGKILL (the
+    keeper), never read EOF and exit 0 with a short stream. Then stops the writer."""
+    node.kill()
+    reader.communicate(timeout=10)
+    assert reader.returncode == -signal.SIGKILL
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.communicate(timeout=10)
+
+
 def test_a_reader_whose_daemon_is_killed_mid_stream_is_killed_not_given_eof(
     cluster: Cluster, programs: Programs, tmp_path: Path
 ) -> None:
@@ -119,11 +131,7 @@ def test_a_reader_whose_daemon_is_killed_mid_stream_is_killed_not_given_eof(
     a program must never exit 0 with a short stream."""
     b, writer, reader, _out = _paused_stream(cluster, programs, tmp_path, 4 * MiB)
     wait_for(lambda: waiting_to_read(reader.pid), 5, "the reader waiting for more")
-    b.kill()
-    reader.communicate(timeout=10)
-    assert reader.returncode == -signal.SIGKILL  # never EOF (status 0) with 1 MiB of 4
-    os.kill(writer.pid, signal.SIGKILL)
-    writer.communicate(timeout=10)
+    _daemon_dies_and_its_reader_with_it(b, reader, writer)  # 1 MiB of 4 read
 
 
 def test_a_failed_stream_kills_its_reader(
@@ -323,11 +331,7 @@ def test_a_killed_keeper_is_replaced_and_the_new_one_holds_live_streams(
     os.kill(old, signal.SIGKILL)
     wait_for(lambda: _replaced(b, old), 10, "a new keeper")
     time.sleep(0.5)  # the live write end reaches it
-    b.kill()
-    reader.communicate(timeout=10)
-    assert reader.returncode == -signal.SIGKILL  # never EOF (status 0) with 1 MiB of 2
-    os.kill(writer.pid, signal.SIGKILL)
-    writer.communicate(timeout=10)
+    _daemon_dies_and_its_reader_with_it(b, reader, writer)  # 1 MiB of 2 read
 
 
 def test_a_stopped_keeper_is_replaced_and_complete_streams_end(
