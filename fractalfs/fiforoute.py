@@ -170,12 +170,16 @@ def is_own_thread(tid: int) -> bool:
     return os.path.exists(f"/proc/{os.getpid()}/task/{tid}")
 
 
-def _holds(pid: int, name: str) -> bool | None:
-    """Whether ``pid`` has the edge ``name`` open for writing, is still opening (None), or
-    neither."""
+def _holds(pid: int, name: str, waited: float) -> bool | None:
+    """Whether ``pid`` has the edge ``name`` open for writing, may still be opening (None:
+    inside its open, or seen only "running" for less than RUNNING_FOR after ``waited``
+    seconds), or neither."""
     if procs.holds_file(pid, name, writing=True):
         return True
-    return None if opening(pid) is not False else False
+    state = opening(pid)
+    if state is True or (state is None and waited < RUNNING_FOR):
+        return None
+    return False
 
 
 class Fifo:
@@ -218,6 +222,7 @@ async def drain(node: Node, fifo: Fifo) -> None:
         with contextlib.suppress(OSError):
             fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
         seen = False
+        since = trio.current_time()
         arenas = Arenas(CHUNK, ARENAS_KEPT)
         while True:
             # Never read before poll says so: a FIFO no writer opened yet reads as EOF,
@@ -226,7 +231,7 @@ async def drain(node: Node, fifo: Fifo) -> None:
                 await trio.lowlevel.wait_readable(fd)
             if idle.cancelled_caught:
                 if not seen:
-                    holds = _holds(writer.pid, writer.edge.hex)
+                    holds = _holds(writer.pid, writer.edge.hex, trio.current_time() - since)
                     if holds is False:  # its open failed, or it went without opening
                         log.info("edge %s: the opener never opened its FIFO", writer.edge)
                         writer.exit_status = 9  # not an (empty) end: a failed generation
