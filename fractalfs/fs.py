@@ -109,7 +109,7 @@ class Operations(pyfuse3.Operations):
         self._fifo_writers: dict[EdgeId, fiforoute.Fifo] = {}
         self._fifo_readers: dict[EdgeId, fiforoute.FifoReader] = {}
         self.keeper = fifokeeper.Keeper()  # holds reader FIFOs' write ends past our death
-        self._fuse_reasons: set[str] = set()  # why readers fell back to FUSE (logged once)
+        self._fuse_reasons: set[tuple[str, str]] = set()  # FIFO fallbacks logged
         self._last_ino += 1
         self._fifo_dir = self._last_ino  # MOUNT/.fifo: the daemon's reader FIFOs
         self._fifo_dir_warm = False  # its entry is cached (warm_fifo_dir)
@@ -357,16 +357,16 @@ class Operations(pyfuse3.Operations):
         return ""
 
     def _fuse_read_because(self, why: str) -> None:
-        """Logs once per reason that reader FIFOs fall back to FUSE reads."""
-        if why not in self._fuse_reasons:
-            self._fuse_reasons.add(why)
-            log.warning("reader FIFOs: FUSE reads instead: %s", why)
+        self._on_fuse_because("reader FIFOs: FUSE reads instead", why)
 
     def _fuse_write_because(self, why: str) -> None:
-        """Logs once per reason that writer FIFOs fall back to FUSE writes."""
-        if why not in self._fuse_reasons:
-            self._fuse_reasons.add(why)
-            log.warning("writer FIFOs: FUSE writes instead: %s", why)
+        self._on_fuse_because("writer FIFOs: FUSE writes instead", why)
+
+    def _on_fuse_because(self, what: str, why: str) -> None:
+        """Logs once per route and reason that FIFOs fall back to FUSE."""
+        if (what, why) not in self._fuse_reasons:
+            self._fuse_reasons.add((what, why))
+            log.warning("%s: %s", what, why)
 
     def _forget_fifo(self, ino: int) -> None:
         if ino not in self._lookups:  # else forget() does, once the kernel lets it go

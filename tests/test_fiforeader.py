@@ -113,11 +113,18 @@ def test_a_killed_reader_gets_the_bytes_left_in_its_pipe_again_exactly_once(
 
 
 def _daemon_dies_and_its_reader_with_it(
-    node: Node, reader: subprocess.Popen[bytes], writer: subprocess.Popen[bytes]
+    node: Node,
+    reader: subprocess.Popen[bytes],
+    writer: subprocess.Popen[bytes],
+    stop: bool = False,
 ) -> None:
-    """SIGKILLs ``node``'s daemon mid-stream: its FIFO reader must die by SIGKILL (the
-    keeper), never read EOF and exit 0 with a short stream. Then stops the writer."""
-    node.kill()
+    """SIGKILLs (``stop``: SIGTERMs) ``node``'s daemon mid-stream: its FIFO reader must die
+    by SIGKILL (the keeper, or the daemon before it lets the write end go), never read EOF
+    and exit 0 with a short stream. Then stops the writer."""
+    if stop:
+        node.stop()
+    else:
+        node.kill()
     reader.communicate(timeout=10)
     assert reader.returncode == -signal.SIGKILL
     os.kill(writer.pid, signal.SIGKILL)
@@ -154,11 +161,7 @@ def test_a_reader_whose_daemon_stops_mid_stream_is_killed(
     """SIGTERM to the reader's daemon: a FUSE reader gets EIO; a FIFO reader of a stream
     that is not complete is killed before the daemon lets its write end go."""
     b, writer, reader, _out = _paused_stream(cluster, programs, tmp_path, 2 * MiB)
-    b.stop()
-    reader.communicate(timeout=10)
-    assert reader.returncode == -signal.SIGKILL
-    os.kill(writer.pid, signal.SIGKILL)
-    writer.communicate(timeout=10)
+    _daemon_dies_and_its_reader_with_it(b, reader, writer, stop=True)
 
 
 def test_a_reader_fifo_that_cannot_be_opened_is_not_an_empty_stream(
