@@ -5,8 +5,9 @@ reads and writes itself and the daemon only sees the LOOKUP, which carries the o
 pid. With entry timeout 0 every path walk looks the name up again, so the daemon can choose
 per open: ``/proc/<pid>/syscall`` shows the ``open``/``openat`` being served and its flags.
 A plain write-only open (``>``, ``>>``, ``open(..., "wb")``) gets a fresh FIFO inode; the
-daemon registers the writer (errors fail the open), opens that FIFO's read end through a
-hidden name only it may look up, and drains it in 1 MiB reads into the same
+daemon has its keeper process open that FIFO's read end (``MOUNT/.fifo/<ino>``, a name
+only the keeper may look up), registers the writer (errors fail the open), and drains the
+FIFO in 1 MiB reads into the same
 :class:`~fractalfs.edges.WriterEnd` a FUSE write feeds. Small writes (4 KiB from stdio,
 ``dd bs=4k``) then cost a pipe write, not a FUSE round trip.
 
@@ -18,8 +19,8 @@ opener's exit status then decides, as at a FUSE close, whether that is the strea
 a failed generation (:meth:`Node.release_writer`).
 
 Readers (``fifo_readers``, on by default) take the same route the other way: a plain
-read-only open gets a fresh FIFO inode, the daemon opens its write end through the hidden
-name and pours the reader's stream into it (:func:`feed`). A FIFO cannot carry an error,
+read-only open gets a fresh FIFO inode, the keeper opens its write end the same way and
+the daemon pours the reader's stream into it (:func:`feed`). A FIFO cannot carry an error,
 only data or EOF, and a failed stream must never look complete: where a FUSE reader gets an
 errno, every holder of the FIFO's read end is killed (SIGKILL) before the write end closes,
 and a keeper process (:mod:`fractalfs.fifokeeper`) does the same if the daemon dies.
@@ -76,15 +77,22 @@ _OPENS = {
 }.get(os.uname().machine, {})
 
 
+def _syscall(pid: int) -> list[bytes] | None:
+    """The fields of ``/proc/<pid>/syscall`` (None: no such thread)."""
+    try:
+        with open(f"/proc/{pid}/syscall", "rb") as f:
+            return f.read().split()
+    except OSError:
+        return None
+
+
 def opening(pid: int) -> bool | None:
     """Whether the thread ``pid`` is inside open(2)/openat(2): True; in another call, or
     gone: False; None: it is not blocked in any call, so the kernel does not say which
     (``/proc/<pid>/syscall`` reads "running": on a CPU, or preempted and runnable, which on
     a loaded machine may last long *inside* an open whose LOOKUP was answered)."""
-    try:
-        with open(f"/proc/{pid}/syscall", "rb") as f:
-            fields = f.read().split()
-    except OSError:
+    fields = _syscall(pid)
+    if fields is None:
         return False
     if not fields or fields[0] == b"running":
         return None
@@ -98,13 +106,12 @@ def open_flags(pid: int) -> int | None:
     """The flags of the open(2)/openat(2) that ``pid`` (a thread id, as FUSE gives it) is
     inside right now, or None if it is in no such call."""
     try:
-        with open(f"/proc/{pid}/syscall", "rb") as f:
-            fields = f.read().split()
+        fields = _syscall(pid) or []
         where = _OPENS.get(int(fields[0]))
         if where is None:
             return None
         return int(fields[1 + where], 16)
-    except (OSError, ValueError, IndexError):
+    except (ValueError, IndexError):
         return None
 
 
