@@ -1,10 +1,11 @@
 """Readers of reader FIFOs must never see EOF of a stream that did not complete.
 
 A kernel FIFO carries only data or EOF, and EOF comes when the last write end closes: the
-daemon's own end closes when the daemon dies, however that happens. So a small keeper
-process (``python -m fractalfs.fifokeeper``, one per daemon, in a session of its own) holds a
-dup of every reader-FIFO write end the daemon opens (``socket.send_fds`` over a
-``SOCK_SEQPACKET`` socketpair). The daemon tells it when a stream is finished (complete:
+daemon's own end closes when the daemon dies, however that happens. So two small keeper
+processes (``python -m fractalfs.fifokeeper``, each in a session of its own; two, so that
+one dying with the daemon still leaves one: see :class:`Keeper`) hold a dup of every
+reader-FIFO write end the daemon opens (``socket.send_fds`` over a ``SOCK_SEQPACKET``
+socketpair). The daemon tells it when a stream is finished (complete:
 the keeper closes its dup, so the reader's EOF can happen; failed: the daemon already killed
 the readers). When the socketpair reports EOF the daemon is gone: the keeper SIGKILLs every
 process holding the read end of a stream not finished, then closes the dups and exits.
@@ -43,6 +44,7 @@ OPEN_WITHIN = 3.0  # seconds the keeper has to answer an open (one may wait ~1 s
 PING_EVERY = 1.0  # seconds between health checks of the keeper
 ANSWER_WITHIN = 2.0  # a ping unanswered this long: the keeper is stopped or stuck
 MAX_REPLACEMENTS = 100  # a keeper that keeps dying: give the route up
+COPIES = 2  # keepers per daemon: one may die (or stop) with the daemon (see Keeper)
 
 
 def holders(name: str, ino: int, mnt: int | None = None) -> set[int]:
@@ -79,17 +81,36 @@ class KeeperUnavailable(OSError):
     """No keeper answers: the FIFO route must not be used (see :meth:`Keeper.open_fifo`)."""
 
 
+class _Copy:
+    """One keeper process, as the daemon sees it."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
+        self.proc = proc
+        self.sock = sock
+        self.ping_sent = 0.0  # monotonic time of the unanswered ping (0: none)
+        self.suspect = False  # a send found its socket full: replace at the next check
+
+
 class Keeper:
-    """The daemon's side: starts the keeper, has it open reader FIFOs' write ends, tells it
-    which streams are finished, and replaces a keeper that died or stopped answering.
+    """The daemon's side: runs ``COPIES`` keeper processes, has the first one open FIFOs,
+    gives every one a dup of each reader FIFO's write end, tells them which streams are
+    finished, and replaces a keeper that died or stopped answering.
 
-    Every open goes through the keeper process (:meth:`open_fifo`): a daemon SIGKILLed while
-    one of its own threads waits in a request to its own mount could never exit (the thread
-    waits for an answer only the dead daemon could give), its mount would hang instead of
-    failing with ENOTCONN, and so would its readers. The keeper's request pins nobody: when
-    the daemon dies its FUSE connection is aborted and the keeper's open fails.
+    Why two: a keeper that dies is noticed at the next ping (up to ~1 s), and replaced
+    after that; a daemon that dies inside that window (or in the same instant: one
+    ``kill -9``, a cgroup kill) would be the last holder of the write ends, and its readers
+    would read EOF. With two, whatever order the daemon and one keeper die in, the other
+    keeper is left holding every live write end, sees the daemon's EOF and kills the
+    readers. It also covers a keeper stopped (SIGSTOP) when the daemon dies. Only the
+    daemon and both keepers dying within one replacement window gives EOF.
 
-    A keeper that died (EOF on the socketpair) or stopped answering (a ping unanswered for
+    Every open goes through the first keeper (:meth:`open_fifo`): a daemon SIGKILLed while
+    one of its own threads waits in a request to its own mount could never exit (the
+    thread waits for an answer only the dead daemon could give), its mount would hang
+    instead of failing with ENOTCONN, and so would its readers. The keeper's request pins
+    nobody: when the daemon dies its FUSE connection is aborted and the keeper's open fails.
+
+    A keeper that died (EOF on its socketpair) or stopped answering (a ping unanswered for
     ``ANSWER_WITHIN``, an open unanswered, its socket full) is SIGKILLed (never just let go:
     a keeper that sees EOF kills the readers of every unfinished stream) and a new one gets
     a dup of every write end still live. If no keeper can be started, :attr:`usable` is
@@ -97,16 +118,13 @@ class Keeper:
     """
 
     def __init__(self) -> None:
-        self._sock: socket.socket | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._copies: list[_Copy | None] = [None] * COPIES  # [0] opens the FIFOs
         self._lock = threading.Lock()
         self._failed = False
         self._closed = False
         # ino -> (a dup of the write end, kept for a replacement keeper; edge name)
         self._live: dict[int, tuple[int, str]] = {}
         self._pending: deque[int] = deque()  # finished streams done() could not settle yet
-        self._ping_sent = 0.0  # monotonic time of the unanswered ping (0: none)
-        self._suspect = False  # a send found the socket full: replace at the next check
         self.replaced = 0  # keepers replaced since start (for logs and tests)
 
     @contextlib.contextmanager
@@ -126,20 +144,36 @@ class Keeper:
 
     @property
     def pid(self) -> int:
-        proc = self._proc
-        return proc.pid if proc is not None else -1
+        """The pid of the keeper that opens FIFOs (-1: none)."""
+        copy = self._copies[0]
+        return copy.proc.pid if copy is not None else -1
+
+    @property
+    def pids(self) -> list[int]:
+        """The pids of the keepers running."""
+        return [copy.proc.pid for copy in self._copies if copy is not None]
 
     def start(self) -> bool:
-        """Starts the keeper now (from a worker thread: it forks). False: none can run."""
+        """Starts the keepers now (from a worker thread: it forks). False: none can run."""
         with self._locked():
             return self._start() is not None
 
     def _start(self) -> socket.socket | None:
-        if self._sock is not None or self._failed or self._closed:
-            return self._sock
+        """Starts every keeper not running; returns the socket of the one that opens."""
+        if self._failed or self._closed:
+            return None
+        for i, copy in enumerate(self._copies):
+            if copy is None:
+                self._start_copy(i)
+                if self._failed:
+                    return None
+        first = self._copies[0]
+        return first.sock if first is not None else None
+
+    def _start_copy(self, i: int) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            self._proc = subprocess.Popen(
+            proc = subprocess.Popen(
                 [sys.executable, "-m", "fractalfs.fifokeeper", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
@@ -149,38 +183,35 @@ class Keeper:
             log.warning("reader FIFOs off: cannot start the FIFO keeper: %s", exc)
             self._failed = True
             ours.close()
-            return None
+            return
         finally:
             theirs.close()
-        self._sock = ours
-        self._ping_sent = 0.0
-        self._suspect = False
+        copy = self._copies[i] = _Copy(proc, ours)
         # A new keeper holds every stream still live, or a daemon crash would give EOF.
         for ino, (fd, name) in list(self._live.items()):
             try:
                 _send(ours, b"A %d %s" % (ino, name.encode()), [fd], SEND_TIMEOUT)
             except OSError as exc:
                 log.error("FIFO keeper: cannot hand it edge %s: %s", name, exc)
-                self._replace_locked()
-                return self._sock
-        return ours
+                if self._copies[i] is copy:
+                    self._replace_locked(i)
+                return
 
-    def _replace_locked(self) -> None:
-        """Kills the keeper (SIGKILL: it must not take our going for the daemon's death and
-        kill the readers) and starts another."""
-        proc, sock = self._proc, self._sock
-        self._proc = self._sock = None
+    def _replace_locked(self, i: int) -> None:
+        """Kills keeper ``i`` (SIGKILL: it must not take our going for the daemon's death
+        and kill the readers) and starts another."""
+        copy = self._copies[i]
+        self._copies[i] = None
         log.warning(
             "FIFO keeper (pid %s) gone or not answering: starting another",
-            proc.pid if proc is not None else "-",
+            copy.proc.pid if copy is not None else "-",
         )
-        if proc is not None:
+        if copy is not None:
             with contextlib.suppress(OSError):
-                proc.kill()
+                copy.proc.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(5)
-        if sock is not None:
-            sock.close()
+                copy.proc.wait(5)
+            copy.sock.close()
         self.replaced += 1
         if self.replaced > MAX_REPLACEMENTS:
             log.error("reader FIFOs off: the FIFO keeper was replaced %d times", self.replaced)
@@ -188,17 +219,26 @@ class Keeper:
             return
         self._start()
 
+    def _index(self, sock: socket.socket | None) -> int:
+        """Which keeper ``sock`` talks to (-1: none now)."""
+        for i, copy in enumerate(self._copies):
+            if copy is not None and copy.sock is sock:
+                return i
+        return -1
+
     def replace(self, sock: socket.socket | None) -> None:
-        """Replaces the keeper behind ``sock`` (if it is still the current one)."""
+        """Replaces the keeper behind ``sock`` (if it still runs)."""
         with self._locked():
-            if sock is self._sock and not self._failed:
-                self._replace_locked()
+            i = self._index(sock)
+            if i >= 0 and not self._failed:
+                self._replace_locked(i)
 
     def _ask(self, msg: bytes, nfds: int) -> tuple[socket.socket | None, bytes, list[int]]:
-        """Sends ``msg`` with a fresh reply socket and waits up to OPEN_WITHIN for the
-        answer: (the keeper's socket it went to, the reply, up to ``nfds`` descriptors).
-        The socket is None if the send failed (the keeper was replaced). An empty reply:
-        it died or did not answer in time. From a worker thread."""
+        """Sends ``msg`` with a fresh reply socket to the keeper that opens, and waits up to
+        OPEN_WITHIN for the answer: (the keeper's socket it went to, the reply, up to
+        ``nfds`` descriptors). The socket is None if the send failed (the keeper was
+        replaced). An empty reply: it died or did not answer in time. From a worker
+        thread."""
         with self._locked():
             sock = self._start()
             if sock is None:
@@ -208,7 +248,7 @@ class Keeper:
                 _send(sock, msg, [theirs.fileno()], SEND_TIMEOUT)
             except OSError:
                 mine.close()
-                self._replace_locked()
+                self._replace_locked(0)
                 return None, b"", []
             finally:
                 theirs.close()
@@ -224,8 +264,10 @@ class Keeper:
     def open_fifo(self, path: str, ino: int, name: str) -> tuple[int, int]:
         """Has the keeper open the FIFO at ``path`` (``MOUNT/.fifo/<ino>``) read-write (the
         stand-in reader) and write-only, keep a dup of the write end, and hand both back:
-        (stand-in, write end). From a worker thread. KeeperUnavailable: no keeper answered
-        (even a fresh one); other OSErrors: the keeper's open failed."""
+        (stand-in, write end); every other keeper gets a dup of the write end before this
+        returns (before any program can hold the read end). From a worker thread.
+        KeeperUnavailable: no keeper answered (even a fresh one); other OSErrors: the
+        keeper's open failed."""
         for _attempt in range(2):
             msg = b"O %d %s %s" % (ino, name.encode(), os.fsencode(path))
             sock, reply, fds = self._ask(msg, 2)
@@ -247,13 +289,17 @@ class Keeper:
                         os.close(fds[1])
                         self._forget_unused(ino)
                         raise
-                    if self._sock is not sock and self._sock is not None:
-                        # Replaced meanwhile: the new keeper must hold this one too.
+                    # The others (and the opener's replacement, if it was replaced
+                    # meanwhile) must hold this one too.
+                    add = b"A %d %s" % (ino, name.encode())
+                    for i, copy in enumerate(self._copies):
+                        if copy is None or copy.sock is sock:
+                            continue
                         try:
-                            add = b"A %d %s" % (ino, name.encode())
-                            _send(self._sock, add, [fds[1]], SEND_TIMEOUT)
+                            _send(copy.sock, add, [fds[1]], SEND_TIMEOUT)
                         except OSError:
-                            self._replace_locked()
+                            if self._copies[i] is copy:
+                                self._replace_locked(i)  # the new one gets it from _live
                 return fds[0], fds[1]
             for fd in fds:
                 os.close(fd)
@@ -286,14 +332,14 @@ class Keeper:
         raise KeeperUnavailable(errno.ETIMEDOUT, "the FIFO keeper does not answer")
 
     def _forget_unused(self, ino: int) -> None:
-        """The keeper's dup of a FIFO the daemon never got goes (no program can hold it)."""
-        sock = self._sock
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.send(b"D %d" % ino, socket.MSG_DONTWAIT)
+        """The keepers' dups of a FIFO the daemon never got go (no program can hold it)."""
+        for copy in self._copies:
+            if copy is not None:
+                with contextlib.suppress(OSError):
+                    copy.sock.send(b"D %d" % ino, socket.MSG_DONTWAIT)
 
     def done(self, ino: int) -> None:
-        """The stream of FIFO ``ino`` is finished: the keeper closes its dup (then the
+        """The stream of FIFO ``ino`` is finished: the keepers close their dups (then the
         reader's EOF can happen). From the loop thread, so it never blocks: while a worker
         thread holds the lock (an open, a replacement), that thread settles it on its way
         out; a keeper whose socket is full is replaced by :meth:`check` (the old one's dups
@@ -313,50 +359,61 @@ class Keeper:
         if end is None:
             return
         os.close(end[0])
-        if self._sock is None:
-            return
-        try:
-            self._sock.send(b"D %d" % ino, socket.MSG_DONTWAIT)
-        except OSError as exc:
-            log.warning("FIFO keeper: %s (replacing it)", exc)
-            self._suspect = True
+        for copy in self._copies:
+            if copy is None:
+                continue
+            try:
+                copy.sock.send(b"D %d" % ino, socket.MSG_DONTWAIT)
+            except OSError as exc:
+                log.warning("FIFO keeper: %s (replacing it)", exc)
+                copy.suspect = True
 
     def check(self) -> bool:
         """One health check (from a worker thread, every ``PING_EVERY`` s): reads pongs,
         notices EOF, pings, and replaces a keeper that died or did not answer a ping within
         ``ANSWER_WITHIN``. True: healthy (or nothing to check)."""
+        healthy = True
         with self._locked():
-            sock = self._sock
-            if sock is None or self._failed:
-                return not self._failed
-            bad = self._suspect
-            while not bad:
-                try:
-                    msg = sock.recv(64, socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    break
-                except OSError:
-                    bad = True
-                    break
-                if not msg:
-                    bad = True  # the keeper died
-                elif msg.startswith(b"p"):
-                    self._ping_sent = 0.0
-            now = time.monotonic()
-            if not bad and self._ping_sent and now - self._ping_sent > ANSWER_WITHIN:
-                bad = True  # stopped (SIGSTOP) or stuck
-            if not bad and not self._ping_sent:
-                try:
-                    sock.send(b"P", socket.MSG_DONTWAIT)
-                    self._ping_sent = now
-                except OSError:
-                    bad = True
-            if bad:
-                self._replace_locked()
-            return not bad
+            for i in range(COPIES):
+                if self._failed:
+                    return False
+                copy = self._copies[i]
+                if copy is None:
+                    continue
+                if not self._check_copy(copy):
+                    healthy = False
+                    if self._copies[i] is copy:
+                        self._replace_locked(i)
+            return healthy and not self._failed
+
+    @staticmethod
+    def _check_copy(copy: _Copy) -> bool:
+        bad = copy.suspect
+        while not bad:
+            try:
+                msg = copy.sock.recv(64, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            except OSError:
+                bad = True
+                break
+            if not msg:
+                bad = True  # the keeper died
+            elif msg.startswith(b"p"):
+                copy.ping_sent = 0.0
+        now = time.monotonic()
+        if not bad and copy.ping_sent and now - copy.ping_sent > ANSWER_WITHIN:
+            bad = True  # stopped (SIGSTOP) or stuck
+        if not bad and not copy.ping_sent:
+            try:
+                copy.sock.send(b"P", socket.MSG_DONTWAIT)
+                copy.ping_sent = now
+            except OSError:
+                bad = True
+        return not bad
 
     async def watch(self) -> None:
-        """Checks the keeper every ``PING_EVERY`` seconds, for as long as the daemon runs."""
+        """Checks the keepers every ``PING_EVERY`` seconds, for as long as the daemon runs."""
         import trio
 
         while True:
@@ -369,12 +426,13 @@ class Keeper:
     def close(self) -> None:
         with self._locked():
             self._closed = True
-            if self._sock is not None:
-                self._sock.close()
-                self._sock = None
-            if self._proc is not None:
+            copies = [copy for copy in self._copies if copy is not None]
+            self._copies = [None] * COPIES
+            for copy in copies:
+                copy.sock.close()
+            for copy in copies:
                 with contextlib.suppress(subprocess.TimeoutExpired):
-                    self._proc.wait(5)
+                    copy.proc.wait(5)
 
 
 def _send(sock: socket.socket, msg: bytes, fds: list[int], wait: float) -> None:

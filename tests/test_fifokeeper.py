@@ -114,6 +114,8 @@ def test_a_keeper_that_dies_or_stops_is_replaced_and_gets_the_live_ends(
         hold, wfd = keeper.open_fifo(path, 7, NAME)
         reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         os.close(hold)
+        first = set(keeper.pids)
+        assert len(first) == fifokeeper.COPIES
         old = keeper.pid
         os.kill(old, trouble)
         deadline = time.monotonic() + 10
@@ -122,6 +124,9 @@ def test_a_keeper_that_dies_or_stops_is_replaced_and_gets_the_live_ends(
             keeper.check()
             time.sleep(0.1)
         assert keeper.usable and keeper.replaced == 1
+        for pid in first - {old}:  # its dup goes too: only the new keeper's is left
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
         os.close(wfd)  # the daemon's own end: the new keeper's dup keeps the pipe open
         time.sleep(0.2)
         assert _writers(path, reader)

@@ -37,6 +37,7 @@ pytestmark = needs_fuse
 
 SLOWCAT = [sys.executable, str(Path(__file__).with_name("slowcat.py"))]
 MiB = 1 << 20
+KEEPERS = 2  # keepers a daemon runs (fifokeeper.COPIES)
 
 
 def _paused_stream(
@@ -236,8 +237,9 @@ def test_a_writer_fifo_that_cannot_be_opened_writes_through_fuse(
 # -- the keeper: it opens the write ends, and is replaced when it dies or stops -----------
 
 
-def _keeper(node: Node) -> int:
-    """The pid of ``node``'s FIFO keeper (its child running fractalfs.fifokeeper)."""
+def _keepers(node: Node) -> set[int]:
+    """The pids of ``node``'s FIFO keepers (its children running fractalfs.fifokeeper)."""
+    found = set()
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -248,13 +250,20 @@ def _keeper(node: Node) -> int:
                 cmdline = f.read()
         except (OSError, ValueError, IndexError):
             continue
-        if ppid == node.pid and b"fractalfs.fifokeeper" in cmdline:
-            return int(name)
-    return -1
+        if ppid == node.pid and b"fractalfs.fifokeeper" in cmdline and not _zombie(int(name)):
+            found.add(int(name))
+    return found
+
+
+def _keeper(node: Node) -> int:
+    """The pid of one of ``node``'s FIFO keepers (-1: none)."""
+    return min(_keepers(node), default=-1)
 
 
 def _replaced(node: Node, old: int) -> bool:
-    return _keeper(node) not in (-1, old)
+    """``old`` is gone and as many keepers run as before it went."""
+    now = _keepers(node)
+    return old not in now and len(now) >= KEEPERS
 
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
@@ -326,15 +335,57 @@ def _stream_with_keeper_trouble(
 def test_a_killed_keeper_is_replaced_and_the_new_one_holds_live_streams(
     cluster: Cluster, programs: Programs, tmp_path: Path
 ) -> None:
-    """The keeper killed mid-stream: the daemon starts another and hands it the live write
-    ends, so the daemon's death still kills the reader instead of giving it EOF."""
+    """A keeper killed mid-stream: the daemon starts another and hands it the live write
+    ends, so the daemon's death (with the other original keeper) still kills the reader
+    instead of giving it EOF."""
     b, writer, reader, _src, _out = _stream_with_keeper_trouble(cluster, programs, tmp_path)
-    old = _keeper(b)
-    assert old > 0
+    first = _keepers(b)
+    assert len(first) == KEEPERS
+    old = min(first)
     os.kill(old, signal.SIGKILL)
     wait_for(lambda: _replaced(b, old), 10, "a new keeper")
     time.sleep(0.5)  # the live write end reaches it
+    for pid in first - {old}:  # only the new keeper is left to hold the stream
+        os.kill(pid, signal.SIGKILL)
     _daemon_dies_and_its_reader_with_it(b, reader, writer)  # 1 MiB of 2 read
+
+
+@pytest.mark.parametrize("order", ["keeper-then-daemon", "daemon-then-keeper", "keeper-0.5s"])
+def test_a_keeper_and_its_daemon_killed_together_kill_the_reader(
+    cluster: Cluster, programs: Programs, tmp_path: Path, order: str
+) -> None:
+    """A keeper and its daemon SIGKILLed in the same instant, in either order, or the
+    daemon half a second after the keeper (before a ping could notice): with a single
+    keeper the reader read EOF and `cat` exited 0 with 1 MiB of 2. The other keeper holds
+    every live write end and kills the reader."""
+    b, writer, reader, _src, _out = _stream_with_keeper_trouble(cluster, programs, tmp_path)
+    keeper = _keeper(b)
+    assert keeper > 0
+    if order == "daemon-then-keeper":
+        os.kill(b.pid, signal.SIGKILL)
+        os.kill(keeper, signal.SIGKILL)
+    else:
+        os.kill(keeper, signal.SIGKILL)
+        if order == "keeper-0.5s":
+            time.sleep(0.5)
+        os.kill(b.pid, signal.SIGKILL)
+    _daemon_dies_and_its_reader_with_it(b, reader, writer)  # 1 MiB of 2 read
+
+
+def test_a_stopped_keeper_does_not_hold_the_reader_when_its_daemon_dies(
+    cluster: Cluster, programs: Programs, tmp_path: Path
+) -> None:
+    """A keeper stopped (SIGSTOP) when its daemon is killed: with a single keeper the
+    reader stayed blocked until the keeper was resumed. The other keeper kills it."""
+    b, writer, reader, _src, _out = _stream_with_keeper_trouble(cluster, programs, tmp_path)
+    stopped = _keeper(b)
+    assert stopped > 0
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        _daemon_dies_and_its_reader_with_it(b, reader, writer)  # 1 MiB of 2 read
+    finally:
+        with contextlib.suppress(OSError):
+            os.kill(stopped, signal.SIGCONT)
 
 
 def test_a_stopped_keeper_is_replaced_and_complete_streams_end(
