@@ -44,6 +44,7 @@ OPEN_WITHIN = 3.0  # seconds the keeper has to answer an open (one may wait ~1 s
 PING_EVERY = 1.0  # seconds between health checks of the keeper
 ANSWER_WITHIN = 2.0  # a ping unanswered this long: the keeper is stopped or stuck
 MAX_REPLACEMENTS = 100  # a keeper that keeps dying: give the route up
+CLOSE_WAIT = 5.0  # seconds the keepers have to exit when the daemon stops
 COPIES = 2  # keepers per daemon: one may die (or stop) with the daemon (see Keeper)
 
 
@@ -424,15 +425,29 @@ class Keeper:
             await trio.sleep(PING_EVERY)
 
     def close(self) -> None:
+        """The daemon stops: the keepers take the EOF, kill the readers of every stream not
+        finished, and exit. A keeper still there after ``CLOSE_WAIT`` (stopped) is SIGKILLed
+        if another one exited cleanly: that one held every unfinished stream too (each
+        keeper gets every write end before its LOOKUP is answered) and its readers are
+        dead, so the leftover holds only finished streams, whose readers would otherwise
+        wait for their EOF until it is resumed."""
         with self._locked():
             self._closed = True
             copies = [copy for copy in self._copies if copy is not None]
             self._copies = [None] * COPIES
             for copy in copies:
                 copy.sock.close()
+            deadline = time.monotonic() + CLOSE_WAIT
             for copy in copies:
                 with contextlib.suppress(subprocess.TimeoutExpired):
-                    copy.proc.wait(5)
+                    copy.proc.wait(max(0.0, deadline - time.monotonic()))
+            if any(copy.proc.returncode == 0 for copy in copies):
+                for copy in copies:
+                    if copy.proc.returncode is None:
+                        log.warning("FIFO keeper (pid %d) did not exit: killed", copy.proc.pid)
+                        copy.proc.kill()
+                        with contextlib.suppress(subprocess.TimeoutExpired):
+                            copy.proc.wait(5)
 
 
 def _send(sock: socket.socket, msg: bytes, fds: list[int], wait: float) -> None:

@@ -154,3 +154,37 @@ def test_without_a_keeper_the_route_is_off(monkeypatch: pytest.MonkeyPatch) -> N
     with pytest.raises(fifokeeper.KeeperUnavailable):
         keeper.open_fifo("/nonexistent", 1, NAME)
     keeper.close()
+
+
+def test_a_stopped_keeper_is_killed_when_the_daemon_stops_after_the_other_exited(
+    tmp_path: Path,
+) -> None:
+    """A complete stream's "done" waits unread in a stopped keeper, which holds the write
+    end: when the daemon stops, the other keeper exits (it held every unfinished stream
+    and killed their readers) and the stopped one is killed, so the reader gets its EOF
+    instead of waiting until someone resumes the keeper."""
+    keeper = fifokeeper.Keeper()
+    stopped = -1
+    try:
+        assert keeper.start()
+        path = _fifo(tmp_path)
+        hold, wfd = keeper.open_fifo(path, 7, NAME)
+        reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        os.close(hold)
+        os.close(wfd)
+        stopped = keeper.pids[-1]
+        os.kill(stopped, signal.SIGSTOP)
+        keeper.done(7)  # complete: the running keeper lets its dup go, the stopped one not
+        time.sleep(0.2)
+        assert _writers(path, reader)
+        keeper.close()
+        deadline = time.monotonic() + 5
+        while _writers(path, reader):
+            assert time.monotonic() < deadline, "the stopped keeper still holds the stream"
+            time.sleep(0.01)
+        os.close(reader)
+    finally:
+        if stopped > 0:
+            with contextlib.suppress(OSError):
+                os.kill(stopped, signal.SIGCONT)
+        keeper.close()
