@@ -37,6 +37,7 @@ from . import procs
 log = logging.getLogger(__name__)
 
 KILL_FOR = 2.0  # seconds to keep killing holders until none is left
+LATE_OPEN = 1.0  # seconds a dead daemon's FIFOs stay held (and scanned) for late openers
 PIPE_SIZE = 1 << 20  # a reader FIFO's pipe (counted against the opener's uid_memory_limit)
 F_SETPIPE_SZ = 1031
 SEND_TIMEOUT = 2.0  # a blocking send to the keeper (from a worker thread) gives up after
@@ -76,6 +77,58 @@ def kill_holders(name: str, ino: int, mnt: int | None = None, sleep: float = 0.0
             break
         time.sleep(sleep)
     return len(killed)
+
+
+def _holders_of(targets: dict[str, list[tuple[int, int | None]]]) -> dict[int, set[str]]:
+    """One pass over ``/proc``: which processes (other than this one) hold a read end of
+    one of ``targets`` (edge name -> [(FIFO inode, mount id)]), as :func:`holds_file`
+    decides, each descriptor's link read once however many targets there are."""
+    me = os.getpid()
+    found: dict[int, set[str]] = {}
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return found
+    for pid in pids:
+        if pid == me:
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                name = procs.link_path(os.readlink(f"/proc/{pid}/fd/{fd}")).rsplit("/", 1)[-1]
+            except OSError:
+                continue
+            for ino, mnt in targets.get(name, ()):
+                if procs.holds_file(pid, name, ino, mnt):
+                    found.setdefault(pid, set()).add(name)
+                    break
+    return found
+
+
+def kill_all_holders(
+    targets: dict[str, list[tuple[int, int | None]]], hold_for: float = 0.0
+) -> dict[str, int]:
+    """SIGKILLs every holder of a read end of ``targets`` (see :func:`_holders_of`), round
+    after round, for at least ``hold_for`` seconds and until a round finds none (at most
+    ``KILL_FOR`` more); the caller keeps the write ends open meanwhile. Returns how many
+    were killed per edge name."""
+    killed: dict[str, set[int]] = {}
+    start = time.monotonic()
+    while True:
+        found = _holders_of(targets)
+        for pid, names in found.items():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+            for name in names:
+                killed.setdefault(name, set()).add(pid)
+        waited = time.monotonic() - start
+        if (not found and waited >= hold_for) or waited > hold_for + KILL_FOR:
+            break
+        time.sleep(0.01 if found else 0.05)
+    return {name: len(pids) for name, pids in killed.items()}
 
 
 class KeeperUnavailable(OSError):
@@ -582,14 +635,20 @@ def main(fd: int) -> None:
         else:
             for extra in fds:
                 os.close(extra)
-    # The daemon is gone: no stream still held here may ever look complete.
+    # The daemon is gone: no stream still held here may ever look complete. The write ends
+    # stay open for LATE_OPEN: a program whose open the daemon answered just before it died
+    # may open its FIFO only now, and must find a writer (a non-blocking open of a FIFO
+    # without one reads EOF at once, a blocking one waits for good) and be killed.
     with lock:
         closing.set()
         left = list(ends.items())
+    targets: dict[str, list[tuple[int, int | None]]] = {}
     for ino, (wfd, name) in left:
-        n = kill_holders(name, ino, procs.mount_id(wfd))
-        if n:
+        targets.setdefault(name, []).append((ino, procs.mount_id(wfd)))
+    if targets:
+        for name, n in sorted(kill_all_holders(targets, LATE_OPEN).items()):
             print(f"fractalfs fifokeeper: killed {n} reader(s) of {name}", file=sys.stderr)
+    for _ino, (wfd, _name) in left:
         os.close(wfd)
 
 

@@ -188,3 +188,55 @@ def test_a_stopped_keeper_is_killed_when_the_daemon_stops_after_the_other_exited
             with contextlib.suppress(OSError):
                 os.kill(stopped, signal.SIGCONT)
         keeper.close()
+
+
+LATE_READER = (
+    "import os, sys, time\n"
+    "fd = os.open(sys.argv[1], os.O_RDONLY | os.O_NONBLOCK)\n"  # as gzip opens its input
+    "while True:\n"
+    "    try:\n"
+    "        if os.read(fd, 100) == b'':\n"
+    "            sys.exit(0)\n"  # EOF: it would take the stream for complete
+    "    except BlockingIOError:\n"
+    "        time.sleep(0.01)\n"
+)
+
+
+def test_a_program_opening_its_fifo_just_after_the_daemon_died_is_killed_not_given_eof(
+    tmp_path: Path,
+) -> None:
+    """The daemon answered a program's open of a reader FIFO and died before the program's
+    open reached the FIFO: the keepers had already scanned for holders (none), closed
+    their write ends and exited, so a non-blocking open (gzip's) read EOF at once and the
+    program took an empty stream for complete (a blocking one would wait for good). The
+    keepers keep the write ends for a moment and kill such late openers too."""
+    path = str(tmp_path / NAME)
+    os.mkfifo(path)
+    ino = os.stat(path).st_ino
+    keeper = fifokeeper.Keeper()
+    late: subprocess.Popen[bytes] | None = None
+    try:
+        assert keeper.start()
+        hold, wfd = keeper.open_fifo(path, ino, NAME)
+        procs_before = keeper.pids
+        # The daemon dies: every descriptor of its own closes, the keepers see EOF.
+        for end, _name in keeper._live.values():
+            os.close(end)
+        keeper._live.clear()
+        os.close(hold)
+        os.close(wfd)
+        for copy in keeper._copies:
+            assert copy is not None
+            copy.sock.close()
+        time.sleep(0.3)  # the keepers' first scan found nobody
+        late = subprocess.Popen([sys.executable, "-c", LATE_READER, path])
+        late.wait(10)
+        assert late.returncode == -signal.SIGKILL
+        for pid in procs_before:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)  # they exit once their write ends are let go
+    finally:
+        if late is not None and late.poll() is None:
+            late.kill()
+            late.wait()
+        keeper.close()
