@@ -9,7 +9,8 @@ Each round writes one byte into a fresh edge (so the reader's claim finds its wr
 then times ``open(O_RDONLY)`` alone; the read and close follow untimed. Prints the
 median and 90th percentile per route, and their ratio. Then what the keeper's part costs
 alone, on FIFOs outside any mount: its open of both ends and the hand-back
-(``Keeper.open_fifo``) against the same two opens made in this process.
+(``Keeper.open_fifo``, with the daemon's two keepers and with one) against the same two
+opens made in this process.
 """
 
 from __future__ import annotations
@@ -45,8 +46,12 @@ def opens(node: Node, n: int) -> list[float]:
     return times
 
 
-def keeper_round_trips(directory: str, n: int) -> tuple[list[float], list[float]]:
-    keeper = fifokeeper.Keeper()
+def keeper_round_trips(
+    directory: str, n: int, copies: int = fifokeeper.COPIES
+) -> tuple[list[float], list[float]]:
+    """Both ends opened in this process, and by a Keeper running ``copies`` keepers (the
+    second gets a dup of each write end before open_fifo returns)."""
+    keeper = fifokeeper.Keeper(copies)
     keeper.start()
     direct, kept = [], []
     try:
@@ -94,9 +99,12 @@ def main() -> None:
     print(f"reader FIFO open / FUSE open (medians): {ratio:.2f}x")
     with tempfile.TemporaryDirectory() as tmp:
         direct, kept = keeper_round_trips(tmp, 3 * args.opens)
+    with tempfile.TemporaryDirectory() as tmp:
+        _, alone = keeper_round_trips(tmp, 3 * args.opens, copies=1)
     print(
         f"both ends opened here: median {statistics.median(direct) * 1e6:.0f} us; "
-        f"by the keeper: {statistics.median(kept) * 1e6:.0f} us"
+        f"by the keeper: {statistics.median(kept) * 1e6:.0f} us "
+        f"({fifokeeper.COPIES} keepers; with 1: {statistics.median(alone) * 1e6:.0f} us)"
     )
 
 

@@ -171,8 +171,8 @@ class Keeper:
     False and readers stay on FUSE.
     """
 
-    def __init__(self) -> None:
-        self._copies: list[_Copy | None] = [None] * COPIES  # [0] opens the FIFOs
+    def __init__(self, copies: int = COPIES) -> None:
+        self._copies: list[_Copy | None] = [None] * copies  # [0] opens the FIFOs
         self._lock = threading.Lock()
         self._failed = False
         self._closed = False
@@ -428,7 +428,7 @@ class Keeper:
         ``ANSWER_WITHIN``. True: healthy (or nothing to check)."""
         healthy = True
         with self._locked():
-            for i in range(COPIES):
+            for i in range(len(self._copies)):
                 if self._failed:
                     return False
                 copy = self._copies[i]
@@ -487,7 +487,7 @@ class Keeper:
         with self._locked():
             self._closed = True
             copies = [copy for copy in self._copies if copy is not None]
-            self._copies = [None] * COPIES
+            self._copies = [None] * len(self._copies)
             for copy in copies:
                 copy.sock.close()
             deadline = time.monotonic() + CLOSE_WAIT
