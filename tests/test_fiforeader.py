@@ -388,6 +388,24 @@ def test_a_stopped_keeper_does_not_hold_the_reader_when_its_daemon_dies(
             os.kill(stopped, signal.SIGCONT)
 
 
+def test_a_daemon_stopped_with_a_stopped_keeper_kills_the_reader_and_leaves_no_keeper(
+    cluster: Cluster, programs: Programs, tmp_path: Path
+) -> None:
+    """SIGTERM to a daemon one of whose keepers is stopped: the other keeper kills the
+    reader of the unfinished stream, and the stopped one is killed rather than left
+    holding pipes (a complete stream's reader would wait for its EOF until resumed)."""
+    b, writer, reader, _src, _out = _stream_with_keeper_trouble(cluster, programs, tmp_path)
+    stopped = _keeper(b)
+    assert stopped > 0
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        _daemon_dies_and_its_reader_with_it(b, reader, writer, stop=True)
+        wait_for(lambda: _zombie(stopped), 15, "the stopped keeper killed")
+    finally:
+        with contextlib.suppress(OSError):
+            os.kill(stopped, signal.SIGCONT)
+
+
 def test_a_stopped_keeper_is_replaced_and_complete_streams_end(
     cluster: Cluster, programs: Programs, tmp_path: Path
 ) -> None:
