@@ -481,3 +481,25 @@ def test_a_forked_child_dying_with_the_read_end_while_the_opener_runs_is_an_earl
     writer.communicate(timeout=20)
     assert writer.returncode == -signal.SIGPIPE
     assert reader.poll() is None  # the opener runs on
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap (README, Early close): a reader that closes before its daemon has "
+    "connected to the writer's does not stop the writer; both reader routes",
+)
+def test_a_reader_closing_before_it_read_anything_stops_the_writer(
+    cluster: Cluster, programs: Programs
+) -> None:
+    """`: < E` while `yes > E` runs: on a FIFO, yes dies of SIGPIPE at once. Here the
+    reader's "no more" travels only on the data connection, which its daemon had not
+    opened yet: yes runs on (it fills its window and blocks, or spills)."""
+    cluster.start_discovery()
+    a = cluster.node("a")
+    b = cluster.node("b")
+    edge = new_edge()
+    writer = programs.start(f"exec yes > {a.path(edge)}")
+    time.sleep(1)  # the writer is registered and writing
+    sh(f": < {b.path(edge)}")
+    writer.communicate(timeout=5)
+    assert writer.returncode == -signal.SIGPIPE
