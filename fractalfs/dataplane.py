@@ -355,9 +355,14 @@ class Arenas:
     into one view, see :meth:`ReaderEnd.push`) and no byte is copied after ``recv_into``.
     An arena the reader no longer holds any view of is filled again instead of allocating
     (and zero-filling) a new one. None is made before the first large frame: a connection
-    carrying only small frames (lines) holds no arena, whatever the number of edges."""
+    carrying only small frames (lines) holds no arena, whatever the number of edges.
 
-    KEEP = 2  # retired arenas kept for reuse per connection (each RECV_MAX bytes)
+    ``keep`` must cover what the other side may hold: a reader's read buffer, a writer's
+    window, in arenas, plus two. With fewer, every arena was still viewed when its turn
+    came, and a fresh 1 MiB was allocated, zero-filled and faulted in per frame (py-spy:
+    ``bytearray(size)`` was a fifth of both daemons' Python time at 1 MiB writes)."""
+
+    KEEP = 2  # retired arenas kept for reuse, beyond what the held bytes need
 
     def __init__(self, size: int = RECV_MAX, keep: int = KEEP) -> None:
         self.size = size
@@ -366,23 +371,29 @@ class Arenas:
         self.buf = bytearray()  # no room: the first large frame makes one
         self.fill = 0
 
+    @classmethod
+    def covering(cls, held: int, size: int = RECV_MAX) -> Arenas:
+        """Arenas of ``size`` for a side that holds up to ``held`` bytes in views."""
+        return cls(size, -(-held // size) + cls.KEEP)
+
     @property
     def room(self) -> int:
         return len(self.buf) - self.fill
 
     def next(self) -> None:
-        """Moves on to a fresh arena: a spare one nobody holds a view of, else a new one."""
+        """Moves on to a fresh arena: a spare one nobody holds a view of, else a new one.
+        The oldest are released first (bytes are consumed in order): they are tried first."""
         spare = self.spare
         if self.buf:
             spare.append(self.buf)
-        for i in range(len(spare) - 1):
+        for i in range(len(spare)):
             if _refs(spare, i) == _UNSHARED:
                 self.buf = spare.pop(i)
                 break
         else:
             self.buf = bytearray(self.size)
             if len(spare) > self.keep:
-                del spare[0]  # still held by the reader: left to the garbage collector
+                del spare[-1]  # still held by the reader: left to the garbage collector
         self.fill = 0
 
 
@@ -400,7 +411,7 @@ async def _receive(sock: Conn, reader: ReaderEnd, offset: int) -> Result:
     reader.start_streaming()
     acked = offset
     acked_at = heard = trio.current_time()
-    arenas = Arenas()
+    arenas = Arenas.covering(reader.limit)
     into = False  # the current DATA frame's payload goes into the arena
     while True:
         await _wait_for_space(reader)

@@ -64,7 +64,6 @@ PIPE_SIZE = 1 << 20
 #: The writer end keeps views of the arenas until the reader acknowledged them; an arena
 #: is filled again only once no view of it is left (:class:`~fractalfs.dataplane.Arenas`).
 MIN_READ = 64 * 1024  # an arena with less room than this is retired
-ARENAS_KEPT = 4
 F_SETPIPE_SZ = 1031
 CLOSE_GRACE = 0.25  # how long a closed reader FIFO waits to see its program exit
 OPENER_CHECK = 1.0  # seconds between checks that the opener did open the FIFO
@@ -230,7 +229,7 @@ async def drain(node: Node, fifo: Fifo) -> None:
             fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
         seen = False
         since = trio.current_time()
-        arenas = Arenas(CHUNK, ARENAS_KEPT)
+        arenas = Arenas.covering(writer.window, CHUNK)
         while True:
             # Never read before poll says so: a FIFO no writer opened yet reads as EOF,
             # and the kernel reports hang-up only once a writer came and went.
