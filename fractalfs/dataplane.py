@@ -48,6 +48,7 @@ ACK_EVERY = 256 * 1024
 ACK_GAP = 0.002
 ACK_MAX = 2 << 20
 HANDSHAKE_TIMEOUT = 5.0
+CONTROLS_RECV = 4096  # bytes of a reader's controls taken per receive
 MAX_HANDSHAKES = 256  # connections at once that have not yet proved the secret
 CONNECT_TIMEOUT = 1.0  # a link that is down must not hold a redial for SYN retries
 PING_EVERY = 1.0  # an idle writer's daemon proves it is alive this often
@@ -241,17 +242,32 @@ async def _send_stream(sock: Conn, writer: WriterEnd, offset: int) -> None:
 
 
 async def _receive_controls(sock: Conn, writer: WriterEnd, scope: trio.CancelScope) -> None:
+    size = handshake.CONTROL.size
+    pending = b""
     try:
         while True:
-            kind, value = handshake.parse_control(await recv_exact(sock, handshake.CONTROL.size))
-            if kind is Control.ACK:
-                writer.ack(value)  # bytes received, not "delivered": that is END_ACK
-            elif kind is Control.END_ACK:
-                writer.ack(value)
-                writer.on_end_acked(value)
-            elif kind is Control.CLOSE:
-                writer.on_reader_closed()
+            # Every control that has arrived, from one receive (recv_exact per 9-byte
+            # control: 11% of the writer's daemon's time holding the GIL at bs=1M, py-spy).
+            data = await sock.recv(CONTROLS_RECV)
+            if not data:
+                raise ConnectionLost("connection closed by peer")
+            pending += data
+            usable = len(pending) - len(pending) % size
+            closed = False
+            for at in range(0, usable, size):
+                kind, value = handshake.parse_control(pending[at : at + size])
+                if kind is Control.ACK:
+                    writer.ack(value)  # bytes received, not "delivered": that is END_ACK
+                elif kind is Control.END_ACK:
+                    writer.ack(value)
+                    writer.on_end_acked(value)
+                elif kind is Control.CLOSE:
+                    writer.on_reader_closed()
+                    closed = True
+                    break
+            if closed:
                 break
+            pending = pending[usable:]
     except (ConnectionLost, OSError, handshake.HandshakeError):
         pass
     finally:
