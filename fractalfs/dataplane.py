@@ -376,7 +376,9 @@ class Arenas:
     ``keep`` must cover what the other side may hold: a reader's read buffer, a writer's
     window, in arenas, plus two. With fewer, every arena was still viewed when its turn
     came, and a fresh 1 MiB was allocated, zero-filled and faulted in per frame (py-spy:
-    ``bytearray(size)`` was a fifth of both daemons' Python time at 1 MiB writes)."""
+    ``bytearray(size)`` was a fifth of both daemons' Python time at 1 MiB writes). The
+    spares are let go when the stream falls idle (:meth:`trim`): an edge that carried
+    one burst does not keep a window's worth of memory for the rest of its life."""
 
     KEEP = 2  # retired arenas kept for reuse, beyond what the held bytes need
 
@@ -395,6 +397,10 @@ class Arenas:
     @property
     def room(self) -> int:
         return len(self.buf) - self.fill
+
+    def trim(self) -> None:
+        """The stream is idle: keeps only the arena being filled."""
+        self.spare.clear()
 
     def next(self) -> None:
         """Moves on to a fresh arena: a spare one nobody holds a view of, else a new one.
@@ -494,6 +500,8 @@ async def _receive(sock: Conn, reader: ReaderEnd, offset: int) -> Result:
                     return Result(PullOutcome.END)
                 elif isinstance(event, codec.Abort):
                     return Result(_ABORTS[event.reason], f"{event.reason.name}: {event.message}")
+                elif isinstance(event, codec.Ping):
+                    arenas.trim()  # the writer has been idle for PING_EVERY
             if decoder.in_data and decoder.want() >= BIG_FRAME:
                 into = True  # a header alone (or its frame's start): the rest into the arena
         unacked = decoder.offset - acked

@@ -239,6 +239,7 @@ async def drain(node: Node, fifo: Fifo) -> None:
             with trio.move_on_after(OPENER_CHECK) as idle:
                 await trio.lowlevel.wait_readable(fd)
             if idle.cancelled_caught:
+                arenas.trim()  # nothing written for OPENER_CHECK: no spares kept idle
                 if not seen:
                     holds = _holds(writer.pid, writer.edge.hex, trio.current_time() - since)
                     if holds is False:  # its open failed, or it went without opening

@@ -106,6 +106,9 @@ def test_arenas_covering_a_window_reuse_the_oldest_released_one() -> None:
     arenas.next()
     assert id(arenas.buf) == ids[0]
     assert arenas.fill == 0
+    del held[:]
+    arenas.trim()  # the stream fell idle: only the arena being filled stays
+    assert arenas.spare == [] and id(arenas.buf) == ids[0]
 
 
 async def test_a_deferred_ack_goes_out_when_its_gap_ends_without_more_data() -> None:
