@@ -4,7 +4,8 @@
     .venv/bin/python bench/idle_memory.py --edges 1000            # RSS per idle reader
     .venv/bin/python bench/idle_memory.py --edges 1000 --trace    # + tracemalloc, top sites
 
-Prints daemon B's RSS before and with the N readers waiting, per reader, the same after
+Prints the time for the N readers to register (first open() to the last returned), daemon
+B's RSS before and with the N readers waiting, per reader, the same after
 glibc's malloc_trim(0) (what the allocator holds but does not use), and with --trace the
 Python memory traced per reader and the allocation sites that hold it (run it without
 --trace for RSS: tracing costs memory itself). Readers are threads of helper processes (as
@@ -65,6 +66,7 @@ def run(work: Path, n: int, trace: bool, top: int) -> dict[str, object]:
         b.start(timeout=120)
         time.sleep(1.0)
         before = ask(probe, "snap")
+        t0 = time.monotonic()
         for i in range(n):
             readers.start(i, b.path(EdgeId.new().hex))
         deadline = time.monotonic() + max(300, 0.06 * n)
@@ -72,6 +74,7 @@ def run(work: Path, n: int, trace: bool, top: int) -> dict[str, object]:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"readers did not all register ({len(readers.opened)} of {n})")
             time.sleep(0.2)
+        registering_s = time.monotonic() - t0
         if readers.errors:
             raise RuntimeError(f"readers failed: {readers.errors[:3]}")
         with httpx.Client(timeout=30, auth=disc.auth) as http:
@@ -84,6 +87,7 @@ def run(work: Path, n: int, trace: bool, top: int) -> dict[str, object]:
             "edges": n,
             "registered": registered,
             "traced": trace,
+            "readers_registered_s": round(registering_s, 2),
             "rss_kib_before": before["rss_kib"],
             "rss_kib_idle": idle["rss_kib"],
             "rss_per_reader_kib": round((idle["rss_kib"] - before["rss_kib"]) / n, 2),
