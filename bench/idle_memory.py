@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -55,7 +56,8 @@ def run(work: Path, n: int, trace: bool, top: int) -> dict[str, object]:
         return {"edges": n, "skipped": why}
     probe = work / "probe"
     probe.mkdir(parents=True)
-    env = [f"PYTHONPATH={HERE / 'memprobe'}", f"FRACTALFS_MEMPROBE={probe}"]
+    path = os.pathsep.join(p for p in (str(HERE / "memprobe"), os.environ.get("PYTHONPATH")) if p)
+    env = [f"PYTHONPATH={path}", f"FRACTALFS_MEMPROBE={probe}"]
     if trace:
         env.append("PYTHONTRACEMALLOC=8")
     disc = Discovery(work / "discovery")
