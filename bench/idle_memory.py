@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -28,7 +29,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from scale import Readers, raise_limits
+from scale import Readers, profilers, raise_limits
 
 from fractalfs.edgeid import EdgeId
 from fractalfs.testing import Discovery, Node
@@ -50,7 +51,9 @@ def ask(probe: Path, what: str) -> dict[str, int]:
     return got
 
 
-def run(work: Path, n: int, trace: bool, top: int) -> dict[str, object]:
+def run(
+    work: Path, n: int, trace: bool, top: int, profile: Path | None = None
+) -> dict[str, object]:
     why = raise_limits(n)
     if why:
         return {"edges": n, "skipped": why}
@@ -68,6 +71,7 @@ def run(work: Path, n: int, trace: bool, top: int) -> dict[str, object]:
         b.start(timeout=120)
         time.sleep(1.0)
         before = ask(probe, "snap")
+        spies = profilers({"discovery": disc, "daemon B": b}, profile)
         t0 = time.monotonic()
         for i in range(n):
             readers.start(i, b.path(EdgeId.new().hex))
@@ -77,6 +81,9 @@ def run(work: Path, n: int, trace: bool, top: int) -> dict[str, object]:
                 raise RuntimeError(f"readers did not all register ({len(readers.opened)} of {n})")
             time.sleep(0.2)
         registering_s = time.monotonic() - t0
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(timeout=60)
         if readers.errors:
             raise RuntimeError(f"readers failed: {readers.errors[:3]}")
         with httpx.Client(timeout=30, auth=disc.auth) as http:
@@ -128,9 +135,10 @@ def main() -> int:
     ap.add_argument("--edges", type=int, default=1000)
     ap.add_argument("--trace", action="store_true", help="tracemalloc in daemon B")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--profile", type=Path, help="py-spy B and discovery while readers register")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="fractalfs-idle-") as tmp:
-        row = run(Path(tmp), args.edges, args.trace, args.top)
+        row = run(Path(tmp), args.edges, args.trace, args.top, args.profile)
     print(json.dumps(row, indent=1))
     return 0
 

@@ -458,9 +458,10 @@ def test_a_reader_open_asks_discovery_once_and_a_change_during_its_claim_is_seen
     tmp_path: Path,
 ) -> None:
     """A reader's open costs one request (its claim, whose answer is the pump's first look;
-    the follower watched the edge before it), then the reader parks with no request. Three
-    requests each (claim, a look, a look before parking) made discovery the bottleneck of
-    thousands of opens. A change the feed names while the claim is in flight is not lost:
+    the follower watched the edge before it), then the reader parks with no request, and
+    its daemon's progress reports say nothing of it while it read nothing. Four requests
+    each (claim, a look, a look before parking, progress 0) loaded discovery and the daemon
+    with thousands of opens. A change the feed names while the claim is in flight is not lost:
     the pump looks again before it parks."""
     import trio
 
@@ -496,6 +497,9 @@ def test_a_reader_open_asks_discovery_once_and_a_change_during_its_claim_is_seen
             self.calls.append(("get", name))
             return self.record(name)
 
+        async def progress(self, name: str, delivered: int) -> None:
+            self.calls.append(("progress", name))
+
         async def changes(self, feed: str, after: int, *, wait: float = 0.0) -> dict[str, object]:
             if after >= self.seq:
                 with trio.move_on_after(wait):
@@ -512,6 +516,7 @@ def test_a_reader_open_asks_discovery_once_and_a_change_during_its_claim_is_seen
             node._nursery = nursery
             nursery.start_soon(node.follower.run)
             nursery.start_soon(node.follower.expire_parked)
+            nursery.start_soon(node.membership._report_progress)  # every second
             await trio.sleep(0.1)  # the feed's first answer (a resync) came: it is live
             with trio.fail_after(5):
                 await node.open_reader(quiet, os.getpid())
@@ -524,6 +529,8 @@ def test_a_reader_open_asks_discovery_once_and_a_change_during_its_claim_is_seen
             # The change seen (a look), then the look before parking, as any woken pump.
             assert fake.calls[1:] == [("claim", racing.hex)] + [("get", racing.hex)] * 2
             assert node.follower.waiting() == 2  # each parked once
+            await trio.sleep(1.5)  # a progress report came and went: nothing read, no news
+            assert len(fake.calls) == 4, fake.calls
             nursery.cancel_scope.cancel()
 
     trio.run(main)
