@@ -97,6 +97,8 @@ def run(
             "registered": registered,
             "traced": trace,
             "readers_registered_s": round(registering_s, 2),
+            "descriptors_before": before["fds"],
+            "descriptors_idle": idle["fds"],
             "rss_kib_before": before["rss_kib"],
             "rss_kib_idle": idle["rss_kib"],
             "rss_per_reader_kib": round((idle["rss_kib"] - before["rss_kib"]) / n, 2),

@@ -36,7 +36,7 @@ def _probe(directory: str) -> None:
         except FileNotFoundError:
             continue
         os.unlink(request)
-        answer: dict[str, object] = {"rss_kib": _rss_kib()}
+        answer: dict[str, object] = {"rss_kib": _rss_kib(), "fds": len(os.listdir("/proc/self/fd"))}
         if what == "trim":
             libc.malloc_trim(0)
             answer["rss_kib_trimmed"] = _rss_kib()
