@@ -312,6 +312,7 @@ def edges_row(
     }
     errors: list[str] = []
     helpers: list[Readers] = []
+    spawners: list[subprocess.Popen[str]] = []
     try:
         a.start()
         b.start()
@@ -332,6 +333,7 @@ def edges_row(
             stdout=subprocess.PIPE,
             text=True,
         )
+        spawners.append(spawner)
         assert spawner.stdin is not None and spawner.stdout is not None
         for i in range(n + pairs):
             (work / f"payload-{i}").write_bytes(payload(i))
@@ -401,11 +403,20 @@ def edges_row(
 
         t0 = time.monotonic()
         deadline = t0 + max(300, 0.06 * n)
-        for i in range(n):
-            spawner.stdin.write(f"{i} {work / f'payload-{i}'} {a.path(edges[i])}\n")
-        spawner.stdin.close()
+
+        def feed_spawner() -> None:
+            # From a thread: the spawner answers a line per writer on its stdout, which
+            # fills (64 KiB, ~2,000 answers) unless read meanwhile: both would block.
+            assert spawner.stdin is not None
+            for i in range(n):
+                spawner.stdin.write(f"{i} {work / f'payload-{i}'} {a.path(edges[i])}\n")
+            spawner.stdin.close()
+
+        feeding = threading.Thread(target=feed_spawner, daemon=True)
+        feeding.start()
         for _ in range(2 * n):
             spawned()
+        feeding.join()
         spawner.wait()
         readers.close(max(1.0, deadline - time.monotonic()))
         pairing_readers.close(5)
@@ -459,6 +470,9 @@ def edges_row(
             for proc in helper.procs:
                 proc.kill()
                 proc.wait()
+        for proc in spawners:  # a row that failed midway: its reaper thread would wait on
+            proc.kill()
+            proc.wait()
         b.stop()
         a.stop()
         disc.stop()
