@@ -19,7 +19,7 @@ import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 from enum import Enum
-from typing import Any
+from typing import Any, Protocol
 
 import outcome
 import trio
@@ -50,20 +50,34 @@ class EdgeError(Exception):
         self.errno = code
 
 
+class _Wakeable(Protocol):
+    def wake(self) -> None: ...
+
+
 class Notifier:
     """Wakes every task waiting for a change (a broadcast condition for one trio loop)."""
 
-    __slots__ = ("_event",)
+    __slots__ = ("_event", "_hook")
 
     def __init__(self) -> None:
         self._event: trio.Event | None = None  # made by the first waiter: notify() is
         # called per read and write, mostly with nobody waiting
+        self._hook: _Wakeable | None = None
 
     def notify(self) -> None:
         event = self._event
         if event is not None:
             self._event = None
             event.set()
+        hook = self._hook
+        if hook is not None:
+            self._hook = None
+            hook.wake()
+
+    def call_once(self, hook: _Wakeable | None) -> None:
+        """``hook.wake()`` at the next change, once, instead of a task waiting for it
+        (None: not any more)."""
+        self._hook = hook
 
     async def wait(self) -> None:
         event = self._event
@@ -566,14 +580,49 @@ class ReaderState(Enum):
     CLOSED = "closed"  # the program closed its end
 
 
+_NO_CHUNKS: deque[bytes | memoryview] = deque(maxlen=0)  # every end's until its first byte
+
+
 class ReaderEnd:
+    # Slots, and nothing built before the first byte (the chunk deque, 0.6 KiB, and the
+    # digest): a daemon holds one per waiting reader, and thousands wait.
+    __slots__ = (
+        "_expected",
+        "_replay",
+        "_tail",
+        "_tail_buf",
+        "_tail_end",
+        "_tail_start",
+        "backlog",
+        "changed",
+        "chunks",
+        "claim",
+        "delivered",
+        "digest",
+        "edge",
+        "error",
+        "exit_status",
+        "head",
+        "interrupt_pid",
+        "limit",
+        "pid",
+        "pump",
+        "read_metric",
+        "received",
+        "released",
+        "state",
+        "stream_pos",
+        "tell_writer",
+        "tgid",
+    )
+
     def __init__(self, edge: EdgeId, limit: int, pid: int, claim: int = 0, tgid: int = 0) -> None:
         self.edge = edge
         self.limit = limit
         self.pid = pid  # the thread that opened it (FUSE's ctx.pid)
         self.tgid = tgid or pid  # its process
         self.interrupt_pid = pid  # whose pending signals end a wait (0: nobody waits)
-        self.chunks: deque[bytes | memoryview] = deque()
+        self.chunks = _NO_CHUNKS  # a deque of its own from the first byte (push)
         self.head = 0  # bytes of chunks[0] already delivered
         self.delivered = 0  # handed out by read() (to the program, or into its FIFO)
         # The FIFO route: bytes in the reader's pipe, handed out but not yet consumed.
@@ -588,8 +637,9 @@ class ReaderEnd:
         self.exit_status: int | None = None  # seen at FLUSH if the program was exiting
         self.released = False  # the program's file is closed
         self.claim = claim  # discovery's id of this reader's claim (its release names it)
-        # xxh3-128 of every byte received (~21 us/MiB): what a re-run writer must reproduce.
-        self.digest = xxhash.xxh3_128()
+        # xxh3-128 of every byte received (~21 us/MiB): what a re-run writer must reproduce
+        # (made by the first byte).
+        self.digest: xxhash.xxh3_128 | None = None
         # Replay of a re-run writer: stream offset reached, and the digest of the replayed
         # prefix while it is below ``received``.
         self.stream_pos = 0
@@ -602,6 +652,10 @@ class ReaderEnd:
         self._tail_buf: Any = None
         self._tail_start = 0
         self._tail_end = 0
+
+    def waiting(self) -> bool:
+        """Nothing to read, and no end yet (bytes or the end may still come)."""
+        return not self.chunks and self.state in (ReaderState.WAITING, ReaderState.STREAMING)
 
     @property
     def has_space(self) -> bool:
@@ -637,7 +691,7 @@ class ReaderEnd:
         """
         if not replay and self._replay is not None:
             return self.stream_pos  # finish verifying the replayed prefix first
-        if replay and self.received:
+        if replay and self.received and self.digest is not None:
             self._replay = xxhash.xxh3_128()
             self._expected = self.digest.digest()
             self.stream_pos = 0
@@ -681,9 +735,13 @@ class ReaderEnd:
         (``data.obj``) starting at index ``at``; if it continues the last chunk in that
         buffer, the two become one view (no copy), so a program's large read gets the
         whole frame received so far in one piece instead of a join of the pieces."""
-        self.digest.update(data)
+        digest, chunks = self.digest, self.chunks
+        if digest is None:
+            digest = self.digest = xxhash.xxh3_128()
+        if chunks is _NO_CHUNKS:
+            chunks = self.chunks = deque()
+        digest.update(data)
         self.received += len(data)
-        chunks = self.chunks
         tail = self._tail
         if at < 0 or not isinstance(data, memoryview):
             self._tail = None
@@ -719,15 +777,14 @@ class ReaderEnd:
         gets EPIPE); else it died, and a re-run reader may still want the stream."""
         self.tell_writer = tell_writer
         self.state = ReaderState.CLOSED
-        self.chunks.clear()
+        self.chunks = _NO_CHUNKS
         self._tail = self._tail_buf = None
         self.changed.notify()
         if self.pump is not None:
             self.pump.cancel()
 
     async def read(self, size: int, poll: float) -> bytes | memoryview:
-        chunks = self.chunks
-        while not chunks:
+        while not self.chunks:
             if self.state is ReaderState.EOF:
                 return b""
             if self.error is not None:
@@ -739,6 +796,7 @@ class ReaderEnd:
             await wait_or_interrupt(
                 self.changed, self.interrupt_pid, poll, timeout=IDLE_WAIT, tgid=self.tgid
             )
+        chunks = self.chunks  # the first byte made it (push)
         first = chunks[0]
         head = self.head
         out: bytes | memoryview

@@ -115,7 +115,9 @@ class ReaderMachine:
 
     generation: int = 0  # the generation we are reading (0: none yet)
     version: int = -1  # discovery version of the last record seen
-    dead: set[int] = field(default_factory=set)  # generations that will never serve us
+    # Generations that will never serve us; replaced, never changed in place (the empty
+    # one is shared: a daemon runs one machine per waiting reader).
+    dead: frozenset[int] = frozenset()
     lost_since: float | None = None  # connection lost at
     writer_gone_since: float | None = None  # no usable writer since
     attempt: int = 0
@@ -146,7 +148,7 @@ class ReaderMachine:
         if view.writer_state == "none" and not self.generation:
             return Query(view.version, self.long_poll)  # the writer has not come yet
         if view.writer_state == "failed" and gen == self.generation:
-            self.dead.add(gen)
+            self.dead = self.dead | {gen}
         # No usable writer (its node went silent, its program failed, or it is stale):
         # wait for it to come back or be re-run, but not forever.
         if self.writer_gone_since is None:
@@ -173,7 +175,7 @@ class ReaderMachine:
         if outcome is PullOutcome.DIVERGED:
             return Fail(errno.EIO, f"replay diverged: {detail}")
         if outcome is PullOutcome.GONE:
-            self.dead.add(self.trying)
+            self.dead = self.dead | {self.trying}
             self.lost_since = None
             self.attempt = 0
             return Query()  # look at the record now: maybe a re-run is already there

@@ -363,6 +363,8 @@ def fionread(fd: int) -> int:
 class FifoReader:
     """One FIFO handed out to a reader's open, and the daemon's write end of it."""
 
+    __slots__ = ("done", "fd", "hold", "ino", "opened", "parked_in", "path", "pending", "reader")
+
     def __init__(self, reader: ReaderEnd, ino: int, path: str, ends: tuple[int, int]) -> None:
         self.reader, self.ino, self.path = reader, ino, path
         self.hold: int | None = ends[0]  # a stand-in reader until the program opened
@@ -370,6 +372,13 @@ class FifoReader:
         self.opened = False  # the program's open was seen (or given up on)
         self.done = False
         self.pending = 0  # bytes taken from the reader end, not yet in the pipe
+        self.parked_in: IdleFifos | None = None  # waiting for its first byte with no task
+
+    def wake(self) -> None:
+        """Its reader end changed (see :meth:`IdleFifos.park`)."""
+        idle = self.parked_in
+        if idle is not None:
+            idle.wake(self)
 
     def unopened_by(self, pid: int) -> bool:
         """True while the program ``pid`` has not opened this FIFO yet: a second LOOKUP of
@@ -474,15 +483,82 @@ async def _await_opener(fifo: FifoReader) -> bool:
     return opened
 
 
-async def feed(node: Node, fifo: FifoReader, keeper: fifokeeper.Keeper) -> None:
+class IdleFifos:
+    """Reader FIFOs opened by their program whose stream has no byte yet, waiting with no
+    task: thousands of readers wait for writers that come later, and a pour task each (a
+    trio task blocked on the end, another on the write end's hang-up, a nursery, their
+    frames) was most of what a waiting reader cost the daemon. A parked FIFO is woken,
+    and its pour task started (``wake``), by the first change of its reader end (bytes,
+    the end, a failure, a close: :meth:`Notifier.call_once`) or by its program closing
+    the read end (POLLERR on the write end, seen by one epoll set for all of them). While
+    :meth:`run` is not running nothing is parked (each FIFO keeps its pour task)."""
+
+    def __init__(
+        self, wake: Callable[[FifoReader], None], stop: Callable[[FifoReader], None]
+    ) -> None:
+        self._wake = wake  # starts the pour task of a woken FIFO
+        self._stop = stop  # lets go of a FIFO still parked when the daemon stops
+        self._epoll: select.epoll | None = None
+        self._parked: dict[int, FifoReader] = {}  # by write end
+
+    def __len__(self) -> int:
+        return len(self._parked)
+
+    def park(self, fifo: FifoReader) -> bool:
+        """Parks ``fifo`` if its stream has no byte yet (False: it pours now)."""
+        reader, fd, epoll = fifo.reader, fifo.fd, self._epoll
+        if epoll is None or fd is None or reader.received or not reader.waiting():
+            return False
+        epoll.register(fd, 0)  # EPOLLERR (no reader left) is reported without asking
+        self._parked[fd] = fifo
+        fifo.parked_in = self
+        reader.changed.call_once(fifo)
+        return True
+
+    def wake(self, fifo: FifoReader) -> None:
+        fd = fifo.fd
+        if fd is None or self._parked.get(fd) is not fifo:
+            return
+        del self._parked[fd]
+        fifo.parked_in = None
+        if self._epoll is not None:
+            self._epoll.unregister(fd)
+        self._wake(fifo)
+
+    async def run(self) -> None:
+        with select.epoll() as epoll:
+            self._epoll = epoll
+            try:
+                while True:
+                    await trio.lowlevel.wait_readable(epoll.fileno())
+                    for fd, _ in epoll.poll(0):
+                        fifo = self._parked.get(fd)
+                        if fifo is not None:
+                            self.wake(fifo)
+            finally:
+                self._epoll = None
+                parked, self._parked = self._parked, {}
+                for fifo in parked.values():
+                    fifo.parked_in = None
+                    fifo.reader.changed.call_once(None)
+                    self._stop(fifo)
+
+
+async def feed(
+    node: Node, fifo: FifoReader, keeper: fifokeeper.Keeper, idle: IdleFifos | None = None
+) -> bool:
     """Pours the reader's stream into the FIFO until it is complete *and* consumed (then
     EOF), the program closed its read end (an early close or a failure, decided from how
     it ended, as a FUSE release does), or the stream failed (every holder of the read end
-    is killed: a FIFO cannot carry the errno, and EOF would look like the end)."""
+    is killed: a FIFO cannot carry the errno, and EOF would look like the end).
+
+    True: the FIFO was parked in ``idle`` (its stream had no byte yet) and this task
+    ends; waking it starts :func:`resume`, which pours and lets go of it."""
     reader = fifo.reader
     reader.interrupt_pid = 0  # nobody waits in our handler: signals are the kernel's
     node.exits.watch(reader.tgid, reader)
     settled = False  # the stream's fate is decided: the keeper may let the write end go
+    parked = False
     reader.exit_status = 9  # until decided otherwise: a failure, never "no more"
     try:
         opened = fifo.fd is not None and await _await_opener(fifo)
@@ -498,45 +574,74 @@ async def feed(node: Node, fifo: FifoReader, keeper: fifokeeper.Keeper) -> None:
                     procs.mount_id(fifo.fd),
                 )
             settled = True
-            return  # not "no more": the stream stays for another reader
-        fd = fifo.fd
-        reader.backlog = fifo.backlog
-        result = await _pour(node, fifo, fd)
-        if result is True:
-            reader.exit_status = 0
-        elif result is False:
-            reader.exit_status = await _how_it_ended(node, reader.tgid)
-            log.info(
-                "edge %s: the reading program closed its FIFO with %d bytes unread (status %s)",
-                reader.edge,
-                fifo.backlog(),
-                reader.exit_status,
-            )
-        else:
-            killed = await trio.to_thread.run_sync(
-                fifokeeper.kill_holders, reader.edge.hex, fifo.ino, procs.mount_id(fd)
-            )
-            log.warning(
-                "edge %s: reader FIFO: %s; killed %d reading program(s)",
-                reader.edge,
-                result,
-                killed,
-            )
-        settled = True
+            return False  # not "no more": the stream stays for another reader
+        if idle is not None and idle.park(fifo):
+            parked = True
+            return True
+        settled = await _stream(node, fifo, fifo.fd)
+        return False
     finally:
-        fifo.done = True
-        if fifo.hold is not None:
-            os.close(fifo.hold)
-            fifo.hold = None
+        if not parked:
+            finish(node, fifo, keeper, settled)
+
+
+async def resume(node: Node, fifo: FifoReader, keeper: fifokeeper.Keeper) -> None:
+    """The pour task of a FIFO woken in :class:`IdleFifos`."""
+    settled = False
+    try:
         if fifo.fd is not None:
-            reader.delivered = reader.consumed
-            reader.backlog = None
-            if settled:  # else (cancelled: the daemon stops) the keeper kills the readers
-                keeper.done(fifo.ino)
-            os.close(fifo.fd)  # EOF now only if the stream was complete and consumed
-            fifo.fd = None
-        node.exits.forget(reader.tgid, reader)
-        node.release_reader(reader)
+            settled = await _stream(node, fifo, fifo.fd)
+    finally:
+        finish(node, fifo, keeper, settled)
+
+
+async def _stream(node: Node, fifo: FifoReader, fd: int) -> bool:
+    """Pours the stream into the opened FIFO and decides how it ended (see :func:`feed`);
+    True once decided (the keeper may let the write end go)."""
+    reader = fifo.reader
+    reader.backlog = fifo.backlog  # (not while parked: nothing was poured yet)
+    result = await _pour(node, fifo, fd)
+    if result is True:
+        reader.exit_status = 0
+    elif result is False:
+        reader.exit_status = await _how_it_ended(node, reader.tgid)
+        log.info(
+            "edge %s: the reading program closed its FIFO with %d bytes unread (status %s)",
+            reader.edge,
+            fifo.backlog(),
+            reader.exit_status,
+        )
+    else:
+        killed = await trio.to_thread.run_sync(
+            fifokeeper.kill_holders, reader.edge.hex, fifo.ino, procs.mount_id(fd)
+        )
+        log.warning(
+            "edge %s: reader FIFO: %s; killed %d reading program(s)",
+            reader.edge,
+            result,
+            killed,
+        )
+    return True
+
+
+def finish(node: Node, fifo: FifoReader, keeper: fifokeeper.Keeper, settled: bool) -> None:
+    """Lets go of the FIFO (EOF to its program only if the stream was complete and
+    consumed) and releases its reader end. ``settled`` False (the daemon stops): the
+    keeper kills the programs holding it."""
+    reader = fifo.reader
+    fifo.done = True
+    if fifo.hold is not None:
+        os.close(fifo.hold)
+        fifo.hold = None
+    if fifo.fd is not None:
+        reader.delivered = reader.consumed
+        reader.backlog = None
+        if settled:  # else (cancelled: the daemon stops) the keeper kills the readers
+            keeper.done(fifo.ino)
+        os.close(fifo.fd)  # EOF now only if the stream was complete and consumed
+        fifo.fd = None
+    node.exits.forget(reader.tgid, reader)
+    node.release_reader(reader)
 
 
 async def _pour(node: Node, fifo: FifoReader, fd: int) -> bool | EdgeError:

@@ -73,7 +73,8 @@ class Follower:
         self.poll = poll
         self.live = False  # following now: a change after a pump registered will wake it
         self.supported = True  # False: discovery has no feed (an older server)
-        self._waiters: dict[str, set[_Waiter]] = {}
+        # Edge -> its waiter, or a set of them (one is the rule: a set is 216 bytes).
+        self._waiters: dict[str, _Waiter | set[_Waiter]] = {}
         self._wanted = trio.Event()  # set when a pump waits: the feed is followed again
         self._deadlines: list[tuple[float, int, Parked]] = []  # a heap
         self._order = 0
@@ -83,19 +84,42 @@ class Follower:
         """Edges with a waiting pump (for tests: nothing leaks)."""
         return len(self._waiters)
 
+    def _add(self, edge: str, waiter: _Waiter) -> None:
+        have = self._waiters.get(edge)
+        if have is None:
+            self._waiters[edge] = waiter
+        elif isinstance(have, set):
+            have.add(waiter)
+        else:
+            self._waiters[edge] = {have, waiter}
+
+    def _remove(self, edge: str, waiter: _Waiter) -> None:
+        have = self._waiters.get(edge)
+        if have is waiter:
+            del self._waiters[edge]
+        elif isinstance(have, set):
+            have.discard(waiter)
+            if not have:
+                del self._waiters[edge]
+
+    def _of(self, edge: str) -> list[_Waiter]:
+        have = self._waiters.get(edge)
+        return [] if have is None else list(have) if isinstance(have, set) else [have]
+
     def _wake(self, edge: str) -> None:
-        for event in self._waiters.pop(edge, ()):
+        have = self._waiters.pop(edge, None)
+        for event in have if isinstance(have, set) else () if have is None else (have,):
             event.set()
 
     def _wake_all(self, parked: bool = True) -> None:
         """Wakes every waiter; with ``parked`` False, the parked readers stay parked."""
         waiters, self._waiters = self._waiters, {}
-        for edge, events in waiters.items():
-            for event in events:
+        for edge, have in waiters.items():
+            for event in have if isinstance(have, set) else (have,):
                 if parked or not isinstance(event, Parked):
                     event.set()
                 else:
-                    self._waiters.setdefault(edge, set()).add(event)
+                    self._add(edge, event)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -151,7 +175,7 @@ class Follower:
         """Registers a waiter of ``edge`` before the pump reads it: a change after that
         read wakes it (see the module docstring). Then :meth:`park` or :meth:`unwatch`."""
         token = Parked(edge)
-        self._waiters.setdefault(edge, set()).add(token)
+        self._add(edge, token)
         self._wanted.set()
         return token
 
@@ -161,14 +185,8 @@ class Follower:
         self._discard(token)
 
     def _discard(self, token: _Waiter | Parked) -> None:
-        edge = token.edge if isinstance(token, Parked) else None
-        if edge is None:
-            return
-        events = self._waiters.get(edge)
-        if events is not None:
-            events.discard(token)
-            if not events:
-                del self._waiters[edge]
+        if isinstance(token, Parked):
+            self._remove(token.edge, token)
 
     def park(self, token: Parked, wait: float, resume: Callable[[bool], None]) -> None:
         """The pump's task ends; ``resume`` starts it again once the edge changed (False)
@@ -183,7 +201,7 @@ class Follower:
 
     def forget(self, edge: str) -> None:
         """The reader of ``edge`` is gone: its parked entry lets go of it now."""
-        for token in list(self._waiters.get(edge, ())):
+        for token in self._of(edge):
             if isinstance(token, Parked):
                 self.unwatch(token)
 
@@ -211,7 +229,7 @@ class Follower:
             # Discovery's own long-poll (it caps a wait at MAX_WAIT): one per pump.
             return await self.discovery.get(edge, wait=min(wait, self.poll), since=since)
         event = trio.Event()
-        self._waiters.setdefault(edge, set()).add(event)
+        self._add(edge, event)
         self._wanted.set()
         try:
             rec = await self.discovery.get(edge)
@@ -222,8 +240,4 @@ class Follower:
                 await event.wait()
             return await self.discovery.get(edge)
         finally:
-            events = self._waiters.get(edge)
-            if events is not None:
-                events.discard(event)
-                if not events:
-                    del self._waiters[edge]
+            self._remove(edge, event)

@@ -109,6 +109,8 @@ class Operations(pyfuse3.Operations):
         self._fifo_writers: dict[EdgeId, fiforoute.Fifo] = {}
         self._fifo_readers: dict[EdgeId, fiforoute.FifoReader] = {}
         self.keeper = fifokeeper.Keeper()  # holds reader FIFOs' write ends past our death
+        # Reader FIFOs waiting for their first byte, with no task (started by the mount).
+        self.idle_fifos = fiforoute.IdleFifos(self._wake_fifo, self._stop_fifo)
         self._fuse_reasons: set[tuple[str, str]] = set()  # FIFO fallbacks logged
         self._last_ino += 1
         self._fifo_dir = self._last_ino  # MOUNT/.fifo: the daemon's reader FIFOs
@@ -393,13 +395,31 @@ class Operations(pyfuse3.Operations):
             return
         self._fifo_dir_warm = True
 
-    async def _feed(self, edge: EdgeId, fifo: fiforoute.FifoReader) -> None:
+    async def _feed(self, edge: EdgeId, fifo: fiforoute.FifoReader, woken: bool = False) -> None:
+        parked = False
         try:
-            await fiforoute.feed(self.node, fifo, self.keeper)
+            if woken:
+                await fiforoute.resume(self.node, fifo, self.keeper)
+            else:
+                parked = await fiforoute.feed(self.node, fifo, self.keeper, self.idle_fifos)
         finally:
-            self._handles.pop(-fifo.ino, None)
-            if self._fifo_readers.get(edge) is fifo:
-                del self._fifo_readers[edge]
+            if not parked:
+                self._fed(edge, fifo)
+
+    def _fed(self, edge: EdgeId, fifo: fiforoute.FifoReader) -> None:
+        self._handles.pop(-fifo.ino, None)
+        if self._fifo_readers.get(edge) is fifo:
+            del self._fifo_readers[edge]
+
+    def _wake_fifo(self, fifo: fiforoute.FifoReader) -> None:
+        self.node.spawn(self._feed, fifo.reader.edge, fifo, True)
+
+    def _stop_fifo(self, fifo: fiforoute.FifoReader) -> None:
+        """A FIFO still parked when the daemon stops (its pour task would be cancelled)."""
+        try:
+            fiforoute.finish(self.node, fifo, self.keeper, settled=False)
+        finally:
+            self._fed(fifo.reader.edge, fifo)
             self._forget_fifo(fifo.ino)
 
     async def _fifo_writer(

@@ -139,7 +139,9 @@ class Membership:
             await trio.sleep(1.0)
             for edge, slot in list(self.node.slots.items()):
                 reader = slot.reader
-                if reader is None or reported.get(edge) == (consumed := reader.consumed):
+                # A claim starts at 0 in discovery: a reader that read nothing says nothing
+                # (a request per waiting reader, thousands at once, for no news).
+                if reader is None or reported.get(edge, 0) == (consumed := reader.consumed):
                     continue
                 reported[edge] = consumed
                 with contextlib.suppress(Unavailable, DiscoveryError):

@@ -197,6 +197,7 @@ async def _announce_when_answering(
     if ops.node.config.fifo_readers:
         await trio.to_thread.run_sync(ops.warm_fifo_dir)
         ops.node.spawn(ops.keeper.watch)  # a keeper that dies or stops is replaced
+        ops.node.spawn(ops.idle_fifos.run)
     if ready is not None:
         ready(line)
     notify("READY=1")

@@ -13,7 +13,7 @@ import functools
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 import trio
@@ -40,7 +40,7 @@ from .edges import (
 )
 from .edgestate import Connect, EdgeView, Fail, PullOutcome, Query, ReaderMachine, backoff
 from .exits import ExitWatcher
-from .follow import Follower
+from .follow import Follower, Parked
 from .membership import Membership
 from .persistence import DYNAMIC_UNDECIDED, Persistence
 from .policy import Mode
@@ -55,14 +55,16 @@ CLOSE_GRACE = 0.25  # how long a close by a live program waits to see it exit
 RELEASE_GRACE = 2.0
 
 
-@dataclass
+@dataclass(slots=True)
 class Slot:
     """Both ends of one edge as this node holds them (either may be absent)."""
 
     edge: EdgeId
     writer: WriterEnd | None = None
     reader: ReaderEnd | None = None
-    opening: set[str] = field(default_factory=set)
+    # Replaced, never changed in place: the empty one is shared (a set is 216 bytes, and
+    # a daemon holds a slot per waiting reader).
+    opening: frozenset[str] = frozenset()
 
     @property
     def empty(self) -> bool:
@@ -179,7 +181,7 @@ class Node:
     def _opening(self, slot: Slot, end: str) -> Iterator[None]:
         """While discovery is asked for an end of ``slot``: the end is opening (a second
         open here is EBUSY), and discovery's refusals become errnos."""
-        slot.opening.add(end)
+        slot.opening = slot.opening | {end}
         try:
             yield
         except Conflict as exc:
@@ -187,7 +189,7 @@ class Node:
         except (Unavailable, DiscoveryError) as exc:
             raise EdgeError(errno.EIO, str(exc)) from None
         finally:
-            slot.opening.discard(end)
+            slot.opening = slot.opening - {end}
             self._reap(slot.edge)
             self.writers_changed.notify()  # a data connection may wait for this end
 
@@ -475,23 +477,32 @@ class Node:
         if "reader" in slot.opening or slot.reader is not None:
             raise EdgeError(errno.EBUSY, f"edge {edge} already has a reader on this node")
         with self._opening(slot, "reader"):
-            claim = await self._claim_reader(edge, pid)
+            # Watched before the claim: the claim's answer is the pump's first look at
+            # its edge, and a change after it wakes the pump (see follow.py). One request
+            # per reader open instead of three (claim, a look, a look before parking).
+            token = self.follower.watch(edge.hex)
+            try:
+                claim, rec = await self._claim_reader(edge, pid)
+            except BaseException:
+                self.follower.unwatch(token)
+                raise
         reader = ReaderEnd(edge, self.config.read_buffer, pid, claim, procs.tgid(pid))
         self._slot(edge).reader = reader
-        self._spawn(self._pump, reader)
+        self._spawn(self._pump, reader, None, None, False, (rec, token))
         return reader
 
-    async def _claim_reader(self, edge: EdgeId, pid: int) -> int:
+    async def _claim_reader(self, edge: EdgeId, pid: int) -> tuple[int, dict[str, Any]]:
         """Discovery refuses a second open reader; but the reader it knows of may be a
         killed one whose node has not said so yet (the re-run came at once, elsewhere).
-        Give that release a moment to arrive, watching the edge, before answering EBUSY."""
+        Give that release a moment to arrive, watching the edge, before answering EBUSY.
+        Returns the claim's id and the edge's record as the claim left it."""
         deadline = trio.current_time() + RELEASE_GRACE
         while True:
             try:
                 rec = await self._interruptible(
                     pid, functools.partial(self.discovery.claim_reader, edge.hex, self.name)
                 )
-                return int(rec.get("reader_claim", 0))
+                return int(rec.get("reader_claim", 0)), rec
             except Conflict:
                 left = deadline - trio.current_time()
                 if left <= 0:
@@ -559,12 +570,15 @@ class Node:
         machine: ReaderMachine | None = None,
         parked: Query | None = None,
         expired: bool = False,
+        first: tuple[dict[str, Any], Parked] | None = None,
     ) -> None:
         """Carries out the reader machine's actions until the stream ends or fails.
 
         A reader waiting for a change of its edge has no task: the pump parks it with the
         follower (``machine`` and the ``parked`` query kept there) and ends; the feed, or
-        the query's wait running out (``expired``), starts it again."""
+        the query's wait running out (``expired``), starts it again. ``first``: the edge's
+        record the claim answered, and the follower's watch registered before the claim
+        (the first look, and, if nothing changed since, the wait, need no request)."""
         edge = reader.edge.hex
         if machine is None:
             machine = ReaderMachine(
@@ -572,21 +586,37 @@ class Node:
                 writer_lost_timeout=self.config.writer_lost_timeout,
                 long_poll=LONG_POLL,
             )
+        token: Parked | None = None  # watching the edge since before the record seen last
         with trio.CancelScope() as scope:
             reader.attach_pump(scope)
             action: Any = machine.start() if parked is None else parked
             attempt = 0
             while reader.state in (ReaderState.WAITING, ReaderState.STREAMING):
-                if isinstance(action, Query):
+                if isinstance(action, Query) and first is not None:
+                    rec, token = first  # the claim's answer (machine.start(): a plain look)
+                    first = None
+                    view = EdgeView.from_json(rec)
+                    action = machine.on_record(view, trio.current_time(), reader.received)
+                    del rec, view
+                    if not isinstance(action, Query):  # the writer is there already
+                        self.follower.unwatch(token)
+                        token = None
+                elif isinstance(action, Query):
+                    parkable = not expired and self.follower.can_park(action.wait, action.since)
+                    if token is not None and not parkable:
+                        self.follower.unwatch(token)
+                        token = None
                     if action.delay:
                         await trio.sleep(action.delay)
                     try:
                         if expired:  # the wait ran out: look at the edge as it is
                             expired = False
                             rec = await self.discovery.get(edge)
-                        elif self.follower.can_park(action.wait, action.since):
-                            got = await self._look_or_park(reader, machine, action)
+                        elif parkable:
+                            handed, token = token, None
+                            got = await self._look_or_park(reader, machine, action, handed)
                             if got is None:
+                                reader.pump = None  # this scope ends with the task
                                 return  # parked: the follower starts the pump again
                             rec = got
                         else:
@@ -644,12 +674,18 @@ class Node:
                     return
 
     async def _look_or_park(
-        self, reader: ReaderEnd, machine: ReaderMachine, query: Query
+        self, reader: ReaderEnd, machine: ReaderMachine, query: Query, token: Parked | None
     ) -> dict[str, Any] | None:
         """The edge's record if it changed after ``query.since``; else None, and the
-        reader is parked with the follower until it does (or ``query.wait`` runs out)."""
+        reader is parked with the follower until it does (or ``query.wait`` runs out).
+        ``token``: a watch registered before the record ``query`` came from was read; if
+        it saw no change, the reader parks at once."""
         edge = reader.edge.hex
         while True:
+            if token is not None:
+                if not token.woken:
+                    break
+                self.follower.unwatch(token)
             token = self.follower.watch(edge)  # before the read: no change is missed
             try:
                 rec = await self.discovery.get(edge)
@@ -662,13 +698,17 @@ class Node:
             if token.woken:  # changed since the read: read again
                 continue
             del rec  # a parked reader holds no decoded record (thousands wait)
+            break
+        # A partial, not a closure: half the bytes, per waiting reader.
+        resume = functools.partial(self._unpark, reader, machine, query)
+        self.follower.park(token, query.wait, resume)
+        return None
 
-            def resume(expired: bool) -> None:
-                if reader.state in (ReaderState.WAITING, ReaderState.STREAMING):
-                    self._spawn(self._pump, reader, machine, query, expired)
-
-            self.follower.park(token, query.wait, resume)
-            return None
+    def _unpark(
+        self, reader: ReaderEnd, machine: ReaderMachine, query: Query, expired: bool
+    ) -> None:
+        if reader.state in (ReaderState.WAITING, ReaderState.STREAMING):
+            self._spawn(self._pump, reader, machine, query, expired)
 
     async def _pull_once(
         self, reader: ReaderEnd, action: Connect, on_connected: Callable[[int], None]

@@ -328,4 +328,51 @@ def test_pieces_received_into_one_buffer_read_as_one_view() -> None:
     assert [bytes(c) for c in r.chunks] == [b"abcdefg", b"XY", b"hij"]
     assert r.received == 12
     expected = xxhash.xxh3_128(b"abcdefgXYhij").digest()
-    assert r.digest.digest() == expected
+    assert r.digest is not None and r.digest.digest() == expected
+
+
+async def test_idle_fifos_wake_at_the_first_change_or_hang_up_and_stop_the_rest() -> None:
+    """A reader FIFO parked before its first byte has no task: the first change of its
+    end (bytes, a failure) or its program closing the read end (POLLERR on the write
+    end) starts its pour once; one still parked when the daemon stops is let go."""
+    from fractalfs.fiforoute import FifoReader, IdleFifos
+
+    woken: list[FifoReader] = []
+    stopped: list[FifoReader] = []
+    idle = IdleFifos(woken.append, stopped.append)
+    pipes = [os.pipe() for _ in range(5)]
+    fifos = []
+    for i, (r, w) in enumerate(pipes):
+        fifo = FifoReader(ReaderEnd(EdgeId.new(), 1 << 20, os.getpid()), i, "", (r, w))
+        fifo.hold = None  # the test holds the read end
+        fifos.append(fifo)
+    try:
+        assert not idle.park(fifos[0])  # not running: every FIFO keeps its pour task
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(idle.run)
+            await trio.testing.wait_all_tasks_blocked()
+            assert all(idle.park(f) for f in fifos[:3])
+            fifos[3].reader.push(b"x")
+            assert not idle.park(fifos[3])  # it has bytes: it pours now
+            assert idle.park(fifos[4])
+            assert woken == [] and len(idle) == 4
+
+            fifos[0].reader.push(b"first")  # bytes
+            fifos[0].reader.push(b"more")
+            assert woken == [fifos[0]]
+            fifos[1].reader.fail(errno.EIO, "failed")  # a failure
+            assert woken == [fifos[0], fifos[1]]
+            os.close(pipes[2][0])  # its program closed the read end
+            with trio.fail_after(5):
+                while len(woken) < 3:
+                    await trio.sleep(0.01)
+            assert woken[2] is fifos[2] and len(idle) == 1
+            nursery.cancel_scope.cancel()
+        assert stopped == [fifos[4]] and len(idle) == 0
+        fifos[4].reader.push(b"late")  # let go: no wake any more
+        assert len(woken) == 3
+    finally:
+        for i, (r, w) in enumerate(pipes):
+            if i != 2:
+                os.close(r)
+            os.close(w)

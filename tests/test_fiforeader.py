@@ -503,3 +503,53 @@ def test_a_reader_closing_before_it_read_anything_stops_the_writer(
     sh(f": < {b.path(edge)}")
     writer.communicate(timeout=5)
     assert writer.returncode == -signal.SIGPIPE
+
+
+def _in_pipe_read(pid: int) -> bool:
+    with contextlib.suppress(OSError):
+        return "pipe_read" in Path(f"/proc/{pid}/wchan").read_text()
+    return False
+
+
+def test_a_waiting_reader_killed_before_its_first_byte_lets_its_edge_go(
+    cluster: Cluster, programs: Programs, tmp_path: Path
+) -> None:
+    """A FIFO reader waiting for a writer has no pour task (it is parked until its first
+    byte): its program dying is still seen at once (the write end's POLLERR), so its claim
+    is released and a re-run reader gets the whole stream."""
+    cluster.start_discovery()
+    a = cluster.node("a")
+    b = cluster.node("b")
+    edge = new_edge()
+    reader = programs.start(f"exec cat {b.path(edge)}")
+    wait_for(lambda: cluster.edge(edge).get("reader_state") == "open", 10, "reader open")
+    wait_for(lambda: _in_pipe_read(reader.pid), 5, "the reader blocked in its FIFO")
+    time.sleep(0.5)  # its daemon saw it open the FIFO: parked (no pour task)
+    os.kill(reader.pid, signal.SIGKILL)
+    reader.communicate(timeout=10)
+    wait_for(lambda: cluster.edge(edge).get("reader_state") == "closed", 10, "reader closed")
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(MiB + 3))
+    out = tmp_path / "out"
+    rerun = programs.start(f"exec cat {b.path(edge)} > {out}")
+    sh(f"cat {src} > {a.path(edge)}")
+    rerun.communicate(timeout=30)
+    assert rerun.returncode == 0
+    assert sha_file(out) == sha_file(src)
+
+
+def test_a_reader_waiting_for_its_first_byte_when_its_daemon_stops_is_killed(
+    cluster: Cluster, programs: Programs
+) -> None:
+    """SIGTERM to the daemon of a FIFO reader parked before its first byte: the reader is
+    killed, never given an EOF (an empty stream that would look complete)."""
+    cluster.start_discovery()
+    b = cluster.node("b")
+    edge = new_edge()
+    reader = programs.start(f"exec cat {b.path(edge)}")
+    wait_for(lambda: cluster.edge(edge).get("reader_state") == "open", 10, "reader open")
+    wait_for(lambda: _in_pipe_read(reader.pid), 5, "the reader blocked in its FIFO")
+    time.sleep(0.5)  # its daemon saw it open the FIFO: parked (no pour task)
+    b.stop()
+    reader.communicate(timeout=10)
+    assert reader.returncode == -signal.SIGKILL

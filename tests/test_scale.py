@@ -4,6 +4,7 @@ events, pruned history."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 
 from fractalfs.discovery.server import Changes
 from fractalfs.discovery.store import Store
+from fractalfs.edgeid import EdgeId
 from fractalfs.testing import Discovery, Process, operator_auth
 
 from .conftest import new_edge
@@ -447,6 +449,88 @@ def test_a_broken_feed_leaves_parked_readers_parked_and_a_resync_wakes_them() ->
                 while len(resumed) < 3:
                     await trio.sleep(0.01)
             assert resumed == [False] * 3
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_a_reader_open_asks_discovery_once_and_a_change_during_its_claim_is_seen(
+    tmp_path: Path,
+) -> None:
+    """A reader's open costs one request (its claim, whose answer is the pump's first look;
+    the follower watched the edge before it), then the reader parks with no request, and
+    its daemon's progress reports say nothing of it while it read nothing. Four requests
+    each (claim, a look, a look before parking, progress 0) loaded discovery and the daemon
+    with thousands of opens. A change the feed names while the claim is in flight is not lost:
+    the pump looks again before it parks."""
+    import trio
+
+    from fractalfs.config import NodeConfig
+    from fractalfs.node import Node
+
+    quiet, racing = EdgeId.new(), EdgeId.new()
+
+    class Fake:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, str]] = []
+            self.seq = 1
+            self.versions = {quiet.hex: 1, racing.hex: 1}
+            self.named: list[str] = []
+            self.fed = trio.Event()
+
+        def record(self, name: str) -> dict[str, object]:
+            return {"id": name, "version": self.versions[name], "reader_claim": 7}
+
+        async def claim_reader(self, name: str, node: str) -> dict[str, object]:
+            self.calls.append(("claim", name))
+            self.versions[name] += 1
+            rec = self.record(name)
+            if name == racing.hex:  # a change of the edge, named by the feed meanwhile
+                self.versions[name] += 1
+                self.seq += 1
+                self.named.append(name)
+                self.fed.set()
+                await trio.sleep(0.2)
+            return rec
+
+        async def get(self, name: str, *, wait: float = 0.0, since: int = -1) -> dict[str, object]:
+            self.calls.append(("get", name))
+            return self.record(name)
+
+        async def progress(self, name: str, delivered: int) -> None:
+            self.calls.append(("progress", name))
+
+        async def changes(self, feed: str, after: int, *, wait: float = 0.0) -> dict[str, object]:
+            if after >= self.seq:
+                with trio.move_on_after(wait):
+                    await self.fed.wait()
+            self.fed = trio.Event()
+            named, self.named = self.named, []
+            return {"feed": "f", "seq": self.seq, "edges": named}
+
+    async def main() -> None:
+        fake = Fake()
+        config = NodeConfig(str(tmp_path / "mnt"), node="n", spill_dir=str(tmp_path / "spill"))
+        node = Node(config, fake, "127.0.0.1:1")  # type: ignore[arg-type]
+        async with trio.open_nursery() as nursery:
+            node._nursery = nursery
+            nursery.start_soon(node.follower.run)
+            nursery.start_soon(node.follower.expire_parked)
+            nursery.start_soon(node.membership._report_progress)  # every second
+            await trio.sleep(0.1)  # the feed's first answer (a resync) came: it is live
+            with trio.fail_after(5):
+                await node.open_reader(quiet, os.getpid())
+                while node.follower.parked() < 1:
+                    await trio.sleep(0.01)
+                assert fake.calls == [("claim", quiet.hex)]
+                await node.open_reader(racing, os.getpid())
+                while node.follower.parked() < 2:
+                    await trio.sleep(0.01)
+            # The change seen (a look), then the look before parking, as any woken pump.
+            assert fake.calls[1:] == [("claim", racing.hex)] + [("get", racing.hex)] * 2
+            assert node.follower.waiting() == 2  # each parked once
+            await trio.sleep(1.5)  # a progress report came and went: nothing read, no news
+            assert len(fake.calls) == 4, fake.calls
             nursery.cancel_scope.cancel()
 
     trio.run(main)

@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""What a waiting reader costs its daemon: N readers open on daemon B and wait (no writer).
+
+    .venv/bin/python bench/idle_memory.py --edges 1000            # RSS per idle reader
+    .venv/bin/python bench/idle_memory.py --edges 1000 --trace    # + tracemalloc, top sites
+
+Prints the time for the N readers to register (first open() to the last returned), daemon
+B's RSS before and with the N readers waiting, per reader, the same after
+glibc's malloc_trim(0) (what the allocator holds but does not use), and with --trace the
+Python memory traced per reader and the allocation sites that hold it (run it without
+--trace for RSS: tracing costs memory itself). Readers are threads of helper processes (as
+in bench/scale.py), on the reader FIFO route.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from scale import Readers, profilers, raise_limits
+
+from fractalfs.edgeid import EdgeId
+from fractalfs.testing import Discovery, Node
+
+HERE = Path(__file__).resolve().parent
+
+
+def ask(probe: Path, what: str) -> dict[str, int]:
+    answer = probe / "answer"
+    answer.unlink(missing_ok=True)
+    (probe / "request.tmp").write_text(what)
+    (probe / "request.tmp").rename(probe / "request")
+    deadline = time.monotonic() + 120
+    while not answer.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError("the daemon's memory probe did not answer")
+        time.sleep(0.05)
+    got: dict[str, int] = json.loads(answer.read_text())
+    return got
+
+
+def run(
+    work: Path, n: int, trace: bool, top: int, profile: Path | None = None
+) -> dict[str, object]:
+    why = raise_limits(n)
+    if why:
+        return {"edges": n, "skipped": why}
+    probe = work / "probe"
+    probe.mkdir(parents=True)
+    path = os.pathsep.join(p for p in (str(HERE / "memprobe"), os.environ.get("PYTHONPATH")) if p)
+    env = [f"PYTHONPATH={path}", f"FRACTALFS_MEMPROBE={probe}"]
+    if trace:
+        env.append("PYTHONTRACEMALLOC=8")
+    disc = Discovery(work / "discovery")
+    disc.start()
+    b = Node(work, "b", disc.url, extra=["--mode", "transient"], prefix=["env", *env])
+    readers = Readers(100)
+    try:
+        b.start(timeout=120)
+        time.sleep(1.0)
+        before = ask(probe, "snap")
+        spies = profilers({"discovery": disc, "daemon B": b}, profile)
+        t0 = time.monotonic()
+        for i in range(n):
+            readers.start(i, b.path(EdgeId.new().hex))
+        deadline = time.monotonic() + max(300, 0.06 * n)
+        while len(readers.opened) + len(readers.errors) < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"readers did not all register ({len(readers.opened)} of {n})")
+            time.sleep(0.2)
+        registering_s = time.monotonic() - t0
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(timeout=60)
+        if readers.errors:
+            raise RuntimeError(f"readers failed: {readers.errors[:3]}")
+        with httpx.Client(timeout=30, auth=disc.auth) as http:
+            edges = http.get(f"{disc.url}/v1/edges").json()["edges"]
+        registered = sum(e["reader_state"] == "open" for e in edges)
+        time.sleep(2.0)
+        idle = ask(probe, "snap")
+        trimmed = ask(probe, "trim")
+        row: dict[str, object] = {
+            "edges": n,
+            "registered": registered,
+            "traced": trace,
+            "readers_registered_s": round(registering_s, 2),
+            "descriptors_before": before["fds"],
+            "descriptors_idle": idle["fds"],
+            "rss_kib_before": before["rss_kib"],
+            "rss_kib_idle": idle["rss_kib"],
+            "rss_per_reader_kib": round((idle["rss_kib"] - before["rss_kib"]) / n, 2),
+            "rss_per_reader_kib_after_trim": round(
+                (trimmed["rss_kib_trimmed"] - before["rss_kib"]) / n, 2
+            ),
+        }
+        if trace:
+            row["traced_per_reader_kib"] = round((idle["traced"] - before["traced"]) / n / 1024, 2)
+            old = tracemalloc.Snapshot.load(str(probe / f"{before['snap']}.snap"))
+            new = tracemalloc.Snapshot.load(str(probe / f"{idle['snap']}.snap"))
+            for key, frames in (("top_lines", 1), ("top_stacks", 8)):
+                stats = new.compare_to(old, "traceback" if frames > 1 else "lineno")
+                row[key] = [
+                    {
+                        "bytes_per_reader": round(s.size_diff / n),
+                        "count_per_reader": round(s.count_diff / n, 2),
+                        "where": [
+                            f"{f.filename.split('site-packages/')[-1]}:{f.lineno}"
+                            for f in s.traceback
+                        ][:frames],
+                    }
+                    for s in stats[:top]
+                ]
+        return row
+    finally:
+        for proc in readers.procs:
+            proc.kill()
+            proc.wait()
+        b.stop()
+        disc.stop()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--edges", type=int, default=1000)
+    ap.add_argument("--trace", action="store_true", help="tracemalloc in daemon B")
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--profile", type=Path, help="py-spy B and discovery while readers register")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="fractalfs-idle-") as tmp:
+        row = run(Path(tmp), args.edges, args.trace, args.top, args.profile)
+    print(json.dumps(row, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
