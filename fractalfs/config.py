@@ -48,6 +48,9 @@ class NodeConfig:
     fifo_readers: bool = True
     #: Bytes a reader's daemon buffers ahead of the reading program.
     read_buffer: int = 8 * MiB
+    #: Descriptors kept free for sockets, spill files and /proc reads (at least this, or
+    #: 1/8 of the limit): an open that would eat into them gets FUSE, not a FIFO.
+    fd_reserve: int = 512
     #: pyfuse3 worker limit; every blocked read or write holds one.
     max_tasks: int = 10_000
     #: How often a blocked handler checks its program for a pending signal (seconds).
@@ -210,6 +213,8 @@ def check_node_config(config: NodeConfig) -> None:
     for key in ("write_window", "read_buffer", "max_tasks"):
         if getattr(config, key) <= 0:
             raise ConfigError(f"{key} must be positive")
+    if config.fd_reserve < 0:
+        raise ConfigError("fd_reserve must not be negative")
     for key in ("signal_poll", "discovery_retry", "reconnect_for", "writer_lost_timeout"):
         if getattr(config, key) <= 0:
             raise ConfigError(f"{key} must be positive")

@@ -27,6 +27,7 @@ import errno
 import functools
 import logging
 import os
+import resource
 import stat
 import subprocess
 import time
@@ -55,6 +56,7 @@ XATTR_REASON = b"user.fractalfs.mode_reason"
 #: pipe, and keeps `wc`'s column width (7 digits) what it is for a pipe.
 EDGE_SIZE = 1 << 20
 FOREVER = 365 * 86400.0  # entry and attribute timeout of MOUNT/.fifo
+FDS_PER_FIFO = 2  # the daemon's descriptors for one FIFO (its end, the keeper's dup to resend)
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -356,6 +358,19 @@ class Operations(pyfuse3.Operations):
             )
         if not procs.visible(pid):
             return "the opener is not in this daemon's /proc"
+        return self._short_of_descriptors()
+
+    def _short_of_descriptors(self) -> str:
+        """Why a new FIFO would bring this daemon near its descriptor limit ("" if not).
+        A FIFO costs the daemon up to two descriptors for its life; a daemon out of them
+        cannot read ``/proc/<pid>/fd`` and would take a program holding its FIFO for one
+        that never opened it (and kill it). A FUSE open costs no descriptor."""
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY:
+            return ""
+        reserve = max(self.node.config.fd_reserve, soft // 8)
+        if FDS_PER_FIFO * len(self._fifos) + reserve > soft:
+            return f"too close to the descriptor limit ({soft})"
         return ""
 
     def _fuse_read_because(self, why: str) -> None:
@@ -440,6 +455,10 @@ class Operations(pyfuse3.Operations):
             return self._attrs(self._looked_up(fifo.ino))
         if not self.keeper.usable:
             self._fuse_write_because("no FIFO keeper runs")
+            return None
+        short = self._short_of_descriptors()
+        if short:
+            self._fuse_write_because(short)
             return None
         reserved = self._reserve(edge, True, ctx.uid)
         ino, path = self._new_fifo_ino(edge)

@@ -8,6 +8,7 @@ import errno
 import functools
 import logging
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -257,8 +258,18 @@ def load_tls(directory: str) -> Tls | None:
         raise QuietError(str(exc), 2) from None
 
 
+def raise_descriptor_limit() -> None:
+    """The soft descriptor limit up to the hard one: each FIFO an open gets costs the
+    daemon descriptors (fs.FDS_PER_FIFO); near the limit opens fall back to FUSE."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def run(config: NodeConfig, *, ready: Callable[[str], None] | None = None) -> None:
     config.finalize()
+    raise_descriptor_limit()
     config.mountpoint = prepare_mountpoint(config.mountpoint)
     secret = cluster_secret(config)
     data_host, _ = parse_listen(config.data_listen, 7701)

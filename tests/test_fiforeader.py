@@ -166,13 +166,16 @@ def test_a_reader_whose_daemon_stops_mid_stream_is_killed(
 
 
 def test_a_reader_fifo_that_cannot_be_opened_is_not_an_empty_stream(
-    cluster: Cluster, programs: Programs, tmp_path: Path
+    cluster: Cluster, programs: Programs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The daemon could not open the reader FIFO's write end (here: out of descriptors),
     yet the LOOKUP handed the FIFO out: gzip's non-blocking open then read EOF at once (a
     FIFO no writer ever opened) and wrote an empty archive, exit 0; a blocking `cat`
     waited in open(2) for good. Now that open reads through FUSE (or fails with an
     errno): the whole stream or an error, never a short one."""
+    # No reserve: the daemon tries the FIFO and runs out of descriptors in the keeper's
+    # hand-back (with one, it would not try: see the test after these).
+    monkeypatch.setenv("FRACTALFS_FD_RESERVE", "0")
     cluster.start_discovery()
     # Persistent: the failed reader may have taken (and a transient writer freed) bytes.
     a = cluster.node("a", mode="persistent")
@@ -205,11 +208,14 @@ def test_a_reader_fifo_that_cannot_be_opened_is_not_an_empty_stream(
 
 
 def test_a_writer_fifo_that_cannot_be_opened_writes_through_fuse(
-    cluster: Cluster, programs: Programs, tmp_path: Path
+    cluster: Cluster, programs: Programs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The keeper could not hand the daemon the end it drains (here: the daemon is out of
     descriptors): the writer's open must neither hang in open(2) (a FIFO nobody reads) nor
     lose the stream. It writes through FUSE instead."""
+    # No reserve: the daemon tries the FIFO and runs out of descriptors in the keeper's
+    # hand-back (with one, it would not try: see the test after these).
+    monkeypatch.setenv("FRACTALFS_FD_RESERVE", "0")
     cluster.start_discovery()
     a = cluster.node("a")
     warm = new_edge()  # the keeper runs and discovery's connections are pooled
@@ -232,6 +238,42 @@ def test_a_writer_fifo_that_cannot_be_opened_writes_through_fuse(
     assert "writer FIFOs: FUSE writes instead" in a.log.read_text()  # the case
     assert res.returncode == 0, res
     assert sh(f"timeout 20 cat {a.path(edge)}").stdout == src.read_bytes()
+
+
+def test_a_daemon_near_its_descriptor_limit_hands_out_fuse_opens_not_fifos(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """A FIFO costs the daemon descriptors for its life; a daemon out of them cannot read
+    /proc/<pid>/fd and would take a reader holding its FIFO for one that never opened it
+    (and kill it). Near the limit, opens get FUSE instead: the whole stream, no FIFO."""
+    cluster.start_discovery()
+    a = cluster.node("a")
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(3 * MiB + 5))
+    pid = a.pid
+    soft, hard = sh(f"prlimit --pid {pid} --nofile -o SOFT,HARD --noheadings").stdout.split()
+    # Below the default reserve (512): every new FIFO would eat into it.
+    sh(f"prlimit --pid {pid} --nofile=500:{hard.decode()}")
+    try:
+        edge = new_edge()
+        fd = os.open(a.path(edge), os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            assert stat.S_ISREG(os.fstat(fd).st_mode)  # FUSE, not a FIFO
+        finally:
+            os.close(fd)
+        edge = new_edge()
+        writer = subprocess.Popen(f"exec cat {src} > {a.path(edge)}", shell=True)
+        try:
+            got = sh(f"timeout 20 cat {a.path(edge)}").stdout
+        finally:
+            writer.wait(timeout=20)
+    finally:
+        sh(f"prlimit --pid {pid} --nofile={soft.decode()}:{hard.decode()}")
+    assert writer.returncode == 0
+    assert got == src.read_bytes()
+    log = a.log.read_text()
+    assert "reader FIFOs: FUSE reads instead: too close to the descriptor limit (500)" in log
+    assert "writer FIFOs: FUSE writes instead: too close to the descriptor limit (500)" in log
 
 
 # -- the keeper: it opens the write ends, and is replaced when it dies or stops -----------
