@@ -23,6 +23,16 @@ def test_generations_grow_and_survive_a_restart(tmp_path: Path) -> None:
     assert again.register_writer(E, "b", "h:2").generation == 3  # same node: superseded
 
 
+def test_boot_ids_survive_a_restart(tmp_path: Path) -> None:
+    store = Store(tmp_path / "d.db")
+    store.set_boot("a", "run-1")
+    store.set_boot("b", "run-1")
+    store.set_boot("a", "run-2")
+    store.forget_boot("b")
+    store.close()
+    assert Store(tmp_path / "d.db").boots() == {"a": "run-2"}
+
+
 def test_open_writer_on_another_node_conflicts() -> None:
     store = Store(":memory:")
     store.register_writer(E, "a", "h:1")

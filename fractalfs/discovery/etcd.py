@@ -643,6 +643,15 @@ class EtcdStore:
                 self.gateway.call("/v3/lease/revoke", {"ID": str(before["lease"])})
         return str(before.get("boot", ""))
 
+    def boots(self) -> dict[str, str]:
+        return {node: str(info.get("boot", "")) for node, info in self.live_nodes().items()}
+
+    def set_boot(self, node: str, boot: str) -> None:
+        """Nothing to do: :meth:`node_heartbeat` keeps the boot id in ``n/<node>``."""
+
+    def forget_boot(self, node: str) -> None:
+        """Nothing to do: ``n/<node>`` goes with the node's lease (:meth:`node_leave`)."""
+
     def node_leave(self, node: str) -> None:
         kvs = self.gateway.range(self._node_key(node))
         if kvs:

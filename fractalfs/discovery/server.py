@@ -277,6 +277,8 @@ class DiscoveryApp:
         now = asyncio.get_running_loop().time()
         for node in await self._do(self.store.nodes_with_open_ends):
             self.last_seen.setdefault(node, now)
+        # And the run each was: a daemon restarted while discovery was down is a restart.
+        self.boots = {**await self._do(self.store.boots), **self.boots}
         self._checker = asyncio.create_task(self._check_liveness())
 
     async def _stop_liveness(self, app: web.Application) -> None:
@@ -488,8 +490,9 @@ class DiscoveryApp:
         if boot and self.boots.get(node, boot) != boot:
             # A new run of the daemon: whatever the old one held is gone with it.
             await self._lose(node, "restarted")
-        if boot:
+        if boot and self.boots.get(node) != boot:
             self.boots[node] = boot
+            await self._do(self.store.set_boot, node, boot)
         self.last_seen[node] = asyncio.get_running_loop().time()
         self.lost.discard(node)
 
@@ -497,6 +500,7 @@ class DiscoveryApp:
         node = self._node_name(request)
         self.last_seen.pop(node, None)
         self.boots.pop(node, None)
+        await self._do(self.store.forget_boot, node)
         await self._lose(node, "left")
         self.lost.discard(node)
         return web.json_response({"node": node})

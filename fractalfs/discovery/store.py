@@ -40,6 +40,10 @@ CREATE TABLE IF NOT EXISTS edges (
     created REAL NOT NULL,
     updated REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS nodes (
+    name TEXT PRIMARY KEY,
+    boot TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     time REAL NOT NULL,
@@ -56,7 +60,7 @@ CREATE INDEX IF NOT EXISTS edges_reader ON edges (reader_node, reader_state);
 CREATE INDEX IF NOT EXISTS edges_done ON edges (reader_state, updated);
 """
 
-SCHEMA_VERSION = 3  # 1: no mode columns; 2: no reader_claim
+SCHEMA_VERSION = 4  # 1: no mode columns; 2: no reader_claim; 3: no nodes table
 
 READER_STATES = frozenset(ReaderState)
 EVENTS_KEPT = 100_000
@@ -399,6 +403,24 @@ class Store:
             self._require(edge)
             self._db.execute("DELETE FROM edges WHERE id = ?", (edge,))
             self._event(edge, EventKind.DELETED, {})
+
+    # -- daemon runs -----------------------------------------------------------------------
+    # The boot id of each node's daemon run discovery heard from last. Kept on disk: a
+    # discovery restarted between two runs of a daemon must still tell the second from the
+    # first, or the first run's open writers stay "open" for good (a re-run gets EBUSY).
+
+    def boots(self) -> dict[str, str]:
+        return {r[0]: r[1] for r in self._db.execute("SELECT name, boot FROM nodes")}
+
+    def set_boot(self, node: str, boot: str) -> None:
+        self._db.execute(
+            "INSERT INTO nodes (name, boot) VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET boot = excluded.boot",
+            (node, boot),
+        )
+
+    def forget_boot(self, node: str) -> None:
+        self._db.execute("DELETE FROM nodes WHERE name = ?", (node,))
 
     # -- history ---------------------------------------------------------------------------
 
