@@ -49,9 +49,7 @@ class Membership:
             nursery.start_soon(self.node._forever, self._watch_events)
             nursery.start_soon(self.node._forever, self._report_progress)
             nursery.start_soon(self.node._forever, self._heartbeat)
-            # The pulse (fractalfs.pulse) is not started yet: with its thread running, about
-            # 1 in 3 runs of test_interop's gzip/bzip2 FILE rows hung for 60 s (0 in 4 with
-            # the thread not started). Not root-caused; see DEVELOPERS.md.
+            await nursery.start(self.pulse.run)
             task_status.started()
 
     async def heartbeat_once(self) -> None:
