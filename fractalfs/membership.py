@@ -18,7 +18,7 @@ import trio
 from .discovery.client import DiscoveryError, Unavailable
 from .discovery.schema import EventKind, LossCause
 from .edgeid import EdgeId
-from .edges import WriterState
+from .edges import ReaderState, WriterState
 from .edgestate import backoff
 from .pulse import Pulse
 
@@ -124,12 +124,39 @@ class Membership:
             # daemon took what its reader had delivered with it.
             if data.get("cause") != LossCause.SILENT or writer.connection is None:
                 self.node._reader_gone(writer)
+        elif kind == EventKind.WRITER_GONE:
+            slot = self.node.slots.get(edge)
+            reader = slot.reader if slot is not None else None
+            if reader is not None and reader.state in (ReaderState.WAITING, ReaderState.STREAMING):
+                with contextlib.suppress(TypeError, ValueError):
+                    self.node.spawn(self._writer_gone, edge, int(data.get("generation", 0)))
         elif kind in (EventKind.READER_BACK, EventKind.READER) and writer is not None:
             writer.set_reader_lost(False)
         elif kind == EventKind.READER_DONE and writer is not None:
             with contextlib.suppress(TypeError, ValueError):
                 writer.on_reader_done(int(data.get("bytes", 0)))
             self.node._reap(edge)  # a transient end whose END_ACK was lost is done too
+
+    async def _writer_gone(self, edge: EdgeId, generation: int) -> None:
+        """The reader here lacks the END of ``generation``, whose writer's daemon run is
+        gone: the rest of the stream went with it. Discovery fails the generation (the
+        reader waits for a re-run writer, as for a failed program)."""
+        log.warning(
+            "edge %s: generation %d's writer daemon is gone before its END came: failing it",
+            edge,
+            generation,
+        )
+        for attempt in range(10):
+            try:
+                await self.node.discovery.writer_gone(edge.hex, self.node.name, generation)
+                return
+            except Unavailable:
+                await trio.sleep(backoff(attempt, cap=2.0))
+            except DiscoveryError as exc:
+                log.warning(
+                    "edge %s: discovery refused to fail generation %d: %s", edge, generation, exc
+                )
+                return
 
     async def _report_progress(self) -> None:
         reported: dict[EdgeId, int] = {}

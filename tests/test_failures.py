@@ -465,3 +465,46 @@ def test_reader_killed_after_the_end_then_a_rerun_reader_over_tcp(
     _, err = reader2.communicate(timeout=30)
     assert reader2.returncode == 0, err
     assert sha_file(out) == sha_file(src)
+
+
+def test_writer_daemon_restarted_before_a_reader_elsewhere_had_the_end_fails_the_generation(
+    cluster: Cluster, programs: Programs, tmp_path: Path
+) -> None:
+    """Transient: the writing program finished (complete), but its reader on another node
+    had not received the END when the writer's daemon restarted: the rest of the stream
+    died with that daemon. The reader's daemon (only it knows it lacks the END) has
+    discovery fail the generation, so that the writer is re-run; the reader waits for that
+    re-run, verifies the replayed prefix and gets the whole stream exactly once. (It got
+    EIO after --writer-lost-timeout, and the generation stayed "complete".)"""
+    cluster.start_discovery()
+    # The writer's window takes the whole stream, so its program finishes; the reader's
+    # side (program, FIFO, read buffer, sockets: well under 96 MiB) cannot: no END there.
+    a = cluster.node("a", extra=["--write-window", str(128 * MiB)])
+    c = cluster.node("c", extra=["--writer-lost-timeout", "60"])
+    edge = new_edge()
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(96 * MiB + 5))
+    out, go = tmp_path / "out", tmp_path / "go"
+    slow = (
+        "import os, shutil, sys, time\n"
+        "f = open(sys.argv[1], 'rb'); o = open(sys.argv[2], 'wb')\n"
+        f"o.write(f.read({MiB})); o.flush()\n"
+        "while not os.path.exists(sys.argv[3]): time.sleep(0.05)\n"
+        "shutil.copyfileobj(f, o)\n"
+    )
+    reader = programs.start(
+        f"exec {sys.executable} -c {shlex.quote(slow)} {c.path(edge)} {out} {go}"
+    )
+    sh(f"cat {src} > {a.path(edge)}", timeout=60)  # exit 0: the generation is complete
+    assert cluster.edge(edge)["writer_state"] == "complete"
+    a.kill()
+    a = cluster.node("a", extra=["--write-window", str(128 * MiB)])  # a new run: the rest is gone
+    wait_for(
+        lambda: cluster.edge(edge).get("writer_state") == "failed", 10, "the generation failed"
+    )
+    go.touch()
+    sh(f"cat {src} > {a.path(edge)}", timeout=60)  # the re-run writer
+    _, err = reader.communicate(timeout=60)
+    assert reader.returncode == 0, err
+    assert sha_file(out) == sha_file(src)
+    assert cluster.edge(edge)["state"] == "delivered"

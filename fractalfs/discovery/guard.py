@@ -30,7 +30,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Get = Callable[[str], Awaitable[Edge | None]]  # an edge's record from the store
 OPEN = frozenset({"/v1/health"})
 REALM = 'Basic realm="fractalfs", charset="UTF-8"'
-BODY_NODE = ("/writer", "/reader", "/reader/close", "/writer/restore")
+BODY_NODE = ("/writer", "/reader", "/reader/close", "/writer/restore", "/writer/gone")
 
 
 def _refuse(status: int, reason: str) -> web.Response:

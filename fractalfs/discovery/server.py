@@ -366,6 +366,7 @@ class DiscoveryApp:
         r.add_delete(f"{API}/edges/{{edge}}", self.delete_edge)
         r.add_post(f"{API}/edges/{{edge}}/writer", self.register_writer)
         r.add_post(f"{API}/edges/{{edge}}/writer/close", self.close_writer)
+        r.add_post(f"{API}/edges/{{edge}}/writer/gone", self.writer_gone)
         r.add_post(f"{API}/edges/{{edge}}/reader", self.claim_reader)
         r.add_post(f"{API}/edges/{{edge}}/reader/close", self.release_reader)
         r.add_post(f"{API}/edges/{{edge}}/progress", self.progress)
@@ -665,6 +666,18 @@ class DiscoveryApp:
             _str(body, "state"),
             _int(body, "bytes"),
             _str(body, "reason", required=False),
+        )
+        self._changed(edge)
+        return web.json_response(_edge_json(edge, rec))
+
+    async def writer_gone(self, request: web.Request) -> web.Response:
+        """``{"node": N, "generation": G}``: the reader on N lacks the END of complete
+        generation G, whose writer's daemon run is gone (a ``writer-gone`` event told it):
+        G fails, so that the writer is re-run."""
+        edge = _edge_id(request)
+        body = await _body(request)
+        rec = await self._do(
+            self.store.writer_gone, edge, _str(body, "node"), _int(body, "generation")
         )
         self._changed(edge)
         return web.json_response(_edge_json(edge, rec))
