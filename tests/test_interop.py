@@ -201,7 +201,7 @@ ROWS: dict[str, Row] = {
     # bzip2 opens its input twice (fileExists: fopen, fclose; then open and read). On a
     # `mkfifo` FIFO its writer dies of SIGPIPE if it writes between the two, and the
     # second open then waits for a writer for good: the reference hung ~1 run in 3 under
-    # load. The edge keeps the stream for the second open (test_a_program_opening_...).
+    # load (test_a_fifo_loses_the_stream_of_a_program_opening_its_input_twice).
     "bzip2 FILE": Row("bzip2 -1 -c {i} | bzip2 -dc | md5sum", ref="file"),
     "bzip2 <": Row("bzip2 -1 -c < {i} | bzip2 -dc | md5sum"),
     "tar -x": Row("tar -x -C {d} -f {i} && cat {d}/* | md5sum", feed="{tar}"),
@@ -469,15 +469,16 @@ OPEN_TWICE = (
 )
 
 
-def test_a_program_opening_its_input_twice_gets_the_whole_stream(
-    both: Duo, inputs: dict[str, str], tmp_path: Path
+def test_a_fifo_loses_the_stream_of_a_program_opening_its_input_twice(
+    inputs: dict[str, str], tmp_path: Path
 ) -> None:
-    """bzip2's pattern (open, close unread, open again and read), with the writer writing
-    in between. On a `mkfifo` FIFO the writer dies of SIGPIPE and the second open waits
-    for a writer for good (why the "bzip2 FILE" row's reference is the regular file); an
-    edge keeps the stream until a reader read it."""
-    src = Path(inputs["src"]).read_bytes()
-    want = f"{len(src)} {hashlib.md5(src).hexdigest()}\n".encode()
+    """Why the "bzip2 FILE" row's reference is the regular file: bzip2's pattern (open,
+    close unread, open again and read) on a `mkfifo` FIFO whose writer writes in between.
+    The writer dies of SIGPIPE and the second open waits for a writer for good, which
+    hung the reference run. An edge treats that close as a pipe does (an early close): if
+    the writer's bytes already flow to the reader's daemon, the writer gets SIGPIPE too.
+    With bzip2's gap of microseconds that was never seen in 30 edge runs of the row; with
+    this test's 1 s gap it was, once under a load average of 280."""
     program = f"exec python3 -c {shlex.quote(OPEN_TWICE)} "
     fifo = tmp_path / "f"
     os.mkfifo(fifo)
@@ -488,18 +489,6 @@ def test_a_program_opening_its_input_twice_gets_the_whole_stream(
         time.sleep(1.5)
         with open(f"/proc/{reader.pid}/wchan") as f:
             assert f.read() == "wait_for_partner"  # the second open: a writer, never
-    finally:
-        for p in (feeder, reader):
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-            p.communicate()
-    edge = new_edge()
-    feeder = _start(f"exec cat {inputs['src']} > {both.a.path(edge)}")
-    reader = _start(program + both.b.path(edge))
-    try:
-        out, err = reader.communicate(timeout=30)
-        assert (out, reader.returncode) == (want, 0), err
-        assert feeder.wait(timeout=10) == 0
     finally:
         for p in (feeder, reader):
             if p.poll() is None:
