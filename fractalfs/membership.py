@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from . import testhooks
 from .discovery.client import DiscoveryError, Unavailable
 from .discovery.schema import EventKind, LossCause
 from .edgeid import EdgeId
@@ -35,6 +36,7 @@ HEARTBEAT_EVERY = 0.5
 class Membership:
     def __init__(self, node: Node) -> None:
         self.node = node
+        self.missed = testhooks.dropped_events()  # a test's stand-in for a missed event
         client = node.discovery  # a stand-in without URLs (unit tests) gets a silent pulse
         self.pulse = Pulse(
             getattr(client, "urls", []),
@@ -107,6 +109,8 @@ class Membership:
         except (KeyError, ValueError):
             return
         kind = event.get("kind")  # an EventKind (a StrEnum compares equal to its string)
+        if isinstance(kind, str) and kind in self.missed:
+            return
         data = event.get("data") or {}
         writer = self.node.writer_for(edge)
         if kind == EventKind.DELETED:
@@ -129,7 +133,7 @@ class Membership:
             reader = slot.reader if slot is not None else None
             if reader is not None and reader.state in (ReaderState.WAITING, ReaderState.STREAMING):
                 with contextlib.suppress(TypeError, ValueError):
-                    self.node.spawn(self._writer_gone, edge, int(data.get("generation", 0)))
+                    self.node.spawn(self.writer_gone, edge, int(data.get("generation", 0)))
         elif kind in (EventKind.READER_BACK, EventKind.READER) and writer is not None:
             writer.set_reader_lost(False)
         elif kind == EventKind.READER_DONE and writer is not None:
@@ -137,7 +141,7 @@ class Membership:
                 writer.on_reader_done(int(data.get("bytes", 0)))
             self.node._reap(edge)  # a transient end whose END_ACK was lost is done too
 
-    async def _writer_gone(self, edge: EdgeId, generation: int) -> None:
+    async def writer_gone(self, edge: EdgeId, generation: int) -> None:
         """The reader here lacks the END of ``generation``, whose writer's daemon run is
         gone: the rest of the stream went with it. Discovery fails the generation (the
         reader waits for a re-run writer, as for a failed program)."""

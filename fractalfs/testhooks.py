@@ -5,6 +5,9 @@
 saturated by thousands of opens does: no heartbeat, no FUSE answer, no data-plane byte
 moves meanwhile, while its threads (the pulse) still run. Without the variable SIGUSR2
 keeps its default action and nothing here runs.
+
+``FRACTALFS_TEST_DROP_EVENTS=kind,kind``: the daemon ignores discovery's events of these
+kinds, as one whose feed missed them (a broken feed, a switched replica, a pruned log).
 """
 
 from __future__ import annotations
@@ -20,10 +23,18 @@ log = logging.getLogger(__name__)
 
 ENV = "FRACTALFS_TEST_HOOKS"
 BUSY_ENV = "FRACTALFS_TEST_BUSY"
+DROP_EVENTS_ENV = "FRACTALFS_TEST_DROP_EVENTS"
 
 
 def enabled() -> bool:
     return os.environ.get(ENV) == "1"
+
+
+def dropped_events() -> frozenset[str]:
+    """The event kinds this daemon is to miss (none unless test hooks are enabled)."""
+    if not enabled():
+        return frozenset()
+    return frozenset(k for k in os.environ.get(DROP_EVENTS_ENV, "").split(",") if k)
 
 
 def busy(seconds: float) -> None:

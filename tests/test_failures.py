@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from fractalfs import fiforoute
+from fractalfs import fiforoute, testhooks
+from fractalfs.etcdtesting import free_port
 from fractalfs.testing import Node
 
 from .conftest import (
@@ -467,19 +468,35 @@ def test_reader_killed_after_the_end_then_a_rerun_reader_over_tcp(
     assert sha_file(out) == sha_file(src)
 
 
+@pytest.mark.parametrize("told", ["event", "missed"])
 def test_writer_daemon_restarted_before_a_reader_elsewhere_had_the_end_fails_the_generation(
-    cluster: Cluster, programs: Programs, tmp_path: Path
+    cluster: Cluster,
+    programs: Programs,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    told: str,
 ) -> None:
     """Transient: the writing program finished (complete), but its reader on another node
     had not received the END when the writer's daemon restarted: the rest of the stream
     died with that daemon. The reader's daemon (only it knows it lacks the END) has
     discovery fail the generation, so that the writer is re-run; the reader waits for that
     re-run, verifies the replayed prefix and gets the whole stream exactly once. (It got
-    EIO after --writer-lost-timeout, and the generation stayed "complete".)"""
+    EIO after --writer-lost-timeout, and the generation stayed "complete".)
+
+    ``event``: the reader's daemon learns it from discovery's writer-gone event (a restart
+    on another port: its redials are refused, only the event tells). ``missed``: its
+    daemon ignores writer-gone events (a test hook, as a broken feed or a pruned log); the
+    restart is on the same port, whose new run answers it holds no writer of the edge, and
+    that makes the same call. (``missed`` got EIO after --writer-lost-timeout on 3f3e30c.)"""
     cluster.start_discovery()
     # The writer's window takes the whole stream, so its program finishes; the reader's
     # side (program, FIFO, read buffer, sockets: well under 96 MiB) cannot: no END there.
-    a = cluster.node("a", extra=["--write-window", str(128 * MiB)])
+    writer_args = ["--write-window", str(128 * MiB)]
+    if told == "missed":
+        monkeypatch.setenv(testhooks.ENV, "1")
+        monkeypatch.setenv(testhooks.DROP_EVENTS_ENV, "writer-gone")
+        writer_args += ["--data-listen", f"127.0.0.1:{free_port()}"]
+    a = cluster.node("a", extra=writer_args)
     c = cluster.node("c", extra=["--writer-lost-timeout", "60"])
     edge = new_edge()
     src = tmp_path / "src"
@@ -498,7 +515,11 @@ def test_writer_daemon_restarted_before_a_reader_elsewhere_had_the_end_fails_the
     sh(f"cat {src} > {a.path(edge)}", timeout=60)  # exit 0: the generation is complete
     assert cluster.edge(edge)["writer_state"] == "complete"
     a.kill()
-    a = cluster.node("a", extra=["--write-window", str(128 * MiB)])  # a new run: the rest is gone
+    a = cluster.node("a", extra=writer_args)  # a new run: the rest is gone
+    if told == "missed":
+        # Its daemon, its buffers full, reads the connection again (and finds it broken)
+        # only when the program reads on.
+        go.touch()
     wait_for(
         lambda: cluster.edge(edge).get("writer_state") == "failed", 10, "the generation failed"
     )
