@@ -10,12 +10,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from fractalfs import fiforoute, testhooks
-from fractalfs.etcdtesting import free_port
+from fractalfs.etcdtesting import EtcdCluster, Replica, free_port, have_etcd
 from fractalfs.testing import Node
 
 from .conftest import (
@@ -468,9 +469,31 @@ def test_reader_killed_after_the_end_then_a_rerun_reader_over_tcp(
     assert sha_file(out) == sha_file(src)
 
 
+@pytest.fixture(params=["sqlite", "etcd"])
+def store_cluster(
+    request: pytest.FixtureRequest, cluster: Cluster, tmp_path: Path
+) -> Iterator[Cluster]:
+    """``cluster`` with its discovery started on SQLite, or on a real etcd member."""
+    if request.param == "sqlite":
+        cluster.start_discovery()
+        yield cluster
+        return
+    if not have_etcd():
+        pytest.skip("needs etcd (apt install etcd-server)")
+    etcd = EtcdCluster(tmp_path / "etcd", members=1)
+    try:
+        etcd.start()
+        cluster.discovery = Replica(tmp_path, f"{etcd.url}/t{os.getpid()}")
+        cluster.discovery.start()
+        yield cluster
+    finally:
+        cluster.close()  # the daemons before their discovery, before its etcd
+        etcd.stop()
+
+
 @pytest.mark.parametrize("told", ["event", "missed"])
 def test_writer_daemon_restarted_before_a_reader_elsewhere_had_the_end_fails_the_generation(
-    cluster: Cluster,
+    store_cluster: Cluster,
     programs: Programs,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -487,8 +510,9 @@ def test_writer_daemon_restarted_before_a_reader_elsewhere_had_the_end_fails_the
     on another port: its redials are refused, only the event tells). ``missed``: its
     daemon ignores writer-gone events (a test hook, as a broken feed or a pruned log); the
     restart is on the same port, whose new run answers it holds no writer of the edge, and
-    that makes the same call. (``missed`` got EIO after --writer-lost-timeout on 3f3e30c.)"""
-    cluster.start_discovery()
+    that makes the same call. (``missed`` got EIO after --writer-lost-timeout on 3f3e30c.)
+    Both on SQLite and on etcd."""
+    cluster = store_cluster
     # The writer's window takes the whole stream, so its program finishes; the reader's
     # side (program, FIFO, read buffer, sockets: well under 96 MiB) cannot: no END there.
     writer_args = ["--write-window", str(128 * MiB)]
