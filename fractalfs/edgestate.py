@@ -14,7 +14,8 @@ Faults and what the machine makes of them:
 * the writing program failed, or its daemon no longer serves the generation -> wait for a
   re-run writer (a newer generation) for at most ``writer_lost_timeout``, then EIO;
 * a *complete* generation whose writer's daemon holds no writer of the edge (a new run of
-  it: the rest of the stream went with the old one) -> have discovery fail it
+  it: the rest of the stream went with the old one), or whose record has no endpoint any
+  more (discovery saw that daemon restart or leave) -> have discovery fail it
   (:class:`Unfinished`), then wait for the re-run as above;
 * a failed generation whose daemon still serves it (a persistent spill, also one found
   after a restart) -> read its prefix once, then wait for a re-run as above;
@@ -150,6 +151,10 @@ class ReaderMachine:
         # A failed generation whose daemon still holds its bytes (a persistent spill) can
         # serve its prefix: read it once, then wait for the re-run as usual.
         prefix = view.writer_state == "failed" and bool(view.writer_endpoint)
+        complete = usable and view.writer_state == "complete" and gen >= self.generation
+        if complete and not view.writer_endpoint:  # its daemon run is gone: nobody serves it
+            self.dead.add(gen)
+            return Unfinished(gen)
         if (usable or (prefix and gen not in self.dead)) and gen >= self.generation:
             if usable:
                 self.writer_gone_since = None

@@ -180,3 +180,15 @@ def test_only_an_unheld_complete_generation_is_reported(state: str, outcome: Pul
     m = machine()
     assert isinstance(m.on_record(view(1, state), 0.0, 0), Connect)
     assert m.on_pull(outcome, "", 1.0) == Query()
+
+
+def test_a_complete_generation_whose_record_lost_its_endpoint_is_reported_unfinished() -> None:
+    """Discovery clears the endpoint of a complete generation whose daemon run restarted or
+    left while its reader elsewhere was reading: a reader that missed the writer-gone
+    event (its redials refused: the node came back on another port) sees it there."""
+    m = machine()
+    connected(m, received=5)
+    assert isinstance(m.on_pull(PullOutcome.LOST, "refused", 1.0), Query)
+    gone = EdgeView(True, 11, 1, "complete", "w", "")
+    assert m.on_record(gone, 1.0, 5) == Unfinished(1)
+    assert isinstance(m.on_record(gone, 2.0, 5), Query)  # told once, then it waits

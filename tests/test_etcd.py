@@ -255,6 +255,9 @@ def test_a_restarted_writer_node_fails_the_complete_streams_no_reader_read_whole
     assert failed == {ids["unread"], ids["same-node"]}
     # Its reader on another node is told (writer-gone); only it knows if it had the END.
     assert [e.edge for e in store.events(0) if e.kind == "writer-gone"] == [ids["reading"]]
+    # ... and its record says so (no daemon serves it), for a reader that missed the event.
+    assert store.get(ids["reading"]).writer_endpoint == ""  # type: ignore[union-attr]
+    assert store.get(ids["done"]).writer_endpoint != ""  # type: ignore[union-attr]
     rec = store.get(ids["same-node"])
     assert rec is not None and rec.writer_state == "failed" and "restarted" in rec.reason
     # A live reader elsewhere may hold it all (its END arrived): not failed for it.

@@ -491,7 +491,7 @@ def store_cluster(
         etcd.stop()
 
 
-@pytest.mark.parametrize("told", ["event", "missed"])
+@pytest.mark.parametrize("told", ["event", "missed", "missed-moved"])
 def test_writer_daemon_restarted_before_a_reader_elsewhere_had_the_end_fails_the_generation(
     store_cluster: Cluster,
     programs: Programs,
@@ -510,15 +510,17 @@ def test_writer_daemon_restarted_before_a_reader_elsewhere_had_the_end_fails_the
     on another port: its redials are refused, only the event tells). ``missed``: its
     daemon ignores writer-gone events (a test hook, as a broken feed or a pruned log); the
     restart is on the same port, whose new run answers it holds no writer of the edge, and
-    that makes the same call. (``missed`` got EIO after --writer-lost-timeout on 3f3e30c.)
-    Both on SQLite and on etcd."""
+    that makes the same call. ``missed-moved``: the same, restarted on another port: its
+    redials are refused, and the record (no endpoint since the restart) tells it.
+    (``missed`` got EIO after --writer-lost-timeout on 3f3e30c.) On SQLite and on etcd."""
     cluster = store_cluster
     # The writer's window takes the whole stream, so its program finishes; the reader's
     # side (program, FIFO, read buffer, sockets: well under 96 MiB) cannot: no END there.
     writer_args = ["--write-window", str(128 * MiB)]
-    if told == "missed":
+    if told.startswith("missed"):
         monkeypatch.setenv(testhooks.ENV, "1")
         monkeypatch.setenv(testhooks.DROP_EVENTS_ENV, "writer-gone")
+    if told == "missed":
         writer_args += ["--data-listen", f"127.0.0.1:{free_port()}"]
     a = cluster.node("a", extra=writer_args)
     c = cluster.node("c", extra=["--writer-lost-timeout", "60"])
@@ -540,7 +542,7 @@ def test_writer_daemon_restarted_before_a_reader_elsewhere_had_the_end_fails_the
     assert cluster.edge(edge)["writer_state"] == "complete"
     a.kill()
     a = cluster.node("a", extra=writer_args)  # a new run: the rest is gone
-    if told == "missed":
+    if told.startswith("missed"):
         # Its daemon, its buffers full, reads the connection again (and finds it broken)
         # only when the program reads on.
         go.touch()

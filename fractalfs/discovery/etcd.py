@@ -480,7 +480,7 @@ class EtcdStore:
                     if cur.writer_node != node or not read_elsewhere(cur):
                         return None
                     data = {"node": node, "generation": cur.generation, "cause": cause}
-                    return "writer-gone", data, {}
+                    return "writer-gone", data, {"writer_endpoint": ""}  # see store.Store
 
                 changed.append(self._mutate(e.id, gone))
             for e in complete:

@@ -351,7 +351,11 @@ class Store:
                 for cur in self._complete_by(node):
                     if read_elsewhere(cur):
                         data = {"node": node, "generation": cur.generation, "cause": cause}
-                        changed.append(self._update(cur, EventKind.WRITER_GONE, data))
+                        # No daemon serves it now: a reader that misses the event sees it
+                        # in the record (edgestate: complete, no endpoint).
+                        changed.append(
+                            self._update(cur, EventKind.WRITER_GONE, data, writer_endpoint="")
+                        )
                 for cur in self._undelivered_by(node):
                     why = f"node {node} {cause} before a reader read the whole stream"
                     data = {"generation": cur.generation, "bytes": cur.bytes_written}
