@@ -338,6 +338,9 @@ async def pull(
                 reply = await greet(conn, hello, key)
         except (OSError, ConnectionLost, trio.TooSlowError, handshake.HandshakeError) as exc:
             return Result(PullOutcome.LOST, f"cannot reach {endpoint}: {exc or 'timeout'}")
+        if reply.status is Status.NO_EDGE and not reply.generation:
+            # Not "aborted" (that names its generation): no writer of the edge there at all.
+            return Result(PullOutcome.UNHELD, f"{reply.status.name}: {reply.message}")
         if reply.status is not Status.OK:
             return Result(PullOutcome.GONE, f"{reply.status.name}: {reply.message}")
         on_connected(generation)

@@ -13,6 +13,10 @@ Faults and what the machine makes of them:
   and re-assert its generation, then resume; a newer generation means a re-run;
 * the writing program failed, or its daemon no longer serves the generation -> wait for a
   re-run writer (a newer generation) for at most ``writer_lost_timeout``, then EIO;
+* a *complete* generation whose writer's daemon holds no writer of the edge (a new run of
+  it: the rest of the stream went with the old one), or whose record has no endpoint any
+  more (discovery saw that daemon restart or leave) -> have discovery fail it
+  (:class:`Unfinished`), then wait for the re-run as above;
 * a failed generation whose daemon still serves it (a persistent spill, also one found
   after a restart) -> read its prefix once, then wait for a re-run as above;
 * a re-run writer (newer generation) after bytes were delivered -> read it from offset 0,
@@ -36,6 +40,7 @@ class PullOutcome(Enum):
     END = "end"  # the end marker arrived and was verified
     LOST = "lost"  # could not connect, or the connection broke: redial
     GONE = "gone"  # that generation is not served any more: wait for a re-run
+    UNHELD = "unheld"  # the writer's daemon holds no writer of the edge at all (NO_EDGE)
     REMOVED = "removed"
     DIVERGED = "diverged"  # a re-run writer's replay differs from what was delivered
     CLOSED = "closed"  # our program closed its end
@@ -84,6 +89,14 @@ class Connect:
 
 
 @dataclass(frozen=True, slots=True)
+class Unfinished:
+    """Tell discovery that this reader lacks the END of complete ``generation``, whose
+    writer's daemon no longer holds it (``writer/gone``); then look at the record again."""
+
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
 class Fail:
     errno: int
     reason: str
@@ -94,7 +107,7 @@ class Done:
     pass
 
 
-Action = Query | Connect | Fail | Done
+Action = Query | Connect | Unfinished | Fail | Done
 
 
 def backoff(
@@ -123,6 +136,7 @@ class ReaderMachine:
     attempt: int = 0
     seen_edge: bool = False
     trying: int = 0  # the generation of the last Connect
+    trying_complete: bool = False  # ... and whether the record called it complete
 
     def start(self) -> Action:
         return Query()
@@ -139,11 +153,16 @@ class ReaderMachine:
         # A failed generation whose daemon still holds its bytes (a persistent spill) can
         # serve its prefix: read it once, then wait for the re-run as usual.
         prefix = view.writer_state == "failed" and bool(view.writer_endpoint)
+        complete = usable and view.writer_state == "complete" and gen >= self.generation
+        if complete and not view.writer_endpoint:  # its daemon run is gone: nobody serves it
+            self.dead = self.dead | {gen}
+            return Unfinished(gen)
         if (usable or (prefix and gen not in self.dead)) and gen >= self.generation:
             if usable:
                 self.writer_gone_since = None
             replay = gen != self.generation and received > 0
             self.trying = gen
+            self.trying_complete = view.writer_state == "complete"
             return Connect(gen, view.writer_node, view.writer_endpoint, replay)
         if view.writer_state == "none" and not self.generation:
             return Query(view.version, self.long_poll)  # the writer has not come yet
@@ -174,10 +193,14 @@ class ReaderMachine:
             return Fail(errno.ECANCELED, "the edge was removed")
         if outcome is PullOutcome.DIVERGED:
             return Fail(errno.EIO, f"replay diverged: {detail}")
-        if outcome is PullOutcome.GONE:
+        if outcome in (PullOutcome.GONE, PullOutcome.UNHELD):
             self.dead = self.dead | {self.trying}
             self.lost_since = None
             self.attempt = 0
+            if outcome is PullOutcome.UNHELD and self.trying_complete:
+                # Complete, and its daemon (a new run) holds nothing: our END will never
+                # come, and discovery cannot know that (only we know we lack it).
+                return Unfinished(self.trying)
             return Query()  # look at the record now: maybe a re-run is already there
         if self.lost_since is None:
             self.lost_since = now

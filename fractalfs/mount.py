@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import pyfuse3
 import trio
 
-from . import auth, metrics
+from . import auth, metrics, testhooks
 from .config import NodeConfig
 from .discovery.client import DiscoveryClient, DiscoveryError, Unavailable
 from .discovery.server import EmbeddedDiscovery, parse_listen
@@ -165,6 +165,8 @@ async def serve(
             pyfuse3.init(ops, config.mountpoint, FUSE_OPTIONS)
             mounted = True
             nursery.start_soon(_on_signals, node)
+            if testhooks.enabled():
+                await nursery.start(testhooks.run)
             line = (
                 f"fractalfs: {config.mountpoint} mounted (node {config.node}, "
                 f"data {endpoint}, discovery {discovery_url})"

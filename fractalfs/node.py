@@ -38,7 +38,16 @@ from .edges import (
     WriterState,
     wait_or_interrupt,
 )
-from .edgestate import Connect, EdgeView, Fail, PullOutcome, Query, ReaderMachine, backoff
+from .edgestate import (
+    Connect,
+    EdgeView,
+    Fail,
+    PullOutcome,
+    Query,
+    ReaderMachine,
+    Unfinished,
+    backoff,
+)
 from .exits import ExitWatcher
 from .follow import Follower, Parked
 from .membership import Membership
@@ -665,6 +674,11 @@ class Node:
                         log.info("edge %s: %s", edge, result.detail)
                         metrics.RECONNECTS.inc()
                     action = machine.on_pull(result.outcome, result.detail, trio.current_time())
+                elif isinstance(action, Unfinished):
+                    # As a writer-gone event would have had it done (Membership), for a
+                    # reader whose daemon missed that event: the same call, same check.
+                    await self.membership.writer_gone(reader.edge, action.generation)
+                    action = Query()
                 elif isinstance(action, Fail):
                     reader.fail(action.errno, f"edge {edge}: {action.reason}")
                     if action.reason.startswith("replay diverged"):

@@ -31,6 +31,7 @@ ROUTES = [
     ("DELETE", f"/v1/edges/{E}"),
     ("POST", f"/v1/edges/{E}/writer"),
     ("POST", f"/v1/edges/{E}/writer/close"),
+    ("POST", f"/v1/edges/{E}/writer/gone"),
     ("POST", f"/v1/edges/{E}/reader"),
     ("POST", f"/v1/edges/{E}/reader/close"),
     ("POST", f"/v1/edges/{E}/progress"),
@@ -97,6 +98,13 @@ def test_a_node_may_act_only_as_itself(disc: Discovery) -> None:
         assert http.post(f"/edges/{E}/progress", json={"bytes": 1}, auth=b).status_code == 403
         assert http.post(f"/edges/{E}/progress", json={"bytes": 1}, auth=a).status_code == 200
         assert http.post(f"/edges/{E}/mode", json=mode, auth=b).status_code == 200
+        # Failing a generation as its reader that lacks the END: only in its own name.
+        gone = {"node": "a", "generation": 1}
+        assert http.post(f"/edges/{E}/writer/gone", json=gone, auth=b).status_code == 403
+        # ... and only as the edge's reader (b is its writer).
+        resp = http.post(f"/edges/{E}/writer/gone", json={**gone, "node": "b"}, auth=b)
+        assert resp.status_code == 403 and "not the reader" in resp.json()["error"]
+        assert http.post(f"/edges/{E}/writer/gone", json=gone, auth=a).status_code == 200
         rec = http.get(f"/edges/{E}", auth=a).json()
         assert rec["writer_node"] == "b" and rec["reader_node"] == "a"
         assert rec["writer_state"] == "open" and rec["generation"] == 1

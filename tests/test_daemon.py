@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import os
 import signal
@@ -115,3 +116,30 @@ def test_an_end_during_a_long_discovery_outage_is_recorded_when_it_is_back(
 
     wait_for(recorded, 15, "both ends recorded")  # each retries on its own backoff
     assert cluster.edge(edge)["bytes_delivered"] == 8
+
+
+def test_a_daemon_restarted_while_discovery_was_down_is_a_restart(
+    cluster: Cluster, programs: Programs
+) -> None:
+    """Discovery and the writer's daemon both restart; the daemon's new run heartbeats
+    before discovery's liveness check could find the old one silent. Discovery must still
+    tell the new run from the old (it keeps each node's boot id on disk): the old run's
+    writer is gone, so a re-run writer on another node takes the edge instead of EBUSY."""
+    disc = cluster.start_discovery()
+    a, b, c = cluster.node("a"), cluster.node("b"), cluster.node("c")
+    edge = new_edge()
+    writer = programs.start(f"exec sleep 600 > {a.path(edge)}")
+    wait_for(lambda: cluster.edge(edge).get("writer_state") == "open", 10, "the writer")
+    disc.kill()
+    a.kill()
+    os.killpg(writer.pid, signal.SIGKILL)
+    writer.communicate(timeout=10)
+    # A new run, started as discovery comes back: it retries discovery for 3 s, and its
+    # first heartbeat comes well within discovery's first 1.5 s.
+    restart = concurrent.futures.ThreadPoolExecutor(1).submit(cluster.node, "a")
+    disc.start()
+    a = restart.result(timeout=30)
+    reader = programs.start(f"cat {b.path(edge)}")
+    sh(f"echo again > {c.path(edge)}", timeout=40)  # EBUSY while the old writer was "open"
+    assert reader.communicate(timeout=30)[0] == b"again\n"
+    assert a.alive() and b.alive() and c.alive()

@@ -42,6 +42,8 @@ def test_bad_requests_get_a_reason(api: httpx.Client) -> None:
     big = {"node": "a" * 100_000, "endpoint": "x"}
     assert api.post(f"/edges/{E}/writer", json=big).status_code == 413
     error(api.delete(f"/edges/{E}"), 404, "no edge")
+    error(api.post(f"/edges/{E}/writer/gone", json={"node": "a"}), 400, "'generation'")
+    error(api.post(f"/edges/{E}/writer/gone", json={"node": "a", "generation": 1}), 404, "no edge")
 
 
 def test_generations_and_conflicts(api: httpx.Client) -> None:

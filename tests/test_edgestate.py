@@ -15,6 +15,7 @@ from fractalfs.edgestate import (
     PullOutcome,
     Query,
     ReaderMachine,
+    Unfinished,
 )
 
 
@@ -149,3 +150,45 @@ def test_a_failed_generation_still_served_gives_its_prefix_once() -> None:
     other = machine()
     no_endpoint = EdgeView(True, 5, 1, "failed", "w", "")
     assert isinstance(other.on_record(no_endpoint, 0.0, 0), Query)
+
+
+def test_a_complete_generation_its_daemon_no_longer_holds_is_reported_unfinished() -> None:
+    """A complete generation whose writer's daemon (a new run) holds no writer of the edge:
+    this reader lacks its END for good, so it has discovery fail it (only the reader knows
+    it lacks the END), then waits for the re-run as for a failed program."""
+    m = machine(writer_lost_timeout=10)
+    assert isinstance(m.on_record(view(1, "complete"), 0.0, 5), Connect)
+    m.on_connected(1)
+    assert isinstance(m.on_pull(PullOutcome.LOST, "reset", 1.0), Query)
+    assert m.on_record(view(1, "complete"), 1.0, 5) == Connect(1, "w", "h:1", replay=False)
+    assert m.on_pull(PullOutcome.UNHELD, "NO_EDGE", 2.0) == Unfinished(1)
+    # Until discovery has failed it, the record may still say complete: not read again.
+    assert isinstance(m.on_record(view(1, "complete", version=11), 2.0, 5), Query)
+    assert isinstance(m.on_record(view(1, "failed", version=12), 2.0, 5), Query)
+    rerun = m.on_record(view(2, "open", version=13), 3.0, 5)
+    assert rerun == Connect(2, "w", "h:1", replay=True)
+
+
+@pytest.mark.parametrize(
+    ("state", "outcome"),
+    [
+        ("open", PullOutcome.UNHELD),  # its program may still be writing elsewhere: wait
+        ("complete", PullOutcome.GONE),  # e.g. STALE or aborted: not "held by nobody"
+    ],
+)
+def test_only_an_unheld_complete_generation_is_reported(state: str, outcome: PullOutcome) -> None:
+    m = machine()
+    assert isinstance(m.on_record(view(1, state), 0.0, 0), Connect)
+    assert m.on_pull(outcome, "", 1.0) == Query()
+
+
+def test_a_complete_generation_whose_record_lost_its_endpoint_is_reported_unfinished() -> None:
+    """Discovery clears the endpoint of a complete generation whose daemon run restarted or
+    left while its reader elsewhere was reading: a reader that missed the writer-gone
+    event (its redials refused: the node came back on another port) sees it there."""
+    m = machine()
+    connected(m, received=5)
+    assert isinstance(m.on_pull(PullOutcome.LOST, "refused", 1.0), Query)
+    gone = EdgeView(True, 11, 1, "complete", "w", "")
+    assert m.on_record(gone, 1.0, 5) == Unfinished(1)
+    assert isinstance(m.on_record(gone, 2.0, 5), Query)  # told once, then it waits

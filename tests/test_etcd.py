@@ -249,14 +249,28 @@ def test_a_restarted_writer_node_fails_the_complete_streams_no_reader_read_whole
     # Silent: it may come back with all it held. Only its reader is lost meanwhile.
     assert [e.id for e in store.node_lost("a")] == [ids["same-node"]]
     assert {store.get(e).writer_state for e in ids.values()} == {"complete"}  # type: ignore[union-attr]
-    failed = {e.id for e in store.node_lost("a", "restarted")}
+    changed = {e.id for e in store.node_lost("a", "restarted")}
+    assert changed == {ids["unread"], ids["same-node"], ids["reading"]}
+    failed = {e.edge for e in store.events(0) if e.kind == "failed"}
     assert failed == {ids["unread"], ids["same-node"]}
+    # Its reader on another node is told (writer-gone); only it knows if it had the END.
+    assert [e.edge for e in store.events(0) if e.kind == "writer-gone"] == [ids["reading"]]
+    # ... and its record says so (no daemon serves it), for a reader that missed the event.
+    assert store.get(ids["reading"]).writer_endpoint == ""  # type: ignore[union-attr]
+    assert store.get(ids["done"]).writer_endpoint != ""  # type: ignore[union-attr]
     rec = store.get(ids["same-node"])
     assert rec is not None and rec.writer_state == "failed" and "restarted" in rec.reason
     # A live reader elsewhere may hold it all (its END arrived): not failed for it.
     for name in ("reading", "done", "closed", "persistent", "elsewhere"):
         assert store.get(ids[name]).writer_state == "complete"  # type: ignore[union-attr]
-    assert store.node_lost("a", "left") == []  # nothing left to fail, the index is clean
+    # It lacked the END: the generation fails. Only that reader, for that generation.
+    assert store.writer_gone(ids["reading"], "x", 1).writer_state == "complete"
+    assert store.writer_gone(ids["reading"], "r", 2).writer_state == "complete"
+    for name in ("done", "closed", "persistent", "elsewhere"):
+        assert store.writer_gone(ids[name], "r", 1).writer_state == "complete"
+    rec = store.writer_gone(ids["reading"], "r", 1)
+    assert rec.writer_state == "failed" and "had not received all" in rec.reason
+    assert store.node_lost("a", "left") == []  # nothing left to fail or tell
     assert store._undelivered_by("a") == []
 
 

@@ -10,11 +10,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from fractalfs import fiforoute
+from fractalfs import fiforoute, testhooks
+from fractalfs.etcdtesting import EtcdCluster, Replica, free_port, have_etcd
 from fractalfs.testing import Node
 
 from .conftest import (
@@ -465,3 +467,91 @@ def test_reader_killed_after_the_end_then_a_rerun_reader_over_tcp(
     _, err = reader2.communicate(timeout=30)
     assert reader2.returncode == 0, err
     assert sha_file(out) == sha_file(src)
+
+
+@pytest.fixture(params=["sqlite", "etcd"])
+def store_cluster(
+    request: pytest.FixtureRequest, cluster: Cluster, tmp_path: Path
+) -> Iterator[Cluster]:
+    """``cluster`` with its discovery started on SQLite, or on a real etcd member."""
+    if request.param == "sqlite":
+        cluster.start_discovery()
+        yield cluster
+        return
+    if not have_etcd():
+        pytest.skip("needs etcd (apt install etcd-server)")
+    etcd = EtcdCluster(tmp_path / "etcd", members=1)
+    try:
+        etcd.start()
+        cluster.discovery = Replica(tmp_path, f"{etcd.url}/t{os.getpid()}")
+        cluster.discovery.start()
+        yield cluster
+    finally:
+        cluster.close()  # the daemons before their discovery, before its etcd
+        etcd.stop()
+
+
+@pytest.mark.parametrize("told", ["event", "missed", "missed-moved"])
+def test_writer_daemon_restarted_before_a_reader_elsewhere_had_the_end_fails_the_generation(
+    store_cluster: Cluster,
+    programs: Programs,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    told: str,
+) -> None:
+    """Transient: the writing program finished (complete), but its reader on another node
+    had not received the END when the writer's daemon restarted: the rest of the stream
+    died with that daemon. The reader's daemon (only it knows it lacks the END) has
+    discovery fail the generation, so that the writer is re-run; the reader waits for that
+    re-run, verifies the replayed prefix and gets the whole stream exactly once. (It got
+    EIO after --writer-lost-timeout, and the generation stayed "complete".)
+
+    ``event``: the reader's daemon learns it from discovery's writer-gone event (a restart
+    on another port: its redials are refused, only the event tells). ``missed``: its
+    daemon ignores writer-gone events (a test hook, as a broken feed or a pruned log); the
+    restart is on the same port, whose new run answers it holds no writer of the edge, and
+    that makes the same call. ``missed-moved``: the same, restarted on another port: its
+    redials are refused, and the record (no endpoint since the restart) tells it.
+    (``missed`` got EIO after --writer-lost-timeout on 3f3e30c.) On SQLite and on etcd."""
+    cluster = store_cluster
+    # The writer's window takes the whole stream, so its program finishes; the reader's
+    # side (program, FIFO, read buffer, sockets: well under 96 MiB) cannot: no END there.
+    writer_args = ["--write-window", str(128 * MiB)]
+    if told.startswith("missed"):
+        monkeypatch.setenv(testhooks.ENV, "1")
+        monkeypatch.setenv(testhooks.DROP_EVENTS_ENV, "writer-gone")
+    if told == "missed":
+        writer_args += ["--data-listen", f"127.0.0.1:{free_port()}"]
+    a = cluster.node("a", extra=writer_args)
+    c = cluster.node("c", extra=["--writer-lost-timeout", "60"])
+    edge = new_edge()
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(96 * MiB + 5))
+    out, go = tmp_path / "out", tmp_path / "go"
+    slow = (
+        "import os, shutil, sys, time\n"
+        "f = open(sys.argv[1], 'rb'); o = open(sys.argv[2], 'wb')\n"
+        f"o.write(f.read({MiB})); o.flush()\n"
+        "while not os.path.exists(sys.argv[3]): time.sleep(0.05)\n"
+        "shutil.copyfileobj(f, o)\n"
+    )
+    reader = programs.start(
+        f"exec {sys.executable} -c {shlex.quote(slow)} {c.path(edge)} {out} {go}"
+    )
+    sh(f"cat {src} > {a.path(edge)}", timeout=60)  # exit 0: the generation is complete
+    assert cluster.edge(edge)["writer_state"] == "complete"
+    a.kill()
+    a = cluster.node("a", extra=writer_args)  # a new run: the rest is gone
+    if told.startswith("missed"):
+        # Its daemon, its buffers full, reads the connection again (and finds it broken)
+        # only when the program reads on.
+        go.touch()
+    wait_for(
+        lambda: cluster.edge(edge).get("writer_state") == "failed", 10, "the generation failed"
+    )
+    go.touch()
+    sh(f"cat {src} > {a.path(edge)}", timeout=60)  # the re-run writer
+    _, err = reader.communicate(timeout=60)
+    assert reader.returncode == 0, err
+    assert sha_file(out) == sha_file(src)
+    assert cluster.edge(edge)["state"] == "delivered"

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fractalfs import testhooks
 from fractalfs.discovery.client import DiscoveryClient
 from fractalfs.discovery.heartbeat import (
     NODE_HEADER,
@@ -28,7 +31,7 @@ from fractalfs.discovery.heartbeat import (
 )
 from fractalfs.edgeid import EdgeId
 from fractalfs.pulse import Pulse
-from fractalfs.testing import Discovery
+from fractalfs.testing import Discovery, Node
 
 from .conftest import Cluster, Programs, sh, wait_for
 
@@ -318,3 +321,84 @@ def test_discoverys_own_stall_is_not_a_nodes_silence(tmp_path: Path) -> None:
     after_stall, later = asyncio.run(main())
     assert after_stall == set()
     assert later == {"n"}
+
+
+SLOW_WRITER = (
+    "import sys, time; d = open(sys.argv[1], 'rb').read(); out = open(sys.argv[2], 'wb')\n"
+    "for i in range(0, len(d), 32768):\n"
+    "    out.write(d[i : i + 32768]); out.flush(); time.sleep(0.05)\n"
+)
+
+
+def _slow_streams(
+    a: Node, b: Node, programs: Programs, tmp_path: Path, n: int = 3
+) -> tuple[list[str], list[bytes], list[Path], list[subprocess.Popen[bytes]]]:
+    """``n`` streams from ``a`` to ``b`` of 3 MiB each, written over ~5 s; returns once
+    every reader has bytes."""
+    edges = [EdgeId.new().hex for _ in range(n)]
+    data = [os.urandom(3 * 1024 * 1024 + i) for i in range(n)]
+    outs = [tmp_path / f"out{i}" for i in range(n)]
+    procs = []
+    for i, (e, d, o) in enumerate(zip(edges, data, outs, strict=True)):
+        src = tmp_path / f"src{i}"
+        src.write_bytes(d)
+        procs.append(programs.start(f"exec cat {b.path(e)} > {o}"))
+        code = shlex.quote(SLOW_WRITER)
+        procs.append(programs.start(f"exec python3 -c {code} {src} {a.path(e)}"))
+    wait_for(lambda: all(o.exists() and o.stat().st_size > 0 for o in outs), 20, "bytes")
+    return edges, data, outs, procs
+
+
+def _losses(api: httpx.Client) -> list[dict[str, object]]:
+    events = api.get("/events", params={"after": 0}).json()["events"]
+    return [e for e in events if e["kind"] in ("writer-lost", "reader-lost")]
+
+
+def test_a_busy_daemon_is_not_lost_and_its_streams_are_exact(
+    cluster: Cluster, programs: Programs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Busy is not dead, with real daemons: the writer daemon's loop is held 3 s (twice the
+    timeout) without a checkpoint while three streams flow (the test hook: as thousands of
+    opens at once). Its pulse thread keeps it alive: no loss, and every stream is exact."""
+    disc = cluster.start_discovery()
+    b = cluster.node("b")
+    monkeypatch.setenv(testhooks.ENV, "1")
+    a = cluster.node("a")
+    api = httpx.Client(base_url=disc.url + "/v1", timeout=10, auth=disc.auth)
+    edges, data, outs, procs = _slow_streams(a, b, programs, tmp_path)
+    a.signal(signal.SIGUSR2)
+    wait_for(lambda: "the loop runs again" in a.log.read_text(), 15, "the busy loop")
+    for p in procs:
+        p.communicate(timeout=60)
+        assert p.returncode == 0
+    assert [o.read_bytes() for o in outs] == data
+    assert "the loop is busy for 3.0 s" in a.log.read_text()
+    assert _losses(api) == []
+    assert [api.get(f"/edges/{e}").json()["generation"] for e in edges] == [1, 1, 1]
+
+
+def test_a_stopped_writer_daemon_is_lost_then_back_and_its_streams_are_exact(
+    cluster: Cluster, programs: Programs, tmp_path: Path
+) -> None:
+    """A daemon stopped (SIGSTOP: no thread runs, no pulse) past the timeout is lost; its
+    loss as a silent node fails nothing: after SIGCONT its writers are back and every
+    stream completes exactly, with no re-run."""
+    disc = cluster.start_discovery()
+    b = cluster.node("b")
+    a = cluster.node("a")
+    api = httpx.Client(base_url=disc.url + "/v1", timeout=10, auth=disc.auth)
+    edges, data, outs, procs = _slow_streams(a, b, programs, tmp_path)
+    a.signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: len(_losses(api)) >= len(edges), 5, "a declared lost")
+        time.sleep(1.0)
+    finally:
+        a.signal(signal.SIGCONT)
+    for p in procs:
+        p.communicate(timeout=60)
+        assert p.returncode == 0
+    assert [o.read_bytes() for o in outs] == data
+    lost = _losses(api)
+    assert {e["kind"] for e in lost} == {"writer-lost"}
+    assert all(e["data"]["cause"] == "silent" for e in lost)  # type: ignore[index]
+    assert [api.get(f"/edges/{e}").json()["generation"] for e in edges] == [1, 1, 1]

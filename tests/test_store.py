@@ -23,6 +23,16 @@ def test_generations_grow_and_survive_a_restart(tmp_path: Path) -> None:
     assert again.register_writer(E, "b", "h:2").generation == 3  # same node: superseded
 
 
+def test_boot_ids_survive_a_restart(tmp_path: Path) -> None:
+    store = Store(tmp_path / "d.db")
+    store.set_boot("a", "run-1")
+    store.set_boot("b", "run-1")
+    store.set_boot("a", "run-2")
+    store.forget_boot("b")
+    store.close()
+    assert Store(tmp_path / "d.db").boots() == {"a": "run-2"}
+
+
 def test_open_writer_on_another_node_conflicts() -> None:
     store = Store(":memory:")
     store.register_writer(E, "a", "h:1")
@@ -131,16 +141,29 @@ def test_a_restarted_writer_node_fails_the_complete_streams_no_reader_read_whole
     # Silent: it may come back with all it held. Only its reader is lost meanwhile.
     assert [e.id for e in store.node_lost("a")] == [ids["same-node"]]
     assert {store.get(e).writer_state for e in ids.values()} == {"complete"}  # type: ignore[union-attr]
-    failed = {e.id for e in store.node_lost("a", "restarted")}
+    changed = {e.id for e in store.node_lost("a", "restarted")}
+    assert changed == {ids["unread"], ids["same-node"], ids["reading"]}
+    failed = {e.edge for e in store.events(0) if e.kind == "failed"}
     assert failed == {ids["unread"], ids["same-node"]}
+    # Its reader on another node is told (writer-gone); only it knows if it had the END.
+    assert [e.edge for e in store.events(0) if e.kind == "writer-gone"] == [ids["reading"]]
+    # ... and its record says so (no daemon serves it), for a reader that missed the event.
+    assert store.get(ids["reading"]).writer_endpoint == ""  # type: ignore[union-attr]
+    assert store.get(ids["done"]).writer_endpoint != ""  # type: ignore[union-attr]
     rec = store.get(ids["same-node"])
     assert rec is not None and rec.writer_state == "failed" and "restarted" in rec.reason
     assert rec.reader_state == "lost"
     # A live reader elsewhere may hold it all (its END arrived): not failed for it.
     for name in ("reading", "done", "closed", "persistent", "elsewhere"):
         assert store.get(ids[name]).writer_state == "complete"  # type: ignore[union-attr]
-    assert {e.edge for e in store.events(0) if e.kind == "failed"} == failed
-    assert store.node_lost("a", "left") == []  # nothing left to fail
+    # It lacked the END: the generation fails. Only that reader, for that generation.
+    assert store.writer_gone(ids["reading"], "x", 1).writer_state == "complete"
+    assert store.writer_gone(ids["reading"], "r", 2).writer_state == "complete"
+    for name in ("done", "closed", "persistent", "elsewhere"):
+        assert store.writer_gone(ids[name], "r", 1).writer_state == "complete"
+    rec = store.writer_gone(ids["reading"], "r", 1)
+    assert rec.writer_state == "failed" and "had not received all" in rec.reason
+    assert store.node_lost("a", "left") == []  # nothing left to fail or tell
 
 
 def test_a_database_from_before_the_mode_columns_is_migrated(tmp_path: Path) -> None:

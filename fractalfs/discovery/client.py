@@ -219,6 +219,11 @@ class DiscoveryClient:
             body={"generation": generation, "state": state, "bytes": written, "reason": reason},
         )
 
+    async def writer_gone(self, edge: str, node: str, generation: int) -> dict[str, Any]:
+        return await self._call(
+            "POST", f"/edges/{edge}/writer/gone", body={"node": node, "generation": generation}
+        )
+
     async def claim_reader(self, edge: str, node: str) -> dict[str, Any]:
         return await self._call("POST", f"/edges/{edge}/reader", body={"node": node})
 

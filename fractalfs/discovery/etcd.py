@@ -6,7 +6,8 @@ Keys under one prefix (default ``fractalfs/``)::
     ev/<time><rand>   one event (JSON); its create revision is the event's ``seq``
     head              rewritten with every event: its mod revision is the newest event's seq
     h/<node>/<edge>:w an index: <node> holds an open writer (":r" reader) of <edge>
-    u/<node>/<edge>   an index: <node> wrote <edge> complete, not read whole yet (undelivered)
+    u/<node>/<edge>   an index: <node> wrote <edge> complete, not read whole yet (undelivered,
+                      or still being read on another node: read_elsewhere)
     n/<node>          a live node: {"boot", "lease"}, attached to the node's lease
 
 Every change is a read, then one transaction that compares the edge key's mod revision with
@@ -42,7 +43,17 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from .store import READER_STATES, Conflict, Edge, Event, NotFound, undelivered
+from .store import (
+    READER_STATES,
+    Conflict,
+    Edge,
+    Event,
+    NotFound,
+    gone_reason,
+    read_elsewhere,
+    undelivered,
+    unfinished_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +291,7 @@ class EtcdStore:
                 out.add(f"{self.prefix}h/{e.writer_node}/{e.id}:w")
             if e.reader_state == "open" and e.reader_node:
                 out.add(f"{self.prefix}h/{e.reader_node}/{e.id}:r")
-            if undelivered(e) and e.writer_node:
+            if (undelivered(e) or read_elsewhere(e)) and e.writer_node:
                 out.add(f"{self.prefix}u/{e.writer_node}/{e.id}")
             return out
 
@@ -394,6 +405,16 @@ class EtcdStore:
 
         return self._mutate(edge, change)
 
+    def writer_gone(self, edge: str, node: str, generation: int) -> Edge:
+        def change(cur: Edge) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
+            if not unfinished_for(cur, node, generation):
+                return None
+            why = gone_reason(cur)
+            data = {"generation": generation, "bytes": cur.bytes_written, "reason": why}
+            return "failed", data, {"writer_state": "failed", "reason": why}
+
+        return self._mutate(edge, change)
+
     def claim_reader(self, edge: str, node: str) -> Edge:
         def change(cur: Edge) -> tuple[str, dict[str, Any], dict[str, Any]]:
             if cur.reader_state == "open" and cur.reader_node != node:
@@ -450,7 +471,19 @@ class EtcdStore:
                 changed.append(self._mutate(e.id, reader_lost))
         if cause != "silent":  # see store.Store.node_lost
             why = f"node {node} {cause} before a reader read the whole stream"
-            for e in self._many(self._undelivered_by(node)).values():
+            complete = self._many(self._undelivered_by(node)).values()
+            for e in complete:
+                if not read_elsewhere(e):
+                    continue
+
+                def gone(cur: Edge) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
+                    if cur.writer_node != node or not read_elsewhere(cur):
+                        return None
+                    data = {"node": node, "generation": cur.generation, "cause": cause}
+                    return "writer-gone", data, {"writer_endpoint": ""}  # see store.Store
+
+                changed.append(self._mutate(e.id, gone))
+            for e in complete:
 
                 def lost_stream(cur: Edge) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
                     if cur.writer_node != node or not undelivered(cur):
@@ -642,6 +675,15 @@ class EtcdStore:
             with contextlib.suppress(ValueError):  # it may have expired already
                 self.gateway.call("/v3/lease/revoke", {"ID": str(before["lease"])})
         return str(before.get("boot", ""))
+
+    def boots(self) -> dict[str, str]:
+        return {node: str(info.get("boot", "")) for node, info in self.live_nodes().items()}
+
+    def set_boot(self, node: str, boot: str) -> None:
+        """Nothing to do: :meth:`node_heartbeat` keeps the boot id in ``n/<node>``."""
+
+    def forget_boot(self, node: str) -> None:
+        """Nothing to do: ``n/<node>`` goes with the node's lease (:meth:`node_leave`)."""
 
     def node_leave(self, node: str) -> None:
         kvs = self.gateway.range(self._node_key(node))

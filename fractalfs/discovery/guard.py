@@ -4,11 +4,12 @@ and a node's own credential for whatever a node does in its own name.
 The rules (see :mod:`fractalfs.auth` for the credentials):
 
 * ``/nodes/{node}/...`` (heartbeat, pulse, leave): only ``node``;
-* a body naming a ``node`` (writer registration, reader claim and release, restore): only
-  that node;
+* a body naming a ``node`` (writer registration, reader claim and release, restore,
+  writer gone): only that node;
 * ``/writer/close``, ``/mode`` and ``/writer/restore``: only the edge's writer node (a
-  restarted node restores what it wrote, never another node's stream); ``/progress``:
-  only its reader node (discovery recorded who registered what);
+  restarted node restores what it wrote, never another node's stream); ``/progress`` and
+  ``/writer/gone`` (a generation failed for lack of its END): only its reader node
+  (discovery recorded who registered what);
 * everything else (reads, removal, the event log, metrics, the status page): any principal.
 
 The operator's credential (the secret itself) may do everything.
@@ -30,7 +31,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Get = Callable[[str], Awaitable[Edge | None]]  # an edge's record from the store
 OPEN = frozenset({"/v1/health"})
 REALM = 'Basic realm="fractalfs", charset="UTF-8"'
-BODY_NODE = ("/writer", "/reader", "/reader/close", "/writer/restore")
+BODY_NODE = ("/writer", "/reader", "/reader/close", "/writer/restore", "/writer/gone")
 
 
 def _refuse(status: int, reason: str) -> web.Response:
@@ -61,18 +62,20 @@ async def _allowed(request: web.Request, who: Principal, get: Get, body_timeout:
         named = await _body_node(request, body_timeout)
         if isinstance(named, str) and not who.may_act_as(named):
             return f"node {who.node} may not act as node {named}"
-        if tail != "/writer/restore":
+        if tail not in ("/writer/restore", "/writer/gone"):
             return ""
-    if tail in ("/writer/close", "/mode", "/progress", "/writer/restore"):
+    if tail in ("/writer/close", "/mode", "/progress", "/writer/restore", "/writer/gone"):
         try:
             record = await get(edge)
         except ValueError:
             return ""
         if record is None:
             return ""
-        owner = record.reader_node if tail == "/progress" else record.writer_node
+        # A generation is failed for lack of its END only by the node that reads it.
+        reads = tail in ("/progress", "/writer/gone")
+        owner = record.reader_node if reads else record.writer_node
         if not who.may_act_as(owner):  # no node yet ("") is no node's end either
-            end = "reader" if tail == "/progress" else "writer"
+            end = "reader" if reads else "writer"
             holder = f"node {owner} is" if owner else "no node is"
             return f"node {who.node} is not the {end} of edge {edge} ({holder})"
     return ""

@@ -37,6 +37,10 @@ class EventKind(StrEnum):
     FAILED = "failed"
     WRITER_LOST = "writer-lost"
     WRITER_BACK = "writer-back"
+    # The daemon run that held a complete transient generation is gone (restarted, left)
+    # while its reader on another node was still reading: only that reader's daemon knows
+    # whether it had received the END; if not, it fails the generation (writer/gone).
+    WRITER_GONE = "writer-gone"
     READER = "reader"  # a reader claimed the edge
     READER_DONE = "reader-done"
     READER_CLOSED = "reader-closed"

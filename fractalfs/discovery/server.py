@@ -277,6 +277,8 @@ class DiscoveryApp:
         now = asyncio.get_running_loop().time()
         for node in await self._do(self.store.nodes_with_open_ends):
             self.last_seen.setdefault(node, now)
+        # And the run each was: a daemon restarted while discovery was down is a restart.
+        self.boots = {**await self._do(self.store.boots), **self.boots}
         self._checker = asyncio.create_task(self._check_liveness())
 
     async def _stop_liveness(self, app: web.Application) -> None:
@@ -364,6 +366,7 @@ class DiscoveryApp:
         r.add_delete(f"{API}/edges/{{edge}}", self.delete_edge)
         r.add_post(f"{API}/edges/{{edge}}/writer", self.register_writer)
         r.add_post(f"{API}/edges/{{edge}}/writer/close", self.close_writer)
+        r.add_post(f"{API}/edges/{{edge}}/writer/gone", self.writer_gone)
         r.add_post(f"{API}/edges/{{edge}}/reader", self.claim_reader)
         r.add_post(f"{API}/edges/{{edge}}/reader/close", self.release_reader)
         r.add_post(f"{API}/edges/{{edge}}/progress", self.progress)
@@ -488,8 +491,9 @@ class DiscoveryApp:
         if boot and self.boots.get(node, boot) != boot:
             # A new run of the daemon: whatever the old one held is gone with it.
             await self._lose(node, "restarted")
-        if boot:
+        if boot and self.boots.get(node) != boot:
             self.boots[node] = boot
+            await self._do(self.store.set_boot, node, boot)
         self.last_seen[node] = asyncio.get_running_loop().time()
         self.lost.discard(node)
 
@@ -497,6 +501,7 @@ class DiscoveryApp:
         node = self._node_name(request)
         self.last_seen.pop(node, None)
         self.boots.pop(node, None)
+        await self._do(self.store.forget_boot, node)
         await self._lose(node, "left")
         self.lost.discard(node)
         return web.json_response({"node": node})
@@ -661,6 +666,18 @@ class DiscoveryApp:
             _str(body, "state"),
             _int(body, "bytes"),
             _str(body, "reason", required=False),
+        )
+        self._changed(edge)
+        return web.json_response(_edge_json(edge, rec))
+
+    async def writer_gone(self, request: web.Request) -> web.Response:
+        """``{"node": N, "generation": G}``: the reader on N lacks the END of complete
+        generation G, whose writer's daemon run is gone (a ``writer-gone`` event told it):
+        G fails, so that the writer is re-run."""
+        edge = _edge_id(request)
+        body = await _body(request)
+        rec = await self._do(
+            self.store.writer_gone, edge, _str(body, "node"), _int(body, "generation")
         )
         self._changed(edge)
         return web.json_response(_edge_json(edge, rec))

@@ -40,6 +40,10 @@ CREATE TABLE IF NOT EXISTS edges (
     created REAL NOT NULL,
     updated REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS nodes (
+    name TEXT PRIMARY KEY,
+    boot TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     time REAL NOT NULL,
@@ -56,7 +60,7 @@ CREATE INDEX IF NOT EXISTS edges_reader ON edges (reader_node, reader_state);
 CREATE INDEX IF NOT EXISTS edges_done ON edges (reader_state, updated);
 """
 
-SCHEMA_VERSION = 3  # 1: no mode columns; 2: no reader_claim
+SCHEMA_VERSION = 4  # 1: no mode columns; 2: no reader_claim; 3: no nodes table
 
 READER_STATES = frozenset(ReaderState)
 EVENTS_KEPT = 100_000
@@ -75,6 +79,30 @@ def undelivered(edge: Edge) -> bool:
         edge.writer_state == WriterState.COMPLETE
         and edge.mode != "persistent"
         and edge.reader_state in (ReaderState.NONE, ReaderState.LOST, ReaderState.FAILED)
+    )
+
+
+def read_elsewhere(edge: Edge) -> bool:
+    """A complete transient generation whose reader, on another node than its writer, is
+    still reading: when the writer's daemon run is gone, the reader's daemon decides
+    whether the stream is lost (it had not received the END) or delivered."""
+    return (
+        edge.writer_state == WriterState.COMPLETE
+        and edge.mode != "persistent"
+        and edge.reader_state == ReaderState.OPEN
+        and edge.reader_node not in ("", edge.writer_node)
+    )
+
+
+def unfinished_for(edge: Edge, node: str, generation: int) -> bool:
+    """The reader on ``node`` of ``edge`` may fail ``generation`` as unfinished."""
+    return edge.generation == generation and read_elsewhere(edge) and edge.reader_node == node
+
+
+def gone_reason(edge: Edge) -> str:
+    return (
+        f"the daemon on node {edge.writer_node} that held the stream is gone; the reader on "
+        f"node {edge.reader_node} had not received all of it"
     )
 
 
@@ -239,6 +267,20 @@ class Store:
                 reason=reason,
             )
 
+    def writer_gone(self, edge: str, node: str, generation: int) -> Edge:
+        """The reader on ``node`` had not received the END of the complete ``generation``
+        when the daemon that held it went away: the generation fails (a re-run writer is
+        wanted; the reader waits for it). Anything else: nothing changes."""
+        with self._tx():
+            cur = self._require(edge)
+            if not unfinished_for(cur, node, generation):
+                return cur
+            why = gone_reason(cur)
+            data = {"generation": generation, "bytes": cur.bytes_written, "reason": why}
+            return self._update(
+                cur, EventKind.FAILED, data, writer_state=WriterState.FAILED, reason=why
+            )
+
     def claim_reader(self, edge: str, node: str) -> Edge:
         with self._tx():
             cur = self._get_or_new(edge)
@@ -306,6 +348,14 @@ class Store:
                         )
                     )
             if cause != LossCause.SILENT:
+                for cur in self._complete_by(node):
+                    if read_elsewhere(cur):
+                        data = {"node": node, "generation": cur.generation, "cause": cause}
+                        # No daemon serves it now: a reader that misses the event sees it
+                        # in the record (edgestate: complete, no endpoint).
+                        changed.append(
+                            self._update(cur, EventKind.WRITER_GONE, data, writer_endpoint="")
+                        )
                 for cur in self._undelivered_by(node):
                     why = f"node {node} {cause} before a reader read the whole stream"
                     data = {"generation": cur.generation, "bytes": cur.bytes_written}
@@ -400,6 +450,24 @@ class Store:
             self._db.execute("DELETE FROM edges WHERE id = ?", (edge,))
             self._event(edge, EventKind.DELETED, {})
 
+    # -- daemon runs -----------------------------------------------------------------------
+    # The boot id of each node's daemon run discovery heard from last. Kept on disk: a
+    # discovery restarted between two runs of a daemon must still tell the second from the
+    # first, or the first run's open writers stay "open" for good (a re-run gets EBUSY).
+
+    def boots(self) -> dict[str, str]:
+        return {r[0]: r[1] for r in self._db.execute("SELECT name, boot FROM nodes")}
+
+    def set_boot(self, node: str, boot: str) -> None:
+        self._db.execute(
+            "INSERT INTO nodes (name, boot) VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET boot = excluded.boot",
+            (node, boot),
+        )
+
+    def forget_boot(self, node: str) -> None:
+        self._db.execute("DELETE FROM nodes WHERE name = ?", (node,))
+
     # -- history ---------------------------------------------------------------------------
 
     def _held_by(self, node: str) -> list[Edge]:
@@ -413,10 +481,13 @@ class Store:
     def _undelivered_by(self, node: str) -> list[Edge]:
         """Complete generations written on ``node`` whose bytes only its daemon held (see
         :func:`undelivered`)."""
+        return [e for e in self._complete_by(node) if undelivered(e)]
+
+    def _complete_by(self, node: str) -> list[Edge]:
         rows = self._db.execute(
             "SELECT * FROM edges WHERE writer_node = ? AND writer_state = 'complete'", (node,)
         ).fetchall()
-        return [e for e in (Edge(**dict(r)) for r in rows) if undelivered(e)]
+        return [Edge(**dict(r)) for r in rows]
 
     def edges_page(self, after: str, limit: int) -> list[Edge]:
         """Up to ``limit`` edges with ids after ``after``, in id order."""

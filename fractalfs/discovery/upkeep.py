@@ -29,6 +29,7 @@ async def prune_once(app: DiscoveryApp, retention: float) -> int:
             app.lost.discard(node)
             app.last_seen.pop(node, None)
             app.boots.pop(node, None)
+            await app._do(app.store.forget_boot, node)
             app.held.forget(node)
     if pruned:
         log.info("forgot %d edges delivered more than %.0f s ago", pruned, retention)
