@@ -267,6 +267,13 @@ def run(config: NodeConfig, *, ready: Callable[[str], None] | None = None) -> No
             "--secret-file (make one with `fractalfs new-secret`), or --insecure",
             2,
         )
+    metrics_host = parse_listen(config.metrics_listen, 9701)[0] if config.metrics_listen else ""
+    if secret is None and not config.insecure and metrics_host and not _loopback(metrics_host):
+        raise QuietError(
+            f"refusing to serve metrics (edge ids, byte counts) on {metrics_host} without a "
+            "cluster secret: pass --secret-file, or --insecure",
+            2,
+        )
     tls = load_tls(config.tls_dir)
     embedded: EmbeddedDiscovery | None = None
     if config.discovery_url is None:

@@ -317,6 +317,35 @@ def test_a_node_without_secret_keeps_its_data_port_on_loopback(
     assert len(started) == 2
 
 
+def test_metrics_on_a_network_address_need_a_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node's metrics name every edge and its byte counts: like the data port, a
+    non-loopback metrics address without a cluster secret is refused unless --insecure."""
+    import trio
+
+    from fractalfs import mount
+    from fractalfs.config import NodeConfig
+    from fractalfs.errors import QuietError
+
+    started: list[object] = []
+    monkeypatch.setattr(trio, "run", lambda *a, **k: started.append(a))
+    monkeypatch.setattr(mount, "freeze_startup_heap", lambda: None)
+
+    def config(metrics: str, insecure: bool = False) -> NodeConfig:
+        c = NodeConfig(mountpoint=str(tmp_path), discovery_url="http://127.0.0.1:1")
+        c.state_dir, c.data_listen, c.insecure = str(tmp_path / "state"), "127.0.0.1:0", insecure
+        c.metrics_listen = metrics
+        return c
+
+    with pytest.raises(QuietError, match="refusing to serve metrics"):
+        mount.run(config("0.0.0.0:9701"))
+    assert not started
+    mount.run(config("127.0.0.1:0"))
+    mount.run(config("0.0.0.0:9701", insecure=True))
+    assert len(started) == 2
+
+
 def test_a_node_may_not_end_a_writer_no_node_registered(disc: Discovery) -> None:
     """An edge with only a reader has generation 0 and no writer node: no node is its
     writer, so none may close, restore or reconfigure that generation (a forged "complete,
