@@ -57,6 +57,12 @@ def load_secret(path: str) -> bytes:
                 f"secret file {path} is accessible by others (mode {st.st_mode & 0o777:o}); "
                 f"chmod 600 it"
             )
+        if st.st_uid not in (os.geteuid(), 0):
+            # Whoever owns it chose the secret (one planted in a directory others can
+            # write, a state dir made by someone else): they would hold the cluster's key.
+            raise SecretError(
+                f"secret file {path} is owned by uid {st.st_uid}, not by this user or root"
+            )
         data = os.read(fd, 4096).strip()
     finally:
         os.close(fd)

@@ -125,6 +125,12 @@ class Operations(pyfuse3.Operations):
         self._uid = os.getuid()
         self._gid = os.getgid()
         self.owners = Owners(self._busy)
+        # A persisted stream survives a restart with its owner (see Persistence.owner_of).
+        node.persistence.owner_of = self._spill_owner
+        node.persistence.on_restored = self._claim_restored
+        for slot in list(node.slots.values()):
+            if slot.writer is not None:
+                self._claim_restored(slot.writer)
 
     # -- local ownership (see fractalfs.ownership) ---------------------------------------
 
@@ -166,6 +172,21 @@ class Operations(pyfuse3.Operations):
                 spilled += w.spill.end - w.spill.start
         if spilled > limit:
             raise pyfuse3.FUSEError(errno.EDQUOT)
+
+    def _spill_owner(self, edge: EdgeId) -> tuple[int, int] | None:
+        owner = self.owners.owner(edge)
+        return None if owner is None or owner.uid == self._uid else (owner.uid, owner.gid)
+
+    def _claim_restored(self, writer: WriterEnd) -> None:
+        """A restored spill file owned by a user (not the daemon) is that user's stream."""
+        if writer.spill is None:
+            return
+        try:
+            st = os.fstat(writer.spill.fd)
+        except OSError:
+            return
+        if st.st_uid != self._uid:
+            self.owners.seed(writer.edge, st.st_uid, st.st_gid)
 
     def _prune(self) -> None:
         for edge in self.owners.prune():

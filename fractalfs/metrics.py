@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import logging
+import socket
+import threading
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+
+from .auth import check_basic
 
 log = logging.getLogger(__name__)
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+REALM = 'Basic realm="fractalfs", charset="UTF-8"'
+IDLE = 10.0  # seconds a metrics connection may stay silent
+MAX_CONNECTIONS = 64  # metrics connections served at once
 
 BYTES_WRITTEN = Counter(
     "fractalfs_edge_bytes_written",
@@ -38,11 +48,60 @@ FUSE_SECONDS = Histogram(
 )
 
 
-def serve(host: str, port: int) -> None:
-    """Serves /metrics in a thread; a port in use is logged, never fatal."""
+def serve(host: str, port: int, secret: bytes | None = None) -> None:
+    """Serves /metrics in a thread; a port in use is logged, never fatal. With a cluster
+    secret every request must prove it (HTTP Basic, as discovery's): edge ids and byte
+    counts are not for whoever reaches the port. A connection idle for ``IDLE`` seconds
+    is closed, and beyond ``MAX_CONNECTIONS`` at once new ones are closed unanswered."""
+    app = make_wsgi_app(REGISTRY)
+
+    def guarded(environ: dict[str, Any], start_response: Any) -> Any:
+        header = environ.get("HTTP_AUTHORIZATION", "")
+        if secret is not None and check_basic(secret, header) is None:
+            start_response(
+                "401 Unauthorized",
+                [("Content-Type", "text/plain"), ("WWW-Authenticate", REALM)],
+            )
+            return [b"this node's metrics require the cluster secret\n"]
+        return app(environ, start_response)
+
     try:
-        start_http_server(port, addr=host, registry=REGISTRY)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        server = type("_Server", (_Server,), {"address_family": family})((host, port), _Handler)
     except OSError as exc:
         log.warning("metrics cannot listen on %s:%d: %s", host, port, exc.strerror)
-    else:
-        log.info("metrics on http://%s:%d/metrics", host, port)
+        return
+    server.set_app(guarded)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    log.info("metrics on http://%s:%d/metrics", host, port)
+
+
+class _Handler(WSGIRequestHandler):
+    timeout = IDLE  # a slow or silent client (slowloris) holds a thread this long at most
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], handler: type[_Handler]) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("metrics request from %s failed", client_address, exc_info=True)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # too many at once: closed, nothing answered
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()

@@ -148,7 +148,7 @@ async def serve(
     adv = config.advertise or (host if host not in ("0.0.0.0", "::") else route_to(client.url))
     endpoint = f"[{adv}]:{bound_port}" if ":" in adv else f"{adv}:{bound_port}"
     if config.metrics_listen:
-        metrics.serve(*parse_listen(config.metrics_listen, 9701))
+        metrics.serve(*parse_listen(config.metrics_listen, 9701), secret)
     node = Node(config, client, endpoint)
     node.data_key = auth.data_key(secret) if secret is not None else None
     node.tls = tls
@@ -279,6 +279,13 @@ def run(config: NodeConfig, *, ready: Callable[[str], None] | None = None) -> No
         raise QuietError(
             f"refusing to serve the data port on {data_host} without a cluster secret: pass "
             "--secret-file (make one with `fractalfs new-secret`), or --insecure",
+            2,
+        )
+    metrics_host = parse_listen(config.metrics_listen, 9701)[0] if config.metrics_listen else ""
+    if secret is None and not config.insecure and metrics_host and not _loopback(metrics_host):
+        raise QuietError(
+            f"refusing to serve metrics (edge ids, byte counts) on {metrics_host} without a "
+            "cluster secret: pass --secret-file, or --insecure",
             2,
         )
     tls = load_tls(config.tls_dir)

@@ -59,6 +59,10 @@ class Owners:
             return True
         return uid == ROOT_UID
 
+    def seed(self, edge: EdgeId, uid: int, gid: int) -> None:
+        """Claims ``edge`` for ``uid`` whoever asked before: a restored stream's owner."""
+        self._claims[edge] = Claim(uid, gid, self._clock())
+
     def drop(self, edge: EdgeId) -> None:
         self._claims.pop(edge, None)
 

@@ -9,8 +9,10 @@ policy, collection, restore-retry and bandwidth tasks.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -43,6 +45,12 @@ class Persistence:
         self.node = node
         self.spill_bandwidth = 200e6  # bytes/s until measured
         self._unrestored: list[spill.SpillInfo] = []  # spills discovery has not heard of yet
+        # Set by the FUSE layer: the (uid, gid) owning an edge here, None for the daemon's
+        # own. A spill file is given to that user (in the daemon's 0700 directory: they
+        # still cannot reach it), so a restarted daemon knows whose stream it restores and
+        # tells the FUSE layer (on_restored) before anyone else can claim it.
+        self.owner_of: Callable[[EdgeId], tuple[int, int] | None] = lambda edge: None
+        self.on_restored: Callable[[WriterEnd], None] = lambda writer: None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -85,6 +93,10 @@ class Persistence:
             sp = spill.SpillFile.create(
                 self.node.config.spill_dir, writer.edge, writer.generation, writer.base
             )
+            owner = self.owner_of(writer.edge)
+            if owner is not None:
+                with contextlib.suppress(OSError):  # root may; else the daemon's it stays
+                    os.fchown(sp.fd, *owner)
             writer.persist(sp, reason)
         except OSError as exc:
             writer.settle_transient(f"spill failed: {exc.strerror}")
@@ -279,6 +291,7 @@ class Persistence:
         sp = spill.SpillFile.open(info)
         writer = WriterEnd.restored(sp, self.node.config.write_window, complete)
         self.node._slot(info.edge).writer = writer
+        self.on_restored(writer)
         log.info(
             "edge %s: %s spill of generation %d (%d bytes) served again",
             info.edge,

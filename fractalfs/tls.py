@@ -60,6 +60,9 @@ def check_dir(directory: str) -> TlsFiles:
             ) from None
         if not stat.S_ISREG(st.st_mode):
             raise TlsError(f"TLS file {path}: not a regular file")
+        if st.st_uid not in (os.geteuid(), 0):
+            # Its owner could swap in their own CA or key: refused, like the secret's.
+            raise TlsError(f"TLS file {path} is owned by uid {st.st_uid}, not by this user or root")
     mode = os.stat(files.key).st_mode
     if mode & 0o077:
         raise TlsError(

@@ -133,6 +133,43 @@ def test_new_secret_and_unsafe_secret_files(tmp_path: Path) -> None:
         assert "Traceback" not in res.stderr
 
 
+def test_a_secret_file_another_user_owns_is_refused(tmp_path: Path) -> None:
+    """Another local user who planted the secret file (in a state dir or a directory they
+    can write) knows the cluster's key: the programs refuse a file owned by anyone but
+    their own user or root, with one line and exit 2."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the file away")
+    tmp_path.chmod(0o755)
+    planted = tmp_path / "secret"
+    planted.write_text(auth.new_secret() + "\n")
+    planted.chmod(0o600)
+    os.chown(planted, 65534, 65534)
+    with pytest.raises(auth.SecretError, match="owned by uid 65534"):
+        auth.load_secret(str(planted))
+    state = tmp_path / "state"
+    state.mkdir()
+    os.chown(state, 65534, 65534)
+    os.rename(planted, state / "secret")  # a state dir another user made, secret planted
+    with pytest.raises(auth.SecretError, match="owned by uid 65534"):
+        auth.ensure_secret(str(state / "secret"))
+    res = subprocess.run(
+        [
+            *CMD,
+            "status",
+            "--discovery",
+            "http://127.0.0.1:1",
+            "--secret-file",
+            str(state / "secret"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("fractalfs: "), res.stderr
+    assert "owned by uid 65534" in res.stderr and "Traceback" not in res.stderr
+
+
 def test_standalone_discovery_without_secret_stays_on_loopback(tmp_path: Path) -> None:
     res = subprocess.run(
         [*CMD, "discovery", "--listen", "0.0.0.0:0", "--db", str(tmp_path / "d.db")],
@@ -322,6 +359,35 @@ def test_a_node_without_secret_keeps_its_data_port_on_loopback(
     assert not started
     mount.run(config("127.0.0.1:0"))
     mount.run(config("0.0.0.0:7701", insecure=True))
+    assert len(started) == 2
+
+
+def test_metrics_on_a_network_address_need_a_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node's metrics name every edge and its byte counts: like the data port, a
+    non-loopback metrics address without a cluster secret is refused unless --insecure."""
+    import trio
+
+    from fractalfs import mount
+    from fractalfs.config import NodeConfig
+    from fractalfs.errors import QuietError
+
+    started: list[object] = []
+    monkeypatch.setattr(trio, "run", lambda *a, **k: started.append(a))
+    monkeypatch.setattr(mount, "freeze_startup_heap", lambda: None)
+
+    def config(metrics: str, insecure: bool = False) -> NodeConfig:
+        c = NodeConfig(mountpoint=str(tmp_path), discovery_url="http://127.0.0.1:1")
+        c.state_dir, c.data_listen, c.insecure = str(tmp_path / "state"), "127.0.0.1:0", insecure
+        c.metrics_listen = metrics
+        return c
+
+    with pytest.raises(QuietError, match="refusing to serve metrics"):
+        mount.run(config("0.0.0.0:9701"))
+    assert not started
+    mount.run(config("127.0.0.1:0"))
+    mount.run(config("0.0.0.0:9701", insecure=True))
     assert len(started) == 2
 
 

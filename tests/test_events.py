@@ -109,7 +109,7 @@ def test_prometheus_metrics(cluster: Cluster, programs: Programs) -> None:
     reader = programs.start(f"cat {b.path(edge)} > /dev/null")
     sh(f"head -c 3M /dev/zero > {a.path(edge)}")
     assert reader.wait(timeout=20) == 0
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", auth=disc.auth).text
     assert f'fractalfs_edge_bytes_written_total{{edge="{edge}"}} 3.145728e+06' in text
     assert 'fractalfs_fuse_request_seconds_count{op="write"}' in text
     assert "fractalfs_open_edges" in text and "fractalfs_spill_bytes" in text
@@ -117,6 +117,33 @@ def test_prometheus_metrics(cluster: Cluster, programs: Programs) -> None:
     disc_text = httpx.get(f"{disc.url}/metrics", auth=disc.auth).text
     assert 'fractalfs_discovery_edges{state="delivered"} 1.0' in disc_text
     assert 'fractalfs_discovery_nodes{alive="true"} 2.0' in disc_text
+
+
+def test_node_metrics_want_the_secret(cluster: Cluster, programs: Programs) -> None:
+    """A peer without the cluster secret learns no edge ids or byte counts from a node's
+    metrics port, and a silent connection (slowloris) is closed, not held for good."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    disc = cluster.start_discovery()
+    a = cluster.node("a", extra=["--metrics-listen", f"127.0.0.1:{port}"])
+    edge = new_edge()
+    reader = programs.start(f"cat {a.path(edge)} > /dev/null")
+    sh(f"head -c 1M /dev/zero > {a.path(edge)}")
+    assert reader.wait(timeout=20) == 0
+    url = f"http://127.0.0.1:{port}/metrics"
+    refused = httpx.get(url)
+    assert refused.status_code == 401 and str(edge) not in refused.text
+    assert httpx.get(url, auth=("x", "not the secret")).status_code == 401
+    assert str(edge) in httpx.get(url, auth=disc.auth).text
+    with socket.create_connection(("127.0.0.1", port)) as silent:
+        silent.settimeout(60)
+        started = time.monotonic()
+        assert silent.recv(1) == b""  # closed by the daemon (a timeout raises)
+        assert time.monotonic() - started < 30
+    assert httpx.get(url, auth=disc.auth).status_code == 200  # the daemon serves on
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -261,3 +261,41 @@ def test_a_reader_fifos_pipe_counts_against_the_uid_memory_limit(programs: Progr
         n.stop()
         shutil.rmtree(work, ignore_errors=True)
     assert not fuse_d_state(work)
+
+
+@needs_fuse
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
+def test_a_users_persisted_stream_stays_theirs_across_a_daemon_restart() -> None:
+    """A persisted edge is restored from its spill file after a restart: it must still be
+    its writer's, not 0666 for any user (another uid read it, before)."""
+    work = Path(tempfile.mkdtemp(prefix="fractalfs-owners-"))
+    work.chmod(0o755)
+    nodes = [Node(work, "solo", None, extra=["--mode", "persistent"])]
+    try:
+        nodes[0].start()
+        nodes[0].mountpoint.chmod(0o755)
+        edge = new_edge()
+        path = nodes[0].path(edge)
+        wrote = as_nobody("sh", "-c", f"echo nobodys-data > {path}")
+        assert wrote.returncode == 0, wrote.stderr
+        assert os.stat(path).st_uid == 65534
+        nodes[0].stop()
+        nodes.append(Node(work, "solo", None, extra=["--mode", "persistent"]))
+        nodes[1].start()
+        st = os.stat(path)
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (65534, 0o600)
+        other = ["setpriv", "--reuid=4242", "--regid=4242", "--clear-groups"]
+        read = subprocess.run(
+            [*other, "timeout", "10", "cat", path], capture_output=True, text=True, timeout=30
+        )
+        assert read.returncode != 0 and read.stdout == "", read.stdout
+        assert "Permission denied" in read.stderr, read.stderr
+        rm = subprocess.run([*other, "rm", "-f", path], capture_output=True, text=True, timeout=30)
+        assert rm.returncode != 0 and "not permitted" in rm.stderr, rm.stderr
+        mine = as_nobody("timeout", "10", "cat", path)  # its owner still reads it, whole
+        assert (mine.returncode, mine.stdout) == (0, "nobodys-data\n"), mine.stderr
+    finally:
+        for n in reversed(nodes):
+            n.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    assert not fuse_d_state(work)

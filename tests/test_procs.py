@@ -256,7 +256,10 @@ def test_reader_fifos_are_refused_where_a_holder_could_be_missed(
 
     from fractalfs.fs import Operations
 
-    ops = Operations(SimpleNamespace())  # type: ignore[arg-type]
+    fake = SimpleNamespace(  # what __init__ and _refuse_fifo touch
+        persistence=SimpleNamespace(), slots={}, config=SimpleNamespace(fd_reserve=512)
+    )
+    ops = Operations(fake)  # type: ignore[arg-type]
     assert ops._refuse_fifo(os.getpid()) == ""
     assert "not in this daemon's /proc" in ops._refuse_fifo(0)
     monkeypatch.setattr(procs, "sees_every_process", lambda: False)

@@ -63,6 +63,20 @@ def test_new_tls_makes_private_files_and_unsafe_ones_are_refused(tmp_path: Path)
         assert unsafe.stderr.count("\n") == 1 and "chmod 600" in unsafe.stderr, unsafe.stderr
 
 
+def test_tls_files_another_user_owns_are_refused(tmp_path: Path) -> None:
+    """Another user who owns ca.pem (or the key) could swap in their own CA and certify
+    their own peers: every program refuses such a directory, one line, exit 2."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a file away")
+    d = new_tls(tmp_path / "tls")
+    os.chown(d / "ca.pem", 65534, 65534)
+    with pytest.raises(tls.TlsError, match="owned by uid 65534"):
+        tls.load(str(d))
+    refused = run("status", "--discovery", "https://127.0.0.1:1", "--tls-dir", str(d))
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.count("\n") == 1 and "owned by uid 65534" in refused.stderr
+
+
 def test_discovery_over_https_with_the_cli_and_a_wrong_ca_is_refused(tmp_path: Path) -> None:
     d = new_tls(tmp_path / "tls")
     other = new_tls(tmp_path / "other")
