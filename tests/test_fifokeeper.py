@@ -77,6 +77,15 @@ def _writers(path: str, reader: int) -> bool:
         return True
 
 
+def _until_no_writer(path: str, reader: int, why: str) -> None:
+    """Waits (up to 5 s) until no write end of the FIFO at ``path`` is left; fails with
+    ``why`` otherwise."""
+    deadline = time.monotonic() + 5
+    while _writers(path, reader):
+        assert time.monotonic() < deadline, why
+        time.sleep(0.01)
+
+
 def test_the_keeper_opens_both_ends_and_holds_the_write_end_until_done(tmp_path: Path) -> None:
     keeper = fifokeeper.Keeper()
     try:
@@ -89,10 +98,7 @@ def test_the_keeper_opens_both_ends_and_holds_the_write_end_until_done(tmp_path:
             os.close(wfd)
             assert _writers(path, reader)  # the keeper's dup
             keeper.done(7)
-            deadline = time.monotonic() + 5
-            while _writers(path, reader):
-                assert time.monotonic() < deadline, "the keeper kept its dup after done"
-                time.sleep(0.01)
+            _until_no_writer(path, reader, "the keeper kept its dup after done")
         finally:
             os.close(reader)
         with pytest.raises(OSError) as failed:
@@ -131,10 +137,7 @@ def test_a_keeper_that_dies_or_stops_is_replaced_and_gets_the_live_ends(
         time.sleep(0.2)
         assert _writers(path, reader)
         keeper.done(7)
-        deadline = time.monotonic() + 5
-        while _writers(path, reader):
-            assert time.monotonic() < deadline, "the new keeper kept its dup after done"
-            time.sleep(0.01)
+        _until_no_writer(path, reader, "the new keeper kept its dup after done")
         os.close(reader)
     finally:
         if old > 0:
@@ -178,10 +181,7 @@ def test_a_stopped_keeper_is_killed_when_the_daemon_stops_after_the_other_exited
         time.sleep(0.2)
         assert _writers(path, reader)
         keeper.close()
-        deadline = time.monotonic() + 5
-        while _writers(path, reader):
-            assert time.monotonic() < deadline, "the stopped keeper still holds the stream"
-            time.sleep(0.01)
+        _until_no_writer(path, reader, "the stopped keeper still holds the stream")
         os.close(reader)
     finally:
         if stopped > 0:

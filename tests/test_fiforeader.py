@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -414,20 +415,28 @@ def test_a_keeper_and_its_daemon_killed_together_kill_the_reader(
     _daemon_dies_and_its_reader_with_it(b, reader, writer)  # 1 MiB of 2 read
 
 
+@contextlib.contextmanager
+def _keeper_stopped(node: Node) -> Iterator[int]:
+    """One of ``node``'s keepers stopped (SIGSTOP) for the block; its pid. Resumed after
+    (if it still exists), whatever happened."""
+    stopped = _keeper(node)
+    assert stopped > 0
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        yield stopped
+    finally:
+        with contextlib.suppress(OSError):
+            os.kill(stopped, signal.SIGCONT)
+
+
 def test_a_stopped_keeper_does_not_hold_the_reader_when_its_daemon_dies(
     cluster: Cluster, programs: Programs, tmp_path: Path
 ) -> None:
     """A keeper stopped (SIGSTOP) when its daemon is killed: with a single keeper the
     reader stayed blocked until the keeper was resumed. The other keeper kills it."""
     b, writer, reader, _src, _out = _stream_with_keeper_trouble(cluster, programs, tmp_path)
-    stopped = _keeper(b)
-    assert stopped > 0
-    os.kill(stopped, signal.SIGSTOP)
-    try:
+    with _keeper_stopped(b):
         _daemon_dies_and_its_reader_with_it(b, reader, writer)  # 1 MiB of 2 read
-    finally:
-        with contextlib.suppress(OSError):
-            os.kill(stopped, signal.SIGCONT)
 
 
 def test_a_daemon_stopped_with_a_stopped_keeper_kills_the_reader_and_leaves_no_keeper(
@@ -437,15 +446,9 @@ def test_a_daemon_stopped_with_a_stopped_keeper_kills_the_reader_and_leaves_no_k
     reader of the unfinished stream, and the stopped one is killed rather than left
     holding pipes (a complete stream's reader would wait for its EOF until resumed)."""
     b, writer, reader, _src, _out = _stream_with_keeper_trouble(cluster, programs, tmp_path)
-    stopped = _keeper(b)
-    assert stopped > 0
-    os.kill(stopped, signal.SIGSTOP)
-    try:
+    with _keeper_stopped(b) as stopped:
         _daemon_dies_and_its_reader_with_it(b, reader, writer, stop=True)
         wait_for(lambda: _zombie(stopped), 15, "the stopped keeper killed")
-    finally:
-        with contextlib.suppress(OSError):
-            os.kill(stopped, signal.SIGCONT)
 
 
 def test_a_stopped_keeper_is_replaced_and_complete_streams_end(
