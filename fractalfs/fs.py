@@ -57,6 +57,8 @@ XATTR_REASON = b"user.fractalfs.mode_reason"
 EDGE_SIZE = 1 << 20
 FOREVER = 365 * 86400.0  # entry and attribute timeout of MOUNT/.fifo
 FDS_PER_FIFO = 2  # the daemon's descriptors for one FIFO (its end, the keeper's dup to resend)
+FINISHED_COST = 256 << 10  # a user's closed, undelivered writer end: its records, besides bytes
+RECOUNT_EVERY = 1.0  # seconds between recounts of what a user's closed writer ends hold
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -95,6 +97,19 @@ class Handle:
     reserved: int = 0  # memory this end may hold, counted against its uid
 
 
+@dataclass(slots=True)
+class Finished:
+    """One user's closed writer ends not yet delivered: their bytes stay in the daemon's
+    memory (and spill files) until a reader takes them, so they keep counting against the
+    uid's limits. ``memory`` and ``spill`` only overestimate between recounts (a reader
+    frees bytes, a delivered end goes)."""
+
+    ends: dict[EdgeId, WriterEnd]
+    memory: int = 0
+    spill: int = 0
+    counted_at: float = float("-inf")
+
+
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
@@ -120,6 +135,7 @@ class Operations(pyfuse3.Operations):
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._dir_uids: dict[int, int] = {}  # open directory handle -> the uid listing it
+        self._finished: dict[int, Finished] = {}  # uid -> its closed, undelivered writer ends
         self._next_dir = 1
         self._started_ns = time.time_ns()
         self._uid = os.getuid()
@@ -155,7 +171,9 @@ class Operations(pyfuse3.Operations):
         if uid == ROOT_UID:
             return need
         held = sum(h.reserved for h in self._handles.values() if h.uid == uid)
-        if held + need > config.uid_memory_limit:
+        if held + need + self._finished_use(uid, config.uid_memory_limit - held - need)[0] > (
+            config.uid_memory_limit
+        ):
             log.info("uid %d: open refused, %d + %d bytes of memory > limit", uid, held, need)
             raise pyfuse3.FUSEError(errno.EDQUOT)
         return need
@@ -170,8 +188,49 @@ class Operations(pyfuse3.Operations):
             w = h.writer
             if h.uid == handle.uid and w is not None and w.spill is not None:
                 spilled += w.spill.end - w.spill.start
-        if spilled > limit:
+        if spilled + self._finished_use(handle.uid, None, limit - spilled)[1] > limit:
             raise pyfuse3.FUSEError(errno.EDQUOT)
+
+    def _keep_counting(self, handle: Handle | None) -> None:
+        """A user's writer end closed: until delivered it still holds its bytes (see
+        Finished)."""
+        if handle is None or handle.uid == ROOT_UID or handle.writer is None:
+            return
+        writer = handle.writer
+        if writer.done:
+            return
+        fin = self._finished.setdefault(handle.uid, Finished({}))
+        if writer.edge not in fin.ends:
+            fin.ends[writer.edge] = writer
+            fin.memory += _held_memory(writer)
+            fin.spill += _held_spill(writer)
+
+    def _finished_use(
+        self, uid: int, memory_room: int | None, spill_room: int | None = None
+    ) -> tuple[int, int]:
+        """The memory and spill bytes ``uid``'s closed writer ends hold; recounted (at most
+        every RECOUNT_EVERY) when the estimate exceeds the room left."""
+        fin = self._finished.get(uid)
+        if fin is None:
+            return 0, 0
+        over = (memory_room is not None and fin.memory > memory_room) or (
+            spill_room is not None and fin.spill > spill_room
+        )
+        now = time.monotonic()
+        if over and now - fin.counted_at >= RECOUNT_EVERY:
+            fin.counted_at = now
+            still_open = {id(h.writer) for h in self._handles.values() if h.writer is not None}
+            fin.memory = fin.spill = 0
+            for edge, writer in list(fin.ends.items()):
+                slot = self.node.slots.get(edge)
+                if slot is None or slot.writer is not writer or writer.done:
+                    del fin.ends[edge]
+                elif id(writer) not in still_open:  # an open one counts by its handle
+                    fin.memory += _held_memory(writer)
+                    fin.spill += _held_spill(writer)
+            if not fin.ends:
+                del self._finished[uid]
+        return fin.memory, fin.spill
 
     def _spill_owner(self, edge: EdgeId) -> tuple[int, int] | None:
         owner = self.owners.owner(edge)
@@ -514,7 +573,7 @@ class Operations(pyfuse3.Operations):
         try:
             await fiforoute.drain(self.node, fifo)
         finally:
-            self._handles.pop(-fifo.ino, None)
+            self._keep_counting(self._handles.pop(-fifo.ino, None))
             if self._fifo_writers.get(edge) is fifo:
                 del self._fifo_writers[edge]
             if fifo.ino not in self._lookups:  # forgotten meanwhile
@@ -659,6 +718,7 @@ class Operations(pyfuse3.Operations):
             return
         if handle.writer is not None:
             self.node.release_writer(handle.writer)
+            self._keep_counting(handle)
         if handle.reader is not None:
             self.node.release_reader(handle.reader)
         if len(self.owners) > 1024:
@@ -729,3 +789,12 @@ class Operations(pyfuse3.Operations):
             gone = self._edges.pop(ino, None)
             if gone is not None and self._inodes.get(gone) == ino:
                 del self._inodes[gone]
+
+
+def _held_memory(writer: WriterEnd) -> int:
+    """What a closed writer end keeps in the daemon's memory: its unfreed bytes and records."""
+    return FINISHED_COST + (writer.end - writer.base if writer.chunks else 0)
+
+
+def _held_spill(writer: WriterEnd) -> int:
+    return writer.spill.end - writer.spill.start if writer.spill is not None else 0

@@ -165,6 +165,65 @@ def test_per_uid_memory_and_spill_limits(programs: Programs) -> None:
 
 @needs_fuse
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
+def test_closed_writers_keep_counting_against_the_uid_limits(programs: Programs) -> None:
+    """A user who writes into edge after edge and closes each (no reader yet) leaves the
+    bytes in the daemon: they count against the uid's memory (and spill) limit until
+    delivered, or the user could fill the daemon's memory and the spill disk."""
+    work = Path(tempfile.mkdtemp(prefix="fractalfs-quota-"))
+    work.chmod(0o755)
+    conf = work / "node.toml"
+    conf.write_text(f"uid_memory_limit = {40 << 20}\nuid_spill_limit = {6 << 20}\n")
+    n = Node(work, "quota", None, extra=["--config", str(conf), "--mode", "transient"])
+    try:
+        n.start()
+        n.mountpoint.chmod(0o755)
+        # Memory: each closed edge keeps 6 MiB (+ its records); an open reserves 8 MiB.
+        edges, refused = [], ""
+        for _ in range(12):
+            edge = new_edge()
+            got = as_nobody("sh", "-c", f"head -c 6M /dev/zero > {n.path(edge)}")
+            if got.returncode != 0:
+                refused = got.stderr
+                break
+            edges.append(edge)
+        assert "quota" in refused, (len(edges), refused)
+        assert 4 <= len(edges) <= 6, len(edges)
+        # Nothing is lost: a reader gets every byte of a held stream, and that frees room.
+        got = sh(f"wc -c < {n.path(edges[0])}")
+        assert got.stdout.strip() == str(6 << 20).encode()
+        time.sleep(1.2)  # the daemon recounts at most once a second
+        again = as_nobody("sh", "-c", f"head -c 1M /dev/zero > {n.path(new_edge())}")
+        assert again.returncode == 0, again.stderr
+        root = programs.start(f"exec sleep 60 > {n.path(new_edge())}")  # root is not limited
+        time.sleep(0.5)
+        assert root.poll() is None
+        for edge in edges[1:]:
+            sh(f"rm -f {n.path(edge)}")
+        time.sleep(1.2)
+        # Spill: closed persistent edges keep their spill files: 4 + 4 MiB > 6 MiB.
+        results = []
+        for _ in range(3):
+            path = n.path(new_edge())
+            results.append(
+                py_as_nobody(
+                    "import os\n"
+                    f"p = {path!r}\n"
+                    "os.setxattr(p, 'user.fractalfs.mode', b'persistent')\n"
+                    "with open(p, 'wb') as f:\n"
+                    "    for _ in range(64): f.write(b'x' * 65536)\n"
+                )
+            )
+        assert results[0].returncode == 0, results[0].stderr
+        assert any("BrokenPipeError" in r.stderr for r in results[1:]), [r.stderr for r in results]
+        assert n.alive()
+    finally:
+        n.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    assert not fuse_d_state(work)
+
+
+@needs_fuse
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
 def test_a_user_cannot_remove_a_stream_live_on_another_node(programs: Programs) -> None:
     """Ownership is per node, but `rm` ends an edge everywhere: a user who claimed an edge
     on node b (setfattr claims without opening) must not end root's writer on node a."""
