@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 REGISTRY = CollectorRegistry(auto_describe=True)
 REALM = 'Basic realm="fractalfs", charset="UTF-8"'
 IDLE = 10.0  # seconds a metrics connection may stay silent
+LIFETIME = 10.0  # seconds a metrics connection may last in all (one request, one answer)
 MAX_CONNECTIONS = 64  # metrics connections served at once
 
 BYTES_WRITTEN = Counter(
@@ -51,8 +53,9 @@ FUSE_SECONDS = Histogram(
 def serve(host: str, port: int, secret: bytes | None = None) -> None:
     """Serves /metrics in a thread; a port in use is logged, never fatal. With a cluster
     secret every request must prove it (HTTP Basic, as discovery's): edge ids and byte
-    counts are not for whoever reaches the port. A connection idle for ``IDLE`` seconds
-    is closed, and beyond ``MAX_CONNECTIONS`` at once new ones are closed unanswered."""
+    counts are not for whoever reaches the port. A connection idle for ``IDLE`` seconds,
+    or open for ``LIFETIME`` (a client trickling its request a byte at a time), is closed,
+    and beyond ``MAX_CONNECTIONS`` at once new ones are closed unanswered."""
     app = make_wsgi_app(REGISTRY)
 
     def guarded(environ: dict[str, Any], start_response: Any) -> Any:
@@ -101,7 +104,18 @@ class _Server(ThreadingMixIn, WSGIServer):
         super().process_request(request, client_address)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        # The handler's timeout bounds each read only: a slow client is cut off in all.
+        cut = threading.Timer(LIFETIME, _cut, (request,))
+        cut.daemon = True
+        cut.start()
         try:
             super().process_request_thread(request, client_address)
         finally:
+            cut.cancel()
             self._slots.release()
+
+
+def _cut(request: socket.socket) -> None:
+    """Ends a connection's blocked reads and writes (its thread then closes it)."""
+    with contextlib.suppress(OSError):  # already closed
+        request.shutdown(socket.SHUT_RDWR)

@@ -146,6 +146,47 @@ def test_node_metrics_want_the_secret(cluster: Cluster, programs: Programs) -> N
     assert httpx.get(url, auth=disc.auth).status_code == 200  # the daemon serves on
 
 
+def test_node_metrics_cut_off_clients_that_trickle(cluster: Cluster) -> None:
+    """Slowloris that trickles a header line well within each read timeout: the metrics
+    port's 64 connections must not stay taken for good (each is cut off after 10 s)."""
+    import socket
+
+    from fractalfs.metrics import MAX_CONNECTIONS
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    disc = cluster.start_discovery()
+    cluster.node("a", extra=["--metrics-listen", f"127.0.0.1:{port}"])
+    url = f"http://127.0.0.1:{port}/metrics"
+    assert httpx.get(url, auth=disc.auth).status_code == 200
+    slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(MAX_CONNECTIONS)]
+    try:
+        for conn in slow:
+            conn.sendall(b"GET /metrics HTTP/1.1\r\n")
+        started = time.monotonic()
+        cut: set[int] = set()
+        while len(cut) < len(slow) and time.monotonic() - started < 25:
+            time.sleep(1.0)
+            for i, conn in enumerate(slow):
+                if i in cut:
+                    continue
+                try:
+                    conn.sendall(b"X-Slow: 1\r\n")
+                    conn.settimeout(0.001)
+                    if conn.recv(1) == b"":
+                        cut.add(i)
+                except TimeoutError:
+                    pass
+                except OSError:
+                    cut.add(i)
+        assert len(cut) == len(slow), f"{len(slow) - len(cut)} trickling clients still held"
+        assert httpx.get(url, auth=disc.auth, timeout=5).status_code == 200
+    finally:
+        for conn in slow:
+            conn.close()
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
