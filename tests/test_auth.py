@@ -65,7 +65,11 @@ def test_every_route_but_health_needs_the_secret(disc: Discovery) -> None:
                 assert resp.status_code == 401, (method, path, creds, resp.text)
                 assert resp.headers["WWW-Authenticate"].startswith("Basic")
                 assert "secret" in resp.json()["error"]
-        assert http.get("/v1/health").status_code == 200
+        # Health is open, but how much the cluster does (the event log's head) is not.
+        for creds in (None, wrong, forged):
+            assert http.get("/v1/health", auth=creds).json() == {"ok": True}
+        assert "last_event" in http.get("/v1/health", auth=disc.auth).json()
+        assert "last_event" in http.get("/v1/health", auth=as_node("a")).json()
         assert http.get("/v1/edges", auth=disc.auth).status_code == 200
         assert http.get("/", auth=disc.auth).status_code == 200
         assert http.get("/v1/edges", auth=as_node("x")).status_code == 200

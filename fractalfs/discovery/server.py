@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
+from ..auth import check_basic
 from ..edgeid import EdgeId
 from . import guard, limits, schema, upkeep
 from .backend import DiscoveryStore, open_store
@@ -558,6 +559,12 @@ class DiscoveryApp:
         return web.Response(text=page, content_type="text/html")
 
     async def health(self, request: web.Request) -> web.Response:
+        """Open to anyone (load balancers, probes); the event log's head (how much the
+        cluster does) only to whoever proves the secret."""
+        if self.secret is not None:
+            header = request.headers.get("Authorization", "")
+            if check_basic(self.secret, header) is None:
+                return web.json_response({"ok": True})
         return web.json_response({"ok": True, "last_event": await self._do(self.store.last_seq)})
 
     async def list_edges(self, request: web.Request) -> web.Response:
