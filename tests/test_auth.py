@@ -75,6 +75,29 @@ def test_every_route_but_health_needs_the_secret(disc: Discovery) -> None:
         assert http.get("/v1/edges", auth=as_node("x")).status_code == 200
 
 
+def test_a_peer_without_the_secret_cannot_keep_a_silent_node_alive(disc: Discovery) -> None:
+    """Any request a node makes with its name in X-Fractalfs-Node counts as a sign of its
+    life. /v1/health needs no secret: a peer without it must not be able to keep a dead
+    node from being declared lost (its streams would never be re-run)."""
+    hb = {"boot": "1", "writers": {}, "readers": []}
+    with httpx.Client(base_url=disc.url + "/v1", timeout=10) as http:
+        assert http.post("/nodes/a/heartbeat", json=hb, auth=as_node("a")).status_code == 200
+        # a dies; the attacker sends its name on open (and refused) requests meanwhile.
+        spoof = {"X-Fractalfs-Node": "a"}
+        deadline = time.monotonic() + 4.0
+        while time.monotonic() < deadline:
+            assert http.get("/health", headers=spoof).status_code == 200
+            assert http.get("/edges", headers=spoof).status_code == 401
+            assert http.get("/edges", headers=spoof, auth=as_node("b")).status_code == 200
+            time.sleep(0.2)
+        nodes = {n["node"]: n for n in http.get("/nodes", auth=disc.auth).json()["nodes"]}
+        assert not nodes["a"]["alive"], nodes
+        # a's own signs of life still count: it is back.
+        assert http.post("/nodes/a/heartbeat", json=hb, auth=as_node("a")).status_code == 200
+        nodes = {n["node"]: n for n in http.get("/nodes", auth=disc.auth).json()["nodes"]}
+        assert nodes["a"]["alive"], nodes
+
+
 def test_a_node_may_act_only_as_itself(disc: Discovery) -> None:
     a, b = as_node("a"), as_node("b")
     hb = {"boot": "1", "writers": {}, "readers": []}

@@ -391,8 +391,8 @@ class DiscoveryApp:
         progress report) shows it is alive, not only its heartbeat, which a daemon busy
         with thousands of edges may send late."""
         node = request.headers.get(NODE_HEADER)
-        who = request.get("principal")
-        if who is not None and not who.may_act_as(node or ""):
+        who = request.get("principal")  # unset on open routes (/v1/health) even with a secret
+        if self.secret is not None and (who is None or not who.may_act_as(node or "")):
             node = None  # with a secret, only a node's own credential shows it alive
         if node and node in self.last_seen and node not in self.lost:
             await self._alive(node)
