@@ -228,7 +228,9 @@ class Keeper:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "fractalfs.fifokeeper", str(theirs.fileno())],
+                # -P: never the working directory first on sys.path (a package planted
+                # where root started the daemon would run as root).
+                [sys.executable, "-P", "-m", "fractalfs.fifokeeper", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # a signal to the daemon's group must not take it

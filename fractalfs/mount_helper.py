@@ -84,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mount.fuse.fractalfs: {exc}", file=sys.stderr)
         return 1
     env = dict(os.environ)
-    cmd = [sys.executable, "-m", "fractalfs", "mount", mountpoint]
+    # -P: mount(8) may run in any directory; a `fractalfs` package planted there must not
+    # be what the daemon imports (as root).
+    cmd = [sys.executable, "-P", "-m", "fractalfs", "mount", mountpoint]
     if source not in ("embedded", ""):
         cmd += ["--discovery", source]
     if "config" in options:

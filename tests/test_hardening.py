@@ -23,7 +23,7 @@ from fractalfs.edgeid import EdgeId
 from fractalfs.safetext import printable
 from fractalfs.testing import Discovery, Node
 
-from .conftest import Cluster, Programs, new_edge, sh
+from .conftest import Cluster, Programs, needs_fuse, new_edge, sh
 
 E = "0123456789abcdef0123456789abcdef"
 HUGE = 2**64
@@ -277,3 +277,61 @@ def test_heartbeat_delta_generations_are_bounded(api: httpx.Client) -> None:
         resp = api.post("/nodes/n/heartbeat", json={"boot": "1", "delta": delta})
         assert resp.status_code == 400, (gen, resp.text)
         assert "generation" in resp.json()["error"]
+
+
+@needs_fuse
+def test_a_package_planted_in_the_working_directory_never_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``python -m`` puts the working directory first on sys.path: a ``fractalfs`` package
+    another user planted where root starts the daemon (or runs mount(8)) would run as root
+    in the FIFO keepers the daemon starts and in the daemon the mount helper starts."""
+    from fractalfs import testing
+    from fractalfs.testing import is_mounted, unmount
+
+    tmp_path.chmod(0o755)
+    plant = tmp_path / "plant"
+    (plant / "fractalfs").mkdir(parents=True)
+    marker = tmp_path / "planted-code-ran"
+    (plant / "fractalfs" / "__init__.py").write_text(
+        f"import os\nopen({str(marker)!r}, 'a').write('uid %d\\n' % os.getuid())\n"
+    )
+    for path in (plant, plant / "fractalfs", plant / "fractalfs" / "__init__.py"):
+        os.chown(path, 65534, 65534)  # nobody's
+    # The daemon as systemd starts it (its console script), from the planted directory.
+    monkeypatch.setattr(testing, "COMMAND", [str(Path(sys.executable).parent / "fractalfs")])
+    monkeypatch.chdir(plant)
+    node = Node(tmp_path, "planted", None)
+    mnt = tmp_path / "mnt-helper"
+    try:
+        node.start()
+        edge = new_edge()
+        got = subprocess.run(
+            ["bash", "-c", f"cat {node.path(edge)} & echo planted > {node.path(edge)}; wait"],
+            capture_output=True,
+            timeout=30,
+        )
+        assert got.stdout == b"planted\n", got.stderr  # through a reader FIFO: keepers ran
+        assert not marker.exists(), marker.read_text()
+        # The mount helper (run as README says) and the daemon it starts.
+        mnt.mkdir()
+        opts = "node=helper,data_listen=127.0.0.1:0,discovery_listen=127.0.0.1:0,"
+        opts += f"state_dir={tmp_path}/helper-state"
+        cmd = [sys.executable, "-P", "-m", "fractalfs.mount_helper", "embedded", str(mnt)]
+        helper = subprocess.run(
+            [*cmd, "-o", opts],
+            env={**os.environ, "FRACTALFS_LOG": str(tmp_path / "helper.log")},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert helper.returncode == 0, helper.stderr
+        assert is_mounted(mnt)
+        assert not marker.exists(), marker.read_text()
+    finally:
+        node.stop()
+        subprocess.run(["umount", str(mnt)], capture_output=True, check=False)
+        time.sleep(0.5)
+        if is_mounted(mnt):
+            unmount(mnt)
+    assert not is_mounted(mnt)

@@ -158,7 +158,7 @@ def mount_helper(tmp_path: Path):  # type: ignore[no-untyped-def]
         pytest.skip(f"{HELPER} belongs to something else")
     HELPER.write_text(
         f"#!/bin/sh\nFRACTALFS_LOG={tmp_path / 'helper.log'} "
-        f'exec {sys.executable} -m fractalfs.mount_helper "$@"\n'
+        f'exec {sys.executable} -P -m fractalfs.mount_helper "$@"\n'
     )
     HELPER.chmod(0o755)
     try:
