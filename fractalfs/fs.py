@@ -59,6 +59,7 @@ FOREVER = 365 * 86400.0  # entry and attribute timeout of MOUNT/.fifo
 FDS_PER_FIFO = 2  # the daemon's descriptors for one FIFO (its end, the keeper's dup to resend)
 FINISHED_COST = 1 << 20  # a closed, undelivered writer end: records and descriptors, besides bytes
 RECOUNT_EVERY = 1.0  # seconds between recounts of what a user's closed writer ends hold
+PRUNE_EVERY = 1.0  # seconds between passes over the ownership claims
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -136,6 +137,7 @@ class Operations(pyfuse3.Operations):
         self._next_fh = 1
         self._dir_uids: dict[int, int] = {}  # open directory handle -> the uid listing it
         self._finished: dict[int, Finished] = {}  # uid -> its closed, undelivered writer ends
+        self._pruned_at = float("-inf")  # see _prune
         self._next_dir = 1
         self._started_ns = time.time_ns()
         self._uid = os.getuid()
@@ -248,6 +250,12 @@ class Operations(pyfuse3.Operations):
             self.owners.seed(writer.edge, st.st_uid, st.st_gid)
 
     def _prune(self) -> None:
+        # A pass is O(claims): at most one a second, or a user making claims in a loop
+        # (setxattr on fresh names) would make every request of every user pay for it.
+        now = time.monotonic()
+        if now - self._pruned_at < PRUNE_EVERY:
+            return
+        self._pruned_at = now
         for edge in self.owners.prune():
             self.node.mode_overrides.pop(edge, None)
 
