@@ -256,6 +256,7 @@ class Node:
             slot.writer = None
         if slot.empty:
             del self.slots[edge]
+            metrics.edge_done(edge.hex, lambda e: EdgeId.parse(e) in self.slots)
 
     # -- writers -------------------------------------------------------------------------
 

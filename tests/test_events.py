@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -144,6 +145,33 @@ def test_node_metrics_want_the_secret(cluster: Cluster, programs: Programs) -> N
         assert silent.recv(1) == b""  # closed by the daemon (a timeout raises)
         assert time.monotonic() - started < 30
     assert httpx.get(url, auth=disc.auth).status_code == 200  # the daemon serves on
+
+
+def test_byte_counts_of_edges_gone_long_ago_leave_the_metrics(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every edge a node ever carried kept its two series: memory and every scrape grew
+    without bound (a user writing and removing fresh edges in a loop). Only the most
+    recent MAX_DONE_SERIES gone edges keep theirs, and an edge in use again keeps its."""
+    from prometheus_client import generate_latest
+
+    from fractalfs import metrics
+
+    monkeypatch.setattr(metrics, "MAX_DONE_SERIES", 3)
+    monkeypatch.setattr(metrics, "_done", type(metrics._done)())
+    edges = [new_edge() for _ in range(6)]
+    for edge in edges:
+        metrics.BYTES_WRITTEN.labels(edge).inc(7)
+        metrics.BYTES_READ.labels(edge).inc(7)
+    for edge in edges:
+        metrics.edge_done(edge, lambda e: e == edges[1])  # edges[1] is used again
+    text = generate_latest(metrics.REGISTRY).decode()
+    kept = [e for e in edges if f'edge="{e}"' in text]
+    assert kept == [edges[1], *edges[3:]], kept
+    for edge in edges:
+        for family in (metrics.BYTES_WRITTEN, metrics.BYTES_READ):
+            with contextlib.suppress(KeyError):
+                family.remove(edge)
 
 
 def test_node_metrics_cut_off_clients_that_trickle(cluster: Cluster) -> None:
