@@ -759,7 +759,8 @@ class Node:
 
         ``unprivileged`` (a user but root): ownership is per node, so a user who holds no
         end of the edge here may not end the live ends other nodes hold (another user's
-        stream there): EPERM while any is open or lost (its node may come back)."""
+        stream there): EPERM while any is open or lost (its node may come back), or a
+        complete writer's node still holds bytes for its reader."""
         known = edge in self.slots
         if unprivileged and not known:
             try:
@@ -771,7 +772,13 @@ class Node:
             except Unavailable as exc:
                 raise EdgeError(errno.EIO, str(exc)) from None
             live = ("open", "lost")
-            if (rec.get("writer_state") in live and rec.get("writer_node") != self.name) or (
+            # A complete writer's node holds the bytes until its reader has them all.
+            held = rec.get("writer_state") == "complete" and rec.get("reader_state") not in (
+                "done",
+                "closed",
+            )
+            writer_live = rec.get("writer_state") in live or held
+            if (writer_live and rec.get("writer_node") != self.name) or (
                 rec.get("reader_state") in live and rec.get("reader_node") != self.name
             ):
                 raise EdgeError(errno.EPERM, f"edge {edge} has live ends on other nodes")

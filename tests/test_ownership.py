@@ -267,6 +267,41 @@ def test_a_user_cannot_remove_a_stream_live_on_another_node(programs: Programs) 
 
 @needs_fuse
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
+def test_a_user_cannot_remove_a_finished_stream_another_node_holds() -> None:
+    """Root's writer on a finished (complete) and a's daemon holds the bytes until a reader
+    comes: a user on b, where nobody owns the edge yet (its name seen in `ps`), must not
+    be able to end it there, or root's reader finds nothing."""
+    from fractalfs.testing import Discovery
+
+    work = Path(tempfile.mkdtemp(prefix="fractalfs-owners-"))
+    work.chmod(0o755)
+    disc = Discovery(work / "discovery")
+    disc.start()
+    a, b = Node(work, "a", disc.url), Node(work, "b", disc.url)
+    try:
+        for n in (a, b):
+            n.start()
+            n.mountpoint.chmod(0o755)
+        edge = new_edge()
+        sh(f"seq 1 50000 > {a.path(edge)}")  # complete; no reader yet
+        claim = py_as_nobody(
+            f"import os; os.setxattr({str(b.path(edge))!r}, 'user.fractalfs.mode', b'transient')"
+        )
+        assert claim.returncode == 0, claim.stderr  # nobody owns it on b: allowed
+        rm = as_nobody("rm", "-f", str(b.path(edge)))
+        assert rm.returncode != 0 and "not permitted" in rm.stderr, rm.stderr
+        got = sh(f"cat {b.path(edge)} | wc -l")
+        assert got.stdout.strip() == b"50000"
+    finally:
+        b.stop()
+        a.stop()
+        disc.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    assert not fuse_d_state(work)
+
+
+@needs_fuse
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
 def test_other_users_do_not_see_the_names_of_owned_edges(node: Node, programs: Programs) -> None:
     """An edge's name is what another node's reader opens: listing the mount must not hand
     another user the names of root's (or anyone's) edges."""
