@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import ssl
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -70,12 +71,16 @@ def edge_done(edge: str, live: Callable[[str], bool]) -> None:
                     family.remove(old)
 
 
-def serve(host: str, port: int, secret: bytes | None = None) -> None:
+def serve(
+    host: str, port: int, secret: bytes | None = None, tls: ssl.SSLContext | None = None
+) -> None:
     """Serves /metrics in a thread; a port in use is logged, never fatal. With a cluster
     secret every request must prove it (HTTP Basic, as discovery's): edge ids and byte
     counts are not for whoever reaches the port. A connection idle for ``IDLE`` seconds,
     or open for ``LIFETIME`` (a client trickling its request a byte at a time), is closed,
-    and beyond ``MAX_CONNECTIONS`` at once new ones are closed unanswered."""
+    and beyond ``MAX_CONNECTIONS`` at once new ones are closed unanswered. With ``tls``
+    (the cluster's TLS, as discovery's HTTPS) it serves HTTPS: HTTP Basic carries the
+    secret itself, which plain HTTP would hand to anyone on the path."""
     app = make_wsgi_app(REGISTRY)
 
     def guarded(environ: dict[str, Any], start_response: Any) -> Any:
@@ -94,13 +99,22 @@ def serve(host: str, port: int, secret: bytes | None = None) -> None:
     except OSError as exc:
         log.warning("metrics cannot listen on %s:%d: %s", host, port, exc.strerror)
         return
+    if tls is not None:  # the handshake runs in the connection's thread (_Handler.setup)
+        server.socket = tls.wrap_socket(
+            server.socket, server_side=True, do_handshake_on_connect=False
+        )
     server.set_app(guarded)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
-    log.info("metrics on http://%s:%d/metrics", host, port)
+    log.info("metrics on %s://%s:%d/metrics", "https" if tls else "http", host, port)
 
 
 class _Handler(WSGIRequestHandler):
     timeout = IDLE  # a slow or silent client (slowloris) holds a thread this long at most
+
+    def setup(self) -> None:
+        super().setup()  # sets the timeout
+        if isinstance(self.connection, ssl.SSLSocket):
+            self.connection.do_handshake()
 
     def log_message(self, format: str, *args: Any) -> None:
         pass

@@ -148,7 +148,8 @@ async def serve(
     adv = config.advertise or (host if host not in ("0.0.0.0", "::") else route_to(client.url))
     endpoint = f"[{adv}]:{bound_port}" if ":" in adv else f"{adv}:{bound_port}"
     if config.metrics_listen:
-        metrics.serve(*parse_listen(config.metrics_listen, 9701), secret)
+        metrics_tls = tls.http_server if tls is not None else None
+        metrics.serve(*parse_listen(config.metrics_listen, 9701), secret, metrics_tls)
     node = Node(config, client, endpoint)
     node.data_key = auth.data_key(secret) if secret is not None else None
     node.tls = tls

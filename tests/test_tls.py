@@ -209,6 +209,35 @@ def test_embedded_discovery_over_https_with_status_and_watch(
         node.stop()
 
 
+def test_with_tls_a_nodes_metrics_are_https(tmp_path: Path) -> None:
+    """A scrape sends the cluster secret itself (HTTP Basic): over plain HTTP anyone on the
+    path would read it, though TLS was turned on to keep such an attacker out."""
+    d = new_tls(tmp_path / "tls")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    extra = ["--tls", str(d), "--metrics-listen", f"127.0.0.1:{port}"]
+    node = Node(tmp_path, "m", None, extra=extra)
+    try:
+        node.start()
+        url = f"127.0.0.1:{port}/metrics"
+        auth = ("prometheus", Path(node.secret_file).read_text().strip())
+        ca = tls.load(str(d)).client
+        got = httpx.get(f"https://{url}", auth=auth, verify=ca, timeout=10)
+        assert got.status_code == 200 and "fractalfs_open_edges" in got.text
+        assert httpx.get(f"https://{url}", verify=ca, timeout=10).status_code == 401
+        with pytest.raises(httpx.HTTPError):  # plain HTTP: no answer, nothing sent in clear
+            httpx.get(f"http://{url}", auth=auth, timeout=10)
+        with socket.create_connection(("127.0.0.1", port)) as silent:  # no ClientHello
+            silent.settimeout(60)
+            started = time.monotonic()
+            assert silent.recv(1) == b""
+            assert time.monotonic() - started < 30
+        assert httpx.get(f"https://{url}", auth=auth, verify=ca, timeout=10).status_code == 200
+    finally:
+        node.stop()
+
+
 def test_tls_conn_streams_exactly_while_the_other_side_talks_back(tmp_path: Path) -> None:
     """The data plane's use of one TLS connection: the writer's side sends batches of
     header + payload views while a second task receives ACKs; every byte in order."""
