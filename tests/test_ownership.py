@@ -189,8 +189,8 @@ def test_closed_writers_keep_counting_against_the_uid_limits(programs: Programs)
         assert "quota" in refused, (len(edges), refused)
         assert 4 <= len(edges) <= 6, len(edges)
         # Nothing is lost: a reader gets every byte of a held stream, and that frees room.
-        got = sh(f"wc -c < {n.path(edges[0])}")
-        assert got.stdout.strip() == str(6 << 20).encode()
+        count = sh(f"wc -c < {n.path(edges[0])}")
+        assert count.stdout.strip() == str(6 << 20).encode()
         time.sleep(1.2)  # the daemon recounts at most once a second
         again = as_nobody("sh", "-c", f"head -c 1M /dev/zero > {n.path(new_edge())}")
         assert again.returncode == 0, again.stderr
