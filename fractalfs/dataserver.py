@@ -60,11 +60,13 @@ class DataServer:
                 try:
                     dataplane.tune(raw)
                     sock: dataplane.Conn = raw
-                    if self.node.tls is not None:  # mutual TLS first, then the HMAC HELLO
-                        sock = TlsConn(raw, self.node.tls.data_server, server=True)
-                        with trio.fail_after(dataplane.HANDSHAKE_TIMEOUT):
+                    # One deadline for TLS and the HELLO: a peer without the secret holds
+                    # one of the MAX_HANDSHAKES slots this long at most, not twice it.
+                    with trio.fail_after(dataplane.HANDSHAKE_TIMEOUT):
+                        if self.node.tls is not None:  # mutual TLS, then the HMAC HELLO
+                            sock = TlsConn(raw, self.node.tls.data_server, server=True)
                             await sock.handshake()
-                    hello = await dataplane.accept_hello(sock, self.node.data_key)
+                        hello = await dataplane.accept_hello(sock, self.node.data_key)
                 finally:
                     self.handshaking -= 1
                 if hello is None:

@@ -3,6 +3,7 @@ discovery, both verified against the cluster's CA of ``fractalfs new-tls``."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -205,6 +206,28 @@ def test_embedded_discovery_over_https_with_status_and_watch(
         events, errors = watch.communicate(timeout=10)
         assert f"{edge} writer registered".encode() in events, (events, errors)
         assert b"reconnecting" not in errors, errors
+    finally:
+        node.stop()
+
+
+def test_tls_and_the_hello_share_one_handshake_deadline(tmp_path: Path) -> None:
+    """A peer that takes its time over the TLS handshake and then sends no HELLO holds a
+    handshake slot HANDSHAKE_TIMEOUT (5 s) from its connect, not that twice over."""
+    d = new_tls(tmp_path / "tls")
+    node = Node(tmp_path, "e", None, extra=["--tls", str(d)])
+    try:
+        node.start()
+        endpoint = node.ready_line.split("data ")[1].split(",")[0]
+        host, _, port = endpoint.rpartition(":")
+        ctx = tls.load(str(d)).client  # the cluster's own certificate: TLS succeeds
+        with socket.create_connection((host, int(port)), timeout=30) as raw:
+            started = time.monotonic()
+            time.sleep(3.5)  # a slow ClientHello
+            with ctx.wrap_socket(raw, server_hostname="fractalfs") as conn:
+                with contextlib.suppress(ConnectionResetError, ssl.SSLError):
+                    assert conn.recv(1) == b""  # then silence: the node hangs up
+                took = time.monotonic() - started
+        assert took < 6.5, f"closed {took:.1f} s after connecting"
     finally:
         node.stop()
 
