@@ -324,8 +324,8 @@ class Operations(pyfuse3.Operations):
         end is opened (by the keeper) before the LOOKUP is answered (fiforoute.prepare).
         None: this open stays on FUSE (see _refuse_fifo)."""
         fifo = self._fifo_readers.get(edge)
-        if fifo is not None and fifo.unopened_by(ctx.pid):
-            return self._attrs(self._looked_up(fifo.ino))
+        if fifo is not None and (fifo.lingering or fifo.unopened_by(ctx.pid)):
+            return self._attrs(self._looked_up(fifo.ino))  # (lingering: closed unread)
         why = self._refuse_fifo(ctx.pid)
         if why:
             self._fuse_read_because(why)
@@ -660,7 +660,7 @@ class Operations(pyfuse3.Operations):
         if handle.writer is not None:
             self.node.release_writer(handle.writer)
         if handle.reader is not None:
-            self.node.release_reader(handle.reader)
+            self.node.linger_reader(handle.reader)  # closed unread: may be opened again
         if len(self.owners) > 1024:
             self._prune()
 

@@ -528,17 +528,12 @@ def test_a_forked_child_dying_with_the_read_end_while_the_opener_runs_is_an_earl
     assert reader.poll() is None  # the opener runs on
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap (README, Early close): a reader that opens and closes at once is "
-    "taken for one that never opened, and the writer runs on",
-)
 def test_a_reader_closing_before_it_read_anything_stops_the_writer(
     cluster: Cluster, programs: Programs
 ) -> None:
-    """`: < E` while `yes > E` runs: on a FIFO, yes dies of SIGPIPE at once. Here the
-    daemon never sees the shell hold the FIFO and takes it for an opener that never
-    opened (a failure, kept for a re-run): yes runs on (fills its window and blocks)."""
+    """`: < E` while `yes > E` runs: on a FIFO, yes dies of SIGPIPE at once. The daemon
+    never sees the shell hold the FIFO; the shell's exit status (0) says it went as one
+    that closed early does: yes dies of SIGPIPE too."""
     cluster.start_discovery()
     a = cluster.node("a")
     b = cluster.node("b")
