@@ -539,10 +539,8 @@ def test_a_fifo_loses_the_stream_of_a_program_opening_its_input_twice(
     """Why the "bzip2 FILE" row's reference is the regular file: bzip2's pattern (open,
     close unread, open again and read) on a `mkfifo` FIFO whose writer writes in between.
     The writer dies of SIGPIPE and the second open waits for a writer for good, which
-    hung the reference run. An edge treats that close as a pipe does (an early close): if
-    the writer's bytes already flow to the reader's daemon, the writer gets SIGPIPE too.
-    With bzip2's gap of microseconds that was never seen in 30 edge runs of the row; with
-    this test's 1 s gap it was, once under a load average of 280."""
+    hung the reference run. An edge does not take a close before reading a byte for "no
+    more" while the program opens it again (test_a_program_opening_its_input_twice_...)."""
     program = f"exec python3 -c {shlex.quote(OPEN_TWICE)} "
     fifo = tmp_path / "f"
     os.mkfifo(fifo)
