@@ -201,6 +201,9 @@ class Fifo:
         #: Called before each write into the end; an EdgeError ends the drain (the uid's
         #: spill limit, see Operations._fifo_writer).
         self.check: Callable[[], None] = lambda: None
+        #: Called once the program holds the FIFO, or the drain ends: the keeper lets go
+        #: of its read end (fifokeeper.Keeper.drain_held).
+        self.held: Callable[[], None] = lambda: None
 
     def unopened_by(self, pid: int) -> bool:
         """True while no program opened this FIFO yet, and ``pid`` did not either: a second
@@ -247,6 +250,8 @@ async def drain(node: Node, fifo: Fifo) -> None:
                         writer.exit_status = 9  # not an (empty) end: a failed generation
                         return
                     seen = holds is True
+                    if seen:
+                        fifo.held()
                 continue
             if arenas.room < MIN_READ:
                 arenas.next()
@@ -257,7 +262,9 @@ async def drain(node: Node, fifo: Fifo) -> None:
                 continue
             if not n:
                 break
-            seen = True
+            if not seen:
+                seen = True
+                fifo.held()
             arenas.fill += n
             fifo.check()
             status = await _write_all(node, writer, memoryview(arenas.buf)[at : at + n])
@@ -272,6 +279,7 @@ async def drain(node: Node, fifo: Fifo) -> None:
             log.warning("edge %s: writer FIFO: %s (%s)", writer.edge, exc, os.strerror(exc.errno))
     finally:
         fifo.done = True
+        fifo.held()  # (again: harmless) the keeper's read end goes first
         os.close(fd)  # the program's next write: EPIPE/SIGPIPE
         node.release_writer(writer)
 

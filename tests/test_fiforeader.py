@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from fractalfs import testhooks
 from fractalfs.testing import Node
 
 from .conftest import (
@@ -252,6 +253,29 @@ def test_a_writer_fifo_that_cannot_be_opened_writes_through_fuse(
     assert "writer FIFOs: FUSE writes instead" in a.log.read_text()  # the case
     assert res.returncode == 0, res
     assert sh(f"timeout 20 cat {a.path(edge)}").stdout == src.read_bytes()
+
+
+def test_a_writer_whose_daemon_dies_before_its_open_fails_at_once(
+    cluster: Cluster, programs: Programs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon dies between answering a writer FIFO's LOOKUP and the program's open of
+    the FIFO (a test hook closes the daemon's read end before the answer and kills it
+    0.3 s later): no reader of the FIFO is left, and the open waited for one for good.
+    The keeper holds a read end until the program holds the FIFO, and for a second after
+    the daemon's death: the open completes and the program's writes then fail with
+    EPIPE/SIGPIPE."""
+    monkeypatch.setenv(testhooks.ENV, "1")
+    monkeypatch.setenv(testhooks.WRITER_LOOKUP_DIES_ENV, "1")
+    cluster.start_discovery()
+    a = cluster.node("a")
+    warm = programs.start(f"exec cat {a.path(new_edge())}")  # the FIFO route is ready
+    wait_for(lambda: _in_pipe_read(warm.pid), 10, "a reader FIFO", [warm])
+    os.kill(warm.pid, signal.SIGKILL)
+    warm.communicate(timeout=10)
+    writer = programs.start(f"exec yes > {a.path(new_edge())}")
+    _, err = writer.communicate(timeout=20)
+    assert "the daemon dies after this writer's LOOKUP" in a.log.read_text()  # the case
+    assert writer.returncode == -signal.SIGPIPE, (writer.returncode, err)
 
 
 def test_a_daemon_near_its_descriptor_limit_hands_out_fuse_opens_not_fifos(
