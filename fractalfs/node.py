@@ -620,7 +620,8 @@ class Node:
                         while reader.state is ReaderState.WAITING and reader.error is None:
                             await reader.changed.wait()
         finally:
-            if self._lingering.get(edge, (None,))[0] is reader:
+            entry = self._lingering.get(edge)
+            if entry is not None and entry[1] is scope:  # not taken over (nor lingering anew)
                 del self._lingering[edge]
                 self.exits.forget(reader.tgid, reader)
                 if self.closing or reader.error is not None:
