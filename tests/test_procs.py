@@ -336,6 +336,6 @@ def test_out_of_descriptors_a_scan_of_proc_finds_nothing_instead_of_failing(
     def emfile(path: str) -> list[str]:
         raise OSError(errno.EMFILE, os.strerror(errno.EMFILE), path)
 
-    monkeypatch.setattr(procs.os, "listdir", emfile)
+    monkeypatch.setattr(os, "listdir", emfile)
     assert procs.failing_in_group(os.getpgid(0), 0) is None
     assert procs._scan_groups() == {}
