@@ -190,6 +190,9 @@ def test_a_reader_fifo_that_cannot_be_opened_is_not_an_empty_stream(
     src.write_bytes(os.urandom(64 * 1024))
     sh(f"cat {src} > {a.path(edge)}")  # a complete stream, waiting for its reader
     pid = a.pid
+    # As in the writer's test below: the warm-up's aftermath holds descriptors a moment.
+    wait_for(lambda: cluster.edge(warm).get("reader_state") == "done", 10, "warm-up settled")
+    wait_for(lambda: _steady_fds(pid), 20, "the daemon's descriptors steady")
     held = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
     lowest_free = next(n for n in range(len(held) + 1) if n not in held)
     soft, hard = sh(f"prlimit --pid {pid} --nofile -o SOFT,HARD --noheadings").stdout.split()
