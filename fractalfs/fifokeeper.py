@@ -365,14 +365,24 @@ class Keeper:
             self.replace(sock)  # EOF (it died) or silence (stopped): a new one, then retry
         raise KeeperUnavailable(errno.ETIMEDOUT, "the FIFO keeper does not answer")
 
-    def open_drain_end(self, path: str) -> int:
+    def drain_held(self, ino: int) -> None:
+        """The program holds writer FIFO ``ino`` (or its drain ended): the keeper lets its
+        read end go (see :func:`_open_drain_end`). From the loop thread: never blocks."""
+        for copy in self._copies:
+            if copy is not None:
+                with contextlib.suppress(OSError):
+                    copy.sock.send(b"D %d" % ino, socket.MSG_DONTWAIT)
+
+    def open_drain_end(self, path: str, ino: int = 0) -> int:
         """Has the keeper open the writer FIFO at ``path`` (``MOUNT/.fifo/<ino>``) read-only
-        and non-blocking (the end the daemon drains) and hand it back; the keeper keeps
-        nothing of it (a writer's daemon that dies gives its program EPIPE, as it should).
+        and non-blocking (the end the daemon drains) and hand it back; with ``ino`` the
+        keeper keeps a dup of it until :meth:`drain_held` (a daemon dying before the
+        program's open would leave that open waiting for a reader), never longer (a
+        writer's daemon that dies gives its program EPIPE, as it should).
         Not a thread of the daemon: one waiting in a request to the daemon's own mount
         would keep a SIGKILLed daemon from exiting. From a worker thread.
         KeeperUnavailable: no keeper answered; other OSErrors: the keeper's open failed."""
-        sock, reply, fds = self._ask(b"R 0 - %s" % os.fsencode(path), 1)
+        sock, reply, fds = self._ask(b"R %d - %s" % (ino, os.fsencode(path)), 1)
         if sock is None:
             raise KeeperUnavailable(errno.ENOTCONN, "the FIFO keeper is gone")
         if reply.startswith(b"K") and len(fds) == 1:
@@ -567,8 +577,18 @@ def _open_for_daemon(
         reply.close()
 
 
-def _open_drain_end(path: bytes, reply: socket.socket) -> None:
-    """The keeper's part of :meth:`Keeper.open_drain_end` (a thread per open)."""
+def _open_drain_end(
+    ino: int,
+    path: bytes,
+    reply: socket.socket,
+    drains: dict[int, int],
+    lock: threading.Lock,
+    closing: threading.Event,
+) -> None:
+    """The keeper's part of :meth:`Keeper.open_drain_end` (a thread per open). It keeps a
+    dup of the end until the daemon says its program holds the FIFO (``D``): a daemon
+    dying between answering the LOOKUP and the program's open would leave the FIFO no
+    reader, and the open waiting for one for good (see main's end)."""
     try:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -576,6 +596,16 @@ def _open_drain_end(path: bytes, reply: socket.socket) -> None:
             with contextlib.suppress(OSError):
                 reply.send(b"E %d" % (exc.errno or errno.EIO))
             return
+        if ino:
+            try:
+                keep = os.dup(fd)
+            except OSError:
+                keep = -1  # out of descriptors: the daemon's end alone, as before
+            with lock:
+                if keep >= 0 and (closing.is_set() or ino in drains):
+                    os.close(keep)
+                elif keep >= 0:
+                    drains[ino] = keep
         try:
             socket.send_fds(reply, [b"K"], [fd])
         except OSError:
@@ -589,6 +619,7 @@ def _open_drain_end(path: bytes, reply: socket.socket) -> None:
 def main(fd: int) -> None:
     sock = socket.socket(fileno=fd)
     ends: dict[int, tuple[int, str]] = {}  # ino -> (write end, edge name)
+    drains: dict[int, int] = {}  # ino -> a writer FIFO's read end, until its program holds it
     lock = threading.Lock()
     closing = threading.Event()
     while True:
@@ -616,7 +647,11 @@ def main(fd: int) -> None:
             reply = socket.socket(fileno=fds[0])
             for extra in fds[1:]:
                 os.close(extra)
-            threading.Thread(target=_open_drain_end, args=(words[3], reply), daemon=True).start()
+            threading.Thread(
+                target=_open_drain_end,
+                args=(int(words[1]), words[3], reply, drains, lock, closing),
+                daemon=True,
+            ).start()
         elif words[0] == b"A" and fds:
             with lock:
                 ino = int(words[1])
@@ -629,8 +664,11 @@ def main(fd: int) -> None:
         elif words[0] == b"D":
             with lock:
                 end = ends.pop(int(words[1]), None)
+                drain = drains.pop(int(words[1]), None)
             if end is not None:
                 os.close(end[0])
+            if drain is not None:
+                os.close(drain)
         elif words[0] == b"P":
             with contextlib.suppress(OSError):
                 sock.send(b"p")
@@ -641,9 +679,15 @@ def main(fd: int) -> None:
     # stay open for LATE_OPEN: a program whose open the daemon answered just before it died
     # may open its FIFO only now, and must find a writer (a non-blocking open of a FIFO
     # without one reads EOF at once, a blocking one waits for good) and be killed.
+    # Writer FIFOs whose program was not seen holding them yet: their read ends stay open
+    # as long, so that such a program's open completes, then close: its next write fails
+    # with EPIPE/SIGPIPE instead of its open waiting for a reader for good.
+    died = time.monotonic()
     with lock:
         closing.set()
         left = list(ends.items())
+        drained = list(drains.values())
+        drains.clear()
     targets: dict[str, list[tuple[int, int | None]]] = {}
     for ino, (wfd, name) in left:
         targets.setdefault(name, []).append((ino, procs.mount_id(wfd)))
@@ -652,6 +696,10 @@ def main(fd: int) -> None:
             print(f"fractalfs fifokeeper: killed {n} reader(s) of {name}", file=sys.stderr)
     for _ino, (wfd, _name) in left:
         os.close(wfd)
+    if drained:
+        time.sleep(max(0.0, LATE_OPEN - (time.monotonic() - died)))
+        for rfd in drained:
+            os.close(rfd)
 
 
 if __name__ == "__main__":

@@ -201,6 +201,9 @@ class Fifo:
         #: Called before each write into the end; an EdgeError ends the drain (the uid's
         #: spill limit, see Operations._fifo_writer).
         self.check: Callable[[], None] = lambda: None
+        #: Called once the program holds the FIFO, or the drain ends: the keeper lets go
+        #: of its read end (fifokeeper.Keeper.drain_held).
+        self.held: Callable[[], None] = lambda: None
 
     def unopened_by(self, pid: int) -> bool:
         """True while no program opened this FIFO yet, and ``pid`` did not either: a second
@@ -247,6 +250,8 @@ async def drain(node: Node, fifo: Fifo) -> None:
                         writer.exit_status = 9  # not an (empty) end: a failed generation
                         return
                     seen = holds is True
+                    if seen:
+                        fifo.held()
                 continue
             if arenas.room < MIN_READ:
                 arenas.next()
@@ -257,7 +262,9 @@ async def drain(node: Node, fifo: Fifo) -> None:
                 continue
             if not n:
                 break
-            seen = True
+            if not seen:
+                seen = True
+                fifo.held()
             arenas.fill += n
             fifo.check()
             status = await _write_all(node, writer, memoryview(arenas.buf)[at : at + n])
@@ -272,6 +279,7 @@ async def drain(node: Node, fifo: Fifo) -> None:
             log.warning("edge %s: writer FIFO: %s (%s)", writer.edge, exc, os.strerror(exc.errno))
     finally:
         fifo.done = True
+        fifo.held()  # (again: harmless) the keeper's read end goes first
         os.close(fd)  # the program's next write: EPIPE/SIGPIPE
         node.release_writer(writer)
 
@@ -345,6 +353,8 @@ async def _opener_failed(
 RUNNING_FOR = 10.0  # seconds an opener seen only "running" may take to hold its FIFO
 OPEN_NAP = 0.02  # longest pause between tries to open a reader FIFO's write end
 CONSUMED_POLL = 0.005  # how often the end of a stream checks its pipe for unread bytes
+REOPEN_GRACE = 0.5  # a FIFO closed unread by a running program waits this long for a reopen
+REOPEN_POLL = 0.005  # how often a lingering FIFO looks for its new reader
 #: Bulk data goes into the pipe up to page boundaries of the stream, so a program reading
 #: records never sees a pipe holding a fraction of a page while more is on the way: GNU
 #: tar takes a read that is no multiple of 512 for a broken archive ("Unaligned block"), and
@@ -363,7 +373,18 @@ def fionread(fd: int) -> int:
 class FifoReader:
     """One FIFO handed out to a reader's open, and the daemon's write end of it."""
 
-    __slots__ = ("done", "fd", "hold", "ino", "opened", "parked_in", "path", "pending", "reader")
+    __slots__ = (
+        "done",
+        "fd",
+        "hold",
+        "ino",
+        "lingering",
+        "opened",
+        "parked_in",
+        "path",
+        "pending",
+        "reader",
+    )
 
     def __init__(self, reader: ReaderEnd, ino: int, path: str, ends: tuple[int, int]) -> None:
         self.reader, self.ino, self.path = reader, ino, path
@@ -373,6 +394,7 @@ class FifoReader:
         self.done = False
         self.pending = 0  # bytes taken from the reader end, not yet in the pipe
         self.parked_in: IdleFifos | None = None  # waiting for its first byte with no task
+        self.lingering = False  # closed unread: the next reading open gets it (_reopened)
 
     def wake(self) -> None:
         """Its reader end changed (see :meth:`IdleFifos.park`)."""
@@ -574,7 +596,15 @@ async def feed(
                     procs.mount_id(fifo.fd),
                 )
             settled = True
-            return False  # not "no more": the stream stays for another reader
+            # Seen or not, a program that opened it and went at once (``: < E``) ends the
+            # stream early if it exits as one that closed early does (status 0, SIGPIPE,
+            # ...); one whose open failed exits non-zero, and one running on may still
+            # read (not "no more": the stream stays for another reader).
+            outcome = await node.exits.outcome(reader.tgid, 0)
+            if isinstance(outcome, Exited) and procs.reader_closed_early(outcome.status):
+                log.info("edge %s: the opener exited (status %d)", reader.edge, outcome.status)
+                reader.exit_status = outcome.status
+            return False
         if idle is not None and idle.park(fifo):
             parked = True
             return True
@@ -633,6 +663,7 @@ def finish(node: Node, fifo: FifoReader, keeper: fifokeeper.Keeper, settled: boo
     if fifo.hold is not None:
         os.close(fifo.hold)
         fifo.hold = None
+    poured = reader.delivered
     if fifo.fd is not None:
         reader.delivered = reader.consumed
         reader.backlog = None
@@ -641,7 +672,10 @@ def finish(node: Node, fifo: FifoReader, keeper: fifokeeper.Keeper, settled: boo
         os.close(fifo.fd)  # EOF now only if the stream was complete and consumed
         fifo.fd = None
     node.exits.forget(reader.tgid, reader)
-    node.release_reader(reader)
+    if poured or not settled:
+        node.release_reader(reader)
+    else:  # nothing of it left the end: a reopen may take it over
+        node.linger_reader(reader)
 
 
 async def _pour(node: Node, fifo: FifoReader, fd: int) -> bool | EdgeError:
@@ -653,6 +687,8 @@ async def _pour(node: Node, fifo: FifoReader, fd: int) -> bool | EdgeError:
     async def hang_up(scope: trio.CancelScope) -> None:
         # The write end is never readable: epoll reports only POLLERR (no reader left).
         await trio.lowlevel.wait_readable(fd)
+        while await _reopened(node, fifo, fd):
+            await trio.lowlevel.wait_readable(fd)
         scope.cancel()
 
     queue: deque[memoryview] = deque()  # taken from the reader end, not in the pipe yet
@@ -673,7 +709,9 @@ async def _pour(node: Node, fifo: FifoReader, fd: int) -> bool | EdgeError:
                 await trio.lowlevel.wait_writable(fd)
                 continue
             except BrokenPipeError:
-                return False
+                # No reader: hang_up decides (it ends this, or a reader opened it again).
+                await trio.sleep(REOPEN_POLL)
+                continue
             written += n
             limit -= n
             fifo.pending -= n
@@ -722,6 +760,31 @@ async def _pour(node: Node, fifo: FifoReader, fd: int) -> bool | EdgeError:
     if result is False and reader.state is ReaderState.EOF and fifo.backlog() == 0:
         return True  # the program closed right after its last byte
     return result
+
+
+async def _reopened(node: Node, fifo: FifoReader, fd: int) -> bool:
+    """Every read end of the FIFO closed. If the program read nothing of it and runs on,
+    it may open the edge again (bzip2 checks its input with an open and a close, then
+    opens it to read): the next reading open gets this FIFO, its bytes still in the pipe
+    (``lingering``), for up to REOPEN_GRACE. True: a reader holds the FIFO again; False:
+    the program exited, read something, or stayed away (see Node.linger_reader)."""
+    reader = fifo.reader
+    if reader.consumed or procs.exit_status(reader.tgid) is not None:
+        return False
+    fifo.lingering = True
+    try:
+        with trio.move_on_after(REOPEN_GRACE):
+            while node.exits.status(reader.tgid) is None:
+                ready = select.poll()
+                ready.register(fd, 0)
+                if not ready.poll(0):  # no POLLERR: a reader holds it again
+                    log.info("edge %s: a reader closed unread opened it again", reader.edge)
+                    return True
+                with trio.move_on_after(REOPEN_POLL):
+                    await node.exits.changed.wait()
+        return False
+    finally:
+        fifo.lingering = False
 
 
 async def _how_it_ended(node: Node, pid: int) -> int | None:

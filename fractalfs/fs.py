@@ -38,7 +38,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from . import fifokeeper, fiforoute, metrics, procs
+from . import fifokeeper, fiforoute, metrics, procs, testhooks
 from .edgeid import EdgeId
 from .edges import EdgeError, ReaderEnd, WriterEnd
 from .node import Node
@@ -391,8 +391,8 @@ class Operations(pyfuse3.Operations):
         end is opened (by the keeper) before the LOOKUP is answered (fiforoute.prepare).
         None: this open stays on FUSE (see _refuse_fifo)."""
         fifo = self._fifo_readers.get(edge)
-        if fifo is not None and fifo.unopened_by(ctx.pid):
-            return self._attrs(self._looked_up(fifo.ino))
+        if fifo is not None and (fifo.lingering or fifo.unopened_by(ctx.pid)):
+            return self._attrs(self._looked_up(fifo.ino))  # (lingering: closed unread)
         why = self._refuse_fifo(ctx.pid)
         if why:
             self._fuse_read_because(why)
@@ -551,7 +551,7 @@ class Operations(pyfuse3.Operations):
         reserved = self._reserve(edge, True, ctx.uid)
         ino, path = self._new_fifo_ino(edge)
         try:
-            fd = await trio.to_thread.run_sync(self.keeper.open_drain_end, path)
+            fd = await trio.to_thread.run_sync(self.keeper.open_drain_end, path, ino)
         except OSError as exc:
             self._forget_fifo(ino)
             self._fuse_write_because(f"no FIFO for this open ({exc})")
@@ -574,6 +574,10 @@ class Operations(pyfuse3.Operations):
                 raise EdgeError(exc.errno, "the uid's spill limit is exceeded") from None
 
         fifo.check = check_spill
+        fifo.held = functools.partial(self.keeper.drain_held, ino)
+        if testhooks.dies_after_writer_lookup():
+            testhooks.die_after_writer_lookup(fd)  # (a test's fault: see testhooks)
+            return self._attrs(self._looked_up(ino))
         self.node.spawn(self._drain, edge, fifo)
         return self._attrs(self._looked_up(ino))
 
@@ -728,7 +732,7 @@ class Operations(pyfuse3.Operations):
             self.node.release_writer(handle.writer)
             self._keep_counting(handle)
         if handle.reader is not None:
-            self.node.release_reader(handle.reader)
+            self.node.linger_reader(handle.reader)  # closed unread: may be opened again
         if len(self.owners) > 1024:
             self._prune()
 

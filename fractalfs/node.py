@@ -62,6 +62,13 @@ T = TypeVar("T")
 LONG_POLL = 120.0  # a waiting pump looks at its edge again after this long (the feed wakes it)
 CLOSE_GRACE = 0.25  # how long a close by a live program waits to see it exit
 RELEASE_GRACE = 2.0
+#: A reader closed before it read a byte, by a program still running (bzip2 checks its
+#: input with an open and a close, then opens it again and reads): how long it may take
+#: to open the edge again before that close counts as "no more" (see linger_reader).
+REOPEN_GRACE = 0.5
+#: An early close before the reader's daemon is connected to the writer's waits this long
+#: for the connection: the "no more" travels on it (``: < E`` while ``yes > E`` runs).
+CONNECT_WAIT = 1.0
 
 
 @dataclass(slots=True)
@@ -100,6 +107,8 @@ class Node:
         self._closing: dict[EdgeId, trio.Event] = {}  # a generation's end not recorded yet
         # The pull of each reader now: (its generation, its scope), for supersede().
         self._pulls: dict[EdgeId, tuple[int, trio.CancelScope]] = {}
+        # Readers closed unread whose end waits for a reopen (linger_reader), by edge.
+        self._lingering: dict[EdgeId, tuple[ReaderEnd, trio.CancelScope]] = {}
         # The parts that own the node's background tasks (each started with nursery.start).
         self.persistence = Persistence(self)
         self.membership = Membership(self)
@@ -481,6 +490,9 @@ class Node:
         if self.closing:
             raise EdgeError(errno.ESHUTDOWN, "daemon is shutting down")
         slot = self._slot(edge)
+        taken = self._take_lingering(edge, pid)
+        if taken is not None:
+            return taken
         if slot.reader is not None:
             await self._await_release(slot.reader, pid)
             slot = self._slot(edge)
@@ -540,6 +552,98 @@ class Node:
 
     def flush_reader(self, reader: ReaderEnd) -> None:
         reader.exit_status = procs.exit_status(reader.tgid)
+        if reader.exit_status is None and reader.delivered == 0:
+            # Closed unread by a running program: how it ends may decide (linger_reader).
+            # Watched now, while its close waits for this FLUSH: it cannot be gone yet.
+            self.exits.watch(reader.tgid, reader)
+
+    def linger_reader(self, reader: ReaderEnd) -> bool:
+        """The reader's file is closed for good; True if its release waits (it lingers).
+
+        A close before the program read a byte is no "no more" yet while the program runs:
+        bzip2 opens its input, closes it unread, and opens it again to read, and taken as
+        an early close that lost its writer and left the second open waiting for good. The
+        end lingers, streaming as before, until the program opens the edge again (any
+        reading open on this node takes the end over, as a FIFO's next reader would find
+        the bytes in it), exits (its status decides, as for any close: ``: < E`` ends the
+        stream early), or runs on for REOPEN_GRACE without (an early close). A close after
+        reading (``head -c 10 E``) is an early close at once. An early close made before
+        the data connection is up waits for it (CONNECT_WAIT): the writer hears of it there.
+        """
+        if (
+            self.closing
+            or reader.delivered
+            or reader.error is not None
+            or reader.state not in (ReaderState.WAITING, ReaderState.STREAMING)
+            or not procs.reader_closed_early(reader.exit_status)
+            or (reader.exit_status is not None and reader.state is ReaderState.STREAMING)
+        ):
+            self.exits.forget(reader.tgid, reader)
+            self.release_reader(reader)
+            return False
+        if reader.exit_status is None:
+            self.exits.watch(reader.tgid, reader)
+        scope = trio.CancelScope()
+        self._lingering[reader.edge] = (reader, scope)
+        self._spawn(self._linger, reader, scope)
+        return True
+
+    def _take_lingering(self, edge: EdgeId, pid: int) -> ReaderEnd | None:
+        """A reading open of ``edge`` takes over its lingering end (see linger_reader)."""
+        entry = self._lingering.pop(edge, None)
+        if entry is None:
+            return None
+        reader, scope = entry
+        scope.cancel()
+        self.exits.forget(reader.tgid, reader)
+        slot = self.slots.get(edge)
+        if slot is None or slot.reader is not reader or reader.error is not None:
+            self._lingering[edge] = entry  # its own task releases it
+            return None
+        reader.pid = reader.interrupt_pid = pid
+        reader.tgid = procs.tgid(pid)
+        reader.exit_status = None
+        log.info("edge %s: a reader closed unread opened it again", edge)
+        return reader
+
+    async def _linger(self, reader: ReaderEnd, scope: trio.CancelScope) -> None:
+        edge = reader.edge
+        try:
+            with scope:
+                if reader.exit_status is None:
+                    outcome = await self._outcome_unless_failed(reader, REOPEN_GRACE)
+                    if isinstance(outcome, Exited):
+                        reader.exit_status = outcome.status
+                    elif isinstance(outcome, Unknown):
+                        reader.exit_status = 9  # not seen: never taken for "no more"
+                if procs.reader_closed_early(reader.exit_status):
+                    with trio.move_on_after(CONNECT_WAIT):
+                        while reader.state is ReaderState.WAITING and reader.error is None:
+                            await reader.changed.wait()
+        finally:
+            entry = self._lingering.get(edge)
+            if entry is not None and entry[1] is scope:  # not taken over (nor lingering anew)
+                del self._lingering[edge]
+                self.exits.forget(reader.tgid, reader)
+                if self.closing or reader.error is not None:
+                    reader.exit_status = 9  # the daemon stops: a failure, as for any reader
+                self.release_reader(reader)
+
+    async def _outcome_unless_failed(self, reader: ReaderEnd, grace: float) -> Exit:
+        """How the reader's program ends within ``grace`` (see ExitWatcher.outcome); an
+        end that failed meanwhile (the daemon stops) ends the wait: Unknown."""
+        result: list[Exit] = []
+        async with trio.open_nursery() as nursery:
+
+            async def outcome() -> None:
+                result.append(await self.exits.outcome(reader.tgid, grace))
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(outcome)
+            while reader.error is None:
+                await reader.changed.wait()
+            nursery.cancel_scope.cancel()
+        return result[0] if result else Unknown("the reader's end failed")
 
     def release_reader(self, reader: ReaderEnd) -> None:
         reader.on_released()

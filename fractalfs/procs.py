@@ -200,7 +200,11 @@ def failing_in_group(pgid: int, exclude: int) -> int | None:
     """
     if pgid <= 0:
         return None
-    for name in os.listdir("/proc"):
+    try:
+        names = os.listdir("/proc")
+    except OSError:  # out of descriptors: no holder seen failing (the close must not fail)
+        return None
+    for name in names:
         if not name.isdigit() or int(name) == exclude:
             continue
         try:
@@ -239,7 +243,11 @@ SCAN_AGE = 0.05  # a /proc scan serves every caller this long (a burst of opens:
 def _scan_groups() -> dict[int, tuple[int, int]]:
     """pgid -> (CPU ticks, run-queue ns) of every process group, from one /proc scan."""
     groups: dict[int, tuple[int, int]] = {}
-    for name in os.listdir("/proc"):
+    try:
+        names = os.listdir("/proc")
+    except OSError:  # out of descriptors: no times (an open must not fail for them)
+        return groups
+    for name in names:
         if not name.isdigit():
             continue
         try:

@@ -8,6 +8,10 @@ keeps its default action and nothing here runs.
 
 ``FRACTALFS_TEST_DROP_EVENTS=kind,kind``: the daemon ignores discovery's events of these
 kinds, as one whose feed missed them (a broken feed, a switched replica, a pruned log).
+
+``FRACTALFS_TEST_WRITER_LOOKUP_DIES=1``: the daemon dies (SIGKILL, 0.3 s later) right
+after answering a writer FIFO's LOOKUP, its own read end of the FIFO closed before the
+answer: as a daemon dying between the LOOKUP and the program's open of the FIFO.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 
 import trio
@@ -35,6 +40,28 @@ def dropped_events() -> frozenset[str]:
     if not enabled():
         return frozenset()
     return frozenset(k for k in os.environ.get(DROP_EVENTS_ENV, "").split(",") if k)
+
+
+WRITER_LOOKUP_DIES_ENV = "FRACTALFS_TEST_WRITER_LOOKUP_DIES"
+
+
+def dies_after_writer_lookup() -> bool:
+    return enabled() and os.environ.get(WRITER_LOOKUP_DIES_ENV) == "1"
+
+
+def die_after_writer_lookup(fd: int) -> None:
+    """Closes the daemon's read end ``fd`` of a writer FIFO (its number kept, on
+    /dev/null) and SIGKILLs the daemon 0.3 s later, from a thread."""
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, fd)
+    os.close(null)
+    log.warning("test hook: the daemon dies after this writer's LOOKUP")
+
+    def die() -> None:
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=die, daemon=True).start()
 
 
 def busy(seconds: float) -> None:

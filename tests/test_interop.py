@@ -122,6 +122,70 @@ def test_a_reader_closing_early_stops_the_writer_at_once(
     assert both.spilled() - spilled < 1 << 20, "the writer spilled instead of stopping"
 
 
+# A program that opens its input, closes it unread while it runs on, and opens it again
+# to read it (bzip2's fileExists check, here with gaps long enough for the writer's bytes
+# to reach the reader's daemon before the close, and for its daemon to see it hold a FIFO).
+REOPEN = (
+    "import hashlib, sys, time; f = open(sys.argv[1], 'rb'); time.sleep(0.3); f.close();"
+    " time.sleep(0.1); d = open(sys.argv[1], 'rb').read();"
+    " print(len(d), hashlib.md5(d).hexdigest())"
+)
+REOPEN_BYTES = 30_000_000
+
+
+def test_a_program_opening_its_input_twice_reads_the_whole_stream(
+    both: Duo, programs: Programs
+) -> None:
+    """A close before reading anything, by a program still running, is no early close
+    while the program opens the edge again within the grace: the writer is not stopped
+    and the second open reads the whole stream (it waited for good before)."""
+    edge = new_edge()
+    writer = programs.start(f"yes abcdefghi | head -c {REOPEN_BYTES} > {both.a.path(edge)}")
+    time.sleep(0.5)  # the writer writes: its bytes reach the reader's daemon at its open
+    reader = programs.start(f"exec python3 -c {shlex.quote(REOPEN)} {both.b.path(edge)}")
+    out, err = reader.communicate(timeout=60)
+    want = sh(f"yes abcdefghi | head -c {REOPEN_BYTES} | md5sum").stdout.split()[0]
+    assert out.split() == [str(REOPEN_BYTES).encode(), want], err
+    _, err = writer.communicate(timeout=10)
+    assert writer.returncode == 0, err
+
+
+STAYS_AWAY = (
+    "import sys, time; f = open(sys.argv[1], 'rb'); time.sleep(0.3); f.close();"
+    " print('closed', flush=True); time.sleep(30)"
+)
+
+
+def test_a_program_closing_unread_and_staying_away_stops_the_writer(
+    both: Duo, programs: Programs
+) -> None:
+    """Closed unread, the program runs on and does not open the edge again: after the
+    grace that is "no more", and the writer gets SIGPIPE while the program still runs."""
+    edge = new_edge()
+    writer = programs.start(f"exec yes > {both.a.path(edge)}")
+    time.sleep(0.5)
+    reader = programs.start(f"exec python3 -c {shlex.quote(STAYS_AWAY)} {both.b.path(edge)}")
+    assert reader.stdout is not None and reader.stdout.readline() == b"closed\n"
+    t0 = time.monotonic()
+    _, err = writer.communicate(timeout=10)
+    assert writer.returncode == -signal.SIGPIPE, (writer.returncode, err)
+    assert time.monotonic() - t0 < 3, "the writer ran on"
+    assert reader.poll() is None  # the reading program runs on
+
+
+def test_a_reader_closing_before_it_read_anything_and_exiting_stops_the_writer(
+    both: Duo, programs: Programs
+) -> None:
+    """`: < E` while `yes > E` runs: the shell opens the edge, closes it unread and exits
+    0. As on a FIFO, yes dies of SIGPIPE (it ran on for a re-run reader before)."""
+    edge = new_edge()
+    writer = programs.start(f"exec yes > {both.a.path(edge)}")
+    time.sleep(1)  # the writer is registered and writing
+    sh(f": < {both.b.path(edge)}")
+    _, err = writer.communicate(timeout=10)
+    assert writer.returncode == -signal.SIGPIPE, (writer.returncode, err)
+
+
 def test_a_killed_reader_is_a_failure_and_keeps_the_stream(
     both: Duo, programs: Programs, tmp_path: Path
 ) -> None:
@@ -475,10 +539,8 @@ def test_a_fifo_loses_the_stream_of_a_program_opening_its_input_twice(
     """Why the "bzip2 FILE" row's reference is the regular file: bzip2's pattern (open,
     close unread, open again and read) on a `mkfifo` FIFO whose writer writes in between.
     The writer dies of SIGPIPE and the second open waits for a writer for good, which
-    hung the reference run. An edge treats that close as a pipe does (an early close): if
-    the writer's bytes already flow to the reader's daemon, the writer gets SIGPIPE too.
-    With bzip2's gap of microseconds that was never seen in 30 edge runs of the row; with
-    this test's 1 s gap it was, once under a load average of 280."""
+    hung the reference run. An edge does not take a close before reading a byte for "no
+    more" while the program opens it again (test_a_program_opening_its_input_twice_...)."""
     program = f"exec python3 -c {shlex.quote(OPEN_TWICE)} "
     fifo = tmp_path / "f"
     os.mkfifo(fifo)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -324,3 +325,17 @@ def test_opening_tells_an_open_from_another_call_and_from_running(tmp_path: Path
             p.kill()
             p.wait()
     assert fiforoute.opening(asleep.pid) is False  # gone
+
+
+def test_out_of_descriptors_a_scan_of_proc_finds_nothing_instead_of_failing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A daemon out of descriptors cannot list /proc: a writer's close (FLUSH) must not
+    fail for it (it answered EIO, "unexpected error in flush"), nor a writer's open."""
+
+    def emfile(path: str) -> list[str]:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE), path)
+
+    monkeypatch.setattr(os, "listdir", emfile)
+    assert procs.failing_in_group(os.getpgid(0), 0) is None
+    assert procs._scan_groups() == {}
