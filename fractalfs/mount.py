@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import pyfuse3
 import trio
 
-from . import auth, metrics, testhooks
+from . import auth, fusewatch, metrics, testhooks
 from .config import NodeConfig
 from .discovery.client import DiscoveryClient, DiscoveryError, Unavailable
 from .discovery.server import EmbeddedDiscovery, parse_listen
@@ -160,11 +160,13 @@ async def serve(
     await node.restore_spills()  # never raises for discovery: what fails is retried
     ops = Operations(node)
     mounted = False
+    watch = fusewatch.FuseWatch()
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run, listener)
             pyfuse3.init(ops, config.mountpoint, FUSE_OPTIONS)
             mounted = True
+            watch.start()
             nursery.start_soon(_on_signals, node)
             if testhooks.enabled():
                 await nursery.start(testhooks.run)
@@ -179,6 +181,7 @@ async def serve(
             await node.stop()
             nursery.cancel_scope.cancel()
     finally:
+        watch.stop()  # before the device closes: its number may be reused
         if mounted:
             pyfuse3.close(unmount=True)
         ops.keeper.close()  # it kills the readers of streams left unfinished, then exits
