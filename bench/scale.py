@@ -271,16 +271,16 @@ def profilers(procs: dict[str, Process], out: Path | None) -> list[subprocess.Po
 def raise_limits(n: int) -> str:
     """What N edges at once need here, or why they cannot run (empty: they can).
 
-    The reader's daemon holds two descriptors per waiting reader (its FIFO's write end,
-    and the dup the keeper client keeps to hand a replaced keeper: `fifokeeper`), its
-    keeper as many, and each daemon a data connection per edge that is streaming (with
-    64 KiB streams, a part of N at a time): 2 N and some descriptors (the daemons inherit
+    The reader's daemon holds one descriptor per waiting reader (its FIFO's write end,
+    which is also what the keeper client hands a replaced keeper: `fifokeeper`), each
+    keeper one, and each daemon a data connection per edge that is streaming (with
+    64 KiB streams, a part of N at a time): N and some descriptors (the daemons inherit
     the limit; root may raise the hard one). A blocked read
     holds a pyfuse3 task (``max_tasks``, from the environment the daemons inherit). Pids:
     a reader thread and a `dd` per edge (the spawner waits for all with one thread)."""
     import resource
 
-    want = 2 * n + 4096
+    want = n + 4096
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < want:
         try:
