@@ -69,6 +69,18 @@ def usage(procs: dict[str, Process]) -> dict[str, dict[str, float]]:
     }
 
 
+def fifo_ends(pid: int) -> int:
+    """How many reader FIFO write ends (``MOUNT/.fifo/<ino>``) process ``pid`` holds: the
+    waiting readers that got a kernel FIFO (the others read through FUSE)."""
+    held = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            held += "/.fifo/" in os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+    return held
+
+
 def payload(i: int) -> bytes:
     return random.Random(i).randbytes(SIZE)
 
@@ -365,6 +377,8 @@ def edges_row(
         registering_s = time.monotonic() - t_readers
         time.sleep(1.0)
         idle = usage(procs)
+        fifos_idle = fifo_ends(b.pid)
+        descriptors_idle = len(os.listdir(f"/proc/{b.pid}/fd"))
 
         def spawned() -> tuple[str, int, str]:
             assert spawner.stdout is not None
@@ -466,6 +480,8 @@ def edges_row(
                 / n,
                 2,
             ),
+            "fifo_readers_idle_B": fifos_idle,
+            "descriptors_idle_B": descriptors_idle,
             "usage_before": before,
             "usage_idle_readers": idle,
             "usage_after_pairs": idle_after_pairs,
