@@ -69,6 +69,18 @@ def usage(procs: dict[str, Process]) -> dict[str, dict[str, float]]:
     }
 
 
+def fifo_ends(pid: int) -> int:
+    """How many reader FIFO write ends (``MOUNT/.fifo/<ino>``) process ``pid`` holds: the
+    waiting readers that got a kernel FIFO (the others read through FUSE)."""
+    held = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            held += "/.fifo/" in os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+    return held
+
+
 def payload(i: int) -> bytes:
     return random.Random(i).randbytes(SIZE)
 
@@ -271,16 +283,16 @@ def profilers(procs: dict[str, Process], out: Path | None) -> list[subprocess.Po
 def raise_limits(n: int) -> str:
     """What N edges at once need here, or why they cannot run (empty: they can).
 
-    The reader's daemon holds two descriptors per waiting reader (its FIFO's write end,
-    and the dup the keeper client keeps to hand a replaced keeper: `fifokeeper`), its
-    keeper as many, and each daemon a data connection per edge that is streaming (with
-    64 KiB streams, a part of N at a time): 2 N and some descriptors (the daemons inherit
+    The reader's daemon holds one descriptor per waiting reader (its FIFO's write end,
+    which is also what the keeper client hands a replaced keeper: `fifokeeper`), each
+    keeper one, and each daemon a data connection per edge that is streaming (with
+    64 KiB streams, a part of N at a time): N and some descriptors (the daemons inherit
     the limit; root may raise the hard one). A blocked read
     holds a pyfuse3 task (``max_tasks``, from the environment the daemons inherit). Pids:
     a reader thread and a `dd` per edge (the spawner waits for all with one thread)."""
     import resource
 
-    want = 2 * n + 4096
+    want = n + 4096
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < want:
         try:
@@ -365,6 +377,8 @@ def edges_row(
         registering_s = time.monotonic() - t_readers
         time.sleep(1.0)
         idle = usage(procs)
+        fifos_idle = fifo_ends(b.pid)
+        descriptors_idle = len(os.listdir(f"/proc/{b.pid}/fd"))
 
         def spawned() -> tuple[str, int, str]:
             assert spawner.stdout is not None
@@ -466,6 +480,8 @@ def edges_row(
                 / n,
                 2,
             ),
+            "fifo_readers_idle_B": fifos_idle,
+            "descriptors_idle_B": descriptors_idle,
             "usage_before": before,
             "usage_idle_readers": idle,
             "usage_after_pairs": idle_after_pairs,

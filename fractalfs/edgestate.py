@@ -141,6 +141,29 @@ class ReaderMachine:
     def start(self) -> Action:
         return Query()
 
+    def first_wait(self, query: Query) -> int | None:
+        """The version of the edge if this machine has only seen its edge (at that
+        version) with no writer yet and ``query`` is the wait that followed: then
+        :meth:`waiting_first` makes both again from that number. None otherwise. Most
+        waiting readers are there, and a daemon keeps thousands of them parked: an int
+        instead of the machine and its query (190 bytes)."""
+        if self.version < 0 or (self, query) != self.waiting_first(self.version):
+            return None
+        return self.version
+
+    def waiting_first(self, version: int) -> tuple[ReaderMachine, Query]:
+        """A machine with this one's settings that saw its edge at ``version`` with no
+        writer yet (:meth:`on_record`), and the query it waits with then."""
+        again = ReaderMachine(
+            self.reconnect_for,
+            self.writer_lost_timeout,
+            self.long_poll,
+            self.rng,
+            version=version,
+            seen_edge=True,
+        )
+        return again, Query(version, self.long_poll)
+
     def on_record(self, view: EdgeView, now: float, received: int) -> Action:
         if not view.exists:
             if self.seen_edge:

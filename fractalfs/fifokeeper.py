@@ -176,7 +176,10 @@ class Keeper:
         self._lock = threading.Lock()
         self._failed = False
         self._closed = False
-        # ino -> (a dup of the write end, kept for a replacement keeper; edge name)
+        # ino -> (the daemon's own write end, handed to a replacement keeper; edge name).
+        # Only :meth:`_done_locked` closes it, under the lock, after taking it out: a
+        # replacement (which sends these under the lock) never sends a number that was
+        # closed and reused for another file.
         self._live: dict[int, tuple[int, str]] = {}
         self._pending: deque[int] = deque()  # finished streams done() could not settle yet
         self.replaced = 0  # keepers replaced since start (for logs and tests)
@@ -184,12 +187,23 @@ class Keeper:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         """The lock; on the way out, the streams :meth:`done` left pending are settled."""
-        with self._lock:
-            try:
+        try:
+            with self._lock:
                 yield
-            finally:
+        finally:
+            self._settle_pending()
+
+    def _settle_pending(self) -> None:
+        """Settles the streams :meth:`done` left pending, unless another thread holds the
+        lock (that one settles them when it lets the lock go). Every thread letting the
+        lock go calls this after it did, and :meth:`done` after it queued: one of the two
+        always sees the other's work, so nothing waits for the next lock holder."""
+        while self._pending and self._lock.acquire(blocking=False):
+            try:
                 while self._pending:
                     self._done_locked(self._pending.popleft())
+            finally:
+                self._lock.release()
 
     @property
     def usable(self) -> bool:
@@ -321,7 +335,10 @@ class Keeper:
         """Has the keeper open the FIFO at ``path`` (``MOUNT/.fifo/<ino>``) read-write (the
         stand-in reader) and write-only, keep a dup of the write end, and hand both back:
         (stand-in, write end); every other keeper gets a dup of the write end before this
-        returns (before any program can hold the read end). From a worker thread.
+        returns (before any program can hold the read end). The write end stays this
+        object's until :meth:`done` closes it (the caller never closes it itself): it is
+        what a replacement keeper is handed, so a FIFO costs the daemon one descriptor.
+        From a worker thread.
         KeeperUnavailable: no keeper answered (even a fresh one); other OSErrors: the
         keeper's open failed."""
         for _attempt in range(2):
@@ -338,13 +355,7 @@ class Keeper:
                 raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
             if reply.startswith(b"K"):
                 with self._locked():
-                    try:
-                        self._live[ino] = (os.dup(fds[1]), name)
-                    except OSError:
-                        os.close(fds[0])
-                        os.close(fds[1])
-                        self._forget_unused(ino)
-                        raise
+                    self._live[ino] = (fds[1], name)
                     # The others (and the opener's replacement, if it was replaced
                     # meanwhile) must hold this one too.
                     add = b"A %d %s" % (ino, name.encode())
@@ -405,20 +416,15 @@ class Keeper:
                     copy.sock.send(b"D %d" % ino, socket.MSG_DONTWAIT)
 
     def done(self, ino: int) -> None:
-        """The stream of FIFO ``ino`` is finished: the keepers close their dups (then the
-        reader's EOF can happen). From the loop thread, so it never blocks: while a worker
-        thread holds the lock (an open, a replacement), that thread settles it on its way
-        out; a keeper whose socket is full is replaced by :meth:`check` (the old one's dups
-        die with it)."""
-        if not self._lock.acquire(blocking=False):
-            self._pending.append(ino)
-            return
-        try:
-            self._done_locked(ino)
-            while self._pending:
-                self._done_locked(self._pending.popleft())
-        finally:
-            self._lock.release()
+        """The stream of FIFO ``ino`` is finished: the daemon's write end (from
+        :meth:`open_fifo`) closes and the keepers close their dups (then the reader's EOF
+        can happen). From the loop thread, so it never blocks: while a worker thread holds
+        the lock (an open, a replacement), that thread settles it on its way out, and the
+        write end stays open until then (a replacement may be sending it right now); a
+        keeper whose socket is full is replaced by :meth:`check` (the old one's dups die
+        with it)."""
+        self._pending.append(ino)
+        self._settle_pending()
 
     def _done_locked(self, ino: int) -> None:
         end = self._live.pop(ino, None)

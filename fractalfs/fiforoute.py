@@ -464,10 +464,9 @@ def prepare(opening: Opening, keeper: fifokeeper.Keeper) -> None:
 
 
 def let_go(ends: tuple[int, int], ino: int, keeper: fifokeeper.Keeper) -> None:
-    """Closes a reader FIFO no program got (the keeper first: then nobody holds it)."""
+    """Closes a reader FIFO no program got (the write end is the keeper's to close)."""
     os.close(ends[0])
     keeper.done(ino)
-    os.close(ends[1])
 
 
 async def _await_opener(fifo: FifoReader) -> bool:
@@ -667,9 +666,12 @@ def finish(node: Node, fifo: FifoReader, keeper: fifokeeper.Keeper, settled: boo
     if fifo.fd is not None:
         reader.delivered = reader.consumed
         reader.backlog = None
-        if settled:  # else (cancelled: the daemon stops) the keeper kills the readers
+        # The write end is the keeper's (it hands it to a replacement keeper): done()
+        # closes it (EOF now only if the stream was complete and consumed), under its lock,
+        # so that no replacement is ever handed its number once reused. Not settled
+        # (cancelled: the daemon stops): it stays open, and the keepers kill the readers.
+        if settled:
             keeper.done(fifo.ino)
-        os.close(fifo.fd)  # EOF now only if the stream was complete and consumed
         fifo.fd = None
     node.exits.forget(reader.tgid, reader)
     if poured or not settled:

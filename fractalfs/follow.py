@@ -42,18 +42,28 @@ class _Waiter(Protocol):
 
 class Parked:
     """A waiting reader with no task: the feed naming its edge, a broken feed, or its
-    deadline calls ``resume`` once (with True when the deadline ran out). Before it is
-    parked it is only watched: a change meanwhile marks it ``woken`` (the pump then
-    looks at its edge again instead of parking). A few hundred bytes where a waiting
-    pump task held several KiB (its frames, cancel scopes and an Event)."""
+    deadline calls ``resume(self, expired)`` once (``expired`` True when the deadline ran
+    out), with what the pump left here (``reader``, ``machine``, ``query``) to start
+    again from. Before it is parked it is only watched: a change meanwhile marks it
+    ``woken`` (the pump then looks at its edge again instead of parking). About 90 bytes
+    where a waiting pump task held several KiB (its frames, cancel scopes and an Event),
+    and a partial of the resume call with its arguments 270 more: ``resume`` is one
+    callable shared by every parked reader, and the heap of deadlines holds the entries
+    themselves (ordered by ``deadline``), not a tuple each."""
 
-    __slots__ = ("deadline", "edge", "resume", "woken")
+    __slots__ = ("deadline", "edge", "machine", "query", "reader", "resume", "woken")
 
     def __init__(self, edge: str) -> None:
         self.edge = edge
-        self.resume: Callable[[bool], None] | None = None
+        self.resume: Callable[[Parked, bool], None] | None = None
+        self.reader: Any = None
+        self.machine: Any = None
+        self.query: Any = None
         self.deadline = 0.0
         self.woken = False
+
+    def __lt__(self, other: Parked) -> bool:
+        return self.deadline < other.deadline
 
     def set(self) -> None:
         self._fire(False)
@@ -64,7 +74,7 @@ class Parked:
         self.woken = True
         resume, self.resume = self.resume, None
         if resume is not None:
-            resume(expired)
+            resume(self, expired)
 
 
 class Follower:
@@ -76,8 +86,7 @@ class Follower:
         # Edge -> its waiter, or a set of them (one is the rule: a set is 216 bytes).
         self._waiters: dict[str, _Waiter | set[_Waiter]] = {}
         self._wanted = trio.Event()  # set when a pump waits: the feed is followed again
-        self._deadlines: list[tuple[float, int, Parked]] = []  # a heap
-        self._order = 0
+        self._deadlines: list[Parked] = []  # a heap, by deadline
         self._earlier = trio.Event()  # a parked reader's deadline is the earliest now
 
     def waiting(self) -> int:
@@ -181,21 +190,30 @@ class Follower:
 
     def unwatch(self, token: Parked) -> None:
         token.woken = True
-        token.resume = None
+        token.resume = token.reader = token.machine = token.query = None
         self._discard(token)
 
     def _discard(self, token: _Waiter | Parked) -> None:
         if isinstance(token, Parked):
             self._remove(token.edge, token)
 
-    def park(self, token: Parked, wait: float, resume: Callable[[bool], None]) -> None:
-        """The pump's task ends; ``resume`` starts it again once the edge changed (False)
-        or after ``wait`` seconds (True)."""
+    def park(
+        self,
+        token: Parked,
+        wait: float,
+        resume: Callable[[Parked, bool], None],
+        reader: object,
+        machine: object,
+        query: object,
+    ) -> None:
+        """The pump's task ends; ``resume(token, expired)`` starts it again once the edge
+        changed (``expired`` False) or after ``wait`` seconds (True), from ``reader``,
+        ``machine`` and ``query`` (kept in ``token`` meanwhile)."""
         token.resume = resume
+        token.reader, token.machine, token.query = reader, machine, query
         token.deadline = trio.current_time() + wait
-        self._order += 1
-        first = not self._deadlines or token.deadline < self._deadlines[0][0]
-        heapq.heappush(self._deadlines, (token.deadline, self._order, token))
+        first = not self._deadlines or token.deadline < self._deadlines[0].deadline
+        heapq.heappush(self._deadlines, token)
         if first:
             self._earlier.set()
 
@@ -207,19 +225,22 @@ class Follower:
 
     def parked(self) -> int:
         """Readers parked (for tests and memory figures)."""
-        return sum(not t.woken for _, _, t in self._deadlines)
+        return sum(not t.woken for t in self._deadlines)
 
     async def expire_parked(self) -> None:
         """Resumes parked readers whose wait ran out (one task for all of them)."""
         while True:
             now = trio.current_time()
-            while self._deadlines and (self._deadlines[0][2].woken or self._deadlines[0][0] <= now):
-                _, _, token = heapq.heappop(self._deadlines)
+            while self._deadlines and (
+                self._deadlines[0].woken or self._deadlines[0].deadline <= now
+            ):
+                token = heapq.heappop(self._deadlines)
                 if not token.woken:
                     self._discard(token)
                     token._fire(True)
             self._earlier = trio.Event()
-            with trio.move_on_at(self._deadlines[0][0] if self._deadlines else now + 3600):
+            at = self._deadlines[0].deadline if self._deadlines else now + 3600
+            with trio.move_on_at(at):
                 await self._earlier.wait()
 
     async def get(self, edge: str, *, wait: float, since: int) -> dict[str, Any]:

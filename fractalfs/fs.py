@@ -56,7 +56,7 @@ XATTR_REASON = b"user.fractalfs.mode_reason"
 #: pipe, and keeps `wc`'s column width (7 digits) what it is for a pipe.
 EDGE_SIZE = 1 << 20
 FOREVER = 365 * 86400.0  # entry and attribute timeout of MOUNT/.fifo
-FDS_PER_FIFO = 2  # the daemon's descriptors for one FIFO (its end, the keeper's dup to resend)
+FDS_PER_FIFO = 1  # the daemon's descriptors for one FIFO (its end, also what a new keeper gets)
 FINISHED_COST = 1 << 20  # a closed, undelivered writer end: records and descriptors, besides bytes
 RECOUNT_EVERY = 1.0  # seconds between recounts of what a user's closed writer ends hold
 PRUNE_EVERY = 1.0  # seconds between passes over the ownership claims
@@ -450,7 +450,7 @@ class Operations(pyfuse3.Operations):
 
     def _short_of_descriptors(self) -> str:
         """Why a new FIFO would bring this daemon near its descriptor limit ("" if not).
-        A FIFO costs the daemon up to two descriptors for its life; a daemon out of them
+        A FIFO costs the daemon one descriptor for its life; a daemon out of them
         cannot read ``/proc/<pid>/fd`` and would take a program holding its FIFO for one
         that never opened it (and kill it). A FUSE open costs no descriptor."""
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]

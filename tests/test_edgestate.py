@@ -33,6 +33,38 @@ def connected(m: ReaderMachine, gen: int = 1, received: int = 0) -> None:
     m.on_connected(gen)
 
 
+def test_a_reader_waiting_for_its_first_writer_is_made_again_from_the_version_alone() -> None:
+    """A parked reader keeps only its edge's version while it waits for a first writer
+    (``first_wait``); the machine and query made again from it are the ones it had."""
+    m = machine(writer_lost_timeout=7, reconnect_for=3)
+    q = m.on_record(view(0, "none", version=42), 0.0, 0)
+    assert isinstance(q, Query)
+    assert m.first_wait(q) == 42
+    again, wait = m.waiting_first(42)
+    assert (again, wait) == (m, q)
+    assert again.on_record(view(1, version=43), 1.0, 0) == m.on_record(view(1, version=43), 1.0, 0)
+    assert m.first_wait(Query(42, 1.0)) is None  # another wait: kept as it is
+
+
+@pytest.mark.parametrize(
+    "history",
+    [
+        [view(0, "none", version=-5)],  # no version yet
+        [EdgeView(False, 3, 0, "none")],  # the edge did not exist
+        [view(1, "open", version=5), EdgeView(True, 6, 1, "failed", "w", "")],  # a writer failed
+    ],
+)
+def test_a_reader_that_did_more_than_wait_for_a_first_writer_keeps_its_machine(
+    history: list[EdgeView],
+) -> None:
+    m = machine()
+    action = None
+    for v in history:
+        action = m.on_record(v, 0.0, 0)
+    assert isinstance(action, Query)
+    assert m.first_wait(action) is None
+
+
 def test_reader_first_waits_without_timeout() -> None:
     m = machine(writer_lost_timeout=1)
     assert m.start() == Query()

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,31 @@ def _until_no_writer(path: str, reader: int, why: str) -> None:
         time.sleep(0.01)
 
 
+def _write_ends(pid: int, path: str) -> list[int]:
+    """The descriptors of process ``pid`` open write-only on the FIFO at ``path``."""
+    ends = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != path:
+                continue
+            with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+                flags = int(info.read().split("flags:")[1].split()[0], 8)
+            if flags & os.O_ACCMODE == os.O_WRONLY:
+                ends.append(int(fd))
+    return ends
+
+
+def _until(check: Callable[[], bool], why: str) -> None:
+    deadline = time.monotonic() + 5
+    while not check():
+        assert time.monotonic() < deadline, why
+        time.sleep(0.01)
+
+
+def _holds_write_end(pid: int, path: str) -> bool:
+    return bool(_write_ends(pid, path))
+
+
 def test_the_keeper_opens_both_ends_and_holds_the_write_end_until_done(tmp_path: Path) -> None:
     keeper = fifokeeper.Keeper()
     try:
@@ -95,10 +121,13 @@ def test_the_keeper_opens_both_ends_and_holds_the_write_end_until_done(tmp_path:
         reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         try:
             os.close(hold)
-            os.close(wfd)
-            assert _writers(path, reader)  # the keeper's dup
+            assert _writers(path, reader)  # the daemon's end, the keepers' dups
+            pids = keeper.pids
+            _until(lambda: all(_holds_write_end(p, path) for p in pids), "a keeper holds none")
+            assert _write_ends(os.getpid(), path) == [wfd]  # no dup of it in the daemon
             keeper.done(7)
             _until_no_writer(path, reader, "the keeper kept its dup after done")
+            assert _write_ends(os.getpid(), path) == []  # done() closed the daemon's end
         finally:
             os.close(reader)
         with pytest.raises(OSError) as failed:
@@ -133,9 +162,9 @@ def test_a_keeper_that_dies_or_stops_is_replaced_and_gets_the_live_ends(
         for pid in first - {old}:  # its dup goes too: only the new keeper's is left
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-        os.close(wfd)  # the daemon's own end: the new keeper's dup keeps the pipe open
-        time.sleep(0.2)
-        assert _writers(path, reader)
+        # The daemon's own end is what the new keeper got (no dup of it in the daemon).
+        _until(lambda: _holds_write_end(keeper.pid, path), "the new keeper got no write end")
+        assert _write_ends(os.getpid(), path) == [wfd]
         keeper.done(7)
         _until_no_writer(path, reader, "the new keeper kept its dup after done")
         os.close(reader)
@@ -143,6 +172,39 @@ def test_a_keeper_that_dies_or_stops_is_replaced_and_gets_the_live_ends(
         if old > 0:
             with contextlib.suppress(OSError):
                 os.kill(old, signal.SIGCONT)
+        keeper.close()
+
+
+def test_done_during_a_replacement_keeps_the_end_open_until_the_replacement_is_over(
+    tmp_path: Path,
+) -> None:
+    """A keeper is replaced (a worker thread holds the lock and hands the new keeper every
+    live write end) while the loop settles a finished stream (``done``, which never
+    blocks). The daemon's write end is what the new keeper is handed: closed at once, its
+    number could be reused by the next open (another FIFO's end) and handed in its place.
+    It stays open until the replacement is over, then closes with the keepers' dups."""
+    keeper = fifokeeper.Keeper()
+    try:
+        assert keeper.start()
+        path = _fifo(tmp_path)
+        hold, wfd = keeper.open_fifo(path, 7, NAME)
+        reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        os.close(hold)
+        ino = os.fstat(wfd).st_ino
+        old = keeper.pid
+        with keeper._locked():  # as check() replacing a keeper holds it
+            keeper.done(7)  # from the loop meanwhile: queued, nothing closed
+            assert os.fstat(wfd).st_ino == ino
+            assert _write_ends(os.getpid(), path) == [wfd]
+            keeper._replace_locked(0)  # the new keeper gets the end, still this FIFO's
+            assert keeper.pid != old
+        # The replacement over, the stream is settled: every write end goes.
+        _until_no_writer(path, reader, "a write end outlived done()")
+        assert _write_ends(os.getpid(), path) == []
+        pids = keeper.pids
+        _until(lambda: not any(_holds_write_end(p, path) for p in pids), "a keeper kept it")
+        os.close(reader)
+    finally:
         keeper.close()
 
 
@@ -171,10 +233,9 @@ def test_a_stopped_keeper_is_killed_when_the_daemon_stops_after_the_other_exited
     try:
         assert keeper.start()
         path = _fifo(tmp_path)
-        hold, wfd = keeper.open_fifo(path, 7, NAME)
+        hold, _wfd = keeper.open_fifo(path, 7, NAME)
         reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         os.close(hold)
-        os.close(wfd)
         stopped = keeper.pids[-1]
         os.kill(stopped, signal.SIGSTOP)
         keeper.done(7)  # complete: the running keeper lets its dup go, the stopped one not
@@ -217,14 +278,13 @@ def test_a_program_opening_its_fifo_just_after_the_daemon_died_is_killed_not_giv
     late: subprocess.Popen[bytes] | None = None
     try:
         assert keeper.start()
-        hold, wfd = keeper.open_fifo(path, ino, NAME)
+        hold, _wfd = keeper.open_fifo(path, ino, NAME)
         procs_before = keeper.pids
         # The daemon dies: every descriptor of its own closes, the keepers see EOF.
         for end, _name in keeper._live.values():
             os.close(end)
         keeper._live.clear()
         os.close(hold)
-        os.close(wfd)
         for copy in keeper._copies:
             assert copy is not None
             copy.sock.close()

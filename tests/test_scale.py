@@ -391,10 +391,10 @@ def test_a_parked_reader_is_resumed_by_its_edge_its_deadline_or_not_at_all() -> 
                     await trio.sleep(0.01)
             for e, token, wait in zip(edges[:3], tokens[:3], (30.0, 0.3, 30.0), strict=True):
 
-                def resume(expired: bool, e: str = e) -> None:
+                def resume(token: object, expired: bool, e: str = e) -> None:
                     resumed[e] = expired
 
-                follower.park(token, wait, resume)
+                follower.park(token, wait, resume, None, None, None)
             assert follower.parked() == 3
             fake.change(edges[0])
             follower.forget(edges[2])
@@ -437,7 +437,14 @@ def test_a_broken_feed_leaves_parked_readers_parked_and_a_resync_wakes_them() ->
                 while not follower.live:
                     await trio.sleep(0.01)
             for _ in range(3):
-                follower.park(follower.watch(new_edge()), 30.0, resumed.append)
+                follower.park(
+                    follower.watch(new_edge()),
+                    30.0,
+                    lambda _token, expired: resumed.append(expired),
+                    None,
+                    None,
+                    None,
+                )
             fake.down = True
             with trio.fail_after(2):
                 while follower.live:
