@@ -154,7 +154,8 @@ class Pipeline:
 
 @pytest.fixture
 def net(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NetCluster]:
-    cluster = NetCluster(tmp_path, 3, ["--writer-lost-timeout", "30"])
+    mode = getattr(request, "param", "dynamic")
+    cluster = NetCluster(tmp_path, 3, ["--writer-lost-timeout", "30", "--mode", mode])
     cluster.up()
     mounts = [h.node.mountpoint for h in cluster.hosts if h.node is not None]
     try:
@@ -252,6 +253,12 @@ def midstream(p: Pipeline, edge: str, nbytes: int, timeout: float = 30) -> None:
 
 FAULTS = [
     "first-stage-killed",
+    "first-daemon-killed",
+    "last-daemon-killed",
+    "first-daemon-stopped",
+    "last-daemon-stopped",
+    "link-down-first",
+    "drop-last",
     "middle-stage-killed",
     "middle-stage-killed-rerun-elsewhere",
     "last-stage-killed",
@@ -263,6 +270,7 @@ FAULTS = [
 ]
 
 
+@pytest.mark.parametrize("net", ["dynamic", "transient"], indirect=True)
 @pytest.mark.parametrize("fault", FAULTS)
 def test_wordfreq_fault_then_rerun_is_the_plain_pipe_output(
     net: NetCluster, words: Path, tmp_path: Path, fault: str
@@ -285,6 +293,25 @@ def test_wordfreq_fault_then_rerun_is_the_plain_pipe_output(
         assert h1.node is not None
         h1.node.kill()
         net.start_node(h1)
+    elif fault in ("first-daemon-killed", "last-daemon-killed"):
+        host = h0 if fault.startswith("first") else h2
+        assert host.node is not None
+        host.node.kill()
+        net.start_node(host)
+    elif fault in ("first-daemon-stopped", "last-daemon-stopped"):
+        host = h0 if fault.startswith("first") else h2
+        assert host.node is not None
+        host.node.signal(signal.SIGSTOP)
+        time.sleep(5)
+        host.node.signal(signal.SIGCONT)
+    elif fault == "link-down-first":
+        net.link(h0, up=False)
+        time.sleep(3)
+        net.link(h0, up=True)
+    elif fault == "drop-last":
+        net.drop(h2)
+        time.sleep(3)
+        net.undrop(h2)
     elif fault == "discovery-restarted":
         assert net.discovery is not None
         net.discovery.kill()
@@ -352,3 +379,86 @@ def test_a_killed_writer_reaped_at_once_in_a_network_namespace_is_not_an_end(
     for reader, out in zip(readers, outs):
         assert reader.wait(timeout=30) == 0
         assert out.read_bytes() == src.read_bytes()
+
+
+def record(net: NetCluster, edge: str) -> dict[str, object]:
+    import json
+
+    try:
+        return json.loads(net.api(f"/v1/edges/{edge}"))  # type: ignore[no-any-return]
+    except (ValueError, subprocess.SubprocessError):
+        return {}
+
+
+@pytest.mark.parametrize("heal", ["after-the-rerun", "during-the-rerun"])
+def test_a_partitioned_middle_stage_is_fenced_by_its_rerun_elsewhere(
+    net: NetCluster, words: Path, tmp_path: Path, heal: str
+) -> None:
+    """h1 (the middle stage: reader of E1, writer of E2) is cut off mid-stream; discovery
+    (SQLite, on h0) marks its ends lost and the supervisor re-runs the stage on h0, which
+    takes E2's generation 2. The partitioned stage runs on meanwhile; once healed it must
+    fail (never exit 0) and nothing of it may reach the last stage."""
+    h0, h1, h2 = net.hosts
+    out = tmp_path / "out"
+    p = wordfreq(net, words, out, "--chunk 65536 --delay 0.04")
+    p.start_all()
+    midstream(p, "E1", 2 * MiB)
+    old = p.stages["fold"].proc
+    assert old is not None
+    net.link(h1, up=False)
+    healed = False
+    try:
+        wait_for(
+            lambda: record(net, p.edges["E2"]).get("writer_state") == "lost",
+            20,
+            "h1's writer of E2 lost",
+        )
+        p.stages["fold"].host = h0
+        p.start("fold")  # the re-run, while the old one still runs on the far side
+        if heal == "during-the-rerun":
+            wait_for(lambda: record(net, p.edges["E2"]).get("generation") == 2, 20, "generation 2")
+            net.link(h1, up=True)
+            healed = True
+        # Only the new fold and the others are supervised; the old one is judged below.
+        p.supervise()
+        if not healed:
+            net.link(h1, up=True)
+            healed = True
+    finally:
+        if not healed:
+            net.link(h1, up=True)
+    assert out.read_bytes() == plain(WORDFREQ.format(src=words)), p.report()
+    assert old.wait(timeout=30) != 0, "a fenced-off stage must not succeed"
+
+
+@pytest.mark.parametrize("net", ["transient"], indirect=True)
+def test_a_stopped_reader_daemon_that_redials_on_waking_loses_nothing(
+    net: NetCluster, tmp_path: Path
+) -> None:
+    """Transient streams flow from h1 to h2; h2's daemon is stopped 5 s mid-stream and
+    discovery declares it lost (silent). On waking it takes its writers' connections for
+    silent (5 s without a byte) and redials; that close used to reach h1 before the news
+    that h2 is back, and h1 failed the generation ("the reader's node was lost with
+    acknowledged bytes"): its writer got EPIPE, and a writer that had finished left its
+    reader to be killed 30 s later. Silence is not death: nothing may fail."""
+    h0, h1, h2 = net.hosts
+    assert h1.node is not None and h2.node is not None
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(2 * MiB))
+    edges = [new_edge() for _ in range(4)]
+    outs = [tmp_path / f"out{i}" for i in range(len(edges))]
+    readers = [net.run(h2, f"exec cat {h2.node.path(e)} > {o}") for e, o in zip(edges, outs)]
+    writers = [
+        net.run(h1, f"exec {SLOWCAT} {src} {h1.node.path(e)} --chunk 32768 --delay 0.05")
+        for e in edges
+    ]
+    wait_for(lambda: all(size(o) >= 256 * KiB for o in outs), 20, "every stream flowing")
+    h2.node.signal(signal.SIGSTOP)
+    time.sleep(5)
+    h2.node.signal(signal.SIGCONT)
+    for proc in writers + readers:
+        _, err = proc.communicate(timeout=40)
+        assert proc.returncode == 0, (proc.args, err)
+    for out in outs:
+        assert out.read_bytes() == src.read_bytes()
+    assert "lost with acknowledged bytes" not in h1.node.log.read_text()
