@@ -37,10 +37,8 @@ pytestmark = [
 
 SLOWCAT = f"{sys.executable} {Path(__file__).with_name('slowcat.py')}"
 KiB, MiB = 1 << 10, 1 << 20
-WORDS = (
-    "the quick Brown fox jumps over lazy dogs Alpha beta GAMMA delta stream pipe edge "
-    "fault re-run generation fence reader writer node host discovery exactly once"
-).split()
+WORDS = ["the", "quick", "Brown", "fox", "jumps", "over", "lazy", "DOGS", "Alpha", "beta"]
+WORDS += ["GAMMA", "stream", "pipe", "edge", "re-run", "fence", "reader", "writer", "once"]
 
 
 def text(path: Path, nbytes: int, seed: int) -> Path:
@@ -198,37 +196,70 @@ def test_wordfreq_across_three_hosts_is_the_plain_pipe_output(
     assert all(s.runs == 1 for s in p.stages.values()), p.report()
 
 
-def test_tar_gzip_to_gunzip_tar_across_hosts(net: NetCluster, tmp_path: Path) -> None:
-    h0, h1, h2 = net.hosts
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
     tree = tmp_path / "tree"
     for i in range(40):
         d = tree / f"d{i % 7}"
         d.mkdir(parents=True, exist_ok=True)
         (d / f"f{i}").write_bytes(random.Random(i).randbytes(37 * KiB * (i % 5 + 1)))
         text(d / f"t{i}.txt", 50 * KiB, seed=i)
+    return tree
+
+
+@pytest.mark.parametrize("fault", ["none", "pack-killed", "unpack-killed", "unpack-daemon-killed"])
+def test_tar_gzip_to_gunzip_tar_across_hosts(
+    net: NetCluster, tree: Path, tmp_path: Path, fault: str
+) -> None:
+    _h0, h1, h2 = net.hosts
     dst = tmp_path / "restored"
     dst.mkdir()
     p = Pipeline(net, ["E"])
-    p.add("pack", h1, f"tar -C {tree} -c . | gzip > {{E}}")
+    # gzip -n: a re-run must write the same bytes (no time stamp), as FRACTAL requires.
+    p.add("pack", h1, f"{SLOWCAT} <(tar -C {tree} -c . | gzip -n) {{E}} --chunk 65536 --delay 0.03")
     p.add("unpack", h2, f"rm -rf {dst}/*; gunzip < {{E}} | tar -x -C {dst}")
     p.start_all()
+    if fault != "none":
+        midstream(p, "E", 1 * MiB)
+    if fault == "pack-killed":
+        p.kill("pack")
+    elif fault == "unpack-killed":
+        p.kill("unpack")
+    elif fault == "unpack-daemon-killed":
+        assert h2.node is not None
+        h2.node.kill()
+        net.start_node(h2)
     p.supervise()
     diff = subprocess.run(["diff", "-r", str(tree), str(dst)], capture_output=True)
-    assert diff.returncode == 0, diff.stdout[-2000:]
+    assert diff.returncode == 0, (diff.stdout[-2000:], p.report())
 
 
-def test_split_and_sort_merge_of_two_edges(net: NetCluster, words: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fault", ["none", "left-killed", "merge-killed", "merge-daemon-killed"])
+def test_split_and_sort_merge_of_two_edges(
+    net: NetCluster, words: Path, tmp_path: Path, fault: str
+) -> None:
     h0, h1, h2 = net.hosts
     half = tmp_path / "half"
     subprocess.run(["split", "-n", "l/2", str(words), f"{half}."], check=True)
     out = tmp_path / "out"
+    pace = "--chunk 65536 --delay 0.08"
     p = Pipeline(net, ["A", "B"])
-    p.add("left", h0, f"sort {half}.aa > {{A}}")
-    p.add("right", h1, f"sort {half}.ab > {{B}}")
+    p.add("left", h0, f"{SLOWCAT} <(sort {half}.aa) {{A}} {pace}")
+    p.add("right", h1, f"{SLOWCAT} <(sort {half}.ab) {{B}} {pace}")
     p.add("merge", h2, f"sort -m {{A}} {{B}} > {out}")
     p.start_all()
+    if fault != "none":
+        midstream(p, "A", 1 * MiB)
+    if fault == "left-killed":
+        p.kill("left")
+    elif fault == "merge-killed":
+        p.kill("merge")
+    elif fault == "merge-daemon-killed":
+        assert h2.node is not None
+        h2.node.kill()
+        net.start_node(h2)
     p.supervise()
-    assert out.read_bytes() == plain(f"sort {words}")
+    assert out.read_bytes() == plain(f"sort {words}"), p.report()
 
 
 def delivered(net: NetCluster, edge: str) -> int:
@@ -361,7 +392,9 @@ def test_a_killed_writer_reaped_at_once_in_a_network_namespace_is_not_an_end(
     src.write_bytes(os.urandom(256 * KiB))
     edges = [new_edge() for _ in range(6)]
     outs = [tmp_path / f"out{i}" for i in range(len(edges))]
-    readers = [net.run(h2, f"exec cat {h2.node.path(e)} > {o}") for e, o in zip(edges, outs)]
+    readers = [
+        net.run(h2, f"exec cat {h2.node.path(e)} > {o}") for e, o in zip(edges, outs, strict=True)
+    ]
     time.sleep(0.5)
     script = tmp_path / "selfkill.py"
     script.write_text(SELF_KILL)
@@ -376,7 +409,7 @@ def test_a_killed_writer_reaped_at_once_in_a_network_namespace_is_not_an_end(
     for edge in edges:  # the re-runs, on another host
         rerun = net.run(h0, f"cat {src} > {h0.node.path(edge) if h0.node else ''}")
         assert rerun.wait(timeout=30) == 0
-    for reader, out in zip(readers, outs):
+    for reader, out in zip(readers, outs, strict=True):
         assert reader.wait(timeout=30) == 0
         assert out.read_bytes() == src.read_bytes()
 
@@ -398,7 +431,7 @@ def test_a_partitioned_middle_stage_is_fenced_by_its_rerun_elsewhere(
     (SQLite, on h0) marks its ends lost and the supervisor re-runs the stage on h0, which
     takes E2's generation 2. The partitioned stage runs on meanwhile; once healed it must
     fail (never exit 0) and nothing of it may reach the last stage."""
-    h0, h1, h2 = net.hosts
+    h0, h1, _h2 = net.hosts
     out = tmp_path / "out"
     p = wordfreq(net, words, out, "--chunk 65536 --delay 0.04")
     p.start_all()
@@ -441,13 +474,15 @@ def test_a_stopped_reader_daemon_that_redials_on_waking_loses_nothing(
     that h2 is back, and h1 failed the generation ("the reader's node was lost with
     acknowledged bytes"): its writer got EPIPE, and a writer that had finished left its
     reader to be killed 30 s later. Silence is not death: nothing may fail."""
-    h0, h1, h2 = net.hosts
+    _h0, h1, h2 = net.hosts
     assert h1.node is not None and h2.node is not None
     src = tmp_path / "src"
     src.write_bytes(os.urandom(2 * MiB))
     edges = [new_edge() for _ in range(4)]
     outs = [tmp_path / f"out{i}" for i in range(len(edges))]
-    readers = [net.run(h2, f"exec cat {h2.node.path(e)} > {o}") for e, o in zip(edges, outs)]
+    readers = [
+        net.run(h2, f"exec cat {h2.node.path(e)} > {o}") for e, o in zip(edges, outs, strict=True)
+    ]
     writers = [
         net.run(h1, f"exec {SLOWCAT} {src} {h1.node.path(e)} --chunk 32768 --delay 0.05")
         for e in edges
