@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +34,22 @@ pytestmark = [
     needs_fuse,
     pytest.mark.skipif(available() is not None, reason=str(available())),
 ]
+
+# Tiers, to keep `make test` short: unmarked cases run in about a minute; ``slow`` ones
+# still run (about two minutes more); the rest of the matrix (every fault in both modes,
+# every stage) only with FRACTALFS_FAULT_MATRIX=1 (about ten minutes).
+FULL_MATRIX = os.environ.get("FRACTALFS_FAULT_MATRIX") == "1"
+MATRIX = pytest.mark.skipif(not FULL_MATRIX, reason="full fault matrix: FRACTALFS_FAULT_MATRIX=1")
+
+
+def tiered(
+    cases: Sequence[tuple[str, ...]], core: set[tuple[str, ...]], slow: set[tuple[str, ...]]
+) -> list[object]:
+    """``cases`` as pytest params: ``core`` unmarked, ``slow`` marked slow, the rest
+    only in the full matrix."""
+    marks = {c: () for c in core} | {c: (pytest.mark.slow,) for c in slow}
+    return [pytest.param(*c, marks=marks.get(c, (pytest.mark.slow, MATRIX))) for c in cases]
+
 
 SLOWCAT = f"{sys.executable} {Path(__file__).with_name('slowcat.py')}"
 KiB, MiB = 1 << 10, 1 << 20
@@ -247,7 +263,13 @@ def tree(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize(
-    "fault", ["none", "pack-killed", "unpack-killed", "unpack-daemon-killed", "pack-partitioned"]
+    "fault",
+    tiered(
+        [(f,) for f in ("none", "pack-killed", "unpack-killed", "unpack-daemon-killed")]
+        + [("pack-partitioned",)],
+        core={("none",)},
+        slow={("unpack-daemon-killed",), ("pack-partitioned",)},
+    ),
 )
 def test_tar_gzip_to_gunzip_tar_across_hosts(
     net: NetCluster, tree: Path, tmp_path: Path, fault: str
@@ -296,7 +318,14 @@ def test_tar_gzip_to_gunzip_tar_across_hosts(
     assert diff.returncode == 0, (diff.stdout[-2000:], p.report())
 
 
-@pytest.mark.parametrize("fault", ["none", "left-killed", "merge-killed", "merge-daemon-killed"])
+@pytest.mark.parametrize(
+    "fault",
+    tiered(
+        [("none",), ("left-killed",), ("merge-killed",), ("merge-daemon-killed",)],
+        core={("none",)},
+        slow={("left-killed",)},
+    ),
+)
 def test_split_and_sort_merge_of_two_edges(
     net: NetCluster, words: Path, tmp_path: Path, fault: str
 ) -> None:
@@ -363,8 +392,20 @@ FAULTS = [
 ]
 
 
-@pytest.mark.parametrize("net", ["dynamic", "transient"], indirect=True)
-@pytest.mark.parametrize("fault", FAULTS)
+@pytest.mark.parametrize(
+    ("fault", "net"),
+    tiered(
+        [(f, m) for m in ("dynamic", "transient") for f in FAULTS],
+        core={("middle-stage-killed", "dynamic"), ("middle-daemon-stopped", "transient")},
+        slow={
+            ("middle-daemon-killed", "transient"),
+            ("discovery-restarted", "dynamic"),
+            ("link-down", "dynamic"),
+            ("drop", "dynamic"),
+        },
+    ),
+    indirect=["net"],
+)
 def test_wordfreq_fault_then_rerun_is_the_plain_pipe_output(
     net: NetCluster, words: Path, tmp_path: Path, fault: str
 ) -> None:
@@ -476,15 +517,35 @@ def test_a_killed_writer_reaped_at_once_in_a_network_namespace_is_not_an_end(
         assert out.read_bytes() == src.read_bytes()
 
 
-@pytest.mark.parametrize("net", ["dynamic", "transient"], indirect=True)
-@pytest.mark.parametrize("heal", ["after-the-rerun", "during-the-rerun"])
+# Not fixed (a heartbeat would have to report stale readers too, as it does writers):
+TWO_READERS = (
+    "transient: once healed, the cut-off reader of E1 on h1 redials and E1's writer serves "
+    "it next to the re-run reader on h0 (a heartbeat tells h1 of stale writers only); each "
+    "reader's acknowledgements free bytes the other still needs, so every re-run of the "
+    "first stage gets EPIPE ('the reader restarted') and the pipeline never finishes; "
+    "serve_edge also raised ValueError (offset outside the window) after check_hello. "
+    "Whether it shows depends on when the partition heals against the stream (strict=False)"
+)
+
+
+@pytest.mark.parametrize(
+    ("heal", "net"),
+    tiered(
+        [(h, m) for m in ("dynamic", "transient") for h in ("after-the-rerun", "during-the-rerun")],
+        core=set(),
+        slow={("during-the-rerun", "transient")},
+    ),
+    indirect=["net"],
+)
 def test_a_partitioned_middle_stage_is_fenced_by_its_rerun_elsewhere(
-    net: NetCluster, words: Path, tmp_path: Path, heal: str
+    request: pytest.FixtureRequest, net: NetCluster, words: Path, tmp_path: Path, heal: str
 ) -> None:
     """h1 (the middle stage: reader of E1, writer of E2) is cut off mid-stream; discovery
     (SQLite, on h0) marks its ends lost and the supervisor re-runs the stage on h0, which
     takes E2's generation 2. The partitioned stage runs on meanwhile; once healed it must
     end, and nothing of it may reach the last stage."""
+    if request.node.callspec.params["net"] == "transient":
+        request.applymarker(pytest.mark.xfail(strict=False, reason=TWO_READERS))
     h0, h1, _h2 = net.hosts
     out = tmp_path / "out"
     p = wordfreq(net, words, out, "--chunk 65536 --delay 0.04")
