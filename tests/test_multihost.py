@@ -235,9 +235,9 @@ def wordfreq(net: NetCluster, src: Path, out: Path, pace: str) -> Pipeline:
     return p
 
 
-@pytest.fixture
-def words(tmp_path: Path) -> Path:
-    return text(tmp_path / "words.txt", 6 * MiB, seed=16)
+@pytest.fixture(scope="module")
+def words(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return text(tmp_path_factory.mktemp("words") / "words.txt", 6 * MiB, seed=16)
 
 
 def test_wordfreq_across_three_hosts_is_the_plain_pipe_output(
