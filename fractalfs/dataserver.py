@@ -24,6 +24,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# How long a lost reader whose connection ended may take to redial or be heard again
+# (it redials at once on waking; its next heartbeat or pulse is due within 0.5 s).
+REDIAL_GRACE = 2.0
+
 
 class DataServer:
     def __init__(self, node: Node) -> None:
@@ -89,13 +93,25 @@ class DataServer:
                 try:
                     await dataplane.serve_edge(sock, writer, hello.offset)
                 finally:
-                    if writer.connection is None:
-                        self.node._reader_gone(writer)  # a no-op unless discovery lost its node
+                    if writer.connection is None and writer.reader_lost:
+                        self.node.spawn(self._reader_gone_unless_back, writer)
                 self.node._reap(writer.edge)
             except* (OSError, dataplane.ConnectionLost, trio.TooSlowError) as group:
                 log.debug("data connection ended: %s", group.exceptions[0])
             except* HandshakeError as group:
                 log.info("rejected data connection: %s", group.exceptions[0])
+
+    async def _reader_gone_unless_back(self, writer: WriterEnd) -> None:
+        """The connection of a reader whose node discovery lost (silent) ended: gone, unless
+        it redials or is back within :data:`REDIAL_GRACE`. A daemon stopped past the
+        silence timeout, on waking, takes its writers' connections for silent and closes
+        them to redial, often before its heartbeat has told discovery (and discovery this
+        daemon) that it is back: failing at that close lost a stream nobody had lost."""
+        with trio.move_on_after(REDIAL_GRACE):
+            while writer.connection is None and writer.reader_lost:
+                await trio.sleep(0.05)
+        if writer.connection is None:
+            self.node._reader_gone(writer)  # a no-op unless discovery still has it lost
 
     async def _writer_for_hello(self, edge: EdgeId, generation: int) -> WriterEnd | None:
         """The writer end a reader dials for ``generation``.

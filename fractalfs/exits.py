@@ -8,10 +8,13 @@ the stream is :func:`fractalfs.writerstate.settle`'s to decide.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import logging
 import os
 import socket
+import threading
+from collections.abc import Callable
 
 import trio
 
@@ -24,11 +27,65 @@ log = logging.getLogger(__name__)
 EVENT_LATENESS = 1.0  # how long a proc connector event may trail the process's exit
 
 
+CLONE_NEWNET = 0x40000000
+INIT_NET_INO = 0xEFFFFFF9  # the initial network namespace's inode (PROC_NET_INIT_INO)
+
+
+def _in_initial_netns(
+    open_socket: Callable[[], socket.socket | None],
+) -> socket.socket | None:
+    """``open_socket()`` called in the initial network namespace (kernel threads'), or None.
+
+    The kernel's proc connector answers only in the initial network namespace, yet a node
+    daemon may run in another (``nsenter --net=``: one host of a cluster). There it fell
+    back to /proc, and a writer SIGKILLed and reaped by its parent before the daemon looked
+    was taken as complete: its reader exited 0 with half the stream. A socket keeps the
+    namespace it was made in, so a short-lived thread enters the initial network
+    namespace (``setns`` moves only the calling thread; CAP_SYS_ADMIN, i.e. root), opens
+    it and ends; no other thread moves."""
+    try:
+        if os.stat("/proc/thread-self/ns/net").st_ino == INIT_NET_INO:
+            return None  # already there: the connector is unavailable for another reason
+    except OSError:
+        return None
+    # pid 1's namespace links may be unreadable (a non-dumpable init, as in this VM);
+    # kthreadd's (pid 2) are not, and kernel threads always live in the initial one.
+    for pid in (1, 2):
+        try:
+            if os.stat(f"/proc/{pid}/ns/net").st_ino == INIT_NET_INO:
+                path = f"/proc/{pid}/ns/net"
+                break
+        except OSError:
+            continue
+    else:
+        return None
+    got: list[socket.socket | None] = [None]
+
+    def enter_and_open() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    return  # not allowed (no CAP_SYS_ADMIN over it): /proc it is
+            finally:
+                os.close(fd)
+            got[0] = open_socket()
+        except OSError:
+            pass
+        # This thread stays in the initial namespace and ends here.
+
+    thread = threading.Thread(target=enter_and_open, name="proc-connector", daemon=True)
+    thread.start()
+    thread.join()
+    return got[0]
+
+
 class ExitWatcher:
     """Exit statuses of writing programs, from the kernel's proc connector or /proc."""
 
     def __init__(self) -> None:
-        raw = procs.open_exit_events()
+        raw = procs.open_exit_events() or _in_initial_netns(procs.open_exit_events)
         self._raw = raw
         self._sock = trio.socket.from_stdlib_socket(raw) if raw is not None else None
         self._watched: dict[int, int | None] = {}  # pid -> status once it exited
@@ -62,7 +119,7 @@ class ExitWatcher:
     async def run(self) -> None:
         if self._sock is None:
             log.info(
-                "proc connector unavailable (not root, or not the initial network "
+                "proc connector unavailable (not root, or no way into the initial network "
                 "namespace): exit statuses come from /proc"
             )
             return

@@ -10,6 +10,7 @@ elsewhere to the ends here; progress reports what readers delivered. Moved out o
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -135,7 +136,24 @@ class Membership:
                 with contextlib.suppress(TypeError, ValueError):
                     self.node.spawn(self.writer_gone, edge, int(data.get("generation", 0)))
         elif kind in (EventKind.READER_BACK, EventKind.READER) and writer is not None:
+            if kind == EventKind.READER and writer.reader_lost and writer.connection is not None:
+                # A new claim replaces a reader lost with its node: a connection that
+                # outlived the partition is the old reader's; it must not read beside the
+                # new one. (Its daemon, on redialling, finds the claim taken: Node._pump.)
+                writer.connection.cancel()
             writer.set_reader_lost(False)
+        if kind == EventKind.READER and data.get("node") not in (None, self.node.name):
+            # Another node claimed the edge: discovery took the reader here for lost (this
+            # node was cut off) and the stage was re-run there. A connection that outlived
+            # the partition must not go on reading beside the re-run.
+            slot = self.node.slots.get(edge)
+            reader = slot.reader if slot is not None else None
+            if reader is not None and reader.state in (ReaderState.WAITING, ReaderState.STREAMING):
+                why = f"edge {edge}: node {data.get('node')} claimed it (this node was lost)"
+                reader.fail(errno.EIO, why)
+                pull = self.node._pulls.get(edge)
+                if pull is not None:
+                    pull[1].cancel()  # leave the writer now, as Node.supersede does
         elif kind == EventKind.READER_DONE and writer is not None:
             with contextlib.suppress(TypeError, ValueError):
                 writer.on_reader_done(int(data.get("bytes", 0)))

@@ -740,6 +740,16 @@ class Node:
                         attempt += 1
                         continue
                     attempt = 0
+                    taken = int(rec.get("reader_claim") or 0)
+                    if reader.claim and taken not in (0, reader.claim):
+                        # Cut off, taken for lost, and its stage re-run elsewhere, which
+                        # claimed the edge: redialling would read beside the re-run (in
+                        # transient mode their acknowledgements free each other's bytes).
+                        why = f"edge {edge}: another reader claimed it (this node was lost)"
+                        # (Membership fails it at once on that claim's event; this is for
+                        # a daemon that missed the event.)
+                        reader.fail(errno.EIO, why)
+                        return
                     view = EdgeView.from_json(rec)
                     action = machine.on_record(view, trio.current_time(), reader.received)
                     del rec, view  # not held while the next query waits
