@@ -28,6 +28,7 @@ import functools
 import logging
 import os
 import resource
+import select
 import stat
 import subprocess
 import time
@@ -581,6 +582,17 @@ class Operations(pyfuse3.Operations):
         self.node.spawn(self._drain, edge, fifo)
         return self._attrs(self._looked_up(ino))
 
+    async def drain_closed_writers(self, limit: float) -> None:
+        """On a clean stop, before writers are aborted: a FIFO whose every writing program
+        closed it ended a stream as far as the program knows (``echo hi > E`` returned at
+        once, status 0), with its last bytes maybe still in the pipe; a closed end (FIFO or
+        FUSE) may still wait to learn its program's exit status. Those are drained and
+        settled (spilled, in persistent mode) first, for up to ``limit`` seconds; a
+        restart then serves the whole stream instead of a failed generation."""
+        with trio.move_on_after(limit):
+            while self.node.settling or any(_hung_up(f) for f in self._fifo_writers.values()):
+                await trio.sleep(0.02)
+
     async def _drain(self, edge: EdgeId, fifo: fiforoute.Fifo) -> None:
         try:
             await fiforoute.drain(self.node, fifo)
@@ -810,3 +822,15 @@ def _held_memory(writer: WriterEnd) -> int:
 
 def _held_spill(writer: WriterEnd) -> int:
     return writer.spill.end - writer.spill.start if writer.spill is not None else 0
+
+
+def _hung_up(fifo: fiforoute.Fifo) -> bool:
+    """The drain of ``fifo`` runs on, and every program that wrote into it closed it."""
+    if fifo.done or fifo.fd is None:
+        return False
+    ready = select.poll()
+    ready.register(fifo.fd, select.POLLIN | select.POLLHUP)
+    try:
+        return any(ev & select.POLLHUP for _, ev in ready.poll(0))
+    except OSError:
+        return False

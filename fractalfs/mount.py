@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 FUSE_OPTIONS = {"fsname=fractalfs", "subtype=fractalfs", "allow_other", "default_permissions"}
 UNMOUNT_GRACE = 2.0
+STOP_DRAIN = 3.0  # seconds a clean stop waits for closed FIFO writers to be drained and settled
 
 
 def lazy_unmount(path: str) -> bool:
@@ -167,7 +168,7 @@ async def serve(
             pyfuse3.init(ops, config.mountpoint, FUSE_OPTIONS)
             mounted = True
             watch.start()
-            nursery.start_soon(_on_signals, node)
+            nursery.start_soon(_on_signals, node, ops)
             if testhooks.enabled():
                 await nursery.start(testhooks.run)
             line = (
@@ -210,11 +211,12 @@ async def _announce_when_answering(
     notify("READY=1")
 
 
-async def _on_signals(node: Node) -> None:
+async def _on_signals(node: Node, ops: Operations) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("%s: unmounting", signal.Signals(signum).name)
             notify("STOPPING=1")
+            await ops.drain_closed_writers(STOP_DRAIN)
             node.shutdown()
             await trio.sleep(0.1)  # let woken handlers answer their programs
             pyfuse3.terminate()

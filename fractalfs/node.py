@@ -98,6 +98,7 @@ class Node:
         self.released = Notifier()  # a program's end was released
         self._nursery: trio.Nursery | None = None
         self.closing = False
+        self.settling = 0  # closed writer ends waiting to learn how their program ended
         self.exits = ExitWatcher()
         self.boot = secrets.token_hex(8)  # tells discovery this is a new run of the daemon
         self.data_key: bytes | None = None  # the HELLO's HMAC key (auth.data_key); mount sets it
@@ -363,17 +364,21 @@ class Node:
         else:
             # Closed while its program still ran; GNU tools do that in atexit right before
             # exiting non-zero, so watch it for a moment before calling the stream complete.
+            self.settling += 1  # now, not when the task starts: a stop looks at it
             self._spawn(self._settle_later, writer)
 
     async def _settle_later(self, writer: WriterEnd) -> None:
-        while writer.spilling:
-            await writer.changed.wait()
-        exit: Exit
-        if writer.exit_status is not None:
-            exit = Exited(writer.exit_status)
-        else:
-            exit = await self.exits.outcome(writer.tgid, CLOSE_GRACE)
-        self._settle(writer, exit)
+        try:
+            while writer.spilling:
+                await writer.changed.wait()
+            exit: Exit
+            if writer.exit_status is not None:
+                exit = Exited(writer.exit_status)
+            else:
+                exit = await self.exits.outcome(writer.tgid, CLOSE_GRACE)
+            self._settle(writer, exit)
+        finally:
+            self.settling -= 1
 
     def _settle(
         self,

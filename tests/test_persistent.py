@@ -102,6 +102,25 @@ def test_completed_spill_is_served_after_the_writer_daemon_restarts(
     assert got == hashlib.sha256(src.read_bytes()).hexdigest()
 
 
+def test_a_clean_stop_right_after_writers_exited_keeps_their_streams(
+    cluster: Cluster,
+) -> None:
+    """``printf ... > E`` returns once its bytes are in the FIFO, before the daemon drained
+    them. A clean stop (SIGTERM) right after must drain and settle those streams, not
+    abort them: after a restart each is served whole (before, a stop within milliseconds
+    failed the generation, 0 bytes spilled, and the reader waited for a re-run)."""
+    cluster.start_discovery()
+    a = cluster.node("a", mode="persistent")
+    edges = [new_edge() for _ in range(12)]
+    script = "; ".join(f"printf 'line {i}\\n' > {a.path(e)}" for i, e in enumerate(edges))
+    sh(script)
+    a.stop()  # at once: some FIFOs still hold their bytes
+    a = cluster.node("a", mode="persistent")
+    for i, e in enumerate(edges):
+        got = sh(f"timeout 10 cat {a.path(e)}", timeout=30, check=False)
+        assert (got.returncode, got.stdout) == (0, f"line {i}\n".encode()), (i, got.stderr)
+
+
 def test_dynamic_policy_chooses_by_cost(
     cluster: Cluster, programs: Programs, tmp_path: Path
 ) -> None:
