@@ -381,8 +381,12 @@ class Keeper:
         read end go (see :func:`_open_drain_end`). From the loop thread: never blocks."""
         for copy in self._copies:
             if copy is not None:
-                with contextlib.suppress(OSError):
+                try:
                     copy.sock.send(b"D %d" % ino, socket.MSG_DONTWAIT)
+                except OSError:
+                    # Dropped, that keeper would hold the end for its life (a writer
+                    # never told EPIPE): replaced at the next check, its dups die with it.
+                    copy.suspect = True
 
     def open_drain_end(self, path: str, ino: int = 0) -> int:
         """Has the keeper open the writer FIFO at ``path`` (``MOUNT/.fifo/<ino>``) read-only
@@ -412,8 +416,12 @@ class Keeper:
         """The keepers' dups of a FIFO the daemon never got go (no program can hold it)."""
         for copy in self._copies:
             if copy is not None:
-                with contextlib.suppress(OSError):
+                try:
                     copy.sock.send(b"D %d" % ino, socket.MSG_DONTWAIT)
+                except OSError:
+                    # Dropped, that keeper would hold the end for its life (a writer
+                    # never told EPIPE): replaced at the next check, its dups die with it.
+                    copy.suspect = True
 
     def done(self, ino: int) -> None:
         """The stream of FIFO ``ino`` is finished: the daemon's write end (from

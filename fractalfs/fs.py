@@ -560,6 +560,7 @@ class Operations(pyfuse3.Operations):
         try:
             writer = await self.node.open_writer(edge, pid)
         except BaseException:
+            self.keeper.drain_held(ino)  # no program gets this FIFO: the keepers' dups go
             os.close(fd)
             self._forget_fifo(ino)
             raise

@@ -300,3 +300,56 @@ def test_a_program_opening_its_fifo_just_after_the_daemon_died_is_killed_not_giv
             late.kill()
             late.wait()
         keeper.close()
+
+
+def _read_ends(pid: int, path: str) -> list[int]:
+    """The descriptors of process ``pid`` open read-only on the FIFO at ``path``."""
+    ends: list[int] = []
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return ends  # gone (replaced)
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != path:
+                continue
+            with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+                flags = int(info.read().split("flags:")[1].split()[0], 8)
+            if flags & os.O_ACCMODE == os.O_RDONLY:
+                ends.append(int(fd))
+    return ends
+
+
+def test_a_drain_held_message_the_keeper_socket_drops_gets_that_keeper_replaced(
+    tmp_path: Path,
+) -> None:
+    """The keeper keeps a writer FIFO's drain end until the daemon's ``D`` (drain_held),
+    sent without waiting. Dropped (a keeper's socket full for a moment: a burst), the
+    keeper held the read end for its life: a writer whose drain ended (its reader closed
+    early) was never told EPIPE and blocked on its full pipe for good. A send that fails
+    marks the keeper for replacement, as done() does; its dups die with it."""
+    keeper = fifokeeper.Keeper()
+    try:
+        assert keeper.start()
+        path = _fifo(tmp_path)
+        fd = keeper.open_drain_end(path, 7)
+        pids = keeper.pids
+        _until(lambda: any(_read_ends(p, path) for p in pids), "no keeper kept a dup")
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            for _ in range(20000):  # fills the stopped keepers' sockets
+                keeper.drain_held(10**9)
+            keeper.drain_held(7)  # dropped: nothing takes it now
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+        time.sleep(0.5)  # the keepers read what was queued (not the dropped one)
+        keeper.check()
+        _until(
+            lambda: not any(_read_ends(p, path) for p in set(pids) | set(keeper.pids)),
+            "a keeper kept the drain end after the daemon said the program holds the FIFO",
+        )
+        os.close(fd)
+    finally:
+        keeper.close()

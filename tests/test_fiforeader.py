@@ -281,6 +281,31 @@ def test_a_writer_whose_daemon_dies_before_its_open_fails_at_once(
     assert writer.returncode == -signal.SIGPIPE, (writer.returncode, err)
 
 
+def test_a_writer_open_refused_leaves_the_keepers_no_end_of_its_fifo(
+    cluster: Cluster, programs: Programs
+) -> None:
+    """A writer FIFO's drain end is opened by a keeper, which keeps a dup of it until the
+    program holds the FIFO. An open the node then refuses (EBUSY: a writer already holds
+    the edge here) gets no FIFO: the keepers' dups of its end must go with it, not stay
+    for the keeper's life (one descriptor, and a FIFO, per refused open)."""
+    cluster.start_discovery()
+    a = cluster.node("a")
+    warm = programs.start(f"exec cat {a.path(new_edge())}")  # the FIFO route is ready
+    wait_for(lambda: _in_pipe_read(warm.pid), 10, "a reader FIFO", [warm])
+    os.kill(warm.pid, signal.SIGKILL)
+    warm.communicate(timeout=10)
+    wait_for(lambda: _keepers_hold(a, 0), 10, "the keepers letting the warm-up go")
+    edge = new_edge()
+    holder = programs.start(f"exec sleep 60 > {a.path(edge)}")
+    fifo = f"/proc/{holder.pid}/fd/1"
+    wait_for(lambda: stat.S_ISFIFO(os.stat(fifo).st_mode), 10, "the writer's FIFO", [holder])
+    wait_for(lambda: _keepers_hold(a, 0), 10, "the keepers letting the held FIFO go")
+    for _ in range(3):
+        res = sh(f"echo more > {a.path(edge)}", check=False)
+        assert res.returncode != 0 and b"busy" in res.stderr, res  # the case: refused
+    wait_for(lambda: _keepers_hold(a, 0), 5, "the keepers letting the refused FIFOs go")
+
+
 def test_a_daemon_near_its_descriptor_limit_hands_out_fuse_opens_not_fifos(
     cluster: Cluster, tmp_path: Path
 ) -> None:
