@@ -414,14 +414,7 @@ class Keeper:
 
     def _forget_unused(self, ino: int) -> None:
         """The keepers' dups of a FIFO the daemon never got go (no program can hold it)."""
-        for copy in self._copies:
-            if copy is not None:
-                try:
-                    copy.sock.send(b"D %d" % ino, socket.MSG_DONTWAIT)
-                except OSError:
-                    # Dropped, that keeper would hold the end for its life (a writer
-                    # never told EPIPE): replaced at the next check, its dups die with it.
-                    copy.suspect = True
+        self.drain_held(ino)  # the same message: "let your copy of ``ino`` go"
 
     def done(self, ino: int) -> None:
         """The stream of FIFO ``ino`` is finished: the daemon's write end (from
