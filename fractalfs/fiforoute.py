@@ -205,6 +205,17 @@ class Fifo:
         #: of its read end (fifokeeper.Keeper.drain_held).
         self.held: Callable[[], None] = lambda: None
 
+    def hung_up(self) -> bool:
+        """The drain runs on, and every program that wrote into the FIFO closed it."""
+        if self.done or self.fd is None:
+            return False
+        ready = select.poll()
+        ready.register(self.fd, select.POLLIN | select.POLLHUP)
+        try:
+            return any(ev & select.POLLHUP for _, ev in ready.poll(0))
+        except OSError:
+            return False
+
     def unopened_by(self, pid: int) -> bool:
         """True while no program opened this FIFO yet, and ``pid`` did not either: a second
         LOOKUP in the same open (the kernel revalidates a cached regular-file entry, finds
@@ -353,7 +364,6 @@ async def _opener_failed(
 RUNNING_FOR = 10.0  # seconds an opener seen only "running" may take to hold its FIFO
 OPEN_NAP = 0.02  # longest pause between tries to open a reader FIFO's write end
 CONSUMED_POLL = 0.005  # how often the end of a stream checks its pipe for unread bytes
-REOPEN_GRACE = 0.5  # a FIFO closed unread by a running program waits this long for a reopen
 REOPEN_POLL = 0.005  # how often a lingering FIFO looks for its new reader
 #: Bulk data goes into the pipe up to page boundaries of the stream, so a program reading
 #: records never sees a pipe holding a fraction of a page while more is on the way: GNU
@@ -768,14 +778,14 @@ async def _reopened(node: Node, fifo: FifoReader, fd: int) -> bool:
     """Every read end of the FIFO closed. If the program read nothing of it and runs on,
     it may open the edge again (bzip2 checks its input with an open and a close, then
     opens it to read): the next reading open gets this FIFO, its bytes still in the pipe
-    (``lingering``), for up to REOPEN_GRACE. True: a reader holds the FIFO again; False:
+    (``lingering``), for up to procs.REOPEN_GRACE. True: a reader holds the FIFO again; False:
     the program exited, read something, or stayed away (see Node.linger_reader)."""
     reader = fifo.reader
     if reader.consumed or procs.exit_status(reader.tgid) is not None:
         return False
     fifo.lingering = True
     try:
-        with trio.move_on_after(REOPEN_GRACE):
+        with trio.move_on_after(procs.REOPEN_GRACE):
             while node.exits.status(reader.tgid) is None:
                 ready = select.poll()
                 ready.register(fd, 0)

@@ -28,7 +28,6 @@ import functools
 import logging
 import os
 import resource
-import select
 import stat
 import subprocess
 import time
@@ -591,7 +590,7 @@ class Operations(pyfuse3.Operations):
         settled (spilled, in persistent mode) first, for up to ``limit`` seconds; a
         restart then serves the whole stream instead of a failed generation."""
         with trio.move_on_after(limit):
-            while self.node.settling or any(_hung_up(f) for f in self._fifo_writers.values()):
+            while self.node.settling or any(f.hung_up() for f in self._fifo_writers.values()):
                 await trio.sleep(0.02)
 
     async def _drain(self, edge: EdgeId, fifo: fiforoute.Fifo) -> None:
@@ -823,15 +822,3 @@ def _held_memory(writer: WriterEnd) -> int:
 
 def _held_spill(writer: WriterEnd) -> int:
     return writer.spill.end - writer.spill.start if writer.spill is not None else 0
-
-
-def _hung_up(fifo: fiforoute.Fifo) -> bool:
-    """The drain of ``fifo`` runs on, and every program that wrote into it closed it."""
-    if fifo.done or fifo.fd is None:
-        return False
-    ready = select.poll()
-    ready.register(fifo.fd, select.POLLIN | select.POLLHUP)
-    try:
-        return any(ev & select.POLLHUP for _, ev in ready.poll(0))
-    except OSError:
-        return False

@@ -62,10 +62,6 @@ T = TypeVar("T")
 LONG_POLL = 120.0  # a waiting pump looks at its edge again after this long (the feed wakes it)
 CLOSE_GRACE = 0.25  # how long a close by a live program waits to see it exit
 RELEASE_GRACE = 2.0
-#: A reader closed before it read a byte, by a program still running (bzip2 checks its
-#: input with an open and a close, then opens it again and reads): how long it may take
-#: to open the edge again before that close counts as "no more" (see linger_reader).
-REOPEN_GRACE = 0.5
 #: An early close before the reader's daemon is connected to the writer's waits this long
 #: for the connection: the "no more" travels on it (``: < E`` while ``yes > E`` runs).
 CONNECT_WAIT = 1.0
@@ -572,7 +568,7 @@ class Node:
         end lingers, streaming as before, until the program opens the edge again (any
         reading open on this node takes the end over, as a FIFO's next reader would find
         the bytes in it), exits (its status decides, as for any close: ``: < E`` ends the
-        stream early), or runs on for REOPEN_GRACE without (an early close). A close after
+        stream early), or runs on for procs.REOPEN_GRACE without (an early close). A close after
         reading (``head -c 10 E``) is an early close at once. An early close made before
         the data connection is up waits for it (CONNECT_WAIT): the writer hears of it there.
         """
@@ -617,7 +613,7 @@ class Node:
         try:
             with scope:
                 if reader.exit_status is None:
-                    outcome = await self._outcome_unless_failed(reader, REOPEN_GRACE)
+                    outcome = await self._outcome_unless_failed(reader, procs.REOPEN_GRACE)
                     if isinstance(outcome, Exited):
                         reader.exit_status = outcome.status
                     elif isinstance(outcome, Unknown):

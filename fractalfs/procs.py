@@ -287,6 +287,10 @@ def group_times(pgid: int, max_age: float = SCAN_AGE) -> tuple[float, float]:
 # Anything else that kills it (SIGKILL, SIGSEGV, SIGABRT, ...) or a non-zero exit is a
 # failure, and its writer keeps the bytes for a re-run reader.
 EARLY_CLOSE_SIGNALS = frozenset({1, 2, 13, 15})  # SIGHUP, SIGINT, SIGPIPE, SIGTERM
+#: A reader closed before it read a byte, by a program still running (bzip2 checks its
+#: input with an open and a close, then opens it again and reads): how long it may take
+#: to open the edge again before that close counts as "no more" (both reader routes).
+REOPEN_GRACE = 0.5
 
 
 def reader_closed_early(status: int | None) -> bool:
