@@ -394,6 +394,7 @@ class FifoReader:
         "path",
         "pending",
         "reader",
+        "reopeners",
     )
 
     def __init__(self, reader: ReaderEnd, ino: int, path: str, ends: tuple[int, int]) -> None:
@@ -405,6 +406,9 @@ class FifoReader:
         self.pending = 0  # bytes taken from the reader end, not yet in the pipe
         self.parked_in: IdleFifos | None = None  # waiting for its first byte with no task
         self.lingering = False  # closed unread: the next reading open gets it (_reopened)
+        #: Threads whose LOOKUP got this FIFO while it lingered: each may still be between
+        #: that answer and the kernel's open of the FIFO (see _late_reopen).
+        self.reopeners: set[int] = set()
 
     def wake(self) -> None:
         """Its reader end changed (see :meth:`IdleFifos.park`)."""
@@ -784,19 +788,56 @@ async def _reopened(node: Node, fifo: FifoReader, fd: int) -> bool:
     if reader.consumed or procs.exit_status(reader.tgid) is not None:
         return False
     fifo.lingering = True
+    fifo.reopeners.clear()
     try:
         with trio.move_on_after(procs.REOPEN_GRACE):
             while node.exits.status(reader.tgid) is None:
-                ready = select.poll()
-                ready.register(fd, 0)
-                if not ready.poll(0):  # no POLLERR: a reader holds it again
+                if not _hung_up(fd):  # a reader holds it again
                     log.info("edge %s: a reader closed unread opened it again", reader.edge)
                     return True
                 with trio.move_on_after(REOPEN_POLL):
                     await node.exits.changed.wait()
-        return False
     finally:
-        fifo.lingering = False
+        fifo.lingering = False  # from here on no LOOKUP gets this FIFO
+    return await _late_reopen(fifo, fd)
+
+
+def _hung_up(fd: int) -> bool:
+    """POLLERR on a reader FIFO's write end: no process holds its read end."""
+    ready = select.poll()
+    ready.register(fd, 0)
+    return bool(ready.poll(0))
+
+
+async def _late_reopen(fifo: FifoReader, fd: int) -> bool:
+    """The grace ran out (or the program exited): but a LOOKUP answered with this FIFO
+    while it lingered may not have reached the kernel's open of it yet (the open follows
+    the answer, on a loaded machine by milliseconds or more). Closing the write end then
+    would hand that program the pipe's bytes and EOF: a silent truncation. So each such
+    thread is waited for until it holds the FIFO (True), or is seen three times outside
+    any open(2) (it went, or its open failed), as the first open is (_await_opener).
+    A reader that opened, read and closed meanwhile has consumed bytes: True too (the
+    hang-up that follows decides, as for any close after reading)."""
+    reader = fifo.reader
+    absent = dict.fromkeys(fifo.reopeners, 0)
+    fifo.reopeners.clear()
+    start = trio.current_time()
+    while True:
+        if not _hung_up(fd) or reader.consumed:
+            log.info("edge %s: a reader closed unread opened it again", reader.edge)
+            return True
+        if not absent:
+            return False
+        waited = trio.current_time() - start
+        for pid in list(absent):
+            state = opening(pid)
+            if state is True:
+                absent[pid] = 0
+            elif state is False or waited > RUNNING_FOR:
+                absent[pid] += 1
+            if absent[pid] >= 3:
+                del absent[pid]
+        await trio.sleep(REOPEN_POLL)
 
 
 async def _how_it_ended(node: Node, pid: int) -> int | None:

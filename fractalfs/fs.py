@@ -391,8 +391,13 @@ class Operations(pyfuse3.Operations):
         end is opened (by the keeper) before the LOOKUP is answered (fiforoute.prepare).
         None: this open stays on FUSE (see _refuse_fifo)."""
         fifo = self._fifo_readers.get(edge)
-        if fifo is not None and (fifo.lingering or fifo.unopened_by(ctx.pid)):
-            return self._attrs(self._looked_up(fifo.ino))  # (lingering: closed unread)
+        if fifo is not None and fifo.lingering:  # closed unread: a reopen (fiforoute._reopened)
+            fifo.reopeners.add(ctx.pid)  # its open may come after the grace (_late_reopen)
+            attrs = self._attrs(self._looked_up(fifo.ino))
+            await testhooks.lingering_lookup_delay()
+            return attrs
+        if fifo is not None and fifo.unopened_by(ctx.pid):
+            return self._attrs(self._looked_up(fifo.ino))
         why = self._refuse_fifo(ctx.pid)
         if why:
             self._fuse_read_because(why)

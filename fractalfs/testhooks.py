@@ -13,6 +13,10 @@ kinds, as one whose feed missed them (a broken feed, a switched replica, a prune
 ``FRACTALFS_TEST_WRITER_LOOKUP_DIES=1``: the daemon dies (SIGKILL, 0.3 s later) right
 after answering a writer FIFO's LOOKUP, its own read end of the FIFO closed before the
 answer: as a daemon dying between the LOOKUP and the program's open of the FIFO.
+
+``FRACTALFS_TEST_LINGER_LOOKUP_DELAY=S``: a LOOKUP answered with a lingering reader FIFO
+(closed unread, see fiforoute._reopened) is answered S seconds late, as a program whose
+open reaches the FIFO only after the grace ran out (a loaded machine).
 """
 
 from __future__ import annotations
@@ -63,6 +67,16 @@ def die_after_writer_lookup(fd: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=die, daemon=True).start()
+
+
+LINGER_LOOKUP_DELAY_ENV = "FRACTALFS_TEST_LINGER_LOOKUP_DELAY"
+
+
+async def lingering_lookup_delay() -> None:
+    """Holds up a LOOKUP answered with a lingering reader FIFO (off unless enabled)."""
+    if enabled() and (delay := float(os.environ.get(LINGER_LOOKUP_DELAY_ENV) or 0)):
+        log.warning("test hook: a lingering FIFO's LOOKUP waits %.1f s", delay)
+        await trio.sleep(delay)
 
 
 def busy(seconds: float) -> None:
