@@ -200,6 +200,7 @@ class WriterEnd:
         self.state = WriterState.OPEN
         self.abort_reason: tuple[AbortReason, str] | None = None
         self.reader_closed = False
+        self.registered = 0  # discovery's version of the edge when this generation began
         self.reader_lost = False  # discovery lost the reader's node (it may come back)
         self.released = False  # the program's file is closed
         self.exit_status: int | None = None  # seen at FLUSH if the program was exiting

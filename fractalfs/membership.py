@@ -154,6 +154,14 @@ class Membership:
                 pull = self.node._pulls.get(edge)
                 if pull is not None:
                     pull[1].cancel()  # leave the writer now, as Node.supersede does
+        elif kind == EventKind.READER_CLOSED and writer is not None:
+            # A reader closed early after this writer registered, without telling it over
+            # a data connection (it closed before it connected: Node.linger_reader waits
+            # CONNECT_WAIT for one, then records the close alone): "no more" all the same.
+            with contextlib.suppress(TypeError, ValueError):
+                if int(event.get("seq", 0)) > writer.registered and not writer.reader_closed:
+                    log.info("edge %s: its reader closed early (discovery)", edge)
+                    writer.on_reader_closed()
         elif kind == EventKind.READER_DONE and writer is not None:
             with contextlib.suppress(TypeError, ValueError):
                 writer.on_reader_done(int(data.get("bytes", 0)))

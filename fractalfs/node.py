@@ -299,6 +299,13 @@ class Node:
         writer = WriterEnd(edge, int(rec["generation"]), self.config.write_window, pid, tgid)
         writer.written_metric = metrics.BYTES_WRITTEN.labels(edge.hex)
         slot.writer = writer  # before any waiter runs: nothing here awaits
+        writer.registered = int(rec.get("version", 0))
+        if rec.get("reader_state") == "closed":
+            # The edge's last reader closed early ("no more") before this writer came, and
+            # no reader claimed it since: as a FIFO's writer whose reader went, the first
+            # write gets EPIPE/SIGPIPE. A reader that failed is no "no more" ("failed").
+            log.info("edge %s: its reader closed early before this writer came", edge)
+            writer.on_reader_closed()
         try:
             self.exits.watch(tgid, writer)
             recorded = (str(rec.get("mode", "")), str(rec.get("mode_reason", "")))
@@ -663,7 +670,14 @@ class Node:
         if slot is not None and slot.reader is reader:
             slot.reader = None
             self._reap(reader.edge)
-        state = "done" if complete else "closed"
+        # "closed" is "no more" for every later writer of the edge too (open_writer); a
+        # failure is not: a re-run reader will want the stream.
+        if complete:
+            state = "done"
+        elif procs.reader_closed_early(reader.exit_status):
+            state = "closed"
+        else:
+            state = "failed"
         self._spawn(self._release_reader, reader, state)
 
     async def _release_reader(self, reader: ReaderEnd, state: str) -> None:

@@ -4,14 +4,21 @@ any writer came (README "Early close")."""
 
 from __future__ import annotations
 
+import os
 import shlex
+import signal
 import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from fractalfs import testhooks
+from fractalfs.etcdtesting import EtcdCluster, Replica, have_etcd
+from fractalfs.testing import Node
 
-from .conftest import Cluster, Programs, needs_fuse, new_edge, sh, wait_for
+from .conftest import Cluster, Programs, needs_fuse, new_edge, sh, sha_file, wait_for
 
 pytestmark = needs_fuse
 
@@ -50,3 +57,98 @@ def test_a_reopen_reaching_its_fifo_after_the_grace_reads_the_whole_stream(
     assert out.split() == [str(REOPEN_BYTES).encode(), want], (out, err)
     _, err = writer.communicate(timeout=20)
     assert writer.returncode == 0, err
+
+
+# -- a reader that closed before any writer came -------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "etcd"])
+def store(request: pytest.FixtureRequest, cluster: Cluster, tmp_path: Path) -> Iterator[Cluster]:
+    """``cluster`` with its discovery on SQLite, or on a real etcd member."""
+    if request.param == "sqlite":
+        cluster.start_discovery()
+        yield cluster
+        return
+    if not have_etcd():
+        pytest.skip("needs etcd (apt install etcd-server)")
+    etcd = EtcdCluster(tmp_path / "etcd", members=1)
+    try:
+        etcd.start()
+        cluster.discovery = Replica(tmp_path, f"{etcd.url}/t{os.getpid()}")
+        cluster.discovery.start()
+        yield cluster
+    finally:
+        cluster.close()  # the daemons before their discovery, before its etcd
+        etcd.stop()
+
+
+def _nodes(cluster: Cluster, tmp_path: Path, route: str) -> tuple[Node, Node]:
+    """Two daemons, both reader and writer routes on FIFOs ("fifo") or on FUSE ("fuse")."""
+    config = tmp_path / "fractalfs.toml"
+    on = str(route == "fifo").lower()
+    config.write_text(f"fifo_writers = {on}\nfifo_readers = {on}\n")
+    extra = ["--config", str(config)]
+    return cluster.node("a", extra=extra), cluster.node("b", extra=extra)
+
+
+def _ends_at_once(programs: Programs, cmd: str) -> float:
+    """Runs the writer ``cmd``; it must die of SIGPIPE, as a FIFO's writer whose reader
+    went does. Returns how long it ran."""
+    t0 = time.monotonic()
+    writer = programs.start(cmd)
+    _, err = writer.communicate(timeout=30)
+    took = time.monotonic() - t0
+    assert writer.returncode == -signal.SIGPIPE, (writer.returncode, err)
+    return took
+
+
+@pytest.mark.parametrize("route", ["fifo", "fuse"])
+@pytest.mark.parametrize("where", ["other-node", "same-node"])
+def test_a_reader_that_closed_before_any_writer_came_stops_the_writers_at_once(
+    store: Cluster, programs: Programs, tmp_path: Path, route: str, where: str
+) -> None:
+    """`: < E` first, `yes > E` after: the reader's "no more" had no data connection to
+    travel on, and `yes` ran on for a re-run reader (filled its window and blocked, or
+    spilled). Discovery keeps it (the reader "closed", not "failed"): the writer, and a
+    re-run of it, die of SIGPIPE at once. A re-run reader claims the edge anew and reads
+    the next writer's whole stream."""
+    a, b = _nodes(store, tmp_path, route)
+    w = a if where == "other-node" else b
+    edge = new_edge()
+    sh(f": < {b.path(edge)}")
+    wait_for(lambda: store.edge(edge).get("reader_state") == "closed", 10, "the early close")
+    for _ in ("the writer", "its re-run"):
+        took = _ends_at_once(programs, f"exec yes > {w.path(edge)}")
+        assert took < 10, f"the writer ran {took:.1f} s"
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(3 << 20))
+    out = tmp_path / "out"
+    rerun = programs.start(f"exec cat {b.path(edge)} > {out}")
+    wait_for(lambda: store.edge(edge).get("reader_state") == "open", 10, "the re-run reader")
+    sh(f"cat {src} > {w.path(edge)}", timeout=30)
+    _, err = rerun.communicate(timeout=30)
+    assert rerun.returncode == 0, err
+    assert sha_file(out) == sha_file(src)
+
+
+@pytest.mark.parametrize("route", ["fifo", "fuse"])
+def test_a_reader_killed_before_any_writer_came_is_no_early_close(
+    cluster: Cluster, programs: Programs, tmp_path: Path, route: str
+) -> None:
+    """A reader SIGKILLed while waiting for its writer failed: that is no "no more". The
+    writer that comes later writes its whole stream (exit 0) and a re-run reader reads it."""
+    cluster.start_discovery()
+    a, b = _nodes(cluster, tmp_path, route)
+    edge = new_edge()
+    reader = programs.start(f"exec cat {b.path(edge)}")
+    wait_for(lambda: cluster.edge(edge).get("reader_state") == "open", 10, "the reader")
+    time.sleep(0.5)  # inside its read (FUSE) or holding its FIFO
+    os.kill(reader.pid, signal.SIGKILL)
+    reader.communicate(timeout=10)
+    wait_for(lambda: cluster.edge(edge).get("reader_state") == "failed", 10, "the failure")
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(3 << 20))
+    sh(f"cat {src} > {a.path(edge)}", timeout=30)
+    out = tmp_path / "out"
+    sh(f"cat {b.path(edge)} > {out}", timeout=30)
+    assert sha_file(out) == sha_file(src)

@@ -381,7 +381,7 @@ def test_same_node_rerun_reader_after_a_killed_one_fails_the_generation(
     time.sleep(0.5)
     os.killpg(reader.pid, signal.SIGKILL)  # not an early close: a failure
     reader.communicate(timeout=10)
-    wait_for(lambda: cluster.edge(edge).get("reader_state") == "closed", 5, "reader released")
+    wait_for(lambda: cluster.edge(edge).get("reader_state") == "failed", 5, "reader released")
     out = tmp_path / "out"
     reader2 = programs.start(f"cat {a.path(edge)} > {out}")
     wait_for(
@@ -458,7 +458,7 @@ def test_reader_killed_after_the_end_then_a_rerun_reader_over_tcp(
     time.sleep(1.0)  # the END frame reaches the reader's daemon
     os.killpg(reader.pid, signal.SIGKILL)
     reader.communicate(timeout=10)
-    wait_for(lambda: cluster.edge(edge).get("reader_state") == "closed", 5, "reader released")
+    wait_for(lambda: cluster.edge(edge).get("reader_state") == "failed", 5, "reader released")
     assert cluster.edge(edge).get("writer_state") == "complete"  # no END_ACK, no CLOSE
     out = tmp_path / "out"
     reader2 = programs.start(f"cat {c.path(edge)} > {out}")

@@ -108,7 +108,7 @@ def test_a_killed_reader_gets_the_bytes_left_in_its_pipe_again_exactly_once(
     assert cluster.edge(edge)["bytes_delivered"] == 1000  # not 1000 + the pipe's MiB
     os.kill(reader.pid, signal.SIGKILL)
     reader.communicate(timeout=10)
-    wait_for(lambda: cluster.edge(edge).get("reader_state") == "closed", 10, "reader closed")
+    wait_for(lambda: cluster.edge(edge).get("reader_state") == "failed", 10, "reader failed")
     assert cluster.edge(edge)["bytes_delivered"] == 1000
     out = tmp_path / "out"
     sh(f"cat {b.path(edge)} > {out}", timeout=60)
@@ -632,7 +632,7 @@ def test_a_waiting_reader_killed_before_its_first_byte_lets_its_edge_go(
     time.sleep(0.5)  # its daemon saw it open the FIFO: parked (no pour task)
     os.kill(reader.pid, signal.SIGKILL)
     reader.communicate(timeout=10)
-    wait_for(lambda: cluster.edge(edge).get("reader_state") == "closed", 10, "reader closed")
+    wait_for(lambda: cluster.edge(edge).get("reader_state") == "failed", 10, "reader failed")
     src = tmp_path / "src"
     src.write_bytes(os.urandom(MiB + 3))
     out = tmp_path / "out"
