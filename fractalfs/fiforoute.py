@@ -38,6 +38,7 @@ import fcntl
 import logging
 import os
 import select
+import signal
 import termios
 import threading
 from collections import deque
@@ -285,6 +286,10 @@ async def drain(node: Node, fifo: Fifo) -> None:
                 return
         await node.flush_writer(writer)
     except EdgeError as exc:
+        # Bytes the program wrote were not taken: the stream is cut short whatever its exit
+        # (``printf x > E`` exits 0 before they are drained): a failed generation, never
+        # one "complete" at the length taken, which a re-run reader would get as whole.
+        writer.exit_status = signal.SIGPIPE
         if exc.errno != errno.EPIPE:
             # The program sees only EPIPE: the log names the errno it stands for.
             log.warning("edge %s: writer FIFO: %s (%s)", writer.edge, exc, os.strerror(exc.errno))
