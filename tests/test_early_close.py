@@ -157,3 +157,23 @@ def test_a_reader_killed_before_any_writer_came_is_no_early_close(
     out = tmp_path / "out"
     sh(f"cat {b.path(edge)} > {out}", timeout=30)
     assert sha_file(out) == sha_file(src)
+
+
+def test_a_removed_edge_forgets_an_early_close(
+    cluster: Cluster, programs: Programs, tmp_path: Path
+) -> None:
+    """`rm` after an early close made before any writer came: the edge starts afresh, and
+    its next writer is not stopped (it writes its whole stream for a reader that comes
+    after it, as on a new edge)."""
+    cluster.start_discovery()
+    a, b = _nodes(cluster, tmp_path, "fifo")
+    edge = new_edge()
+    sh(f": < {b.path(edge)}")
+    wait_for(lambda: cluster.edge(edge).get("reader_state") == "closed", 10, "the early close")
+    sh(f"rm {a.path(edge)}")
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(3 << 20))
+    sh(f"cat {src} > {a.path(edge)}", timeout=30)
+    out = tmp_path / "out"
+    sh(f"cat {b.path(edge)} > {out}", timeout=30)
+    assert sha_file(out) == sha_file(src)
