@@ -177,3 +177,28 @@ def test_a_removed_edge_forgets_an_early_close(
     out = tmp_path / "out"
     sh(f"cat {b.path(edge)} > {out}", timeout=30)
     assert sha_file(out) == sha_file(src)
+
+
+@pytest.mark.parametrize("route", ["fifo", "fuse"])
+def test_a_reader_that_never_reached_its_writer_stops_it_through_discovery(
+    cluster: Cluster, programs: Programs, tmp_path: Path, route: str
+) -> None:
+    """The writer registered first, the reader came and closed early (`: < E`), but its
+    daemon never connected to the writer's (here: the writer's node advertises an address
+    nothing listens on): the "no more" had no connection to travel on, and `yes` ran on
+    for a re-run reader. The reader's early close, recorded in discovery once the reader
+    gave up waiting for a connection, reaches the writer's daemon as an event."""
+    cluster.start_discovery()
+    config = tmp_path / "fractalfs.toml"
+    on = str(route == "fifo").lower()
+    config.write_text(f"fifo_writers = {on}\nfifo_readers = {on}\n")
+    extra = ["--config", str(config)]
+    a = cluster.node("a", extra=[*extra, "--advertise", "127.0.0.2"])  # unreachable
+    b = cluster.node("b", extra=extra)
+    edge = new_edge()
+    writer = programs.start(f"exec yes > {a.path(edge)}")
+    wait_for(lambda: cluster.edge(edge).get("writer_state") == "open", 10, "the writer")
+    sh(f": < {b.path(edge)}")
+    _, err = writer.communicate(timeout=30)
+    assert writer.returncode == -signal.SIGPIPE, (writer.returncode, err)
+    assert "its reader closed early (discovery)" in a.log.read_text()  # the case
