@@ -426,7 +426,7 @@ class Operations(pyfuse3.Operations):
             fiforoute.let_go(ends, ino, self.keeper)
             self._forget_fifo(ino)
             raise
-        fifo = fiforoute.FifoReader(reader, ino, path, ends)
+        fifo = fiforoute.FifoReader(reader, ino, ends)
         self._fifo_readers[edge] = fifo
         # No FUSE handle: this one counts the uid's memory and keeps the edge busy.
         self._handles[-ino] = Handle(ino, reader=reader, uid=ctx.uid, reserved=reserved)
