@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/idle_memory.py --edges 1000            # RSS per idle reader
     .venv/bin/python bench/idle_memory.py --edges 1000 --trace    # + tracemalloc, top sites
+    .venv/bin/python bench/idle_memory.py --edges 1000 --types    # + live objects by type
 
 Prints the time for the N readers to register (first open() to the last returned), daemon
 B's RSS before and with the N readers waiting, per reader, the same after
@@ -37,6 +38,12 @@ from fractalfs.testing import Discovery, Node
 HERE = Path(__file__).resolve().parent
 
 
+def ask_types(probe: Path) -> dict[str, list[int]]:
+    """Live objects in the daemon by type: {type: [count, bytes]} (the probe's "types")."""
+    got: dict[str, list[int]] = ask(probe, "types")["types"]  # type: ignore[assignment]
+    return got
+
+
 def ask(probe: Path, what: str) -> dict[str, int]:
     answer = probe / "answer"
     answer.unlink(missing_ok=True)
@@ -52,7 +59,12 @@ def ask(probe: Path, what: str) -> dict[str, int]:
 
 
 def run(
-    work: Path, n: int, trace: bool, top: int, profile: Path | None = None
+    work: Path,
+    n: int,
+    trace: bool,
+    top: int,
+    profile: Path | None = None,
+    by_type: bool = False,
 ) -> dict[str, object]:
     why = raise_limits(n)
     if why:
@@ -71,6 +83,7 @@ def run(
         b.start(timeout=120)
         time.sleep(1.0)
         before = ask(probe, "snap")
+        types_before = ask_types(probe) if by_type else {}
         spies = profilers({"discovery": disc, "daemon B": b}, profile)
         t0 = time.monotonic()
         for i in range(n):
@@ -92,6 +105,7 @@ def run(
         time.sleep(2.0)
         idle = ask(probe, "snap")
         trimmed = ask(probe, "trim")
+        types_idle = ask_types(probe) if by_type else {}
         row: dict[str, object] = {
             "edges": n,
             "registered": registered,
@@ -106,6 +120,24 @@ def run(
                 (trimmed["rss_kib_trimmed"] - before["rss_kib"]) / n, 2
             ),
         }
+        if by_type:
+            grown = {
+                kind: (c - types_before.get(kind, [0, 0])[0], b - types_before.get(kind, [0, 0])[1])
+                for kind, (c, b) in types_idle.items()
+            }
+            ranked = sorted(grown.items(), key=lambda kv: -kv[1][1])
+            # "map ..." rows name containers already counted under their type.
+            objects = sum(b for kind, (_, b) in grown.items() if not kind.startswith("map "))
+            row["objects_per_reader_bytes"] = round(objects / n)
+            row["by_type"] = [
+                {
+                    "type": kind,
+                    "count_per_reader": round(c / n, 2),
+                    "bytes_per_reader": round(b / n),
+                }
+                for kind, (c, b) in ranked[:top]
+                if b > 0
+            ]
         if trace:
             row["traced_per_reader_kib"] = round((idle["traced"] - before["traced"]) / n / 1024, 2)
             old = tracemalloc.Snapshot.load(str(probe / f"{before['snap']}.snap"))
@@ -137,10 +169,15 @@ def main() -> int:
     ap.add_argument("--edges", type=int, default=1000)
     ap.add_argument("--trace", action="store_true", help="tracemalloc in daemon B")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument(
+        "--types",
+        action="store_true",
+        help="live objects by type in daemon B (gc), count and bytes per reader",
+    )
     ap.add_argument("--profile", type=Path, help="py-spy B and discovery while readers register")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="fractalfs-idle-") as tmp:
-        row = run(Path(tmp), args.edges, args.trace, args.top, args.profile)
+        row = run(Path(tmp), args.edges, args.trace, args.top, args.profile, args.types)
     print(json.dumps(row, indent=1))
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import re
 import secrets
 
@@ -9,22 +10,31 @@ _HEX32 = re.compile(r"[0-9a-f]{32}")
 
 
 class EdgeId:
-    """A 128-bit edge id; its text form is 32 lowercase hex digits."""
+    """A 128-bit edge id; its text form is 32 lowercase hex digits.
 
-    __slots__ = ("bytes", "hex")
+    Only the text is kept (the bytes are made when asked for, by the HELLO and spill
+    headers): a daemon holds one per waiting reader, and the bytes object beside the
+    text was 49 bytes more each (see DEVELOPERS.md, idle readers)."""
 
-    def __init__(self, raw: bytes) -> None:
+    __slots__ = ("hex",)
+
+    def __init__(self, raw: builtins.bytes) -> None:
         if len(raw) != 16:
             raise ValueError("an edge id is 16 bytes")
-        self.bytes = bytes(raw)
-        self.hex = self.bytes.hex()
+        self.hex = raw.hex()
+
+    @property
+    def bytes(self) -> builtins.bytes:
+        return bytes.fromhex(self.hex)
 
     @classmethod
     def parse(cls, text: str) -> EdgeId:
         """Parses the 32-hex-digit form; raises ValueError with a reason otherwise."""
         if not _HEX32.fullmatch(text):
             raise ValueError(f"{text!r} is not an edge id (32 lowercase hex digits)")
-        return cls(bytes.fromhex(text))
+        edge = cls.__new__(cls)
+        edge.hex = text
+        return edge
 
     @classmethod
     def new(cls) -> EdgeId:
@@ -41,7 +51,7 @@ class EdgeId:
         return f"EdgeId({self.hex})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, EdgeId) and other.bytes == self.bytes
+        return isinstance(other, EdgeId) and other.hex == self.hex
 
     def __hash__(self) -> int:
-        return hash(self.bytes)
+        return hash(self.hex)

@@ -621,7 +621,7 @@ class ReaderEnd:
         self.edge = edge
         self.limit = limit
         self.pid = pid  # the thread that opened it (FUSE's ctx.pid)
-        self.tgid = tgid or pid  # its process
+        self.tgid = pid if tgid in (0, pid) else tgid  # its process (the same int: 28 bytes)
         self.interrupt_pid = pid  # whose pending signals end a wait (0: nobody waits)
         self.chunks = _NO_CHUNKS  # a deque of its own from the first byte (push)
         self.head = 0  # bytes of chunks[0] already delivered

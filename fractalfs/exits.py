@@ -91,7 +91,9 @@ class ExitWatcher:
         self._watched: dict[int, int | None] = {}  # pid -> status once it exited
         self._overrun = 0  # exit events the kernel dropped so far (ENOBUFS), as a count
         self._watched_at: dict[int, int] = {}  # pid -> the overrun count when watched
-        self._holders: dict[int, set[int]] = {}  # pid -> ids of the writers watching it
+        # pid -> the id of the end watching it, or a set of ids when several do (one is
+        # the rule, and a set is 216 bytes: a daemon watches every waiting reader's program).
+        self._holders: dict[int, int | set[int]] = {}
         self.changed = Notifier()
 
     @property
@@ -104,13 +106,22 @@ class ExitWatcher:
         watch ends when the last holder forgets it (forgetting twice is harmless)."""
         self._watched.setdefault(pid, None)
         self._watched_at.setdefault(pid, self._overrun)
-        self._holders.setdefault(pid, set()).add(id(holder))
+        have, key = self._holders.get(pid), id(holder)
+        if have is None:
+            self._holders[pid] = key
+        elif isinstance(have, set):
+            have.add(key)
+        elif have != key:
+            self._holders[pid] = {have, key}
 
     def forget(self, pid: int, holder: object = None) -> None:
-        holders = self._holders.get(pid)
-        if holders is not None:
-            holders.discard(id(holder))
-            if holders:
+        have, key = self._holders.get(pid), id(holder)
+        if have is not None:
+            if isinstance(have, set):
+                have.discard(key)
+                if have:
+                    return
+            elif have != key:
                 return
             del self._holders[pid]
         self._watched.pop(pid, None)

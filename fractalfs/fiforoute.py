@@ -396,14 +396,15 @@ class FifoReader:
         "lingering",
         "opened",
         "parked_in",
-        "path",
         "pending",
         "reader",
         "reopeners",
     )
 
-    def __init__(self, reader: ReaderEnd, ino: int, path: str, ends: tuple[int, int]) -> None:
-        self.reader, self.ino, self.path = reader, ino, path
+    def __init__(self, reader: ReaderEnd, ino: int, ends: tuple[int, int]) -> None:
+        # No path kept (it is MOUNT/.fifo/<ino>, used only by the keeper's open): a
+        # string of ~90 bytes per waiting reader.
+        self.reader, self.ino = reader, ino
         self.hold: int | None = ends[0]  # a stand-in reader until the program opened
         self.fd: int | None = ends[1]  # the write end
         self.opened = False  # the program's open was seen (or given up on)

@@ -89,6 +89,9 @@ def _guard(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any
     return wrapper
 
 
+_SIZES: dict[int, int] = {}  # the reservations made so far, one int object each
+
+
 @dataclass(slots=True)
 class Handle:
     inode: int
@@ -170,6 +173,7 @@ class Operations(pyfuse3.Operations):
         else:
             mode = self.node.mode_overrides.get(edge, self.node.mode)
             need = config.write_window + (config.retain_limit if mode is Mode.DYNAMIC else 0)
+        need = _SIZES.setdefault(need, need)  # one int for every end (each kept in a Handle)
         if uid == ROOT_UID:
             return need
         held = sum(h.reserved for h in self._handles.values() if h.uid == uid)
@@ -431,7 +435,7 @@ class Operations(pyfuse3.Operations):
             fiforoute.let_go(ends, ino, self.keeper)
             self._forget_fifo(ino)
             raise
-        fifo = fiforoute.FifoReader(reader, ino, path, ends)
+        fifo = fiforoute.FifoReader(reader, ino, ends)
         self._fifo_readers[edge] = fifo
         # No FUSE handle: this one counts the uid's memory and keeps the edge busy.
         self._handles[-ino] = Handle(ino, reader=reader, uid=ctx.uid, reserved=reserved)

@@ -67,6 +67,11 @@ RELEASE_GRACE = 2.0
 CONNECT_WAIT = 1.0
 
 
+#: Every slot's ``opening`` when nothing opens: ``frozenset({"reader"}) - {"reader"}`` is a
+#: new empty frozenset (216 bytes) each time, not a shared one.
+_NOT_OPENING: frozenset[str] = frozenset()
+
+
 @dataclass(slots=True)
 class Slot:
     """Both ends of one edge as this node holds them (either may be absent)."""
@@ -76,7 +81,7 @@ class Slot:
     reader: ReaderEnd | None = None
     # Replaced, never changed in place: the empty one is shared (a set is 216 bytes, and
     # a daemon holds a slot per waiting reader).
-    opening: frozenset[str] = frozenset()
+    opening: frozenset[str] = _NOT_OPENING
 
     @property
     def empty(self) -> bool:
@@ -205,7 +210,7 @@ class Node:
         except (Unavailable, DiscoveryError) as exc:
             raise EdgeError(errno.EIO, str(exc)) from None
         finally:
-            slot.opening = slot.opening - {end}
+            slot.opening = slot.opening - {end} or _NOT_OPENING
             self._reap(slot.edge)
             self.writers_changed.notify()  # a data connection may wait for this end
 
@@ -517,8 +522,10 @@ class Node:
             except BaseException:
                 self.follower.unwatch(token)
                 raise
-        reader = ReaderEnd(edge, self.config.read_buffer, pid, claim, procs.tgid(pid))
-        self._slot(edge).reader = reader
+            # Installed before the opening ends: an empty slot would be reaped there and
+            # made again (a metrics entry and a slot more per reader open).
+            reader = ReaderEnd(edge, self.config.read_buffer, pid, claim, procs.tgid(pid))
+            self._slot(edge).reader = reader
         self._spawn(self._pump, reader, None, None, False, (rec, token))
         return reader
 

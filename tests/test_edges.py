@@ -343,7 +343,7 @@ async def test_idle_fifos_wake_at_the_first_change_or_hang_up_and_stop_the_rest(
     pipes = [os.pipe() for _ in range(5)]
     fifos = []
     for i, (r, w) in enumerate(pipes):
-        fifo = FifoReader(ReaderEnd(EdgeId.new(), 1 << 20, os.getpid()), i, "", (r, w))
+        fifo = FifoReader(ReaderEnd(EdgeId.new(), 1 << 20, os.getpid()), i, (r, w))
         fifo.hold = None  # the test holds the read end
         fifos.append(fifo)
     try:

@@ -7,6 +7,8 @@ import subprocess
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fractalfs.exits import ExitWatcher
 from fractalfs.writerstate import Exited, Running, Unknown
@@ -93,3 +95,32 @@ async def test_one_program_holding_two_edges_keeps_its_watch_until_both_settle()
     finally:
         if watcher._sock is not None:
             watcher._sock.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 3), st.integers(0, 3)), max_size=30))
+def test_a_watch_lasts_while_any_holder_keeps_it(steps: list[tuple[bool, int, int]]) -> None:
+    """One holder is kept as its id, several as a set (a set each was 216 bytes per waiting
+    reader's program): the same answers as a set of holders per pid, in any order."""
+
+    async def run() -> None:  # the watcher wraps its socket for trio
+        watcher = ExitWatcher()
+        holders = [object() for _ in range(4)]
+        model: dict[int, set[int]] = {}
+        try:
+            for watch, pid, who in steps:
+                if watch:
+                    watcher.watch(pid, holders[who])
+                    model.setdefault(pid, set()).add(who)
+                else:
+                    watcher.forget(pid, holders[who])
+                    if pid in model:
+                        model[pid].discard(who)
+                        if not model[pid]:
+                            del model[pid]
+                assert set(watcher._watched) == set(model)
+        finally:
+            if watcher._sock is not None:
+                watcher._sock.close()
+
+    trio.run(run)

@@ -1,9 +1,10 @@
 """Loaded by a daemon started with this directory on PYTHONPATH (bench/idle_memory.py).
 
 With FRACTALFS_MEMPROBE=DIR set, a thread answers requests written to DIR/request: "snap"
-(RSS and, under PYTHONTRACEMALLOC, the traced bytes and a snapshot in DIR/<n>.snap) and
-"trim" (RSS before and after glibc's malloc_trim). The answer is DIR/answer (JSON). It
-never touches the mount (see DEVELOPERS.md: a daemon thread's request to its own mount)."""
+(RSS and, under PYTHONTRACEMALLOC, the traced bytes and a snapshot in DIR/<n>.snap),
+"trim" (RSS before and after glibc's malloc_trim) and "types" (live objects by type). The
+answer is DIR/answer (JSON). It never touches the mount (see DEVELOPERS.md: a daemon
+thread's request to its own mount)."""
 
 import os
 
@@ -17,6 +18,60 @@ def _rss_kib() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return 0
+
+
+def _types() -> dict[str, list[int]]:
+    """Live objects by type: gc-tracked objects and the untracked ones they refer to
+    (str, bytes, int, ...), each counted once: [count, bytes (sys.getsizeof)]."""
+    import gc
+    import sys
+
+    seen: set[int] = set()
+    out: dict[str, list[int]] = {}
+
+    def add(obj: object) -> None:
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        kind = type(obj)
+        row = out.setdefault(f"{kind.__module__}.{kind.__qualname__}", [0, 0])
+        row[0] += 1
+        row[1] += sys.getsizeof(obj)
+
+    tracked = gc.get_objects()
+    mine = {id(seen), id(out), id(tracked)}  # the probe's own, not the daemon's
+    tracked = [obj for obj in tracked if id(obj) not in mine]
+    mine.add(id(tracked))
+    for obj in tracked:
+        add(obj)
+    for obj in tracked:
+        for ref in gc.get_referents(obj):
+            if not gc.is_tracked(ref):
+                add(ref)
+    # The large containers (per-edge maps), named by what holds them: "map <owner>.<attr>".
+    for obj in tracked:
+        if isinstance(obj, (dict, set, list)) and len(obj) >= 500:
+            name = "?"
+            for holder in gc.get_referrers(obj):
+                if id(holder) in mine:
+                    continue
+                attrs = getattr(holder, "__dict__", None)  # 3.11: values held inline
+                for attr in (*getattr(type(holder), "__slots__", ()), *(attrs or {})):
+                    if attr != "__dict__" and getattr(holder, attr, None) is obj:
+                        name = f"{type(holder).__qualname__}.{attr}"
+                if type(holder) is dict:  # an instance's __dict__, or a module's
+                    keys = [k for k, v in holder.items() if v is obj]
+                    for owner in gc.get_referrers(holder):
+                        if getattr(owner, "__dict__", None) is holder and keys:
+                            name = (
+                                f"{getattr(owner, '__name__', type(owner).__qualname__)}.{keys[0]}"
+                            )
+                if name != "?":
+                    break
+            size = sys.getsizeof(obj)
+            ints = sum(1 for x in gc.get_referents(obj) if type(x) is int and not -5 <= x <= 256)
+            out[f"map {name} ({type(obj).__name__}, {len(obj)} items, {ints} ints)"] = [1, size]
+    return out
 
 
 def _probe(directory: str) -> None:
@@ -37,7 +92,9 @@ def _probe(directory: str) -> None:
             continue
         os.unlink(request)
         answer: dict[str, object] = {"rss_kib": _rss_kib(), "fds": len(os.listdir("/proc/self/fd"))}
-        if what == "trim":
+        if what == "types":
+            answer["types"] = _types()
+        elif what == "trim":
             libc.malloc_trim(0)
             answer["rss_kib_trimmed"] = _rss_kib()
         elif tracemalloc.is_tracing():
