@@ -24,6 +24,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,8 @@ from fractalfs.edgeid import EdgeId
 from fractalfs.testing import COMMAND, Discovery, Node, Process
 
 HERE = Path(__file__).resolve().parent
+SOCAT = "socat TCP loopback"
+TWO_DAEMONS = "fractalfs two daemons"
 
 
 def parse_size(text: str) -> int:
@@ -61,61 +65,113 @@ def timed_pair(writer_cmd: str, reader_cmd: str, reader_first: float = 0.2) -> f
     return elapsed
 
 
-def throughput(
+@dataclass
+class Row:
+    """One configuration of the throughput table: how to run it once, and whose CPU to
+    count (daemons: writer's, reader's)."""
+
+    name: str
+    run: Callable[[str, str], tuple[str, str]]  # (source, sink) -> (writer, reader) commands
+    reader_first: float = 0.2
+    daemons: tuple[Node, Node] | None = None
+
+
+def edge_row(name: str, writer: Node, reader: Node) -> Row:
+    def run(src: str, sink: str) -> tuple[str, str]:
+        edge = EdgeId.new().hex
+        return f"{src} of={writer.path(edge)}", f"{sink} if={reader.path(edge)}"
+
+    return Row(name, run, daemons=(writer, reader))
+
+
+def throughput_rows(
     nodes: tuple[Node, Node],
     work: Path,
-    size: int,
-    bs: str,
     tls: tuple[tuple[Node, Node], Path] | None = None,
     fuse: tuple[Node, Node] | None = None,
-) -> dict[str, float]:
-    """MB/s of each pipe; ``tls``: a second pair of daemons with ``--tls-dir`` and that
-    directory (rows for them and for socat over TLS with the same certificate); ``fuse``: a
-    pair of daemons with both FIFO routes off (every read and write a FUSE request)."""
-    count = size // parse_size(bs)
-    src = f"dd if=/dev/zero bs={bs} count={count} status=none"
-    sink = f"dd of=/dev/null bs={bs} status=none"
-    out: dict[str, float] = {}
-
+    compare: tuple[str, tuple[Node, Node]] | None = None,
+) -> list[Row]:
+    """The configurations: baselines, then fractalfs. ``tls``: a second pair of daemons with
+    ``--tls-dir`` and that directory (rows for them and for socat over TLS with the same
+    certificate); ``fuse``: a pair of daemons with both FIFO routes off (every read and
+    write a FUSE request); ``compare``: a label and a pair of daemons running another
+    tree's code (an A/B under the same load)."""
     fifo = work / "fifo"
     if fifo.exists():
         fifo.unlink()
     os.mkfifo(fifo)
-    out["kernel FIFO"] = timed_pair(f"{src} of={fifo}", f"{sink} if={fifo}")
 
-    port = free_port()
-    out["socat TCP loopback"] = timed_pair(
-        f"{src} | socat -u - TCP:127.0.0.1:{port}",
-        f"socat -u TCP-LISTEN:{port},reuseaddr - | {sink}",
-        reader_first=0.5,
-    )
-    a, b = nodes
-    edge = EdgeId.new().hex
-    out["fractalfs same node"] = timed_pair(f"{src} of={a.path(edge)}", f"{sink} if={a.path(edge)}")
-    edge = EdgeId.new().hex
-    out["fractalfs two daemons"] = timed_pair(
-        f"{src} of={a.path(edge)}", f"{sink} if={b.path(edge)}"
-    )
-    if fuse is not None:
-        fa, fb = fuse
-        edge = EdgeId.new().hex
-        out["two daemons, FUSE routes"] = timed_pair(
-            f"{src} of={fa.path(edge)}", f"{sink} if={fb.path(edge)}"
+    def socat(src: str, sink: str) -> tuple[str, str]:
+        port = free_port()
+        return (
+            f"{src} | socat -u - TCP:127.0.0.1:{port}",
+            f"socat -u TCP-LISTEN:{port},reuseaddr - | {sink}",
         )
+
+    a, b = nodes
+    rows = [
+        Row("kernel FIFO", lambda src, sink: (f"{src} of={fifo}", f"{sink} if={fifo}")),
+        Row(SOCAT, socat, reader_first=0.5),
+        edge_row("fractalfs same node", a, a),
+        edge_row(TWO_DAEMONS, a, b),
+    ]
+    if compare is not None:
+        label, (ca, cb) = compare
+        rows.append(edge_row(f"two daemons, {label}", ca, cb))
+    if fuse is not None:
+        rows.append(edge_row("two daemons, FUSE routes", *fuse))
     if tls is not None:
         (ta, tb), d = tls
         opts = f"cert={d}/cert.pem,key={d}/key.pem,cafile={d}/ca.pem,verify=1"
-        port = free_port()
-        out["socat TLS loopback"] = timed_pair(
-            f"{src} | socat -u - OPENSSL:127.0.0.1:{port},{opts},commonname=fractalfs",
-            f"socat -u OPENSSL-LISTEN:{port},reuseaddr,{opts} - | {sink}",
-            reader_first=0.5,
-        )
-        edge = EdgeId.new().hex
-        out["fractalfs two daemons TLS"] = timed_pair(
-            f"{src} of={ta.path(edge)}", f"{sink} if={tb.path(edge)}"
-        )
-    return {k: size / v / 1e6 for k, v in out.items()}  # MB/s
+
+        def socat_tls(src: str, sink: str) -> tuple[str, str]:
+            port = free_port()
+            return (
+                f"{src} | socat -u - OPENSSL:127.0.0.1:{port},{opts},commonname=fractalfs",
+                f"socat -u OPENSSL-LISTEN:{port},reuseaddr,{opts} - | {sink}",
+            )
+
+        rows.append(Row("socat TLS loopback", socat_tls, reader_first=0.5))
+        rows.append(edge_row("fractalfs two daemons TLS", ta, tb))
+    return rows
+
+
+def throughput(rows: list[Row], size: int, bs: str, rounds: int) -> dict[str, dict[str, float]]:
+    """Each row ``rounds`` times, interleaved (every row once per round, in order, then in
+    reverse): the other developers' load on this VM moves one run by 2x, and interleaving
+    spreads it over all rows alike. Per row: median, min and max MB/s, and for daemons the median
+    CPU-seconds per GiB of the writer's and the reader's daemon."""
+    count = size // parse_size(bs)
+    src = f"dd if=/dev/zero bs={bs} count={count} status=none"
+    sink = f"dd of=/dev/null bs={bs} status=none"
+    gib = size / (1 << 30)
+    rates: dict[str, list[float]] = {row.name: [] for row in rows}
+    cpu: dict[str, list[tuple[float, float]]] = {row.name: [] for row in rows}
+    for i in range(rounds):
+        # Every other round runs the rows in reverse: a row's place in the round moved
+        # it by up to 40% (two pairs of daemons, A first then B first, 512 MiB, 5 rounds).
+        for row in rows if i % 2 == 0 else rows[::-1]:
+            writer_cmd, reader_cmd = row.run(src, sink)
+            before = (0.0, 0.0)
+            if row.daemons is not None:
+                before = (cpu_seconds(row.daemons[0]), cpu_seconds(row.daemons[1]))
+            t = timed_pair(writer_cmd, reader_cmd, row.reader_first)
+            rates[row.name].append(size / t / 1e6)
+            if row.daemons is not None:
+                w, r = row.daemons
+                if w is r:  # one daemon is both ends
+                    cpu[row.name].append(((cpu_seconds(w) - before[0]) / gib, 0.0))
+                else:
+                    cpu[row.name].append(
+                        ((cpu_seconds(w) - before[0]) / gib, (cpu_seconds(r) - before[1]) / gib)
+                    )
+    out: dict[str, dict[str, float]] = {}
+    for name, runs in rates.items():
+        out[name] = {"median": statistics.median(runs), "min": min(runs), "max": max(runs)}
+        if cpu[name]:
+            out[name]["writer_cpu_s_per_gib"] = statistics.median(c[0] for c in cpu[name])
+            out[name]["reader_cpu_s_per_gib"] = statistics.median(c[1] for c in cpu[name])
+    return out
 
 
 LATENCY_WRITER = r"""
@@ -363,6 +419,22 @@ def pash(nodes: tuple[Node, Node], work: Path, size: int) -> dict[str, float]:
     return out
 
 
+def print_throughput(r: dict[str, dict[str, float]], size: str, bs: str, rounds: int) -> None:
+    socat = r[SOCAT]["median"]
+    print(
+        f"\nthroughput, {size} at bs={bs}, {rounds} interleaved rounds (MB/s: median [min-max];"
+        " ratio of medians vs socat; daemons' CPU-s/GiB, median: writer's, reader's)"
+    )
+    for name, v in r.items():
+        line = (
+            f"  {name:32s} {v['median']:6.0f} [{v['min']:4.0f}-{v['max']:4.0f}]"
+            f"  x{v['median'] / socat:.2f} socat"
+        )
+        if "writer_cpu_s_per_gib" in v:
+            line += f"   cpu {v['writer_cpu_s_per_gib']:.2f} {v['reader_cpu_s_per_gib']:.2f}"
+        print(line)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--size", default="2G", help="bytes per throughput run (default 2G)")
@@ -390,6 +462,15 @@ def main() -> int:
         action="store_true",
         help="also two daemons with --tls-dir (and socat over TLS): the cost of TLS",
     )
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds per throughput row (default 3)"
+    )
+    ap.add_argument(
+        "--compare-tree",
+        help="also two daemons running the fractalfs code of this source tree (e.g. a git "
+        "worktree of main): an A/B in the same run",
+    )
+    ap.add_argument("--compare-label", help="the name of --compare-tree's row")
     args = ap.parse_args()
     only = set(args.only.split(",")) if args.only else None
     if shutil.which("socat") is None:
@@ -437,22 +518,25 @@ def main() -> int:
                     tls_procs.append(n)
                     n.start()
                 fuse = (fa, fb)
+            compare: tuple[str, tuple[Node, Node]] | None = None
+            if args.compare_tree and (only is None or "throughput" in only):
+                tree = str(Path(args.compare_tree).resolve())
+                # ``-m fractalfs`` imports from the working directory first.
+                prefix = ["sh", "-c", 'cd "$0" && exec "$@"', tree]
+                ca = Node(work, "ca", disc.url, extra=["--mode", "transient"], prefix=prefix)
+                cb = Node(work, "cb", disc.url, extra=["--mode", "transient"], prefix=prefix)
+                for n in (ca, cb):
+                    tls_procs.append(n)
+                    n.start()
+                compare = (args.compare_label or Path(tree).name, (ca, cb))
             if only is None or "throughput" in only:
+                rows = throughput_rows(nodes, work, tls, fuse, compare)
                 for bs in args.bs.split(","):
                     small = parse_size(bs) < 64 << 10
-                    r = throughput(
-                        nodes, work, parse_size(args.small_size) if small else size, bs, tls, fuse
-                    )
+                    run_size = parse_size(args.small_size) if small else size
+                    r = throughput(rows, run_size, bs, args.rounds)
                     results[f"throughput_{bs}"] = r
-                    print(
-                        f"\nthroughput, {args.small_size if small else args.size} at bs={bs}"
-                        " (MB/s; ratio vs socat, FIFO)"
-                    )
-                    for k, v in r.items():
-                        print(
-                            f"  {k:24s} {v:8.0f}   x{v / r['socat TCP loopback']:.2f} socat"
-                            f"   x{v / r['kernel FIFO']:.2f} FIFO"
-                        )
+                    print_throughput(r, args.small_size if small else args.size, bs, args.rounds)
             if only is None or "programs" in only:
                 sw = small_writes(nodes, fuse)
                 results["small_writes_s"] = sw
