@@ -285,6 +285,23 @@ def test_a_reader_that_finished_while_its_node_was_lost_is_recorded_done(
     assert store.nodes_with_open_ends() == set()
 
 
+def test_a_claims_version_is_its_events_seq(store: EtcdStore) -> None:
+    """A reader's claim answers the edge's version; its daemon takes an event of the edge
+    at or below it for older than the claim (Membership._on_event, tests/test_claims.py).
+    That holds only if the claim's event has that very seq, as in the SQLite store."""
+    edge = new_edge()
+    store.claim_reader(edge, "x")
+    store.node_lost("x")
+    other = store.claim_reader(edge, "y")
+    store.release_reader(edge, "y", "failed", 0)
+    mine = store.claim_reader(edge, "x")
+    claims = [e for e in store.events(0) if e.edge == edge and e.kind == "reader"]
+    assert [(e.data["node"], e.seq) for e in claims][-2:] == [
+        ("y", other.version),
+        ("x", mine.version),
+    ]
+
+
 def test_etcd_down_is_503_also_where_the_guard_reads_the_edge(tmp_path: Path) -> None:
     """The guard reads the edge for a writer's close or mode; with etcd gone that must be
     503 (the node tries another replica), not a 500 (the node gives the close up)."""
