@@ -285,6 +285,23 @@ def test_a_reader_that_finished_while_its_node_was_lost_is_recorded_done(
     assert store.nodes_with_open_ends() == set()
 
 
+def test_a_writer_whose_daemon_restarted_before_its_end_was_recorded_is_failed(
+    store: EtcdStore,
+) -> None:
+    """See tests/test_store.py, same name."""
+    alone, read = new_edge(), new_edge()
+    for edge in (alone, read):
+        store.register_writer(edge, "w", "h:1")
+    store.claim_reader(read, "r")
+    store.node_lost("w")
+    store.node_lost("w", "restarted")
+    assert store.get(alone).writer_state == "failed"  # type: ignore[union-attr]
+    rec = store.get(read)
+    assert rec is not None and rec.writer_state == "lost" and rec.writer_endpoint == "", rec
+    assert store.node_lost("w", "restarted") == []
+    assert store.writer_gone(read, "r", 1).writer_state == "failed"
+
+
 def test_a_claims_version_is_its_events_seq(store: EtcdStore) -> None:
     """A reader's claim answers the edge's version; its daemon takes an event of the edge
     at or below it for older than the claim (Membership._on_event, tests/test_claims.py).
