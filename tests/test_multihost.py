@@ -609,6 +609,7 @@ EOF_FAULTS = [
     "reader-daemon-stopped-holding-tail",
     "writer-link-down-at-end",
     "discovery-killed-at-end",
+    "discovery-killed-while-registering",
 ]
 
 
@@ -641,12 +642,23 @@ def test_a_fault_at_the_end_of_a_stream_is_exactly_once(
     else:
         p.add("produce", h1, f"{SLOWCAT} {src} {{E}} --chunk 32768 --delay 0.05", "E")
         p.add("consume", h2, f"cat {{E}} > {out}")
-    p.start_all()
+    if fault == "discovery-killed-while-registering":
+        assert net.discovery is not None
+        net.discovery.kill()
+        try:
+            p.start_all()  # both opens wait for discovery
+            time.sleep(2)
+        finally:
+            net.start_discovery()
+    else:
+        p.start_all()
     producer, consumer = p.stages["produce"].proc, p.stages["consume"].proc
     assert producer is not None and consumer is not None
     running = [producer, consumer]
     assert h1.node is not None and h2.node is not None
-    if reader_side:
+    if fault == "discovery-killed-while-registering":
+        pass
+    elif reader_side:
         assert producer.wait(timeout=30) == 0, p.report()
         time.sleep(1.0)  # the END reaches h2's daemon; its program reads 1.3 MB/s
         assert consumer.poll() is None and size(out) < src.stat().st_size - MiB, p.report()
