@@ -607,6 +607,7 @@ EOF_FAULTS = [
     "writer-daemon-stopped-after-exit",
     "reader-daemon-killed-holding-tail",
     "reader-daemon-stopped-holding-tail",
+    "reader-link-down-holding-tail",
     "writer-link-down-at-end",
     "discovery-killed-at-end",
     "discovery-killed-while-registering",
@@ -665,6 +666,10 @@ def test_a_fault_at_the_end_of_a_stream_is_exactly_once(
         if fault == "reader-daemon-killed-holding-tail":
             h2.node.kill()
             net.start_node(h2)
+        elif fault == "reader-link-down-holding-tail":
+            net.link(h2, up=False)  # its END_ACK and its release wait for the link
+            time.sleep(3)
+            net.link(h2, up=True)
         else:
             h2.node.signal(signal.SIGSTOP)
             time.sleep(3)
