@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -20,9 +21,22 @@ from pathlib import Path
 
 import pytest
 
-from fractalfs.testing import Node
+from fractalfs import auth, handshake
+from fractalfs.edgeid import EdgeId
+from fractalfs.handshake import Hello, Reply, Status
+from fractalfs.testing import Node, shared_secret_file
 
-from .conftest import Programs, fuse_d_state, needs_fuse, new_edge, sh, wait_for
+from .conftest import (
+    Cluster,
+    Programs,
+    fuse_d_state,
+    needs_fuse,
+    new_edge,
+    sh,
+    sha_file,
+    size,
+    wait_for,
+)
 
 SLOWCAT = f"{sys.executable} {Path(__file__).with_name('slowcat.py')}"
 MiB = 1 << 20
@@ -158,3 +172,77 @@ def test_another_user_cannot_touch_a_live_stream_by_any_route(
     again = programs.start(f"cat {node.path(other)}")
     sh(f"echo still-serving > {node.path(other)}")
     assert again.communicate(timeout=20)[0] == b"still-serving\n"
+
+
+def _handshake(endpoint: str, hello: Hello, proof: bytes | None, key: bytes) -> Reply:
+    """One connection: ``hello``, then ``proof`` (None: the right one for this
+    connection's challenge, made with ``key``), then the writer's REPLY."""
+    host, _, port = endpoint.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(hello.encode())
+        challenge = b""
+        while len(challenge) < handshake.CHALLENGE.size:
+            challenge += s.recv(handshake.CHALLENGE.size - len(challenge))
+        right = handshake.check_challenge(key, hello, challenge)
+        assert right is not None  # the writer's node proved the secret
+        s.sendall(right if proof is None else proof)
+        fixed = b""
+        while len(fixed) < handshake.REPLY.size:
+            chunk = s.recv(handshake.REPLY.size - len(fixed))
+            assert chunk, "closed before its reply"
+            fixed += chunk
+        length = Reply.message_length(fixed)
+        return Reply.decode(fixed, s.recv(length) if length else b"")
+
+
+def _proof_of(endpoint: str, hello: Hello, key: bytes) -> tuple[bytes, Reply]:
+    """A real reader's proof on one connection, as an eavesdropper would record it."""
+    host, _, port = endpoint.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(hello.encode())
+        challenge = b""
+        while len(challenge) < handshake.CHALLENGE.size:
+            challenge += s.recv(handshake.CHALLENGE.size - len(challenge))
+        proof = handshake.check_challenge(key, hello, challenge)
+        assert proof is not None
+        s.sendall(proof)
+        fixed = s.recv(handshake.REPLY.size)
+        return proof, Reply.decode(fixed[: handshake.REPLY.size], b"")
+
+
+@needs_fuse
+def test_a_replayed_hello_and_proof_are_refused_and_the_stream_is_exact(
+    cluster: Cluster, programs: Programs, tmp_path: Path
+) -> None:
+    """An eavesdropper (no TLS) records a reader's HELLO and proof and replays both on new
+    connections, as is and with its offset changed: the writer's fresh nonce makes the
+    recorded proof wrong each time (AUTH_FAILED, generation and offset 0), and the
+    stream flowing meanwhile ends exactly."""
+    cluster.start_discovery()
+    a, b = cluster.node("a"), cluster.node("b")
+    edge = new_edge()
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(8 * MiB))
+    out = tmp_path / "out"
+    reader = programs.start(f"exec cat {b.path(edge)} > {out}")
+    writer = programs.start(f"exec {SLOWCAT} {src} {a.path(edge)} --chunk 262144 --delay 0.1")
+    wait_for(lambda: size(out) >= MiB, 20, "the stream flowing", [reader, writer])
+    rec = cluster.edge(edge)
+    endpoint, gen = str(rec["writer_endpoint"]), int(rec["generation"])  # type: ignore[call-overload]
+    key = auth.data_key(auth.load_secret(str(shared_secret_file())))
+    # Recorded: a HELLO for a stale generation (the writer's node answers it and leaves
+    # the live connection alone), and its proof.
+    recorded = Hello(EdgeId.parse(edge), gen + 7, 0, handshake.FLAG_HMAC, os.urandom(16))
+    proof, reply = _proof_of(endpoint, recorded, key)
+    assert reply.status is Status.STALE_GENERATION
+    for hello in (
+        recorded,
+        Hello(recorded.edge, gen, 0, recorded.flags, recorded.auth),
+        Hello(recorded.edge, gen, size(out), recorded.flags, recorded.auth),
+    ):
+        got = _handshake(endpoint, hello, proof, key)
+        assert got.status is Status.AUTH_FAILED, got
+        assert (got.generation, got.offset) == (0, 0)
+    assert writer.wait(timeout=60) == 0, writer.stderr.read() if writer.stderr else ""
+    assert reader.wait(timeout=60) == 0, reader.stderr.read() if reader.stderr else ""
+    assert sha_file(out) == sha_file(src)
