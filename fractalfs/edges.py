@@ -598,6 +598,7 @@ class ReaderEnd:
         "changed",
         "chunks",
         "claim",
+        "claimed_at",
         "delivered",
         "digest",
         "edge",
@@ -617,7 +618,9 @@ class ReaderEnd:
         "tgid",
     )
 
-    def __init__(self, edge: EdgeId, limit: int, pid: int, claim: int = 0, tgid: int = 0) -> None:
+    def __init__(
+        self, edge: EdgeId, limit: int, pid: int, claim: int = 0, tgid: int = 0, claimed_at: int = 0
+    ) -> None:
         self.edge = edge
         self.limit = limit
         self.pid = pid  # the thread that opened it (FUSE's ctx.pid)
@@ -638,6 +641,9 @@ class ReaderEnd:
         self.exit_status: int | None = None  # seen at FLUSH if the program was exiting
         self.released = False  # the program's file is closed
         self.claim = claim  # discovery's id of this reader's claim (its release names it)
+        # The seq of the claim's event (the record's version the claim left): an event
+        # of the edge up to it is older than this reader (Membership._on_event).
+        self.claimed_at = claimed_at
         # xxh3-128 of every byte received (~21 us/MiB): what a re-run writer must reproduce
         # (made by the first byte).
         self.digest: xxhash.xxh3_128 | None = None

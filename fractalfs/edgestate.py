@@ -177,7 +177,10 @@ class ReaderMachine:
         # serve its prefix: read it once, then wait for the re-run as usual.
         prefix = view.writer_state == "failed" and bool(view.writer_endpoint)
         complete = usable and view.writer_state == "complete" and gen >= self.generation
-        if complete and not view.writer_endpoint:  # its daemon run is gone: nobody serves it
+        # Its daemon run is gone: nobody serves it. Complete, or lost with that run (its
+        # end never recorded: the END may have come, only we know).
+        run_gone = view.writer_state == "lost" and gen >= self.generation and gen not in self.dead
+        if (complete or run_gone) and not view.writer_endpoint:
             self.dead = self.dead | {gen}
             return Unfinished(gen)
         if (usable or (prefix and gen not in self.dead)) and gen >= self.generation:

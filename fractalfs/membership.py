@@ -148,7 +148,15 @@ class Membership:
             # the partition must not go on reading beside the re-run.
             slot = self.node.slots.get(edge)
             reader = slot.reader if slot is not None else None
-            if reader is not None and reader.state in (ReaderState.WAITING, ReaderState.STREAMING):
+            # Only a claim newer than this reader's: a feed that lags behind discovery can
+            # bring the claim a newer reader here took the edge back from (event seqs and
+            # a claim's record version are one sequence, in both stores).
+            seq = event.get("seq")
+            if (
+                reader is not None
+                and reader.state in (ReaderState.WAITING, ReaderState.STREAMING)
+                and (not isinstance(seq, int) or seq > reader.claimed_at)
+            ):
                 why = f"edge {edge}: node {data.get('node')} claimed it (this node was lost)"
                 reader.fail(errno.EIO, why)
                 pull = self.node._pulls.get(edge)

@@ -519,12 +519,15 @@ class Node:
             token = self.follower.watch(edge.hex)
             try:
                 claim, rec = await self._claim_reader(edge, pid)
+                claimed_at = int(rec.get("version") or 0)
             except BaseException:
                 self.follower.unwatch(token)
                 raise
             # Installed before the opening ends: an empty slot would be reaped there and
             # made again (a metrics entry and a slot more per reader open).
-            reader = ReaderEnd(edge, self.config.read_buffer, pid, claim, procs.tgid(pid))
+            reader = ReaderEnd(
+                edge, self.config.read_buffer, pid, claim, procs.tgid(pid), claimed_at
+            )
             self._slot(edge).reader = reader
         self._spawn(self._pump, reader, None, None, False, (rec, token))
         return reader

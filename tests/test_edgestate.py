@@ -224,3 +224,17 @@ def test_a_complete_generation_whose_record_lost_its_endpoint_is_reported_unfini
     gone = EdgeView(True, 11, 1, "complete", "w", "")
     assert m.on_record(gone, 1.0, 5) == Unfinished(1)
     assert isinstance(m.on_record(gone, 2.0, 5), Query)  # told once, then it waits
+
+
+def test_a_lost_generation_whose_record_lost_its_endpoint_is_reported_unfinished() -> None:
+    """Discovery clears the endpoint of a generation lost with its daemon run before its
+    end was recorded, while its reader elsewhere was reading (the END may have come): a
+    reader that missed the writer-gone event sees it there. A lost one that keeps its
+    endpoint is only silent: the reader waits."""
+    m = machine()
+    connected(m, received=5)
+    assert isinstance(m.on_pull(PullOutcome.LOST, "refused", 1.0), Query)
+    assert isinstance(m.on_record(EdgeView(True, 11, 1, "lost", "w", "h:1"), 1.0, 5), Query)
+    gone = EdgeView(True, 12, 1, "lost", "w", "")
+    assert m.on_record(gone, 1.0, 5) == Unfinished(1)
+    assert isinstance(m.on_record(gone, 2.0, 5), Query)  # told once, then it waits

@@ -177,9 +177,10 @@ def test_a_silent_node_is_lost_by_its_lease_and_comes_back(replicas: list[Replic
     hb = {"boot": "b1", "writers": {edge: 1}, "readers": []}
     assert b.post("/nodes/n1/heartbeat", json=hb).json()["stale"] == []
     assert a.get(f"/edges/{edge}").json()["writer_state"] == "open"
-    # A new run of the daemon: the old run's writer is lost at once.
+    # A new run of the daemon: the old run's writer is gone at once (failed: no reader
+    # elsewhere may hold its END; see test_a_writer_whose_daemon_restarted_...).
     b.post("/nodes/n1/heartbeat", json={"boot": "b2", "writers": {}, "readers": []})
-    assert a.get(f"/edges/{edge}").json()["writer_state"] == "lost"
+    assert a.get(f"/edges/{edge}").json()["writer_state"] == "failed"
 
 
 def test_pages_and_pruning(store: EtcdStore) -> None:
@@ -283,6 +284,40 @@ def test_a_reader_that_finished_while_its_node_was_lost_is_recorded_done(
     store.node_lost("r")
     assert store.release_reader(edge, "r", "done", 0, claim=claim).reader_state == "done"
     assert store.nodes_with_open_ends() == set()
+
+
+def test_a_writer_whose_daemon_restarted_before_its_end_was_recorded_is_failed(
+    store: EtcdStore,
+) -> None:
+    """See tests/test_store.py, same name."""
+    alone, read = new_edge(), new_edge()
+    for edge in (alone, read):
+        store.register_writer(edge, "w", "h:1")
+    store.claim_reader(read, "r")
+    store.node_lost("w")
+    store.node_lost("w", "restarted")
+    assert store.get(alone).writer_state == "failed"  # type: ignore[union-attr]
+    rec = store.get(read)
+    assert rec is not None and rec.writer_state == "lost" and rec.writer_endpoint == "", rec
+    assert store.node_lost("w", "restarted") == []
+    assert store.writer_gone(read, "r", 1).writer_state == "failed"
+
+
+def test_a_claims_version_is_its_events_seq(store: EtcdStore) -> None:
+    """A reader's claim answers the edge's version; its daemon takes an event of the edge
+    at or below it for older than the claim (Membership._on_event, tests/test_claims.py).
+    That holds only if the claim's event has that very seq, as in the SQLite store."""
+    edge = new_edge()
+    store.claim_reader(edge, "x")
+    store.node_lost("x")
+    other = store.claim_reader(edge, "y")
+    store.release_reader(edge, "y", "failed", 0)
+    mine = store.claim_reader(edge, "x")
+    claims = [e for e in store.events(0) if e.edge == edge and e.kind == "reader"]
+    assert [(e.data["node"], e.seq) for e in claims][-2:] == [
+        ("y", other.version),
+        ("x", mine.version),
+    ]
 
 
 def test_etcd_down_is_503_also_where_the_guard_reads_the_edge(tmp_path: Path) -> None:

@@ -600,3 +600,116 @@ def test_a_stopped_reader_daemon_that_redials_on_waking_loses_nothing(
     for out in outs:
         assert out.read_bytes() == src.read_bytes()
     assert "lost with acknowledged bytes" not in h1.node.log.read_text()
+
+
+EOF_FAULTS = [
+    "writer-daemon-killed-after-exit",
+    "writer-daemon-stopped-after-exit",
+    "reader-daemon-killed-holding-tail",
+    "reader-daemon-stopped-holding-tail",
+    "reader-link-down-holding-tail",
+    "writer-link-down-at-end",
+    "discovery-killed-at-end",
+    "discovery-killed-while-registering",
+]
+
+
+@pytest.mark.parametrize(
+    ("fault", "net"),
+    tiered(
+        [(f, m) for m in ("dynamic", "transient") for f in EOF_FAULTS],
+        core={("writer-daemon-killed-after-exit", "transient")},
+        slow={("reader-daemon-killed-holding-tail", "transient")},
+    ),
+    indirect=["net"],
+)
+def test_a_fault_at_the_end_of_a_stream_is_exactly_once(
+    net: NetCluster, tmp_path: Path, fault: str
+) -> None:
+    """Faults at the worst moment of a stream, its end: the writing program (h1) exited 0
+    with its last bytes still in its daemon (or its FIFO), or the reader's daemon (h2) has
+    the END while its program has not read the tail. The output is the source byte for
+    byte; a stage whose daemon only stalled or was cut off runs once; none exits 0 with a
+    short stream (the supervisor would then never re-run it, and the compare fails)."""
+    _h0, h1, h2 = net.hosts
+    reader_side = fault.startswith("reader")
+    src = tmp_path / "src"
+    src.write_bytes(random.Random(fault).randbytes((6 if reader_side else 3) * MiB))
+    out = tmp_path / "out"
+    p = Pipeline(net, ["E"])
+    if reader_side:  # a fast writer, a slow reader: its daemon holds the END and a tail
+        p.add("produce", h1, f"cat {src} > {{E}}", "E")
+        p.add("consume", h2, f"{SLOWCAT} {{E}} /dev/stdout --chunk 65536 --delay 0.05 > {out}")
+    else:
+        p.add("produce", h1, f"{SLOWCAT} {src} {{E}} --chunk 32768 --delay 0.05", "E")
+        p.add("consume", h2, f"cat {{E}} > {out}")
+    if fault == "discovery-killed-while-registering":
+        assert net.discovery is not None
+        net.discovery.kill()
+        try:
+            p.start_all()  # both opens wait for discovery
+            time.sleep(2)
+        finally:
+            net.start_discovery()
+    else:
+        p.start_all()
+    producer, consumer = p.stages["produce"].proc, p.stages["consume"].proc
+    assert producer is not None and consumer is not None
+    running = [producer, consumer]
+    assert h1.node is not None and h2.node is not None
+    if fault == "discovery-killed-while-registering":
+        pass
+    elif reader_side:
+        assert producer.wait(timeout=30) == 0, p.report()
+        time.sleep(1.0)  # the END reaches h2's daemon; its program reads 1.3 MB/s
+        assert consumer.poll() is None and size(out) < src.stat().st_size - MiB, p.report()
+        if fault == "reader-daemon-killed-holding-tail":
+            h2.node.kill()
+            net.start_node(h2)
+        elif fault == "reader-link-down-holding-tail":
+            net.link(h2, up=False)  # its END_ACK and its release wait for the link
+            time.sleep(3)
+            net.link(h2, up=True)
+        else:
+            h2.node.signal(signal.SIGSTOP)
+            time.sleep(3)
+            h2.node.signal(signal.SIGCONT)
+    else:
+        # Within the writer's FIFO (1 MiB) of its end: the rest fits while its daemon stalls.
+        near = src.stat().st_size - 768 * KiB
+        wait_for(lambda: size(out) >= near, 30, "the stream near its end", running)
+        if fault == "writer-daemon-killed-after-exit":
+            h1.node.signal(signal.SIGSTOP)
+            try:
+                assert producer.wait(timeout=20) == 0, p.report()
+            finally:
+                h1.node.kill()
+            net.start_node(h1)
+        elif fault == "writer-daemon-stopped-after-exit":
+            h1.node.signal(signal.SIGSTOP)
+            try:
+                assert producer.wait(timeout=20) == 0, p.report()
+                time.sleep(3)
+            finally:
+                h1.node.signal(signal.SIGCONT)
+        elif fault == "writer-link-down-at-end":
+            net.link(h1, up=False)
+            try:
+                assert producer.wait(timeout=20) == 0, p.report()
+                time.sleep(3)
+            finally:
+                net.link(h1, up=True)
+        elif fault == "discovery-killed-at-end":
+            assert net.discovery is not None
+            net.discovery.kill()
+            try:
+                assert producer.wait(timeout=20) == 0, p.report()
+                time.sleep(2)
+            finally:
+                net.start_discovery()
+    p.supervise()
+    assert out.read_bytes() == src.read_bytes(), p.report()
+    if "killed" not in fault or fault.startswith("discovery"):
+        # Nothing died but the discovery: nothing is re-run.
+        assert all(s.runs == 1 for s in p.stages.values()), p.report()
+    print(p.report())

@@ -241,3 +241,41 @@ def test_a_reader_that_finished_while_its_node_was_lost_is_recorded_done() -> No
     store.node_lost("r")
     store.claim_reader(other, "r2")
     assert store.release_reader(other, "r", "closed", 0, claim=old).reader_node == "r2"
+
+
+@pytest.mark.parametrize("lost_first", [False, True])
+def test_a_writer_whose_daemon_restarted_before_its_end_was_recorded_is_failed(
+    lost_first: bool,
+) -> None:
+    """The writing program exited 0 with its last bytes still in its daemon (or its FIFO),
+    and the daemon died (SIGKILL, or stopped, taken for lost by silence, then killed)
+    before it told discovery how the writer ended. The generation stayed "lost" for good
+    when the node came back as a new run: a finished stage's output that asks for no
+    re-run; its reader waited --writer-lost-timeout and was killed, again and again. Now
+    it fails (no reader elsewhere that may hold the END), or its reader's daemon is told
+    (writer-gone, no endpoint) and decides."""
+    store = Store(":memory:")
+    alone, read = "1" * 32, "2" * 32
+    for edge in (alone, read):
+        store.register_writer(edge, "w", "h:1")
+    store.claim_reader(read, "r")
+    if lost_first:
+        store.node_lost("w")  # silent: it may come back
+        assert {store.get(e).writer_state for e in (alone, read)} == {"lost"}  # type: ignore[union-attr]
+    store.node_lost("w", "restarted")
+    rec = store.get(alone)
+    assert rec is not None and rec.writer_state == "failed", rec
+    rec = store.get(read)
+    assert rec is not None and rec.writer_state == "lost" and rec.writer_endpoint == "", rec
+    assert store.events(0)[-1].kind == "writer-gone"
+    assert store.node_lost("w", "restarted") == []  # told once
+    # Its reader lacks the END: it fails the generation; another node may not.
+    assert store.writer_gone(read, "x", 1).writer_state == "lost"
+    assert store.writer_gone(read, "r", 1).writer_state == "failed"
+    # A node that is only silent keeps its generation (it may come back).
+    other = "3" * 32
+    store.register_writer(other, "v", "h:2")
+    store.node_lost("v")
+    store.node_lost("v")
+    rec = store.get(other)
+    assert rec is not None and rec.writer_state == "lost" and rec.writer_endpoint == "h:2"

@@ -8,6 +8,7 @@ Keys under one prefix (default ``fractalfs/``)::
     h/<node>/<edge>:w an index: <node> holds an open writer (":r" reader) of <edge>
     u/<node>/<edge>   an index: <node> wrote <edge> complete, not read whole yet (undelivered,
                       or still being read on another node: read_elsewhere)
+    l/<node>/<edge>   an index: <node>'s writer of <edge> is lost (silent), still served
     n/<node>          a live node: {"boot", "lease"}, attached to the node's lease
 
 Every change is a read, then one transaction that compares the edge key's mod revision with
@@ -53,6 +54,7 @@ from .store import (
     read_elsewhere,
     undelivered,
     unfinished_for,
+    writer_run_gone,
 )
 
 log = logging.getLogger(__name__)
@@ -276,6 +278,12 @@ class EtcdStore:
         keys = self.gateway.range(start, prefix_end(start), keys_only=True)
         return sorted({_unb64(kv["key"])[len(start) :].split(":")[0] for kv in keys})
 
+    def _lost_writers_by(self, node: str) -> list[str]:
+        """The edges whose writer on ``node`` is lost (silent) and still has its endpoint."""
+        start = f"{self.prefix}l/{node}/"
+        keys = self.gateway.range(start, prefix_end(start), keys_only=True)
+        return sorted(_unb64(kv["key"])[len(start) :] for kv in keys)
+
     def _undelivered_by(self, node: str) -> list[str]:
         """The edges ``node`` wrote complete that no reader read whole (store.undelivered)."""
         start = f"{self.prefix}u/{node}/"
@@ -293,6 +301,8 @@ class EtcdStore:
                 out.add(f"{self.prefix}h/{e.reader_node}/{e.id}:r")
             if (undelivered(e) or read_elsewhere(e)) and e.writer_node:
                 out.add(f"{self.prefix}u/{e.writer_node}/{e.id}")
+            if e.writer_state == "lost" and e.writer_endpoint and e.writer_node:
+                out.add(f"{self.prefix}l/{e.writer_node}/{e.id}")
             return out
 
         before, after = held(old), held(new)
@@ -456,6 +466,8 @@ class EtcdStore:
                 def writer_lost(cur: Edge) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
                     if cur.writer_node != node or cur.writer_state != "open":
                         return None
+                    if cause != "silent":  # see store.Store.node_lost
+                        return writer_run_gone(cur, node, cause)
                     data = {"node": node, "generation": cur.generation, "cause": cause}
                     fields = {"writer_state": "lost", "reason": f"node {node} stopped responding"}
                     return "writer-lost", data, fields
@@ -470,6 +482,15 @@ class EtcdStore:
 
                 changed.append(self._mutate(e.id, reader_lost))
         if cause != "silent":  # see store.Store.node_lost
+            for e in self._many(self._lost_writers_by(node)).values():
+
+                def run_gone(cur: Edge) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
+                    lost = cur.writer_state == "lost" and cur.writer_endpoint
+                    if cur.writer_node != node or not lost:
+                        return None
+                    return writer_run_gone(cur, node, cause)
+
+                changed.append(self._mutate(e.id, run_gone))
             why = f"node {node} {cause} before a reader read the whole stream"
             complete = self._many(self._undelivered_by(node)).values()
             for e in complete:

@@ -94,9 +94,26 @@ def read_elsewhere(edge: Edge) -> bool:
     )
 
 
+def read_elsewhere_unsettled(edge: Edge) -> bool:
+    """As :func:`read_elsewhere`, for a generation whose end its daemon had not recorded
+    (open, or lost by silence): that daemon may have sent the END before it went."""
+    return (
+        edge.writer_state in (WriterState.OPEN, WriterState.LOST)
+        and edge.mode != "persistent"
+        and edge.reader_state == ReaderState.OPEN
+        and edge.reader_node not in ("", edge.writer_node)
+    )
+
+
 def unfinished_for(edge: Edge, node: str, generation: int) -> bool:
-    """The reader on ``node`` of ``edge`` may fail ``generation`` as unfinished."""
-    return edge.generation == generation and read_elsewhere(edge) and edge.reader_node == node
+    """The reader on ``node`` of ``edge`` may fail ``generation`` as unfinished: complete,
+    or lost with its daemon run (no endpoint: see :func:`writer_run_gone`), and read there."""
+    gone = read_elsewhere(edge) or (
+        edge.writer_state == WriterState.LOST
+        and not edge.writer_endpoint
+        and read_elsewhere_unsettled(edge)
+    )
+    return edge.generation == generation and gone and edge.reader_node == node
 
 
 def gone_reason(edge: Edge) -> str:
@@ -104,6 +121,26 @@ def gone_reason(edge: Edge) -> str:
         f"the daemon on node {edge.writer_node} that held the stream is gone; the reader on "
         f"node {edge.reader_node} had not received all of it"
     )
+
+
+def writer_run_gone(
+    edge: Edge, node: str, cause: str
+) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """The change that fails ``edge``'s open (or lost) generation written on ``node``,
+    whose daemon run is gone (``cause``: it restarted or left). Whatever its program did,
+    the bytes its daemon had not passed on went with that run: a program that exited 0
+    meanwhile (its exit never recorded) must be re-run as one that failed would be, and a
+    generation left "lost" would ask for no re-run (its reader waited, then failed)."""
+    why = f"node {node} {cause}: the daemon run that held generation {edge.generation} is gone"
+    data = {"node": node, "generation": edge.generation, "cause": cause}
+    if read_elsewhere_unsettled(edge):
+        # Its reader's daemon may hold the whole stream (the END came before the writer's
+        # daemon recorded it): it decides, as for a complete one (Store.writer_gone). No
+        # endpoint: no daemon serves it (a reader that misses the event sees it there).
+        fields = {"writer_state": WriterState.LOST, "writer_endpoint": "", "reason": why}
+        return EventKind.WRITER_GONE, data, fields
+    fields = {"writer_state": WriterState.FAILED, "reason": why}
+    return EventKind.FAILED, {**data, "bytes": edge.bytes_written, "reason": why}, fields
 
 
 class Conflict(Exception):
@@ -330,13 +367,17 @@ class Store:
         with self._tx():
             for cur in self._held_by(node):
                 if cur.writer_node == node and cur.writer_state == "open":
-                    cur = self._update(
-                        cur,
-                        EventKind.WRITER_LOST,
-                        {"node": node, "generation": cur.generation, "cause": cause},
-                        writer_state="lost",
-                        reason=f"node {node} stopped responding",
-                    )
+                    if cause == LossCause.SILENT:
+                        cur = self._update(
+                            cur,
+                            EventKind.WRITER_LOST,
+                            {"node": node, "generation": cur.generation, "cause": cause},
+                            writer_state="lost",
+                            reason=f"node {node} stopped responding",
+                        )
+                    else:
+                        kind, data, fields = writer_run_gone(cur, node, cause)
+                        cur = self._update(cur, kind, data, **fields)
                     changed.append(cur)
                 if cur.reader_node == node and cur.reader_state == "open":
                     changed.append(
@@ -348,6 +389,9 @@ class Store:
                         )
                     )
             if cause != LossCause.SILENT:
+                for cur in self._lost_writers_by(node):  # lost earlier, by silence
+                    kind, data, fields = writer_run_gone(cur, node, cause)
+                    changed.append(self._update(cur, kind, data, **fields))
                 for cur in self._complete_by(node):
                     if read_elsewhere(cur):
                         data = {"node": node, "generation": cur.generation, "cause": cause}
@@ -482,6 +526,14 @@ class Store:
         """Complete generations written on ``node`` whose bytes only its daemon held (see
         :func:`undelivered`)."""
         return [e for e in self._complete_by(node) if undelivered(e)]
+
+    def _lost_writers_by(self, node: str) -> list[Edge]:
+        rows = self._db.execute(
+            "SELECT * FROM edges WHERE writer_node = ? AND writer_state = 'lost' "
+            "AND writer_endpoint != ''",
+            (node,),
+        ).fetchall()
+        return [Edge(**dict(r)) for r in rows]
 
     def _complete_by(self, node: str) -> list[Edge]:
         rows = self._db.execute(

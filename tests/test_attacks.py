@@ -1,0 +1,248 @@
+"""Attacks on a live stream by another local user: every route into the edge's FIFOs.
+
+A stream flows on the default routes (the writer's and the reader's programs each hold a
+kernel FIFO of the mount); meanwhile a process of another uid tries every way in: the
+edge's name (open for reading and writing, blocking or not, xattr, rm), the programs'
+descriptors through ``/proc/<pid>/fd``, and the daemon's own FIFO directory
+``MOUNT/.fifo/<ino>`` by the FIFO's inode. Every attempt must be refused, nothing it
+writes may reach the stream, and the stream must end exactly, with status 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fractalfs import auth, handshake
+from fractalfs.edgeid import EdgeId
+from fractalfs.handshake import Hello, Reply, Status
+from fractalfs.testing import Node, shared_secret_file
+
+from .conftest import (
+    Cluster,
+    Programs,
+    fuse_d_state,
+    needs_fuse,
+    new_edge,
+    sh,
+    sha_file,
+    size,
+    wait_for,
+)
+
+SLOWCAT = f"{sys.executable} {Path(__file__).with_name('slowcat.py')}"
+MiB = 1 << 20
+
+
+def as_uid(uid: int) -> list[str]:
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+
+
+ATTACK = r"""
+import errno, json, os, signal, sys
+path, wpid, wfd, rpid, rfd, fifo = sys.argv[1:]
+signal.alarm(20)  # an open that waits is a failure of its own: the test sees the alarm
+got = {}
+def attempt(name, how, flags, data=b"INJECTED"):
+    try:
+        fd = os.open(how, flags)
+    except OSError as exc:
+        got[name] = errno.errorcode[exc.errno]
+        return
+    got[name] = "opened"
+    try:
+        if flags & (os.O_WRONLY | os.O_RDWR):
+            os.write(fd, data)
+            got[name] = "wrote"
+        else:
+            got[name] = "read %d" % len(os.read(fd, 65536))
+    except OSError as exc:
+        got[name] += " " + errno.errorcode[exc.errno]
+    finally:
+        os.close(fd)
+N = os.O_NONBLOCK
+attempt("open-r", path, os.O_RDONLY | N)
+attempt("open-w", path, os.O_WRONLY | N)
+attempt("open-w-blocking", path, os.O_WRONLY)
+attempt("open-rw", path, os.O_RDWR)
+attempt("proc-writer-fd", f"/proc/{wpid}/fd/{wfd}", os.O_WRONLY | N)
+attempt("proc-reader-fd-r", f"/proc/{rpid}/fd/{rfd}", os.O_RDONLY | N)
+attempt("proc-reader-fd-w", f"/proc/{rpid}/fd/{rfd}", os.O_WRONLY | N)
+attempt("fifo-dir-w", fifo, os.O_WRONLY | N)
+attempt("fifo-dir-r", fifo, os.O_RDONLY | N)
+for name, call in (
+    ("setxattr", lambda: os.setxattr(path, "user.fractalfs.mode", b"persistent")),
+    ("getxattr", lambda: os.getxattr(path, "user.fractalfs.mode")),
+    ("unlink", lambda: os.unlink(path)),
+    ("truncate", lambda: os.truncate(path, 0)),
+    ("chmod", lambda: os.chmod(path, 0o666)),
+):
+    try:
+        call()
+        got[name] = "done"
+    except OSError as exc:
+        got[name] = errno.errorcode[exc.errno]
+print(json.dumps(got))
+"""
+
+REFUSED = {"EACCES", "EPERM"}
+
+
+@pytest.fixture
+def work() -> Iterator[Path]:
+    # Other uids must reach the mountpoint and the files: not under pytest's 0700 dirs.
+    work = Path(tempfile.mkdtemp(prefix="fractalfs-attacks-"))
+    work.chmod(0o755)
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture
+def node(work: Path) -> Iterator[Node]:
+    n = Node(work, "solo", None)
+    try:
+        n.start()
+        n.mountpoint.chmod(0o755)
+        yield n
+    finally:
+        n.stop()
+    assert not fuse_d_state(work)
+
+
+def fifo_fd(pid: int, mountpoint: Path) -> tuple[int, int]:
+    """The descriptor of ``pid`` open on the mount, and its inode."""
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        link = os.readlink(f"/proc/{pid}/fd/{name}")
+        if link.startswith(str(mountpoint)):
+            return int(name), os.stat(f"/proc/{pid}/fd/{name}").st_ino
+    raise AssertionError(f"{pid} holds nothing on {mountpoint}")
+
+
+@needs_fuse
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
+@pytest.mark.parametrize(("victim", "attacker"), [(0, 65534), (65534, 65533)])
+def test_another_user_cannot_touch_a_live_stream_by_any_route(
+    node: Node, programs: Programs, work: Path, victim: int, attacker: int
+) -> None:
+    src = work / "src"
+    src.write_bytes(os.urandom(6 * MiB))
+    src.chmod(0o644)
+    outdir = work / "out"
+    outdir.mkdir(mode=0o777)
+    outdir.chmod(0o777)
+    out = outdir / "out"
+    edge = new_edge()
+    path = node.path(edge)
+    run = " ".join(as_uid(victim)) + " " if victim else ""
+    writer = programs.start(f"exec {run}{SLOWCAT} {src} {path} --chunk 65536 --delay 0.05")
+    reader = programs.start(f"exec {run}cat {path} > {out}")
+    wait_for(lambda: out.exists() and out.stat().st_size >= MiB, 20, "the stream flowing")
+    wfd, wino = fifo_fd(writer.pid, node.mountpoint)
+    rfd, rino = fifo_fd(reader.pid, node.mountpoint)
+    assert wino != rino
+    fifo = node.mountpoint / ".fifo" / str(wino)
+    attack = subprocess.run(
+        [*as_uid(attacker), sys.executable, "-c", ATTACK, path]
+        + [str(v) for v in (writer.pid, wfd, reader.pid, rfd, fifo)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert attack.returncode == 0, attack.stderr
+    got = json.loads(attack.stdout)
+    allowed = {k: v for k, v in got.items() if v not in REFUSED}
+    assert allowed == {}, got
+    print(got)
+    assert writer.wait(timeout=60) == 0, writer.stderr.read() if writer.stderr else ""
+    assert reader.wait(timeout=60) == 0, reader.stderr.read() if reader.stderr else ""
+    assert out.read_bytes() == src.read_bytes()
+    # The daemon serves on.
+    assert node.alive()
+    other = new_edge()
+    again = programs.start(f"cat {node.path(other)}")
+    sh(f"echo still-serving > {node.path(other)}")
+    assert again.communicate(timeout=20)[0] == b"still-serving\n"
+
+
+def _handshake(endpoint: str, hello: Hello, proof: bytes | None, key: bytes) -> Reply:
+    """One connection: ``hello``, then ``proof`` (None: the right one for this
+    connection's challenge, made with ``key``), then the writer's REPLY."""
+    host, _, port = endpoint.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(hello.encode())
+        challenge = b""
+        while len(challenge) < handshake.CHALLENGE.size:
+            challenge += s.recv(handshake.CHALLENGE.size - len(challenge))
+        right = handshake.check_challenge(key, hello, challenge)
+        assert right is not None  # the writer's node proved the secret
+        s.sendall(right if proof is None else proof)
+        fixed = b""
+        while len(fixed) < handshake.REPLY.size:
+            chunk = s.recv(handshake.REPLY.size - len(fixed))
+            assert chunk, "closed before its reply"
+            fixed += chunk
+        length = Reply.message_length(fixed)
+        return Reply.decode(fixed, s.recv(length) if length else b"")
+
+
+def _proof_of(endpoint: str, hello: Hello, key: bytes) -> tuple[bytes, Reply]:
+    """A real reader's proof on one connection, as an eavesdropper would record it."""
+    host, _, port = endpoint.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(hello.encode())
+        challenge = b""
+        while len(challenge) < handshake.CHALLENGE.size:
+            challenge += s.recv(handshake.CHALLENGE.size - len(challenge))
+        proof = handshake.check_challenge(key, hello, challenge)
+        assert proof is not None
+        s.sendall(proof)
+        fixed = s.recv(handshake.REPLY.size)
+        return proof, Reply.decode(fixed[: handshake.REPLY.size], b"")
+
+
+@needs_fuse
+def test_a_replayed_hello_and_proof_are_refused_and_the_stream_is_exact(
+    cluster: Cluster, programs: Programs, tmp_path: Path
+) -> None:
+    """An eavesdropper (no TLS) records a reader's HELLO and proof and replays both on new
+    connections, as is and with its offset changed: the writer's fresh nonce makes the
+    recorded proof wrong each time (AUTH_FAILED, generation and offset 0), and the
+    stream flowing meanwhile ends exactly."""
+    cluster.start_discovery()
+    a, b = cluster.node("a"), cluster.node("b")
+    edge = new_edge()
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(8 * MiB))
+    out = tmp_path / "out"
+    reader = programs.start(f"exec cat {b.path(edge)} > {out}")
+    writer = programs.start(f"exec {SLOWCAT} {src} {a.path(edge)} --chunk 262144 --delay 0.1")
+    wait_for(lambda: size(out) >= MiB, 20, "the stream flowing", [reader, writer])
+    rec = cluster.edge(edge)
+    endpoint, gen = str(rec["writer_endpoint"]), int(rec["generation"])  # type: ignore[call-overload]
+    key = auth.data_key(auth.load_secret(str(shared_secret_file())))
+    # Recorded: a HELLO for a stale generation (the writer's node answers it and leaves
+    # the live connection alone), and its proof.
+    recorded = Hello(EdgeId.parse(edge), gen + 7, 0, handshake.FLAG_HMAC, os.urandom(16))
+    proof, reply = _proof_of(endpoint, recorded, key)
+    assert reply.status is Status.STALE_GENERATION
+    for hello in (
+        recorded,
+        Hello(recorded.edge, gen, 0, recorded.flags, recorded.auth),
+        Hello(recorded.edge, gen, size(out), recorded.flags, recorded.auth),
+    ):
+        got = _handshake(endpoint, hello, proof, key)
+        assert got.status is Status.AUTH_FAILED, got
+        assert (got.generation, got.offset) == (0, 0)
+    assert writer.wait(timeout=60) == 0, writer.stderr.read() if writer.stderr else ""
+    assert reader.wait(timeout=60) == 0, reader.stderr.read() if reader.stderr else ""
+    assert sha_file(out) == sha_file(src)
