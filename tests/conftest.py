@@ -257,9 +257,11 @@ class Cluster:
 
     def close(self) -> None:
         for node in reversed(self.nodes):
+            node.signal(signal.SIGTERM)  # all stop at once; each is then waited for
+        for node in reversed(self.nodes):
             node.stop()
         if self.discovery is not None:
-            self.discovery.stop()
+            self.discovery.stop_later()
 
 
 @pytest.fixture
@@ -364,7 +366,7 @@ def discovery(tmp_path: Path) -> Iterator[Discovery]:
     try:
         yield disc
     finally:
-        disc.stop()
+        disc.stop_later()
 
 
 @pytest.fixture
