@@ -52,6 +52,11 @@ def pytest_configure(config: pytest.Config) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, interrupt)
+    # An xdist worker gets a process group of its own: the daemons' FLUSH check
+    # (procs.failing_in_group) takes any process of the writer's group exiting non-zero
+    # for a child of the writer failing, and sh() leaves its commands in this group.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.setpgid(0, 0)
     # Every daemon and CLI run a test starts proves the same cluster secret.
     os.environ["FRACTALFS_SECRET_FILE"] = str(shared_secret_file())
     # Started in the background by a non-interactive shell, we inherit SIGINT ignored, and
