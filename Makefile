@@ -40,8 +40,12 @@ lint: install
 	$(BIN)/ruff check fractalfs tests bench
 	$(BIN)/mypy
 
+# Two workers, a test file each at a time (module fixtures, and the tests of one file that
+# share daemons, stay on one worker); then the tests that assert a duration, alone.
+# `pytest -q` alone runs the whole suite serially.
 test: lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadfile -m "not serial"
+	$(BIN)/pytest -q -m serial
 
 bench: install
 	@command -v socat >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); $$SUDO apt-get install -y -qq socat >/dev/null; }

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -125,6 +126,16 @@ class Process:
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         return self.proc.returncode
+
+    def stop_later(self, timeout: float = 10.0) -> None:
+        """SIGTERM now; the wait for the exit (SIGKILL after ``timeout``) goes on in a
+        thread, which the interpreter joins at exit. For a teardown that nothing after it
+        depends on: a discovery server waits up to its 1 s shutdown timeout for the
+        long-polls of nodes that are gone."""
+        if self.proc is None:
+            return
+        self.signal(signal.SIGTERM)
+        threading.Thread(target=self.stop, args=(timeout,), name="stop-later").start()
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

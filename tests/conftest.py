@@ -52,6 +52,11 @@ def pytest_configure(config: pytest.Config) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, interrupt)
+    # An xdist worker gets a process group of its own: the daemons' FLUSH check
+    # (procs.failing_in_group) takes any process of the writer's group exiting non-zero
+    # for a child of the writer failing, and sh() leaves its commands in this group.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.setpgid(0, 0)
     # Every daemon and CLI run a test starts proves the same cluster secret.
     os.environ["FRACTALFS_SECRET_FILE"] = str(shared_secret_file())
     # Started in the background by a non-interactive shell, we inherit SIGINT ignored, and
@@ -257,9 +262,11 @@ class Cluster:
 
     def close(self) -> None:
         for node in reversed(self.nodes):
+            node.signal(signal.SIGTERM)  # all stop at once; each is then waited for
+        for node in reversed(self.nodes):
             node.stop()
         if self.discovery is not None:
-            self.discovery.stop()
+            self.discovery.stop_later()
 
 
 @pytest.fixture
@@ -364,7 +371,7 @@ def discovery(tmp_path: Path) -> Iterator[Discovery]:
     try:
         yield disc
     finally:
-        disc.stop()
+        disc.stop_later()
 
 
 @pytest.fixture

@@ -151,6 +151,7 @@ def test_discovery_killed_mid_stream(net: NetCluster, src: Path, tmp_path: Path)
     assert edge in net.api("/v1/edges")  # registrations survived the crash
 
 
+@pytest.mark.serial
 def test_node_loss_is_known_within_two_seconds(net: NetCluster, tmp_path: Path) -> None:
     h0, h1, h2 = net.hosts
     assert h1.node and h2.node

@@ -201,6 +201,7 @@ def test_stale_writer_is_fenced_off_when_its_node_returns(
     assert sha_file(out) == sha_file(src)  # nothing of it reached the reader
 
 
+@pytest.mark.serial  # detection within 2.5 s
 def test_writer_daemon_killed_then_rerun_on_another_node(
     cluster: Cluster, programs: Programs, src: Path, tmp_path: Path
 ) -> None:

@@ -69,6 +69,17 @@ def _fifo(tmp_path: Path, name: str = "f") -> str:
     return path
 
 
+def _kept_fifo(keeper: fifokeeper.Keeper, tmp_path: Path) -> tuple[str, int, int]:
+    """A FIFO whose ends ``keeper`` opened for stream 7 (the daemon's hold on the read end
+    closed) and a non-blocking reader of it: returns its path, the daemon's write end and
+    the reader."""
+    path = _fifo(tmp_path)
+    hold, wfd = keeper.open_fifo(path, 7, NAME)
+    reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    os.close(hold)
+    return path, wfd, reader
+
+
 def _writers(path: str, reader: int) -> bool:
     """Whether a write end of the FIFO at ``path`` is still open anywhere: a non-blocking
     reader reads EAGAIN while one is, EOF once none is."""
@@ -87,18 +98,31 @@ def _until_no_writer(path: str, reader: int, why: str) -> None:
         time.sleep(0.01)
 
 
-def _write_ends(pid: int, path: str) -> list[int]:
-    """The descriptors of process ``pid`` open write-only on the FIFO at ``path``."""
-    ends = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
+def _ends(pid: int, path: str, access: int) -> list[int]:
+    """The descriptors of process ``pid`` open on the FIFO at ``path`` with ``access``
+    (``os.O_RDONLY`` or ``os.O_WRONLY``); none once it is gone (replaced)."""
+    ends: list[int] = []
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return ends
+    for fd in fds:
         with contextlib.suppress(OSError):
             if os.readlink(f"/proc/{pid}/fd/{fd}") != path:
                 continue
             with open(f"/proc/{pid}/fdinfo/{fd}") as info:
                 flags = int(info.read().split("flags:")[1].split()[0], 8)
-            if flags & os.O_ACCMODE == os.O_WRONLY:
+            if flags & os.O_ACCMODE == access:
                 ends.append(int(fd))
     return ends
+
+
+def _write_ends(pid: int, path: str) -> list[int]:
+    return _ends(pid, path, os.O_WRONLY)
+
+
+def _read_ends(pid: int, path: str) -> list[int]:
+    return _ends(pid, path, os.O_RDONLY)
 
 
 def _until(check: Callable[[], bool], why: str) -> None:
@@ -116,11 +140,8 @@ def test_the_keeper_opens_both_ends_and_holds_the_write_end_until_done(tmp_path:
     keeper = fifokeeper.Keeper()
     try:
         assert keeper.start() and keeper.usable
-        path = _fifo(tmp_path)
-        hold, wfd = keeper.open_fifo(path, 7, NAME)
-        reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        path, wfd, reader = _kept_fifo(keeper, tmp_path)
         try:
-            os.close(hold)
             assert _writers(path, reader)  # the daemon's end, the keepers' dups
             pids = keeper.pids
             _until(lambda: all(_holds_write_end(p, path) for p in pids), "a keeper holds none")
@@ -145,10 +166,7 @@ def test_a_keeper_that_dies_or_stops_is_replaced_and_gets_the_live_ends(
     old = -1
     try:
         assert keeper.start()
-        path = _fifo(tmp_path)
-        hold, wfd = keeper.open_fifo(path, 7, NAME)
-        reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        os.close(hold)
+        path, wfd, reader = _kept_fifo(keeper, tmp_path)
         first = set(keeper.pids)
         assert len(first) == fifokeeper.COPIES
         old = keeper.pid
@@ -186,10 +204,7 @@ def test_done_during_a_replacement_keeps_the_end_open_until_the_replacement_is_o
     keeper = fifokeeper.Keeper()
     try:
         assert keeper.start()
-        path = _fifo(tmp_path)
-        hold, wfd = keeper.open_fifo(path, 7, NAME)
-        reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        os.close(hold)
+        path, wfd, reader = _kept_fifo(keeper, tmp_path)
         ino = os.fstat(wfd).st_ino
         old = keeper.pid
         with keeper._locked():  # as check() replacing a keeper holds it
@@ -232,10 +247,7 @@ def test_a_stopped_keeper_is_killed_when_the_daemon_stops_after_the_other_exited
     stopped = -1
     try:
         assert keeper.start()
-        path = _fifo(tmp_path)
-        hold, _wfd = keeper.open_fifo(path, 7, NAME)
-        reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        os.close(hold)
+        path, _wfd, reader = _kept_fifo(keeper, tmp_path)
         stopped = keeper.pids[-1]
         os.kill(stopped, signal.SIGSTOP)
         keeper.done(7)  # complete: the running keeper lets its dup go, the stopped one not
@@ -300,24 +312,6 @@ def test_a_program_opening_its_fifo_just_after_the_daemon_died_is_killed_not_giv
             late.kill()
             late.wait()
         keeper.close()
-
-
-def _read_ends(pid: int, path: str) -> list[int]:
-    """The descriptors of process ``pid`` open read-only on the FIFO at ``path``."""
-    ends: list[int] = []
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return ends  # gone (replaced)
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/{pid}/fd/{fd}") != path:
-                continue
-            with open(f"/proc/{pid}/fdinfo/{fd}") as info:
-                flags = int(info.read().split("flags:")[1].split()[0], 8)
-            if flags & os.O_ACCMODE == os.O_RDONLY:
-                ends.append(int(fd))
-    return ends
 
 
 def test_a_drain_held_message_the_keeper_socket_drops_gets_that_keeper_replaced(

@@ -43,11 +43,17 @@ KEEPERS = 2  # keepers a daemon runs (fifokeeper.COPIES)
 
 
 def _paused_stream(
-    cluster: Cluster, programs: Programs, tmp_path: Path, total: int, **reader_node: Any
+    cluster: Cluster,
+    programs: Programs,
+    tmp_path: Path,
+    total: int,
+    resume_on_usr1: bool = False,
+    **reader_node: Any,
 ) -> tuple[Node, subprocess.Popen[bytes], subprocess.Popen[bytes], Path]:
-    """A writer on node a paused after its first MiB of ``total`` random bytes, and a
-    ``cat`` reader on node b (``reader_node``: its options) that has that MiB. Returns
-    node b, the writer, the reader and the reader's output."""
+    """A writer on node a paused after its first MiB of ``total`` random bytes (for good,
+    or until SIGUSR1 with ``resume_on_usr1``), and a ``cat`` reader on node b
+    (``reader_node``: its options) that has that MiB. Returns node b, the writer, the
+    reader and the reader's output; the source is ``tmp_path / "src"``."""
     cluster.start_discovery()
     a = cluster.node("a")
     b = cluster.node("b", **reader_node)
@@ -55,7 +61,7 @@ def _paused_stream(
     src.write_bytes(os.urandom(total))
     edge = new_edge()
     cmd = " ".join([*SLOWCAT, str(src), a.path(edge), "--pause-after", str(MiB)])
-    writer = programs.start(f"exec {cmd}")
+    writer = programs.start(f"exec {cmd}" + (" --resume-on-usr1" if resume_on_usr1 else ""))
     assert writer.stdout is not None and writer.stdout.readline() == b"paused\n"
     out = tmp_path / "out"
     reader = programs.start(f"exec cat {b.path(edge)} > {out}")
@@ -63,17 +69,23 @@ def _paused_stream(
     return b, writer, reader, out
 
 
-def test_an_open_reader_sees_a_fifo_and_stat_the_regular_file(pair: Pair) -> None:
-    _, w, r = pair.paths()
-    sh(f"printf hello > {w}")
-    fd = os.open(r, os.O_RDONLY)
+def _read_through_a_fifo(written: str, read: str, data: bytes) -> None:
+    """``data`` written to the edge at ``written`` arrives, then EOF, through a FIFO opened
+    at ``read`` (the same edge on the reader's node)."""
+    sh(f"printf {data.decode()} > {written}")
+    fd = os.open(read, os.O_RDONLY)
     try:
         assert stat.S_ISFIFO(os.fstat(fd).st_mode)
-        assert stat.S_ISREG(os.stat(r).st_mode)  # stat, ls: the regular file, as before
-        assert os.read(fd, 100) == b"hello"
+        assert stat.S_ISREG(os.stat(read).st_mode)  # stat, ls: the regular file, as before
+        assert os.read(fd, 100) == data
         assert os.read(fd, 100) == b""
     finally:
         os.close(fd)
+
+
+def test_an_open_reader_sees_a_fifo_and_stat_the_regular_file(pair: Pair) -> None:
+    _, w, r = pair.paths()
+    _read_through_a_fifo(w, r, b"hello")
 
 
 READ_SOME = (
@@ -181,28 +193,15 @@ def test_a_reader_fifo_that_cannot_be_opened_is_not_an_empty_stream(
     cluster.start_discovery()
     # Persistent: the failed reader may have taken (and a transient writer freed) bytes.
     a = cluster.node("a", mode="persistent")
-    warm = new_edge()  # the keeper runs and discovery's connections are pooled
-    first = programs.start(f"cat {a.path(warm)}")
-    sh(f"echo warm > {a.path(warm)}")
-    assert first.communicate(timeout=10)[0] == b"warm\n"
+    warm = _warm_up(programs, a)
     edge = new_edge()
     src = tmp_path / "src"
     src.write_bytes(os.urandom(64 * 1024))
     sh(f"cat {src} > {a.path(edge)}")  # a complete stream, waiting for its reader
-    pid = a.pid
-    # As in the writer's test below: the warm-up's aftermath holds descriptors a moment.
-    wait_for(lambda: cluster.edge(warm).get("reader_state") == "done", 10, "warm-up settled")
-    wait_for(lambda: _steady_fds(pid), 20, "the daemon's descriptors steady")
-    held = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
-    lowest_free = next(n for n in range(len(held) + 1) if n not in held)
-    soft, hard = sh(f"prlimit --pid {pid} --nofile -o SOFT,HARD --noheadings").stdout.split()
     out = tmp_path / "out.gz"
     # One descriptor left: enough to look at /proc, not for both ends the FIFO needs.
-    sh(f"prlimit --pid {pid} --nofile={lowest_free + 1}:{hard.decode()}")
-    try:
+    with _one_descriptor_left(cluster, a, warm):
         res = sh(f"timeout 20 gzip -c {a.path(edge)} > {out}", check=False)
-    finally:
-        sh(f"prlimit --pid {pid} --nofile={soft.decode()}:{hard.decode()}")
     assert "cannot open the reader's FIFO: [Errno 24]" in a.log.read_text()  # the case
     got = subprocess.run(["gzip", "-dc", str(out)], capture_output=True, check=False).stdout
     assert res.returncode != 0 or got == src.read_bytes(), (res.returncode, len(got))
@@ -210,6 +209,36 @@ def test_a_reader_fifo_that_cannot_be_opened_is_not_an_empty_stream(
         # Nothing was lost: the stream is still there for the next reader.
         again = sh(f"timeout 20 cat {a.path(edge)}").stdout
         assert again == src.read_bytes()
+
+
+def _warm_up(programs: Programs, node: Node) -> str:
+    """One stream through ``node``: its keeper runs and discovery's connections are pooled.
+    Returns the edge."""
+    warm = new_edge()
+    first = programs.start(f"cat {node.path(warm)}")
+    sh(f"echo warm > {node.path(warm)}")
+    assert first.communicate(timeout=10)[0] == b"warm\n"
+    return warm
+
+
+@contextlib.contextmanager
+def _one_descriptor_left(cluster: Cluster, node: Node, warm: str) -> Iterator[None]:
+    """``node``'s daemon may open one more descriptor while the block runs. The warm-up's
+    aftermath (its ends' releases, recorded in discovery over pooled connections) opens
+    descriptors for a moment: counted free while in use, or in use once the limit is set,
+    they made the open read /proc with none left (EMFILE: FUSE without trying the FIFO)
+    under load. So this first waits until it settled and nothing changes."""
+    pid = node.pid
+    wait_for(lambda: cluster.edge(warm).get("reader_state") == "done", 10, "warm-up settled")
+    wait_for(lambda: _steady_fds(pid), 20, "the daemon's descriptors steady")
+    held = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    lowest_free = next(n for n in range(len(held) + 1) if n not in held)
+    soft, hard = sh(f"prlimit --pid {pid} --nofile -o SOFT,HARD --noheadings").stdout.split()
+    sh(f"prlimit --pid {pid} --nofile={lowest_free + 1}:{hard.decode()}")
+    try:
+        yield
+    finally:
+        sh(f"prlimit --pid {pid} --nofile={soft.decode()}:{hard.decode()}")
 
 
 def _steady_fds(pid: int, over: float = 0.5) -> bool:
@@ -230,29 +259,13 @@ def test_a_writer_fifo_that_cannot_be_opened_writes_through_fuse(
     monkeypatch.setenv("FRACTALFS_FD_RESERVE", "0")
     cluster.start_discovery()
     a = cluster.node("a")
-    warm = new_edge()  # the keeper runs and discovery's connections are pooled
-    first = programs.start(f"cat {a.path(warm)}")
-    sh(f"echo warm > {a.path(warm)}")
-    assert first.communicate(timeout=10)[0] == b"warm\n"
+    warm = _warm_up(programs, a)
     edge = new_edge()
     src = tmp_path / "src"
     src.write_bytes(os.urandom(64 * 1024))
-    pid = a.pid
-    # The warm-up's aftermath (its ends' releases, recorded in discovery over pooled
-    # connections) opens descriptors for a moment: counted free while in use, or in use
-    # once the limit is set, they made the open read /proc with none left (EMFILE: FUSE
-    # without trying the FIFO) under load. Wait until it settled and nothing changes.
-    wait_for(lambda: cluster.edge(warm).get("reader_state") == "done", 10, "warm-up settled")
-    wait_for(lambda: _steady_fds(pid), 20, "the daemon's descriptors steady")
-    held = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
-    lowest_free = next(n for n in range(len(held) + 1) if n not in held)
-    soft, hard = sh(f"prlimit --pid {pid} --nofile -o SOFT,HARD --noheadings").stdout.split()
     # One descriptor left: not enough for the keeper's socketpair and the end it sends.
-    sh(f"prlimit --pid {pid} --nofile={lowest_free + 1}:{hard.decode()}")
-    try:
+    with _one_descriptor_left(cluster, a, warm):
         res = sh(f"timeout 20 cat {src} > {a.path(edge)}", check=False)
-    finally:
-        sh(f"prlimit --pid {pid} --nofile={soft.decode()}:{hard.decode()}")
     assert "writer FIFOs: FUSE writes instead" in a.log.read_text()  # the case
     assert res.returncode == 0, res
     assert sh(f"timeout 20 cat {a.path(edge)}").stdout == src.read_bytes()
@@ -425,19 +438,8 @@ def _stream_with_keeper_trouble(
 ) -> tuple[Node, subprocess.Popen[bytes], subprocess.Popen[bytes], Path, Path]:
     """A writer on node a paused after 1 MiB of 2 (SIGUSR1 resumes it) and a ``cat`` on
     node b that has that MiB through its FIFO. Returns b, writer, reader, source, output."""
-    cluster.start_discovery()
-    a = cluster.node("a")
-    b = cluster.node("b")
-    src = tmp_path / "src"
-    src.write_bytes(os.urandom(2 * MiB))
-    edge = new_edge()
-    cmd = " ".join([*SLOWCAT, str(src), a.path(edge), "--pause-after", str(MiB)])
-    writer = programs.start(f"exec {cmd} --resume-on-usr1")
-    assert writer.stdout is not None and writer.stdout.readline() == b"paused\n"
-    out = tmp_path / "out"
-    reader = programs.start(f"exec cat {b.path(edge)} > {out}")
-    wait_for(lambda: size(out) >= MiB, 10, "the first MiB")
-    return b, writer, reader, src, out
+    b, writer, reader, out = _paused_stream(cluster, programs, tmp_path, 2 * MiB, True)
+    return b, writer, reader, tmp_path / "src", out
 
 
 def test_a_killed_keeper_is_replaced_and_the_new_one_holds_live_streams(
@@ -535,7 +537,8 @@ def test_a_stopped_keeper_is_replaced_and_complete_streams_end(
         wait_for(lambda: _replaced(b, old), 10, "a new keeper")
         assert not os.path.exists(f"/proc/{old}") or _zombie(old)
         # The route still works, through the new keeper.
-        _read_through_a_fifo(b, b"again")
+        edge = b.path(new_edge())
+        _read_through_a_fifo(edge, edge, b"again")
     finally:
         with contextlib.suppress(OSError):
             os.kill(old, signal.SIGCONT)
@@ -547,18 +550,6 @@ def _zombie(pid: int) -> bool:
             return f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
     except OSError:
         return True
-
-
-def _read_through_a_fifo(node: Node, data: bytes) -> None:
-    edge = new_edge()
-    sh(f"printf {data.decode()} > {node.path(edge)}")
-    fd = os.open(node.path(edge), os.O_RDONLY)
-    try:
-        assert stat.S_ISFIFO(os.fstat(fd).st_mode)
-        assert os.read(fd, 100) == data
-        assert os.read(fd, 100) == b""
-    finally:
-        os.close(fd)
 
 
 CHILD_DIES = (

@@ -502,6 +502,7 @@ REGULAR_FILE_LIMITS = {
 }
 
 
+@pytest.mark.serial  # compares its time on an edge with a plain FIFO's
 @pytest.mark.parametrize("name", list(ROWS))
 def test_program_on_an_edge_as_on_a_fifo(
     both: Duo, inputs: dict[str, str], tmp_path: Path, name: str, request: pytest.FixtureRequest

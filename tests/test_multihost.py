@@ -285,15 +285,7 @@ def test_tar_gzip_to_gunzip_tar_across_hosts(
     p.start_all()
     if fault != "none":
         midstream(p, "E", 1 * MiB)
-    if fault == "pack-killed":
-        p.kill("pack")
-    elif fault == "unpack-killed":
-        p.kill("unpack")
-    elif fault == "unpack-daemon-killed":
-        assert h2.node is not None
-        h2.node.kill()
-        net.start_node(h2)
-    elif fault == "pack-partitioned":
+    if fault == "pack-partitioned":
         # h1 is cut off; once its writer is lost the supervisor re-runs the stage on h0
         # (generation 2) while the old one runs on; the partition heals mid-re-run.
         old = p.stages["pack"].proc
@@ -313,6 +305,8 @@ def test_tar_gzip_to_gunzip_tar_across_hosts(
         # It ends: by EPIPE if it writes after learning of generation 2; a persistent one
         # may have finished into its spill while cut off (exit 0, its bytes fenced off).
         old.wait(timeout=30)
+    else:
+        kill(p, fault)
     p.supervise()
     diff = subprocess.run(["diff", "-r", str(tree), str(dst)], capture_output=True)
     assert diff.returncode == 0, (diff.stdout[-2000:], p.report())
@@ -341,14 +335,7 @@ def test_split_and_sort_merge_of_two_edges(
     p.start_all()
     if fault != "none":
         midstream(p, "A", 1 * MiB)
-    if fault == "left-killed":
-        p.kill("left")
-    elif fault == "merge-killed":
-        p.kill("merge")
-    elif fault == "merge-daemon-killed":
-        assert h2.node is not None
-        h2.node.kill()
-        net.start_node(h2)
+    kill(p, fault)
     p.supervise()
     assert out.read_bytes() == plain(f"sort {words}"), p.report()
 
@@ -371,6 +358,24 @@ def midstream(p: Pipeline, edge: str, nbytes: int, timeout: float = 30) -> None:
     )
     for s in p.stages.values():
         assert s.proc is not None and s.proc.poll() is None, f"{s.name} ended early\n{p.report()}"
+
+
+def restart_daemon(net: NetCluster, host: Host) -> None:
+    """SIGKILLs ``host``'s daemon and starts it again."""
+    assert host.node is not None
+    host.node.kill()
+    net.start_node(host)
+
+
+def kill(p: Pipeline, fault: str) -> None:
+    """``<stage>-killed``: SIGKILL that stage; ``<stage>-daemon-killed``: the daemon of
+    the host it runs on, started again at once; "none": nothing."""
+    if fault.endswith("-daemon-killed"):
+        restart_daemon(p.net, p.stages[fault.removesuffix("-daemon-killed")].host)
+    elif fault.endswith("-killed"):
+        p.kill(fault.removesuffix("-killed"))
+    else:
+        assert fault == "none", fault
 
 
 FAULTS = [
@@ -419,14 +424,9 @@ def test_wordfreq_fault_then_rerun_is_the_plain_pipe_output(
     elif fault == "last-stage-killed":
         p.kill("count")
     elif fault == "middle-daemon-killed":
-        assert h1.node is not None
-        h1.node.kill()
-        net.start_node(h1)
+        restart_daemon(net, h1)
     elif fault in ("first-daemon-killed", "last-daemon-killed"):
-        host = h0 if fault.startswith("first") else h2
-        assert host.node is not None
-        host.node.kill()
-        net.start_node(host)
+        restart_daemon(net, h0 if fault.startswith("first") else h2)
     elif fault in ("first-daemon-stopped", "last-daemon-stopped"):
         host = h0 if fault.startswith("first") else h2
         assert host.node is not None

@@ -3,6 +3,7 @@ through setpriv) can neither read, write, remove nor set attributes of it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,15 +14,17 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from fractalfs.edgeid import EdgeId
 from fractalfs.ownership import GRACE, Owners
-from fractalfs.testing import Node
+from fractalfs.testing import Discovery, Node, Process
 
 from .conftest import Programs, fuse_d_state, needs_fuse, new_edge, sh
 
+D = TypeVar("D", bound=Process)
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 
@@ -33,20 +36,69 @@ def py_as_nobody(code: str) -> subprocess.CompletedProcess[str]:
     return as_nobody(sys.executable, "-c", code)
 
 
-@pytest.fixture
-def node() -> Iterator[Node]:
-    # `nobody` must be able to reach the mountpoint: not under pytest's 0700 tmp dirs.
-    work = Path(tempfile.mkdtemp(prefix="fractalfs-owners-"))
+@contextlib.contextmanager
+def reachable_dir(prefix: str) -> Iterator[Path]:
+    """A work directory `nobody` can reach (not under pytest's 0700 tmp dirs), removed
+    afterwards; no process may be left in D state on a mount below it."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     work.chmod(0o755)
-    n = Node(work, "solo", None)
     try:
-        n.start()
-        n.mountpoint.chmod(0o755)
-        yield n
+        yield work
     finally:
-        n.stop()
         shutil.rmtree(work, ignore_errors=True)
     assert not fuse_d_state(work)
+
+
+@contextlib.contextmanager
+def running(daemon: D) -> Iterator[D]:
+    """``daemon`` started (a node's mountpoint reachable by `nobody`), stopped after."""
+    try:
+        daemon.start()
+        if isinstance(daemon, Node):
+            daemon.mountpoint.chmod(0o755)
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+@contextlib.contextmanager
+def configured_node(prefix: str, name: str, config: str, *extra: str) -> Iterator[Node]:
+    """A node with the configuration file ``config`` and options ``extra``, in a
+    :func:`reachable_dir` of its own."""
+    with reachable_dir(prefix) as work:
+        conf = work / "node.toml"
+        conf.write_text(config)
+        with running(Node(work, name, None, extra=["--config", str(conf), *extra])) as n:
+            yield n
+
+
+@contextlib.contextmanager
+def two_nodes() -> Iterator[tuple[Discovery, Node, Node]]:
+    """Nodes a and b with a discovery server, in a :func:`reachable_dir` of their own."""
+    with (
+        reachable_dir("fractalfs-owners-") as work,
+        running(Discovery(work / "discovery")) as disc,
+        running(Node(work, "a", disc.url)) as a,
+        running(Node(work, "b", disc.url)) as b,
+    ):
+        yield disc, a, b
+
+
+def claimed_but_not_removed(path: str) -> None:
+    """`nobody` claims the edge at ``path`` (nobody owns it on that node: allowed) but may
+    not remove it, for the edge lives on another node."""
+    claim = py_as_nobody(
+        f"import os; os.setxattr({str(path)!r}, 'user.fractalfs.mode', b'transient')"
+    )
+    assert claim.returncode == 0, claim.stderr
+    rm = as_nobody("rm", "-f", str(path))
+    assert rm.returncode != 0 and "not permitted" in rm.stderr, rm.stderr
+
+
+@pytest.fixture
+def node() -> Iterator[Node]:
+    with reachable_dir("fractalfs-owners-") as work, running(Node(work, "solo", None)) as n:
+        yield n
 
 
 @needs_fuse
@@ -125,14 +177,13 @@ def test_claims_lapse_only_when_idle_and_old() -> None:
 @needs_fuse
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
 def test_per_uid_memory_and_spill_limits(programs: Programs) -> None:
-    work = Path(tempfile.mkdtemp(prefix="fractalfs-quota-"))
-    work.chmod(0o755)
-    conf = work / "node.toml"
-    conf.write_text(f"uid_memory_limit = {20 << 20}\nuid_spill_limit = {1 << 20}\n")
-    n = Node(work, "quota", None, extra=["--config", str(conf), "--mode", "transient"])
-    try:
-        n.start()
-        n.mountpoint.chmod(0o755)
+    with configured_node(
+        "fractalfs-quota-",
+        "quota",
+        f"uid_memory_limit = {20 << 20}\nuid_spill_limit = {1 << 20}\n",
+        "--mode",
+        "transient",
+    ) as n:
         # Spill: nobody's persistent edge without a reader stops at about 1 MiB on disk.
         path = n.path(new_edge())
         spill = py_as_nobody(
@@ -157,10 +208,6 @@ def test_per_uid_memory_and_spill_limits(programs: Programs) -> None:
         root = programs.start(f"exec sleep 60 > {n.path(new_edge())}")  # root is not limited
         time.sleep(0.5)
         assert root.poll() is None
-    finally:
-        n.stop()
-        shutil.rmtree(work, ignore_errors=True)
-    assert not fuse_d_state(work)
 
 
 @needs_fuse
@@ -169,14 +216,13 @@ def test_closed_writers_keep_counting_against_the_uid_limits(programs: Programs)
     """A user who writes into edge after edge and closes each (no reader yet) leaves the
     bytes in the daemon: they count against the uid's memory (and spill) limit until
     delivered, or the user could fill the daemon's memory and the spill disk."""
-    work = Path(tempfile.mkdtemp(prefix="fractalfs-quota-"))
-    work.chmod(0o755)
-    conf = work / "node.toml"
-    conf.write_text(f"uid_memory_limit = {40 << 20}\nuid_spill_limit = {6 << 20}\n")
-    n = Node(work, "quota", None, extra=["--config", str(conf), "--mode", "transient"])
-    try:
-        n.start()
-        n.mountpoint.chmod(0o755)
+    with configured_node(
+        "fractalfs-quota-",
+        "quota",
+        f"uid_memory_limit = {40 << 20}\nuid_spill_limit = {6 << 20}\n",
+        "--mode",
+        "transient",
+    ) as n:
         # Memory: each closed edge keeps 6 MiB (+ its records); an open reserves 8 MiB.
         edges, refused = [], ""
         for _ in range(12):
@@ -216,10 +262,6 @@ def test_closed_writers_keep_counting_against_the_uid_limits(programs: Programs)
         assert results[0].returncode == 0, results[0].stderr
         assert any("BrokenPipeError" in r.stderr for r in results[1:]), [r.stderr for r in results]
         assert n.alive()
-    finally:
-        n.stop()
-        shutil.rmtree(work, ignore_errors=True)
-    assert not fuse_d_state(work)
 
 
 @needs_fuse
@@ -227,28 +269,13 @@ def test_closed_writers_keep_counting_against_the_uid_limits(programs: Programs)
 def test_a_user_cannot_remove_a_stream_live_on_another_node(programs: Programs) -> None:
     """Ownership is per node, but `rm` ends an edge everywhere: a user who claimed an edge
     on node b (setfattr claims without opening) must not end root's writer on node a."""
-    from fractalfs.testing import Discovery
-
-    work = Path(tempfile.mkdtemp(prefix="fractalfs-owners-"))
-    work.chmod(0o755)
-    disc = Discovery(work / "discovery")
-    disc.start()
-    a, b = Node(work, "a", disc.url), Node(work, "b", disc.url)
-    try:
-        for n in (a, b):
-            n.start()
-            n.mountpoint.chmod(0o755)
+    with two_nodes() as (disc, a, b):
         edge = new_edge()
         writer = programs.start(f"exec sleep 60 > {a.path(edge)}")
         deadline = time.monotonic() + 10
         while os.stat(a.path(edge)).st_mode & 0o777 != 0o600 and time.monotonic() < deadline:
             time.sleep(0.05)
-        claim = py_as_nobody(
-            f"import os; os.setxattr({str(b.path(edge))!r}, 'user.fractalfs.mode', b'transient')"
-        )
-        assert claim.returncode == 0, claim.stderr  # nobody owns it on b: allowed
-        rm = as_nobody("rm", "-f", str(b.path(edge)))
-        assert rm.returncode != 0 and "not permitted" in rm.stderr, rm.stderr
+        claimed_but_not_removed(b.path(edge))
         assert writer.poll() is None
         got = sh(f"{sys.executable} -m fractalfs status --json --discovery {disc.url}")
         edges = {e["id"]: e for e in json.loads(got.stdout)["edges"]}
@@ -257,12 +284,6 @@ def test_a_user_cannot_remove_a_stream_live_on_another_node(programs: Programs) 
         sh(f"rm -f {b.path(edge)}")
         os.killpg(writer.pid, 9)
         writer.wait()
-    finally:
-        b.stop()
-        a.stop()
-        disc.stop()
-        shutil.rmtree(work, ignore_errors=True)
-    assert not fuse_d_state(work)
 
 
 @needs_fuse
@@ -271,33 +292,12 @@ def test_a_user_cannot_remove_a_finished_stream_another_node_holds() -> None:
     """Root's writer on a finished (complete) and a's daemon holds the bytes until a reader
     comes: a user on b, where nobody owns the edge yet (its name seen in `ps`), must not
     be able to end it there, or root's reader finds nothing."""
-    from fractalfs.testing import Discovery
-
-    work = Path(tempfile.mkdtemp(prefix="fractalfs-owners-"))
-    work.chmod(0o755)
-    disc = Discovery(work / "discovery")
-    disc.start()
-    a, b = Node(work, "a", disc.url), Node(work, "b", disc.url)
-    try:
-        for n in (a, b):
-            n.start()
-            n.mountpoint.chmod(0o755)
+    with two_nodes() as (_disc, a, b):
         edge = new_edge()
         sh(f"seq 1 50000 > {a.path(edge)}")  # complete; no reader yet
-        claim = py_as_nobody(
-            f"import os; os.setxattr({str(b.path(edge))!r}, 'user.fractalfs.mode', b'transient')"
-        )
-        assert claim.returncode == 0, claim.stderr  # nobody owns it on b: allowed
-        rm = as_nobody("rm", "-f", str(b.path(edge)))
-        assert rm.returncode != 0 and "not permitted" in rm.stderr, rm.stderr
+        claimed_but_not_removed(b.path(edge))
         got = sh(f"cat {b.path(edge)} | wc -l")
         assert got.stdout.strip() == b"50000"
-    finally:
-        b.stop()
-        a.stop()
-        disc.stop()
-        shutil.rmtree(work, ignore_errors=True)
-    assert not fuse_d_state(work)
 
 
 @needs_fuse
@@ -323,14 +323,11 @@ def test_other_users_do_not_see_the_names_of_owned_edges(node: Node, programs: P
 def test_a_reader_fifos_pipe_counts_against_the_uid_memory_limit(programs: Programs) -> None:
     """A reader FIFO pins a 1 MiB kernel pipe besides its read buffer: with 4 MiB read
     buffers and a 12 MiB limit, a user gets two FIFO readers (2 x 5 MiB), not three."""
-    work = Path(tempfile.mkdtemp(prefix="fractalfs-pipequota-"))
-    work.chmod(0o755)
-    conf = work / "node.toml"
-    conf.write_text(f"uid_memory_limit = {12 << 20}\nread_buffer = {4 << 20}\n")
-    n = Node(work, "pipequota", None, extra=["--config", str(conf)])
-    try:
-        n.start()
-        n.mountpoint.chmod(0o755)
+    with configured_node(
+        "fractalfs-pipequota-",
+        "pipequota",
+        f"uid_memory_limit = {12 << 20}\nread_buffer = {4 << 20}\n",
+    ) as n:
         held = []
         for _ in range(2):
             edge = new_edge()
@@ -351,10 +348,6 @@ def test_a_reader_fifos_pipe_counts_against_the_uid_memory_limit(programs: Progr
         third = as_nobody("sh", "-c", f"cat {n.path(new_edge())}")
         assert third.returncode != 0 and "quota" in third.stderr, third.stderr
         assert all(p.poll() is None for p in held)
-    finally:
-        n.stop()
-        shutil.rmtree(work, ignore_errors=True)
-    assert not fuse_d_state(work)
 
 
 @needs_fuse
@@ -362,34 +355,33 @@ def test_a_reader_fifos_pipe_counts_against_the_uid_memory_limit(programs: Progr
 def test_a_users_persisted_stream_stays_theirs_across_a_daemon_restart() -> None:
     """A persisted edge is restored from its spill file after a restart: it must still be
     its writer's, not 0666 for any user (another uid read it, before)."""
-    work = Path(tempfile.mkdtemp(prefix="fractalfs-owners-"))
-    work.chmod(0o755)
-    nodes = [Node(work, "solo", None, extra=["--mode", "persistent"])]
-    try:
-        nodes[0].start()
-        nodes[0].mountpoint.chmod(0o755)
-        edge = new_edge()
-        path = nodes[0].path(edge)
-        wrote = as_nobody("sh", "-c", f"echo nobodys-data > {path}")
-        assert wrote.returncode == 0, wrote.stderr
-        assert os.stat(path).st_uid == 65534
-        nodes[0].stop()
-        nodes.append(Node(work, "solo", None, extra=["--mode", "persistent"]))
-        nodes[1].start()
-        st = os.stat(path)
-        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (65534, 0o600)
-        other = ["setpriv", "--reuid=4242", "--regid=4242", "--clear-groups"]
-        read = subprocess.run(
-            [*other, "timeout", "10", "cat", path], capture_output=True, text=True, timeout=30
-        )
-        assert read.returncode != 0 and read.stdout == "", read.stdout
-        assert "Permission denied" in read.stderr, read.stderr
-        rm = subprocess.run([*other, "rm", "-f", path], capture_output=True, text=True, timeout=30)
-        assert rm.returncode != 0 and "not permitted" in rm.stderr, rm.stderr
-        mine = as_nobody("timeout", "10", "cat", path)  # its owner still reads it, whole
-        assert (mine.returncode, mine.stdout) == (0, "nobodys-data\n"), mine.stderr
-    finally:
-        for n in reversed(nodes):
-            n.stop()
-        shutil.rmtree(work, ignore_errors=True)
-    assert not fuse_d_state(work)
+    with reachable_dir("fractalfs-owners-") as work:
+        nodes = [Node(work, "solo", None, extra=["--mode", "persistent"])]
+        try:
+            nodes[0].start()
+            nodes[0].mountpoint.chmod(0o755)
+            edge = new_edge()
+            path = nodes[0].path(edge)
+            wrote = as_nobody("sh", "-c", f"echo nobodys-data > {path}")
+            assert wrote.returncode == 0, wrote.stderr
+            assert os.stat(path).st_uid == 65534
+            nodes[0].stop()
+            nodes.append(Node(work, "solo", None, extra=["--mode", "persistent"]))
+            nodes[1].start()
+            st = os.stat(path)
+            assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (65534, 0o600)
+            other = ["setpriv", "--reuid=4242", "--regid=4242", "--clear-groups"]
+            read = subprocess.run(
+                [*other, "timeout", "10", "cat", path], capture_output=True, text=True, timeout=30
+            )
+            assert read.returncode != 0 and read.stdout == "", read.stdout
+            assert "Permission denied" in read.stderr, read.stderr
+            rm = subprocess.run(
+                [*other, "rm", "-f", path], capture_output=True, text=True, timeout=30
+            )
+            assert rm.returncode != 0 and "not permitted" in rm.stderr, rm.stderr
+            mine = as_nobody("timeout", "10", "cat", path)  # its owner still reads it, whole
+            assert (mine.returncode, mine.stdout) == (0, "nobodys-data\n"), mine.stderr
+        finally:
+            for n in reversed(nodes):
+                n.stop()
