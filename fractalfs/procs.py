@@ -190,13 +190,16 @@ def exit_status(pid: int) -> int | None:
 
 
 def failing_in_group(pgid: int, exclude: int) -> int | None:
-    """The wait status of a process of group ``pgid`` (not ``exclude``) that is exiting
-    with a non-zero status right now, else None.
+    """The wait status of a process of group ``pgid`` descended from ``exclude`` (the
+    opener) that is exiting with a non-zero status right now, else None.
 
     A FLUSH comes from the process closing the file, and a process dying with the file
     open closes it while exiting. When the opener itself runs on, the close was made by
     another holder: a child it handed the file to (``subprocess.Popen(stdout=f)``, or a
-    shell's ``exec 3>E; producer >&3``), which shares its process group.
+    shell's ``exec 3>E; producer >&3``), which shares its process group. Only the
+    opener's descendants count: every command of a non-interactive shell script shares
+    one group, and a sibling (`grep` finding nothing, exit 1) ending at the moment of a
+    holder's close must not fail the stream.
     """
     if pgid <= 0:
         return None
@@ -214,11 +217,28 @@ def failing_in_group(pgid: int, exclude: int) -> int | None:
             if int(fields[5 - 3]) != pgid or not int(fields[9 - 3]) & PF_EXITING:
                 continue
             status = int(fields[52 - 3]) if len(fields) > 52 - 3 else 0
+            ppid = int(fields[4 - 3])
         except (OSError, IndexError, ValueError):
             continue
-        if status:
+        if status and _descends(ppid, exclude):
             return status
     return None
+
+
+def _descends(pid: int, ancestor: int, depth: int = 32) -> bool:
+    """True if ``pid`` is ``ancestor`` or one of its descendants (by /proc parent links)."""
+    for _ in range(depth):
+        if pid == ancestor:
+            return True
+        if pid <= 1:
+            return False
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                text = f.read()
+            pid = int(text[text.rindex(b")") + 2 :].split()[4 - 3])
+        except (OSError, IndexError, ValueError):
+            return False
+    return False
 
 
 def dying(pid: int) -> bool:

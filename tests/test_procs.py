@@ -339,3 +339,49 @@ def test_out_of_descriptors_a_scan_of_proc_finds_nothing_instead_of_failing(
     monkeypatch.setattr(os, "listdir", emfile)
     assert procs.failing_in_group(os.getpgid(0), 0) is None
     assert procs._scan_groups() == {}
+
+
+def _zombie_child_of_3(**popen: object) -> subprocess.Popen[bytes]:
+    """A process whose child exits 3 and stays a zombie (never reaped): PF_EXITING with
+    its status in /proc, as a process exiting at the moment of a FLUSH is."""
+    code = "import os, time\nif os.fork() == 0:\n    os._exit(3)\ntime.sleep(30)\n"
+    return subprocess.Popen([sys.executable, "-c", code], **popen)  # type: ignore[call-overload,no-any-return]
+
+
+def _wait_zombie_of(parent: int) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                text = Path(f"/proc/{name}/stat").read_bytes()
+            except OSError:
+                continue
+            fields = text[text.rindex(b")") + 2 :].split()
+            if int(fields[1]) == parent and fields[0] == b"Z":
+                return
+        time.sleep(0.02)
+    raise AssertionError(f"no zombie child of {parent}")
+
+
+def test_a_failing_holder_is_the_openers_descendant_not_any_process_of_its_group() -> None:
+    """A shell script's commands share one process group: a sibling of the writer that
+    exits non-zero (grep finding nothing) at the moment of a holder's FLUSH is no failing
+    holder of the writer's file. A child of the opener exiting non-zero still is."""
+    opener = subprocess.Popen(["sleep", "30"], process_group=0)
+    procs_started = [opener]
+    try:
+        sibling = _zombie_child_of_3(process_group=opener.pid)
+        procs_started.append(sibling)
+        _wait_zombie_of(sibling.pid)
+        assert procs.failing_in_group(opener.pid, opener.pid) is None
+        # The same, forked by the opener itself: its holder failing.
+        child_opener = _zombie_child_of_3(process_group=0)
+        procs_started.append(child_opener)
+        _wait_zombie_of(child_opener.pid)
+        assert procs.failing_in_group(child_opener.pid, child_opener.pid) == 3 << 8
+    finally:
+        for p in procs_started:
+            p.kill()
+            p.wait()
