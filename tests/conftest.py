@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from fractalfs.edgeid import EdgeId
+from fractalfs.etcdtesting import EtcdCluster, Replica, have_etcd
 from fractalfs.testing import Discovery, Node, Process, log_tails, shared_secret_file
 
 needs_fuse = pytest.mark.skipif(
@@ -377,3 +378,25 @@ def discovery(tmp_path: Path) -> Iterator[Discovery]:
 @pytest.fixture
 def disc(discovery: Discovery) -> Discovery:
     return discovery
+
+
+@pytest.fixture(params=["sqlite", "etcd"])
+def store_cluster(
+    request: pytest.FixtureRequest, cluster: Cluster, tmp_path: Path
+) -> Iterator[Cluster]:
+    """``cluster`` with its discovery started on SQLite, or on a real etcd member."""
+    if request.param == "sqlite":
+        cluster.start_discovery()
+        yield cluster
+        return
+    if not have_etcd():
+        pytest.skip("needs etcd (apt install etcd-server)")
+    etcd = EtcdCluster(tmp_path / "etcd", members=1)
+    try:
+        etcd.start()
+        cluster.discovery = Replica(tmp_path, f"{etcd.url}/t{os.getpid()}")
+        cluster.discovery.start()
+        yield cluster
+    finally:
+        cluster.close()  # the daemons before their discovery, before its etcd
+        etcd.stop()

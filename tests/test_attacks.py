@@ -174,16 +174,21 @@ def test_another_user_cannot_touch_a_live_stream_by_any_route(
     assert again.communicate(timeout=20)[0] == b"still-serving\n"
 
 
+def _answer(s: socket.socket, hello: Hello, key: bytes) -> bytes | None:
+    """Send ``hello`` on ``s``, read the writer's challenge: the proof it asks for."""
+    s.sendall(hello.encode())
+    challenge = b""
+    while len(challenge) < handshake.CHALLENGE.size:
+        challenge += s.recv(handshake.CHALLENGE.size - len(challenge))
+    return handshake.check_challenge(key, hello, challenge)
+
+
 def _handshake(endpoint: str, hello: Hello, proof: bytes | None, key: bytes) -> Reply:
     """One connection: ``hello``, then ``proof`` (None: the right one for this
     connection's challenge, made with ``key``), then the writer's REPLY."""
     host, _, port = endpoint.rpartition(":")
     with socket.create_connection((host, int(port)), timeout=10) as s:
-        s.sendall(hello.encode())
-        challenge = b""
-        while len(challenge) < handshake.CHALLENGE.size:
-            challenge += s.recv(handshake.CHALLENGE.size - len(challenge))
-        right = handshake.check_challenge(key, hello, challenge)
+        right = _answer(s, hello, key)
         assert right is not None  # the writer's node proved the secret
         s.sendall(right if proof is None else proof)
         fixed = b""
@@ -199,11 +204,7 @@ def _proof_of(endpoint: str, hello: Hello, key: bytes) -> tuple[bytes, Reply]:
     """A real reader's proof on one connection, as an eavesdropper would record it."""
     host, _, port = endpoint.rpartition(":")
     with socket.create_connection((host, int(port)), timeout=10) as s:
-        s.sendall(hello.encode())
-        challenge = b""
-        while len(challenge) < handshake.CHALLENGE.size:
-            challenge += s.recv(handshake.CHALLENGE.size - len(challenge))
-        proof = handshake.check_challenge(key, hello, challenge)
+        proof = _answer(s, hello, key)
         assert proof is not None
         s.sendall(proof)
         fixed = s.recv(handshake.REPLY.size)

@@ -9,13 +9,11 @@ import shlex
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from fractalfs import testhooks
-from fractalfs.etcdtesting import EtcdCluster, Replica, have_etcd
 from fractalfs.testing import Node
 
 from .conftest import Cluster, Programs, needs_fuse, new_edge, sh, sha_file, wait_for
@@ -62,24 +60,14 @@ def test_a_reopen_reaching_its_fifo_after_the_grace_reads_the_whole_stream(
 # -- a reader that closed before any writer came -------------------------------------------
 
 
-@pytest.fixture(params=["sqlite", "etcd"])
-def store(request: pytest.FixtureRequest, cluster: Cluster, tmp_path: Path) -> Iterator[Cluster]:
-    """``cluster`` with its discovery on SQLite, or on a real etcd member."""
-    if request.param == "sqlite":
-        cluster.start_discovery()
-        yield cluster
-        return
-    if not have_etcd():
-        pytest.skip("needs etcd (apt install etcd-server)")
-    etcd = EtcdCluster(tmp_path / "etcd", members=1)
-    try:
-        etcd.start()
-        cluster.discovery = Replica(tmp_path, f"{etcd.url}/t{os.getpid()}")
-        cluster.discovery.start()
-        yield cluster
-    finally:
-        cluster.close()  # the daemons before their discovery, before its etcd
-        etcd.stop()
+def _whole_stream(a: Node, b: Node, edge: str, tmp_path: Path) -> None:
+    """3 MiB written on ``a`` and read on ``b``, all of it: the edge is not stopped."""
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(3 << 20))
+    sh(f"cat {src} > {a.path(edge)}", timeout=30)
+    out = tmp_path / "out"
+    sh(f"cat {b.path(edge)} > {out}", timeout=30)
+    assert sha_file(out) == sha_file(src)
 
 
 def _nodes(cluster: Cluster, tmp_path: Path, route: str) -> tuple[Node, Node]:
@@ -105,18 +93,20 @@ def _ends_at_once(programs: Programs, cmd: str) -> float:
 @pytest.mark.parametrize("route", ["fifo", "fuse"])
 @pytest.mark.parametrize("where", ["other-node", "same-node"])
 def test_a_reader_that_closed_before_any_writer_came_stops_the_writers_at_once(
-    store: Cluster, programs: Programs, tmp_path: Path, route: str, where: str
+    store_cluster: Cluster, programs: Programs, tmp_path: Path, route: str, where: str
 ) -> None:
     """`: < E` first, `yes > E` after: the reader's "no more" had no data connection to
     travel on, and `yes` ran on for a re-run reader (filled its window and blocked, or
     spilled). Discovery keeps it (the reader "closed", not "failed"): the writer, and a
     re-run of it, die of SIGPIPE at once. A re-run reader claims the edge anew and reads
     the next writer's whole stream."""
-    a, b = _nodes(store, tmp_path, route)
+    a, b = _nodes(store_cluster, tmp_path, route)
     w = a if where == "other-node" else b
     edge = new_edge()
     sh(f": < {b.path(edge)}")
-    wait_for(lambda: store.edge(edge).get("reader_state") == "closed", 10, "the early close")
+    wait_for(
+        lambda: store_cluster.edge(edge).get("reader_state") == "closed", 10, "the early close"
+    )
     for _ in ("the writer", "its re-run"):
         took = _ends_at_once(programs, f"exec yes > {w.path(edge)}")
         assert took < 10, f"the writer ran {took:.1f} s"
@@ -124,12 +114,16 @@ def test_a_reader_that_closed_before_any_writer_came_stops_the_writers_at_once(
     # it exits 0) did not complete the stream: its generation fails, and the re-run reader
     # below does not get an empty stream for the whole.
     sh(f"exec printf x > {w.path(edge)}", check=False)
-    wait_for(lambda: store.edge(edge).get("writer_state") == "failed", 10, "a failed generation")
+    wait_for(
+        lambda: store_cluster.edge(edge).get("writer_state") == "failed", 10, "a failed generation"
+    )
     src = tmp_path / "src"
     src.write_bytes(os.urandom(3 << 20))
     out = tmp_path / "out"
     rerun = programs.start(f"exec cat {b.path(edge)} > {out}")
-    wait_for(lambda: store.edge(edge).get("reader_state") == "open", 10, "the re-run reader")
+    wait_for(
+        lambda: store_cluster.edge(edge).get("reader_state") == "open", 10, "the re-run reader"
+    )
     sh(f"cat {src} > {w.path(edge)}", timeout=30)
     _, err = rerun.communicate(timeout=30)
     assert rerun.returncode == 0, err
@@ -151,12 +145,7 @@ def test_a_reader_killed_before_any_writer_came_is_no_early_close(
     os.kill(reader.pid, signal.SIGKILL)
     reader.communicate(timeout=10)
     wait_for(lambda: cluster.edge(edge).get("reader_state") == "failed", 10, "the failure")
-    src = tmp_path / "src"
-    src.write_bytes(os.urandom(3 << 20))
-    sh(f"cat {src} > {a.path(edge)}", timeout=30)
-    out = tmp_path / "out"
-    sh(f"cat {b.path(edge)} > {out}", timeout=30)
-    assert sha_file(out) == sha_file(src)
+    _whole_stream(a, b, edge, tmp_path)
 
 
 def test_a_removed_edge_forgets_an_early_close(
@@ -171,12 +160,7 @@ def test_a_removed_edge_forgets_an_early_close(
     sh(f": < {b.path(edge)}")
     wait_for(lambda: cluster.edge(edge).get("reader_state") == "closed", 10, "the early close")
     sh(f"rm {a.path(edge)}")
-    src = tmp_path / "src"
-    src.write_bytes(os.urandom(3 << 20))
-    sh(f"cat {src} > {a.path(edge)}", timeout=30)
-    out = tmp_path / "out"
-    sh(f"cat {b.path(edge)} > {out}", timeout=30)
-    assert sha_file(out) == sha_file(src)
+    _whole_stream(a, b, edge, tmp_path)
 
 
 @pytest.mark.parametrize("route", ["fifo", "fuse"])

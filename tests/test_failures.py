@@ -10,13 +10,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from fractalfs import fiforoute, testhooks
-from fractalfs.etcdtesting import EtcdCluster, Replica, free_port, have_etcd
+from fractalfs.etcdtesting import free_port
 from fractalfs.testing import Node
 
 from .conftest import (
@@ -468,28 +467,6 @@ def test_reader_killed_after_the_end_then_a_rerun_reader_over_tcp(
     _, err = reader2.communicate(timeout=30)
     assert reader2.returncode == 0, err
     assert sha_file(out) == sha_file(src)
-
-
-@pytest.fixture(params=["sqlite", "etcd"])
-def store_cluster(
-    request: pytest.FixtureRequest, cluster: Cluster, tmp_path: Path
-) -> Iterator[Cluster]:
-    """``cluster`` with its discovery started on SQLite, or on a real etcd member."""
-    if request.param == "sqlite":
-        cluster.start_discovery()
-        yield cluster
-        return
-    if not have_etcd():
-        pytest.skip("needs etcd (apt install etcd-server)")
-    etcd = EtcdCluster(tmp_path / "etcd", members=1)
-    try:
-        etcd.start()
-        cluster.discovery = Replica(tmp_path, f"{etcd.url}/t{os.getpid()}")
-        cluster.discovery.start()
-        yield cluster
-    finally:
-        cluster.close()  # the daemons before their discovery, before its etcd
-        etcd.stop()
 
 
 @pytest.mark.parametrize("told", ["event", "missed", "missed-moved"])
