@@ -305,10 +305,12 @@ class Node:
         writer.written_metric = metrics.BYTES_WRITTEN.labels(edge.hex)
         slot.writer = writer  # before any waiter runs: nothing here awaits
         writer.registered = int(rec.get("version", 0))
-        if rec.get("reader_state") == "closed":
+        if rec.get("reader_state") == "closed" and not rec.get("bytes_delivered"):
             # The edge's last reader closed early ("no more") before this writer came, and
             # no reader claimed it since: as a FIFO's writer whose reader went, the first
-            # write gets EPIPE/SIGPIPE. A reader that failed is no "no more" ("failed").
+            # write gets EPIPE/SIGPIPE. A reader that failed is no "no more" ("failed"),
+            # nor one that read bytes: it had a writer, which got that "no more" (a re-run
+            # of the pipeline whose writer comes first writes for the reader after it).
             log.info("edge %s: its reader closed early before this writer came", edge)
             writer.on_reader_closed()
         try:

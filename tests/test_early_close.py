@@ -202,3 +202,34 @@ def test_a_reader_that_never_reached_its_writer_stops_it_through_discovery(
     _, err = writer.communicate(timeout=30)
     assert writer.returncode == -signal.SIGPIPE, (writer.returncode, err)
     assert "its reader closed early (discovery)" in a.log.read_text()  # the case
+
+
+@pytest.mark.parametrize("route", ["fifo", "fuse"])
+def test_a_rerun_writer_after_an_early_close_with_a_writer_is_not_stopped(
+    cluster: Cluster, programs: Programs, tmp_path: Path, route: str
+) -> None:
+    """`yes > E` and `head -c 10 E`: the reader closed early after reading, and its writer
+    got its "no more" (SIGPIPE) over the data connection. That close was made with a writer
+    there: it is no "no more" for the next generation. A pipeline re-run whose writer
+    registers first writes its whole stream for the reader that comes after (it died of
+    SIGPIPE at its first write, and the re-run reader waited for a writer that was gone)."""
+    cluster.start_discovery()
+    a, b = _nodes(cluster, tmp_path, route)
+    edge = new_edge()
+    writer = programs.start(f"exec yes > {a.path(edge)}")
+    wait_for(lambda: cluster.edge(edge).get("writer_state") == "open", 10, "the writer")
+    assert sh(f"head -c 10 {b.path(edge)}").stdout == b"y\n" * 5
+    writer.communicate(timeout=30)
+    assert writer.returncode == -signal.SIGPIPE
+    wait_for(lambda: cluster.edge(edge).get("reader_state") == "closed", 10, "the early close")
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(3 << 20))
+    rerun = programs.start(f"exec cat {src} > {a.path(edge)}")
+    wait_for(lambda: cluster.edge(edge).get("generation") == 2, 10, "the re-run writer")
+    out = tmp_path / "out"
+    reader = programs.start(f"exec cat {b.path(edge)} > {out}")
+    _, err = rerun.communicate(timeout=30)
+    assert rerun.returncode == 0, (rerun.returncode, err)
+    _, err = reader.communicate(timeout=30)
+    assert reader.returncode == 0, err
+    assert sha_file(out) == sha_file(src)
