@@ -233,3 +233,41 @@ def test_a_rerun_writer_after_an_early_close_with_a_writer_is_not_stopped(
     _, err = reader.communicate(timeout=30)
     assert reader.returncode == 0, err
     assert sha_file(out) == sha_file(src)
+
+
+# Opens its input and closes it unread, then runs on.
+CLOSE_UNREAD = "import sys, time; open(sys.argv[1], 'rb').close(); time.sleep(60)"
+# Waits for the trigger file, opens and closes the edge unread (during the reader's
+# linger: its LOOKUP gets the lingering FIFO), then blocks in the open of another FIFO.
+PEEK_THEN_BLOCK = (
+    "import os, sys, time\n"
+    "while not os.path.exists(sys.argv[3]): time.sleep(0.005)\n"
+    "time.sleep(0.1); os.close(os.open(sys.argv[1], os.O_RDONLY))\n"
+    "os.open(sys.argv[2], os.O_RDONLY)\n"
+)
+
+
+def test_a_reopener_blocked_elsewhere_does_not_hold_the_linger_for_good(
+    cluster: Cluster, programs: Programs, tmp_path: Path
+) -> None:
+    """A program closed the edge unread and runs on; another opened and closed it during
+    the linger (its LOOKUP got the lingering FIFO), then blocked in the open of some other
+    FIFO. The late-reopen wait took that open for one still on its way to our FIFO and
+    waited for good: no "no more" ever, `yes` ran on. Past RUNNING_FOR it is decided."""
+    cluster.start_discovery()
+    a, b = _nodes(cluster, tmp_path, "fifo")
+    edge = new_edge()
+    other = tmp_path / "other-fifo"
+    os.mkfifo(other)
+    go = tmp_path / "go"
+    writer = programs.start(f"exec yes > {a.path(edge)}")
+    wait_for(lambda: cluster.edge(edge).get("writer_state") == "open", 10, "the writer")
+    peek = programs.start(
+        f"exec {sys.executable} -c {shlex.quote(PEEK_THEN_BLOCK)} {b.path(edge)} {other} {go}"
+    )
+    reader = programs.start(
+        f"{sys.executable} -c {shlex.quote(CLOSE_UNREAD)} {b.path(edge)} & touch {go}; wait"
+    )
+    _, err = writer.communicate(timeout=40)
+    assert writer.returncode == -signal.SIGPIPE, (writer.returncode, err)
+    assert peek.poll() is None and reader.poll() is None  # both ran on meanwhile
