@@ -102,6 +102,12 @@ class Node:
         self.settling = 0  # closed writer ends waiting to learn how their program ended
         self.exits = ExitWatcher()
         self.boot = secrets.token_hex(8)  # tells discovery this is a new run of the daemon
+        # Discovery has taken a heartbeat of this run (Membership.heartbeat_once). Until
+        # then a writer registered here would be taken for the previous run's when that
+        # heartbeat tells discovery of the restart (failed, or its endpoint cleared):
+        # mount sets ``unannounced`` when its first heartbeat failed, and writers wait.
+        self.announced = trio.Event()
+        self.unannounced = False
         self.data_key: bytes | None = None  # the HELLO's HMAC key (auth.data_key); mount sets it
         self.tls: Tls | None = None  # --tls-dir: mutual TLS on data connections; mount sets it
         self.mode = Mode(config.mode)
@@ -272,6 +278,13 @@ class Node:
 
     # -- writers -------------------------------------------------------------------------
 
+    async def _register_writer(self, edge: EdgeId, mode: tuple[str, str]) -> dict[str, Any]:
+        """Registers a writer of this run, once discovery knows the run (see announced)."""
+        if self.unannounced and not self.announced.is_set():
+            with trio.move_on_after(self.config.discovery_retry):
+                await self.announced.wait()
+        return await self.discovery.register_writer(edge.hex, self.name, self.endpoint, mode)
+
     async def open_writer(self, edge: EdgeId, pid: int) -> WriterEnd:
         if self.closing:
             raise EdgeError(errno.ESHUTDOWN, "daemon is shutting down")
@@ -288,13 +301,7 @@ class Node:
             await self._await_close_recorded(edge, pid)
             rec = await self._interruptible(
                 pid,
-                functools.partial(
-                    self.discovery.register_writer,
-                    edge.hex,
-                    self.name,
-                    self.endpoint,
-                    (expected[0].value, expected[1]),
-                ),
+                functools.partial(self._register_writer, edge, (expected[0].value, expected[1])),
             )
         slot = self._slot(edge)
         if slot.writer is not None:
