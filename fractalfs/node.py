@@ -690,10 +690,11 @@ class Node:
             slot.reader = None
             self._reap(reader.edge)
         # "closed" is "no more" for every later writer of the edge too (open_writer); a
-        # failure is not: a re-run reader will want the stream.
+        # failure is not: a re-run reader will want the stream. Nor a reader this daemon
+        # failed (EIO: no writer came back, ...) whose program closed it and ran on.
         if complete:
             state = "done"
-        elif procs.reader_closed_early(reader.exit_status):
+        elif reader.error is None and procs.reader_closed_early(reader.exit_status):
             state = "closed"
         else:
             state = "failed"

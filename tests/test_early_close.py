@@ -271,3 +271,49 @@ def test_a_reopener_blocked_elsewhere_does_not_hold_the_linger_for_good(
     _, err = writer.communicate(timeout=40)
     assert writer.returncode == -signal.SIGPIPE, (writer.returncode, err)
     assert peek.poll() is None and reader.poll() is None  # both ran on meanwhile
+
+
+# Reads its input; an error ends the read, the file is closed, and the program runs on.
+READ_THEN_RUN_ON = (
+    "import sys, time\n"
+    "try:\n    open(sys.argv[1], 'rb').read()\nexcept OSError as e:\n    print(e, flush=True)\n"
+    "time.sleep(60)\n"
+)
+
+
+def test_a_reader_its_daemon_failed_is_no_early_close(
+    cluster: Cluster, programs: Programs, tmp_path: Path
+) -> None:
+    """The writer died before writing a byte; the reader's daemon waited for a re-run for
+    `writer_lost_timeout` and failed the reader (EIO; on the FIFO route its program is
+    killed: "failed" by its status). A program that survives that error and runs on
+    closed the edge unread, still running: recorded "closed", and the re-run writer died
+    of SIGPIPE at its first write. A reader its daemon failed is "failed"."""
+    cluster.start_discovery()
+    config = tmp_path / "fractalfs.toml"
+    config.write_text("fifo_writers = false\nfifo_readers = false\nwriter_lost_timeout = 2\n")
+    extra = ["--config", str(config)]
+    a, b = cluster.node("a", extra=extra), cluster.node("b", extra=extra)
+    edge = new_edge()
+    reader = programs.start(
+        f"exec {sys.executable} -c {shlex.quote(READ_THEN_RUN_ON)} {b.path(edge)}"
+    )
+    wait_for(lambda: cluster.edge(edge).get("reader_state") == "open", 10, "the reader")
+    sh(
+        f"exec {sys.executable} -c 'import os; os.kill(os.getpid(), 9)' > {a.path(edge)}",
+        check=False,
+    )
+    wait_for(lambda: cluster.edge(edge).get("reader_state") not in ("open", ""), 20, "the release")
+    assert cluster.edge(edge).get("reader_state") == "failed"
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(1 << 20))
+    rerun = programs.start(f"exec cat {src} > {a.path(edge)}")
+    out = tmp_path / "out"
+    wait_for(lambda: cluster.edge(edge).get("generation") == 2, 10, "the re-run writer")
+    again = programs.start(f"exec cat {b.path(edge)} > {out}")
+    _, err = rerun.communicate(timeout=30)
+    assert rerun.returncode == 0, (rerun.returncode, err)
+    _, err = again.communicate(timeout=30)
+    assert again.returncode == 0, err
+    assert sha_file(out) == sha_file(src)
+    assert reader.poll() is None
