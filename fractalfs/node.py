@@ -104,8 +104,9 @@ class Node:
         self.boot = secrets.token_hex(8)  # tells discovery this is a new run of the daemon
         # Discovery has taken a heartbeat of this run (Membership.heartbeat_once). Until
         # then a writer registered here would be taken for the previous run's when that
-        # heartbeat tells discovery of the restart (failed, or its endpoint cleared):
-        # mount sets ``unannounced`` when its first heartbeat failed, and writers wait.
+        # heartbeat tells discovery of the restart (failed, or its endpoint cleared; a
+        # reader lost with acknowledged bytes): mount sets ``unannounced`` when its first
+        # heartbeat failed, and writers' registrations and readers' claims wait.
         self.announced = trio.Event()
         self.unannounced = False
         self.data_key: bytes | None = None  # the HELLO's HMAC key (auth.data_key); mount sets it
@@ -278,11 +279,15 @@ class Node:
 
     # -- writers -------------------------------------------------------------------------
 
+    async def _announced(self) -> None:
+        """Until discovery knows this run (see announced), at most ``discovery_retry``."""
+        with trio.move_on_after(self.config.discovery_retry):
+            await self.announced.wait()
+
     async def _register_writer(self, edge: EdgeId, mode: tuple[str, str]) -> dict[str, Any]:
         """Registers a writer of this run, once discovery knows the run (see announced)."""
         if self.unannounced and not self.announced.is_set():
-            with trio.move_on_after(self.config.discovery_retry):
-                await self.announced.wait()
+            await self._announced()
         return await self.discovery.register_writer(edge.hex, self.name, self.endpoint, mode)
 
     async def open_writer(self, edge: EdgeId, pid: int) -> WriterEnd:
@@ -546,6 +551,8 @@ class Node:
         killed one whose node has not said so yet (the re-run came at once, elsewhere).
         Give that release a moment to arrive, watching the edge, before answering EBUSY.
         Returns the claim's id and the edge's record as the claim left it."""
+        if self.unannounced and not self.announced.is_set():  # see announced
+            await self._interruptible(pid, self._announced)
         deadline = trio.current_time() + RELEASE_GRACE
         while True:
             try:

@@ -60,3 +60,33 @@ def test_a_writer_opened_before_its_runs_first_heartbeat_is_not_the_old_runs(
     _, err = reader.communicate(timeout=60)
     assert reader.returncode == 0, err
     assert out.read_bytes() == one.read_bytes() + two.read_bytes()
+
+
+def test_a_reader_opened_before_its_runs_first_heartbeat_is_not_the_old_runs(
+    cluster: Cluster, programs: Programs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, the new run's end a reader: claimed before the run's first heartbeat,
+    then taken for the old run's ("lost" with it) while it streamed."""
+    cluster.start_discovery()
+    a = cluster.node("a")
+    b = cluster.node("b")
+    b.kill()
+    monkeypatch.setenv(testhooks.ENV, "1")
+    monkeypatch.setenv(testhooks.HOLD_HEARTBEATS_ENV, "3")
+    t0 = time.monotonic()
+    b = cluster.node("b")
+    edge = new_edge()
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.write_bytes(os.urandom(1 << 20))
+    two.write_bytes(os.urandom(1 << 20))
+    out = tmp_path / "out"
+    reader = programs.start(f"exec cat {b.path(edge)} > {out}")
+    writer = programs.start(f"{{ cat {one}; sleep 6; cat {two}; }} > {a.path(edge)}")
+    wait_for(lambda: time.monotonic() - t0 > 4.5, 10, "b's first heartbeat")
+    assert writer.poll() is None, "the writer outlived the held heartbeats"
+    _, err = writer.communicate(timeout=60)
+    assert writer.returncode == 0, err
+    _, err = reader.communicate(timeout=60)
+    assert reader.returncode == 0, err
+    assert out.read_bytes() == one.read_bytes() + two.read_bytes()
+    assert cluster.edge(edge).get("reader_state") == "done"
