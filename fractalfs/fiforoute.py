@@ -836,11 +836,14 @@ async def _late_reopen(fifo: FifoReader, fd: int) -> bool:
             return False
         waited = trio.current_time() - start
         for pid in list(absent):
+            # Past RUNNING_FOR an open is no longer taken for one on its way to this
+            # FIFO (whose write end is held: its open does not block): the thread may
+            # have opened and closed it between two polls, then blocked in another open.
             state = opening(pid)
-            if state is True:
-                absent[pid] = 0
-            elif state is False or waited > RUNNING_FOR:
+            if state is False or waited > RUNNING_FOR:
                 absent[pid] += 1
+            elif state is True:
+                absent[pid] = 0
             if absent[pid] >= 3:
                 del absent[pid]
         await trio.sleep(REOPEN_POLL)

@@ -57,6 +57,8 @@ class Membership:
 
     async def heartbeat_once(self) -> None:
         """Tells discovery which ends this daemon holds; fences off the stale ones."""
+        if testhooks.heartbeats_held():
+            raise Unavailable("test hook: heartbeats held")
         writers = {
             e.hex: s.writer.generation
             for e, s in self.node.slots.items()
@@ -66,6 +68,7 @@ class Membership:
         stale = await self.node.discovery.heartbeat(
             self.node.name, self.node.boot, writers, readers
         )
+        self.node.announced.set()  # discovery knows this run: its writers may register
         for edge in stale:
             writer = self.node.writer_for(EdgeId.parse(edge))
             # Only the generation reported: a newer one may have opened meanwhile.

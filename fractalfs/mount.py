@@ -156,8 +156,10 @@ async def serve(
     node.tls = tls
     # Before anything can be opened: discovery learns this is a new run of the daemon, and
     # forgets the ends a previous run held (it may have crashed a moment ago).
-    with contextlib.suppress(Unavailable, DiscoveryError):
+    try:
         await node.heartbeat_once()
+    except (Unavailable, DiscoveryError):
+        node.unannounced = True  # writers wait for the first heartbeat (Node.announced)
     await node.restore_spills()  # never raises for discovery: what fails is retried
     ops = Operations(node)
     mounted = False

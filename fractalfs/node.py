@@ -102,6 +102,13 @@ class Node:
         self.settling = 0  # closed writer ends waiting to learn how their program ended
         self.exits = ExitWatcher()
         self.boot = secrets.token_hex(8)  # tells discovery this is a new run of the daemon
+        # Discovery has taken a heartbeat of this run (Membership.heartbeat_once). Until
+        # then a writer registered here would be taken for the previous run's when that
+        # heartbeat tells discovery of the restart (failed, or its endpoint cleared; a
+        # reader lost with acknowledged bytes): mount sets ``unannounced`` when its first
+        # heartbeat failed, and writers' registrations and readers' claims wait.
+        self.announced = trio.Event()
+        self.unannounced = False
         self.data_key: bytes | None = None  # the HELLO's HMAC key (auth.data_key); mount sets it
         self.tls: Tls | None = None  # --tls-dir: mutual TLS on data connections; mount sets it
         self.mode = Mode(config.mode)
@@ -272,6 +279,17 @@ class Node:
 
     # -- writers -------------------------------------------------------------------------
 
+    async def _announced(self) -> None:
+        """Until discovery knows this run (see announced), at most ``discovery_retry``."""
+        with trio.move_on_after(self.config.discovery_retry):
+            await self.announced.wait()
+
+    async def _register_writer(self, edge: EdgeId, mode: tuple[str, str]) -> dict[str, Any]:
+        """Registers a writer of this run, once discovery knows the run (see announced)."""
+        if self.unannounced and not self.announced.is_set():
+            await self._announced()
+        return await self.discovery.register_writer(edge.hex, self.name, self.endpoint, mode)
+
     async def open_writer(self, edge: EdgeId, pid: int) -> WriterEnd:
         if self.closing:
             raise EdgeError(errno.ESHUTDOWN, "daemon is shutting down")
@@ -288,13 +306,7 @@ class Node:
             await self._await_close_recorded(edge, pid)
             rec = await self._interruptible(
                 pid,
-                functools.partial(
-                    self.discovery.register_writer,
-                    edge.hex,
-                    self.name,
-                    self.endpoint,
-                    (expected[0].value, expected[1]),
-                ),
+                functools.partial(self._register_writer, edge, (expected[0].value, expected[1])),
             )
         slot = self._slot(edge)
         if slot.writer is not None:
@@ -305,10 +317,12 @@ class Node:
         writer.written_metric = metrics.BYTES_WRITTEN.labels(edge.hex)
         slot.writer = writer  # before any waiter runs: nothing here awaits
         writer.registered = int(rec.get("version", 0))
-        if rec.get("reader_state") == "closed":
+        if rec.get("reader_state") == "closed" and not rec.get("bytes_delivered"):
             # The edge's last reader closed early ("no more") before this writer came, and
             # no reader claimed it since: as a FIFO's writer whose reader went, the first
-            # write gets EPIPE/SIGPIPE. A reader that failed is no "no more" ("failed").
+            # write gets EPIPE/SIGPIPE. A reader that failed is no "no more" ("failed"),
+            # nor one that read bytes: it had a writer, which got that "no more" (a re-run
+            # of the pipeline whose writer comes first writes for the reader after it).
             log.info("edge %s: its reader closed early before this writer came", edge)
             writer.on_reader_closed()
         try:
@@ -537,6 +551,8 @@ class Node:
         killed one whose node has not said so yet (the re-run came at once, elsewhere).
         Give that release a moment to arrive, watching the edge, before answering EBUSY.
         Returns the claim's id and the edge's record as the claim left it."""
+        if self.unannounced and not self.announced.is_set():  # see announced
+            await self._interruptible(pid, self._announced)
         deadline = trio.current_time() + RELEASE_GRACE
         while True:
             try:
@@ -681,10 +697,11 @@ class Node:
             slot.reader = None
             self._reap(reader.edge)
         # "closed" is "no more" for every later writer of the edge too (open_writer); a
-        # failure is not: a re-run reader will want the stream.
+        # failure is not: a re-run reader will want the stream. Nor a reader this daemon
+        # failed (EIO: no writer came back, ...) whose program closed it and ran on.
         if complete:
             state = "done"
-        elif procs.reader_closed_early(reader.exit_status):
+        elif reader.error is None and procs.reader_closed_early(reader.exit_status):
             state = "closed"
         else:
             state = "failed"

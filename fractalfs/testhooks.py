@@ -79,6 +79,17 @@ async def lingering_lookup_delay() -> None:
         await trio.sleep(delay)
 
 
+HOLD_HEARTBEATS_ENV = "FRACTALFS_TEST_HOLD_HEARTBEATS"
+_STARTED = time.monotonic()
+
+
+def heartbeats_held() -> bool:
+    """For the first seconds of the process (the env's value), every heartbeat fails as
+    if discovery were unreachable (off unless enabled)."""
+    held = float(os.environ.get(HOLD_HEARTBEATS_ENV) or 0) if enabled() else 0.0
+    return held > 0 and time.monotonic() - _STARTED < held
+
+
 def busy(seconds: float) -> None:
     """Keeps the calling thread in pure Python for ``seconds`` (the GIL is still handed
     to other threads every switch interval, as with any CPU-bound code)."""

@@ -186,3 +186,118 @@ def test_a_reader_that_never_reached_its_writer_stops_it_through_discovery(
     _, err = writer.communicate(timeout=30)
     assert writer.returncode == -signal.SIGPIPE, (writer.returncode, err)
     assert "its reader closed early (discovery)" in a.log.read_text()  # the case
+
+
+@pytest.mark.parametrize("route", ["fifo", "fuse"])
+def test_a_rerun_writer_after_an_early_close_with_a_writer_is_not_stopped(
+    cluster: Cluster, programs: Programs, tmp_path: Path, route: str
+) -> None:
+    """`yes > E` and `head -c 10 E`: the reader closed early after reading, and its writer
+    got its "no more" (SIGPIPE) over the data connection. That close was made with a writer
+    there: it is no "no more" for the next generation. A pipeline re-run whose writer
+    registers first writes its whole stream for the reader that comes after (it died of
+    SIGPIPE at its first write, and the re-run reader waited for a writer that was gone)."""
+    cluster.start_discovery()
+    a, b = _nodes(cluster, tmp_path, route)
+    edge = new_edge()
+    writer = programs.start(f"exec yes > {a.path(edge)}")
+    wait_for(lambda: cluster.edge(edge).get("writer_state") == "open", 10, "the writer")
+    assert sh(f"head -c 10 {b.path(edge)}").stdout == b"y\n" * 5
+    writer.communicate(timeout=30)
+    assert writer.returncode == -signal.SIGPIPE
+    wait_for(lambda: cluster.edge(edge).get("reader_state") == "closed", 10, "the early close")
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(3 << 20))
+    rerun = programs.start(f"exec cat {src} > {a.path(edge)}")
+    wait_for(lambda: cluster.edge(edge).get("generation") == 2, 10, "the re-run writer")
+    out = tmp_path / "out"
+    reader = programs.start(f"exec cat {b.path(edge)} > {out}")
+    _, err = rerun.communicate(timeout=30)
+    assert rerun.returncode == 0, (rerun.returncode, err)
+    _, err = reader.communicate(timeout=30)
+    assert reader.returncode == 0, err
+    assert sha_file(out) == sha_file(src)
+
+
+# Opens its input and closes it unread, then runs on.
+CLOSE_UNREAD = "import sys, time; open(sys.argv[1], 'rb').close(); time.sleep(60)"
+# Waits for the trigger file, opens and closes the edge unread (during the reader's
+# linger: its LOOKUP gets the lingering FIFO), then blocks in the open of another FIFO.
+PEEK_THEN_BLOCK = (
+    "import os, sys, time\n"
+    "while not os.path.exists(sys.argv[3]): time.sleep(0.005)\n"
+    "time.sleep(0.1); os.close(os.open(sys.argv[1], os.O_RDONLY))\n"
+    "os.open(sys.argv[2], os.O_RDONLY)\n"
+)
+
+
+def test_a_reopener_blocked_elsewhere_does_not_hold_the_linger_for_good(
+    cluster: Cluster, programs: Programs, tmp_path: Path
+) -> None:
+    """A program closed the edge unread and runs on; another opened and closed it during
+    the linger (its LOOKUP got the lingering FIFO), then blocked in the open of some other
+    FIFO. The late-reopen wait took that open for one still on its way to our FIFO and
+    waited for good: no "no more" ever, `yes` ran on. Past RUNNING_FOR it is decided."""
+    cluster.start_discovery()
+    a, b = _nodes(cluster, tmp_path, "fifo")
+    edge = new_edge()
+    other = tmp_path / "other-fifo"
+    os.mkfifo(other)
+    go = tmp_path / "go"
+    writer = programs.start(f"exec yes > {a.path(edge)}")
+    wait_for(lambda: cluster.edge(edge).get("writer_state") == "open", 10, "the writer")
+    peek = programs.start(
+        f"exec {sys.executable} -c {shlex.quote(PEEK_THEN_BLOCK)} {b.path(edge)} {other} {go}"
+    )
+    reader = programs.start(
+        f"{sys.executable} -c {shlex.quote(CLOSE_UNREAD)} {b.path(edge)} & touch {go}; wait"
+    )
+    _, err = writer.communicate(timeout=40)
+    assert writer.returncode == -signal.SIGPIPE, (writer.returncode, err)
+    assert peek.poll() is None and reader.poll() is None  # both ran on meanwhile
+
+
+# Reads its input; an error ends the read, the file is closed, and the program runs on.
+READ_THEN_RUN_ON = (
+    "import sys, time\n"
+    "try:\n    open(sys.argv[1], 'rb').read()\nexcept OSError as e:\n    print(e, flush=True)\n"
+    "time.sleep(60)\n"
+)
+
+
+def test_a_reader_its_daemon_failed_is_no_early_close(
+    cluster: Cluster, programs: Programs, tmp_path: Path
+) -> None:
+    """The writer died before writing a byte; the reader's daemon waited for a re-run for
+    `writer_lost_timeout` and failed the reader (EIO; on the FIFO route its program is
+    killed: "failed" by its status). A program that survives that error and runs on
+    closed the edge unread, still running: recorded "closed", and the re-run writer died
+    of SIGPIPE at its first write. A reader its daemon failed is "failed"."""
+    cluster.start_discovery()
+    config = tmp_path / "fractalfs.toml"
+    config.write_text("fifo_writers = false\nfifo_readers = false\nwriter_lost_timeout = 2\n")
+    extra = ["--config", str(config)]
+    a, b = cluster.node("a", extra=extra), cluster.node("b", extra=extra)
+    edge = new_edge()
+    reader = programs.start(
+        f"exec {sys.executable} -c {shlex.quote(READ_THEN_RUN_ON)} {b.path(edge)}"
+    )
+    wait_for(lambda: cluster.edge(edge).get("reader_state") == "open", 10, "the reader")
+    sh(
+        f"exec {sys.executable} -c 'import os; os.kill(os.getpid(), 9)' > {a.path(edge)}",
+        check=False,
+    )
+    wait_for(lambda: cluster.edge(edge).get("reader_state") not in ("open", ""), 20, "the release")
+    assert cluster.edge(edge).get("reader_state") == "failed"
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(1 << 20))
+    rerun = programs.start(f"exec cat {src} > {a.path(edge)}")
+    out = tmp_path / "out"
+    wait_for(lambda: cluster.edge(edge).get("generation") == 2, 10, "the re-run writer")
+    again = programs.start(f"exec cat {b.path(edge)} > {out}")
+    _, err = rerun.communicate(timeout=30)
+    assert rerun.returncode == 0, (rerun.returncode, err)
+    _, err = again.communicate(timeout=30)
+    assert again.returncode == 0, err
+    assert sha_file(out) == sha_file(src)
+    assert reader.poll() is None
