@@ -220,7 +220,14 @@ def test_a_rerun_writer_after_an_early_close_with_a_writer_is_not_stopped(
 
 
 # Opens its input and closes it unread, then runs on.
-CLOSE_UNREAD = "import sys, time; open(sys.argv[1], 'rb').close(); time.sleep(60)"
+# Holds the edge unread long enough for its daemon to see it held (an opener never seen
+# holding its FIFO, closed within microseconds, keeps the stream: see README), closes it,
+# then lets the peeking program go (argv[2]) and runs on.
+CLOSE_UNREAD = (
+    "import pathlib, sys, time\n"
+    "f = open(sys.argv[1], 'rb'); time.sleep(0.5); f.close()\n"
+    "pathlib.Path(sys.argv[2]).touch(); time.sleep(60)\n"
+)
 # Waits for the trigger file, opens and closes the edge unread (during the reader's
 # linger: its LOOKUP gets the lingering FIFO), then blocks in the open of another FIFO.
 PEEK_THEN_BLOCK = (
@@ -250,7 +257,7 @@ def test_a_reopener_blocked_elsewhere_does_not_hold_the_linger_for_good(
         f"exec {sys.executable} -c {shlex.quote(PEEK_THEN_BLOCK)} {b.path(edge)} {other} {go}"
     )
     reader = programs.start(
-        f"{sys.executable} -c {shlex.quote(CLOSE_UNREAD)} {b.path(edge)} & touch {go}; wait"
+        f"exec {sys.executable} -c {shlex.quote(CLOSE_UNREAD)} {b.path(edge)} {go}"
     )
     _, err = writer.communicate(timeout=40)
     assert writer.returncode == -signal.SIGPIPE, (writer.returncode, err)
