@@ -169,11 +169,7 @@ def wants_fifo_writer(pid: int, flags: int | None) -> bool:
 
 def is_own_child(pid: int) -> bool:
     """Whether ``pid`` is a child process of this daemon (its warm-up of ``.fifo``)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[1]) == os.getpid()
-    except (OSError, ValueError, IndexError):
-        return False
+    return procs.parent(pid) == os.getpid()
 
 
 def is_own_thread(tid: int) -> bool:

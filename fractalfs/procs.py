@@ -123,16 +123,30 @@ def signal_pending(pid: int, tgid: int = 0) -> bool:
 GONE = -1
 
 
+def stat_fields(path: str) -> list[bytes]:
+    """The fields of a ``/proc/<pid>/stat`` file after the command name (which may hold
+    spaces and parentheses): ``fields[0]`` is field 3 (state), field N is ``fields[N - 3]``.
+    OSError if the task is gone."""
+    with open(path, "rb") as f:
+        text = f.read()
+    return text[text.rindex(b")") + 2 :].split()
+
+
+def parent(pid: int) -> int | None:
+    """The parent process id of ``pid``, None if it is gone."""
+    try:
+        return int(stat_fields(f"/proc/{pid}/stat")[4 - 3])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _exiting(path: str) -> int | None:
     """The exit code in the ``stat`` file at ``path`` if its task is exiting or a zombie,
     ``GONE`` if there is no such task, else None."""
     try:
-        with open(path, "rb") as f:
-            text = f.read()
+        fields = stat_fields(path)
     except OSError:
         return GONE
-    fields = text[text.rindex(b")") + 2 :].split()
-    # fields[0] is field 3 (state); field N is fields[N - 3].
     state = fields[0]
     flags = int(fields[9 - 3])
     if not (flags & PF_EXITING or state in (b"Z", b"X")):
@@ -211,9 +225,7 @@ def failing_in_group(pgid: int, exclude: int) -> int | None:
         if not name.isdigit() or int(name) == exclude:
             continue
         try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                text = f.read()
-            fields = text[text.rindex(b")") + 2 :].split()
+            fields = stat_fields(f"/proc/{name}/stat")
             if int(fields[5 - 3]) != pgid or not int(fields[9 - 3]) & PF_EXITING:
                 continue
             status = int(fields[52 - 3]) if len(fields) > 52 - 3 else 0
@@ -230,14 +242,10 @@ def _descends(pid: int, ancestor: int, depth: int = 32) -> bool:
     for _ in range(depth):
         if pid == ancestor:
             return True
-        if pid <= 1:
+        up = parent(pid) if pid > 1 else None
+        if up is None:
             return False
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                text = f.read()
-            pid = int(text[text.rindex(b")") + 2 :].split()[4 - 3])
-        except (OSError, IndexError, ValueError):
-            return False
+        pid = up
     return False
 
 
@@ -271,8 +279,7 @@ def _scan_groups() -> dict[int, tuple[int, int]]:
         if not name.isdigit():
             continue
         try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
+            fields = stat_fields(f"/proc/{name}/stat")
             pgid = int(fields[5 - 3])
             cpu = sum(int(x) for x in fields[14 - 3 : 18 - 3])
             with open(f"/proc/{name}/schedstat", "rb") as f:
