@@ -100,6 +100,7 @@ EARLY_ENDINGS = {
 }
 
 
+@pytest.mark.serial  # the writer must stop within 1 s and spill under 1 MiB
 @pytest.mark.parametrize("ending", EARLY_ENDINGS)
 def test_a_reader_closing_early_stops_the_writer_at_once(
     both: Duo, programs: Programs, tmp_path: Path, ending: str
