@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from . import dataplane
+from .admission import FairSlots, peer_key
 from .edgeid import EdgeId
 from .edges import WriterEnd, WriterState
 from .handshake import HandshakeError, Status
@@ -32,7 +33,9 @@ REDIAL_GRACE = 2.0
 class DataServer:
     def __init__(self, node: Node) -> None:
         self.node = node
-        self.handshaking = 0  # data connections not yet past the HELLO (capped)
+        # Data connections not yet past the HELLO: capped, and shared fairly between peers
+        # (a flood from one address cannot keep other nodes' readers out).
+        self.handshaking: FairSlots[trio.CancelScope] = FairSlots(dataplane.MAX_HANDSHAKES)
 
     async def run(
         self,
@@ -47,32 +50,39 @@ class DataServer:
         async with trio.open_nursery() as nursery:
             while True:
                 try:
-                    sock, _addr = await listener.accept()
+                    sock, addr = await listener.accept()
                 except OSError as exc:
                     log.warning("data plane accept failed: %s", exc)
                     await trio.sleep(0.1)
                     continue
-                if self.handshaking >= dataplane.MAX_HANDSHAKES:
-                    sock.close()  # a flood of idle or unauthenticated peers: refuse early
+                peer = peer_key(str(addr[0]) if isinstance(addr, tuple) else str(addr))
+                # One deadline for TLS and the HELLO: a peer without the secret holds one
+                # of the MAX_HANDSHAKES slots this long at most, not twice it.
+                scope = trio.CancelScope(deadline=trio.current_time() + dataplane.HANDSHAKE_TIMEOUT)
+                admitted, evicted = self.handshaking.admit(peer, scope)
+                if evicted is not None:
+                    evicted.cancel()  # the oldest handshake of the peer holding the most
+                if not admitted:
+                    sock.close()  # this peer holds its share of a full cap already
                     continue
-                self.handshaking += 1
-                nursery.start_soon(self.node._guarded, self._serve, sock)
+                nursery.start_soon(self.node._guarded, self._serve, sock, peer, scope)
 
-    async def _serve(self, raw: trio.socket.SocketType) -> None:
+    async def _serve(self, raw: trio.socket.SocketType, peer: str, scope: trio.CancelScope) -> None:
         with raw:
             try:
+                hello = None
                 try:
-                    dataplane.tune(raw)
-                    sock: dataplane.Conn = raw
-                    # One deadline for TLS and the HELLO: a peer without the secret holds
-                    # one of the MAX_HANDSHAKES slots this long at most, not twice it.
-                    with trio.fail_after(dataplane.HANDSHAKE_TIMEOUT):
+                    with scope:
+                        dataplane.tune(raw)
+                        sock: dataplane.Conn = raw
                         if self.node.tls is not None:  # mutual TLS, then the HMAC HELLO
                             sock = TlsConn(raw, self.node.tls.data_server, server=True)
                             await sock.handshake()
                         hello = await dataplane.accept_hello(sock, self.node.data_key)
                 finally:
-                    self.handshaking -= 1
+                    self.handshaking.release(peer, scope)
+                if scope.cancelled_caught:
+                    log.debug("data connection from %s: handshake timed out or evicted", peer)
                 if hello is None:
                     return
                 writer = await self._writer_for_hello(hello.edge, hello.generation)

@@ -16,12 +16,14 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from fractalfs import auth, handshake
+from fractalfs import auth, dataplane, handshake
 from fractalfs.edgeid import EdgeId
 from fractalfs.handshake import Hello, Reply, Status
 from fractalfs.testing import Node, shared_secret_file
@@ -247,3 +249,95 @@ def test_a_replayed_hello_and_proof_are_refused_and_the_stream_is_exact(
     assert writer.wait(timeout=60) == 0, writer.stderr.read() if writer.stderr else ""
     assert reader.wait(timeout=60) == 0, reader.stderr.read() if reader.stderr else ""
     assert sha_file(out) == sha_file(src)
+
+
+class Flood:
+    """Connections from ``source`` (a loopback address of its own: another peer) to
+    ``endpoint`` that send nothing, each reopened as soon as the server closes it: a
+    slowloris that keeps ``count`` connections at the port for as long as it runs."""
+
+    def __init__(self, endpoint: str, source: str, count: int) -> None:
+        host, _, port = endpoint.rpartition(":")
+        self.target, self.source, self.count = (host, int(port)), source, count
+        self.socks: list[socket.socket] = []
+        self.opened = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="flood", daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            while len(self.socks) < self.count and not self.stop.is_set():
+                s = socket.socket()
+                try:
+                    s.settimeout(1)
+                    s.bind((self.source, 0))
+                    s.connect(self.target)
+                    s.setblocking(False)  # with a timeout, even MSG_DONTWAIT polls first
+                except OSError:
+                    s.close()
+                    break
+                self.socks.append(s)
+                self.opened += 1
+            alive = []
+            for s in self.socks:
+                try:
+                    if s.recv(1) == b"":
+                        s.close()  # the server closed it: reopened on the next round
+                        continue
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    s.close()
+                    continue
+                alive.append(s)
+            self.socks = alive
+            self.stop.wait(0.005)
+
+    def __enter__(self) -> Flood:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        for s in self.socks:
+            s.close()
+
+
+def descriptors(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@needs_fuse
+@pytest.mark.serial  # each pairing under the flood must take under 3 s
+def test_a_slowloris_flood_at_the_data_port_does_not_keep_other_nodes_out(
+    cluster: Cluster, programs: Programs
+) -> None:
+    """A peer without the secret keeps more connections than the handshake cap at a's data
+    port, sending nothing and reconnecting as each is cut: readers on b still pair with
+    a's writers at once (the flood's oldest connection gives way), a's descriptors stay
+    bounded, and the flood runs throughout."""
+    cluster.start_discovery()
+    a, b = cluster.node("a"), cluster.node("b")
+    endpoint = a.ready_line.split("data ")[1].split(",")[0]
+    base = descriptors(a.pid)
+    with Flood(endpoint, "127.0.0.9", dataplane.MAX_HANDSHAKES + 16) as flood:
+        wait_for(
+            lambda: descriptors(a.pid) - base >= dataplane.MAX_HANDSHAKES - 8,
+            20,
+            "the flood filling the handshake cap",
+        )
+        took = []
+        for _ in range(3):
+            edge = new_edge()
+            reader = programs.start(f"exec head -c 2 {b.path(edge)}")
+            time.sleep(0.3)  # the reader waits first
+            start = time.monotonic()
+            sh(f"echo x > {a.path(edge)}")
+            assert reader.communicate(timeout=60)[0] == b"x\n"
+            took.append(time.monotonic() - start)
+        held = descriptors(a.pid) - base
+        assert flood.thread.is_alive() and flood.opened > dataplane.MAX_HANDSHAKES
+    print(f"pairing under the flood: {[round(t, 3) for t in took]} s; {held} descriptors")
+    assert max(took) < 3.0, took
+    assert held <= dataplane.MAX_HANDSHAKES + 20, held
