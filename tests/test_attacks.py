@@ -21,12 +21,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from fractalfs import auth, dataplane, handshake
 from fractalfs.edgeid import EdgeId
 from fractalfs.handshake import Hello, Reply, Status
-from fractalfs.testing import Node, shared_secret_file
+from fractalfs.testing import Discovery, Node, shared_secret_file
 
 from .conftest import (
     Cluster,
@@ -341,3 +342,33 @@ def test_a_slowloris_flood_at_the_data_port_does_not_keep_other_nodes_out(
     print(f"pairing under the flood: {[round(t, 3) for t in took]} s; {held} descriptors")
     assert max(took) < 3.0, took
     assert held <= dataplane.MAX_HANDSHAKES + 20, held
+
+
+def test_a_flood_at_discovery_does_not_keep_other_clients_out(tmp_path: Path) -> None:
+    """A peer keeps more connections than discovery's cap open, sending nothing and
+    reconnecting as each is cut: a client from another address still gets its answers on
+    fresh connections (the flood's oldest gives way), and discovery's descriptors stay
+    bounded by the cap."""
+    conf = tmp_path / "discovery.toml"
+    conf.write_text("max_connections = 40\nheader_timeout = 1.0\n")
+    disc = Discovery(tmp_path, extra=["--config", str(conf)])
+    disc.start()
+    try:
+        endpoint = disc.url.removeprefix("http://")
+        base = descriptors(disc.pid)
+        with Flood(endpoint, "127.0.0.9", 60) as flood:
+            wait_for(lambda: descriptors(disc.pid) - base >= 36, 20, "the flood at the cap")
+            answers = []
+            for _ in range(10):  # a fresh connection each time
+                with httpx.Client(auth=disc.auth, timeout=10) as http:
+                    try:
+                        answers.append(http.get(disc.url + "/v1/edges").status_code)
+                    except httpx.TransportError as exc:
+                        answers.append(type(exc).__name__)  # type: ignore[arg-type]
+            held = descriptors(disc.pid) - base
+            assert flood.thread.is_alive() and flood.opened > 40
+        assert answers == [200] * 10, answers
+        assert held <= 40 + 5, held
+        assert disc.alive()
+    finally:
+        disc.stop()

@@ -18,12 +18,16 @@ from typing import Any
 
 from aiohttp import web
 
+from ..admission import FairSlots, peer_key
+
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Limits:
-    #: Open client connections at once; more are closed on accept.
+    #: Open client connections at once. Past it a newcomer takes the place of the oldest
+    #: connection of the address holding the most, if that holds more than the newcomer's
+    #: (:class:`fractalfs.admission.FairSlots`); otherwise it is closed on accept.
     max_connections: int = 4096
     #: Seconds from accepting a connection to a complete request head.
     header_timeout: float = 5.0
@@ -38,27 +42,50 @@ class Limits:
 
 
 def install(server: web.Server, limits: Limits) -> None:
-    """Caps connections and times out request heads on ``server`` (after runner.setup)."""
+    """Caps connections, shared fairly between peers, and times out request heads on
+    ``server`` (after runner.setup)."""
     loop = asyncio.get_running_loop()
-    made = server.connection_made
+    made, lost = server.connection_made, server.connection_lost
+    slots: FairSlots[Any] = FairSlots(limits.max_connections)
+    peers: dict[Any, str] = {}  # handler -> the peer it counts against
 
     def connection_made(handler: Any, transport: asyncio.Transport) -> None:
-        if len(server.connections) >= limits.max_connections:
+        name = transport.get_extra_info("peername")
+        peer = peer_key(str(name[0]) if isinstance(name, tuple) else str(name))
+        admitted, evicted = slots.admit(peer, handler)
+        if evicted is not None:
+            peers.pop(evicted, None)
+            _close(evicted)  # the oldest connection of the address holding the most
+        if not admitted:
             log.warning("connection cap (%d) reached: refusing a client", limits.max_connections)
             transport.abort()
             return
+        peers[handler] = peer
         made(handler, transport)
         loop.call_later(limits.header_timeout, _check_head, handler)
 
+    def connection_lost(handler: Any, exc: BaseException | None = None) -> None:
+        peer = peers.pop(handler, None)
+        if peer is not None:
+            slots.release(peer, handler)
+        lost(handler, exc)
+
     server.connection_made = connection_made  # type: ignore[method-assign]
+    server.connection_lost = connection_lost  # type: ignore[method-assign]
+
+
+def _close(handler: Any) -> None:
+    transport = handler.transport
+    handler.force_close()
+    if transport is not None:
+        transport.close()
 
 
 def _check_head(handler: Any) -> None:
     # aiohttp counts a request once its head is parsed (RequestHandler._request_count).
     transport = handler.transport
     if getattr(handler, "_request_count", 1) == 0 and transport is not None:
-        handler.force_close()  # may drop handler.transport already
-        transport.close()
+        _close(handler)
 
 
 async def read_body(request: web.Request, timeout: float) -> bytes:
