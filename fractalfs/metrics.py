@@ -15,6 +15,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
+from .admission import FairSlots, peer_key
 from .auth import check_basic
 
 log = logging.getLogger(__name__)
@@ -123,17 +124,27 @@ class _Handler(WSGIRequestHandler):
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's default backlog of 5 dropped the SYNs of a burst of connections (the
+    # peer retries after 1 s, 3 s, ...): a scrape waited behind a flood for seconds.
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], handler: type[_Handler]) -> None:
         super().__init__(address, handler)
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        # Shared fairly between peers: a flood from one address cannot keep the scraper out.
+        self._slots: FairSlots[Any] = FairSlots(MAX_CONNECTIONS)
+        self._lock = threading.Lock()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug("metrics request from %s failed", client_address, exc_info=True)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            self.shutdown_request(request)  # too many at once: closed, nothing answered
+        peer = peer_key(str(client_address[0]))
+        with self._lock:
+            admitted, evicted = self._slots.admit(peer, request)
+        if evicted is not None:
+            _cut(evicted)  # the oldest connection of the address holding the most
+        if not admitted:
+            self.shutdown_request(request)  # its address holds its share: closed unanswered
             return
         super().process_request(request, client_address)
 
@@ -146,7 +157,8 @@ class _Server(ThreadingMixIn, WSGIServer):
             super().process_request_thread(request, client_address)
         finally:
             cut.cancel()
-            self._slots.release()
+            with self._lock:
+                self._slots.release(peer_key(str(client_address[0])), request)
 
 
 def _cut(request: socket.socket) -> None:

@@ -9,6 +9,7 @@ writes may reach the stream, and the stream must end exactly, with status 0."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -287,7 +288,7 @@ class Flood:
             while len(self.socks) < self.count and not self.stop.is_set():
                 s = socket.socket()
                 try:
-                    s.settimeout(1)
+                    s.settimeout(3)  # a full backlog drops SYNs: the kernel resends after 1 s
                     s.bind((self.source, 0))
                     s.connect(self.target)
                     s.setblocking(False)  # with a timeout, even MSG_DONTWAIT polls first
@@ -389,3 +390,40 @@ def test_a_flood_at_discovery_does_not_keep_other_clients_out(tmp_path: Path) ->
         assert disc.alive()
     finally:
         disc.stop()
+
+
+@needs_fuse
+def test_a_flood_at_a_nodes_metrics_port_does_not_keep_the_scraper_out(
+    cluster: Cluster,
+) -> None:
+    """The metrics port's 64 connections, held by one address that sends nothing and
+    reconnects as each is cut: a scrape from another address is still answered."""
+    from fractalfs.metrics import MAX_CONNECTIONS
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    disc = cluster.start_discovery()
+    a = cluster.node("a", extra=["--metrics-listen", f"127.0.0.1:{port}"])
+    base = descriptors(a.pid)
+    # Four flooders from one address: socketserver accepted one connection at a time
+    # from a backlog of 5, so one thread connecting in turn could not fill the cap.
+    floods = [Flood(f"127.0.0.1:{port}", "127.0.0.9", MAX_CONNECTIONS // 4 + 8) for _ in range(4)]
+    with contextlib.ExitStack() as stack:
+        for flood in floods:
+            stack.enter_context(flood)
+        wait_for(
+            lambda: descriptors(a.pid) - base >= MAX_CONNECTIONS - 4, 30, "the flood at the cap"
+        )
+        answers = []
+        for _ in range(5):
+            try:
+                got = httpx.get(f"http://127.0.0.1:{port}/metrics", auth=disc.auth, timeout=10)
+                answers.append(got.status_code)
+            except httpx.TransportError as exc:
+                answers.append(type(exc).__name__)  # type: ignore[arg-type]
+        held = descriptors(a.pid) - base
+        assert all(f.thread.is_alive() for f in floods)
+        assert sum(f.opened for f in floods) > MAX_CONNECTIONS
+    assert answers == [200] * 5, answers
+    assert held <= MAX_CONNECTIONS + 8, held
