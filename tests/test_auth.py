@@ -132,9 +132,13 @@ def test_a_node_may_act_only_as_itself(disc: Discovery) -> None:
         resp = http.post(f"/edges/{E}/writer/gone", json={**gone, "node": "b"}, auth=b)
         assert resp.status_code == 403 and "not the reader" in resp.json()["error"]
         assert http.post(f"/edges/{E}/writer/gone", json=gone, auth=a).status_code == 200
+        # Registering as the writer of an edge whose writer is open on another node: 409.
+        resp = http.post(f"/edges/{E}/writer", json={"node": "a", "endpoint": "h:2"}, auth=a)
+        assert resp.status_code == 409 and "open writer on node b" in resp.json()["error"]
         rec = http.get(f"/edges/{E}", auth=a).json()
         assert rec["writer_node"] == "b" and rec["reader_node"] == "a"
         assert rec["writer_state"] == "open" and rec["generation"] == 1
+        assert rec["writer_endpoint"] == "h:1"
         # The operator (the secret itself) may do anything.
         assert disc.auth is not None
         assert http.post(f"/edges/{E}/writer/close", json=close, auth=disc.auth).is_success
