@@ -235,7 +235,7 @@ def _layered(cls: type, config: object, args: argparse.Namespace, default_path: 
 def _cmd_discovery(args: argparse.Namespace) -> None:
     from .config import default_state_dir
     from .discovery.etcd import EtcdUnavailable
-    from .discovery.limits import Limits
+    from .discovery.limits import Limits, fit_descriptors
     from .discovery.server import parse_listen, serve_forever
 
     config = DiscoveryConfig()
@@ -256,12 +256,14 @@ def _cmd_discovery(args: argparse.Namespace) -> None:
             ssl_context = server_context(check_dir(config.tls_dir), mutual=False)
         except TlsError as exc:
             raise QuietError(str(exc), 2) from None
-    lim = Limits(
-        max_connections=config.max_connections,
-        header_timeout=config.header_timeout,
-        body_timeout=config.body_timeout,
-        max_waiters=config.max_waiters,
-        max_subscribers=config.max_subscribers,
+    lim = fit_descriptors(
+        Limits(
+            max_connections=config.max_connections,
+            header_timeout=config.header_timeout,
+            body_timeout=config.body_timeout,
+            max_waiters=config.max_waiters,
+            max_subscribers=config.max_subscribers,
+        )
     )
     if config.store:
         from .discovery.etcd import parse_url

@@ -12,7 +12,10 @@ complete request head within ``header_timeout`` is closed; between requests aioh
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
+import resource
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +44,35 @@ class Limits:
     max_subscribers: int = 64
 
 
+#: Descriptors kept for what is not a client connection (the listener, SQLite and its WAL,
+#: the etcd client's connections, logs) and for connections accepted but not yet closed:
+#: asyncio accepts up to the listen backlog (128) per wakeup before the cap closes any, and
+#: a connection closed by the cap gives its descriptor back only on the loop's next turn.
+#: This many, or half the limit where that is less.
+DESCRIPTOR_MARGIN = 1024
+
+
+def fit_descriptors(limits: Limits) -> Limits:
+    """Raises the soft descriptor limit to the hard one, and lowers ``max_connections``
+    below it if it does not fit: a flood must meet the cap (where the fair share works),
+    never EMFILE (asyncio then stops accepting anyone for a second at a time)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    fits = max(soft - DESCRIPTOR_MARGIN, soft // 2, 16)
+    if limits.max_connections <= fits:
+        return limits
+    log.warning(
+        "max_connections %d does not fit the descriptor limit %d: serving %d at once",
+        limits.max_connections,
+        soft,
+        fits,
+    )
+    return dataclasses.replace(limits, max_connections=fits)
+
+
 def install(server: web.Server, limits: Limits) -> None:
     """Caps connections, shared fairly between peers, and times out request heads on
     ``server`` (after runner.setup)."""
@@ -48,6 +80,7 @@ def install(server: web.Server, limits: Limits) -> None:
     made, lost = server.connection_made, server.connection_lost
     slots: FairSlots[Any] = FairSlots(limits.max_connections)
     peers: dict[Any, str] = {}  # handler -> the peer it counts against
+    refused = [0, 0.0]  # refused since the last warning, when the next may be logged
 
     def connection_made(handler: Any, transport: asyncio.Transport) -> None:
         name = transport.get_extra_info("peername")
@@ -56,12 +89,22 @@ def install(server: web.Server, limits: Limits) -> None:
         if evicted is not None:
             peers.pop(evicted, None)
             _close(evicted)  # the oldest connection of the address holding the most
+        made(handler, transport)
         if not admitted:
-            log.warning("connection cap (%d) reached: refusing a client", limits.max_connections)
-            transport.abort()
+            # Closed on the loop's next turn, after aiohttp started the handler's task (an
+            # abort here ran its connection_lost first: the task failed an assertion and
+            # logged a traceback per refused connection).
+            loop.call_soon(_close, handler)
+            refused[0] += 1
+            if loop.time() >= refused[1]:  # one line per 10 s, not one per connection
+                log.warning(
+                    "connection cap (%d) reached: refused %d clients",
+                    limits.max_connections,
+                    refused[0],
+                )
+                refused[:] = [0, loop.time() + 10.0]
             return
         peers[handler] = peer
-        made(handler, transport)
         loop.call_later(limits.header_timeout, _check_head, handler)
 
     def connection_lost(handler: Any, exc: BaseException | None = None) -> None:
