@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 # How long a lost reader whose connection ended may take to redial or be heard again
 # (it redials at once on waking; its next heartbeat or pulse is due within 0.5 s).
 REDIAL_GRACE = 2.0
+REJECTED_LOG_EVERY = 10.0  # seconds between lines about malformed handshakes
 
 
 class DataServer:
@@ -36,6 +37,8 @@ class DataServer:
         # Data connections not yet past the HELLO: capped, and shared fairly between peers
         # (a flood from one address cannot keep other nodes' readers out).
         self.handshaking: FairSlots[trio.CancelScope] = FairSlots(dataplane.MAX_HANDSHAKES)
+        self.rejected = 0  # malformed handshakes not yet logged
+        self.rejected_log_at = 0.0  # trio time the next such line may be logged
 
     async def run(
         self,
@@ -109,7 +112,18 @@ class DataServer:
             except* (OSError, dataplane.ConnectionLost, trio.TooSlowError) as group:
                 log.debug("data connection ended: %s", group.exceptions[0])
             except* HandshakeError as group:
-                log.info("rejected data connection: %s", group.exceptions[0])
+                self._rejected(str(group.exceptions[0]))
+
+    def _rejected(self, why: str) -> None:
+        """Logs a refused handshake: the first, then at most one line per 10 s with how
+        many there were (a flood of garbage must not become a flood of log lines)."""
+        self.rejected += 1
+        now = trio.current_time()
+        if now >= self.rejected_log_at:
+            log.info(
+                "rejected data connection: %s (%d since the last such line)", why, self.rejected
+            )
+            self.rejected, self.rejected_log_at = 0, now + REJECTED_LOG_EVERY
 
     async def _reader_gone_unless_back(self, writer: WriterEnd) -> None:
         """The connection of a reader whose node discovery lost (silent) ended: gone, unless

@@ -462,3 +462,24 @@ def test_a_flood_at_discovery_meets_its_cap_before_the_descriptor_limit(tmp_path
         assert "does not fit the descriptor limit 1024: serving 512 at once" in log()
     finally:
         disc.stop()
+
+
+@needs_fuse
+def test_garbage_at_the_data_port_is_logged_once_per_10_s_not_per_connection(
+    cluster: Cluster,
+) -> None:
+    """500 connections sending garbage: each refused, the daemon serves on, and its log
+    gains a line or two, not one per connection (a flood must not fill the disk)."""
+    cluster.start_discovery()
+    a = cluster.node("a")
+    endpoint = a.ready_line.split("data ")[1].split(",")[0]
+    host, _, port = endpoint.rpartition(":")
+    before = a.log.read_text().count("rejected data connection")
+    for _ in range(500):
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            s.sendall(b"GET / HTTP/1.1\r\n" + b"\0" * handshake.HELLO.size)
+            with contextlib.suppress(OSError):
+                assert s.recv(64) == b""  # closed unanswered
+    lines = a.log.read_text().count("rejected data connection") - before
+    assert 1 <= lines <= 2, lines
+    assert a.alive()
