@@ -87,6 +87,10 @@ class NodeConfig:
     #: Per local user (not root): bytes its open writers may have spilled; a write beyond
     #: it fails with EDQUOT (0: no limit).
     uid_spill_limit: int = 64 * 1024 * MiB
+    #: Per local user (not root): a spilling write fails with EDQUOT while the spill
+    #: directory's filesystem has less than this free, so no user can fill the disk that
+    #: root's streams, discovery's database and the logs share (0: no floor).
+    spill_min_free: int = 1024 * MiB
 
     def finalize(self) -> None:
         """Fills in what was left empty: node name, state directory and paths under it."""

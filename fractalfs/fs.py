@@ -141,6 +141,7 @@ class Operations(pyfuse3.Operations):
         self._dir_uids: dict[int, int] = {}  # open directory handle -> the uid listing it
         self._finished: dict[int, Finished] = {}  # uid -> its closed, undelivered writer ends
         self._pruned_at = float("-inf")  # see _prune
+        self._spill_free = (0, float("-inf"))  # spill filesystem's free bytes, next look
         self._next_dir = 1
         self._started_ns = time.time_ns()
         self._uid = os.getuid()
@@ -187,7 +188,11 @@ class Operations(pyfuse3.Operations):
     def _check_spill(self, handle: Handle) -> None:
         limit = self.node.config.uid_spill_limit
         writer = handle.writer
-        if not limit or handle.uid == ROOT_UID or writer is None or writer.spill is None:
+        if handle.uid == ROOT_UID or writer is None or writer.spill is None:
+            return
+        if self._spill_disk_low():
+            raise pyfuse3.FUSEError(errno.EDQUOT)
+        if not limit:
             return
         spilled = 0
         for h in self._handles.values():
@@ -196,6 +201,23 @@ class Operations(pyfuse3.Operations):
                 spilled += w.spill.end - w.spill.start
         if spilled + self._finished_use(handle.uid, None, limit - spilled)[1] > limit:
             raise pyfuse3.FUSEError(errno.EDQUOT)
+
+    def _spill_disk_low(self) -> bool:
+        """Whether the spill filesystem is below ``spill_min_free`` (looked at every 0.1 s
+        at most: at 1 GB/s a user spills 100 MB past the floor at worst)."""
+        floor = self.node.config.spill_min_free
+        if not floor:
+            return False
+        free, look_at = self._spill_free
+        now = time.monotonic()
+        if now >= look_at:
+            try:
+                st = os.statvfs(self.node.config.spill_dir)
+                free = st.f_bavail * st.f_frsize
+            except OSError:
+                free = 0  # cannot tell: no user may spill
+            self._spill_free = (free, now + 0.1)
+        return free < floor
 
     def _keep_counting(self, handle: Handle | None) -> None:
         """A user's writer end closed: until delivered it still holds its bytes (see

@@ -483,3 +483,39 @@ def test_garbage_at_the_data_port_is_logged_once_per_10_s_not_per_connection(
     lines = a.log.read_text().count("rejected data connection") - before
     assert 1 <= lines <= 2, lines
     assert a.alive()
+
+
+@needs_fuse
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
+def test_another_user_cannot_fill_the_spill_disk(work: Path) -> None:
+    """`nobody` writes a persistent edge nobody reads, far more than the spill filesystem
+    (a 48 MiB tmpfs) holds and below its uid_spill_limit: its writes fail with EDQUOT
+    once less than spill_min_free (16 MiB) is free, and root's stream still spills."""
+    spill = work / "spill-fs"
+    spill.mkdir()
+    sh(f"mount -t tmpfs -o size=48m,mode=0700 fractalfs-test-spill {spill}")
+    try:
+        conf = work / "node.toml"
+        conf.write_text(f'spill_dir = "{spill}/spill"\nspill_min_free = {16 << 20}\n')
+        n = Node(work, "solo", None, extra=["--config", str(conf), "--mode", "persistent"])
+        try:
+            n.start()
+            n.mountpoint.chmod(0o755)
+            flood = subprocess.run(
+                [*as_uid(65534), "sh", "-c", f"head -c 96M /dev/zero > {n.path(new_edge())}"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert flood.returncode != 0, flood.stderr  # a pipe's EPIPE: the log names EDQUOT
+            assert "Disk quota exceeded" in n.log.read_text()
+            st = os.statvfs(spill)
+            assert st.f_bavail * st.f_frsize >= 8 << 20  # the floor, less one look's worth
+            edge = new_edge()
+            sh(f"head -c 4M /dev/urandom > {work}/src && cat {work}/src > {n.path(edge)}")
+            assert sha_file(Path(n.path(edge))) == sha_file(work / "src")  # root's, spilled
+            assert n.alive()
+        finally:
+            n.stop()
+    finally:
+        sh(f"umount -l {spill}", check=False)
