@@ -41,6 +41,8 @@ class FairSlots(Generic[T]):
     def __init__(self, total: int) -> None:
         if total < 1:
             raise ValueError("total must be at least 1")
+        # May be lowered later (connections that leave the pool yet keep a descriptor);
+        # tokens held past it stay until released, and no newcomer gets in meanwhile.
         self.total = total
         self._held: dict[str, dict[T, None]] = {}  # peer -> its tokens, oldest first
         self._count = 0
@@ -56,6 +58,8 @@ class FairSlots(Generic[T]):
         connection must be closed now: it no longer counts)."""
         evicted: T | None = None
         if self._count >= self.total:
+            if not self._held:
+                return False, None  # a cap of 0: nobody's place to take
             mine = self.held(peer)
             # The peer holding the most (of equals, the one that has held tokens longest).
             top = max(self._held, key=lambda p: len(self._held[p]))

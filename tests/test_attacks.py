@@ -519,3 +519,52 @@ def test_another_user_cannot_fill_the_spill_disk(work: Path) -> None:
             n.stop()
     finally:
         sh(f"umount -l {spill}", check=False)
+
+
+def _keepalive_get(s: socket.socket, host: str, token: str) -> bytes:
+    """One authenticated request on ``s`` (kept open): the status line."""
+    s.sendall(
+        f"GET /v1/nodes HTTP/1.1\r\nHost: {host}\r\nAuthorization: Basic {token}\r\n\r\n".encode()
+    )
+    got = b""
+    while b"\r\n\r\n" not in got:
+        chunk = s.recv(65536)
+        if not chunk:
+            return b"closed"
+        got += chunk
+    head, _, body = got.partition(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    while len(body) < length:
+        body += s.recv(65536)
+    return head.split(b"\r\n")[0]
+
+
+def test_connections_that_proved_the_secret_are_never_pushed_out(tmp_path: Path) -> None:
+    """A node holding more of discovery's connections than any flooding address, each of
+    them past a request that proved the secret: a flood from 16 addresses at the cap
+    pushes out only connections that proved nothing, and the node's all answer on."""
+    import base64
+
+    conf = tmp_path / "discovery.toml"
+    conf.write_text("max_connections = 40\nheader_timeout = 2.0\n")
+    disc = Discovery(tmp_path, extra=["--config", str(conf)])
+    disc.start()
+    try:
+        assert disc.auth is not None
+        token = base64.b64encode(":".join(disc.auth).encode()).decode()
+        hostport = disc.url.removeprefix("http://")
+        host, _, port = hostport.rpartition(":")
+        mine = [socket.create_connection((host, int(port)), timeout=10) for _ in range(8)]
+        try:
+            assert {_keepalive_get(s, hostport, token) for s in mine} == {b"HTTP/1.1 200 OK"}
+            with contextlib.ExitStack() as stack:
+                floods = [
+                    stack.enter_context(Flood(hostport, f"127.0.0.{20 + i}", 4)) for i in range(16)
+                ]
+                wait_for(lambda: sum(f.opened for f in floods) > 200, 30, "the flood churning")
+                assert {_keepalive_get(s, hostport, token) for s in mine} == {b"HTTP/1.1 200 OK"}
+        finally:
+            for s in mine:
+                s.close()
+    finally:
+        disc.stop()

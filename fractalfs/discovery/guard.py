@@ -24,6 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from ..auth import Principal, check_basic
+from . import limits
 from .limits import read_body
 from .store import Edge
 
@@ -93,6 +94,9 @@ def middleware(secret: bytes, get: Get, body_timeout: float) -> Any:
         if reason:
             return _refuse(403, reason)
         request["principal"] = who
+        admission = request.app.get(limits.ADMISSION)
+        if admission is not None:
+            admission.prove(request.protocol)  # no longer pushed out by a flood
         return await handler(request)
 
     return guard

@@ -73,48 +73,75 @@ def fit_descriptors(limits: Limits) -> Limits:
     return dataclasses.replace(limits, max_connections=fits)
 
 
-def install(server: web.Server, limits: Limits) -> None:
-    """Caps connections, shared fairly between peers, and times out request heads on
-    ``server`` (after runner.setup)."""
-    loop = asyncio.get_running_loop()
-    made, lost = server.connection_made, server.connection_lost
-    slots: FairSlots[Any] = FairSlots(limits.max_connections)
-    peers: dict[Any, str] = {}  # handler -> the peer it counts against
-    refused = [0, 0.0]  # refused since the last warning, when the next may be logged
+class Admission:
+    """Who holds discovery's ``max_connections``. A connection that has not yet proved the
+    cluster secret counts in a :class:`FairSlots` (past the cap a newcomer takes the place
+    of the oldest such connection of the address holding the most); one whose request
+    proved it (:meth:`prove`) leaves that pool and can no longer be pushed out by anyone,
+    while still taking one of the connections (the pool shrinks by one)."""
 
-    def connection_made(handler: Any, transport: asyncio.Transport) -> None:
-        name = transport.get_extra_info("peername")
-        peer = peer_key(str(name[0]) if isinstance(name, tuple) else str(name))
-        admitted, evicted = slots.admit(peer, handler)
-        if evicted is not None:
-            peers.pop(evicted, None)
-            _close(evicted)  # the oldest connection of the address holding the most
-        made(handler, transport)
-        if not admitted:
-            # Closed on the loop's next turn, after aiohttp started the handler's task (an
-            # abort here ran its connection_lost first: the task failed an assertion and
-            # logged a traceback per refused connection).
-            loop.call_soon(_close, handler)
-            refused[0] += 1
-            if loop.time() >= refused[1]:  # one line per 10 s, not one per connection
-                log.warning(
-                    "connection cap (%d) reached: refused %d clients",
-                    limits.max_connections,
-                    refused[0],
-                )
-                refused[:] = [0, loop.time() + 10.0]
-            return
-        peers[handler] = peer
-        loop.call_later(limits.header_timeout, _check_head, handler)
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.slots: FairSlots[Any] = FairSlots(limits.max_connections)
+        self.peers: dict[Any, str] = {}  # unproven handler -> the peer it counts against
+        self.proven: set[Any] = set()
+        self.refused = 0  # refused since the last warning
+        self.warn_at = 0.0  # loop time the next warning may be logged
 
-    def connection_lost(handler: Any, exc: BaseException | None = None) -> None:
-        peer = peers.pop(handler, None)
-        if peer is not None:
-            slots.release(peer, handler)
-        lost(handler, exc)
+    def prove(self, handler: Any) -> None:
+        """``handler``'s connection made a request that proved the secret."""
+        peer = self.peers.pop(handler, None)
+        if peer is None:
+            return  # proved before, or not counted (refused)
+        self.slots.release(peer, handler)
+        self.proven.add(handler)
+        self.slots.total = max(self.limits.max_connections - len(self.proven), 0)
 
-    server.connection_made = connection_made  # type: ignore[method-assign]
-    server.connection_lost = connection_lost  # type: ignore[method-assign]
+    def install(self, server: web.Server) -> None:
+        """Caps connections and times out request heads on ``server`` (after
+        runner.setup)."""
+        loop = asyncio.get_running_loop()
+        made, lost = server.connection_made, server.connection_lost
+
+        def connection_made(handler: Any, transport: asyncio.Transport) -> None:
+            name = transport.get_extra_info("peername")
+            peer = peer_key(str(name[0]) if isinstance(name, tuple) else str(name))
+            admitted, evicted = self.slots.admit(peer, handler)
+            if evicted is not None:
+                self.peers.pop(evicted, None)
+                _close(evicted)  # the oldest connection of the address holding the most
+            made(handler, transport)
+            if not admitted:
+                # Closed on the loop's next turn, after aiohttp started the handler's task
+                # (an abort here ran its connection_lost first: the task failed an
+                # assertion and logged a traceback per refused connection).
+                loop.call_soon(_close, handler)
+                self.refused += 1
+                if loop.time() >= self.warn_at:  # one line per 10 s, not one per client
+                    log.warning(
+                        "connection cap (%d) reached: refused %d clients",
+                        self.limits.max_connections,
+                        self.refused,
+                    )
+                    self.refused, self.warn_at = 0, loop.time() + 10.0
+                return
+            self.peers[handler] = peer
+            loop.call_later(self.limits.header_timeout, _check_head, handler)
+
+        def connection_lost(handler: Any, exc: BaseException | None = None) -> None:
+            peer = self.peers.pop(handler, None)
+            if peer is not None:
+                self.slots.release(peer, handler)
+            elif handler in self.proven:
+                self.proven.discard(handler)
+                self.slots.total = max(self.limits.max_connections - len(self.proven), 0)
+            lost(handler, exc)
+
+        server.connection_made = connection_made  # type: ignore[method-assign]
+        server.connection_lost = connection_lost  # type: ignore[method-assign]
+
+
+ADMISSION = web.AppKey("admission", Admission)
 
 
 def _close(handler: Any) -> None:

@@ -860,12 +860,13 @@ async def start(
 
     ``ssl_context``: serve HTTPS (``--tls-dir``, see :mod:`fractalfs.tls`)."""
     app = make_app(store, retention, secret, lim).app()
+    admission = app[limits.ADMISSION] = limits.Admission(lim)  # the guard calls its prove
     runner = web.AppRunner(
         app, access_log=None, shutdown_timeout=1.0, keepalive_timeout=lim.keepalive_timeout
     )
     await runner.setup()
     assert runner.server is not None
-    limits.install(runner.server, lim)
+    admission.install(runner.server)
     site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)
     await site.start()
     bound = runner.addresses[0]
