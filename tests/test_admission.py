@@ -75,3 +75,17 @@ def test_fair_slots_invariants(total: int, steps: list[tuple[bool, int, int]]) -
         assert len(slots) == len(live) <= total
         for p in set(live.values()):
             assert slots.held(p) == sum(1 for q in live.values() if q == p)
+
+
+def test_a_proven_connection_leaves_the_pool_and_shrinks_it() -> None:
+    """What discovery's Admission.prove does: release the token, lower the cap by one."""
+    slots: FairSlots[int] = FairSlots(2)
+    assert slots.admit("node", 1) == (True, None)
+    slots.release("node", 1)
+    slots.total = 1  # node's connection 1 proved the secret
+    assert slots.admit("flood", 2) == (True, None)
+    assert slots.admit("flood", 3) == (False, None)
+    assert slots.admit("other", 4) == (True, 2)  # the flood's, never the proven one
+    slots.release("other", 4)
+    slots.total = 0  # every connection proved: nobody else gets in
+    assert slots.admit("other", 5) == (False, None)
