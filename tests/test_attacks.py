@@ -459,7 +459,7 @@ def test_a_flood_at_discovery_meets_its_cap_before_the_descriptor_limit(tmp_path
         assert "out of system resource" not in log()
         assert "Traceback" not in log()  # a refused connection's task failed an assertion
         assert answers == [200] * 5, answers
-        assert "does not fit the descriptor limit 1024: serving 512 at once" in log()
+        assert "does not fit the descriptor limit 1024: serving 256 at once" in log()
     finally:
         disc.stop()
 

@@ -48,7 +48,9 @@ class Limits:
 #: the etcd client's connections, logs) and for connections accepted but not yet closed:
 #: asyncio accepts up to the listen backlog (128) per wakeup before the cap closes any, and
 #: a connection closed by the cap gives its descriptor back only on the loop's next turn.
-#: This many, or half the limit where that is less.
+#: This many, or three quarters of the limit where that is less (a connection is accepted
+#: in one turn, set up in a later one and closed later still; one run at a load average of
+#: ~3,000 hit EMFILE with half of a 1,024 limit to spare).
 DESCRIPTOR_MARGIN = 1024
 
 
@@ -61,7 +63,7 @@ def fit_descriptors(limits: Limits) -> Limits:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             soft = hard
-    fits = max(soft - DESCRIPTOR_MARGIN, soft // 2, 16)
+    fits = max(soft - DESCRIPTOR_MARGIN, soft // 4, 16)
     if limits.max_connections <= fits:
         return limits
     log.warning(
