@@ -409,8 +409,10 @@ class FifoReader:
         self.parked_in: IdleFifos | None = None  # waiting for its first byte with no task
         self.lingering = False  # closed unread: the next reading open gets it (_reopened)
         #: Threads whose LOOKUP got this FIFO while it lingered: each may still be between
-        #: that answer and the kernel's open of the FIFO (see _late_reopen).
-        self.reopeners: set[int] = set()
+        #: that answer and the kernel's open of the FIFO (see _late_reopen). None until
+        #: one does: an empty set is 216 bytes, and a daemon holds a FifoReader per
+        #: waiting reader.
+        self.reopeners: set[int] | None = None
 
     def wake(self) -> None:
         """Its reader end changed (see :meth:`IdleFifos.park`)."""
@@ -790,7 +792,7 @@ async def _reopened(node: Node, fifo: FifoReader, fd: int) -> bool:
     if reader.consumed or procs.exit_status(reader.tgid) is not None:
         return False
     fifo.lingering = True
-    fifo.reopeners.clear()
+    fifo.reopeners = None
     try:
         with trio.move_on_after(procs.REOPEN_GRACE):
             while node.exits.status(reader.tgid) is None:
@@ -821,8 +823,8 @@ async def _late_reopen(fifo: FifoReader, fd: int) -> bool:
     A reader that opened, read and closed meanwhile has consumed bytes: True too (the
     hang-up that follows decides, as for any close after reading)."""
     reader = fifo.reader
-    absent = dict.fromkeys(fifo.reopeners, 0)
-    fifo.reopeners.clear()
+    absent = dict.fromkeys(fifo.reopeners or (), 0)
+    fifo.reopeners = None
     start = trio.current_time()
     while True:
         if not _hung_up(fd) or reader.consumed:

@@ -396,7 +396,10 @@ class Operations(pyfuse3.Operations):
         None: this open stays on FUSE (see _refuse_fifo)."""
         fifo = self._fifo_readers.get(edge)
         if fifo is not None and fifo.lingering:  # closed unread: a reopen (fiforoute._reopened)
-            fifo.reopeners.add(ctx.pid)  # its open may come after the grace (_late_reopen)
+            # Its open may come after the grace (_late_reopen).
+            if fifo.reopeners is None:
+                fifo.reopeners = set()
+            fifo.reopeners.add(ctx.pid)
             attrs = self._attrs(self._looked_up(fifo.ino))
             await testhooks.lingering_lookup_delay()
             return attrs
