@@ -7,7 +7,8 @@
 
 Prints the time for the N readers to register (first open() to the last returned), daemon
 B's RSS before and with the N readers waiting, per reader, the same after
-glibc's malloc_trim(0) (what the allocator holds but does not use), and with --trace the
+glibc's malloc_trim(0) (what the allocator holds but does not use), the peak RSS while
+they registered (VmHWM), and with --trace the
 Python memory traced per reader and the allocation sites that hold it (run it without
 --trace for RSS: tracing costs memory itself). Readers are threads of helper processes (as
 in bench/scale.py), on the reader FIFO route.
@@ -103,6 +104,10 @@ def run(
             edges = http.get(f"{disc.url}/v1/edges").json()["edges"]
         registered = sum(e["reader_state"] == "open" for e in edges)
         time.sleep(2.0)
+        early = ask(probe, "snap")
+        # trio's idle worker threads (the open's hop to the keeper) end 10 s after their
+        # last job, and their stacks and malloc arenas with them: idle is measured after.
+        time.sleep(12.0)
         idle = ask(probe, "snap")
         trimmed = ask(probe, "trim")
         types_idle = ask_types(probe) if by_type else {}
@@ -115,7 +120,11 @@ def run(
             "descriptors_idle": idle["fds"],
             "rss_kib_before": before["rss_kib"],
             "rss_kib_idle": idle["rss_kib"],
+            "rss_per_reader_kib_2s": round((early["rss_kib"] - before["rss_kib"]) / n, 2),
             "rss_per_reader_kib": round((idle["rss_kib"] - before["rss_kib"]) / n, 2),
+            # The peak while they registered: what the opens in flight took at once
+            # (the allocator keeps most of it: see rss_per_reader_kib_after_trim).
+            "peak_rss_per_reader_kib": round((idle["hwm_kib"] - before["rss_kib"]) / n, 2),
             "rss_per_reader_kib_after_trim": round(
                 (trimmed["rss_kib_trimmed"] - before["rss_kib"]) / n, 2
             ),

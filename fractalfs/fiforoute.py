@@ -395,12 +395,20 @@ class FifoReader:
         "pending",
         "reader",
         "reopeners",
+        "reserved",
+        "uid",
     )
 
-    def __init__(self, reader: ReaderEnd, ino: int, ends: tuple[int, int]) -> None:
+    def __init__(
+        self, reader: ReaderEnd, ino: int, ends: tuple[int, int], uid: int = 0, reserved: int = 0
+    ) -> None:
         # No path kept (it is MOUNT/.fifo/<ino>, used only by the keeper's open): a
         # string of ~90 bytes per waiting reader.
         self.reader, self.ino = reader, ino
+        # Who opened it and the memory counted against that uid (the read buffer and the
+        # pipe): what a FUSE handle holds, kept here (a Handle, its map entry and key were
+        # ~140 bytes per waiting reader).
+        self.uid, self.reserved = uid, reserved
         self.hold: int | None = ends[0]  # a stand-in reader until the program opened
         self.fd: int | None = ends[1]  # the write end
         self.opened = False  # the program's open was seen (or given up on)

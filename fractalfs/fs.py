@@ -156,7 +156,7 @@ class Operations(pyfuse3.Operations):
     # -- local ownership (see fractalfs.ownership) ---------------------------------------
 
     def _busy(self, edge: EdgeId) -> bool:
-        if edge in self.node.slots:
+        if edge in self.node.slots or edge in self._fifo_readers:
             return True
         return any(self._edges.get(h.inode) == edge for h in self._handles.values())
 
@@ -177,6 +177,7 @@ class Operations(pyfuse3.Operations):
         if uid == ROOT_UID:
             return need
         held = sum(h.reserved for h in self._handles.values() if h.uid == uid)
+        held += sum(f.reserved for f in self._fifo_readers.values() if f.uid == uid)
         if held + need + self._finished_use(uid, config.uid_memory_limit - held - need)[0] > (
             config.uid_memory_limit
         ):
@@ -438,10 +439,10 @@ class Operations(pyfuse3.Operations):
             fiforoute.let_go(ends, ino, self.keeper)
             self._forget_fifo(ino)
             raise
-        fifo = fiforoute.FifoReader(reader, ino, ends)
+        # No FUSE handle: the FIFO record counts the uid's memory (_reserve), and keeps
+        # the edge busy (_busy) until its feed ends (_fed).
+        fifo = fiforoute.FifoReader(reader, ino, ends, ctx.uid, reserved)
         self._fifo_readers[edge] = fifo
-        # No FUSE handle: this one counts the uid's memory and keeps the edge busy.
-        self._handles[-ino] = Handle(ino, reader=reader, uid=ctx.uid, reserved=reserved)
         self.node.spawn(self._feed, edge, fifo)
         return self._attrs(self._looked_up(ino))
 
@@ -522,7 +523,6 @@ class Operations(pyfuse3.Operations):
                 self._fed(edge, fifo)
 
     def _fed(self, edge: EdgeId, fifo: fiforoute.FifoReader) -> None:
-        self._handles.pop(-fifo.ino, None)
         if self._fifo_readers.get(edge) is fifo:
             del self._fifo_readers[edge]
 

@@ -12,10 +12,10 @@ _DIR = os.environ.pop("FRACTALFS_MEMPROBE", "")  # not for the children (the kee
 os.environ.pop("PYTHONTRACEMALLOC", None)
 
 
-def _rss_kib() -> int:
+def _rss_kib(field: str = "VmRSS:") -> int:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field):
                 return int(line.split()[1])
     return 0
 
@@ -91,7 +91,11 @@ def _probe(directory: str) -> None:
         except FileNotFoundError:
             continue
         os.unlink(request)
-        answer: dict[str, object] = {"rss_kib": _rss_kib(), "fds": len(os.listdir("/proc/self/fd"))}
+        answer: dict[str, object] = {
+            "rss_kib": _rss_kib(),
+            "hwm_kib": _rss_kib("VmHWM:"),  # the peak RSS so far
+            "fds": len(os.listdir("/proc/self/fd")),
+        }
         if what == "types":
             answer["types"] = _types()
         elif what == "trim":
