@@ -45,6 +45,12 @@ def ask_types(probe: Path) -> dict[str, list[int]]:
     return got
 
 
+def ask_pymalloc(probe: Path) -> dict[str, int]:
+    """pymalloc's totals in the daemon (the probe's "pymalloc")."""
+    got: dict[str, int] = ask(probe, "pymalloc")["pymalloc"]  # type: ignore[assignment]
+    return got
+
+
 def ask(probe: Path, what: str) -> dict[str, int]:
     answer = probe / "answer"
     answer.unlink(missing_ok=True)
@@ -84,6 +90,7 @@ def run(
         b.start(timeout=120)
         time.sleep(1.0)
         before = ask(probe, "snap")
+        arenas_before = ask_pymalloc(probe)
         types_before = ask_types(probe) if by_type else {}
         spies = profilers({"discovery": disc, "daemon B": b}, profile)
         t0 = time.monotonic()
@@ -109,6 +116,7 @@ def run(
         # last job, and their stacks and malloc arenas with them: idle is measured after.
         time.sleep(12.0)
         idle = ask(probe, "snap")
+        arenas_idle = ask_pymalloc(probe)
         trimmed = ask(probe, "trim")
         types_idle = ask_types(probe) if by_type else {}
         row: dict[str, object] = {
@@ -129,6 +137,19 @@ def run(
                 (trimmed["rss_kib_trimmed"] - before["rss_kib"]) / n, 2
             ),
         }
+        # pymalloc (objects up to 512 bytes) against the rest (glibc: larger blocks, the
+        # maps' tables, C libraries): where the RSS per reader went, and how much of
+        # pymalloc's arenas live objects fill.
+        for key, name in (
+            ("# arenas allocated current", "pymalloc_arena_bytes_per_reader"),
+            ("# bytes in allocated blocks", "pymalloc_used_bytes_per_reader"),
+            ("# bytes in available blocks", "pymalloc_free_block_bytes_per_reader"),
+            ("# bytes in unused pools", "pymalloc_unused_pool_bytes_per_reader"),
+        ):
+            grew = arenas_idle.get(key, 0) - arenas_before.get(key, 0)
+            if key == "# arenas allocated current":
+                grew *= 1 << 20
+            row[name] = round(grew / n)
         if by_type:
             grown = {
                 kind: (c - types_before.get(kind, [0, 0])[0], b - types_before.get(kind, [0, 0])[1])

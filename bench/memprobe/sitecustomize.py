@@ -74,6 +74,36 @@ def _types() -> dict[str, list[int]]:
     return out
 
 
+def _pymalloc() -> dict[str, int]:
+    """pymalloc's totals (sys._debugmallocstats, which prints to the C stderr): bytes in
+    arenas, in used blocks, and free in pools and arenas: how much of what pymalloc holds
+    live objects use."""
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryFile() as out:
+        saved = os.dup(2)
+        try:
+            os.dup2(out.fileno(), 2)  # the daemon's log lines of this instant land here too
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        out.seek(0)
+        text = out.read().decode(errors="replace")
+    got: dict[str, int] = {}
+    for line in text.splitlines():
+        key, _, value = line.rpartition("=")
+        key = key.strip()
+        if "unused pools" in key:
+            key = "# bytes in unused pools"
+        if key.startswith("#"):
+            number = value.strip().replace(",", "")
+            if number.isdigit():
+                got[key] = int(number)
+    return got
+
+
 def _probe(directory: str) -> None:
     import ctypes
     import json
@@ -98,6 +128,8 @@ def _probe(directory: str) -> None:
         }
         if what == "types":
             answer["types"] = _types()
+        elif what == "pymalloc":
+            answer["pymalloc"] = _pymalloc()
         elif what == "trim":
             libc.malloc_trim(0)
             answer["rss_kib_trimmed"] = _rss_kib()
