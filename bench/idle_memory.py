@@ -7,7 +7,8 @@
 
 Prints the time for the N readers to register (first open() to the last returned), daemon
 B's RSS before and with the N readers waiting, per reader, the same after
-glibc's malloc_trim(0) (what the allocator holds but does not use), and with --trace the
+glibc's malloc_trim(0) (what the allocator holds but does not use), the peak RSS while
+they registered (VmHWM), and with --trace the
 Python memory traced per reader and the allocation sites that hold it (run it without
 --trace for RSS: tracing costs memory itself). Readers are threads of helper processes (as
 in bench/scale.py), on the reader FIFO route.
@@ -41,6 +42,12 @@ HERE = Path(__file__).resolve().parent
 def ask_types(probe: Path) -> dict[str, list[int]]:
     """Live objects in the daemon by type: {type: [count, bytes]} (the probe's "types")."""
     got: dict[str, list[int]] = ask(probe, "types")["types"]  # type: ignore[assignment]
+    return got
+
+
+def ask_pymalloc(probe: Path) -> dict[str, int]:
+    """pymalloc's totals in the daemon (the probe's "pymalloc")."""
+    got: dict[str, int] = ask(probe, "pymalloc")["pymalloc"]  # type: ignore[assignment]
     return got
 
 
@@ -83,6 +90,7 @@ def run(
         b.start(timeout=120)
         time.sleep(1.0)
         before = ask(probe, "snap")
+        arenas_before = ask_pymalloc(probe)
         types_before = ask_types(probe) if by_type else {}
         spies = profilers({"discovery": disc, "daemon B": b}, profile)
         t0 = time.monotonic()
@@ -103,7 +111,12 @@ def run(
             edges = http.get(f"{disc.url}/v1/edges").json()["edges"]
         registered = sum(e["reader_state"] == "open" for e in edges)
         time.sleep(2.0)
+        early = ask(probe, "snap")
+        # trio's idle worker threads (the open's hop to the keeper) end 10 s after their
+        # last job, and their stacks and malloc arenas with them: idle is measured after.
+        time.sleep(12.0)
         idle = ask(probe, "snap")
+        arenas_idle = ask_pymalloc(probe)
         trimmed = ask(probe, "trim")
         types_idle = ask_types(probe) if by_type else {}
         row: dict[str, object] = {
@@ -115,11 +128,28 @@ def run(
             "descriptors_idle": idle["fds"],
             "rss_kib_before": before["rss_kib"],
             "rss_kib_idle": idle["rss_kib"],
+            "rss_per_reader_kib_2s": round((early["rss_kib"] - before["rss_kib"]) / n, 2),
             "rss_per_reader_kib": round((idle["rss_kib"] - before["rss_kib"]) / n, 2),
+            # The peak while they registered: what the opens in flight took at once
+            # (the allocator keeps most of it: see rss_per_reader_kib_after_trim).
+            "peak_rss_per_reader_kib": round((idle["hwm_kib"] - before["rss_kib"]) / n, 2),
             "rss_per_reader_kib_after_trim": round(
                 (trimmed["rss_kib_trimmed"] - before["rss_kib"]) / n, 2
             ),
         }
+        # pymalloc (objects up to 512 bytes) against the rest (glibc: larger blocks, the
+        # maps' tables, C libraries): where the RSS per reader went, and how much of
+        # pymalloc's arenas live objects fill.
+        for key, name in (
+            ("# arenas allocated current", "pymalloc_arena_bytes_per_reader"),
+            ("# bytes in allocated blocks", "pymalloc_used_bytes_per_reader"),
+            ("# bytes in available blocks", "pymalloc_free_block_bytes_per_reader"),
+            ("# bytes in unused pools", "pymalloc_unused_pool_bytes_per_reader"),
+        ):
+            grew = arenas_idle.get(key, 0) - arenas_before.get(key, 0)
+            if key == "# arenas allocated current":
+                grew *= 1 << 20
+            row[name] = round(grew / n)
         if by_type:
             grown = {
                 kind: (c - types_before.get(kind, [0, 0])[0], b - types_before.get(kind, [0, 0])[1])

@@ -48,10 +48,11 @@ HERE = Path(__file__).resolve().parent
 SIZE = 64 * 1024
 
 
-def rss_mib(pid: int) -> float:
+def rss_mib(pid: int, field: str = "VmRSS:") -> float:
+    """The process's RSS (``VmHWM:``: its peak so far), MiB."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field):
                 return int(line.split()[1]) / 1024
     return 0.0
 
@@ -377,6 +378,7 @@ def edges_row(
         registering_s = time.monotonic() - t_readers
         time.sleep(1.0)
         idle = usage(procs)
+        peak_idle = rss_mib(b.pid, "VmHWM:")  # B's peak while the readers registered
         fifos_idle = fifo_ends(b.pid)
         descriptors_idle = len(os.listdir(f"/proc/{b.pid}/fd"))
 
@@ -479,6 +481,9 @@ def edges_row(
                 * 1024
                 / n,
                 2,
+            ),
+            "peak_rss_kib_per_edge_B": round(
+                (peak_idle - before["daemon B (readers)"]["rss_mib"]) * 1024 / n, 2
             ),
             "fifo_readers_idle_B": fifos_idle,
             "descriptors_idle_B": descriptors_idle,

@@ -81,6 +81,27 @@ def _in_initial_netns(
     return got[0]
 
 
+class _Holders(set[object]):
+    """The holders of one watch when there are several (one is the rule: kept as is).
+    Its own type: a holder may itself be a set."""
+
+    __slots__ = ()
+
+
+class _Watch:
+    """One watched program: its wait status once it exited, the overrun count when it
+    was first watched (events lost since: its exit may be among them), and who watches
+    it (one holder, or several in a :class:`_Holders`). Holders are kept by reference,
+    not by ``id()``: an int of 32 bytes each."""
+
+    __slots__ = ("at", "holders", "status")
+
+    def __init__(self, at: int, holder: object) -> None:
+        self.status: int | None = None
+        self.at = at
+        self.holders = holder
+
+
 class ExitWatcher:
     """Exit statuses of writing programs, from the kernel's proc connector or /proc."""
 
@@ -88,12 +109,10 @@ class ExitWatcher:
         raw = procs.open_exit_events() or _in_initial_netns(procs.open_exit_events)
         self._raw = raw
         self._sock = trio.socket.from_stdlib_socket(raw) if raw is not None else None
-        self._watched: dict[int, int | None] = {}  # pid -> status once it exited
+        # One record per watched program: a daemon watches every waiting reader's (three
+        # maps by pid, and an int id per holder, were ~130 bytes per reader more).
+        self._watched: dict[int, _Watch] = {}
         self._overrun = 0  # exit events the kernel dropped so far (ENOBUFS), as a count
-        self._watched_at: dict[int, int] = {}  # pid -> the overrun count when watched
-        # pid -> the id of the end watching it, or a set of ids when several do (one is
-        # the rule, and a set is 216 bytes: a daemon watches every waiting reader's program).
-        self._holders: dict[int, int | set[int]] = {}
         self.changed = Notifier()
 
     @property
@@ -104,28 +123,28 @@ class ExitWatcher:
         """Watches process ``pid`` for ``holder`` (a writer): one program may hold several
         edges (``tee E1 E2``, or threads of one process), each settled on its own. The
         watch ends when the last holder forgets it (forgetting twice is harmless)."""
-        self._watched.setdefault(pid, None)
-        self._watched_at.setdefault(pid, self._overrun)
-        have, key = self._holders.get(pid), id(holder)
-        if have is None:
-            self._holders[pid] = key
-        elif isinstance(have, set):
-            have.add(key)
-        elif have != key:
-            self._holders[pid] = {have, key}
+        watch = self._watched.get(pid)
+        if watch is None:
+            self._watched[pid] = _Watch(self._overrun, holder)
+            return
+        have = watch.holders
+        if type(have) is _Holders:
+            have.add(holder)
+        elif have is not holder:
+            watch.holders = _Holders((have, holder))
 
     def forget(self, pid: int, holder: object = None) -> None:
-        have, key = self._holders.get(pid), id(holder)
-        if have is not None:
-            if isinstance(have, set):
-                have.discard(key)
-                if have:
-                    return
-            elif have != key:
+        watch = self._watched.get(pid)
+        if watch is None:
+            return
+        have = watch.holders
+        if type(have) is _Holders:
+            have.discard(holder)
+            if have:
                 return
-            del self._holders[pid]
-        self._watched.pop(pid, None)
-        self._watched_at.pop(pid, None)
+        elif have is not holder:
+            return
+        del self._watched[pid]
 
     async def run(self) -> None:
         if self._sock is None:
@@ -153,8 +172,9 @@ class ExitWatcher:
 
     def _apply(self, data: bytes) -> None:
         event = procs.parse_exit_event(data)
-        if event is not None and event[0] in self._watched:
-            self._watched[event[0]] = event[1]
+        watch = self._watched.get(event[0]) if event is not None else None
+        if event is not None and watch is not None:
+            watch.status = event[1]
             self.changed.notify()
 
     def _drain(self) -> None:
@@ -185,11 +205,13 @@ class ExitWatcher:
 
     def _status(self, pid: int) -> int | None:
         self._drain()
-        status = self._watched.get(pid)
+        watch = self._watched.get(pid)
+        status = watch.status if watch is not None else None
         return status if status is not None else procs.exit_status(pid)
 
     def _lost_events(self, pid: int) -> bool:
-        return self._overrun != self._watched_at.get(pid, self._overrun)
+        watch = self._watched.get(pid)
+        return watch is not None and watch.at != self._overrun
 
     async def outcome(self, pid: int, grace: float) -> Exit:
         """How ``pid`` ended if it exits within ``grace`` seconds; :class:`Running` if it

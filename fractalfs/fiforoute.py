@@ -395,12 +395,20 @@ class FifoReader:
         "pending",
         "reader",
         "reopeners",
+        "reserved",
+        "uid",
     )
 
-    def __init__(self, reader: ReaderEnd, ino: int, ends: tuple[int, int]) -> None:
+    def __init__(
+        self, reader: ReaderEnd, ino: int, ends: tuple[int, int], uid: int = 0, reserved: int = 0
+    ) -> None:
         # No path kept (it is MOUNT/.fifo/<ino>, used only by the keeper's open): a
         # string of ~90 bytes per waiting reader.
         self.reader, self.ino = reader, ino
+        # Who opened it and the memory counted against that uid (the read buffer and the
+        # pipe): what a FUSE handle holds, kept here (a Handle, its map entry and key were
+        # ~140 bytes per waiting reader).
+        self.uid, self.reserved = uid, reserved
         self.hold: int | None = ends[0]  # a stand-in reader until the program opened
         self.fd: int | None = ends[1]  # the write end
         self.opened = False  # the program's open was seen (or given up on)
@@ -409,8 +417,10 @@ class FifoReader:
         self.parked_in: IdleFifos | None = None  # waiting for its first byte with no task
         self.lingering = False  # closed unread: the next reading open gets it (_reopened)
         #: Threads whose LOOKUP got this FIFO while it lingered: each may still be between
-        #: that answer and the kernel's open of the FIFO (see _late_reopen).
-        self.reopeners: set[int] = set()
+        #: that answer and the kernel's open of the FIFO (see _late_reopen). None until
+        #: one does: an empty set is 216 bytes, and a daemon holds a FifoReader per
+        #: waiting reader.
+        self.reopeners: set[int] | None = None
 
     def wake(self) -> None:
         """Its reader end changed (see :meth:`IdleFifos.park`)."""
@@ -790,7 +800,7 @@ async def _reopened(node: Node, fifo: FifoReader, fd: int) -> bool:
     if reader.consumed or procs.exit_status(reader.tgid) is not None:
         return False
     fifo.lingering = True
-    fifo.reopeners.clear()
+    fifo.reopeners = None
     try:
         with trio.move_on_after(procs.REOPEN_GRACE):
             while node.exits.status(reader.tgid) is None:
@@ -821,8 +831,8 @@ async def _late_reopen(fifo: FifoReader, fd: int) -> bool:
     A reader that opened, read and closed meanwhile has consumed bytes: True too (the
     hang-up that follows decides, as for any close after reading)."""
     reader = fifo.reader
-    absent = dict.fromkeys(fifo.reopeners, 0)
-    fifo.reopeners.clear()
+    absent = dict.fromkeys(fifo.reopeners or (), 0)
+    fifo.reopeners = None
     start = trio.current_time()
     while True:
         if not _hung_up(fd) or reader.consumed:

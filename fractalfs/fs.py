@@ -56,6 +56,9 @@ XATTR_REASON = b"user.fractalfs.mode_reason"
 #: pipe, and keeps `wc`'s column width (7 digits) what it is for a pipe.
 EDGE_SIZE = 1 << 20
 FOREVER = 365 * 86400.0  # entry and attribute timeout of MOUNT/.fifo
+#: Kernel FIFOs get inodes from here up, every other inode below: whether an inode is a
+#: FIFO is its number (a set of FIFO inodes was 33 bytes per waiting reader).
+FIFO_INO = 1 << 40
 FDS_PER_FIFO = 1  # the daemon's descriptors for one FIFO (its end, also what a new keeper gets)
 FINISHED_COST = 1 << 20  # a closed, undelivered writer end: records and descriptors, besides bytes
 RECOUNT_EVERY = 1.0  # seconds between recounts of what a user's closed writer ends hold
@@ -126,7 +129,8 @@ class Operations(pyfuse3.Operations):
         self._edges: dict[int, EdgeId] = {}  # every inode the kernel may still use
         self._lookups: dict[int, int] = {}  # kernel lookup counts, released by forget
         self._last_ino = ROOT
-        self._fifos: set[int] = set()  # inodes handed out as a writer's kernel FIFO
+        self._last_fifo_ino = FIFO_INO  # see FIFO_INO
+        self._fifo_count = 0  # FIFO inodes in _edges (handed out, not forgotten)
         self._fifo_writers: dict[EdgeId, fiforoute.Fifo] = {}
         self._fifo_readers: dict[EdgeId, fiforoute.FifoReader] = {}
         self.keeper = fifokeeper.Keeper()  # holds reader FIFOs' write ends past our death
@@ -157,7 +161,7 @@ class Operations(pyfuse3.Operations):
     # -- local ownership (see fractalfs.ownership) ---------------------------------------
 
     def _busy(self, edge: EdgeId) -> bool:
-        if edge in self.node.slots:
+        if edge in self.node.slots or edge in self._fifo_readers:
             return True
         return any(self._edges.get(h.inode) == edge for h in self._handles.values())
 
@@ -178,6 +182,7 @@ class Operations(pyfuse3.Operations):
         if uid == ROOT_UID:
             return need
         held = sum(h.reserved for h in self._handles.values() if h.uid == uid)
+        held += sum(f.reserved for f in self._fifo_readers.values() if f.uid == uid)
         if held + need + self._finished_use(uid, config.uid_memory_limit - held - need)[0] > (
             config.uid_memory_limit
         ):
@@ -330,7 +335,7 @@ class Operations(pyfuse3.Operations):
                 attrs.entry_timeout = attrs.attr_timeout = FOREVER
                 return attrs
             owner = self.owners.owner(self._edge(inode))
-            kind = stat.S_IFIFO if inode in self._fifos else stat.S_IFREG
+            kind = stat.S_IFIFO if inode >= FIFO_INO else stat.S_IFREG
             attrs.st_mode = kind | (0o666 if owner is None else 0o600)
             attrs.st_nlink = 1
             if owner is not None:
@@ -352,7 +357,7 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         if parent_inode == self._fifo_dir and procs.tgid(ctx.pid) == self.keeper.pid:
             ino = int(name) if name.isdigit() else 0
-            if ino not in self._fifos:
+            if ino < FIFO_INO or ino not in self._edges:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             return self._attrs(self._looked_up(ino))
         if parent_inode != ROOT:
@@ -392,10 +397,7 @@ class Operations(pyfuse3.Operations):
     def _new_fifo_ino(self, edge: EdgeId) -> tuple[int, str]:
         """A new FIFO inode for ``edge`` and its path under ``MOUNT/.fifo``, by which only
         the keeper may open it (see lookup)."""
-        self._last_ino += 1
-        ino = self._last_ino
-        self._edges[ino] = edge
-        self._fifos.add(ino)
+        ino = self._fifo_ino(edge)
         path = os.path.join(self.node.config.mountpoint, fiforoute.FIFO_DIR.decode(), f"{ino}")
         return ino, path
 
@@ -418,7 +420,10 @@ class Operations(pyfuse3.Operations):
         None: this open stays on FUSE (see _refuse_fifo)."""
         fifo = self._fifo_readers.get(edge)
         if fifo is not None and fifo.lingering:  # closed unread: a reopen (fiforoute._reopened)
-            fifo.reopeners.add(ctx.pid)  # its open may come after the grace (_late_reopen)
+            # Its open may come after the grace (_late_reopen).
+            if fifo.reopeners is None:
+                fifo.reopeners = set()
+            fifo.reopeners.add(ctx.pid)
             attrs = self._attrs(self._looked_up(fifo.ino))
             await testhooks.lingering_lookup_delay()
             return attrs
@@ -430,10 +435,7 @@ class Operations(pyfuse3.Operations):
             return None
         # The pipe's MiB is kernel memory the user pins: it counts with the read buffer.
         reserved = self._reserve(edge, False, ctx.uid, fifokeeper.PIPE_SIZE)
-        self._last_ino += 1
-        ino = self._last_ino
-        self._edges[ino] = edge
-        self._fifos.add(ino)
+        ino = self._fifo_ino(edge)
         path = os.path.join(self.node.config.mountpoint, fiforoute.FIFO_DIR.decode(), f"{ino}")
         opening = fiforoute.Opening(ino, path, edge.hex)
         with trio.move_on_after(fiforoute.PREPARE_FOR):
@@ -457,10 +459,10 @@ class Operations(pyfuse3.Operations):
             fiforoute.let_go(ends, ino, self.keeper)
             self._forget_fifo(ino)
             raise
-        fifo = fiforoute.FifoReader(reader, ino, ends)
+        # No FUSE handle: the FIFO record counts the uid's memory (_reserve), and keeps
+        # the edge busy (_busy) until its feed ends (_fed).
+        fifo = fiforoute.FifoReader(reader, ino, ends, ctx.uid, reserved)
         self._fifo_readers[edge] = fifo
-        # No FUSE handle: this one counts the uid's memory and keeps the edge busy.
-        self._handles[-ino] = Handle(ino, reader=reader, uid=ctx.uid, reserved=reserved)
         self.node.spawn(self._feed, edge, fifo)
         return self._attrs(self._looked_up(ino))
 
@@ -488,7 +490,7 @@ class Operations(pyfuse3.Operations):
         if soft == resource.RLIM_INFINITY:
             return ""
         reserve = max(self.node.config.fd_reserve, soft // 8)
-        if FDS_PER_FIFO * len(self._fifos) + reserve > soft:
+        if FDS_PER_FIFO * self._fifo_count + reserve > soft:
             return f"too close to the descriptor limit ({soft})"
         return ""
 
@@ -506,8 +508,18 @@ class Operations(pyfuse3.Operations):
 
     def _forget_fifo(self, ino: int) -> None:
         if ino not in self._lookups:  # else forget() does, once the kernel lets it go
-            self._fifos.discard(ino)
-            self._edges.pop(ino, None)
+            self._drop_fifo_ino(ino)
+
+    def _fifo_ino(self, edge: EdgeId) -> int:
+        self._last_fifo_ino += 1
+        ino = self._last_fifo_ino
+        self._edges[ino] = edge
+        self._fifo_count += 1
+        return ino
+
+    def _drop_fifo_ino(self, ino: int) -> None:
+        if self._edges.pop(ino, None) is not None:
+            self._fifo_count -= 1
 
     def warm_fifo_dir(self) -> None:
         """Looks ``MOUNT/.fifo`` up once, from a worker thread: its entry stays cached (its
@@ -541,7 +553,6 @@ class Operations(pyfuse3.Operations):
                 self._fed(edge, fifo)
 
     def _fed(self, edge: EdgeId, fifo: fiforoute.FifoReader) -> None:
-        self._handles.pop(-fifo.ino, None)
         if self._fifo_readers.get(edge) is fifo:
             del self._fifo_readers[edge]
 
@@ -632,8 +643,7 @@ class Operations(pyfuse3.Operations):
             if self._fifo_writers.get(edge) is fifo:
                 del self._fifo_writers[edge]
             if fifo.ino not in self._lookups:  # forgotten meanwhile
-                self._fifos.discard(fifo.ino)
-                self._edges.pop(fifo.ino, None)
+                self._drop_fifo_ino(fifo.ino)
 
     @_guard
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -834,13 +844,14 @@ class Operations(pyfuse3.Operations):
                 self._lookups[ino] = left
                 continue
             self._lookups.pop(ino, None)
-            if ino in self._fifos:
+            if ino >= FIFO_INO:
                 # The kernel forgets a FIFO inode whose revalidation failed, maybe before
                 # the second LOOKUP of the same open and the daemon's own open of it
                 # arrive: it lives as long as its drain or feed (see _drain, _feed).
                 if self._fifo_alive(ino):
                     continue
-                self._fifos.discard(ino)
+                self._drop_fifo_ino(ino)
+                continue
             gone = self._edges.pop(ino, None)
             if gone is not None and self._inodes.get(gone) == ino:
                 del self._inodes[gone]

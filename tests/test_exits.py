@@ -100,12 +100,13 @@ async def test_one_program_holding_two_edges_keeps_its_watch_until_both_settle()
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.booleans(), st.integers(1, 3), st.integers(0, 3)), max_size=30))
 def test_a_watch_lasts_while_any_holder_keeps_it(steps: list[tuple[bool, int, int]]) -> None:
-    """One holder is kept as its id, several as a set (a set each was 216 bytes per waiting
-    reader's program): the same answers as a set of holders per pid, in any order."""
+    """One holder is kept as itself, several in a set (a set each was 216 bytes per waiting
+    reader's program), in one record per pid: the same answers as a set of holders per
+    pid, in any order (None is a holder too: ``watch(pid)``)."""
 
     async def run() -> None:  # the watcher wraps its socket for trio
         watcher = ExitWatcher()
-        holders = [object() for _ in range(4)]
+        holders = [None, *(object() for _ in range(3))]
         model: dict[int, set[int]] = {}
         try:
             for watch, pid, who in steps:

@@ -12,10 +12,10 @@ _DIR = os.environ.pop("FRACTALFS_MEMPROBE", "")  # not for the children (the kee
 os.environ.pop("PYTHONTRACEMALLOC", None)
 
 
-def _rss_kib() -> int:
+def _rss_kib(field: str = "VmRSS:") -> int:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field):
                 return int(line.split()[1])
     return 0
 
@@ -74,6 +74,36 @@ def _types() -> dict[str, list[int]]:
     return out
 
 
+def _pymalloc() -> dict[str, int]:
+    """pymalloc's totals (sys._debugmallocstats, which prints to the C stderr): bytes in
+    arenas, in used blocks, and free in pools and arenas: how much of what pymalloc holds
+    live objects use."""
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryFile() as out:
+        saved = os.dup(2)
+        try:
+            os.dup2(out.fileno(), 2)  # the daemon's log lines of this instant land here too
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        out.seek(0)
+        text = out.read().decode(errors="replace")
+    got: dict[str, int] = {}
+    for line in text.splitlines():
+        key, _, value = line.rpartition("=")
+        key = key.strip()
+        if "unused pools" in key:
+            key = "# bytes in unused pools"
+        if key.startswith("#"):
+            number = value.strip().replace(",", "")
+            if number.isdigit():
+                got[key] = int(number)
+    return got
+
+
 def _probe(directory: str) -> None:
     import ctypes
     import json
@@ -91,9 +121,15 @@ def _probe(directory: str) -> None:
         except FileNotFoundError:
             continue
         os.unlink(request)
-        answer: dict[str, object] = {"rss_kib": _rss_kib(), "fds": len(os.listdir("/proc/self/fd"))}
+        answer: dict[str, object] = {
+            "rss_kib": _rss_kib(),
+            "hwm_kib": _rss_kib("VmHWM:"),  # the peak RSS so far
+            "fds": len(os.listdir("/proc/self/fd")),
+        }
         if what == "types":
             answer["types"] = _types()
+        elif what == "pymalloc":
+            answer["pymalloc"] = _pymalloc()
         elif what == "trim":
             libc.malloc_trim(0)
             answer["rss_kib_trimmed"] = _rss_kib()
