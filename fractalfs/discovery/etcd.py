@@ -10,6 +10,9 @@ Keys under one prefix (default ``fractalfs/``)::
                       or still being read on another node: read_elsewhere)
     l/<node>/<edge>   an index: <node>'s writer of <edge> is lost (silent), still served
     n/<node>          a live node: {"boot", "lease"}, attached to the node's lease
+    b/<node>          the boot id of <node>'s last daemon run, kept when its lease expires
+                      (a run that comes back after a silence longer than the lease is still
+                      told from a restart); deleted when the node leaves or is forgotten
 
 Every change is a read, then one transaction that compares the edge key's mod revision with
 the one read and writes the edge, its event and ``head`` together: two discovery replicas
@@ -679,9 +682,15 @@ class EtcdStore:
     def _node_key(self, node: str) -> str:
         return f"{self.prefix}n/{node}"
 
+    def _boot_key(self, node: str) -> str:
+        return f"{self.prefix}b/{node}"
+
     def node_heartbeat(self, node: str, boot: str, ttl: int) -> str:
         """Keeps ``node``'s lease alive (a new one if it expired); returns the boot id the
-        node had before ("" if it was not live)."""
+        node had before: that of its live key, or, once its lease expired, the one kept in
+        ``b/<node>`` ("" if it never heartbeat, or left). A daemon restarted after a
+        silence longer than its lease is still a restart: what its old run held (a complete
+        stream a reader elsewhere had not read to its end) is gone with it."""
         kvs = self.gateway.range(self._node_key(node))
         before: dict[str, Any] = json.loads(_unb64(kvs[0]["value"])) if kvs else {}
         lease = int(before.get("lease", 0))
@@ -689,9 +698,16 @@ class EtcdStore:
             got = self.gateway.call("/v3/lease/keepalive", {"ID": str(lease)})
             if int(got.get("result", {}).get("TTL", 0)) > 0:
                 return str(before.get("boot", ""))
+        if not kvs:
+            kept = self.gateway.range(self._boot_key(node))
+            if kept:
+                before = {"boot": _unb64(kept[0]["value"])}
         lease = int(self.gateway.call("/v3/lease/grant", {"TTL": str(ttl)})["ID"])
         info = json.dumps({"boot": boot or before.get("boot", ""), "lease": lease})
-        self.gateway.txn([], [_put(self._node_key(node), info, lease)])
+        ops = [_put(self._node_key(node), info, lease)]
+        if boot and before.get("boot") != boot:
+            ops.append(_put(self._boot_key(node), boot))
+        self.gateway.txn([], ops)
         if before.get("lease"):
             with contextlib.suppress(ValueError):  # it may have expired already
                 self.gateway.call("/v3/lease/revoke", {"ID": str(before["lease"])})
@@ -704,7 +720,9 @@ class EtcdStore:
         """Nothing to do: :meth:`node_heartbeat` keeps the boot id in ``n/<node>``."""
 
     def forget_boot(self, node: str) -> None:
-        """Nothing to do: ``n/<node>`` goes with the node's lease (:meth:`node_leave`)."""
+        """The node left (or stayed lost past the retention): ``n/<node>`` goes with its
+        lease (:meth:`node_leave`), ``b/<node>`` here."""
+        self.gateway.txn([], [{"request_delete_range": {"key": _b64(self._boot_key(node))}}])
 
     def node_leave(self, node: str) -> None:
         kvs = self.gateway.range(self._node_key(node))
