@@ -14,9 +14,12 @@ from pathlib import Path
 import pytest
 
 from fractalfs import testhooks
+from fractalfs.discovery.etcd import EtcdStore
+from fractalfs.etcdtesting import EtcdCluster, Replica, have_etcd, put_v4_edge
 from fractalfs.testing import Node
 
 from .conftest import Cluster, Programs, needs_fuse, new_edge, sh, sha_file, wait_for
+from .test_store import write_v4_store
 
 pytestmark = needs_fuse
 
@@ -128,6 +131,60 @@ def test_a_reader_that_closed_before_any_writer_came_stops_the_writers_at_once(
     _, err = rerun.communicate(timeout=30)
     assert rerun.returncode == 0, err
     assert sha_file(out) == sha_file(src)
+
+
+@pytest.mark.parametrize("route", ["fifo", "fuse"])
+def test_an_unread_close_after_a_writer_came_does_not_stop_the_rerun(
+    store_cluster: Cluster, programs: Programs, tmp_path: Path, route: str
+) -> None:
+    """`echo x > E` completed, then `: < E` (reads nothing, closes, exits 0), then the
+    pipeline re-run writer first: the re-run writer died of SIGPIPE at its first write
+    (discovery had the reader "closed" with 0 bytes, as one that closed before any writer
+    came), where on a FIFO nothing stops it. Discovery now records that a writer had
+    come: the re-run writes its whole stream, and the re-run reader reads it."""
+    a, b = _nodes(store_cluster, tmp_path, route)
+    edge = new_edge()
+    sh(f"echo x > {a.path(edge)}")
+    wait_for(lambda: store_cluster.edge(edge).get("writer_state") == "complete", 10, "the end")
+    sh(f": < {b.path(edge)}")
+    wait_for(
+        lambda: store_cluster.edge(edge).get("reader_state") == "closed", 10, "the early close"
+    )
+    _whole_stream(a, b, edge, tmp_path)
+
+
+@pytest.mark.parametrize("store", ["sqlite", "etcd"])
+def test_a_closed_reader_an_older_version_recorded_does_not_stop_writers(
+    cluster: Cluster, programs: Programs, tmp_path: Path, store: str
+) -> None:
+    """A discovery store written by schema 4 (before f9138f0 a reader killed while it
+    waited was recorded "closed" too): after the upgrade, that record stopped the next
+    writer (SIGPIPE at its first write) because its reader had read 0 bytes."""
+    edge = new_edge()
+    etcd: EtcdCluster | None = None
+    try:
+        if store == "sqlite":
+            (tmp_path / "discovery").mkdir()
+            write_v4_store(tmp_path / "discovery" / "discovery.db", edge)
+            cluster.start_discovery()
+        else:
+            if not have_etcd():
+                pytest.skip("needs etcd (apt install etcd-server)")
+            etcd = EtcdCluster(tmp_path / "etcd", members=1)
+            etcd.start()
+            url = f"{etcd.url}/t{os.getpid()}"
+            old = EtcdStore.from_url(url)
+            put_v4_edge(old, edge)
+            old.close()
+            cluster.discovery = Replica(tmp_path, url)
+            cluster.discovery.start()
+        assert cluster.edge(edge).get("reader_state") == "closed"
+        a, b = _nodes(cluster, tmp_path, "fifo")
+        _whole_stream(a, b, edge, tmp_path)
+    finally:
+        cluster.close()  # the daemons before their discovery, before its etcd
+        if etcd is not None:
+            etcd.stop()
 
 
 @pytest.mark.parametrize("route", ["fifo", "fuse"])
