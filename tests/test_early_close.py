@@ -19,6 +19,7 @@ from fractalfs.etcdtesting import EtcdCluster, Replica, have_etcd, put_v4_edge
 from fractalfs.testing import Node
 
 from .conftest import Cluster, Programs, needs_fuse, new_edge, sh, sha_file, wait_for
+from .test_interop import ENDINGS, run_ending
 from .test_store import write_v4_store
 
 pytestmark = needs_fuse
@@ -365,3 +366,26 @@ def test_a_reader_its_daemon_failed_is_no_early_close(
     assert again.returncode == 0, err
     assert sha_file(out) == sha_file(src)
     assert reader.poll() is None
+
+
+@pytest.mark.parametrize("route", ["fifo", "fuse"])
+def test_endings_with_discovery_on_each_store(
+    store_cluster: Cluster, tmp_path: Path, route: str
+) -> None:
+    """A few of test_interop's endings (its daemons share a SQLite discovery) with
+    discovery on SQLite and on etcd: output and exit statuses as on a `mkfifo` FIFO, and
+    again on the pipeline's re-run on the same edges."""
+    a, b = _nodes(store_cluster, tmp_path, route)
+    for n, name in enumerate(
+        ("head -c N", "Ctrl-C, reader first", "grep -m1", "pipefail: cat | head -1")
+    ):
+        ending = ENDINGS[name]
+        f, f2 = tmp_path / f"f{n}", tmp_path / f"g{n}"
+        os.mkfifo(f)
+        os.mkfifo(f2)
+        fifo = {"w": str(f), "w2": str(f2), "r": str(f), "r2": str(f2)}
+        ref = run_ending(ending, fifo, tmp_path / f"fifo-part{n}")
+        e, e2 = new_edge(), new_edge()
+        edge = {"w": a.path(e), "w2": a.path(e2), "r": b.path(e), "r2": b.path(e2)}
+        assert run_ending(ending, edge, tmp_path / f"edge-part{n}") == ref, name
+        assert run_ending(ending, edge, tmp_path / f"rerun-part{n}") == ref, name

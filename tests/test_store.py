@@ -438,3 +438,12 @@ def test_a_database_of_a_newer_schema_keeps_its_version(tmp_path: Path) -> None:
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
     db.close()
+
+
+def test_a_close_before_any_writer_survives_a_restart_of_discovery(tmp_path: Path) -> None:
+    store = Store(tmp_path / "d.db")
+    store.claim_reader(E, "r")
+    store.release_reader(E, "r", "closed", 0)
+    store.close()
+    again = Store(tmp_path / "d.db")
+    assert again.register_writer(E, "a", "h:1").to_json()["stops_writers"] is True
