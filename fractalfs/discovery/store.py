@@ -74,12 +74,10 @@ EVENTS_KEPT = 100_000
 
 def writer_there(edge: Edge) -> bool:
     """A reader claiming ``edge`` now has a writer: one writing (or its node silent, it may
-    come back), or a complete stream no reader finished with (a persistent one is served
-    again after that). A failed generation is none: its reader waits for a re-run."""
-    if edge.writer_state in (WriterState.OPEN, WriterState.LOST):
-        return True
-    finished = edge.reader_state in (ReaderState.DONE, ReaderState.CLOSED)
-    return edge.writer_state == WriterState.COMPLETE and (edge.mode == "persistent" or not finished)
+    come back), or a complete stream. A failed generation is none: its reader waits for a
+    re-run. (A complete stream an earlier reader finished with counts too: the record's
+    ``reader_state`` may be that of a reader of an older generation, so it cannot tell.)"""
+    return edge.writer_state in (WriterState.OPEN, WriterState.LOST, WriterState.COMPLETE)
 
 
 def claim_fields(edge: Edge) -> dict[str, Any]:
