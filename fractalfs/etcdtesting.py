@@ -7,6 +7,7 @@ is a ``fractalfs discovery --store etcd://...`` process.
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import httpx
 
+from .discovery.etcd import EtcdStore, _put
 from .testing import Discovery, Process
 
 ETCD = "etcd"
@@ -160,3 +162,27 @@ class Replica(Discovery):
         self.url = line.split(" listening on ")[1].split()[0]
         self.listen = self.url.removeprefix("http://")
         return line
+
+
+def put_v4_edge(store: EtcdStore, edge: str, **extra: object) -> None:
+    """Writes ``edge``'s key as schema 4 did (no ``reader_no_writer``): its reader
+    "closed" with 0 bytes and no writer, which is also how a version before f9138f0
+    recorded a reader killed while it waited. ``extra``: more fields (a newer version's)."""
+    record = {
+        "generation": 0,
+        "writer_node": "",
+        "writer_endpoint": "",
+        "writer_state": "none",
+        "bytes_written": 0,
+        "reader_node": "r",
+        "reader_state": "closed",
+        "bytes_delivered": 0,
+        "reason": "",
+        "mode": "",
+        "mode_reason": "",
+        "reader_claim": 1,
+        "created": 0.0,
+        "updated": 0.0,
+        **extra,
+    }
+    store.gateway.txn([], [_put(f"{store.prefix}e/{edge}", json.dumps(record))])

@@ -317,13 +317,14 @@ class Node:
         writer.written_metric = metrics.BYTES_WRITTEN.labels(edge.hex)
         slot.writer = writer  # before any waiter runs: nothing here awaits
         writer.registered = int(rec.get("version", 0))
-        if rec.get("reader_state") == "closed" and not rec.get("bytes_delivered"):
-            # The edge's last reader closed early ("no more") before this writer came, and
-            # no reader claimed it since: as a FIFO's writer whose reader went, the first
-            # write gets EPIPE/SIGPIPE. A reader that failed is no "no more" ("failed"),
-            # nor one that read bytes: it had a writer, which got that "no more" (a re-run
-            # of the pipeline whose writer comes first writes for the reader after it).
-            log.info("edge %s: its reader closed early before this writer came", edge)
+        if rec.get("stops_writers"):
+            # The edge's last reader closed early ("no more") before any writer came for
+            # it, and no reader claimed it since (discovery decides: store.stops_writers):
+            # as a FIFO's writer whose reader went, the first write gets EPIPE/SIGPIPE. A
+            # reader that failed is no "no more" ("failed"), nor one that closed after a
+            # writer came, read or unread: that writer got the "no more" (a re-run of the
+            # pipeline whose writer comes first writes for the reader after it).
+            log.info("edge %s: its reader closed early before any writer came", edge)
             writer.on_reader_closed()
         try:
             self.exits.watch(tgid, writer)

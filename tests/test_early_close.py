@@ -4,6 +4,7 @@ any writer came (README "Early close")."""
 
 from __future__ import annotations
 
+import functools
 import os
 import shlex
 import signal
@@ -14,9 +15,13 @@ from pathlib import Path
 import pytest
 
 from fractalfs import testhooks
+from fractalfs.discovery.etcd import EtcdStore
+from fractalfs.etcdtesting import EtcdCluster, Replica, have_etcd, put_v4_edge
 from fractalfs.testing import Node
 
 from .conftest import Cluster, Programs, needs_fuse, new_edge, sh, sha_file, wait_for
+from .test_interop import ENDINGS, run_ending
+from .test_store import write_v4_store
 
 pytestmark = needs_fuse
 
@@ -128,6 +133,60 @@ def test_a_reader_that_closed_before_any_writer_came_stops_the_writers_at_once(
     _, err = rerun.communicate(timeout=30)
     assert rerun.returncode == 0, err
     assert sha_file(out) == sha_file(src)
+
+
+@pytest.mark.parametrize("route", ["fifo", "fuse"])
+def test_an_unread_close_after_a_writer_came_does_not_stop_the_rerun(
+    store_cluster: Cluster, programs: Programs, tmp_path: Path, route: str
+) -> None:
+    """`echo x > E` completed, then `: < E` (reads nothing, closes, exits 0), then the
+    pipeline re-run writer first: the re-run writer died of SIGPIPE at its first write
+    (discovery had the reader "closed" with 0 bytes, as one that closed before any writer
+    came), where on a FIFO nothing stops it. Discovery now records that a writer had
+    come: the re-run writes its whole stream, and the re-run reader reads it."""
+    a, b = _nodes(store_cluster, tmp_path, route)
+    edge = new_edge()
+    sh(f"echo x > {a.path(edge)}")
+    wait_for(lambda: store_cluster.edge(edge).get("writer_state") == "complete", 10, "the end")
+    sh(f": < {b.path(edge)}")
+    wait_for(
+        lambda: store_cluster.edge(edge).get("reader_state") == "closed", 10, "the early close"
+    )
+    _whole_stream(a, b, edge, tmp_path)
+
+
+@pytest.mark.parametrize("store", ["sqlite", "etcd"])
+def test_a_closed_reader_an_older_version_recorded_does_not_stop_writers(
+    cluster: Cluster, programs: Programs, tmp_path: Path, store: str
+) -> None:
+    """A discovery store written by schema 4 (before f9138f0 a reader killed while it
+    waited was recorded "closed" too): after the upgrade, that record stopped the next
+    writer (SIGPIPE at its first write) because its reader had read 0 bytes."""
+    edge = new_edge()
+    etcd: EtcdCluster | None = None
+    try:
+        if store == "sqlite":
+            (tmp_path / "discovery").mkdir()
+            write_v4_store(tmp_path / "discovery" / "discovery.db", edge)
+            cluster.start_discovery()
+        else:
+            if not have_etcd():
+                pytest.skip("needs etcd (apt install etcd-server)")
+            etcd = EtcdCluster(tmp_path / "etcd", members=1)
+            etcd.start()
+            url = f"{etcd.url}/t{os.getpid()}"
+            old = EtcdStore.from_url(url)
+            put_v4_edge(old, edge)
+            old.close()
+            cluster.discovery = Replica(tmp_path, url)
+            cluster.discovery.start()
+        assert cluster.edge(edge).get("reader_state") == "closed"
+        a, b = _nodes(cluster, tmp_path, "fifo")
+        _whole_stream(a, b, edge, tmp_path)
+    finally:
+        cluster.close()  # the daemons before their discovery, before its etcd
+        if etcd is not None:
+            etcd.stop()
 
 
 @pytest.mark.parametrize("route", ["fifo", "fuse"])
@@ -308,3 +367,32 @@ def test_a_reader_its_daemon_failed_is_no_early_close(
     assert again.returncode == 0, err
     assert sha_file(out) == sha_file(src)
     assert reader.poll() is None
+
+
+def _released(cluster: Cluster, edge: str) -> bool:
+    return cluster.edge(edge).get("reader_state") != "open"
+
+
+@pytest.mark.parametrize("route", ["fifo", "fuse"])
+def test_endings_with_discovery_on_each_store(
+    store_cluster: Cluster, tmp_path: Path, route: str
+) -> None:
+    """A few of test_interop's endings (its daemons share a SQLite discovery) with
+    discovery on SQLite and on etcd: output and exit statuses as on a `mkfifo` FIFO, and
+    again on the pipeline's re-run on the same edges."""
+    a, b = _nodes(store_cluster, tmp_path, route)
+    for n, name in enumerate(
+        ("head -c N", "Ctrl-C, reader first", "grep -m1", "pipefail: cat | head -1")
+    ):
+        ending = ENDINGS[name]
+        f, f2 = tmp_path / f"f{n}", tmp_path / f"g{n}"
+        os.mkfifo(f)
+        os.mkfifo(f2)
+        fifo = {"w": str(f), "w2": str(f2), "r": str(f), "r2": str(f2)}
+        ref = run_ending(ending, fifo, tmp_path / f"fifo-part{n}")
+        e, e2 = new_edge(), new_edge()
+        edge = {"w": a.path(e), "w2": a.path(e2), "r": b.path(e), "r2": b.path(e2)}
+        assert run_ending(ending, edge, tmp_path / f"edge-part{n}") == ref, name
+        # see test_an_ending_on_an_edge_as_on_a_fifo
+        wait_for(functools.partial(_released, store_cluster, e), 10, "the release")
+        assert run_ending(ending, edge, tmp_path / f"rerun-part{n}") == ref, name

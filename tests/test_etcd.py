@@ -12,10 +12,11 @@ import httpx
 import pytest
 
 from fractalfs.discovery.etcd import EtcdStore, cap_event_data, parse_url
-from fractalfs.discovery.store import Conflict, NotFound
-from fractalfs.etcdtesting import EtcdCluster, Replica, have_etcd
+from fractalfs.discovery.store import Conflict, NotFound, stops_writers
+from fractalfs.etcdtesting import EtcdCluster, Replica, have_etcd, put_v4_edge
 
 from .conftest import new_edge
+from .test_store import early_close_cases
 
 pytestmark = pytest.mark.skipif(not have_etcd(), reason="needs etcd (apt install etcd-server)")
 
@@ -405,3 +406,26 @@ def test_pulses_alone_keep_a_nodes_lease_on_any_replica(replicas: list[Replica])
     while b.get(f"/edges/{edge}").json()["writer_state"] != "lost":
         assert time.monotonic() < deadline, "the lease did not expire"
         time.sleep(0.2)
+
+
+def test_only_a_reader_that_closed_before_any_writer_came_stops_later_writers(
+    store: EtcdStore,
+) -> None:
+    early_close_cases(store, new_edge)
+
+
+def test_a_closed_reader_recorded_in_the_old_shape_never_stops_a_writer(
+    store: EtcdStore,
+) -> None:
+    """An edge key as schema 4 wrote it (no ``reader_no_writer``): its "closed" reader may
+    have been a failure (recorded so before f9138f0), and whether a writer had come is
+    unknown. It stopped the next writer that read 0 bytes; it never does now."""
+    edge = new_edge()
+    put_v4_edge(store, edge)
+    rec = store.get(edge)
+    assert rec is not None and rec.reader_state == "closed" and not stops_writers(rec)
+    assert store.register_writer(edge, "a", "h:1").to_json()["stops_writers"] is False
+    # A newer version's field in a key is read past, not refused.
+    other = new_edge()
+    put_v4_edge(store, other, novel=1)
+    assert store.get(other) is not None

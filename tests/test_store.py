@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from fractalfs.discovery.store import Conflict, NotFound, Store
+from fractalfs.discovery.backend import DiscoveryStore
+from fractalfs.discovery.store import (
+    SCHEMA_VERSION,
+    Conflict,
+    Edge,
+    NotFound,
+    Store,
+    stops_writers,
+)
 
 E = "0123456789abcdef0123456789abcdef"
 
@@ -279,3 +288,161 @@ def test_a_writer_whose_daemon_restarted_before_its_end_was_recorded_is_failed(
     store.node_lost("v")
     rec = store.get(other)
     assert rec is not None and rec.writer_state == "lost" and rec.writer_endpoint == "h:2"
+
+
+def early_close_cases(store: DiscoveryStore, new_edge: Callable[[], str]) -> None:
+    """Which early closes stop the writers that register after them: only a reader's that
+    closed with no writer there for it. Shared by the SQLite and the etcd store tests."""
+
+    def closed(edge: str) -> Edge:
+        store.claim_reader(edge, "r")
+        return store.release_reader(edge, "r", "closed", 0)
+
+    # `: < E` first: "no more" for every writer after it, re-runs too, until a claim.
+    edge = new_edge()
+    assert stops_writers(closed(edge))
+    assert store.register_writer(edge, "a", "h:1").to_json()["stops_writers"] is True
+    store.close_writer(edge, 1, "failed", 0, "SIGPIPE")
+    assert stops_writers(store.register_writer(edge, "a", "h:1"))  # the re-run
+    assert not stops_writers(store.claim_reader(edge, "r"))  # a re-run reader's claim
+    # `echo x > E` completed, then `: < E` (closed unread): a writer had come; the re-run
+    # writer is not stopped. The defect: it was, by the 0 bytes read.
+    edge = new_edge()
+    store.register_writer(edge, "a", "h:1")
+    store.close_writer(edge, 1, "complete", 2)
+    rec = closed(edge)
+    assert rec.reader_state == "closed" and rec.bytes_delivered == 0 and not stops_writers(rec)
+    assert store.register_writer(edge, "a", "h:1").to_json()["stops_writers"] is False
+    # ... and again, with the writer still writing at the claim, or coming during it.
+    edge = new_edge()
+    store.register_writer(edge, "a", "h:1")
+    assert not stops_writers(closed(edge))
+    edge = new_edge()
+    store.claim_reader(edge, "r")
+    assert store.get(edge).reader_no_writer == 1  # type: ignore[union-attr]
+    store.register_writer(edge, "a", "h:1")
+    assert not stops_writers(store.release_reader(edge, "r", "closed", 0))
+    # A writer on a silent node may come back: it is there.
+    edge = new_edge()
+    store.register_writer(edge, "a", "h:1")
+    store.node_lost("a")
+    assert not stops_writers(closed(edge))
+    store.node_alive("a", {edge: 1}, [])
+    # A failed generation is no writer: its reader waits for a re-run.
+    edge = new_edge()
+    store.register_writer(edge, "a", "h:1")
+    store.close_writer(edge, 1, "failed", 5, "killed")
+    assert stops_writers(closed(edge))
+    # A re-run writer after an unread close with a writer there, and a reader that reads
+    # some of it and closes: that reader had a writer (the record's reader_state was the
+    # older reader's "closed" at its claim).
+    edge = new_edge()
+    store.register_writer(edge, "a", "h:1")
+    store.close_writer(edge, 1, "complete", 2)
+    closed(edge)
+    store.register_writer(edge, "a", "h:1")
+    store.close_writer(edge, 2, "complete", 2)
+    assert not stops_writers(closed(edge))
+    # A reader that failed stops nobody.
+    edge = new_edge()
+    store.claim_reader(edge, "r")
+    assert not stops_writers(store.release_reader(edge, "r", "failed", 0))
+    # A complete spill served again during the claim is a writer that came.
+    edge = new_edge()
+    store.register_writer(edge, "a", "h:1")
+    store.node_lost("a", "restarted")
+    store.claim_reader(edge, "r")
+    store.restore_writer(edge, 1, "a", "h:2")
+    assert not stops_writers(store.release_reader(edge, "r", "closed", 0))
+
+
+def test_only_a_reader_that_closed_before_any_writer_came_stops_later_writers() -> None:
+    ids = iter(f"{i:032x}" for i in range(1, 100))
+    early_close_cases(Store(":memory:"), lambda: next(ids))
+
+
+V4_EDGES = (
+    "CREATE TABLE edges (id TEXT PRIMARY KEY, generation INTEGER NOT NULL DEFAULT 0,"
+    " writer_node TEXT NOT NULL DEFAULT '', writer_endpoint TEXT NOT NULL DEFAULT '',"
+    " writer_state TEXT NOT NULL DEFAULT 'none', bytes_written INTEGER NOT NULL DEFAULT 0,"
+    " reader_node TEXT NOT NULL DEFAULT '', reader_state TEXT NOT NULL DEFAULT 'none',"
+    " bytes_delivered INTEGER NOT NULL DEFAULT 0, reason TEXT NOT NULL DEFAULT '',"
+    " mode TEXT NOT NULL DEFAULT '', mode_reason TEXT NOT NULL DEFAULT '',"
+    " reader_claim INTEGER NOT NULL DEFAULT 0, version INTEGER NOT NULL DEFAULT 0,"
+    " created REAL NOT NULL, updated REAL NOT NULL);"
+)
+
+
+def write_v4_store(path: Path, edge: str) -> None:
+    """A discovery database as schema 4 wrote it, holding ``edge`` whose reader was
+    recorded "closed" with 0 bytes and no writer: before f9138f0 that was also how a
+    reader killed while it waited (a failure) was recorded."""
+    import sqlite3
+
+    db = sqlite3.connect(path)
+    db.executescript(
+        V4_EDGES + "CREATE TABLE nodes (name TEXT PRIMARY KEY, boot TEXT NOT NULL);"
+        "CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL,"
+        " edge TEXT NOT NULL, kind TEXT NOT NULL, data TEXT NOT NULL);"
+        "INSERT INTO events (time, edge, kind, data) VALUES (0, 'x', 'reader', '{}');"
+        "INSERT INTO edges (id, reader_node, reader_state, reader_claim, version, created,"
+        f" updated) VALUES ('{edge}', 'r', 'closed', 1, 1, 0, 0);"
+        "PRAGMA user_version = 4;"
+    )
+    db.commit()
+    db.close()
+
+
+def test_a_closed_reader_recorded_by_schema_4_never_stops_a_writer(tmp_path: Path) -> None:
+    """Schema 4 recorded a failed reader "closed" too, and no sign whether a writer had
+    come: after the upgrade such a record stopped the next writer (0 bytes read)."""
+    import sqlite3
+
+    path = tmp_path / "v4.db"
+    write_v4_store(path, E)
+    store = Store(path)
+    rec = store.get(E)
+    assert rec is not None and rec.reader_state == "closed" and not stops_writers(rec)
+    assert store.register_writer(E, "a", "h:1").to_json()["stops_writers"] is False
+    store.close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+    db.close()
+    # New records in the migrated file follow the new rule.
+    store = Store(path)
+    other = "e" * 32
+    store.claim_reader(other, "r")
+    assert stops_writers(store.release_reader(other, "r", "closed", 0))
+
+
+def test_a_record_with_fields_of_a_newer_version_is_read() -> None:
+    """A store a newer version wrote (a field this one does not know) is read, not
+    refused: Edge(**fields) raised TypeError (a 500 for every request on that edge)."""
+    rec = Edge.from_fields({"id": E, "generation": 3, "reader_state": "open", "novel": 1})
+    assert (rec.id, rec.generation, rec.reader_state) == (E, 3, "open")
+
+
+def test_a_database_of_a_newer_schema_keeps_its_version(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "d.db"
+    Store(path).close()
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.commit()
+    db.close()
+    store = Store(path)
+    store.claim_reader(E, "r")
+    store.close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
+    db.close()
+
+
+def test_a_close_before_any_writer_survives_a_restart_of_discovery(tmp_path: Path) -> None:
+    store = Store(tmp_path / "d.db")
+    store.claim_reader(E, "r")
+    store.release_reader(E, "r", "closed", 0)
+    store.close()
+    again = Store(tmp_path / "d.db")
+    assert again.register_writer(E, "a", "h:1").to_json()["stops_writers"] is True

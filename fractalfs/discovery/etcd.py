@@ -53,10 +53,12 @@ from .store import (
     Edge,
     Event,
     NotFound,
+    claim_fields,
     gone_reason,
     read_elsewhere,
     undelivered,
     unfinished_for,
+    writer_came,
     writer_run_gone,
 )
 
@@ -118,8 +120,11 @@ def _edge_value(edge: Edge) -> str:
 
 
 def _edge_from(kv: dict[str, Any], edge: str) -> Edge:
+    """A record of an older shape lacks newer fields: they take their defaults (see
+    store.stops_writers: a reader "closed" before ``reader_no_writer`` never stops a
+    writer)."""
     fields = json.loads(_unb64(kv["value"]))
-    return Edge(id=edge, version=int(kv["mod_revision"]), **fields)
+    return Edge.from_fields({**fields, "id": edge, "version": int(kv["mod_revision"])})
 
 
 def cap_event_data(data: dict[str, Any]) -> dict[str, Any]:
@@ -389,6 +394,7 @@ class EtcdStore:
                     "writer_state": "open",
                     "bytes_written": 0,
                     "reason": "",
+                    **writer_came(cur),
                 },
             )
 
@@ -439,6 +445,7 @@ class EtcdStore:
                 # Names this claim, so a late release of an older one cannot end it (the
                 # SQLite store uses its event's seq; here the event's revision comes after).
                 "reader_claim": secrets.randbits(62) or 1,
+                **claim_fields(cur),
             }
             return "reader", {"node": node}, fields
 
@@ -580,6 +587,7 @@ class EtcdStore:
                 "writer_endpoint": endpoint,
                 "writer_state": "complete" if complete else "failed",
                 "reason": "" if complete else "its writer died with its daemon; prefix served",
+                **(writer_came(cur) if complete else {}),
             }
             return "restored", data, fields
 

@@ -12,6 +12,7 @@ generations to revisions, long-polls to watches and node liveness to leases.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from .schema import EventKind, LossCause, ReaderState, WriterState
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS edges (
@@ -36,6 +39,7 @@ CREATE TABLE IF NOT EXISTS edges (
     mode TEXT NOT NULL DEFAULT '',
     mode_reason TEXT NOT NULL DEFAULT '',
     reader_claim INTEGER NOT NULL DEFAULT 0,
+    reader_no_writer INTEGER NOT NULL DEFAULT 0,
     version INTEGER NOT NULL DEFAULT 0,
     created REAL NOT NULL,
     updated REAL NOT NULL
@@ -60,10 +64,45 @@ CREATE INDEX IF NOT EXISTS edges_reader ON edges (reader_node, reader_state);
 CREATE INDEX IF NOT EXISTS edges_done ON edges (reader_state, updated);
 """
 
-SCHEMA_VERSION = 4  # 1: no mode columns; 2: no reader_claim; 3: no nodes table
+# 1: no mode columns; 2: no reader_claim; 3: no nodes table; 4: no reader_no_writer, and
+# a reader that failed (killed, non-zero exit) may be recorded "closed" (before f9138f0)
+SCHEMA_VERSION = 5
 
 READER_STATES = frozenset(ReaderState)
 EVENTS_KEPT = 100_000
+
+
+def writer_there(edge: Edge) -> bool:
+    """A reader claiming ``edge`` now has a writer: one writing (or its node silent, it may
+    come back), or a complete stream. A failed generation is none: its reader waits for a
+    re-run. (A complete stream an earlier reader finished with counts too: the record's
+    ``reader_state`` may be that of a reader of an older generation, so it cannot tell.)"""
+    return edge.writer_state in (WriterState.OPEN, WriterState.LOST, WriterState.COMPLETE)
+
+
+def claim_fields(edge: Edge) -> dict[str, Any]:
+    """What a reader's claim of ``edge`` records besides its node and state: whether it
+    came with no writer there (see :func:`stops_writers`)."""
+    return {"reader_no_writer": int(not writer_there(edge))}
+
+
+def writer_came(edge: Edge) -> dict[str, Any]:
+    """What a writer coming to ``edge`` (a new generation, a complete spill served again)
+    records of its reader: a reader still holding its claim has seen a writer now."""
+    if edge.reader_state in (ReaderState.OPEN, ReaderState.LOST) and edge.reader_no_writer:
+        return {"reader_no_writer": 0}
+    return {}
+
+
+def stops_writers(edge: Edge) -> bool:
+    """The edge's reader closed early ("no more") before any writer came for it, and no
+    reader claimed the edge since: every writer that registers gets EPIPE/SIGPIPE, as a
+    pipe's writer whose reader left does. A reader that closed after a writer came (even
+    unread: `: < E` after `echo x > E` completed) told that writer, and a later one is a
+    re-run for the next reader; a failed reader wants the stream. Records of schema 4 and
+    older have no ``reader_no_writer`` (0): they never stop a writer (a failed reader was
+    recorded "closed" then)."""
+    return edge.reader_state == ReaderState.CLOSED and bool(edge.reader_no_writer)
 
 
 def undelivered(edge: Edge) -> bool:
@@ -166,6 +205,7 @@ class Edge:
     mode: str = ""
     mode_reason: str = ""
     reader_claim: int = 0  # the event seq of the current reader's claim: names that claim
+    reader_no_writer: int = 0  # 1: no writer came during the current reader's claim
     version: int = 0
     created: float = 0.0
     updated: float = 0.0
@@ -188,7 +228,17 @@ class Edge:
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["state"] = self.state
+        out["stops_writers"] = stops_writers(self)
         return out
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> Edge:
+        """From a stored record; fields this version does not know (a newer one wrote
+        them) are left out rather than refused."""
+        return cls(**{k: v for k, v in fields.items() if k in _FIELDS})
+
+
+_FIELDS = frozenset(Edge.__dataclass_fields__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,13 +274,31 @@ class Store:
         self._db.executescript(INDEXES)
 
     def _migrate(self) -> None:
-        """Brings a database written by an older version up to the current columns."""
+        """Brings a database written by an older version up to the current columns (a
+        new database has them all: CREATE TABLE). Before schema 4 the version was not
+        always recorded, so each step also looks for its column."""
+        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            log.warning(
+                "%s was written by a newer fractalfs (schema %d, this one knows %d): "
+                "fields it added are ignored",
+                self.path,
+                version,
+                SCHEMA_VERSION,
+            )
+            return
         have = {row[1] for row in self._db.execute("PRAGMA table_info(edges)")}
         for column in ("mode", "mode_reason"):
             if column not in have:
                 self._db.execute(f"ALTER TABLE edges ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
         if "reader_claim" not in have:
             self._db.execute("ALTER TABLE edges ADD COLUMN reader_claim INTEGER NOT NULL DEFAULT 0")
+        if version < 5 and "reader_no_writer" not in have:
+            # 4 -> 5. Every record's 0: a "closed" reader written before never stops a
+            # writer (it may have been a failure, and whether a writer had come is unknown).
+            self._db.execute(
+                "ALTER TABLE edges ADD COLUMN reader_no_writer INTEGER NOT NULL DEFAULT 0"
+            )
         self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
@@ -240,11 +308,11 @@ class Store:
 
     def get(self, edge: str) -> Edge | None:
         row = self._db.execute("SELECT * FROM edges WHERE id = ?", (edge,)).fetchone()
-        return Edge(**dict(row)) if row else None
+        return Edge.from_fields(dict(row)) if row else None
 
     def edges(self) -> list[Edge]:
         rows = self._db.execute("SELECT * FROM edges ORDER BY created").fetchall()
-        return [Edge(**dict(r)) for r in rows]
+        return [Edge.from_fields(dict(r)) for r in rows]
 
     def events(self, after: int, limit: int = 1000) -> list[Event]:
         rows = self._db.execute(
@@ -281,6 +349,7 @@ class Store:
                 writer_state="open",
                 bytes_written=0,
                 reason="",
+                **writer_came(cur),
             )
 
     def close_writer(
@@ -331,6 +400,7 @@ class Store:
                 reader_state="open",
                 bytes_delivered=0,
                 reader_claim=seq,
+                **claim_fields(cur),
             )
 
     def release_reader(
@@ -473,6 +543,7 @@ class Store:
                 writer_endpoint=endpoint,
                 writer_state="complete" if complete else "failed",
                 reason="" if complete else "its writer died with its daemon; prefix served",
+                **(writer_came(cur) if complete else {}),
             )
 
     def record(self, edge: str, kind: str, data: dict[str, Any]) -> None:
@@ -520,7 +591,7 @@ class Store:
             "UNION SELECT * FROM edges WHERE reader_node = ? AND reader_state = 'open'",
             (node, node),
         ).fetchall()
-        return [Edge(**dict(r)) for r in rows]
+        return [Edge.from_fields(dict(r)) for r in rows]
 
     def _undelivered_by(self, node: str) -> list[Edge]:
         """Complete generations written on ``node`` whose bytes only its daemon held (see
@@ -533,20 +604,20 @@ class Store:
             "AND writer_endpoint != ''",
             (node,),
         ).fetchall()
-        return [Edge(**dict(r)) for r in rows]
+        return [Edge.from_fields(dict(r)) for r in rows]
 
     def _complete_by(self, node: str) -> list[Edge]:
         rows = self._db.execute(
             "SELECT * FROM edges WHERE writer_node = ? AND writer_state = 'complete'", (node,)
         ).fetchall()
-        return [Edge(**dict(r)) for r in rows]
+        return [Edge.from_fields(dict(r)) for r in rows]
 
     def edges_page(self, after: str, limit: int) -> list[Edge]:
         """Up to ``limit`` edges with ids after ``after``, in id order."""
         rows = self._db.execute(
             "SELECT * FROM edges WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
         ).fetchall()
-        return [Edge(**dict(r)) for r in rows]
+        return [Edge.from_fields(dict(r)) for r in rows]
 
     def prune(self, before: float) -> int:
         """Forgets edges delivered before ``before`` (seconds since the epoch)."""
