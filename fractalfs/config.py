@@ -7,6 +7,7 @@ import socket
 from dataclasses import dataclass, field
 
 MiB = 1 << 20
+MIN_WRITE_WINDOW = 512 * 1024  # twice dataplane.ACK_EVERY (tests/test_dataplane.py)
 
 
 def default_state_dir() -> str:
@@ -217,6 +218,10 @@ def check_node_config(config: NodeConfig) -> None:
     for key in ("write_window", "read_buffer", "max_tasks"):
         if getattr(config, key) <= 0:
             raise ConfigError(f"{key} must be positive")
+    if config.write_window < MIN_WRITE_WINDOW:
+        # A reader acknowledges once dataplane.ACK_EVERY bytes (256 KiB) are unacknowledged:
+        # a writer blocked on a smaller window waits for an ACK that never comes.
+        raise ConfigError(f"write_window must be at least {MIN_WRITE_WINDOW} bytes")
     if config.fd_reserve < 0:
         raise ConfigError("fd_reserve must not be negative")
     for key in ("signal_poll", "discovery_retry", "reconnect_for", "writer_lost_timeout"):

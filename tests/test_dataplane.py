@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import trio
 
-from fractalfs import codec, dataplane, handshake
+from fractalfs import codec, config, dataplane, handshake
 from fractalfs.edgeid import EdgeId
 from fractalfs.edges import ReaderEnd, WriterEnd, WriterState
 from fractalfs.handshake import Control
@@ -158,3 +159,33 @@ async def test_controls_batched_or_split_across_receives_are_each_applied() -> N
                     await w.changed.wait()
             assert w.acked == 3000
         assert w.reader_closed and scope.cancel_called
+
+
+async def test_a_writer_on_the_smallest_window_allowed_is_acknowledged() -> None:
+    """A reader acknowledges once ACK_EVERY (256 KiB) bytes are unacknowledged: a writer
+    whose window is smaller blocked forever (100,000 bytes: delivered, acked 0; found by
+    the review of the splice branch, 279d469), so a smaller write_window is a
+    configuration error, and the smallest allowed one streams."""
+    with pytest.raises(config.ConfigError, match="write_window"):
+        config.check_node_config(config.NodeConfig("/fractal", write_window=100_000))
+    assert config.MIN_WRITE_WINDOW >= 2 * dataplane.ACK_EVERY
+    w = WriterEnd(EdgeId.new(), 1, config.MIN_WRITE_WINDOW, os.getpid())
+    r = ReaderEnd(w.edge, 1 << 24, 0)
+    here, there = trio.socket.socketpair()
+    got = 0
+    with here, there:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(dataplane.serve_edge, here, w, 0)
+            nursery.start_soon(dataplane._receive, there, r, 0)
+
+            async def write() -> None:
+                for _ in range(100):
+                    await w.write(b"q" * 30_001, 0.05)
+                w.finish(WriterState.COMPLETE)
+
+            nursery.start_soon(write)
+            with trio.fail_after(20):
+                while chunk := await r.read(1 << 20, 0.05):
+                    got += len(chunk)
+            nursery.cancel_scope.cancel()
+    assert got == 100 * 30_001
