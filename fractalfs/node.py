@@ -975,15 +975,20 @@ class Node:
 
     # -- background ----------------------------------------------------------------------
 
-    def _reader_gone(self, writer: WriterEnd) -> None:
+    def _reader_gone(self, writer: WriterEnd, *, confirmed: bool = False) -> None:
         """The reader's daemon is gone. If it had acknowledged bytes that a transient writer
-        has freed, only a re-run of the writer can serve the next reader: fail it now."""
+        has freed, only a re-run of the writer can serve the next reader: fail it, once
+        discovery's record confirms the edge has not moved on from that reader (a lagging
+        feed: ``Membership.confirm_reader_gone``)."""
         if (
             writer.reader_lost
             and writer.acked > 0
             and writer.state in (WriterState.OPEN, WriterState.COMPLETE)
             and writer.spill is None  # a persistent stream still has every byte for a re-run
         ):
+            if not confirmed:
+                self._spawn(self.membership.confirm_reader_gone, writer)
+                return
             log.warning("edge %s: the reader's node was lost with acknowledged bytes", writer.edge)
             self._lose_freed_prefix(writer, "the reader's node was lost")
 

@@ -320,6 +320,26 @@ def test_a_claims_version_is_its_events_seq(store: EtcdStore) -> None:
     ]
 
 
+def test_a_claims_events_name_it(store: EtcdStore) -> None:
+    """A writer's daemon checks a lagging feed's claim or loss of its reader against the
+    record's current claim (Membership.claim_of, tests/test_claims.py): etcd's claim id is
+    random, so its ``reader`` and ``reader-lost`` events carry it."""
+    from fractalfs.membership import claim_of
+
+    edge = new_edge()
+    first = store.claim_reader(edge, "x")
+    store.node_lost("x", "restarted")
+    again = store.claim_reader(edge, "x")
+    events = [e.to_json() for e in store.events(0) if e.edge == edge]
+    named = [(e["kind"], claim_of(e)) for e in events if e["kind"].startswith("reader")]
+    assert first.reader_claim != again.reader_claim
+    assert named == [
+        ("reader", first.reader_claim),
+        ("reader-lost", first.reader_claim),
+        ("reader", again.reader_claim),
+    ]
+
+
 def test_etcd_down_is_503_also_where_the_guard_reads_the_edge(tmp_path: Path) -> None:
     """The guard reads the edge for a writer's close or mode; with etcd gone that must be
     503 (the node tries another replica), not a 500 (the node gives the close up)."""

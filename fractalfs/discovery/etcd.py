@@ -429,15 +429,17 @@ class EtcdStore:
         def change(cur: Edge) -> tuple[str, dict[str, Any], dict[str, Any]]:
             if cur.reader_state == "open" and cur.reader_node != node:
                 raise Conflict(f"edge {edge} has an open reader on node {cur.reader_node}")
+            claim = secrets.randbits(62) or 1
             fields = {
                 "reader_node": node,
                 "reader_state": "open",
                 "bytes_delivered": 0,
                 # Names this claim, so a late release of an older one cannot end it (the
-                # SQLite store uses its event's seq; here the event's revision comes after).
-                "reader_claim": secrets.randbits(62) or 1,
+                # SQLite store uses its event's seq; here the event's revision comes after,
+                # so the event names it).
+                "reader_claim": claim,
             }
-            return "reader", {"node": node}, fields
+            return "reader", {"node": node, "claim": claim}, fields
 
         return self._mutate(edge, change, create=True)
 
@@ -478,7 +480,8 @@ class EtcdStore:
                 def reader_lost(cur: Edge) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
                     if cur.reader_node != node or cur.reader_state != "open":
                         return None
-                    return "reader-lost", {"node": node, "cause": cause}, {"reader_state": "lost"}
+                    data = {"node": node, "cause": cause, "claim": cur.reader_claim}
+                    return "reader-lost", data, {"reader_state": "lost"}
 
                 changed.append(self._mutate(e.id, reader_lost))
         if cause != "silent":  # see store.Store.node_lost
