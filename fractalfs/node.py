@@ -304,10 +304,10 @@ class Node:
         expected = self.persistence.expected_mode(edge)
         with self._opening(slot, "writer"):
             await self._await_close_recorded(edge, pid)
-            rec = await self._interruptible(
-                pid,
-                functools.partial(self._register_writer, edge, (expected[0].value, expected[1])),
+            register = functools.partial(
+                self._register_writer, edge, (expected[0].value, expected[1])
             )
+            rec = await self._until_free(edge, pid, register)
         slot = self._slot(edge)
         if slot.writer is not None:
             slot.writer.abort(AbortReason.STALE, "a newer writer took the edge over")
@@ -474,6 +474,35 @@ class Node:
                 done.set()
                 if self._closing.get(writer.edge) is done:
                     del self._closing[writer.edge]
+
+    async def _until_free(
+        self, edge: EdgeId, pid: int, call: Callable[[], Awaitable[dict[str, Any]]]
+    ) -> dict[str, Any]:
+        """Registers a writer (``call``). Discovery refuses a second open writer; but the
+        one it knows of may be a killed program whose daemon has not recorded its end yet
+        (the re-run came at once, on another node; that daemon is busy, or behind a
+        replica that is gone). Give that end RELEASE_GRACE to arrive, watching the edge,
+        before answering EBUSY (as :meth:`_claim_reader` does for a reader)."""
+        deadline = trio.current_time() + RELEASE_GRACE
+        while True:
+            try:
+                return await self._interruptible(pid, call)
+            except Conflict:
+                left = deadline - trio.current_time()
+                if left <= 0:
+                    raise
+            rec = await self._interruptible(pid, functools.partial(self.discovery.get, edge.hex))
+            await self._interruptible(
+                pid,
+                functools.partial(
+                    self.discovery.get,
+                    edge.hex,
+                    wait=min(left, self.config.signal_poll),
+                    since=int(rec["version"]),
+                ),
+            )
+            if procs.signal_pending(pid):
+                raise EdgeError(errno.EINTR, "interrupted by a signal")
 
     async def _await_close_recorded(self, edge: EdgeId, pid: int) -> None:
         """Waits (briefly, interruptibly) until the end of the edge's previous generation
