@@ -129,8 +129,11 @@ class Membership:
             return
         data = event.get("data") or {}
         writer = self.node.writer_for(edge)
+        seq = event.get("seq")
         if kind == EventKind.DELETED:
-            self.node._abort_local(edge, "removed")
+            # Only ends older than the removal: the edge may have started afresh (a re-run
+            # after ``rm``) and its new ends registered here before the feed brought it.
+            self.node._abort_local(edge, "removed", seq if isinstance(seq, int) else None)
         elif kind == EventKind.WRITER:
             with contextlib.suppress(TypeError, ValueError):
                 generation = int(data.get("generation", 0))
@@ -175,7 +178,6 @@ class Membership:
             # Only a claim newer than this reader's: a feed that lags behind discovery can
             # bring the claim a newer reader here took the edge back from (event seqs and
             # a claim's record version are one sequence, in both stores).
-            seq = event.get("seq")
             if (
                 reader is not None
                 and reader.state in (ReaderState.WAITING, ReaderState.STREAMING)
@@ -195,8 +197,12 @@ class Membership:
                     log.info("edge %s: its reader closed early (discovery)", edge)
                     writer.on_reader_closed()
         elif kind == EventKind.READER_DONE and writer is not None:
+            # Only a reader done after this generation began: a lagging feed brings an
+            # earlier generation's (as long: a re-run), which would let this one's end go
+            # before its own reader has it all.
             with contextlib.suppress(TypeError, ValueError):
-                writer.on_reader_done(int(data.get("bytes", 0)))
+                if not isinstance(seq, int) or seq > writer.registered:
+                    writer.on_reader_done(int(data.get("bytes", 0)))
             self.node._reap(edge)  # a transient end whose END_ACK was lost is done too
 
     async def _record(self, edge: EdgeId) -> dict[str, Any] | None:

@@ -987,14 +987,16 @@ class Node:
             raise EdgeError(errno.EIO, str(exc)) from None
         self._abort_local(edge, "removed")
 
-    def _abort_local(self, edge: EdgeId, why: str) -> None:
+    def _abort_local(self, edge: EdgeId, why: str, seq: int | None = None) -> None:
+        """Ends the edge's ends here; with ``seq`` (a removal's event), only those that
+        began before it (a writer registered, a reader claimed at a lower version)."""
         slot = self.slots.get(edge)
         if slot is None:
             return
         log.info("edge %s: %s", edge, why)
-        if slot.writer is not None:
+        if slot.writer is not None and (seq is None or slot.writer.registered < seq):
             slot.writer.abort(AbortReason.REMOVED, f"edge {edge} was {why}")
-        if slot.reader is not None:
+        if slot.reader is not None and (seq is None or slot.reader.claimed_at < seq):
             slot.reader.fail(errno.ECANCELED, f"edge {edge} was {why}")
         self._reap(edge)
 

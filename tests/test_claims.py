@@ -180,3 +180,53 @@ def test_a_claims_events_name_it() -> None:
         ("reader-lost", first.reader_claim),
         ("reader", again.reader_claim),
     ]
+
+
+async def test_a_lagging_removal_leaves_the_ends_the_edge_got_after_it(tmp_path: Path) -> None:
+    """``rm`` of an edge on another node, then the pipeline re-run at once: the edge
+    starts afresh, and this node's new writer registers before its feed brings the
+    removal. That removal is older than the writer, and must not end it (it aborted it:
+    EPIPE to a re-run that had just begun, and a reader killed with ECANCELED). A removal
+    after the writer registered still ends it."""
+    store = Store(":memory:")
+    edge = EdgeId.new()
+    store.register_writer(edge.hex, "w", "127.0.0.1:1")
+    store.delete(edge.hex)
+    late = [e for e in store.events(0) if e.kind == "deleted"][-1].to_json()
+    node, writer = writer_on_w(tmp_path, store, edge)  # the re-run's writer
+    async with trio.open_nursery() as nursery:
+        node._nursery = nursery
+        node.membership._on_event(late)
+        assert writer.state is WriterState.OPEN, writer.abort_reason
+        store.delete(edge.hex)
+        node.membership._on_event([e for e in store.events(0) if e.kind == "deleted"][-1].to_json())
+        assert writer.state.value == "aborted"  # (mypy narrowed state to OPEN above)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_lagging_reader_done_does_not_mark_a_newer_generation_delivered(
+    tmp_path: Path,
+) -> None:
+    """Generation 1's reader read it whole ("reader-done"); the stage is re-run anyway
+    (FRACTAL re-runs a subgraph) and generation 2, as long, completes here before this
+    node's feed brings generation 1's "reader-done". That is not generation 2's reader:
+    taking it for delivered let its end go (a reader still reading it then finds nobody
+    holding it: the generation fails, one more re-run) and frees its spill for collection."""
+    store = Store(":memory:")
+    edge = EdgeId.new()
+    store.register_writer(edge.hex, "w", "127.0.0.1:1")
+    store.claim_reader(edge.hex, "x")
+    store.close_writer(edge.hex, 1, "complete", 4096)
+    store.release_reader(edge.hex, "x", "done", 4096)
+    late = [e for e in store.events(0) if e.kind == "reader-done"][-1].to_json()
+    node, writer = writer_on_w(tmp_path, store, edge)  # generation 2
+    assert writer.generation == 2
+    writer.end = 4096
+    writer.state = WriterState.COMPLETE
+    node.membership._on_event(late)
+    assert not writer.delivered
+    store.claim_reader(edge.hex, "x")
+    store.close_writer(edge.hex, 2, "complete", 4096)
+    store.release_reader(edge.hex, "x", "done", 4096)
+    node.membership._on_event([e for e in store.events(0) if e.kind == "reader-done"][-1].to_json())
+    assert writer.delivered
