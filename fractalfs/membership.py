@@ -137,8 +137,18 @@ class Membership:
         elif kind == EventKind.WRITER:
             with contextlib.suppress(TypeError, ValueError):
                 generation = int(data.get("generation", 0))
-                self.node.supersede(edge, generation)  # a reader here: leave the old one
-                if writer is not None and generation > writer.generation:
+                # A newer generation, recorded after this end's claim or registration: an
+                # edge removed and made afresh numbers its generations from 1 again, and a
+                # lagging feed brings the old edge's writer events after the new ends came.
+                slot = self.node.slots.get(edge)
+                reader = slot.reader if slot is not None else None
+                if reader is None or not isinstance(seq, int) or seq > reader.claimed_at:
+                    self.node.supersede(edge, generation)  # a reader here: leave the old one
+                if (
+                    writer is not None
+                    and generation > writer.generation
+                    and (not isinstance(seq, int) or seq > writer.registered)
+                ):
                     self.node._fence(writer)
         elif kind == EventKind.READER_LOST and writer is not None:
             writer.set_reader_lost(True, str(data.get("node", "")), claim_of(event))

@@ -230,3 +230,24 @@ async def test_a_lagging_reader_done_does_not_mark_a_newer_generation_delivered(
     store.release_reader(edge.hex, "x", "done", 4096)
     node.membership._on_event([e for e in store.events(0) if e.kind == "reader-done"][-1].to_json())
     assert writer.delivered
+
+
+async def test_a_lagging_writer_event_of_a_removed_edge_does_not_fence_its_new_writer(
+    tmp_path: Path,
+) -> None:
+    """Generations start again at 1 on an edge removed and made afresh. A writer event of
+    the edge before its removal (generation 2) that this node's feed brings after the new
+    writer registered (generation 1) is older than that writer, and must not fence it
+    off (it did: EPIPE to the re-run, "a newer writer generation took the edge over")."""
+    store = Store(":memory:")
+    edge = EdgeId.new()
+    store.register_writer(edge.hex, "v", "127.0.0.1:2")
+    store.close_writer(edge.hex, 1, "failed", 0)
+    store.register_writer(edge.hex, "v", "127.0.0.1:2")
+    late = [e for e in store.events(0) if e.kind == "writer"][-1].to_json()
+    assert late["data"]["generation"] == 2
+    store.delete(edge.hex)
+    node, writer = writer_on_w(tmp_path, store, edge)
+    assert writer.generation == 1
+    node.membership._on_event(late)
+    assert writer.state is WriterState.OPEN, writer.abort_reason
