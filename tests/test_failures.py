@@ -535,6 +535,7 @@ def test_writer_daemon_restarted_before_a_reader_elsewhere_had_the_end_fails_the
     assert cluster.edge(edge)["state"] == "delivered"
 
 
+@pytest.mark.serial  # the killed writer's end must be recorded within the 2 s grace
 def test_a_rerun_writer_elsewhere_waits_for_the_killed_writers_end_to_be_recorded(
     cluster: Cluster, programs: Programs, src: Path, tmp_path: Path
 ) -> None:

@@ -157,6 +157,7 @@ def test_a_partitioned_writer_is_fenced_by_etcd_and_gets_epipe_when_it_heals(
     assert "fenced off" in h1.node.log.read_text()
 
 
+@pytest.mark.serial  # the killed writer's end must reach etcd within the 2 s grace
 def test_an_etcd_member_and_a_replica_killed_mid_stream_lose_nothing(
     net: EtcdNet, tmp_path: Path
 ) -> None:
