@@ -10,6 +10,8 @@ Keys under one prefix (default ``fractalfs/``)::
                       or still being read on another node: read_elsewhere)
     l/<node>/<edge>   an index: <node>'s writer of <edge> is lost (silent), still served
     n/<node>          a live node: {"boot", "lease"}, attached to the node's lease
+    b/<node>          the node's last boot id, without a lease: a run that starts after
+                      the lease expired is still told from the one before (a restart)
 
 Every change is a read, then one transaction that compares the edge key's mod revision with
 the one read and writes the edge, its event and ``head`` together: two discovery replicas
@@ -682,9 +684,13 @@ class EtcdStore:
     def _node_key(self, node: str) -> str:
         return f"{self.prefix}n/{node}"
 
+    def _boot_key(self, node: str) -> str:
+        return f"{self.prefix}b/{node}"
+
     def node_heartbeat(self, node: str, boot: str, ttl: int) -> str:
         """Keeps ``node``'s lease alive (a new one if it expired); returns the boot id the
-        node had before ("" if it was not live)."""
+        node had before ("" if it never was, or left). The boot id outlives the lease
+        (``b/<node>``): a daemon started again after its lease expired is a restart."""
         kvs = self.gateway.range(self._node_key(node))
         before: dict[str, Any] = json.loads(_unb64(kvs[0]["value"])) if kvs else {}
         lease = int(before.get("lease", 0))
@@ -692,9 +698,16 @@ class EtcdStore:
             got = self.gateway.call("/v3/lease/keepalive", {"ID": str(lease)})
             if int(got.get("result", {}).get("TTL", 0)) > 0:
                 return str(before.get("boot", ""))
+        if not before:  # its lease expired, or it never was
+            kept = self.gateway.range(self._boot_key(node))
+            if kept:
+                before = {"boot": _unb64(kept[0]["value"])}
         lease = int(self.gateway.call("/v3/lease/grant", {"TTL": str(ttl)})["ID"])
         info = json.dumps({"boot": boot or before.get("boot", ""), "lease": lease})
-        self.gateway.txn([], [_put(self._node_key(node), info, lease)])
+        puts = [_put(self._node_key(node), info, lease)]
+        if boot and boot != before.get("boot"):
+            puts.append(_put(self._boot_key(node), boot))
+        self.gateway.txn([], puts)
         if before.get("lease"):
             with contextlib.suppress(ValueError):  # it may have expired already
                 self.gateway.call("/v3/lease/revoke", {"ID": str(before["lease"])})
@@ -710,6 +723,7 @@ class EtcdStore:
         """Nothing to do: ``n/<node>`` goes with the node's lease (:meth:`node_leave`)."""
 
     def node_leave(self, node: str) -> None:
+        self.gateway.call("/v3/kv/deleterange", {"key": _b64(self._boot_key(node))})
         kvs = self.gateway.range(self._node_key(node))
         if kvs:
             lease = json.loads(_unb64(kvs[0]["value"])).get("lease", 0)
