@@ -202,6 +202,9 @@ class WriterEnd:
         self.reader_closed = False
         self.registered = 0  # discovery's version of the edge when this generation began
         self.reader_lost = False  # discovery lost the reader's node (it may come back)
+        # Which reader that loss was about: its node and discovery's id of its claim (0:
+        # not told). A lagging feed brings losses and claims the edge has moved on from.
+        self.lost_reader: tuple[str, int] = ("", 0)
         self.released = False  # the program's file is closed
         self.exit_status: int | None = None  # seen at FLUSH if the program was exiting
         self.blocked = 0  # writes waiting for the window (they hold the kernel inode lock)
@@ -461,9 +464,12 @@ class WriterEnd:
         self.reader_closed = True
         self.changed.notify()
 
-    def set_reader_lost(self, lost: bool) -> None:
-        """Discovery lost the reader's node (it may come back), or it is back."""
+    def set_reader_lost(self, lost: bool, node: str = "", claim: int = 0) -> None:
+        """Discovery lost the reader's node (it may come back), or it is back. ``node`` and
+        ``claim`` name the reader lost (:attr:`lost_reader`)."""
         self.reader_lost = lost
+        if lost:
+            self.lost_reader = (node, claim)
 
     def drop_spill(self) -> None:
         """Garbage collection: the spill file goes; nobody can need it any more."""

@@ -19,8 +19,9 @@ import trio
 from . import testhooks
 from .discovery.client import DiscoveryError, Unavailable
 from .discovery.schema import EventKind, LossCause
+from .discovery.schema import ReaderState as ReaderStateName
 from .edgeid import EdgeId
-from .edges import ReaderState, WriterState
+from .edges import ReaderState, WriterEnd, WriterState
 from .edgestate import backoff
 from .pulse import Pulse
 
@@ -32,6 +33,17 @@ log = logging.getLogger(__name__)
 LONG_POLL = 25.0
 EVENT_BATCH = 0.05  # seconds a busy event log is left to accumulate between polls
 HEARTBEAT_EVERY = 0.5
+CHECK_FOR = 5.0  # seconds an event's check against the edge's record may take
+
+
+def claim_of(event: dict[str, Any]) -> int:
+    """Discovery's id of the reader claim a ``reader`` or ``reader-lost`` event is about (0:
+    not told). A claim's id is its event's seq in the SQLite store; etcd's events name it."""
+    data = event.get("data") or {}
+    claim = data.get("claim")
+    if claim is None and event.get("kind") == EventKind.READER:
+        claim = event.get("seq")
+    return claim if isinstance(claim, int) else 0
 
 
 class Membership:
@@ -117,16 +129,29 @@ class Membership:
             return
         data = event.get("data") or {}
         writer = self.node.writer_for(edge)
+        seq = event.get("seq")
         if kind == EventKind.DELETED:
-            self.node._abort_local(edge, "removed")
+            # Only ends older than the removal: the edge may have started afresh (a re-run
+            # after ``rm``) and its new ends registered here before the feed brought it.
+            self.node._abort_local(edge, "removed", seq if isinstance(seq, int) else None)
         elif kind == EventKind.WRITER:
             with contextlib.suppress(TypeError, ValueError):
                 generation = int(data.get("generation", 0))
-                self.node.supersede(edge, generation)  # a reader here: leave the old one
-                if writer is not None and generation > writer.generation:
+                # A newer generation, recorded after this end's claim or registration: an
+                # edge removed and made afresh numbers its generations from 1 again, and a
+                # lagging feed brings the old edge's writer events after the new ends came.
+                slot = self.node.slots.get(edge)
+                reader = slot.reader if slot is not None else None
+                if reader is None or not isinstance(seq, int) or seq > reader.claimed_at:
+                    self.node.supersede(edge, generation)  # a reader here: leave the old one
+                if (
+                    writer is not None
+                    and generation > writer.generation
+                    and (not isinstance(seq, int) or seq > writer.registered)
+                ):
                     self.node._fence(writer)
         elif kind == EventKind.READER_LOST and writer is not None:
-            writer.set_reader_lost(True)
+            writer.set_reader_lost(True, str(data.get("node", "")), claim_of(event))
             # A silent node may only be stalled or cut off: while its connection lives (or
             # until it comes back and redials) it loses nothing. A restarted or departed
             # daemon took what its reader had delivered with it.
@@ -139,12 +164,21 @@ class Membership:
                 with contextlib.suppress(TypeError, ValueError):
                     self.node.spawn(self.writer_gone, edge, int(data.get("generation", 0)))
         elif kind in (EventKind.READER_BACK, EventKind.READER) and writer is not None:
-            if kind == EventKind.READER and writer.reader_lost and writer.connection is not None:
+            if (
+                kind == EventKind.READER
+                and writer.reader_lost
+                and writer.connection is not None
+                and data.get("node") != writer.lost_reader[0]
+            ):
                 # A new claim replaces a reader lost with its node: a connection that
                 # outlived the partition is the old reader's; it must not read beside the
                 # new one. (Its daemon, on redialling, finds the claim taken: Node._pump.)
-                writer.connection.cancel()
-            writer.set_reader_lost(False)
+                # Unless the feed lags and the edge moved on from that claim (checked).
+                # The lost node's own claim is no such case: a node holds one reader of
+                # an edge, so its daemon left the old reader (and its connection) first.
+                self.node.spawn(self._drop_if_claimed, writer, writer.connection, event)
+            else:
+                writer.set_reader_lost(False)
         if kind == EventKind.READER and data.get("node") not in (None, self.node.name):
             # Another node claimed the edge: discovery took the reader here for lost (this
             # node was cut off) and the stage was re-run there. A connection that outlived
@@ -154,7 +188,6 @@ class Membership:
             # Only a claim newer than this reader's: a feed that lags behind discovery can
             # bring the claim a newer reader here took the edge back from (event seqs and
             # a claim's record version are one sequence, in both stores).
-            seq = event.get("seq")
             if (
                 reader is not None
                 and reader.state in (ReaderState.WAITING, ReaderState.STREAMING)
@@ -174,9 +207,59 @@ class Membership:
                     log.info("edge %s: its reader closed early (discovery)", edge)
                     writer.on_reader_closed()
         elif kind == EventKind.READER_DONE and writer is not None:
+            # Only a reader done after this generation began: a lagging feed brings an
+            # earlier generation's (as long: a re-run), which would let this one's end go
+            # before its own reader has it all.
             with contextlib.suppress(TypeError, ValueError):
-                writer.on_reader_done(int(data.get("bytes", 0)))
+                if not isinstance(seq, int) or seq > writer.registered:
+                    writer.on_reader_done(int(data.get("bytes", 0)))
             self.node._reap(edge)  # a transient end whose END_ACK was lost is done too
+
+    async def _record(self, edge: EdgeId) -> dict[str, Any] | None:
+        """The edge's record now (None if discovery does not answer within
+        :data:`CHECK_FOR`): what a lagging feed's event is checked against."""
+        with trio.move_on_after(CHECK_FOR):
+            try:
+                return await self.node.discovery.get(edge.hex)
+            except (Unavailable, DiscoveryError) as exc:
+                log.info("edge %s: could not check an event against discovery: %s", edge, exc)
+        return None
+
+    async def _drop_if_claimed(
+        self, writer: WriterEnd, connection: trio.CancelScope, event: dict[str, Any]
+    ) -> None:
+        """Another node claimed the edge while discovery had its reader here lost: drop the
+        connection, unless the edge has a newer claim than that event's (the feed lags: a
+        reader the edge went back to may be the one connected). Unknown: drop it."""
+        rec = await self._record(writer.edge)
+        if rec is not None and int(rec.get("reader_claim") or 0) != claim_of(event):
+            # A newer claim, whose own event comes later and decides; if it is the lost
+            # node's, that node left the reader it lost before it claimed again.
+            if rec.get("reader_node") == writer.lost_reader[0]:
+                writer.set_reader_lost(False)
+            log.info("edge %s: a claim the edge has moved on from (feed lags)", writer.edge)
+            return
+        connection.cancel()
+        writer.set_reader_lost(False)
+
+    async def confirm_reader_gone(self, writer: WriterEnd) -> None:
+        """Fails ``writer`` for a reader lost with acknowledged bytes (Node._reader_gone),
+        unless the edge moved on from that reader: back, done, or claimed again since (a
+        lagging feed brings the loss after the newer claim's reader acknowledged bytes:
+        that loss failed its generation for nothing, one needless re-run)."""
+        node, claim = writer.lost_reader
+        rec = await self._record(writer.edge)
+        if rec is not None:
+            lost = rec.get("reader_state") in (ReaderStateName.LOST, ReaderStateName.FAILED)
+            if not lost or (claim and int(rec.get("reader_claim") or 0) != claim):
+                log.info(
+                    "edge %s: its reader on %s is not lost any more (%s)",
+                    writer.edge,
+                    node or "?",
+                    rec.get("reader_state"),
+                )
+                return
+        self.node._reader_gone(writer, confirmed=True)
 
     async def writer_gone(self, edge: EdgeId, generation: int) -> None:
         """The reader here lacks the END of ``generation``, whose writer's daemon run is

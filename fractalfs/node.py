@@ -304,10 +304,10 @@ class Node:
         expected = self.persistence.expected_mode(edge)
         with self._opening(slot, "writer"):
             await self._await_close_recorded(edge, pid)
-            rec = await self._interruptible(
-                pid,
-                functools.partial(self._register_writer, edge, (expected[0].value, expected[1])),
+            register = functools.partial(
+                self._register_writer, edge, (expected[0].value, expected[1])
             )
+            rec = await self._until_free(edge, pid, register)
         slot = self._slot(edge)
         if slot.writer is not None:
             slot.writer.abort(AbortReason.STALE, "a newer writer took the edge over")
@@ -475,6 +475,35 @@ class Node:
                 done.set()
                 if self._closing.get(writer.edge) is done:
                     del self._closing[writer.edge]
+
+    async def _until_free(
+        self, edge: EdgeId, pid: int, call: Callable[[], Awaitable[dict[str, Any]]]
+    ) -> dict[str, Any]:
+        """Registers a writer (``call``). Discovery refuses a second open writer; but the
+        one it knows of may be a killed program whose daemon has not recorded its end yet
+        (the re-run came at once, on another node; that daemon is busy, or behind a
+        replica that is gone). Give that end RELEASE_GRACE to arrive, watching the edge,
+        before answering EBUSY (as :meth:`_claim_reader` does for a reader)."""
+        deadline = trio.current_time() + RELEASE_GRACE
+        while True:
+            try:
+                return await self._interruptible(pid, call)
+            except Conflict:
+                left = deadline - trio.current_time()
+                if left <= 0:
+                    raise
+            rec = await self._interruptible(pid, functools.partial(self.discovery.get, edge.hex))
+            await self._interruptible(
+                pid,
+                functools.partial(
+                    self.discovery.get,
+                    edge.hex,
+                    wait=min(left, self.config.signal_poll),
+                    since=int(rec["version"]),
+                ),
+            )
+            if procs.signal_pending(pid):
+                raise EdgeError(errno.EINTR, "interrupted by a signal")
 
     async def _await_close_recorded(self, edge: EdgeId, pid: int) -> None:
         """Waits (briefly, interruptibly) until the end of the edge's previous generation
@@ -959,14 +988,16 @@ class Node:
             raise EdgeError(errno.EIO, str(exc)) from None
         self._abort_local(edge, "removed")
 
-    def _abort_local(self, edge: EdgeId, why: str) -> None:
+    def _abort_local(self, edge: EdgeId, why: str, seq: int | None = None) -> None:
+        """Ends the edge's ends here; with ``seq`` (a removal's event), only those that
+        began before it (a writer registered, a reader claimed at a lower version)."""
         slot = self.slots.get(edge)
         if slot is None:
             return
         log.info("edge %s: %s", edge, why)
-        if slot.writer is not None:
+        if slot.writer is not None and (seq is None or slot.writer.registered < seq):
             slot.writer.abort(AbortReason.REMOVED, f"edge {edge} was {why}")
-        if slot.reader is not None:
+        if slot.reader is not None and (seq is None or slot.reader.claimed_at < seq):
             slot.reader.fail(errno.ECANCELED, f"edge {edge} was {why}")
         self._reap(edge)
 
@@ -976,15 +1007,20 @@ class Node:
 
     # -- background ----------------------------------------------------------------------
 
-    def _reader_gone(self, writer: WriterEnd) -> None:
+    def _reader_gone(self, writer: WriterEnd, *, confirmed: bool = False) -> None:
         """The reader's daemon is gone. If it had acknowledged bytes that a transient writer
-        has freed, only a re-run of the writer can serve the next reader: fail it now."""
+        has freed, only a re-run of the writer can serve the next reader: fail it, once
+        discovery's record confirms the edge has not moved on from that reader (a lagging
+        feed: ``Membership.confirm_reader_gone``)."""
         if (
             writer.reader_lost
             and writer.acked > 0
             and writer.state in (WriterState.OPEN, WriterState.COMPLETE)
             and writer.spill is None  # a persistent stream still has every byte for a re-run
         ):
+            if not confirmed:
+                self._spawn(self.membership.confirm_reader_gone, writer)
+                return
             log.warning("edge %s: the reader's node was lost with acknowledged bytes", writer.edge)
             self._lose_freed_prefix(writer, "the reader's node was lost")
 

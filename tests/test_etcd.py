@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import threading
 import time
@@ -319,6 +320,44 @@ def test_a_claims_version_is_its_events_seq(store: EtcdStore) -> None:
         ("y", other.version),
         ("x", mine.version),
     ]
+
+
+def test_a_claims_events_name_it(store: EtcdStore) -> None:
+    """A writer's daemon checks a lagging feed's claim or loss of its reader against the
+    record's current claim (Membership.claim_of, tests/test_claims.py): etcd's claim id is
+    random, so its ``reader`` and ``reader-lost`` events carry it."""
+    from fractalfs.membership import claim_of
+
+    edge = new_edge()
+    first = store.claim_reader(edge, "x")
+    store.node_lost("x", "restarted")
+    again = store.claim_reader(edge, "x")
+    events = [e.to_json() for e in store.events(0) if e.edge == edge]
+    named = [(e["kind"], claim_of(e)) for e in events if e["kind"].startswith("reader")]
+    assert first.reader_claim != again.reader_claim
+    assert named == [
+        ("reader", first.reader_claim),
+        ("reader-lost", first.reader_claim),
+        ("reader", again.reader_claim),
+    ]
+
+
+def test_a_restart_after_the_nodes_lease_expired_is_still_a_restart(store: EtcdStore) -> None:
+    """A daemon killed and started again more than its lease's TTL later (a slow restart,
+    a loaded host): etcd deleted ``n/<node>`` with the lease, and with it the boot id.
+    The new run's heartbeat was then taken for the node coming back (make test, loaded:
+    "node a is back"), not for a restart: the old run's complete generations kept their
+    endpoint and no writer-gone was told, its lost writers stayed lost for good. The boot
+    id outlives the lease; a node that left is forgotten (its next run is a new node)."""
+    node = f"n{os.urandom(4).hex()}"
+    assert store.node_heartbeat(node, "run-1", 2) == ""
+    lease = store.live_nodes()[node]["lease"]
+    store.gateway.call("/v3/lease/revoke", {"ID": str(lease)})  # expired
+    assert node not in store.live_nodes()
+    assert store.node_heartbeat(node, "run-2", 2) == "run-1"
+    assert store.node_heartbeat(node, "run-2", 2) == "run-2"
+    store.node_leave(node)
+    assert store.node_heartbeat(node, "run-3", 2) == ""
 
 
 def test_etcd_down_is_503_also_where_the_guard_reads_the_edge(tmp_path: Path) -> None:

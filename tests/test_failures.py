@@ -540,3 +540,33 @@ def test_writer_daemon_restarted_before_a_reader_elsewhere_had_the_end_fails_the
     assert reader.returncode == 0, err
     assert sha_file(out) == sha_file(src)
     assert cluster.edge(edge)["state"] == "delivered"
+
+
+@pytest.mark.serial  # the killed writer's end must be recorded within the 2 s grace
+def test_a_rerun_writer_elsewhere_waits_for_the_killed_writers_end_to_be_recorded(
+    cluster: Cluster, programs: Programs, src: Path, tmp_path: Path
+) -> None:
+    """A supervisor re-runs a killed writer at once, on another node, before the killed
+    one's daemon told discovery that its generation failed (here: that daemon is stopped
+    0.5 s, as on a busy host, or behind a discovery replica that is gone). The re-run's
+    open waits for that (up to 2 s, README "Errors"), as a re-run reader's does; it got
+    EBUSY at once, and the re-run failed for nothing."""
+    a, b, c = three_nodes(cluster)
+    edge = new_edge()
+    out = tmp_path / "out"
+    reader = programs.start(f"exec cat {c.path(edge)} > {out}")
+    writer = paused_writer(programs, src, a.path(edge), 2 * MiB)
+    wait_for(lambda: size(out) >= 2 * MiB, 10, "2 MiB delivered")
+    a.signal(signal.SIGSTOP)
+    try:
+        os.killpg(writer.pid, signal.SIGKILL)
+        writer.wait(timeout=10)
+        rerun = programs.start(f"cat {src} > {b.path(edge)}")
+        time.sleep(0.5)
+    finally:
+        a.signal(signal.SIGCONT)
+    _, err = rerun.communicate(timeout=30)
+    assert rerun.returncode == 0, err
+    reader.communicate(timeout=30)
+    assert reader.returncode == 0 and sha_file(out) == sha_file(src)
+    assert cluster.edge(edge).get("generation") == 2

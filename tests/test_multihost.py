@@ -116,6 +116,17 @@ class Pipeline:
         self.edges = {name: new_edge() for name in edges}
         self.stages: dict[str, Stage] = {}
         self.max_runs = max_runs
+        # The go-ahead of stages held mid-stream (:meth:`hold`, :func:`midstream`).
+        self.go = net.workdir / f"go-{os.urandom(4).hex()}"
+
+    def hold(self, nbytes: int) -> str:
+        """slowcat's options to wait after ``nbytes`` until :meth:`release`: a fault then
+        hits the stage mid-stream by construction, not by timing (under load, the first
+        stage used to finish before its reader's progress showed the fault's point)."""
+        return f"--hold-after {nbytes} --until {self.go}"
+
+    def release(self) -> None:
+        self.go.touch()
 
     def add(self, name: str, host: Host, cmd: str, writes: str = "") -> Stage:
         """``writes``: the edge the stage writes (default: the one it redirects to)."""
@@ -155,6 +166,7 @@ class Pipeline:
     def supervise(self, timeout: float = 90) -> None:
         """Re-runs failed stages until every stage exited 0; fails on a stage that keeps
         failing or on a pipeline still running after ``timeout``."""
+        self.release()
         deadline = time.monotonic() + timeout
         looked = time.monotonic()
         while True:
@@ -224,11 +236,15 @@ def net(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NetCluster]:
 WORDFREQ = "cat {src} | tr -cs A-Za-z '\\n' | tr A-Z a-z | sort | uniq -c | sort -rn"
 
 
-def wordfreq(net: NetCluster, src: Path, out: Path, pace: str) -> Pipeline:
+def wordfreq(net: NetCluster, src: Path, out: Path, pace: str, hold: int = 0) -> Pipeline:
     """PaSh's word frequencies in three stages over two edges: h0 splits words into E1, h1
-    folds case from E1 into E2, h2 counts. ``pace`` paces the first stage's input."""
+    folds case from E1 into E2, h2 counts. ``pace`` paces the first stage's input; with
+    ``hold`` it waits after that many bytes of it for the go-ahead (:func:`midstream`).
+    E1 is ~57% of the input (most words are ``w1234x``, which ``tr -cs`` cuts to ``w x``)."""
     h0, h1, h2 = net.hosts
     p = Pipeline(net, ["E1", "E2"])
+    if hold:
+        pace += " " + p.hold(hold)
     p.add("split", h0, f"{SLOWCAT} {src} /dev/stdout {pace} | tr -cs A-Za-z '\\n' > {{E1}}")
     p.add("fold", h1, "tr A-Z a-z < {E1} > {E2}")
     p.add("count", h2, f"sort < {{E2}} | uniq -c | sort -rn > {out}")
@@ -280,6 +296,7 @@ def test_tar_gzip_to_gunzip_tar_across_hosts(
     p = Pipeline(net, ["E"])
     # gzip -n: a re-run must write the same bytes (no time stamp), as FRACTAL requires.
     pack = f"{SLOWCAT} <(tar -C {tree} -c . | gzip -n) {{E}} --chunk 65536 --delay 0.03"
+    pack += " " + p.hold(3 * MiB // 2)
     p.add("pack", h1, pack, "E")
     p.add("unpack", h2, f"rm -rf {dst}/*; gunzip < {{E}} | tar -x -C {dst}")
     p.start_all()
@@ -327,8 +344,8 @@ def test_split_and_sort_merge_of_two_edges(
     half = tmp_path / "half"
     subprocess.run(["split", "-n", "l/2", str(words), f"{half}."], check=True)
     out = tmp_path / "out"
-    pace = "--chunk 65536 --delay 0.08"
     p = Pipeline(net, ["A", "B"])
+    pace = f"--chunk 65536 --delay 0.08 {p.hold(3 * MiB // 2)}"
     p.add("left", h0, f"{SLOWCAT} <(sort {half}.aa) {{A}} {pace}", "A")
     p.add("right", h1, f"{SLOWCAT} <(sort {half}.ab) {{B}} {pace}", "B")
     p.add("merge", h2, f"sort -m {{A}} {{B}} > {out}")
@@ -351,13 +368,16 @@ def delivered(net: NetCluster, edge: str) -> int:
 
 
 def midstream(p: Pipeline, edge: str, nbytes: int, timeout: float = 30) -> None:
-    """Waits until ``nbytes`` of ``edge`` were delivered, with every stage still running."""
+    """Waits until ``nbytes`` of ``edge`` were delivered, with every stage still running,
+    then releases the stages held past that point (:meth:`Pipeline.hold`): the fault that
+    follows hits a stream in flow."""
     running = [s.proc for s in p.stages.values() if s.proc is not None]
     wait_for(
         lambda: delivered(p.net, p.edges[edge]) >= nbytes, timeout, f"{edge} mid-stream", running
     )
     for s in p.stages.values():
         assert s.proc is not None and s.proc.poll() is None, f"{s.name} ended early\n{p.report()}"
+    p.release()
 
 
 def restart_daemon(net: NetCluster, host: Host) -> None:
@@ -411,7 +431,7 @@ def test_wordfreq_fault_then_rerun_is_the_plain_pipe_output(
 ) -> None:
     h0, h1, h2 = net.hosts
     out = tmp_path / "out"
-    p = wordfreq(net, words, out, "--chunk 65536 --delay 0.04")
+    p = wordfreq(net, words, out, "--chunk 65536 --delay 0.04", hold=9 * MiB // 2)
     p.start_all()
     midstream(p, "E1", 2 * MiB)
     if fault == "first-stage-killed":
@@ -533,7 +553,7 @@ def test_a_partitioned_middle_stage_is_fenced_by_its_rerun_elsewhere(
     EPIPE (the pipeline never finished; 1 of 3 runs)."""
     h0, h1, _h2 = net.hosts
     out = tmp_path / "out"
-    p = wordfreq(net, words, out, "--chunk 65536 --delay 0.04")
+    p = wordfreq(net, words, out, "--chunk 65536 --delay 0.04", hold=9 * MiB // 2)
     p.start_all()
     midstream(p, "E1", 2 * MiB)
     old = p.stages["fold"].proc
@@ -713,3 +733,153 @@ def test_a_fault_at_the_end_of_a_stream_is_exactly_once(
         # Nothing died but the discovery: nothing is re-run.
         assert all(s.runs == 1 for s in p.stages.values()), p.report()
     print(p.report())
+
+
+def in_open(pid: int, timeout: float = 5.0) -> bool:
+    """Waits until ``pid`` is inside openat(2) (x86-64: 257), as its daemon serves the
+    open; False if it was not seen there (it may have got through already)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/syscall") as f:
+                if f.read().split(" ", 1)[0] == "257":
+                    return True
+        except OSError:
+            return False
+        time.sleep(0.0005)
+    return False
+
+
+STALLS = [
+    "writer-daemon-stopped-registering",
+    "reader-daemon-stopped-pairing",
+    "writer-daemon-stopped-as-end-travels",
+    "reader-daemon-stopped-as-end-travels",
+]
+
+
+@pytest.mark.parametrize(
+    ("stall", "net"),
+    tiered(
+        [(s, "transient") for s in STALLS],
+        core={("reader-daemon-stopped-pairing", "transient")},
+        slow=set(),
+    ),
+    indirect=["net"],
+)
+def test_a_daemon_stopped_at_the_worst_moment_loses_nothing(
+    net: NetCluster, tmp_path: Path, stall: str
+) -> None:
+    """A daemon starved of CPU (SIGSTOP 4 s, past the 1.5 s silence timeout: discovery
+    takes its node for lost) at the worst moments: the writer's while its program's open
+    is being served (the writer registers), the reader's then (it is about to pair), and
+    either as the writing program closes its end (the END on its way). Nothing died: each
+    stage runs once, its output is the source byte for byte, exit statuses 0."""
+    _h0, h1, h2 = net.hosts
+    assert h1.node is not None and h2.node is not None
+    src = tmp_path / "src"
+    src.write_bytes(random.Random(stall).randbytes(3 * MiB + 11))
+    out = tmp_path / "out"
+    p = Pipeline(net, ["E"])
+    p.add("produce", h1, f"exec {SLOWCAT} {src} {{E}} --chunk 65536 --delay 0.01 --announce", "E")
+    p.add("consume", h2, f"exec cat {{E}} > {out}")
+    p.start_all()  # the reader first: it waits for the writer
+    producer = p.stages["produce"].proc
+    assert producer is not None and producer.stdout is not None
+    daemon = h1.node if stall.startswith("writer") else h2.node
+    assert producer.stdout.readline() == b"opening\n", p.report()
+    if stall.endswith("as-end-travels"):
+        assert producer.stdout.readline() == b"closing\n", p.report()
+    else:
+        in_open(producer.pid)
+    daemon.signal(signal.SIGSTOP)
+    try:
+        time.sleep(4)
+    finally:
+        daemon.signal(signal.SIGCONT)
+    p.supervise()
+    assert out.read_bytes() == src.read_bytes(), p.report()
+    assert all(s.runs == 1 and s.exits == [0] for s in p.stages.values()), p.report()
+
+
+@pytest.mark.slow
+@MATRIX
+@pytest.mark.parametrize("net", ["transient"], indirect=True)
+def test_a_rerun_writer_elsewhere_races_the_stopped_first_writers_late_data(
+    net: NetCluster, tmp_path: Path
+) -> None:
+    """h1's daemon is stopped mid-stream, generation 1's bytes in its window and FIFO;
+    discovery takes its writer for lost and the stage is re-run on h0 (generation 2),
+    replayed to the reader on h2. h1 wakes while generation 2 streams, its connection to
+    the reader and its late bytes with it: none of them may reach the reader (its
+    replayed prefix is checked against what it delivered), the old writer must not end
+    well, and the output is the source exactly once."""
+    h0, h1, h2 = net.hosts
+    assert h1.node is not None
+    src = tmp_path / "src"
+    # Paced (3.2 MB/s): the old writer is still writing when its daemon stops (unpaced,
+    # it wrote 16 MiB into the window, the reader's read buffer and the FIFOs first).
+    src.write_bytes(random.Random(7).randbytes(16 * MiB + 5))
+    out = tmp_path / "out"
+    p = Pipeline(net, ["E"])
+    pace = f"--chunk 65536 --delay 0.02 {p.hold(2 * MiB)}"
+    p.add("produce", h1, f"exec {SLOWCAT} {src} {{E}} {pace}", "E")
+    # A slow reader: the writer's window fills while it reads.
+    p.add("consume", h2, f"exec {SLOWCAT} {{E}} /dev/stdout --chunk 65536 --delay 0.03 > {out}")
+    p.start_all()
+    midstream(p, "E", 1 * MiB)
+    old = p.stages["produce"].proc
+    assert old is not None
+    time.sleep(0.5)
+    h1.node.signal(signal.SIGSTOP)
+    assert old.poll() is None, p.report()
+    try:
+        wait_for(lambda: record(net, p.edges["E"]).get("writer_state") == "lost", 20, "lost")
+        p.stages["produce"].host = h0
+        p.start("produce")  # the go-ahead exists: the re-run does not hold
+        wait_for(lambda: record(net, p.edges["E"]).get("generation") == 2, 20, "generation 2")
+        time.sleep(0.3)  # the re-run's replay under way
+    finally:
+        h1.node.signal(signal.SIGCONT)
+    p.supervise()
+    assert out.read_bytes() == src.read_bytes(), p.report()
+    assert old.wait(timeout=30) != 0, "the fenced-off writer ended well"
+    assert all(s.exits[-1:] == [0] for s in p.stages.values()), p.report()
+
+
+@pytest.mark.slow
+@MATRIX
+@pytest.mark.parametrize("net", ["persistent"], indirect=True)
+def test_a_spilled_edges_reader_rerun_on_a_third_host_after_its_host_was_cut_off(
+    net: NetCluster, tmp_path: Path
+) -> None:
+    """A persistent edge from h1 to h2; h2 is cut off mid-stream, discovery takes its
+    reader for lost, and the stage is re-run on h0, which reads the stream from its first
+    byte out of h1's spill (the writer is not re-run). Healed, the old reader must not end
+    well (it is killed: another node claimed the edge), and nothing of it may slow or cut
+    the re-run's stream."""
+    h0, h1, h2 = net.hosts
+    src = tmp_path / "src"
+    src.write_bytes(random.Random(9).randbytes(6 * MiB + 3))
+    out, again = tmp_path / "out", tmp_path / "again"
+    p = Pipeline(net, ["E"])
+    pace = f"--chunk 65536 --delay 0.02 {p.hold(3 * MiB)}"
+    p.add("produce", h1, f"exec {SLOWCAT} {src} {{E}} {pace}", "E")
+    p.add("consume", h2, f"exec cat {{E}} > {out}")
+    p.start_all()
+    midstream(p, "E", 1 * MiB)
+    old = p.stages["consume"].proc
+    assert old is not None
+    net.link(h2, up=False)
+    try:
+        wait_for(lambda: record(net, p.edges["E"]).get("reader_state") == "lost", 20, "lost")
+        stage = p.stages["consume"]
+        stage.host, stage.cmd = h0, f"exec cat {{E}} > {again}"
+        p.start("consume")
+        wait_for(lambda: record(net, p.edges["E"]).get("reader_node") == h0.name, 20, "claim")
+    finally:
+        net.link(h2, up=True)
+    p.supervise()
+    assert again.read_bytes() == src.read_bytes(), p.report()
+    assert p.stages["produce"].runs == 1, p.report()
+    assert old.wait(timeout=30) != 0, "the cut-off reader ended well beside its re-run"

@@ -155,3 +155,49 @@ def test_a_partitioned_writer_is_fenced_by_etcd_and_gets_epipe_when_it_heals(
             net.link(h1, up=True)
     assert sha_file(out) == sha_file(src)  # nothing of generation 1 reached the reader
     assert "fenced off" in h1.node.log.read_text()
+
+
+@pytest.mark.serial  # the killed writer's end must reach etcd within the 2 s grace
+def test_an_etcd_member_and_a_replica_killed_mid_stream_lose_nothing(
+    net: EtcdNet, tmp_path: Path
+) -> None:
+    """Mid-stream (the writer paused after 2 MiB, by construction), one of the three etcd
+    members and the first discovery replica every node asks are SIGKILLed. The stream
+    completes exactly, nobody is re-run; then, on what is left (two members, one replica),
+    a new edge pairs, its writer is killed mid-stream and re-run on another host (a new
+    generation through etcd), and its reader gets the source exactly once."""
+    h0, h1, h2 = net.hosts
+    assert h0.node and h1.node and h2.node
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(8 * MiB + 3))
+    edge, out = new_edge(), tmp_path / "out"
+    reader = net.run(h2, f"exec cat {h2.node.path(edge)} > {out}")
+    writer = net.run(
+        h1, f"exec {SLOWCAT} {src} {h1.node.path(edge)} --pause-after {2 * MiB} --resume-on-usr1"
+    )
+    assert writer.stdout is not None and writer.stdout.readline() == b"paused\n"
+    wait_for(lambda: size(out) >= 2 * MiB, 20, "2 MiB delivered", [reader, writer])
+    net.etcd.kill(0)  # the first member every replica dials
+    net.replicas[0].kill()  # the first replica every node asks
+    os.kill(writer.pid, signal.SIGUSR1)
+    for proc in (writer, reader):
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+    assert sha_file(out) == sha_file(src)
+    assert net.edge(edge).get("generation") == 1  # nobody re-run
+
+    second, out2 = new_edge(), tmp_path / "out2"
+    reader = net.run(h0, f"exec cat {h0.node.path(second)} > {out2}")
+    first = net.run(
+        h2, f"exec {SLOWCAT} {src} {h2.node.path(second)} --pause-after {MiB} --resume-on-usr1"
+    )
+    assert first.stdout is not None and first.stdout.readline() == b"paused\n"
+    wait_for(lambda: size(out2) >= MiB, 20, "1 MiB delivered", [reader, first])
+    os.kill(first.pid, signal.SIGKILL)
+    assert first.wait(timeout=10) == -signal.SIGKILL
+    rerun = net.run(h1, f"exec cat {src} > {h1.node.path(second)}")
+    for proc in (rerun, reader):
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+    assert sha_file(out2) == sha_file(src)
+    assert net.edge(second).get("generation") == 2

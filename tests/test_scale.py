@@ -129,35 +129,48 @@ def test_a_discovery_forgets_delivered_edges_after_its_retention(tmp_path: Path)
 
 
 def test_the_feed_of_changes_names_the_edges_that_changed(discovery: Discovery) -> None:
-    api = httpx.Client(base_url=discovery.url + "/v1", timeout=10, auth=discovery.auth)
-    # A new follower (no feed, or another server's) is told to resync, with the position.
-    first = api.get("/changes", params={"feed": "", "after": 0}).json()
-    assert first["resync"] is True and first["edges"] == []
-    feed, seq = first["feed"], first["seq"]
-    quiet = api.get("/changes", params={"feed": feed, "after": seq}).json()
-    assert quiet == {"feed": feed, "seq": seq, "edges": [], "all": False, "resync": False}
-    one, two = new_edge(), new_edge()
-    api.post(f"/edges/{one}/reader", json={"node": "n"}).raise_for_status()
-    api.post(f"/edges/{two}/reader", json={"node": "n"}).raise_for_status()
-    api.post(f"/edges/{one}/writer", json={"node": "n", "endpoint": "h:1"}).raise_for_status()
-    got = api.get("/changes", params={"feed": feed, "after": seq}).json()
-    # Only what a reader's pump looks at (the writer's side): a claim is not named.
-    assert got["edges"] == [one] and not got["resync"]
-    assert got["seq"] == seq + 1
-    # A long-poll is answered the moment an edge changes, naming only that one.
-    t0 = time.monotonic()
-    with httpx.Client(base_url=discovery.url + "/v1", timeout=10, auth=discovery.auth) as other:
-        import threading
+    with httpx.Client(base_url=discovery.url + "/v1", timeout=10, auth=discovery.auth) as api:
+        # A new follower (no feed, or another server's) is told to resync, with the position.
+        first = api.get("/changes", params={"feed": "", "after": 0}).json()
+        assert first["resync"] is True and first["edges"] == []
+        feed, seq = first["feed"], first["seq"]
+        quiet = api.get("/changes", params={"feed": feed, "after": seq}).json()
+        assert quiet == {"feed": feed, "seq": seq, "edges": [], "all": False, "resync": False}
+        one, two = new_edge(), new_edge()
+        api.post(f"/edges/{one}/reader", json={"node": "n"}).raise_for_status()
+        api.post(f"/edges/{two}/reader", json={"node": "n"}).raise_for_status()
+        api.post(f"/edges/{one}/writer", json={"node": "n", "endpoint": "h:1"}).raise_for_status()
+        got = api.get("/changes", params={"feed": feed, "after": seq}).json()
+        # Only what a reader's pump looks at (the writer's side): a claim is not named.
+        assert got["edges"] == [one] and not got["resync"]
+        assert got["seq"] == seq + 1
+        # A long-poll is answered the moment an edge changes, naming only that one.
+        t0 = time.monotonic()
+        with httpx.Client(base_url=discovery.url + "/v1", timeout=10, auth=discovery.auth) as other:
+            import threading
 
-        threading.Timer(0.3, lambda: other.delete(f"/edges/{two}")).start()
-        waited = api.get("/changes", params={"feed": feed, "after": got["seq"], "wait": 5}).json()
-    assert waited["edges"] == [two] and time.monotonic() - t0 < 3
-    # A position from the future, or a wrong feed, is a resync.
-    assert api.get("/changes", params={"feed": feed, "after": 10**9}).json()["resync"]
-    assert api.get("/changes", params={"feed": "x", "after": 0}).json()["resync"]
-    # Like every route but /v1/health, the feed requires the cluster secret.
-    anon = httpx.get(discovery.url + "/v1/changes", params={"feed": feed, "after": 0})
-    assert anon.status_code == 401
+            # The long-poll is answered as the delete changes the edge, before the delete's
+            # own answer: the timer's thread must finish with ``other`` before it closes (it
+            # raised in the thread, an unhandled httpx error, when the block left first).
+            deleted: list[int] = []
+            timer = threading.Timer(
+                0.3, lambda: deleted.append(other.delete(f"/edges/{two}").status_code)
+            )
+            timer.start()
+            try:
+                waited = api.get(
+                    "/changes", params={"feed": feed, "after": got["seq"], "wait": 5}
+                ).json()
+            finally:
+                timer.join(timeout=10)
+        assert waited["edges"] == [two] and time.monotonic() - t0 < 3
+        assert len(deleted) == 1 and deleted[0] < 300, deleted
+        # A position from the future, or a wrong feed, is a resync.
+        assert api.get("/changes", params={"feed": feed, "after": 10**9}).json()["resync"]
+        assert api.get("/changes", params={"feed": "x", "after": 0}).json()["resync"]
+        # Like every route but /v1/health, the feed requires the cluster secret.
+        anon = httpx.get(discovery.url + "/v1/changes", params={"feed": feed, "after": 0})
+        assert anon.status_code == 401
 
 
 def test_the_feed_forgets_old_positions_and_marks_many_edge_changes() -> None:

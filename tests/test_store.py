@@ -32,6 +32,48 @@ def test_generations_grow_and_survive_a_restart(tmp_path: Path) -> None:
     assert again.register_writer(E, "b", "h:2").generation == 3  # same node: superseded
 
 
+KILLED_MID_STREAM = """
+import os, signal, sys
+from fractalfs.discovery.store import Store
+store = Store(sys.argv[1])
+e = "0123456789abcdef0123456789abcdef"
+store.register_writer(e, "w", "h:1")
+store.claim_reader(e, "x")
+store.progress(e, 1000)
+print(store.claim_reader(e, "x").version, flush=True)
+store._db.execute("DELETE FROM events")  # the log pruned to nothing (retention)
+os.kill(os.getpid(), signal.SIGKILL)  # mid-stream: no close, no checkpoint
+"""
+
+
+def test_event_seqs_and_claims_keep_growing_after_a_kill_and_a_restart(tmp_path: Path) -> None:
+    """Daemons compare event seqs with their claims' and their generations' versions
+    (Membership: a lagging feed's claim or loss), and follow the log from the last seq
+    they saw. A discovery SIGKILLed mid-stream and started again from its file, even with
+    its event log pruned empty, must go on above every seq it gave out: a reused seq
+    would make a new claim look older than a stale event, or hide events from a node's
+    feed."""
+    import subprocess
+    import sys
+
+    db = tmp_path / "d.db"
+    got = subprocess.run(
+        [sys.executable, "-c", KILLED_MID_STREAM, str(db)], capture_output=True, text=True
+    )
+    assert got.returncode == -9, got.stderr
+    before = int(got.stdout)
+    again = Store(db)
+    rec = again.get(E)
+    assert rec is not None and rec.version == before and rec.reader_claim == before
+    assert again.last_seq() in (0, before)  # the log may be empty: health says so
+    again.node_lost("x", "restarted")
+    claim = again.claim_reader(E, "y")
+    assert claim.version > before and claim.reader_claim > before
+    lost, event = [e for e in again.events(before) if e.kind.startswith("reader")]
+    assert before < lost.seq < event.seq == claim.reader_claim
+    assert lost.data["claim"] == before  # the loss names the claim it ended
+
+
 def test_boot_ids_survive_a_restart(tmp_path: Path) -> None:
     store = Store(tmp_path / "d.db")
     store.set_boot("a", "run-1")

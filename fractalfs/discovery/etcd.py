@@ -10,9 +10,8 @@ Keys under one prefix (default ``fractalfs/``)::
                       or still being read on another node: read_elsewhere)
     l/<node>/<edge>   an index: <node>'s writer of <edge> is lost (silent), still served
     n/<node>          a live node: {"boot", "lease"}, attached to the node's lease
-    b/<node>          the boot id of <node>'s last daemon run, kept when its lease expires
-                      (a run that comes back after a silence longer than the lease is still
-                      told from a restart); deleted when the node leaves or is forgotten
+    b/<node>          the node's last boot id, without a lease: a run that starts after
+                      the lease expired is still told from the one before (a restart)
 
 Every change is a read, then one transaction that compares the edge key's mod revision with
 the one read and writes the edge, its event and ``head`` together: two discovery replicas
@@ -438,16 +437,18 @@ class EtcdStore:
         def change(cur: Edge) -> tuple[str, dict[str, Any], dict[str, Any]]:
             if cur.reader_state == "open" and cur.reader_node != node:
                 raise Conflict(f"edge {edge} has an open reader on node {cur.reader_node}")
+            claim = secrets.randbits(62) or 1
             fields = {
                 "reader_node": node,
                 "reader_state": "open",
                 "bytes_delivered": 0,
                 # Names this claim, so a late release of an older one cannot end it (the
-                # SQLite store uses its event's seq; here the event's revision comes after).
-                "reader_claim": secrets.randbits(62) or 1,
+                # SQLite store uses its event's seq; here the event's revision comes after,
+                # so the event names it).
+                "reader_claim": claim,
                 **claim_fields(cur),
             }
-            return "reader", {"node": node}, fields
+            return "reader", {"node": node, "claim": claim}, fields
 
         return self._mutate(edge, change, create=True)
 
@@ -488,7 +489,8 @@ class EtcdStore:
                 def reader_lost(cur: Edge) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
                     if cur.reader_node != node or cur.reader_state != "open":
                         return None
-                    return "reader-lost", {"node": node, "cause": cause}, {"reader_state": "lost"}
+                    data = {"node": node, "cause": cause, "claim": cur.reader_claim}
+                    return "reader-lost", data, {"reader_state": "lost"}
 
                 changed.append(self._mutate(e.id, reader_lost))
         if cause != "silent":  # see store.Store.node_lost
@@ -695,10 +697,8 @@ class EtcdStore:
 
     def node_heartbeat(self, node: str, boot: str, ttl: int) -> str:
         """Keeps ``node``'s lease alive (a new one if it expired); returns the boot id the
-        node had before: that of its live key, or, once its lease expired, the one kept in
-        ``b/<node>`` ("" if it never heartbeat, or left). A daemon restarted after a
-        silence longer than its lease is still a restart: what its old run held (a complete
-        stream a reader elsewhere had not read to its end) is gone with it."""
+        node had before ("" if it never was, or left). The boot id outlives the lease
+        (``b/<node>``): a daemon started again after its lease expired is a restart."""
         kvs = self.gateway.range(self._node_key(node))
         before: dict[str, Any] = json.loads(_unb64(kvs[0]["value"])) if kvs else {}
         lease = int(before.get("lease", 0))
@@ -706,16 +706,16 @@ class EtcdStore:
             got = self.gateway.call("/v3/lease/keepalive", {"ID": str(lease)})
             if int(got.get("result", {}).get("TTL", 0)) > 0:
                 return str(before.get("boot", ""))
-        if not kvs:
+        if not before:  # its lease expired, or it never was
             kept = self.gateway.range(self._boot_key(node))
             if kept:
                 before = {"boot": _unb64(kept[0]["value"])}
         lease = int(self.gateway.call("/v3/lease/grant", {"TTL": str(ttl)})["ID"])
         info = json.dumps({"boot": boot or before.get("boot", ""), "lease": lease})
-        ops = [_put(self._node_key(node), info, lease)]
-        if boot and before.get("boot") != boot:
-            ops.append(_put(self._boot_key(node), boot))
-        self.gateway.txn([], ops)
+        puts = [_put(self._node_key(node), info, lease)]
+        if boot and boot != before.get("boot"):
+            puts.append(_put(self._boot_key(node), boot))
+        self.gateway.txn([], puts)
         if before.get("lease"):
             with contextlib.suppress(ValueError):  # it may have expired already
                 self.gateway.call("/v3/lease/revoke", {"ID": str(before["lease"])})
@@ -733,6 +733,7 @@ class EtcdStore:
         self.gateway.txn([], [{"request_delete_range": {"key": _b64(self._boot_key(node))}}])
 
     def node_leave(self, node: str) -> None:
+        self.gateway.call("/v3/kv/deleterange", {"key": _b64(self._boot_key(node))})
         kvs = self.gateway.range(self._node_key(node))
         if kvs:
             lease = json.loads(_unb64(kvs[0]["value"])).get("lease", 0)

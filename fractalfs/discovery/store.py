@@ -454,7 +454,7 @@ class Store:
                         self._update(
                             cur,
                             EventKind.READER_LOST,
-                            {"node": node, "cause": cause},
+                            {"node": node, "cause": cause, "claim": cur.reader_claim},
                             reader_state=ReaderState.LOST,
                         )
                     )
