@@ -110,6 +110,7 @@ def test_writer_killed_rerun_on_another_host(net: NetCluster, src: Path, tmp_pat
     assert sha_file(out) == sha_file(src)
 
 
+@pytest.mark.serial
 def test_writer_daemon_killed_and_restarted(net: NetCluster, src: Path, tmp_path: Path) -> None:
     _, h1, h2 = net.hosts
     assert h1.node and h2.node
