@@ -385,3 +385,64 @@ def test_a_users_persisted_stream_stays_theirs_across_a_daemon_restart() -> None
         finally:
             for n in reversed(nodes):
                 n.stop()
+
+
+@needs_fuse
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
+def test_a_reader_fifos_memory_comes_back_however_it_ends(programs: Programs) -> None:
+    """A FIFO reader's memory counts in its FIFO record (no FUSE handle): every way it
+    ends gives it back. With room for two FIFO readers (2 x 5 MiB of 12 MiB), a user's
+    readers are killed while waiting, read a stream to its end, and close unread (``: <``,
+    which lingers first), twice over each; two new waiting readers then still get their
+    FIFOs, and a third does not. (A record lives until its feed has settled how its
+    reader ended: an open may be refused for a moment after, never for good.)"""
+    with configured_node(
+        "fractalfs-fifoquota-",
+        "fifoquota",
+        f"uid_memory_limit = {12 << 20}\nread_buffer = {4 << 20}\n",
+    ) as n:
+
+        def waiting_reader() -> subprocess.Popen[bytes]:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                edge = new_edge()
+                cmd = f"exec {' '.join(NOBODY)} sh -c 'exec sleep 60 < {n.path(edge)}'"
+                reader = programs.start(cmd)
+                while reader.poll() is None:
+                    with contextlib.suppress(OSError):
+                        if stat.S_ISFIFO(os.stat(f"/proc/{reader.pid}/fd/0").st_mode):
+                            return reader
+                    time.sleep(0.05)
+                time.sleep(0.2)  # refused (EDQUOT): a settling record still counts
+            raise AssertionError(f"no FIFO for a waiting reader: {n.log.read_text()}")
+
+        def closed_unread() -> None:
+            deadline = time.monotonic() + 10
+            while True:
+                done = as_nobody("sh", "-c", f": < {n.path(new_edge())}")
+                if done.returncode == 0:
+                    return
+                assert "quota" in done.stderr and time.monotonic() < deadline, done.stderr
+                time.sleep(0.2)
+
+        for _ in range(2):  # killed while waiting
+            for p in [waiting_reader(), waiting_reader()]:
+                p.kill()
+                p.wait()
+        for _ in range(2):  # read to the end
+            edges = [new_edge(), new_edge()]
+            readers = [as_nobody_start(f"cat {n.path(e)}") for e in edges]
+            time.sleep(0.3)
+            for e in edges:
+                sh(f"echo x > {n.path(e)}")
+            assert [r.communicate(timeout=30)[0] for r in readers] == [b"x\n", b"x\n"]
+        for _ in range(4):  # closed unread
+            closed_unread()
+        held = [waiting_reader(), waiting_reader()]
+        third = as_nobody("sh", "-c", f"cat {n.path(new_edge())}")
+        assert third.returncode != 0 and "quota" in third.stderr, third.stderr
+        assert all(p.poll() is None for p in held)
+
+
+def as_nobody_start(command: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([*NOBODY, "sh", "-c", command], stdout=subprocess.PIPE)
