@@ -91,6 +91,7 @@ class Admission:
         self.proven: set[Any] = set()
         # handler -> its raw transport while its TLS handshake is under way (TlsSite)
         self.handshaking: dict[Any, asyncio.Transport] = {}
+        self.tasks: set[asyncio.Task[None]] = set()  # TLS handshakes under way
         self.refused = 0  # refused since the last warning
         self.warn_at = 0.0  # loop time the next warning may be logged
 
@@ -185,6 +186,9 @@ class _TlsGate(asyncio.Protocol):
         self.handler = handler
         self.admission.handshaking[handler] = transport
         self.task = asyncio.get_running_loop().create_task(self._handshake(transport, handler))
+        tasks = self.admission.tasks  # held: the loop keeps only weak references to tasks
+        tasks.add(self.task)
+        self.task.add_done_callback(tasks.discard)
 
     def connection_lost(self, exc: Exception | None) -> None:
         # Only before start_tls took the transport over (a cut in the first turn).
