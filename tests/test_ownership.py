@@ -446,3 +446,42 @@ def test_a_reader_fifos_memory_comes_back_however_it_ends(programs: Programs) ->
 
 def as_nobody_start(command: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([*NOBODY, "sh", "-c", command], stdout=subprocess.PIPE)
+
+
+@needs_fuse
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
+def test_a_stream_whose_write_was_refused_for_spill_space_is_never_complete() -> None:
+    """`nobody` writes a persistent edge through FUSE (O_SYNC: no FIFO) while the spill
+    filesystem is below spill_min_free: a write fails with EDQUOT. A program that goes on
+    and exits 0 must not leave a stream "complete" without those bytes (as a FIFO writer
+    whose bytes were refused does not): the generation fails, and its reader waits for a
+    re-run (here until `timeout` ends it) instead of reading it short with status 0."""
+    floor = 1 << 60  # more than any disk has free: every spilling write of a user fails
+    with configured_node(
+        "fractalfs-spillfloor-", "spillfloor", f"spill_min_free = {floor}\n", "--mode", "persistent"
+    ) as n:
+        edge = new_edge()
+        path = n.path(edge)
+        script = (
+            "import os\n"
+            f"fd = os.open({path!r}, os.O_WRONLY | os.O_SYNC)\n"
+            "took = 0\n"
+            "for _ in range(3):\n"
+            "    try:\n"
+            "        took += os.write(fd, b'x' * 65536)\n"
+            "    except OSError as exc:\n"
+            "        print(exc.errno)\n"
+            "try:\n"
+            "    os.close(fd)\n"
+            "except OSError as exc:\n"
+            "    print('close', exc.errno)\n"
+            "print('took', took)\n"
+        )
+        wrote = py_as_nobody(script)
+        assert wrote.returncode == 0, wrote.stderr
+        assert "122" in wrote.stdout, wrote.stdout  # EDQUOT, at least once
+        took = int(wrote.stdout.split("took")[1])
+        read = subprocess.run(["timeout", "20", "cat", path], capture_output=True, timeout=60)
+        short = read.returncode == 0 and len(read.stdout) == took < 3 * 65536
+        assert not short, (read.returncode, len(read.stdout), took)
+        assert read.returncode != 0, (read.returncode, len(read.stdout), took)
