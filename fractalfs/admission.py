@@ -46,6 +46,11 @@ class FairSlots(Generic[T]):
         self.total = total
         self._held: dict[str, dict[T, None]] = {}  # peer -> its tokens, oldest first
         self._count = 0
+        # How many -> the peers holding exactly that many, in the order they came to: the
+        # peer holding the most is found in O(1) (a scan of every peer was 0.65 ms per
+        # connection at a full cap of 4,096 peers, a loop's whole time at 1,500 a second).
+        self._by_count: dict[int, dict[str, None]] = {}
+        self._top = 0  # the most any peer holds
 
     def __len__(self) -> int:
         return self._count
@@ -60,22 +65,36 @@ class FairSlots(Generic[T]):
         if self._count >= self.total:
             if not self._held:
                 return False, None  # a cap of 0: nobody's place to take
-            mine = self.held(peer)
-            # The peer holding the most (of equals, the one that has held tokens longest).
-            top = max(self._held, key=lambda p: len(self._held[p]))
-            if len(self._held[top]) <= mine:
+            if self._top <= self.held(peer):
                 return False, None
+            # The peer holding the most (of equals, the one that has held as many longest).
+            top = next(iter(self._by_count[self._top]))
             evicted = next(iter(self._held[top]))
             self.release(top, evicted)
-        self._held.setdefault(peer, {})[token] = None
+        tokens = self._held.setdefault(peer, {})
+        self._move(peer, len(tokens), len(tokens) + 1)
+        tokens[token] = None
         self._count += 1
         return True, evicted
+
+    def _move(self, peer: str, was: int, now: int) -> None:
+        if was:
+            peers = self._by_count[was]
+            del peers[peer]
+            if not peers:
+                del self._by_count[was]
+                if self._top == was:
+                    self._top = now  # a peer held ``was``; it holds ``now``: the most now
+        if now:
+            self._by_count.setdefault(now, {})[peer] = None
+            self._top = max(self._top, now)
 
     def release(self, peer: str, token: T) -> None:
         """``token`` is past its handshake or gone (a no-op if it was evicted)."""
         tokens = self._held.get(peer)
         if tokens is None or token not in tokens:
             return
+        self._move(peer, len(tokens), len(tokens) - 1)
         del tokens[token]
         self._count -= 1
         if not tokens:

@@ -756,7 +756,15 @@ class Operations(pyfuse3.Operations):
         writer = handle.writer
         if writer is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        self._check_spill(handle)
+        try:
+            self._check_spill(handle)
+        except pyfuse3.FUSEError as exc:
+            # Bytes the program wrote were not taken: the stream is cut short whatever its
+            # exit (a program may go on and exit 0), a failed generation as a FIFO writer's
+            # (fiforoute's drain), never "complete" without them.
+            if writer.spill_error is None:
+                writer.spill_error = OSError(exc.errno, "a write was refused for spill space")
+            raise
         try:
             return await self.node.write(writer, buf)
         except EdgeError as exc:

@@ -442,3 +442,56 @@ def test_a_node_may_not_end_a_writer_no_node_registered(disc: Discovery) -> None
         assert http.post(f"/edges/{E}/writer", json=w, auth=b).status_code == 200
         close["generation"] = 1
         assert http.post(f"/edges/{E}/writer/close", json=close, auth=b).status_code == 200
+
+
+def test_a_nodes_request_that_proved_the_secret_is_not_pushed_out_while_its_body_comes(
+    tmp_path: Path,
+) -> None:
+    """A node's POST whose head proved the secret (HTTP Basic) is no longer in the pool a
+    flood can take places from, even while discovery still reads its body (the guard
+    reads it to see which node the request names): 8 connections from 8 other addresses
+    arriving meanwhile at a cap of 8 took the place of the oldest, the node's, and its
+    request was cut."""
+    import base64
+
+    conf = tmp_path / "discovery.toml"
+    conf.write_text("max_connections = 8\nheader_timeout = 5.0\n")
+    disc = Discovery(tmp_path, extra=["--config", str(conf)])
+    disc.start()
+    flood: list[socket.socket] = []
+    try:
+        host, _, port = disc.listen.rpartition(":")
+        secret = auth.load_secret(str(shared_secret_file()))
+        user, password = auth.node_credentials(secret, "n1")
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        body = b'{"node": "n1", "endpoint": "127.0.0.1:1"}'
+        edge = new_edge()
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(
+                f"POST /v1/edges/{edge}/writer HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: Basic {token}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n".encode()
+            )
+            time.sleep(0.5)  # the guard waits for the body
+            for i in range(8):
+                c = socket.socket()
+                c.bind((f"127.0.0.{20 + i}", 0))
+                c.connect((host, int(port)))
+                flood.append(c)
+            time.sleep(0.5)
+            s.sendall(body)
+            answer = b""
+            try:
+                while b"\r\n\r\n" not in answer:
+                    got = s.recv(4096)
+                    if not got:
+                        break
+                    answer += got
+            except ConnectionResetError:
+                pass
+        assert answer.startswith(b"HTTP/1.1 "), answer
+        assert disc.alive()
+    finally:
+        for c in flood:
+            c.close()
+        disc.stop()

@@ -385,3 +385,103 @@ def test_a_users_persisted_stream_stays_theirs_across_a_daemon_restart() -> None
         finally:
             for n in reversed(nodes):
                 n.stop()
+
+
+@needs_fuse
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
+def test_a_reader_fifos_memory_comes_back_however_it_ends(programs: Programs) -> None:
+    """A FIFO reader's memory counts in its FIFO record (no FUSE handle): every way it
+    ends gives it back. With room for two FIFO readers (2 x 5 MiB of 12 MiB), a user's
+    readers are killed while waiting, read a stream to its end, and close unread (``: <``,
+    which lingers first), twice over each; two new waiting readers then still get their
+    FIFOs, and a third does not. (A record lives until its feed has settled how its
+    reader ended: an open may be refused for a moment after, never for good.)"""
+    with configured_node(
+        "fractalfs-fifoquota-",
+        "fifoquota",
+        f"uid_memory_limit = {12 << 20}\nread_buffer = {4 << 20}\n",
+    ) as n:
+
+        def waiting_reader() -> subprocess.Popen[bytes]:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                edge = new_edge()
+                cmd = f"exec {' '.join(NOBODY)} sh -c 'exec sleep 60 < {n.path(edge)}'"
+                reader = programs.start(cmd)
+                while reader.poll() is None:
+                    with contextlib.suppress(OSError):
+                        if stat.S_ISFIFO(os.stat(f"/proc/{reader.pid}/fd/0").st_mode):
+                            return reader
+                    time.sleep(0.05)
+                time.sleep(0.2)  # refused (EDQUOT): a settling record still counts
+            raise AssertionError(f"no FIFO for a waiting reader: {n.log.read_text()}")
+
+        def closed_unread() -> None:
+            deadline = time.monotonic() + 10
+            while True:
+                done = as_nobody("sh", "-c", f": < {n.path(new_edge())}")
+                if done.returncode == 0:
+                    return
+                assert "quota" in done.stderr and time.monotonic() < deadline, done.stderr
+                time.sleep(0.2)
+
+        for _ in range(2):  # killed while waiting
+            for p in [waiting_reader(), waiting_reader()]:
+                p.kill()
+                p.wait()
+        for _ in range(2):  # read to the end
+            edges = [new_edge(), new_edge()]
+            readers = [as_nobody_start(f"cat {n.path(e)}") for e in edges]
+            time.sleep(0.3)
+            for e in edges:
+                sh(f"echo x > {n.path(e)}")
+            assert [r.communicate(timeout=30)[0] for r in readers] == [b"x\n", b"x\n"]
+        for _ in range(4):  # closed unread
+            closed_unread()
+        held = [waiting_reader(), waiting_reader()]
+        third = as_nobody("sh", "-c", f"cat {n.path(new_edge())}")
+        assert third.returncode != 0 and "quota" in third.stderr, third.stderr
+        assert all(p.poll() is None for p in held)
+
+
+def as_nobody_start(command: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([*NOBODY, "sh", "-c", command], stdout=subprocess.PIPE)
+
+
+@needs_fuse
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
+def test_a_stream_whose_write_was_refused_for_spill_space_is_never_complete() -> None:
+    """`nobody` writes a persistent edge through FUSE (O_SYNC: no FIFO) while the spill
+    filesystem is below spill_min_free: a write fails with EDQUOT. A program that goes on
+    and exits 0 must not leave a stream "complete" without those bytes (as a FIFO writer
+    whose bytes were refused does not): the generation fails, and its reader waits for a
+    re-run (here until `timeout` ends it) instead of reading it short with status 0."""
+    floor = 1 << 60  # more than any disk has free: every spilling write of a user fails
+    with configured_node(
+        "fractalfs-spillfloor-", "spillfloor", f"spill_min_free = {floor}\n", "--mode", "persistent"
+    ) as n:
+        edge = new_edge()
+        path = n.path(edge)
+        script = (
+            "import os\n"
+            f"fd = os.open({path!r}, os.O_WRONLY | os.O_SYNC)\n"
+            "took = 0\n"
+            "for _ in range(3):\n"
+            "    try:\n"
+            "        took += os.write(fd, b'x' * 65536)\n"
+            "    except OSError as exc:\n"
+            "        print(exc.errno)\n"
+            "try:\n"
+            "    os.close(fd)\n"
+            "except OSError as exc:\n"
+            "    print('close', exc.errno)\n"
+            "print('took', took)\n"
+        )
+        wrote = py_as_nobody(script)
+        assert wrote.returncode == 0, wrote.stderr
+        assert "122" in wrote.stdout, wrote.stdout  # EDQUOT, at least once
+        took = int(wrote.stdout.split("took")[1])
+        read = subprocess.run(["timeout", "20", "cat", path], capture_output=True, timeout=60)
+        short = read.returncode == 0 and len(read.stdout) == took < 3 * 65536
+        assert not short, (read.returncode, len(read.stdout), took)
+        assert read.returncode != 0, (read.returncode, len(read.stdout), took)

@@ -357,3 +357,40 @@ def test_over_tls_a_killed_writer_is_rerun_on_another_node_exactly_once(
     assert reader.returncode == 0
     assert sha_file(out) == sha_file(src)
     assert "replay of 5242880 bytes verified" in c.log.read_text()
+
+
+def test_a_flood_of_unfinished_tls_handshakes_at_discovery_meets_its_cap(
+    tmp_path: Path,
+) -> None:
+    """Discovery over HTTPS, flooded from one address by connections that never send a
+    ClientHello (more than its 40 connections, reopened as each is cut): they count
+    against its cap from accept, as plain HTTP ones do, so its descriptors stay bounded
+    and a client from another address is answered (aiohttp sees a connection only once
+    its TLS handshake is done; asyncio's own handshake timeout is 60 s)."""
+    from .test_attacks import Flood, descriptors
+
+    d = new_tls(tmp_path / "tls")
+    conf = tmp_path / "discovery.toml"
+    conf.write_text("max_connections = 40\nheader_timeout = 1.0\n")
+    disc = Discovery(tmp_path / "disc", extra=["--tls-dir", str(d), "--config", str(conf)])
+    disc.start()
+    try:
+        ctx = tls.load(str(d)).client
+        endpoint = disc.url.removeprefix("https://")
+        base = descriptors(disc.pid)
+        with Flood(endpoint, "127.0.0.9", 200) as flood:
+            time.sleep(3.0)  # past header_timeout: a flood connection lives no longer
+            answers: list[int | str] = []
+            for _ in range(5):  # a fresh connection each time
+                with httpx.Client(auth=disc.auth, timeout=10, verify=ctx) as http:
+                    try:
+                        answers.append(http.get(disc.url + "/v1/edges").status_code)
+                    except httpx.TransportError as exc:
+                        answers.append(type(exc).__name__)
+            held = descriptors(disc.pid) - base
+            assert flood.thread.is_alive() and flood.opened > 40
+        assert answers == [200] * 5, answers
+        assert held <= 40 + 30, held  # the cap, and refused ones closing on the next turn
+        assert disc.alive()
+    finally:
+        disc.stop()

@@ -90,13 +90,15 @@ def middleware(secret: bytes, get: Get, body_timeout: float) -> Any:
         who = check_basic(secret, request.headers.get("Authorization", ""))
         if who is None:
             return _refuse(401, "this discovery server requires the cluster secret")
+        # Proved: no longer pushed out by a flood, from here on (_allowed may read the
+        # body, and look the edge up: a connection cut there lost a node's request).
+        admission = request.app.get(limits.ADMISSION)
+        if admission is not None:
+            admission.prove(request.protocol)
         reason = await _allowed(request, who, get, body_timeout)
         if reason:
             return _refuse(403, reason)
         request["principal"] = who
-        admission = request.app.get(limits.ADMISSION)
-        if admission is not None:
-            admission.prove(request.protocol)  # no longer pushed out by a flood
         return await handler(request)
 
     return guard

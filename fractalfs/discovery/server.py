@@ -867,7 +867,11 @@ async def start(
     await runner.setup()
     assert runner.server is not None
     admission.install(runner.server)
-    site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)
+    site: web.TCPSite
+    if ssl_context is not None:  # its TLS handshakes count against the cap too
+        site = limits.TlsSite(runner, host, port, admission, ssl_context)
+    else:
+        site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()
     bound = runner.addresses[0]
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
