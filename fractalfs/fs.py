@@ -555,6 +555,9 @@ class Operations(pyfuse3.Operations):
     def _fed(self, edge: EdgeId, fifo: fiforoute.FifoReader) -> None:
         if self._fifo_readers.get(edge) is fifo:
             del self._fifo_readers[edge]
+        # As _drain: an inode the kernel forgot while its feed ran (forget() kept it for
+        # the feed) goes now, or it would count against the descriptor reserve for good.
+        self._forget_fifo(fifo.ino)
 
     def _wake_fifo(self, fifo: fiforoute.FifoReader) -> None:
         self.node.spawn(self._feed, fifo.reader.edge, fifo, True)
