@@ -278,6 +278,7 @@ class Node:
             slot.writer = None
         if slot.empty:
             del self.slots[edge]
+            self._paired.pop(edge, None)  # no reader here: none whose release needs it
             metrics.edge_done(edge.hex, lambda e: EdgeId.parse(e) in self.slots)
 
     # -- writers -------------------------------------------------------------------------
