@@ -4,6 +4,7 @@ that writer's "no more": the reader had pulled the first run's generation."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 from pathlib import Path
@@ -11,11 +12,14 @@ from pathlib import Path
 import pytest
 
 from fractalfs import testhooks
+from fractalfs.config import NodeConfig
+from fractalfs.discovery.store import Store
+from fractalfs.edgeid import EdgeId
+from fractalfs.edges import WriterEnd
+from fractalfs.node import Node as Daemon
 from fractalfs.testing import Node
 
 from .conftest import Cluster, Programs, needs_fuse, new_edge, sh, wait_for
-
-pytestmark = needs_fuse
 
 RELEASE_DELAY = 3.0  # the test hook's hold on the reader's release to discovery
 RERUN_BYTES = 30_000_000  # more than the write window: the re-run writer waits for a reader
@@ -26,6 +30,7 @@ def _logged(node: Node, *lines: str) -> bool:
     return any(line in text for line in lines)
 
 
+@needs_fuse
 @pytest.mark.parametrize("route", ["fifo", "fuse"])
 def test_a_late_close_of_the_previous_reader_does_not_stop_a_rerun_writer(
     store_cluster: Cluster,
@@ -81,3 +86,31 @@ def test_a_late_close_of_the_previous_reader_does_not_stop_a_rerun_writer(
         pytest.fail("the re-run pipeline did not finish")
     want = sh(f"yes abcdefghi | head -c {RERUN_BYTES} | md5sum").stdout.split()[0]
     assert out.split()[0] == want, err
+
+
+async def test_a_reader_closed_event_stops_only_a_writer_of_the_generation_its_reader_pulled(
+    tmp_path: Path,
+) -> None:
+    """In process, a real store: which `reader-closed` events a writer's daemon takes for
+    its "no more". All are recorded after the writer registered (seq > its registration's)."""
+    store = Store(":memory:")
+    daemon = Daemon(NodeConfig(str(tmp_path / "mnt"), node="a"), None, "127.0.0.1:1")  # type: ignore[arg-type]
+
+    def takes(pulled: int) -> bool:
+        edge = EdgeId.new()
+        claim = store.claim_reader(edge.hex, "r").reader_claim
+        store.register_writer(edge.hex, "a", "h:1")
+        store.close_writer(edge.hex, 1, "failed", 100, "SIGPIPE")
+        rec = store.register_writer(edge.hex, "a", "h:1")  # the re-run: generation 2
+        writer = WriterEnd(edge, rec.generation, 1 << 20, os.getpid())
+        writer.registered = rec.version
+        daemon._slot(edge).writer = writer
+        store.release_reader(edge.hex, "r", "closed", 10, claim=claim, generation=pulled)
+        (event,) = [e for e in store.events(0) if e.edge == edge.hex][-1:]
+        daemon.membership._on_event(event.to_json())
+        return writer.reader_closed
+
+    assert not takes(1)  # the previous run's reader, late: not this writer's "no more"
+    assert takes(2)  # its own reader, closed before it connected
+    assert takes(3)  # (a newer one's: this writer is fenced off anyway)
+    assert takes(0)  # one that pulled none: it may have closed before any writer came
