@@ -202,8 +202,19 @@ class Membership:
             # A reader closed early after this writer registered, without telling it over
             # a data connection (it closed before it connected: Node.linger_reader waits
             # CONNECT_WAIT for one, then records the close alone): "no more" all the same.
+            # Unless that reader last pulled an older generation: its release reached
+            # discovery after this writer, a re-run, registered (it is for the reader that
+            # comes next). One that pulled none may have closed before any writer came.
             with contextlib.suppress(TypeError, ValueError):
-                if int(event.get("seq", 0)) > writer.registered and not writer.reader_closed:
+                pulled = int(data.get("generation", 0))
+                if 0 < pulled < writer.generation:
+                    log.info(
+                        "edge %s: a reader of generation %d closed early: not generation %d's",
+                        edge,
+                        pulled,
+                        writer.generation,
+                    )
+                elif int(event.get("seq", 0)) > writer.registered and not writer.reader_closed:
                     log.info("edge %s: its reader closed early (discovery)", edge)
                     writer.on_reader_closed()
         elif kind == EventKind.READER_DONE and writer is not None:

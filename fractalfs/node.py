@@ -18,7 +18,7 @@ from typing import Any, NoReturn, TypeVar
 
 import trio
 
-from . import dataplane, metrics, procs, writerstate
+from . import dataplane, metrics, procs, testhooks, writerstate
 from .codec import AbortReason
 from .config import NodeConfig
 from .dataserver import DataServer
@@ -116,6 +116,9 @@ class Node:
         self._closing: dict[EdgeId, trio.Event] = {}  # a generation's end not recorded yet
         # The pull of each reader now: (its generation, its scope), for supersede().
         self._pulls: dict[EdgeId, tuple[int, trio.CancelScope]] = {}
+        # The generation each reader last pulled, by edge: (its claim, the generation), told
+        # with its release (a late "closed" must not stop a newer generation's writer).
+        self._paired: dict[EdgeId, tuple[int, int]] = {}
         # Readers closed unread whose end waits for a reopen (linger_reader), by edge.
         self._lingering: dict[EdgeId, tuple[ReaderEnd, trio.CancelScope]] = {}
         # The parts that own the node's background tasks (each started with nursery.start).
@@ -275,6 +278,7 @@ class Node:
             slot.writer = None
         if slot.empty:
             del self.slots[edge]
+            self._paired.pop(edge, None)  # no reader here: none whose release needs it
             metrics.edge_done(edge.hex, lambda e: EdgeId.parse(e) in self.slots)
 
     # -- writers -------------------------------------------------------------------------
@@ -711,6 +715,11 @@ class Node:
         return result[0] if result else Unknown("the reader's end failed")
 
     def release_reader(self, reader: ReaderEnd) -> None:
+        paired = self._paired.get(reader.edge)
+        generation = 0
+        if paired is not None and paired[0] == reader.claim:
+            del self._paired[reader.edge]
+            generation = paired[1]
         reader.on_released()
         self.follower.forget(reader.edge.hex)  # a parked pump lets go of it
         self.released.notify()
@@ -735,9 +744,13 @@ class Node:
             state = "closed"
         else:
             state = "failed"
-        self._spawn(self._release_reader, reader, state)
+        self._spawn(self._release_reader, reader, state, generation)
 
-    async def _release_reader(self, reader: ReaderEnd, state: str) -> None:
+    async def _release_reader(self, reader: ReaderEnd, state: str, generation: int) -> None:
+        """``generation``: the one the reader last pulled (0: none). Its "closed" may
+        reach discovery after a re-run writer registered (a newer generation): that
+        writer's daemon must not take it for its own "no more" (Membership)."""
+        await testhooks.reader_release_delay()
         await self._until_recorded(
             reader.edge,
             f"reader {state}",
@@ -748,6 +761,7 @@ class Node:
                 state,
                 reader.consumed,
                 reader.claim,
+                generation,
             ),
         )
 
@@ -845,6 +859,7 @@ class Node:
                         on_connected = machine.on_connected
                     with trio.CancelScope() as pull:
                         self._pulls[reader.edge] = (action.generation, pull)
+                        self._paired[reader.edge] = (reader.claim, action.generation)
                         try:
                             result = await self._pull_once(reader, action, on_connected)
                         finally:

@@ -17,6 +17,10 @@ answer: as a daemon dying between the LOOKUP and the program's open of the FIFO.
 ``FRACTALFS_TEST_LINGER_LOOKUP_DELAY=S``: a LOOKUP answered with a lingering reader FIFO
 (closed unread, see fiforoute._reopened) is answered S seconds late, as a program whose
 open reaches the FIFO only after the grace ran out (a loaded machine).
+
+``FRACTALFS_TEST_READER_RELEASE_DELAY=S``: a reader's release (its end: done, closed,
+failed) reaches discovery S seconds late, as on a loaded machine or a slow discovery: a
+re-run writer registers before it.
 """
 
 from __future__ import annotations
@@ -76,6 +80,16 @@ async def lingering_lookup_delay() -> None:
     """Holds up a LOOKUP answered with a lingering reader FIFO (off unless enabled)."""
     if enabled() and (delay := float(os.environ.get(LINGER_LOOKUP_DELAY_ENV) or 0)):
         log.warning("test hook: a lingering FIFO's LOOKUP waits %.1f s", delay)
+        await trio.sleep(delay)
+
+
+READER_RELEASE_DELAY_ENV = "FRACTALFS_TEST_READER_RELEASE_DELAY"
+
+
+async def reader_release_delay() -> None:
+    """Holds up a reader's release to discovery (off unless enabled)."""
+    if enabled() and (delay := float(os.environ.get(READER_RELEASE_DELAY_ENV) or 0)):
+        log.warning("test hook: a reader's release waits %.1f s", delay)
         await trio.sleep(delay)
 
 

@@ -133,3 +133,17 @@ def test_a_writer_registers_with_its_mode_in_one_request(api: httpx.Client) -> N
     assert kinds[-2:] == ["writer", "mode"]  # as two requests would have recorded it
     rec = api.post(f"/edges/{E}/writer", json={"node": "a", "endpoint": "h:1"}).json()
     assert rec["generation"] == 2  # without the field: as before
+
+
+def test_a_reader_release_carries_the_generation_it_pulled(api: httpx.Client) -> None:
+    """The reader-closed event names the generation its reader last pulled (a writer's
+    daemon does not take a late one for a newer generation's "no more"); a bad one: 400."""
+    claim = api.post(f"/edges/{E}/reader", json={"node": "r"}).json()["reader_claim"]
+    api.post(f"/edges/{E}/writer", json={"node": "a", "endpoint": "h:1"})
+    body = {"node": "r", "state": "closed", "bytes": 10, "claim": claim, "generation": "x"}
+    error(api.post(f"/edges/{E}/reader/close", json=body), 400, "'generation'")
+    body["generation"] = 1
+    assert api.post(f"/edges/{E}/reader/close", json=body).json()["reader_state"] == "closed"
+    events = api.get("/events", params={"after": 0}).json()["events"]
+    assert events[-1]["kind"] == "reader-closed"
+    assert events[-1]["data"] == {"node": "r", "bytes": 10, "generation": 1}

@@ -4,7 +4,6 @@ any writer came (README "Early close")."""
 
 from __future__ import annotations
 
-import functools
 import os
 import shlex
 import signal
@@ -369,10 +368,6 @@ def test_a_reader_its_daemon_failed_is_no_early_close(
     assert reader.poll() is None
 
 
-def _released(cluster: Cluster, edge: str) -> bool:
-    return cluster.edge(edge).get("reader_state") != "open"
-
-
 @pytest.mark.parametrize("route", ["fifo", "fuse"])
 def test_endings_with_discovery_on_each_store(
     store_cluster: Cluster, tmp_path: Path, route: str
@@ -393,6 +388,4 @@ def test_endings_with_discovery_on_each_store(
         e, e2 = new_edge(), new_edge()
         edge = {"w": a.path(e), "w2": a.path(e2), "r": b.path(e), "r2": b.path(e2)}
         assert run_ending(ending, edge, tmp_path / f"edge-part{n}") == ref, name
-        # see test_an_ending_on_an_edge_as_on_a_fifo
-        wait_for(functools.partial(_released, store_cluster, e), 10, "the release")
         assert run_ending(ending, edge, tmp_path / f"rerun-part{n}") == ref, name

@@ -17,7 +17,7 @@ from fractalfs.discovery.store import Conflict, NotFound, stops_writers
 from fractalfs.etcdtesting import EtcdCluster, Replica, have_etcd, put_v4_edge
 
 from .conftest import new_edge
-from .test_store import early_close_cases
+from .test_store import early_close_cases, release_generation_cases
 
 pytestmark = pytest.mark.skipif(not have_etcd(), reason="needs etcd (apt install etcd-server)")
 
@@ -451,6 +451,10 @@ def test_only_a_reader_that_closed_before_any_writer_came_stops_later_writers(
     store: EtcdStore,
 ) -> None:
     early_close_cases(store, new_edge)
+
+
+def test_a_release_event_names_the_generation_its_reader_pulled(store: EtcdStore) -> None:
+    release_generation_cases(store, new_edge)
 
 
 def test_a_closed_reader_recorded_in_the_old_shape_never_stops_a_writer(

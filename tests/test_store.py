@@ -403,6 +403,36 @@ def test_only_a_reader_that_closed_before_any_writer_came_stops_later_writers() 
     early_close_cases(Store(":memory:"), lambda: next(ids))
 
 
+def release_generation_cases(store: DiscoveryStore, new_edge: Callable[[], str]) -> None:
+    """A reader's release event names the generation the reader last pulled, for the
+    writers' daemons (a late "closed" is not a re-run writer's "no more"); none: left
+    out. Shared by the SQLite and the etcd store tests."""
+
+    def closed_event(edge: str) -> dict[str, object]:
+        (event,) = [e for e in store.events(0) if e.edge == edge and e.kind == "reader-closed"]
+        return event.data
+
+    # `yes > E` / `head -c 10 E`; the re-run writer registers before the release lands.
+    edge = new_edge()
+    claim = store.claim_reader(edge, "r").reader_claim
+    store.register_writer(edge, "a", "h:1")
+    store.close_writer(edge, 1, "failed", 100, "SIGPIPE")
+    assert store.register_writer(edge, "a", "h:1").generation == 2
+    rec = store.release_reader(edge, "r", "closed", 10, claim=claim, generation=1)
+    assert rec.reader_state == "closed" and rec.generation == 2 and not stops_writers(rec)
+    assert closed_event(edge) == {"node": "r", "bytes": 10, "generation": 1}
+    # A reader that pulled nothing (closed before any writer came): no generation.
+    edge = new_edge()
+    store.claim_reader(edge, "r")
+    store.release_reader(edge, "r", "closed", 0)
+    assert closed_event(edge) == {"node": "r", "bytes": 0}
+
+
+def test_a_release_event_names_the_generation_its_reader_pulled() -> None:
+    ids = iter(f"{i:032x}" for i in range(1, 100))
+    release_generation_cases(Store(":memory:"), lambda: next(ids))
+
+
 V4_EDGES = (
     "CREATE TABLE edges (id TEXT PRIMARY KEY, generation INTEGER NOT NULL DEFAULT 0,"
     " writer_node TEXT NOT NULL DEFAULT '', writer_endpoint TEXT NOT NULL DEFAULT '',"

@@ -228,11 +228,19 @@ class DiscoveryClient:
         return await self._call("POST", f"/edges/{edge}/reader", body={"node": node})
 
     async def release_reader(
-        self, edge: str, node: str, state: str, delivered: int, claim: int = 0
+        self,
+        edge: str,
+        node: str,
+        state: str,
+        delivered: int,
+        claim: int = 0,
+        generation: int = 0,
     ) -> dict[str, Any]:
         body: dict[str, Any] = {"node": node, "state": state, "bytes": delivered}
         if claim:
             body["claim"] = claim  # which claim of this node ends (not a newer one)
+        if generation:
+            body["generation"] = generation  # the one it last pulled (its event says so)
         return await self._call("POST", f"/edges/{edge}/reader/close", body=body)
 
     async def set_mode(self, edge: str, generation: int, mode: str, reason: str) -> None:

@@ -55,6 +55,7 @@ from .store import (
     claim_fields,
     gone_reason,
     read_elsewhere,
+    release_data,
     undelivered,
     unfinished_for,
     writer_came,
@@ -453,7 +454,7 @@ class EtcdStore:
         return self._mutate(edge, change, create=True)
 
     def release_reader(
-        self, edge: str, node: str, state: str, delivered: int, claim: int = 0
+        self, edge: str, node: str, state: str, delivered: int, claim: int = 0, generation: int = 0
     ) -> Edge:
         if state not in READER_STATES - {"none", "open"}:
             raise ValueError(f"reader state {state!r} is not done, closed or failed")
@@ -464,7 +465,7 @@ class EtcdStore:
                 return None  # a newer reader owns the edge; this release is late
             if claim and cur.reader_claim != claim:
                 return None  # a newer claim of the same node
-            data = {"node": node, "bytes": delivered}
+            data = release_data(node, delivered, generation)
             return f"reader-{state}", data, {"reader_state": state, "bytes_delivered": delivered}
 
         return self._mutate(edge, change)

@@ -700,6 +700,7 @@ class DiscoveryApp:
         edge = _edge_id(request)
         body = await _body(request)
         claim = _int(body, "claim") if "claim" in body else 0
+        generation = _int(body, "generation") if "generation" in body else 0
         rec = await self._do(
             self.store.release_reader,
             edge,
@@ -707,6 +708,7 @@ class DiscoveryApp:
             _str(body, "state"),
             _int(body, "bytes"),
             claim,
+            generation,
         )
         self._changed(edge, feed=False)  # no reader's pump looks at the reader side
         return web.json_response(_edge_json(edge, rec))

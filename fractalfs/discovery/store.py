@@ -94,6 +94,17 @@ def writer_came(edge: Edge) -> dict[str, Any]:
     return {}
 
 
+def release_data(node: str, delivered: int, generation: int) -> dict[str, Any]:
+    """A reader's release event: with the generation it last pulled (none: left out). A
+    writer's daemon takes a ``reader-closed`` for its "no more" only if that reader pulled
+    its generation or none (it may have closed before the writer came): one recorded late,
+    after a re-run writer registered, is the previous generation's (Membership)."""
+    data: dict[str, Any] = {"node": node, "bytes": delivered}
+    if generation:
+        data["generation"] = generation
+    return data
+
+
 def stops_writers(edge: Edge) -> bool:
     """The edge's reader closed early ("no more") before any writer came for it, and no
     reader claimed the edge since: every writer that registers gets EPIPE/SIGPIPE, as a
@@ -404,11 +415,12 @@ class Store:
             )
 
     def release_reader(
-        self, edge: str, node: str, state: str, delivered: int, claim: int = 0
+        self, edge: str, node: str, state: str, delivered: int, claim: int = 0, generation: int = 0
     ) -> Edge:
         """The reader of ``node`` closed. ``claim`` (the ``reader_claim`` its claim
         returned) names which of that node's claims: a late release of an older one must
-        not end a newer reader on the same node (0: any claim of ``node``)."""
+        not end a newer reader on the same node (0: any claim of ``node``). ``generation``:
+        the one it last pulled, carried by the event (see :func:`release_data`)."""
         if state not in READER_STATES - {ReaderState.NONE, ReaderState.OPEN}:
             raise ValueError(f"reader state {state!r} is not done, closed or failed")
         with self._tx():
@@ -424,7 +436,7 @@ class Store:
             return self._update(
                 cur,
                 f"reader-{state}",
-                {"node": node, "bytes": delivered},
+                release_data(node, delivered, generation),
                 reader_state=state,
                 bytes_delivered=delivered,
             )
