@@ -500,6 +500,11 @@ async def _receive(sock: Conn, reader: ReaderEnd, offset: int) -> Result:
                 elif isinstance(event, codec.End):
                     reader.check_end(event.total)
                     reader.finish()
+                    if decoder.offset > acked:
+                        # Every byte is here: the writer's daemon frees them now (a data
+                        # ACK, never the END_ACK), not after the program read them all.
+                        acked, acked_at = decoder.offset, heard
+                        await send_all(sock, [handshake.control(Control.ACK, acked)])
                     consumed = await until_consumed(reader, event.total)
                     if consumed:
                         await send_all(sock, [handshake.control(Control.END_ACK, event.total)])
