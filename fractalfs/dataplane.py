@@ -43,10 +43,13 @@ SMALL_RECV = 64 * 1024  # read-ahead when a header is due: small frames cost one
 BIG_FRAME = 32 * 1024  # payload left in a frame beyond this is received into its own buffer
 # Acknowledgements are cumulative: one once ACK_EVERY bytes are unacknowledged, but at most
 # one per ACK_GAP seconds unless ACK_MAX are (each one is a loopback send and a wakeup of
-# the writer's daemon); a deferred one goes out when its gap ends, data or not.
-ACK_EVERY = 256 * 1024
-ACK_GAP = 0.002
-ACK_MAX = 2 << 20
+# the writer's daemon, its drain and its sender); a deferred one goes out when its gap
+# ends, data or not. Fewer bytes than ACK_EVERY are acknowledged once the stream paused
+# for ACK_IDLE: a write window smaller than ACK_EVERY must not wait for an ACK forever.
+ACK_EVERY = 1 << 20
+ACK_GAP = 0.004
+ACK_MAX = 4 << 20
+ACK_IDLE = 0.02
 HANDSHAKE_TIMEOUT = 5.0
 CONTROLS_RECV = 4096  # bytes of a reader's controls taken per receive
 MAX_HANDSHAKES = 256  # connections at once that have not yet proved the secret
@@ -447,6 +450,8 @@ async def _receive(sock: Conn, reader: ReaderEnd, offset: int) -> Result:
         deadline = heard + SILENCE_TIMEOUT
         if decoder.offset - acked >= ACK_EVERY:
             deadline = min(deadline, acked_at + ACK_GAP)  # a deferred ACK is due then
+        elif decoder.offset > acked:
+            deadline = min(deadline, heard + ACK_IDLE)  # a pause acknowledges the rest
         if into:
             if not arenas.room:
                 arenas.next()
@@ -495,6 +500,11 @@ async def _receive(sock: Conn, reader: ReaderEnd, offset: int) -> Result:
                 elif isinstance(event, codec.End):
                     reader.check_end(event.total)
                     reader.finish()
+                    if decoder.offset > acked:
+                        # Every byte is here: the writer's daemon frees them now (a data
+                        # ACK, never the END_ACK), not after the program read them all.
+                        acked, acked_at = decoder.offset, heard
+                        await send_all(sock, [handshake.control(Control.ACK, acked)])
                     consumed = await until_consumed(reader, event.total)
                     if consumed:
                         await send_all(sock, [handshake.control(Control.END_ACK, event.total)])

@@ -135,6 +135,24 @@ async def test_a_deferred_ack_goes_out_when_its_gap_ends_without_more_data() -> 
     assert b"".join(bytes(c) for c in reader.chunks) == b"y" * total
 
 
+async def test_fewer_bytes_than_an_ack_step_are_acknowledged_once_the_stream_pauses() -> None:
+    """ACKs come once per ACK_EVERY bytes; a writer whose window is smaller than that (here
+    64 KiB, the write_window setting) blocks with fewer unacknowledged: the pause itself
+    must bring the ACK, or both daemons wait for each other for good."""
+    reader = ReaderEnd(EdgeId.new(), 8 << 20, 0)
+    size = 64 * 1024
+    assert size < dataplane.ACK_EVERY
+    here, there = trio.socket.socketpair()
+    with here, there:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(dataplane._receive, there, reader, 0)
+            await dataplane.send_all(here, [codec.data_header(size), b"z" * size])
+            with trio.fail_after(1):  # not the 3.5 s silence timeout
+                raw = await dataplane.recv_exact(here, handshake.CONTROL.size)
+            assert handshake.parse_control(raw) == (Control.ACK, size)
+            nursery.cancel_scope.cancel()
+
+
 async def test_controls_batched_or_split_across_receives_are_each_applied() -> None:
     """The writer's daemon takes every control that has arrived in one receive: several in
     one segment, and one cut between two segments, must each count once and in order."""
