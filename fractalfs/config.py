@@ -7,7 +7,7 @@ import socket
 from dataclasses import dataclass, field
 
 MiB = 1 << 20
-MIN_WRITE_WINDOW = 512 * 1024  # twice dataplane.ACK_EVERY (tests/test_dataplane.py)
+MIN_WRITE_WINDOW = 2 * MiB  # twice dataplane.ACK_EVERY (tests/test_dataplane.py)
 
 
 def default_state_dir() -> str:
@@ -219,8 +219,9 @@ def check_node_config(config: NodeConfig) -> None:
         if getattr(config, key) <= 0:
             raise ConfigError(f"{key} must be positive")
     if config.write_window < MIN_WRITE_WINDOW:
-        # A reader acknowledges once dataplane.ACK_EVERY bytes (256 KiB) are unacknowledged:
-        # a writer blocked on a smaller window waits for an ACK that never comes.
+        # A reader acknowledges once dataplane.ACK_EVERY bytes (1 MiB) are unacknowledged,
+        # fewer only after the stream paused for ACK_IDLE: a writer on a smaller window
+        # would stall that long at every window's end.
         raise ConfigError(f"write_window must be at least {MIN_WRITE_WINDOW} bytes")
     if config.fd_reserve < 0:
         raise ConfigError("fd_reserve must not be negative")

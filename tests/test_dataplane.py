@@ -180,10 +180,10 @@ async def test_controls_batched_or_split_across_receives_are_each_applied() -> N
 
 
 async def test_a_writer_on_the_smallest_window_allowed_is_acknowledged() -> None:
-    """A reader acknowledges once ACK_EVERY (256 KiB) bytes are unacknowledged: a writer
-    whose window is smaller blocked forever (100,000 bytes: delivered, acked 0; found by
-    the review of the splice branch, 279d469), so a smaller write_window is a
-    configuration error, and the smallest allowed one streams."""
+    """A reader acknowledges once ACK_EVERY bytes are unacknowledged: a writer whose window
+    was smaller blocked forever (100,000 bytes: delivered, acked 0 on 0fa3b97; now it
+    stalls ACK_IDLE per window), so a write_window under two ACK steps is a configuration
+    error, and the smallest allowed one streams."""
     with pytest.raises(config.ConfigError, match="write_window"):
         config.check_node_config(config.NodeConfig("/fractal", write_window=100_000))
     assert config.MIN_WRITE_WINDOW >= 2 * dataplane.ACK_EVERY
