@@ -58,6 +58,7 @@ EDGE_SIZE = 1 << 20
 FOREVER = 365 * 86400.0  # entry and attribute timeout of MOUNT/.fifo
 #: Kernel FIFOs get inodes from here up, every other inode below: whether an inode is a
 #: FIFO is its number (a set of FIFO inodes was 33 bytes per waiting reader).
+SPILL_NEAR = 256 << 20  # below spill_min_free + this, free space is looked at every write
 FIFO_INO = 1 << 40
 FDS_PER_FIFO = 1  # the daemon's descriptors for one FIFO (its end, also what a new keeper gets)
 FINISHED_COST = 1 << 20  # a closed, undelivered writer end: records and descriptors, besides bytes
@@ -208,14 +209,16 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EDQUOT)
 
     def _spill_disk_low(self) -> bool:
-        """Whether the spill filesystem is below ``spill_min_free`` (looked at every 0.1 s
-        at most: at 1 GB/s a user spills 100 MB past the floor at worst)."""
+        """Whether the spill filesystem is below ``spill_min_free``. Far above the floor it
+        is looked at every 0.1 s at most; within SPILL_NEAR of it at every write (a
+        ``statvfs`` is a microsecond): a writer spilling at GB/s would otherwise pass the
+        floor between two looks (a 48 MiB filesystem with a 16 MiB floor filled up)."""
         floor = self.node.config.spill_min_free
         if not floor:
             return False
         free, look_at = self._spill_free
         now = time.monotonic()
-        if now >= look_at:
+        if now >= look_at or free < floor + SPILL_NEAR:
             try:
                 st = os.statvfs(self.node.config.spill_dir)
                 free = st.f_bavail * st.f_frsize
