@@ -483,11 +483,11 @@ class Node:
     async def _until_free(
         self, edge: EdgeId, pid: int, call: Callable[[], Awaitable[dict[str, Any]]]
     ) -> dict[str, Any]:
-        """Registers a writer (``call``). Discovery refuses a second open writer; but the
-        one it knows of may be a killed program whose daemon has not recorded its end yet
-        (the re-run came at once, on another node; that daemon is busy, or behind a
-        replica that is gone). Give that end RELEASE_GRACE to arrive, watching the edge,
-        before answering EBUSY (as :meth:`_claim_reader` does for a reader)."""
+        """Registers a writer or claims a reader (``call``). Discovery refuses a second open
+        one; but the one it knows of may be a killed program whose daemon has not recorded
+        its end yet (the re-run came at once, on another node; that daemon is busy, or
+        behind a replica that is gone). Give that end RELEASE_GRACE to arrive, watching the
+        edge, before answering EBUSY."""
         deadline = trio.current_time() + RELEASE_GRACE
         while True:
             try:
@@ -587,29 +587,9 @@ class Node:
         Returns the claim's id and the edge's record as the claim left it."""
         if self.unannounced and not self.announced.is_set():  # see announced
             await self._interruptible(pid, self._announced)
-        deadline = trio.current_time() + RELEASE_GRACE
-        while True:
-            try:
-                rec = await self._interruptible(
-                    pid, functools.partial(self.discovery.claim_reader, edge.hex, self.name)
-                )
-                return int(rec.get("reader_claim", 0)), rec
-            except Conflict:
-                left = deadline - trio.current_time()
-                if left <= 0:
-                    raise
-            rec = await self._interruptible(pid, functools.partial(self.discovery.get, edge.hex))
-            await self._interruptible(
-                pid,
-                functools.partial(
-                    self.discovery.get,
-                    edge.hex,
-                    wait=min(left, self.config.signal_poll),
-                    since=int(rec["version"]),
-                ),
-            )
-            if procs.signal_pending(pid):
-                raise EdgeError(errno.EINTR, "interrupted by a signal")
+        claim = functools.partial(self.discovery.claim_reader, edge.hex, self.name)
+        rec = await self._until_free(edge, pid, claim)
+        return int(rec.get("reader_claim", 0)), rec
 
     async def read(self, reader: ReaderEnd, size: int) -> bytes | memoryview:
         data = await reader.read(size, self.config.signal_poll)
