@@ -31,7 +31,7 @@ import resource
 import stat
 import subprocess
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Container, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
@@ -56,10 +56,13 @@ XATTR_REASON = b"user.fractalfs.mode_reason"
 #: pipe, and keeps `wc`'s column width (7 digits) what it is for a pipe.
 EDGE_SIZE = 1 << 20
 FOREVER = 365 * 86400.0  # entry and attribute timeout of MOUNT/.fifo
-#: Kernel FIFOs get inodes from here up, every other inode below: whether an inode is a
-#: FIFO is its number (a set of FIFO inodes was 33 bytes per waiting reader).
 SPILL_NEAR = 256 << 20  # below spill_min_free + this, free space is looked at every write
-FIFO_INO = 1 << 40
+#: Kernel FIFOs get inodes in [FIFO_INO, INO_END), every other inode is below: whether an
+#: inode is a FIFO is its number (a set of FIFO inodes was 33 bytes per waiting reader).
+#: Both ranges stay below 2^32, numbers wrapping round past those still in use: a 32-bit
+#: program built without large-file support gets EOVERFLOW from stat of a larger st_ino.
+FIFO_INO = 1 << 31
+INO_END = 1 << 32
 FDS_PER_FIFO = 1  # the daemon's descriptors for one FIFO (its end, also what a new keeper gets)
 FINISHED_COST = 1 << 20  # a closed, undelivered writer end: records and descriptors, besides bytes
 RECOUNT_EVERY = 1.0  # seconds between recounts of what a user's closed writer ends hold
@@ -299,8 +302,8 @@ class Operations(pyfuse3.Operations):
         ino = self._inodes.get(edge)
         writer = self.node.writer_for(edge)
         if ino is None or (writer is not None and writer.blocked):
-            self._last_ino += 1
-            ino = self._inodes[edge] = self._last_ino
+            self._last_ino = ino = self._free_ino(self._last_ino, self._fifo_dir + 1, FIFO_INO)
+            self._inodes[edge] = ino
             self._edges[ino] = edge
         return ino
 
@@ -513,9 +516,11 @@ class Operations(pyfuse3.Operations):
         if ino not in self._lookups:  # else forget() does, once the kernel lets it go
             self._drop_fifo_ino(ino)
 
+    def _free_ino(self, last: int, low: int, end: int) -> int:
+        return free_ino(last, low, end, self._edges, self._lookups)
+
     def _fifo_ino(self, edge: EdgeId) -> int:
-        self._last_fifo_ino += 1
-        ino = self._last_fifo_ino
+        self._last_fifo_ino = ino = self._free_ino(self._last_fifo_ino, FIFO_INO, INO_END)
         self._edges[ino] = edge
         self._fifo_count += 1
         return ino
@@ -869,6 +874,15 @@ class Operations(pyfuse3.Operations):
             gone = self._edges.pop(ino, None)
             if gone is not None and self._inodes.get(gone) == ino:
                 del self._inodes[gone]
+
+
+def free_ino(last: int, low: int, end: int, *taken: Container[int]) -> int:
+    """The next number after ``last`` in [low, end) in none of ``taken``, wrapping round."""
+    ino = last
+    while True:
+        ino = ino + 1 if low <= ino + 1 < end else low
+        if not any(ino in used for used in taken):
+            return ino
 
 
 def _held_memory(writer: WriterEnd) -> int:

@@ -750,3 +750,31 @@ def test_keepers_replaced_while_streams_finish_are_never_handed_another_fifo(
     assert kills >= 3
     wait_for(lambda: _fifo_ends(b.pid) == 0, 10, "the daemon let every FIFO go")
     wait_for(lambda: _keepers_hold(b, 0), 10, "the keepers letting every FIFO go")
+
+
+def test_every_inode_fits_32_bits(pair: Pair) -> None:
+    """A 32-bit program built without large-file support gets EOVERFLOW from stat or fstat
+    of an inode number of 2^32 or more: the edge, its FIFO and the mount's own entries all
+    stay below (FIFO inodes numbered from 2^40 did not)."""
+    _, w, r = pair.paths()
+    sh(f"printf hello > {w}")
+    fd = os.open(r, os.O_RDONLY)
+    try:
+        assert stat.S_ISFIFO(os.fstat(fd).st_mode)
+        assert 0 < os.fstat(fd).st_ino < 1 << 32
+        assert 0 < os.stat(r).st_ino < 1 << 32
+        assert os.read(fd, 100) == b"hello"
+    finally:
+        os.close(fd)
+    mount = os.path.dirname(r)
+    assert all(e.inode() < 1 << 32 for e in os.scandir(mount))
+
+
+def test_inode_numbers_wrap_round_past_those_in_use() -> None:
+    from fractalfs.fs import FIFO_INO, INO_END, free_ino
+
+    edges, lookups = {INO_END - 1: 1, FIFO_INO: 2}, {FIFO_INO + 1: 1}
+    assert free_ino(INO_END - 3, FIFO_INO, INO_END, edges, lookups) == INO_END - 2
+    assert free_ino(INO_END - 2, FIFO_INO, INO_END, edges, lookups) == FIFO_INO + 2
+    assert free_ino(10, 3, FIFO_INO, edges, lookups) == 11
+    assert free_ino(FIFO_INO - 1, 3, FIFO_INO, edges, lookups) == 3
