@@ -381,16 +381,19 @@ def fionread(fd: int) -> int:
     return int.from_bytes(buf, "little")
 
 
+_DONE, _OPENED, _LINGERING = 1, 2, 4  # FifoReader's flags
+
+
 class FifoReader:
     """One FIFO handed out to a reader's open, and the daemon's write end of it."""
 
+    # Its three flags are bits of one int (``done``, ``opened``, ``lingering``): a slot
+    # each was 8 bytes per waiting reader.
     __slots__ = (
-        "done",
+        "_flags",
         "fd",
         "hold",
         "ino",
-        "lingering",
-        "opened",
         "parked_in",
         "pending",
         "reader",
@@ -411,16 +414,42 @@ class FifoReader:
         self.uid, self.reserved = uid, reserved
         self.hold: int | None = ends[0]  # a stand-in reader until the program opened
         self.fd: int | None = ends[1]  # the write end
-        self.opened = False  # the program's open was seen (or given up on)
-        self.done = False
+        self._flags = 0  # opened: the program's open was seen (or given up on); done
         self.pending = 0  # bytes taken from the reader end, not yet in the pipe
         self.parked_in: IdleFifos | None = None  # waiting for its first byte with no task
-        self.lingering = False  # closed unread: the next reading open gets it (_reopened)
+        # lingering: closed unread, the next reading open gets it (_reopened)
         #: Threads whose LOOKUP got this FIFO while it lingered: each may still be between
         #: that answer and the kernel's open of the FIFO (see _late_reopen). None until
         #: one does: an empty set is 216 bytes, and a daemon holds a FifoReader per
         #: waiting reader.
         self.reopeners: set[int] | None = None
+
+    def _flag(self, bit: int, on: bool) -> None:
+        self._flags = self._flags | bit if on else self._flags & ~bit
+
+    @property
+    def done(self) -> bool:
+        return bool(self._flags & _DONE)
+
+    @done.setter
+    def done(self, on: bool) -> None:
+        self._flag(_DONE, on)
+
+    @property
+    def opened(self) -> bool:
+        return bool(self._flags & _OPENED)
+
+    @opened.setter
+    def opened(self, on: bool) -> None:
+        self._flag(_OPENED, on)
+
+    @property
+    def lingering(self) -> bool:
+        return bool(self._flags & _LINGERING)
+
+    @lingering.setter
+    def lingering(self, on: bool) -> None:
+        self._flag(_LINGERING, on)
 
     def wake(self) -> None:
         """Its reader end changed (see :meth:`IdleFifos.park`)."""
