@@ -577,6 +577,10 @@ class Node:
             try:
                 claim, rec = await self._claim_reader(edge, pid)
                 claimed_at = int(rec.get("version") or 0)
+                if claim == claimed_at:
+                    # SQLite's claim is its event's seq, the version it left: one int
+                    # object (28 bytes a reader), the one the parked pump keeps too.
+                    claim = claimed_at
             except BaseException:
                 self.follower.unwatch(token)
                 raise
