@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from . import procs
 
@@ -171,16 +171,24 @@ class Keeper:
     False and readers stay on FUSE.
     """
 
-    def __init__(self, copies: int = COPIES) -> None:
+    def __init__(
+        self, copies: int = COPIES, name_of: Callable[[int], str | None] | None = None
+    ) -> None:
         self._copies: list[_Copy | None] = [None] * copies  # [0] opens the FIFOs
         self._lock = threading.Lock()
         self._failed = False
         self._closed = False
-        # ino -> (the daemon's own write end, handed to a replacement keeper; edge name).
-        # Only :meth:`_done_locked` closes it, under the lock, after taking it out: a
+        # ino -> the daemon's own write end, handed to a replacement keeper. Only
+        # :meth:`_done_locked` closes it, under the lock, after taking it out: a
         # replacement (which sends these under the lock) never sends a number that was
         # closed and reused for another file.
-        self._live: dict[int, tuple[int, str]] = {}
+        self._live: dict[int, int] = {}
+        # Each live FIFO's edge name is asked of ``name_of`` (the daemon's table of
+        # inodes: a name kept in each entry here made a tuple, 56 bytes per waiting
+        # reader), and kept here only for an inode the daemon forgot while its FIFO
+        # lives (:meth:`remember`), or for every FIFO without ``name_of``.
+        self._name_of = name_of
+        self._names: dict[int, str] = {}
         self._pending: deque[int] = deque()  # finished streams done() could not settle yet
         self.replaced = 0  # keepers replaced since start (for logs and tests)
 
@@ -258,7 +266,13 @@ class Keeper:
             theirs.close()
         copy = self._copies[i] = _Copy(proc, ours)
         # A new keeper holds every stream still live, or a daemon crash would give EOF.
-        for ino, (fd, name) in list(self._live.items()):
+        for ino, fd in list(self._live.items()):
+            name = self._name(ino)
+            if name is None:
+                # Only a FIFO whose open was abandoned (no program got it) and whose
+                # inode the daemon forgot before the keeper's answer came has none.
+                log.info("FIFO keeper: FIFO %d has no edge name; not handed", ino)
+                continue
             try:
                 _send(ours, b"A %d %s" % (ino, name.encode()), [fd], SEND_TIMEOUT)
             except OSError as exc:
@@ -355,7 +369,9 @@ class Keeper:
                 raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
             if reply.startswith(b"K"):
                 with self._locked():
-                    self._live[ino] = (fds[1], name)
+                    self._live[ino] = fds[1]
+                    if self._name_of is None:
+                        self._names[ino] = name
                     # The others (and the opener's replacement, if it was replaced
                     # meanwhile) must hold this one too.
                     add = b"A %d %s" % (ino, name.encode())
@@ -427,11 +443,27 @@ class Keeper:
         self._pending.append(ino)
         self._settle_pending()
 
+    def _name(self, ino: int) -> str | None:
+        name = self._names.get(ino)
+        if name is None and self._name_of is not None:
+            name = self._name_of(ino)
+        return name
+
+    def remember(self, ino: int, name: str) -> None:
+        """The daemon forgets inode ``ino`` (``name_of`` will not know it): its name is
+        kept here while its FIFO lives. Before the daemon forgets it, so that one of the
+        two always knows it. From the loop thread: never blocks."""
+        if ino in self._live:
+            self._names[ino] = name
+            if ino not in self._live:  # done meanwhile (_done_locked popped it first)
+                self._names.pop(ino, None)
+
     def _done_locked(self, ino: int) -> None:
         end = self._live.pop(ino, None)
+        self._names.pop(ino, None)
         if end is None:
             return
-        os.close(end[0])
+        os.close(end)
         for copy in self._copies:
             if copy is None:
                 continue

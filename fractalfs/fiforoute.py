@@ -381,16 +381,19 @@ def fionread(fd: int) -> int:
     return int.from_bytes(buf, "little")
 
 
+_DONE, _OPENED, _LINGERING = 1, 2, 4  # FifoReader's flags
+
+
 class FifoReader:
     """One FIFO handed out to a reader's open, and the daemon's write end of it."""
 
+    # Its three flags are bits of one int (``done``, ``opened``, ``lingering``): a slot
+    # each was 8 bytes per waiting reader.
     __slots__ = (
-        "done",
+        "_flags",
         "fd",
         "hold",
         "ino",
-        "lingering",
-        "opened",
         "parked_in",
         "pending",
         "reader",
@@ -411,16 +414,42 @@ class FifoReader:
         self.uid, self.reserved = uid, reserved
         self.hold: int | None = ends[0]  # a stand-in reader until the program opened
         self.fd: int | None = ends[1]  # the write end
-        self.opened = False  # the program's open was seen (or given up on)
-        self.done = False
+        self._flags = 0  # opened: the program's open was seen (or given up on); done
         self.pending = 0  # bytes taken from the reader end, not yet in the pipe
         self.parked_in: IdleFifos | None = None  # waiting for its first byte with no task
-        self.lingering = False  # closed unread: the next reading open gets it (_reopened)
+        # lingering: closed unread, the next reading open gets it (_reopened)
         #: Threads whose LOOKUP got this FIFO while it lingered: each may still be between
         #: that answer and the kernel's open of the FIFO (see _late_reopen). None until
         #: one does: an empty set is 216 bytes, and a daemon holds a FifoReader per
         #: waiting reader.
         self.reopeners: set[int] | None = None
+
+    def _flag(self, bit: int, on: bool) -> None:
+        self._flags = self._flags | bit if on else self._flags & ~bit
+
+    @property
+    def done(self) -> bool:
+        return bool(self._flags & _DONE)
+
+    @done.setter
+    def done(self, on: bool) -> None:
+        self._flag(_DONE, on)
+
+    @property
+    def opened(self) -> bool:
+        return bool(self._flags & _OPENED)
+
+    @opened.setter
+    def opened(self, on: bool) -> None:
+        self._flag(_OPENED, on)
+
+    @property
+    def lingering(self) -> bool:
+        return bool(self._flags & _LINGERING)
+
+    @lingering.setter
+    def lingering(self, on: bool) -> None:
+        self._flag(_LINGERING, on)
 
     def wake(self) -> None:
         """Its reader end changed (see :meth:`IdleFifos.park`)."""
@@ -546,10 +575,16 @@ class IdleFifos:
         self._wake = wake  # starts the pour task of a woken FIFO
         self._stop = stop  # lets go of a FIFO still parked when the daemon stops
         self._epoll: select.epoll | None = None
-        self._parked: dict[int, FifoReader] = {}  # by write end
+        # Indexed by write end: descriptors are small and dense, and a list slot is 8
+        # bytes where a dict entry was ~37 per waiting reader. Trailing Nones are cut.
+        self._parked: list[FifoReader | None] = []
+        self._count = 0
 
     def __len__(self) -> int:
-        return len(self._parked)
+        return self._count
+
+    def _at(self, fd: int) -> FifoReader | None:
+        return self._parked[fd] if 0 <= fd < len(self._parked) else None
 
     def park(self, fifo: FifoReader) -> bool:
         """Parks ``fifo`` if its stream has no byte yet (False: it pours now)."""
@@ -557,16 +592,24 @@ class IdleFifos:
         if epoll is None or fd is None or reader.received or not reader.waiting():
             return False
         epoll.register(fd, 0)  # EPOLLERR (no reader left) is reported without asking
-        self._parked[fd] = fifo
+        parked = self._parked
+        if fd >= len(parked):
+            parked.extend([None] * (fd + 1 - len(parked)))
+        parked[fd] = fifo
+        self._count += 1
         fifo.parked_in = self
         reader.changed.call_once(fifo)
         return True
 
     def wake(self, fifo: FifoReader) -> None:
         fd = fifo.fd
-        if fd is None or self._parked.get(fd) is not fifo:
+        if fd is None or self._at(fd) is not fifo:
             return
-        del self._parked[fd]
+        parked = self._parked
+        parked[fd] = None
+        self._count -= 1
+        while parked and parked[-1] is None:
+            parked.pop()
         fifo.parked_in = None
         if self._epoll is not None:
             self._epoll.unregister(fd)
@@ -579,13 +622,15 @@ class IdleFifos:
                 while True:
                     await trio.lowlevel.wait_readable(epoll.fileno())
                     for fd, _ in epoll.poll(0):
-                        fifo = self._parked.get(fd)
+                        fifo = self._at(fd)
                         if fifo is not None:
                             self.wake(fifo)
             finally:
                 self._epoll = None
-                parked, self._parked = self._parked, {}
-                for fifo in parked.values():
+                parked, self._parked, self._count = self._parked, [], 0
+                for fifo in parked:
+                    if fifo is None:
+                        continue
                     fifo.parked_in = None
                     fifo.reader.changed.call_once(None)
                     self._stop(fifo)

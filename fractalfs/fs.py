@@ -137,7 +137,8 @@ class Operations(pyfuse3.Operations):
         self._fifo_count = 0  # FIFO inodes in _edges (handed out, not forgotten)
         self._fifo_writers: dict[EdgeId, fiforoute.Fifo] = {}
         self._fifo_readers: dict[EdgeId, fiforoute.FifoReader] = {}
-        self.keeper = fifokeeper.Keeper()  # holds reader FIFOs' write ends past our death
+        # Holds reader FIFOs' write ends past our death; their edge names are ours.
+        self.keeper = fifokeeper.Keeper(name_of=self._fifo_name)
         # Reader FIFOs waiting for their first byte, with no task (started by the mount).
         self.idle_fifos = fiforoute.IdleFifos(self._wake_fifo, self._stop_fifo)
         self._fuse_reasons: set[tuple[str, str]] = set()  # FIFO fallbacks logged
@@ -525,8 +526,16 @@ class Operations(pyfuse3.Operations):
         self._fifo_count += 1
         return ino
 
+    def _fifo_name(self, ino: int) -> str | None:
+        """The edge name of FIFO inode ``ino`` (for the keeper; from its threads)."""
+        edge = self._edges.get(ino)
+        return edge.hex if edge is not None else None
+
     def _drop_fifo_ino(self, ino: int) -> None:
-        if self._edges.pop(ino, None) is not None:
+        edge = self._edges.get(ino)
+        if edge is not None:
+            self.keeper.remember(ino, edge.hex)  # first: the keeper may still hold it
+            del self._edges[ino]
             self._fifo_count -= 1
 
     def warm_fifo_dir(self) -> None:

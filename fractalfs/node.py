@@ -30,6 +30,7 @@ from .discovery.client import (
 )
 from .edgeid import EdgeId
 from .edges import (
+    NOT_OPENING,
     EdgeError,
     Notifier,
     ReaderEnd,
@@ -67,14 +68,17 @@ RELEASE_GRACE = 2.0
 CONNECT_WAIT = 1.0
 
 
-#: Every slot's ``opening`` when nothing opens: ``frozenset({"reader"}) - {"reader"}`` is a
-#: new empty frozenset (216 bytes) each time, not a shared one.
-_NOT_OPENING: frozenset[str] = frozenset()
+_NOT_OPENING = NOT_OPENING  # every slot's ``opening`` when nothing opens
 
 
 @dataclass(slots=True)
 class Slot:
-    """Both ends of one edge as this node holds them (either may be absent)."""
+    """Both ends of one edge as this node holds them (either may be absent).
+
+    An edge whose only end here is a reader, with nothing opening, is held by the
+    :class:`ReaderEnd` itself in ``Node.slots`` (it answers ``reader``, ``writer``,
+    ``opening`` and ``empty`` as this slot would): thousands of readers wait, and a Slot
+    each was 64 bytes. Read any entry; change one only through ``Node._slot``."""
 
     edge: EdgeId
     writer: WriterEnd | None = None
@@ -94,7 +98,7 @@ class Node:
         self.name = config.node
         self.discovery = discovery
         self.endpoint = endpoint
-        self.slots: dict[EdgeId, Slot] = {}
+        self.slots: dict[EdgeId, Slot | ReaderEnd] = {}  # see Slot
         self.writers_changed = Notifier()  # a writer end was installed, or failed to open
         self.released = Notifier()  # a program's end was released
         self._nursery: trio.Nursery | None = None
@@ -203,9 +207,12 @@ class Node:
                     arg.fail(errno.EIO, "internal error; see the daemon's log")
 
     def _slot(self, edge: EdgeId) -> Slot:
+        """The edge's slot, to change (a reader standing for its slot gets one again)."""
         slot = self.slots.get(edge)
         if slot is None:
             slot = self.slots[edge] = Slot(edge)
+        elif not isinstance(slot, Slot):
+            slot = self.slots[edge] = Slot(edge, reader=slot)
         return slot
 
     @contextlib.contextmanager
@@ -272,14 +279,16 @@ class Node:
 
     def _reap(self, edge: EdgeId) -> None:
         slot = self.slots.get(edge)
-        if slot is None:
-            return
+        if not isinstance(slot, Slot):
+            return  # none, or a reader alone (see Slot)
         if slot.writer is not None and slot.writer.released and slot.writer.done:
             slot.writer = None
         if slot.empty:
             del self.slots[edge]
             self._paired.pop(edge, None)  # no reader here: none whose release needs it
             metrics.edge_done(edge.hex, lambda e: EdgeId.parse(e) in self.slots)
+        elif slot.writer is None and not slot.opening and slot.reader is not None:
+            self.slots[edge] = slot.reader  # the reader alone stands for its slot
 
     # -- writers -------------------------------------------------------------------------
 
@@ -568,6 +577,10 @@ class Node:
             try:
                 claim, rec = await self._claim_reader(edge, pid)
                 claimed_at = int(rec.get("version") or 0)
+                if claim == claimed_at:
+                    # SQLite's claim is its event's seq, the version it left: one int
+                    # object (28 bytes a reader), the one the parked pump keeps too.
+                    claim = claimed_at
             except BaseException:
                 self.follower.unwatch(token)
                 raise
@@ -713,7 +726,7 @@ class Node:
                 reader.close()  # the pump tells the writer (its next write gets EPIPE)
         slot = self.slots.get(reader.edge)
         if slot is not None and slot.reader is reader:
-            slot.reader = None
+            self._slot(reader.edge).reader = None
             self._reap(reader.edge)
         # "closed" is "no more" for every later writer of the edge too (open_writer); a
         # failure is not: a re-run reader will want the stream. Nor a reader this daemon

@@ -158,15 +158,31 @@ def test_the_keeper_opens_both_ends_and_holds_the_write_end_until_done(tmp_path:
         keeper.close()
 
 
-@pytest.mark.parametrize("trouble", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stopped"])
+@pytest.mark.parametrize(
+    ("trouble", "names"),
+    [
+        (signal.SIGKILL, "own"),
+        (signal.SIGSTOP, "own"),
+        (signal.SIGKILL, "daemon"),
+        (signal.SIGKILL, "forgotten"),
+    ],
+    ids=["killed", "stopped", "killed-names-of-daemon", "killed-inode-forgotten"],
+)
 def test_a_keeper_that_dies_or_stops_is_replaced_and_gets_the_live_ends(
-    tmp_path: Path, trouble: int
+    tmp_path: Path, trouble: int, names: str
 ) -> None:
-    keeper = fifokeeper.Keeper()
+    """``names``: the keeper keeps each FIFO's edge name ("own"), or asks the daemon's
+    table of inodes ("daemon"), which forgot the inode meanwhile ("forgotten": the
+    keeper was told its name first). A replacement is handed the end only by name."""
+    table: dict[int, str] = {}
+    keeper = fifokeeper.Keeper(name_of=None if names == "own" else table.get)
     old = -1
     try:
         assert keeper.start()
+        table[7] = NAME
         path, wfd, reader = _kept_fifo(keeper, tmp_path)
+        if names == "forgotten":
+            keeper.remember(7, table.pop(7))
         first = set(keeper.pids)
         assert len(first) == fifokeeper.COPIES
         old = keeper.pid
@@ -293,7 +309,7 @@ def test_a_program_opening_its_fifo_just_after_the_daemon_died_is_killed_not_giv
         hold, _wfd = keeper.open_fifo(path, ino, NAME)
         procs_before = keeper.pids
         # The daemon dies: every descriptor of its own closes, the keepers see EOF.
-        for end, _name in keeper._live.values():
+        for end in keeper._live.values():
             os.close(end)
         keeper._live.clear()
         os.close(hold)

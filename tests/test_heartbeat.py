@@ -22,6 +22,7 @@ from fractalfs.discovery.client import DiscoveryClient
 from fractalfs.discovery.heartbeat import (
     NODE_HEADER,
     PAGE,
+    Acked,
     Delta,
     Ends,
     HeldEnds,
@@ -50,7 +51,7 @@ def test_deltas_converge_and_resync(
 ) -> None:
     """Whatever the daemon's ends do, and whenever discovery forgets them, discovery ends up
     with exactly the daemon's set after at most one resync."""
-    acked: Ends | None = None
+    acked: Acked | None = None
     held: Ends | None = None
     for (writers, readers), lose in zip(sequence, forget, strict=False):
         if lose:
@@ -65,7 +66,7 @@ def test_deltas_converge_and_resync(
                     ok = False
                     break
             if ok:
-                acked = Ends(dict(writers), set(readers), pages[-1].digest)
+                acked = Acked(dict(writers), tuple(readers), pages[-1].digest)  # as the client
                 break
             acked = None
         assert held is not None
@@ -80,7 +81,7 @@ def test_steady_state_beat_is_empty_and_big_sets_are_paged() -> None:
     assert len(pages) == 5 and pages[0].reset and not pages[1].reset
     assert all(p.size() <= PAGE for p in pages)
     assert all(len(json.dumps(p.to_json())) < 64 * 1024 for p in pages)
-    acked = Ends(dict(writers), set(readers), pages[-1].digest)
+    acked = Acked(dict(writers), tuple(readers), pages[-1].digest)
     again = deltas(acked, writers, readers)
     assert len(again) == 1 and again[0].size() == 0
     assert len(json.dumps(again[0].to_json())) < 300  # the same size at 5 ends or 5,000

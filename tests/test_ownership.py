@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fractalfs.edgeid import EdgeId
-from fractalfs.ownership import GRACE, Owners
+from fractalfs.ownership import GRACE, Owners, pack, unpack
 from fractalfs.testing import Discovery, Node, Process
 
 from .conftest import Programs, fuse_d_state, needs_fuse, new_edge, sh
@@ -172,6 +174,36 @@ def test_claims_lapse_only_when_idle_and_old() -> None:
     assert owners.allows(e, 1001, 1001, claim=True)
     claim = owners.owner(e)
     assert claim is not None and claim.uid == 1001
+
+
+ID = st.integers(0, 2**32 - 1)
+
+
+@given(ID, ID, st.integers(0, 2**50))
+def test_a_packed_claim_unpacks_to_what_was_packed(uid: int, gid: int, ms: int) -> None:
+    assert unpack(pack(uid, gid, ms)) == (uid, gid, ms)
+
+
+@pytest.mark.parametrize("bad", [(-1, 0, 0), (0, 2**32, 0), (0, 0, -1)])
+def test_a_claim_out_of_range_is_refused(bad: tuple[int, int, int]) -> None:
+    with pytest.raises(ValueError, match="cannot pack"):
+        pack(*bad)
+
+
+def test_a_claim_keeps_its_uid_gid_and_time_and_each_use_renews_it() -> None:
+    now = [1000.0]
+    owners = Owners(lambda e: False, clock=lambda: now[0])
+    e = EdgeId.new()
+    assert owners.allows(e, 4_000_000_000, 7, claim=True)
+    now[0] += GRACE - 1
+    claim = owners.owner(e)
+    assert claim is not None and (claim.uid, claim.gid) == (4_000_000_000, 7)
+    assert claim.since == pytest.approx(1000.0)
+    assert owners.allows(e, 4_000_000_000, 7, claim=True)  # its use renews it
+    now[0] += GRACE - 1
+    assert owners.prune() == [] and owners.owner(e) is not None
+    now[0] += 1
+    assert owners.prune() == [e]
 
 
 @needs_fuse

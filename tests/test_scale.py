@@ -419,6 +419,53 @@ def test_a_parked_reader_is_resumed_by_its_edge_its_deadline_or_not_at_all() -> 
     trio.run(main)
 
 
+def test_readers_parked_about_together_share_a_deadline_never_early_little_late() -> None:
+    """Parked readers' deadlines are rounded up (follow.MAX_LATE, at most 2% of the
+    wait): a hundred parked within half a second share one or two deadlines (no float
+    and heap entry each), none is resumed before its wait ran out, none more than
+    MAX_LATE (or 2%) after."""
+    import trio
+    import trio.testing
+
+    from fractalfs.follow import MAX_LATE, Follower
+
+    class Fake:
+        async def changes(self, feed: str, after: int, *, wait: float = 0.0) -> dict[str, object]:
+            await trio.sleep(wait)
+            return {"feed": "f", "seq": 1, "edges": []}
+
+    async def main() -> None:
+        follower = Follower(Fake(), poll=5.0)  # type: ignore[arg-type]
+        late: list[float] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(follower.expire_parked)
+            for wait in (120.0, 120.0, 2.0):
+                start = trio.current_time()
+                for _ in range(100):
+
+                    def resume(
+                        _token: object, expired: bool, due: float = trio.current_time() + wait
+                    ) -> None:
+                        assert expired
+                        late.append(trio.current_time() - due)
+
+                    follower.park(follower.watch(new_edge()), wait, resume, None, None, None)
+                    await trio.sleep(0.005)
+                assert trio.current_time() - start == pytest.approx(0.5)
+                # One tick of the rounding is a second at 120 s, 0.04 s at 2 s.
+                assert len(follower._due) <= (2 if wait > 50 else 0.5 / (wait / 50) + 2)
+                with trio.fail_after(wait + 10):
+                    while follower.parked():
+                        await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        assert len(late) == 300
+        assert min(late) >= 0
+        assert max(late[:200]) <= MAX_LATE + 0.011  # (the expiry's own step)
+        assert max(late[200:]) <= 2.0 / 50 + 0.011
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
 def test_a_broken_feed_leaves_parked_readers_parked_and_a_resync_wakes_them() -> None:
     """Ten thousand parked readers each asking for their edge when the feed breaks would
     only load a failing discovery: they stay parked; the feed coming back from another

@@ -17,7 +17,7 @@ import httpx
 import trio
 
 from ..edgestate import backoff
-from .heartbeat import NODE_HEADER, Ends, deltas
+from .heartbeat import NODE_HEADER, Acked, deltas
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class DiscoveryClient:
         self.retry_for = retry_for
         self._current = 0
         self._short = trio.CapacityLimiter(SHORT_IN_FLIGHT)
-        self._acked: dict[str, Ends | None] = {}  # node -> its ends as discovery has them
+        self._acked: dict[str, Acked | None] = {}  # node -> its ends as discovery has them
         # Heartbeats have their own small pool: never queued behind a thousand long-polls.
         self._beats = httpx.AsyncClient(
             auth=auth,
@@ -301,7 +301,7 @@ class DiscoveryClient:
                 if got.get("resync"):
                     break
             else:
-                self._acked[node] = Ends(dict(writers), set(readers), pages[-1].digest)
+                self._acked[node] = Acked(dict(writers), tuple(readers), pages[-1].digest)
                 break
         return sorted(set(stale))
 

@@ -149,7 +149,19 @@ def accept(held: Ends | None, delta: Delta) -> Ends | None:
     return held if held.digest == delta.digest else None
 
 
-def deltas(acked: Ends | None, writers: Mapping[str, int], readers: Iterable[str]) -> list[Delta]:
+@dataclass(slots=True)
+class Acked:
+    """The ends discovery acknowledged, as a daemon keeps them between beats: its readers
+    as a tuple (8 bytes each, where a set entry is ~33: a daemon has thousands)."""
+
+    writers: dict[str, int]
+    readers: tuple[str, ...]
+    digest: int
+
+
+def deltas(
+    acked: Acked | Ends | None, writers: Mapping[str, int], readers: Iterable[str]
+) -> list[Delta]:
     """The daemon's side: the pages that take discovery from ``acked`` (None: unknown) to
     the current ends. Steady state: one page with nothing in it."""
     reset = acked is None
