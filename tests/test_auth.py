@@ -280,8 +280,12 @@ def test_forged_hellos_are_refused_and_the_real_stream_completes(
     out = tmp_path / "out"
     reader = programs.start(f"cat {b.path(edge)} > {out}")
     slowcat = Path(__file__).with_name("slowcat.py")
+    # Held after 4 MiB until the forged hellos were tried: paced alone (3.6 s), the stream
+    # was delivered before a loaded `status` poll saw it streaming (a failed make test).
+    go = tmp_path / "go"
     writer = programs.start(
         f"{sys.executable} {slowcat} {src} {a.path(edge)} --chunk 1048576 --delay 0.15"
+        f" --hold-after {4 << 20} --until {go}"
     )
     rec: dict[str, object] = {}
     deadline = time.monotonic() + 20
@@ -316,6 +320,7 @@ def test_forged_hellos_are_refused_and_the_real_stream_completes(
     with pytest.raises(ConnectionError):  # closed at once, nothing revealed
         assert exchange(endpoint, b"GET / HTTP/1.1\r\n\r\n" + b"\0" * HELLO.size) == b""
         raise ConnectionResetError
+    go.touch()
     assert writer.wait(timeout=60) == 0
     assert reader.wait(timeout=60) == 0
     assert sha_file(out) == sha_file(src)

@@ -9,13 +9,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from fractalfs.testing import operator_auth
+from fractalfs.testing import Node, operator_auth
 
 from .conftest import Cluster, Programs, needs_fuse, new_edge, sh
 
@@ -50,17 +51,46 @@ def sse(url: str, headers: dict[str, str], until: str, timeout: float = 20) -> l
     return events
 
 
+def _watching(watch: subprocess.Popen[str], programs: Programs, node: Node) -> list[str]:
+    """Starts collecting ``watch``'s lines and returns the list they go to, once watch is
+    seen following the stream: it starts from the events written after its first request,
+    and that request comes after a Python start-up of a second or more under load (a fixed
+    1 s sleep lost every event of the test's edge: watch printed none of them). A waiting
+    reader of a fresh edge is the mark; another one is tried until watch prints its
+    claim."""
+    assert watch.stdout is not None
+    stdout = watch.stdout
+    lines: list[str] = []
+
+    def collect() -> None:
+        for line in stdout:
+            lines.append(line.rstrip("\n"))
+
+    threading.Thread(target=collect, daemon=True).start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        mark = new_edge()
+        programs.start(f"exec cat {node.path(mark)} > /dev/null")
+        seen = time.monotonic() + 2
+        while time.monotonic() < seen:
+            if any(line.startswith(f"{mark} reader connected") for line in lines):
+                return lines
+            assert watch.poll() is None, f"watch exited {watch.returncode}"
+            time.sleep(0.05)
+    raise AssertionError(f"watch printed none of its marks: {lines}")
+
+
 def test_event_stream_and_watch(cluster: Cluster, programs: Programs, tmp_path: Path) -> None:
     disc = cluster.start_discovery()
     a, b = cluster.node("a"), cluster.node("b", extra=["--writer-lost-timeout", "20"])
     watch = subprocess.Popen(
         [sys.executable, "-m", "fractalfs", "watch", "--discovery", disc.url],
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.STDOUT,  # its reconnect lines, should it fail
         text=True,
     )
     try:
-        time.sleep(1.0)
+        watched = _watching(watch, programs, b)
         src = tmp_path / "src"
         src.write_bytes(os.urandom(3 << 20))
         edge = new_edge()
@@ -71,16 +101,21 @@ def test_event_stream_and_watch(cluster: Cluster, programs: Programs, tmp_path: 
         os.killpg(writer.pid, signal.SIGKILL)  # a fault, then a re-run that resumes
         sh(f"cat {src} > {a.path(edge)}")
         assert reader.wait(timeout=30) == 0
-        time.sleep(1.5)
+        # Until watch printed the completion (it is the last event of the edge), not a
+        # fixed time: the loaded watch may print it seconds later.
+        deadline = time.monotonic() + 30
+        while not any(line.startswith(f"{edge} complete") for line in watched):
+            assert time.monotonic() < deadline, f"watch printed no completion: {watched}"
+            time.sleep(0.05)
     finally:
         watch.send_signal(signal.SIGINT)
         try:
-            out, _ = watch.communicate(timeout=10)
+            watch.wait(timeout=10)
         except subprocess.TimeoutExpired:
             watch.kill()  # never leave it behind, even when the test fails
-            watch.communicate()
+            watch.wait()
             raise
-    lines = [line for line in out.splitlines() if line.startswith(edge)]
+    lines = [line for line in watched if line.startswith(edge)]
     text = "\n".join(lines)
     assert f"{edge} writer registered" in text
     assert f"{edge} FAILED" in text and "killed by signal 9" in text

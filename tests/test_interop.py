@@ -308,8 +308,9 @@ def test_an_ending_on_an_edge_as_on_a_fifo(
 # drains it into a checksum. {src}, {sorted}, {tar} and {tree} are the inputs, {d} an empty
 # directory of the run's own. Stdout, stderr (paths replaced), exit statuses of the program
 # and of its partner must be the same as on the reference, and the edge run must take no
-# more than 3x the reference's time plus 1 s. The reference is a FIFO, or a regular file
-# where the program refuses a FIFO (the edge gives the regular-file result there).
+# more than 3x the reference's time plus 1 s (a writer on FUSE writes: 10x + 3 s) on the
+# best of up to three tries. The reference is a FIFO, or a regular file where the
+# program refuses a FIFO (the edge gives the regular-file result there).
 
 
 @dataclass(frozen=True)
@@ -607,16 +608,32 @@ def test_program_on_an_edge_as_on_a_fifo(
         # lines, so its partner `cat` often exits 0 where on a `mkfifo` FIFO (64 KiB) it
         # gets SIGPIPE. head's own output and status are right.
         request.applymarker(pytest.mark.xfail(reason=HEAD_PARTNER_RACE, strict=False))
-    ref = _on_fifo(row, inputs, tmp_path)
-    got = _on_edge(row, inputs, tmp_path, both)
-    assert (got.out, got.err, got.rc) == (ref.out, ref.err, ref.rc)
-    if ref.partners:
-        assert got.partners == ref.partners
-    else:  # a regular file as the reference: no partner there, the edge's must succeed
-        assert all(rc == 0 for _, rc in got.partners), got.partners
-    assert got.seconds <= 3 * ref.seconds + 1, (
-        f"edge {got.seconds:.2f} s, {row.ref} {ref.seconds:.2f} s"
-    )
+    # The time is compared on the best of up to three tries, the results on every try.
+    # On a machine shared with other suites, a program whose every write is a FUSE round
+    # trip (`dd bs=4k` on the FUSE-writes pair: 2,075 requests) waits for a CPU twice a
+    # request, a FIFO writer hardly ever: 2.12 s against 0.10 s once at load ~40, and
+    # 1.26-1.70 s at load ~500, of which the two daemons used 0.4 CPU-seconds.
+    # A writer with `fifo_writers = false` makes a FUSE request per write, each waiting for
+    # a CPU twice: under sustained load (~2,000) three tries of `yes | head -c` on that
+    # pair took 1.63-2.12 s against 0.12-0.16 s on a FIFO. Its bound is 10x + 3 s, still
+    # far below what the bound is for (sort sized by st_size 0: over 60 s).
+    factor, extra = (10, 3.0) if row.writes and not both.writes_on_fifo else (3, 1.0)
+    times = []
+    for attempt in range(3):
+        tmp = tmp_path / f"try{attempt}"
+        tmp.mkdir()
+        ref = _on_fifo(row, inputs, tmp)
+        got = _on_edge(row, inputs, tmp, both)
+        assert (got.out, got.err, got.rc) == (ref.out, ref.err, ref.rc)
+        if ref.partners:
+            assert got.partners == ref.partners
+        else:  # a regular file as the reference: no partner there, the edge's must succeed
+            assert all(rc == 0 for _, rc in got.partners), got.partners
+        times.append(f"edge {got.seconds:.2f} s, {row.ref} {ref.seconds:.2f} s")
+        if got.seconds <= factor * ref.seconds + extra:
+            break
+    else:
+        raise AssertionError("; ".join(times))
 
 
 OPEN_TWICE = (

@@ -9,6 +9,7 @@ import signal
 import subprocess
 from pathlib import Path
 
+import httpx
 import pytest
 
 from fractalfs import testhooks
@@ -65,8 +66,20 @@ def test_a_late_close_of_the_previous_reader_does_not_stop_a_rerun_writer(
     wait_for(
         lambda: store_cluster.edge(edge).get("generation") == 2, 10, "the re-run writer", [rerun]
     )
-    # The case: the re-run registered before the first reader's end was recorded.
-    assert store_cluster.edge(edge).get("reader_state") == "open"
+    # The case: the re-run registered before the first reader's end was recorded. Read
+    # from discovery's event order, not from a later `status` poll: under load the polls
+    # took longer than the hook's hold, and the record said "closed" (a failed make test).
+    assert store_cluster.discovery is not None
+    events = httpx.get(
+        f"{store_cluster.discovery.url}/v1/events",
+        params={"after": 0},
+        auth=store_cluster.discovery.auth,
+        timeout=10,
+    ).json()["events"]
+    mine = [(e["seq"], e["kind"]) for e in events if e["edge"] == edge]
+    writers = [seq for seq, kind in mine if kind == "writer"]
+    closed = [seq for seq, kind in mine if kind == "reader-closed"]
+    assert len(writers) == 2 and (not closed or writers[1] < closed[0]), mine
     assert _logged(b, "a reader's release waits")
     wait_for(
         lambda: store_cluster.edge(edge).get("reader_state") == "closed", 30, "the late release"
