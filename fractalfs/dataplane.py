@@ -4,10 +4,10 @@ One listening socket per node daemon serves every edge it writes; a reader's dae
 it, says which edge, generation and offset it wants (:mod:`fractalfs.handshake`), and gets
 frames (:mod:`fractalfs.codec`) from that offset. The writer batches whatever its program has
 written into one DATA frame per ``sendmsg`` (up to 1 MiB, no copies); the reader receives
-large payloads with ``recv_into`` into reused arenas and hands growing views of them to
-the FUSE layer (a 1 MiB read is answered without a join, see :class:`Arenas`). TCP_NODELAY is on: a
-netpipefs-like 42 ms Nagle/delayed-ACK stall per request would otherwise cap small writes
-at a few MB/s.
+with ``recv_into`` into reused arenas (everything, once a large frame came) and hands
+growing views of them to the FUSE layer (a 1 MiB read is answered without a join, see
+:class:`Arenas`). TCP_NODELAY is on: a netpipefs-like 42 ms Nagle/delayed-ACK stall per
+request would otherwise cap small writes at a few MB/s.
 
 Nothing here decides policy: :func:`serve_edge` streams one writer end to one connection
 and :func:`pull` / :func:`pull_local` fill one reader end, each returning how it ended.
