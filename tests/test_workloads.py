@@ -1,0 +1,372 @@
+"""FRACTAL-style shell scripts split across three hosts, with faults at the worst moment.
+
+Each script's stages run on three network-namespace hosts (``fractalfs.cluster``;
+discovery on h0, a daemon on each host) joined by edges, and its output is compared byte
+for byte (a tree: ``diff -r``) with the same script on plain pipes on one node. Inputs are
+8 MiB or more. Workloads are PaSh's oneliners and their kin: bi-grams (``tee``, ``tail -n
++2``, ``paste``), set difference (``comm -23`` of two sorted edges), ``split`` fan-out to
+three edges and ``sort -m`` fan-in of three, ``xargs``, ``gzip | ... | gunzip``, ``tar -c |
+... | tar -x`` of a tree, ``awk`` aggregation and ``join``.
+
+Faults hit mid-stream by construction (the pacing stage waits at a mark until the watched
+edge has delivered bytes, :func:`tests.test_multihost.midstream`): a middle stage SIGKILLed
+(re-run on its host or another), the writer's stage SIGKILLed and re-run on another host,
+a daemon SIGKILLed and restarted, a host's link down 3 s, discovery SIGKILLed and
+restarted. The supervisor re-runs what failed, as FRACTAL would
+(:class:`tests.test_multihost.Pipeline`); the output must equal the fault-free one, and
+every wait is bounded. Persistence: a spilled edge read after its writer ended, and read
+again by a re-run consumer.
+
+``make test`` runs the fault-free scripts and three faults; ``FRACTALFS_WORKLOADS=1``
+runs every script with every fault (about ten minutes on two idle cores).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from fractalfs.cluster import NetCluster, available
+from fractalfs.testing import is_mounted
+
+from .conftest import failed, fuse_d_state, needs_fuse, wait_for  # noqa: F401
+from .test_multihost import SLOWCAT, Pipeline, midstream, plain, record, restart_daemon
+
+pytestmark = [
+    needs_fuse,
+    pytest.mark.skipif(available() is not None, reason=str(available())),
+]
+
+ALL = os.environ.get("FRACTALFS_WORKLOADS") == "1"
+KiB, MiB = 1 << 10, 1 << 20
+
+
+def vocabulary(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    return ["".join(rng.choice(letters) for _ in range(rng.randrange(2, 10))) for _ in range(n)]
+
+
+def prose(path: Path, nbytes: int, words: list[str], seed: int) -> Path:
+    """``nbytes`` of lines of ``words`` with punctuation and digits between them."""
+    rng = random.Random(seed)
+    out, n = [], 0
+    while n < nbytes:
+        k = rng.randrange(3, 14)
+        line = " ".join(rng.choices(words, k=k)) + rng.choice([".", ",", " 42", "!", ""]) + "\n"
+        out.append(line)
+        n += len(line)
+    path.write_text("".join(out)[:nbytes])
+    return path
+
+
+@dataclass
+class Inputs:
+    text: Path  # 9 MiB of prose over words 0..20,000
+    other: Path  # 9 MiB of prose over words 10,000..30,000 (for comm -23)
+    kv: Path  # "key value" lines, 9 MiB
+    tree: Path  # ~9 MiB of text files in subdirectories
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> Inputs:
+    d = tmp_path_factory.mktemp("workloads")
+    words = vocabulary(30000, seed=19)
+    text = prose(d / "text", 9 * MiB + 17, words[:20000], seed=1)
+    other = prose(d / "other", 9 * MiB + 5, words[10000:], seed=2)
+    rng = random.Random(3)
+    keys = words[:5000]
+    lines, n = [], 0
+    while n < 9 * MiB:
+        line = f"{rng.choice(keys)} {rng.randrange(100000)}\n"
+        lines.append(line)
+        n += len(line)
+    kv = d / "kv"
+    kv.write_text("".join(lines))
+    tree = d / "tree"
+    for i in range(48):
+        sub = tree / f"d{i % 5}" / f"e{i % 3}"
+        sub.mkdir(parents=True, exist_ok=True)
+        prose(sub / f"f{i}.txt", 190 * KiB + i * 97, words[i * 100 : i * 100 + 3000], seed=100 + i)
+    return Inputs(text, other, kv, tree)
+
+
+# A stage's command: ``{E}`` names an edge (its path on the stage's host), ``{PACE}`` a
+# paced copy of its first argument to stdout that waits at a mark until the test's
+# go-ahead (slowcat), ``{out}``/``{dst}``/``{tmp}`` the output file, tree and scratch dir.
+PACE = "--chunk 131072 --delay 0.01"
+# (Braces doubled: commands go through str.format.)
+SUM = "awk '{{s[$1] += $2}} END {{for (k in s) print k, s[k]}}'"
+COUNT = "awk '{{c[$1]++}} END {{for (k in c) print k, c[k]}}'"
+WORDS = "tr -cs A-Za-z '\\n' | tr A-Z a-z"
+
+
+@dataclass
+class Workload:
+    """Stages (name, host index, command); ``first`` paces its input and holds at the mark;
+    ``mid`` is a stage between two edges; ``watch`` an edge ``first`` writes; ``reference``
+    the script on plain pipes (its stdout is the expected output, or ``tree`` to compare
+    ``{dst}`` with the input tree)."""
+
+    edges: list[str]
+    stages: list[tuple[str, int, str]]
+    reference: str
+    first: str
+    mid: str
+    watch: str
+    tree: bool = False
+
+
+WORKLOADS: dict[str, Workload] = {
+    "bigrams": Workload(
+        ["W", "A", "B"],
+        [
+            ("words", 0, "{PACE} {text} | " + WORDS + " > {W}"),
+            ("tee", 1, "tee {A} < {W} > {B}"),
+            ("pairs", 2, "tail -n +2 {B} | paste -d' ' {A} - | sort | uniq -c | sort -rn > {out}"),
+        ],
+        "cat {text} | " + WORDS + " > {tmp}/w;"
+        " tail -n +2 {tmp}/w | paste -d' ' {tmp}/w - | sort | uniq -c | sort -rn",
+        first="words",
+        mid="tee",
+        watch="W",
+    ),
+    "comm": Workload(
+        ["W", "A", "B"],
+        [
+            ("words", 0, "{PACE} {text} | " + WORDS + " > {W}"),
+            ("uniq", 1, "sort -u {W} > {A}"),
+            ("other", 0, "cat {other} | " + WORDS + " | sort -u > {B}"),
+            ("diff", 2, "comm -23 {A} {B} > {out}"),
+        ],
+        "cat {text} | "
+        + WORDS
+        + " | sort -u > {tmp}/a; cat {other} | "
+        + WORDS
+        + " | sort -u > {tmp}/b;"
+        " comm -23 {tmp}/a {tmp}/b",
+        first="words",
+        mid="uniq",
+        watch="W",
+    ),
+    "split-merge": Workload(
+        ["P", "Q", "R", "SP", "SQ", "SR"],
+        [
+            (
+                "split",
+                0,
+                "{PACE} {text} | split -n r/3 --filter="
+                "'case $FILE in xaa) exec cat > {P};; xab) exec cat > {Q};;"
+                " *) exec cat > {R};; esac'",
+            ),
+            ("sortp", 1, "sort {P} > {SP}"),
+            ("sortq", 2, "sort {Q} > {SQ}"),
+            ("sortr", 1, "sort {R} > {SR}"),
+            ("merge", 2, "sort -m {SP} {SQ} {SR} > {out}"),
+        ],
+        "sort {text}",
+        first="split",
+        mid="sortp",
+        watch="P",
+    ),
+    "xargs-gzip": Workload(
+        ["L", "Z", "U"],
+        [
+            ("list", 0, "cd {tree} && find . -type f | sort > {L}"),
+            (
+                "pack",
+                1,
+                "cd {tree} && xargs -d '\\n' cat < {L} | {PACE} /dev/stdin | gzip -n -1 > {Z}",
+            ),
+            ("unpack", 2, "gunzip < {Z} | grep -v '^[A-M]' > {U}"),
+            ("count", 0, "cut -d' ' -f1 {U} | sort | uniq -c | sort -rn > {out}"),
+        ],
+        "cd {tree} && find . -type f | sort | xargs -d '\\n' cat | grep -v '^[A-M]'"
+        " | cut -d' ' -f1 | sort | uniq -c | sort -rn",
+        first="pack",
+        mid="unpack",
+        watch="Z",
+    ),
+    "tar": Workload(
+        ["T", "Z"],
+        [
+            ("pack", 1, "tar -C {tree} -c . | {PACE} /dev/stdin > {T}"),
+            ("zip", 0, "gzip -n -1 < {T} > {Z}"),
+            ("unpack", 2, "rm -rf {dst}; mkdir {dst}; gunzip < {Z} | tar -x -C {dst}"),
+        ],
+        "",
+        first="pack",
+        mid="zip",
+        watch="T",
+        tree=True,
+    ),
+    "awk-join": Workload(
+        ["R", "R2", "S", "C"],
+        [
+            ("read", 0, "{PACE} {kv} > {R}"),
+            ("sum", 1, "tee {R2} < {R} | " + SUM + " | sort > {S}"),
+            ("count", 2, COUNT + " {R2} | sort > {C}"),
+            ("join", 0, "join {S} {C} > {out}"),
+        ],
+        SUM + " {kv} | sort > {tmp}/s; " + COUNT + " {kv} | sort > {tmp}/c; join {tmp}/s {tmp}/c",
+        first="read",
+        mid="sum",
+        watch="R",
+    ),
+}
+
+
+def writes(cmd: str) -> list[str]:
+    """The edges a stage's command writes: redirected to, or ``tee``'s arguments."""
+    return re.findall(r"> \{(\w+)\}", cmd) + re.findall(r"tee \{(\w+)\}", cmd)
+
+
+class Script(Pipeline):
+    """A :class:`Pipeline` whose stages may write several edges (``tee``, ``split``): a
+    stage that exited 0 is re-run when discovery failed any of them."""
+
+    def __init__(self, net: NetCluster, edges: list[str], writes: dict[str, list[str]]) -> None:
+        super().__init__(net, edges)
+        self.writes = writes
+
+    def _output_failed(self, stage: object) -> bool:
+        name = getattr(stage, "name", "")
+        return any(
+            record(self.net, self.edges[e]).get("writer_state") == "failed"
+            for e in self.writes.get(name, [])
+        )
+
+
+def build(net: NetCluster, w: Workload, inputs: Inputs, tmp: Path, hold: int) -> Script:
+    p = Script(net, w.edges, {name: writes(cmd) for name, _, cmd in w.stages})
+    pace = f"{SLOWCAT} \\1 /dev/stdout {PACE} {p.hold(hold)}"
+    files = {
+        "text": str(inputs.text),
+        "other": str(inputs.other),
+        "kv": str(inputs.kv),
+        "tree": str(inputs.tree),
+        "out": str(tmp / "out"),
+        "dst": str(tmp / "dst"),
+        "tmp": str(tmp),
+    }
+    for name, host, cmd in w.stages:
+        cmd = re.sub(r"\{PACE\} (\S+)", pace, cmd)
+        for key, value in files.items():
+            cmd = cmd.replace("{" + key + "}", value)
+        p.add(name, net.hosts[host], cmd, writes(cmd)[0] if writes(cmd) else "")
+    return p
+
+
+def expected(w: Workload, inputs: Inputs, tmp: Path) -> bytes:
+    ref = tmp / "ref"
+    ref.mkdir()
+    cmd = w.reference.format(
+        text=inputs.text, other=inputs.other, kv=inputs.kv, tree=inputs.tree, tmp=ref
+    )
+    return plain(cmd)
+
+
+@pytest.fixture
+def net(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NetCluster]:
+    mode = getattr(request, "param", "dynamic")
+    cluster = NetCluster(tmp_path, 3, ["--writer-lost-timeout", "30", "--mode", mode])
+    cluster.up()
+    mounts = [h.node.mountpoint for h in cluster.hosts if h.node is not None]
+    try:
+        yield cluster
+    finally:
+        if failed(request):
+            print(cluster.diagnose())
+        cluster.down()
+    assert not fuse_d_state()
+    assert not [m for m in mounts if is_mounted(m)]
+
+
+def other_host(net: NetCluster, index: int) -> int:
+    return (index + 1) % len(net.hosts)
+
+
+def fault(net: NetCluster, p: Script, w: Workload, what: str) -> None:
+    stages = {name: host for name, host, _ in w.stages}
+    if what == "mid-killed":
+        p.kill(w.mid)
+    elif what == "mid-killed-rerun-elsewhere":
+        p.stages[w.mid].host = net.hosts[other_host(net, stages[w.mid])]
+        p.kill(w.mid)
+    elif what == "writer-rerun-elsewhere":
+        p.stages[w.first].host = net.hosts[other_host(net, stages[w.first])]
+        p.kill(w.first)
+    elif what == "mid-daemon-killed":
+        restart_daemon(net, net.hosts[stages[w.mid]])
+    elif what == "writer-daemon-killed":
+        restart_daemon(net, net.hosts[stages[w.first]])
+    elif what == "mid-link-down":
+        host = net.hosts[stages[w.mid]]
+        net.link(host, up=False)
+        time.sleep(3)
+        net.link(host, up=True)
+    elif what == "discovery-restarted":
+        assert net.discovery is not None
+        net.discovery.kill()
+        time.sleep(2)
+        net.start_discovery()
+    else:
+        assert what == "none", what
+
+
+FAULTS = [
+    "none",
+    "mid-killed",
+    "mid-killed-rerun-elsewhere",
+    "writer-rerun-elsewhere",
+    "mid-daemon-killed",
+    "writer-daemon-killed",
+    "mid-link-down",
+    "discovery-restarted",
+]
+CORE = {
+    ("bigrams", "none"),
+    ("split-merge", "mid-killed"),
+    ("awk-join", "writer-rerun-elsewhere"),
+    ("xargs-gzip", "mid-daemon-killed"),
+}
+GATE = pytest.mark.skipif(not ALL, reason="every workload and fault: FRACTALFS_WORKLOADS=1")
+
+
+@pytest.mark.parametrize(
+    ("workload", "what"),
+    [
+        pytest.param(w, f, marks=() if (w, f) in CORE else (GATE,))
+        for w in WORKLOADS
+        for f in FAULTS
+    ],
+)
+def test_a_script_across_hosts_is_its_plain_pipe_output(
+    net: NetCluster, inputs: Inputs, tmp_path: Path, workload: str, what: str
+) -> None:
+    w = WORKLOADS[workload]
+    p = build(net, w, inputs, tmp_path, hold=4 * MiB)
+    p.start_all()
+    if what != "none":
+        midstream(p, w.watch, 512 * KiB, timeout=60)
+        fault(net, p, w, what)
+    p.supervise(timeout=120)
+    if w.tree:
+        diff = subprocess.run(
+            ["diff", "-r", str(inputs.tree), str(tmp_path / "dst")], capture_output=True
+        )
+        assert diff.returncode == 0, (diff.stdout[-2000:], p.report())
+    else:
+        got = (tmp_path / "out").read_bytes()
+        want = expected(w, inputs, tmp_path)
+        assert len(want) > 0
+        assert got == want, (len(got), len(want), p.report())
+    print(p.report())
