@@ -37,8 +37,8 @@ import pytest
 from fractalfs.cluster import NetCluster, available
 from fractalfs.testing import is_mounted
 
-from .conftest import failed, fuse_d_state, needs_fuse, wait_for  # noqa: F401
-from .test_multihost import SLOWCAT, Pipeline, midstream, plain, record, restart_daemon
+from .conftest import failed, fuse_d_state, needs_fuse, wait_for
+from .test_multihost import SLOWCAT, Pipeline, delivered, plain, record, restart_daemon
 
 pytestmark = [
     needs_fuse,
@@ -245,7 +245,14 @@ class Script(Pipeline):
         )
 
 
-def build(net: NetCluster, w: Workload, inputs: Inputs, tmp: Path, hold: int) -> Script:
+AFTER_READING = {"comm", "split-merge", "awk-join"}  # a ``mid`` that reads all, then writes
+
+
+def build(
+    net: NetCluster, w: Workload, inputs: Inputs, tmp: Path, hold: int, slow_mid: bool = False
+) -> Script:
+    """``slow_mid``: ``mid`` waits 4 s between reading its input whole and writing its
+    output (a stage that computes), so a fault can hit that moment."""
     p = Script(net, w.edges, {name: writes(cmd) for name, _, cmd in w.stages})
     pace = f"{SLOWCAT} \\1 /dev/stdout {PACE} {p.hold(hold)}"
     files = {
@@ -259,6 +266,8 @@ def build(net: NetCluster, w: Workload, inputs: Inputs, tmp: Path, hold: int) ->
     }
     for name, host, cmd in w.stages:
         cmd = re.sub(r"\{PACE\} (\S+)", pace, cmd)
+        if slow_mid and name == w.mid:
+            cmd = re.sub(r" > \{(\w+)\}$", r" | (sleep 4; cat) > {\1}", cmd)
         for key, value in files.items():
             cmd = cmd.replace("{" + key + "}", value)
         p.add(name, net.hosts[host], cmd, writes(cmd)[0] if writes(cmd) else "")
@@ -294,9 +303,43 @@ def other_host(net: NetCluster, index: int) -> int:
     return (index + 1) % len(net.hosts)
 
 
+def midstream(p: Script, w: Workload, nbytes: int, timeout: float = 60) -> None:
+    """Waits until ``nbytes`` of the watched edge were delivered, ``first`` and ``mid``
+    still running (side stages, such as ``comm``'s second input, may have ended), then
+    lets ``first`` go on past its mark: the fault that follows hits a stream in flow."""
+    running = [s.proc for s in p.stages.values() if s.proc is not None]
+    wait_for(
+        lambda: delivered(p.net, p.edges[w.watch]) >= nbytes,
+        timeout,
+        f"{w.watch} mid-stream",
+        running,
+    )
+    for name in (w.first, w.mid):
+        proc = p.stages[name].proc
+        assert proc is not None and proc.poll() is None, f"{name} ended early\n{p.report()}"
+    p.release()
+
+
 def fault(net: NetCluster, p: Script, w: Workload, what: str) -> None:
     stages = {name: host for name, host, _ in w.stages}
-    if what == "mid-killed":
+    last = w.stages[-1][0]
+    if what == "mid-killed-after-reading":
+        # The worst moment for a stage that reads all before it writes (sort, awk's END):
+        # its input edge delivered whole (its reader done), its output not yet written.
+        mid = p.stages[w.mid].proc
+        assert mid is not None
+        wait_for(
+            lambda: record(net, p.edges[w.watch]).get("reader_state") == "done",
+            60,
+            f"{w.watch} read whole",
+        )
+        assert mid.poll() is None, f"{w.mid} ended before the kill\n{p.report()}"
+        p.kill(w.mid)
+    elif what == "last-killed":
+        p.kill(last)
+    elif what == "last-daemon-killed":
+        restart_daemon(net, net.hosts[stages[last]])
+    elif what == "mid-killed":
         p.kill(w.mid)
     elif what == "mid-killed-rerun-elsewhere":
         p.stages[w.mid].host = net.hosts[other_host(net, stages[w.mid])]
@@ -331,6 +374,9 @@ FAULTS = [
     "writer-daemon-killed",
     "mid-link-down",
     "discovery-restarted",
+    "last-killed",
+    "last-daemon-killed",
+    "mid-killed-after-reading",
 ]
 CORE = {
     ("bigrams", "none"),
@@ -342,21 +388,25 @@ GATE = pytest.mark.skipif(not ALL, reason="every workload and fault: FRACTALFS_W
 
 
 @pytest.mark.parametrize(
-    ("workload", "what"),
+    ("workload", "what", "net"),
     [
-        pytest.param(w, f, marks=() if (w, f) in CORE else (GATE,))
+        pytest.param(w, f, m, marks=() if (w, f) in CORE and m == "dynamic" else (GATE,))
+        for m in ("dynamic", "transient")
         for w in WORKLOADS
         for f in FAULTS
     ],
+    indirect=["net"],
 )
 def test_a_script_across_hosts_is_its_plain_pipe_output(
     net: NetCluster, inputs: Inputs, tmp_path: Path, workload: str, what: str
 ) -> None:
     w = WORKLOADS[workload]
-    p = build(net, w, inputs, tmp_path, hold=4 * MiB)
+    if what == "mid-killed-after-reading" and workload not in AFTER_READING:
+        pytest.skip(f"{workload}'s middle stage writes as it reads")
+    p = build(net, w, inputs, tmp_path, hold=4 * MiB, slow_mid=what.endswith("after-reading"))
     p.start_all()
     if what != "none":
-        midstream(p, w.watch, 512 * KiB, timeout=60)
+        midstream(p, w, 512 * KiB)
         fault(net, p, w, what)
     p.supervise(timeout=120)
     if w.tree:
@@ -370,3 +420,42 @@ def test_a_script_across_hosts_is_its_plain_pipe_output(
         assert len(want) > 0
         assert got == want, (len(got), len(want), p.report())
     print(p.report())
+
+
+@pytest.mark.parametrize(
+    ("between", "net"),
+    [
+        pytest.param("nothing", "persistent"),
+        pytest.param("writer-daemon-restarted", "persistent", marks=GATE),
+        pytest.param("nothing", "dynamic", marks=GATE),
+    ],
+    indirect=["net"],
+)
+def test_a_spilled_edge_is_read_after_its_writer_ended_and_again_by_a_rerun(
+    net: NetCluster, inputs: Inputs, tmp_path: Path, between: str
+) -> None:
+    """The writer's stage (h1) ends before its consumer starts (seconds later, on h2): the
+    edge was spilled (persistent mode; dynamic mode spills once 9 MiB fill the window with
+    no reader). The consumer reads the whole stream; then it is re-run on h0 after it read
+    the whole edge once, and reads it whole again out of the spill, the writer not
+    re-run. ``writer-daemon-restarted``: h1's daemon is SIGKILLed and restarted between
+    the writer's end and the consumer's start (the spill is restored from disk)."""
+    h0, h1, h2 = net.hosts
+    p = Script(net, ["E"], {"produce": ["E"]})
+    p.add("produce", h1, f"tr a-z A-Z < {inputs.text} > {{E}}", "E")
+    p.start("produce")
+    p.stages["produce"].proc.wait(timeout=60)  # type: ignore[union-attr]
+    assert p.stages["produce"].proc.returncode == 0, p.report()  # type: ignore[union-attr]
+    edge = p.edges["E"]
+    wait_for(lambda: record(net, edge).get("writer_state") == "complete", 20, "complete")
+    if between == "writer-daemon-restarted":
+        restart_daemon(net, h1)
+    time.sleep(2)
+    want = plain(f"tr a-z A-Z < {inputs.text} | sort")
+    for host, out in ((h2, tmp_path / "first"), (h0, tmp_path / "again")):
+        p.add("consume", host, f"sort {{E}} > {out}")
+        p.start("consume")
+        p.supervise(timeout=60)
+        assert out.read_bytes() == want, p.report()
+        wait_for(lambda: record(net, edge).get("reader_state") == "done", 20, "done")
+    assert p.stages["produce"].runs == 1, p.report()
