@@ -212,6 +212,7 @@ class WriterEnd:
         self.lost_reader: tuple[str, int] = ("", 0)
         self.released = False  # the program's file is closed
         self.exit_status: int | None = None  # seen at FLUSH if the program was exiting
+        self.peers: tuple[int, ...] = ()  # its pipeline's other processes (procs.pipeline_peers)
         self.blocked = 0  # writes waiting for the window (they hold the kernel inode lock)
         self.changed = Notifier()
         self.connection: trio.CancelScope | None = None

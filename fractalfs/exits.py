@@ -12,9 +12,10 @@ import ctypes
 import errno
 import logging
 import os
+import signal
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Container
 
 import trio
 
@@ -94,10 +95,11 @@ class _Watch:
     it (one holder, or several in a :class:`_Holders`). Holders are kept by reference,
     not by ``id()``: an int of 32 bytes each."""
 
-    __slots__ = ("at", "holders", "status")
+    __slots__ = ("at", "holders", "seq", "status")
 
     def __init__(self, at: int, holder: object) -> None:
         self.status: int | None = None
+        self.seq = 0  # the order its exit event came in among the watched (0: not yet)
         self.at = at
         self.holders = holder
 
@@ -113,6 +115,7 @@ class ExitWatcher:
         # maps by pid, and an int id per holder, were ~130 bytes per reader more).
         self._watched: dict[int, _Watch] = {}
         self._overrun = 0  # exit events the kernel dropped so far (ENOBUFS), as a count
+        self._seq = 0  # exit events of watched programs applied so far
         self.changed = Notifier()
 
     @property
@@ -175,6 +178,8 @@ class ExitWatcher:
         watch = self._watched.get(event[0]) if event is not None else None
         if event is not None and watch is not None:
             watch.status = event[1]
+            self._seq += 1
+            watch.seq = self._seq
             self.changed.notify()
 
     def _drain(self) -> None:
@@ -208,6 +213,49 @@ class ExitWatcher:
         watch = self._watched.get(pid)
         status = watch.status if watch is not None else None
         return status if status is not None else procs.exit_status(pid)
+
+    def cut_short(
+        self, peers: tuple[int, ...], pid: int, aborted: Container[int] = ()
+    ) -> tuple[int, int] | None:
+        """(pid, wait status) of the process of ``pid``'s pipeline whose end cut its
+        stream short, if one did by now, else None. ``peers`` (watched) are its pipeline's
+        other processes, its parent first (:func:`procs.pipeline_peers`).
+
+        ``b`` in ``a | b > E`` reads EOF when ``a`` dies and exits 0 with a stream cut
+        short; on plain pipes the script fails (pipefail) and is re-run, so the edge's
+        stream must not end there. Two signs:
+
+        * a peer killed by a signal other than SIGPIPE (``yes`` in ``yes | head -c 1 > E``
+          dies of SIGPIPE once ``head`` is gone), or by SIGPIPE if it is in ``aborted``,
+          the writers the daemon ended for a failure: GNU ``split --filter`` takes a
+          filter's EPIPE for "that consumer is done", stops feeding every filter and exits
+          0 (on plain pipes too). Exit codes do not count: ``grep``
+          finding nothing exits 1 and its script goes on). No order is asked of the
+          events: the killed process may send its exit event after the writer it woke
+          with EOF did; a peer killed after the writer ended, just before this look,
+          costs a re-run, never a short stream;
+        * its parent ended with any failure before ``pid`` did: ``split --filter='cat >
+          E'`` exits 1 when another filter's ``cat`` dies of SIGPIPE, and its other
+          filters read EOF. A parent that waits for ``pid`` (a shell: ``false | cat > E``
+          with pipefail exits 1 after ``cat``) ends after it: its event comes later, or
+          it is still running when ``pid`` is seen ending.
+        A peer still exiting is seen in /proc."""
+        self._drain()
+        own = self._watched.get(pid)
+        own_seq = own.seq if own is not None else 0
+        for i, peer in enumerate(peers):
+            watch = self._watched.get(peer)
+            status = watch.status if watch is not None else None
+            seq = watch.seq if watch is not None else 0
+            if status is None:
+                status = procs.exit_status(peer)
+            if not status:
+                continue
+            if status & 0x7F and (status & 0x7F != signal.SIGPIPE or peer in aborted):
+                return peer, status
+            if i == 0 and (seq or not own_seq) and (not own_seq or seq < own_seq):
+                return peer, status  # the parent, ended with a failure before pid
+        return None
 
     def _lost_events(self, pid: int) -> bool:
         watch = self._watched.get(pid)

@@ -61,6 +61,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 LONG_POLL = 120.0  # a waiting pump looks at its edge again after this long (the feed wakes it)
+ABORTED_PIDS_MAX = 4096  # Node.aborted_pids: at most this many; when full, those older
+ABORTED_PIDS_AGE = 60.0  # than this many seconds go (or the older half)
 CLOSE_GRACE = 0.25  # how long a close by a live program waits to see it exit
 RELEASE_GRACE = 2.0
 #: An early close before the reader's daemon is connected to the writer's waits this long
@@ -105,6 +107,10 @@ class Node:
         self.closing = False
         self.settling = 0  # closed writer ends waiting to learn how their program ended
         self.exits = ExitWatcher()
+        # Programs whose writer this daemon ended with EPIPE/SIGPIPE for a failure (abort:
+        # rm, fenced, reader lost, shutdown), not for a reader's "no more": pid -> when.
+        # A pipeline peer dying of that SIGPIPE cut its siblings' streams (cut_short).
+        self.aborted_pids: dict[int, float] = {}
         self.boot = secrets.token_hex(8)  # tells discovery this is a new run of the daemon
         # Discovery has taken a heartbeat of this run (Membership.heartbeat_once). Until
         # then a writer registered here would be taken for the previous run's when that
@@ -162,7 +168,9 @@ class Node:
         self.membership.pulse.stop()  # before it leaves: a late pulse is not taken after
         for slot in list(self.slots.values()):
             if slot.writer is not None:
-                slot.writer.abort(AbortReason.SHUTDOWN, "the writer's daemon is shutting down")
+                self._abort_writer(
+                    slot.writer, AbortReason.SHUTDOWN, "the writer's daemon is shutting down"
+                )
             if slot.reader is not None:
                 slot.reader.fail(errno.EIO, "the reader's daemon is shutting down")
 
@@ -323,7 +331,7 @@ class Node:
             rec = await self._until_free(edge, pid, register)
         slot = self._slot(edge)
         if slot.writer is not None:
-            slot.writer.abort(AbortReason.STALE, "a newer writer took the edge over")
+            self._abort_writer(slot.writer, AbortReason.STALE, "a newer writer took the edge over")
         # ``pid`` is the opening thread; the stream ends with its process, not with it.
         tgid = procs.tgid(pid)
         writer = WriterEnd(edge, int(rec["generation"]), self.config.write_window, pid, tgid)
@@ -341,6 +349,11 @@ class Node:
             writer.on_reader_closed()
         try:
             self.exits.watch(tgid, writer)
+            # Its pipeline's other processes: one killed before the writer ends cuts the
+            # stream short, however the writer exits (ExitWatcher.cut_short).
+            writer.peers = procs.pipeline_peers(tgid)
+            for peer in writer.peers:
+                self.exits.watch(peer, writer)
             recorded = (str(rec.get("mode", "")), str(rec.get("mode_reason", "")))
             self.persistence._set_up_mode(writer, recorded)
         except OSError as exc:
@@ -355,7 +368,7 @@ class Node:
         log.warning("edge %s: %s", writer.edge, why)
         writer.released = True
         writer.finish(WriterState.FAILED)
-        self.exits.forget(writer.tgid, writer)
+        self._forget_exits(writer)
         self._spawn(self._close_writer, writer, "failed", why)
         self._reap(writer.edge)
         raise EdgeError(exc.errno or errno.EIO, why) from None
@@ -378,6 +391,23 @@ class Node:
             # is itself in close(2), as `dd of=E` or `cmd > E` are, or 1,000 writers closing
             # at once cost a million /proc reads.)
             writer.exit_status = procs.failing_in_group(writer.pgid, writer.tgid)
+
+    def _abort_writer(self, writer: WriterEnd, reason: AbortReason, message: str) -> None:
+        """Ends ``writer`` for a failure; its program then gets EPIPE/SIGPIPE, which its
+        pipeline may take for "the consumer is gone": GNU ``split --filter`` then stops
+        feeding its other filters and exits 0, and their edges must not end complete."""
+        now = trio.current_time()
+        if len(self.aborted_pids) >= ABORTED_PIDS_MAX:
+            old = [pid for pid, t in self.aborted_pids.items() if now - t > ABORTED_PIDS_AGE]
+            for pid in old or list(self.aborted_pids)[: ABORTED_PIDS_MAX // 2]:
+                del self.aborted_pids[pid]
+        self.aborted_pids[writer.tgid] = now
+        writer.abort(reason, message)
+
+    def _forget_exits(self, writer: WriterEnd) -> None:
+        self.exits.forget(writer.tgid, writer)
+        for peer in writer.peers:
+            self.exits.forget(peer, writer)
 
     def release_writer(self, writer: WriterEnd) -> None:
         """The writer's file is closed for good: the stream ends, cleanly or not.
@@ -423,12 +453,22 @@ class Node:
         spill_done: bool = False,
         spill_failure: OSError | None = None,
     ) -> None:
-        self.exits.forget(writer.tgid, writer)
+        killed = (
+            self.exits.cut_short(writer.peers, writer.tgid, self.aborted_pids)
+            if writer.peers
+            else None
+        )
+        self._forget_exits(writer)
         if writer.state is not WriterState.OPEN:
             return
         failure = writer.spill_error or spill_failure  # an append's, or the completion's
         spill_error = "" if failure is None else str(failure)
         verdict = writerstate.settle(exit, spill_error)
+        if killed is not None and isinstance(verdict, writerstate.Complete):
+            verdict = writerstate.FailWriter(
+                f"process {killed[0]} of its pipeline {procs.describe_status(killed[1])} "
+                "before the writing program ended (the stream may be cut short)"
+            )
         if isinstance(exit, Unknown) and not exit.observable:
             log.warning("edge %s: %s: taken as complete", writer.edge, exit.why)
         if isinstance(verdict, writerstate.FailWriter):
@@ -1004,7 +1044,7 @@ class Node:
             return
         log.info("edge %s: %s", edge, why)
         if slot.writer is not None and (seq is None or slot.writer.registered < seq):
-            slot.writer.abort(AbortReason.REMOVED, f"edge {edge} was {why}")
+            self._abort_writer(slot.writer, AbortReason.REMOVED, f"edge {edge} was {why}")
         if slot.reader is not None and (seq is None or slot.reader.claimed_at < seq):
             slot.reader.fail(errno.ECANCELED, f"edge {edge} was {why}")
         self._reap(edge)
@@ -1039,7 +1079,7 @@ class Node:
         generation failed in discovery now, or it would read "complete" for good while
         no reader could ever be served (a re-run reader waited, then EIO)."""
         complete = writer.state is WriterState.COMPLETE
-        writer.abort(AbortReason.READER_LOST, why)
+        self._abort_writer(writer, AbortReason.READER_LOST, why)
         if complete:
             self._spawn(self._close_writer, writer, "failed", why)
             self._reap(writer.edge)
@@ -1060,5 +1100,7 @@ class Node:
                 writer.edge,
                 writer.generation,
             )
-            writer.abort(AbortReason.STALE, "a newer writer generation took the edge over")
+            self._abort_writer(
+                writer, AbortReason.STALE, "a newer writer generation took the edge over"
+            )
             self._reap(writer.edge)

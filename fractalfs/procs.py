@@ -12,6 +12,7 @@ finished, and only this tells the two apart (upstream FRACTAL cannot).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
@@ -235,6 +236,42 @@ def failing_in_group(pgid: int, exclude: int) -> int | None:
         if status and _descends(ppid, exclude):
             return status
     return None
+
+
+PEERS_MAX = 64  # a parent with more children (a pool of writers) counts alone
+
+
+def pipeline_peers(pid: int) -> tuple[int, ...]:
+    """The processes next to ``pid`` in its pipeline, as they are now: its parent (first)
+    and the parent's other children, those of ``pid``'s process group only (a
+    non-interactive shell runs a whole script in one group; the stage's supervisor is in
+    another). In ``a | b > E`` they are the shell and ``a``; in ``split --filter='cat >
+    E'``, ``split`` and the other filters. Empty when the parent is in another group or
+    they cannot be read."""
+    try:
+        fields = stat_fields(f"/proc/{pid}/stat")
+        ppid, pgid = int(fields[4 - 3]), int(fields[5 - 3])
+    except (OSError, IndexError, ValueError):
+        return ()
+    if ppid <= 1:
+        return ()
+    candidates = [ppid]
+    with contextlib.suppress(OSError, ValueError):
+        for tid in os.listdir(f"/proc/{ppid}/task"):
+            with open(f"/proc/{ppid}/task/{tid}/children") as f:
+                candidates.extend(int(c) for c in f.read().split())
+    if len(candidates) > PEERS_MAX + 1:
+        candidates = [ppid]
+    if _group(ppid) != pgid:
+        return ()  # the parent is another group's (a supervisor): none of its children
+    return tuple(p for p in dict.fromkeys(candidates) if p != pid and _group(p) == pgid)
+
+
+def _group(pid: int) -> int:
+    try:
+        return int(stat_fields(f"/proc/{pid}/stat")[5 - 3])
+    except (OSError, IndexError, ValueError):
+        return -1
 
 
 def _descends(pid: int, ancestor: int, depth: int = 32) -> bool:

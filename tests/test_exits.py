@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 
@@ -10,6 +12,7 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fractalfs import procs
 from fractalfs.exits import ExitWatcher
 from fractalfs.writerstate import Exited, Running, Unknown
 
@@ -125,3 +128,80 @@ def test_a_watch_lasts_while_any_holder_keeps_it(steps: list[tuple[bool, int, in
                 watcher._sock.close()
 
     trio.run(run)
+
+
+async def test_a_pipeline_peer_killed_is_seen_and_sigpipe_or_an_exit_code_is_not() -> None:
+    """``slow | cat > E``: ``slow`` SIGKILLed, ``cat`` reads EOF and exits 0 with a stream
+    cut short (tests/test_workloads.py). Its peers (the shell, ``slow``) are found at the
+    open; the kill is seen whether its event was read or not (reaped: only the event
+    tells). SIGPIPE (``yes | head -c 1``) and an exit code (``grep`` finding nothing) are
+    no cut."""
+    watcher = ExitWatcher()
+    if not watcher.precise:
+        pytest.skip("no proc connector here (not root, or not the initial network namespace)")
+    try:
+        script = "sleep 30 | (read x; exec cat) ; sleep 30"
+        shell = subprocess.Popen(["bash", "-c", script], stdin=subprocess.PIPE)
+        with trio.fail_after(5):
+            while len(kids := procs_children(shell.pid)) < 2:
+                await trio.sleep(0.01)
+        upstream, writer = sorted(kids)
+        peers = procs.pipeline_peers(writer)
+        assert set(peers) == {shell.pid, upstream}, (peers, shell.pid, upstream)
+        for peer in (*peers, writer):
+            watcher.watch(peer)
+        assert watcher.cut_short(peers, writer) is None
+        os.kill(upstream, signal.SIGKILL)
+        with trio.fail_after(5):
+            while (got := watcher.cut_short(peers, writer)) is None:
+                await trio.sleep(0.01)
+        assert got == (upstream, signal.SIGKILL)
+        shell.kill()
+        shell.wait()
+        scripts = (
+            "yes | (sleep 0.3; head -c 1 >/dev/null)",
+            "(sleep 0.3; exit 1) | (sleep 0.6; cat)",
+        )
+        for status_script in scripts:
+            proc = subprocess.Popen(["bash", "-c", status_script + "; sleep 30"])
+            with trio.fail_after(5):
+                while len(kids := procs_children(proc.pid)) < 2:
+                    await trio.sleep(0.01)
+            _first, last = sorted(kids)
+            peers = procs.pipeline_peers(last)
+            for peer in (*peers, last):
+                watcher.watch(peer)
+            await trio.sleep(1.5)  # both ended (yes by SIGPIPE, the subshell with 1)
+            assert watcher.cut_short(peers, last) is None, status_script
+            proc.kill()
+            proc.wait()
+        # A parent that fails while its child writes (split --filter='cat > E' when
+        # another filter died) cut the child's stream; one that fails after it (a shell
+        # with pipefail) did not.
+        for script, cut in (("cat <&3 & sleep 0.3; exit 1", True), ("cat <&3; exit 1", False)):
+            parent = subprocess.Popen(["sh", "-c", "exec 3<&0; " + script], stdin=subprocess.PIPE)
+            with trio.fail_after(5):
+                while not (kids := procs_children(parent.pid)):
+                    await trio.sleep(0.01)
+            child = min(kids)
+            peers = procs.pipeline_peers(child)
+            assert peers[0] == parent.pid, (peers, parent.pid)
+            for peer in (*peers, child):
+                watcher.watch(peer)
+            if cut:
+                await trio.sleep(0.6)  # sh exited 1; its cat reads on
+            assert parent.stdin is not None
+            parent.stdin.close()  # cat reads EOF and exits 0
+            await trio.to_thread.run_sync(parent.wait)
+            with trio.fail_after(5):
+                while watcher.status(child) is None:  # its event read (status drains)
+                    await trio.sleep(0.01)
+            got = watcher.cut_short(peers, child)
+            assert got == ((parent.pid, 1 << 8) if cut else None), (script, got)
+    finally:
+        watcher._sock.close()  # type: ignore[union-attr]
+
+
+def procs_children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
