@@ -215,18 +215,22 @@ class ExitWatcher:
         return status if status is not None else procs.exit_status(pid)
 
     def cut_short(
-        self, peers: tuple[int, ...], pid: int, aborted: Container[int] = ()
+        self, peers: tuple[int, ...], pid: int, aborted: Container[int] = (), upstream: int = 0
     ) -> tuple[int, int] | None:
         """(pid, wait status) of the process of ``pid``'s pipeline whose end cut its
         stream short, if one did by now, else None. ``peers`` (watched) are its pipeline's
-        other processes, its parent first (:func:`procs.pipeline_peers`).
+        other processes, its parent first, then the ``upstream`` ones that feed it through
+        pipes (:func:`procs.pipeline_peers`).
 
         ``b`` in ``a | b > E`` reads EOF when ``a`` dies and exits 0 with a stream cut
         short; on plain pipes the script fails (pipefail) and is re-run, so the edge's
-        stream must not end there. Two signs:
+        stream must not end there. Three signs:
 
-        * a peer killed by a signal other than SIGPIPE (``yes`` in ``yes | head -c 1 > E``
-          dies of SIGPIPE once ``head`` is gone), or by SIGPIPE if it is in ``aborted``,
+        * its parent or an upstream peer killed by a signal other than SIGPIPE (``yes``
+          in ``yes | head -c 1 > E`` dies of SIGPIPE once ``head`` is gone). Not another
+          child of the parent: a script kills its own helpers (``sleep 100 & ...; kill
+          $!``, a trap on EXIT), or a sibling job whose stream is not this one;
+        * any peer killed by SIGPIPE if it is in ``aborted``,
           the writers the daemon ended for a failure: GNU ``split --filter`` takes a
           filter's EPIPE for "that consumer is done", stops feeding every filter and exits
           0 (on plain pipes too). Exit codes do not count: ``grep``
@@ -251,7 +255,10 @@ class ExitWatcher:
                 status = procs.exit_status(peer)
             if not status:
                 continue
-            if status & 0x7F and (status & 0x7F != signal.SIGPIPE or peer in aborted):
+            killed = status & 0x7F
+            if killed and killed != signal.SIGPIPE and i <= upstream:
+                return peer, status
+            if killed == signal.SIGPIPE and peer in aborted:
                 return peer, status
             if i == 0 and (seq or not own_seq) and (not own_seq or seq < own_seq):
                 return peer, status  # the parent, ended with a failure before pid

@@ -239,22 +239,26 @@ def failing_in_group(pgid: int, exclude: int) -> int | None:
 
 
 PEERS_MAX = 64  # a parent with more children (a pool of writers) counts alone
+FDS_MAX = 64  # a writer's pipes looked for among its first this many descriptors
 
 
-def pipeline_peers(pid: int) -> tuple[int, ...]:
-    """The processes next to ``pid`` in its pipeline, as they are now: its parent (first)
-    and the parent's other children, those of ``pid``'s process group only (a
-    non-interactive shell runs a whole script in one group; the stage's supervisor is in
-    another). In ``a | b > E`` they are the shell and ``a``; in ``split --filter='cat >
-    E'``, ``split`` and the other filters. Empty when the parent is in another group or
-    they cannot be read."""
+def pipeline_peers(pid: int) -> tuple[tuple[int, ...], int]:
+    """The processes next to ``pid`` in its pipeline, as they are now, and how many of
+    them are upstream of it: its parent (first), then those feeding it through a pipe (the
+    ``n`` after the parent), then the parent's other children; those of ``pid``'s process
+    group only (a non-interactive shell runs a whole script in one group; the stage's
+    supervisor is in another), and alive (a zombie ended before the open: it cut
+    nothing). In ``a | b | c > E`` (or ``c <(a) > E``) ``a`` and ``b`` are upstream of
+    ``c``: the stdout of each is a pipe ``c`` or another upstream one reads. In ``split
+    --filter='cat > E'`` the peers are ``split`` and the other filters, none upstream
+    but the parent. Empty when the parent is in another group or they cannot be read."""
     try:
         fields = stat_fields(f"/proc/{pid}/stat")
         ppid, pgid = int(fields[4 - 3]), int(fields[5 - 3])
     except (OSError, IndexError, ValueError):
-        return ()
-    if ppid <= 1:
-        return ()
+        return (), 0
+    if ppid <= 1 or _group(ppid) != pgid:
+        return (), 0  # the parent is another group's (a supervisor): none of its children
     candidates = [ppid]
     with contextlib.suppress(OSError, ValueError):
         for tid in os.listdir(f"/proc/{ppid}/task"):
@@ -262,14 +266,52 @@ def pipeline_peers(pid: int) -> tuple[int, ...]:
                 candidates.extend(int(c) for c in f.read().split())
     if len(candidates) > PEERS_MAX + 1:
         candidates = [ppid]
-    if _group(ppid) != pgid:
-        return ()  # the parent is another group's (a supervisor): none of its children
-    return tuple(p for p in dict.fromkeys(candidates) if p != pid and _group(p) == pgid)
+    others = [p for p in dict.fromkeys(candidates[1:]) if p != pid and _group(p) == pgid]
+    # Upstream: a peer whose stdout is a pipe that pid, or an upstream peer, reads.
+    pipes = _read_pipes(pid)
+    upstream: list[int] = []
+    found = True
+    while found and pipes and others:
+        found = False
+        for p in list(others):
+            if _link(p, 1) in pipes:
+                others.remove(p)
+                upstream.append(p)
+                pipes |= _read_pipes(p, ("0",))
+                found = True
+    return (ppid, *upstream, *others), len(upstream)
+
+
+def _read_pipes(pid: int, fds: tuple[str, ...] = ()) -> set[str]:
+    """The pipes ``pid`` reads among ``fds`` (default: its first ``FDS_MAX``), as /proc
+    names them. Read ends only: a script's stdout and stderr are often one pipe (``2>&1 |
+    logger``), which every process of it writes."""
+    found = set()
+    with contextlib.suppress(OSError):
+        for fd in fds or sorted(os.listdir(f"/proc/{pid}/fd"), key=int)[:FDS_MAX]:
+            link = _link(pid, fd)
+            if not link.startswith("pipe:"):
+                continue
+            with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                for line in f:
+                    if line.startswith("flags:") and int(line.split()[1], 8) & os.O_ACCMODE == 0:
+                        found.add(link)
+                        break
+    return found
+
+
+def _link(pid: int, fd: int | str) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return ""
 
 
 def _group(pid: int) -> int:
+    """``pid``'s process group, -1 if it is gone or a zombie."""
     try:
-        return int(stat_fields(f"/proc/{pid}/stat")[5 - 3])
+        fields = stat_fields(f"/proc/{pid}/stat")
+        return -1 if fields[0] in (b"Z", b"X") else int(fields[5 - 3])
     except (OSError, IndexError, ValueError):
         return -1
 

@@ -140,20 +140,26 @@ async def test_a_pipeline_peer_killed_is_seen_and_sigpipe_or_an_exit_code_is_not
     if not watcher.precise:
         pytest.skip("no proc connector here (not root, or not the initial network namespace)")
     try:
-        script = "sleep 30 | (read x; exec cat) ; sleep 30"
+        # A helper the script kills (sleep 40) is a peer, not upstream: its end cuts nothing.
+        script = "sleep 40 & sleep 30 | (read x; exec cat) ; sleep 30"
         shell = subprocess.Popen(["bash", "-c", script], stdin=subprocess.PIPE)
         with trio.fail_after(5):
-            while len(kids := procs_children(shell.pid)) < 2:
+            while len(kids := procs_children(shell.pid)) < 3:
                 await trio.sleep(0.01)
-        upstream, writer = sorted(kids)
-        peers = procs.pipeline_peers(writer)
-        assert set(peers) == {shell.pid, upstream}, (peers, shell.pid, upstream)
+        helper, upstream, writer = sorted(kids)
+        await trio.sleep(0.2)  # the pipeline's descriptors set up
+        peers, n = procs.pipeline_peers(writer)
+        assert (peers, n) == ((shell.pid, upstream, helper), 1), (peers, n, shell.pid, kids)
         for peer in (*peers, writer):
             watcher.watch(peer)
-        assert watcher.cut_short(peers, writer) is None
+        assert watcher.cut_short(peers, writer, (), n) is None
+        os.kill(helper, signal.SIGTERM)
+        await trio.sleep(0.3)
+        assert watcher.status(helper) == signal.SIGTERM
+        assert watcher.cut_short(peers, writer, (), n) is None
         os.kill(upstream, signal.SIGKILL)
         with trio.fail_after(5):
-            while (got := watcher.cut_short(peers, writer)) is None:
+            while (got := watcher.cut_short(peers, writer, (), n)) is None:
                 await trio.sleep(0.01)
         assert got == (upstream, signal.SIGKILL)
         shell.kill()
@@ -168,11 +174,11 @@ async def test_a_pipeline_peer_killed_is_seen_and_sigpipe_or_an_exit_code_is_not
                 while len(kids := procs_children(proc.pid)) < 2:
                     await trio.sleep(0.01)
             _first, last = sorted(kids)
-            peers = procs.pipeline_peers(last)
+            peers, n = procs.pipeline_peers(last)
             for peer in (*peers, last):
                 watcher.watch(peer)
             await trio.sleep(1.5)  # both ended (yes by SIGPIPE, the subshell with 1)
-            assert watcher.cut_short(peers, last) is None, status_script
+            assert watcher.cut_short(peers, last, (), n) is None, status_script
             proc.kill()
             proc.wait()
         # A parent that fails while its child writes (split --filter='cat > E' when
@@ -184,7 +190,7 @@ async def test_a_pipeline_peer_killed_is_seen_and_sigpipe_or_an_exit_code_is_not
                 while not (kids := procs_children(parent.pid)):
                     await trio.sleep(0.01)
             child = min(kids)
-            peers = procs.pipeline_peers(child)
+            peers, n = procs.pipeline_peers(child)
             assert peers[0] == parent.pid, (peers, parent.pid)
             for peer in (*peers, child):
                 watcher.watch(peer)
@@ -196,7 +202,7 @@ async def test_a_pipeline_peer_killed_is_seen_and_sigpipe_or_an_exit_code_is_not
             with trio.fail_after(5):
                 while watcher.status(child) is None:  # its event read (status drains)
                     await trio.sleep(0.01)
-            got = watcher.cut_short(peers, child)
+            got = watcher.cut_short(peers, child, (), n)
             assert got == ((parent.pid, 1 << 8) if cut else None), (script, got)
     finally:
         watcher._sock.close()  # type: ignore[union-attr]
