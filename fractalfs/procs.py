@@ -244,10 +244,10 @@ FDS_MAX = 64  # a writer's pipes looked for among its first this many descriptor
 
 def pipeline_peers(pid: int) -> tuple[tuple[int, ...], int]:
     """The processes next to ``pid`` in its pipeline, as they are now, and how many of
-    them are upstream of it: its parent (first), then those feeding it through a pipe (the
-    ``n`` after the parent), then the parent's other children; those of ``pid``'s process
-    group only (a non-interactive shell runs a whole script in one group; the stage's
-    supervisor is in another), and alive (a zombie ended before the open: it cut
+    them are upstream of it: its parent (first), then the parent's children feeding it
+    through a pipe (the ``n`` after the parent), then its other children of ``pid``'s
+    process group (a non-interactive shell runs a whole script in one group; the stage's
+    supervisor is in another); alive ones only (a zombie ended before the open: it cut
     nothing). In ``a | b | c > E`` (or ``c <(a) > E``) ``a`` and ``b`` are upstream of
     ``c``: the stdout of each is a pipe ``c`` or another upstream one reads. In ``split
     --filter='cat > E'`` the peers are ``split`` and the other filters, none upstream
@@ -266,19 +266,22 @@ def pipeline_peers(pid: int) -> tuple[tuple[int, ...], int]:
                 candidates.extend(int(c) for c in f.read().split())
     if len(candidates) > PEERS_MAX + 1:
         candidates = [ppid]
-    others = [p for p in dict.fromkeys(candidates[1:]) if p != pid and _group(p) == pgid]
-    # Upstream: a peer whose stdout is a pipe that pid, or an upstream peer, reads.
+    groups = {p: _group(p) for p in dict.fromkeys(candidates[1:]) if p != pid}
+    # Upstream: a child whose stdout is a pipe that pid, or an upstream one, reads; of
+    # any group (setsid a | b > E, timeout 9 a | b > E), but alive.
+    rest = [p for p, group in groups.items() if group != -1]
     pipes = _read_pipes(pid)
     upstream: list[int] = []
     found = True
-    while found and pipes and others:
+    while found and pipes and rest:
         found = False
-        for p in list(others):
+        for p in list(rest):
             if _link(p, 1) in pipes:
-                others.remove(p)
+                rest.remove(p)
                 upstream.append(p)
                 pipes |= _read_pipes(p, ("0",))
                 found = True
+    others = [p for p in rest if groups[p] == pgid]
     return (ppid, *upstream, *others), len(upstream)
 
 

@@ -5,13 +5,17 @@ edge's reader gets every byte and exits 0, with no re-run (none would come)."""
 
 from __future__ import annotations
 
+import os
 import shlex
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from .conftest import Pair, needs_fuse
+from .conftest import Pair, needs_fuse, sh, wait_for
 
 pytestmark = needs_fuse
 
@@ -63,3 +67,62 @@ def test_a_whole_stream_ends_complete_whatever_the_scripts_other_processes_did(
         if reader.poll() is None:
             reader.kill()
             reader.wait()
+
+
+SLOWCAT = str(Path(__file__).parent / "slowcat.py")
+SLOW = f"{sys.executable} {SLOWCAT} {{src}} /dev/stdout --pause-after 65536"
+# The slow copy is SIGKILLed midstream; every other process exits 0 (no pipefail).
+CUT = {
+    "a-b-c": "bash -c '{slow} | cat | cat > {E}'",
+    "process-substitution": "bash -c 'cat <({slow}) > {E}'",
+    "nohup": "bash -c 'nohup {slow} 2>/dev/null | cat > {E}'",
+    "two-inputs": "bash -c 'paste -d= <({slow}) <(cat {src}) > {E}'",
+    "dash": "sh -c '{slow} | cat > {E}'",
+    "timeout": "bash -c 'timeout 60 {slow} | cat > {E}'",
+    "setsid": "bash -c 'setsid {slow} | cat > {E}'",
+}
+
+
+@pytest.mark.parametrize("name", list(CUT))
+def test_a_stream_cut_short_by_a_killed_upstream_process_is_no_end(
+    pair: Pair, tmp_path: Path, name: str
+) -> None:
+    """The process feeding the writer through pipes, directly or not, is SIGKILLed: the
+    writer reads EOF and exits 0, its script too, but its stream is short. The edge's
+    reader must not end (it waits for a re-run)."""
+    src = tmp_path / "src"
+    src.write_bytes(b"0123456789abcde\n" * 16384)  # 256 KiB
+    _edge, w, r = pair.paths()
+    out = tmp_path / "out"
+    reader = subprocess.Popen(["bash", "-c", f"cat {shlex.quote(r)} > {out}"])
+    script = None
+    try:
+        cmd = CUT[name].format(slow=SLOW.format(src=src), src=src, E=shlex.quote(w))
+        script = subprocess.Popen(["bash", "-c", cmd], start_new_session=True)
+        wait_for(lambda: out.exists() and out.stat().st_size > 0, 30, "the first bytes")
+        os.kill(slowcat_of(src), signal.SIGKILL)
+        assert script.wait(timeout=20) == 0, name
+        time.sleep(3)
+        assert reader.poll() is None, (name, out.stat().st_size)
+        whole = tmp_path / "whole"
+        sh(CUT[name].format(slow=f"cat {src}", src=src, E=whole))
+        assert out.stat().st_size < whole.stat().st_size
+    finally:
+        for proc in (reader, script):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def slowcat_of(src: Path) -> int:
+    """The slow copy of ``src``."""
+    found = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                if f.read().split(b"\0")[1:3] == [SLOWCAT.encode(), bytes(src)]:
+                    found.append(int(name))
+        except OSError:
+            continue
+    assert len(found) == 1, found
+    return found[0]
