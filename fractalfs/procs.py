@@ -269,19 +269,19 @@ def pipeline_peers(pid: int) -> tuple[tuple[int, ...], int]:
     groups = {p: _group(p) for p in dict.fromkeys(candidates[1:]) if p != pid}
     # Upstream: a child whose stdout is a pipe that pid, or an upstream one, reads; of
     # any group (setsid a | b > E, timeout 9 a | b > E), but alive.
-    rest = [p for p, group in groups.items() if group != -1]
     pipes = _read_pipes(pid)
+    writes: dict[str, list[int]] = {}  # pipe -> the live children writing it as stdout
+    if pipes:
+        for p, group in groups.items():
+            if group != -1 and (link := _link(p, 1)).startswith("pipe:"):
+                writes.setdefault(link, []).append(p)
     upstream: list[int] = []
-    found = True
-    while found and pipes and rest:
-        found = False
-        for p in list(rest):
-            if _link(p, 1) in pipes:
-                rest.remove(p)
-                upstream.append(p)
-                pipes |= _read_pipes(p, ("0",))
-                found = True
-    others = [p for p in rest if groups[p] == pgid]
+    while pipes and writes:
+        found = [p for pipe in pipes for p in writes.pop(pipe, ())]
+        upstream += found
+        pipes = set().union(*(_read_pipes(p, ("0",)) for p in found))
+    up = set(upstream)
+    others = [p for p, group in groups.items() if group == pgid and p not in up]
     return (ppid, *upstream, *others), len(upstream)
 
 
