@@ -215,7 +215,12 @@ class ExitWatcher:
         return status if status is not None else procs.exit_status(pid)
 
     def cut_short(
-        self, peers: tuple[int, ...], pid: int, aborted: Container[int] = (), upstream: int = 0
+        self,
+        peers: tuple[int, ...],
+        pid: int,
+        aborted: Container[int] = (),
+        upstream: int = 0,
+        parent_feeds: bool = True,
     ) -> tuple[int, int] | None:
         """(pid, wait status) of the process of ``pid``'s pipeline whose end cut its
         stream short, if one did by now, else None. ``peers`` (watched) are its pipeline's
@@ -226,7 +231,8 @@ class ExitWatcher:
         short; on plain pipes the script fails (pipefail) and is re-run, so the edge's
         stream must not end there. Three signs:
 
-        * its parent or an upstream peer killed by a signal other than SIGPIPE (``yes``
+        * its parent if it feeds ``pid`` (``parent_feeds``: ``split``), or an upstream
+          peer, killed by a signal other than SIGPIPE (``yes``
           in ``yes | head -c 1 > E`` dies of SIGPIPE once ``head`` is gone). Not another
           child of the parent: a script kills its own helpers (``sleep 100 & ...; kill
           $!``, a trap on EXIT), or a sibling job whose stream is not this one;
@@ -256,7 +262,8 @@ class ExitWatcher:
             if not status:
                 continue
             killed = status & 0x7F
-            if killed and killed != signal.SIGPIPE and i <= upstream:
+            feeds = parent_feeds if i == 0 else i <= upstream
+            if killed and killed != signal.SIGPIPE and feeds:
                 return peer, status
             if killed == signal.SIGPIPE and peer in aborted:
                 return peer, status

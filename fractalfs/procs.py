@@ -242,7 +242,7 @@ PEERS_MAX = 64  # a parent with more children (a pool of writers) counts alone
 FDS_MAX = 64  # a writer's pipes looked for among its first this many descriptors
 
 
-def pipeline_peers(pid: int) -> tuple[tuple[int, ...], int]:
+def pipeline_peers(pid: int) -> tuple[tuple[int, ...], int, bool]:
     """The processes next to ``pid`` in its pipeline, as they are now, and how many of
     them are upstream of it: its parent (first), then the parent's children feeding it
     through a pipe (the ``n`` after the parent), then its other children of ``pid``'s
@@ -251,14 +251,15 @@ def pipeline_peers(pid: int) -> tuple[tuple[int, ...], int]:
     nothing). In ``a | b | c > E`` (or ``c <(a) > E``) ``a`` and ``b`` are upstream of
     ``c``: the stdout of each is a pipe ``c`` or another upstream one reads. In ``split
     --filter='cat > E'`` the peers are ``split`` and the other filters, none upstream
-    but the parent. Empty when the parent is in another group or they cannot be read."""
+    but the parent. Last, whether the parent feeds ``pid`` itself (holds a pipe ``pid``
+    reads: ``split``). Empty when the parent is in another group or they cannot be read."""
     try:
         fields = stat_fields(f"/proc/{pid}/stat")
         ppid, pgid = int(fields[4 - 3]), int(fields[5 - 3])
     except (OSError, IndexError, ValueError):
-        return (), 0
+        return (), 0, False
     if ppid <= 1 or _group(ppid) != pgid:
-        return (), 0  # the parent is another group's (a supervisor): none of its children
+        return (), 0, False  # the parent is another group's (a supervisor): none of its children
     candidates = [ppid]
     with contextlib.suppress(OSError, ValueError):
         for tid in os.listdir(f"/proc/{ppid}/task"):
@@ -270,6 +271,7 @@ def pipeline_peers(pid: int) -> tuple[tuple[int, ...], int]:
     # Upstream: a child whose stdout is a pipe that pid, or an upstream one, reads; of
     # any group (setsid a | b > E, timeout 9 a | b > E), but alive.
     pipes = _read_pipes(pid)
+    feeds = bool(pipes & _pipes(ppid))
     writes: dict[str, list[int]] = {}  # pipe -> the live children writing it as stdout
     if pipes:
         for p, group in groups.items():
@@ -282,7 +284,7 @@ def pipeline_peers(pid: int) -> tuple[tuple[int, ...], int]:
         pipes = set().union(*(_read_pipes(p, ("0",)) for p in found))
     up = set(upstream)
     others = [p for p, group in groups.items() if group == pgid and p not in up]
-    return (ppid, *upstream, *others), len(upstream)
+    return (ppid, *upstream, *others), len(upstream), feeds
 
 
 def _read_pipes(pid: int, fds: tuple[str, ...] = ()) -> set[str]:
@@ -300,6 +302,16 @@ def _read_pipes(pid: int, fds: tuple[str, ...] = ()) -> set[str]:
                     if line.startswith("flags:") and int(line.split()[1], 8) & os.O_ACCMODE == 0:
                         found.add(link)
                         break
+    return found
+
+
+def _pipes(pid: int) -> set[str]:
+    """The pipes among ``pid``'s first ``FDS_MAX`` descriptors, either end."""
+    found = set()
+    with contextlib.suppress(OSError):
+        for fd in sorted(os.listdir(f"/proc/{pid}/fd"), key=int)[:FDS_MAX]:
+            if (link := _link(pid, fd)).startswith("pipe:"):
+                found.add(link)
     return found
 
 

@@ -148,8 +148,8 @@ async def test_a_pipeline_peer_killed_is_seen_and_sigpipe_or_an_exit_code_is_not
                 await trio.sleep(0.01)
         helper, upstream, writer = sorted(kids)
         await trio.sleep(0.2)  # the pipeline's descriptors set up
-        peers, n = procs.pipeline_peers(writer)
-        assert (peers, n) == ((shell.pid, upstream, helper), 1), (peers, n, shell.pid, kids)
+        peers, n, feeds = procs.pipeline_peers(writer)
+        assert (peers, n, feeds) == ((shell.pid, upstream, helper), 1, False), (peers, kids)
         for peer in (*peers, writer):
             watcher.watch(peer)
         assert watcher.cut_short(peers, writer, (), n) is None
@@ -174,7 +174,7 @@ async def test_a_pipeline_peer_killed_is_seen_and_sigpipe_or_an_exit_code_is_not
                 while len(kids := procs_children(proc.pid)) < 2:
                     await trio.sleep(0.01)
             _first, last = sorted(kids)
-            peers, n = procs.pipeline_peers(last)
+            peers, n, _feeds = procs.pipeline_peers(last)
             for peer in (*peers, last):
                 watcher.watch(peer)
             await trio.sleep(1.5)  # both ended (yes by SIGPIPE, the subshell with 1)
@@ -190,7 +190,7 @@ async def test_a_pipeline_peer_killed_is_seen_and_sigpipe_or_an_exit_code_is_not
                 while not (kids := procs_children(parent.pid)):
                     await trio.sleep(0.01)
             child = min(kids)
-            peers, n = procs.pipeline_peers(child)
+            peers, n, feeds = procs.pipeline_peers(child)
             assert peers[0] == parent.pid, (peers, parent.pid)
             for peer in (*peers, child):
                 watcher.watch(peer)
@@ -202,7 +202,7 @@ async def test_a_pipeline_peer_killed_is_seen_and_sigpipe_or_an_exit_code_is_not
             with trio.fail_after(5):
                 while watcher.status(child) is None:  # its event read (status drains)
                     await trio.sleep(0.01)
-            got = watcher.cut_short(peers, child, (), n)
+            got = watcher.cut_short(peers, child, (), n, feeds)
             assert got == ((parent.pid, 1 << 8) if cut else None), (script, got)
     finally:
         watcher._sock.close()  # type: ignore[union-attr]

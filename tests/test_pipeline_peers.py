@@ -40,6 +40,21 @@ WHOLE = {
     # SIGPIPE of the upstream: head had all it wanted (no cut).
     "yes-head": "bash -c 'yes | head -c 200000 > {E}'",
     "seq-head": "sh -c 'seq 1000000 | head -n 5000 > {E}'",
+    # make -j, xargs -P: another job killed by a signal (make and xargs fail on plain
+    # pipes for that job; the writer's stream is whole).
+    "make-j": "printf 'all: a b\\na:\\n\\texec cat {src} > {E}\\nb:\\n\\tsleep 0.1; "
+    "kill -9 $$$$\\n' > {src}.mk && make -s -j2 -f {src}.mk 2>/dev/null || true",
+    "xargs-P": "printf '%s\\n' 1 2 3 | xargs -P3 -I@ sh -c "
+    "'if [ @ = 1 ]; then exec cat {src} > {E}; else sleep 0.1; kill -9 $$$$; fi' "
+    "2>/dev/null || true",
+    # The helper killed while the writer (exec'd by the shell, or a subshell) writes.
+    "exec": "bash -c 'sleep 100 & H=$!; (sleep 0.3; kill $H) & exec cat {src} > {E}'",
+    "subshell-writer": "bash -c 'sleep 100 & H=$!; (sleep 0.3; kill $H; cat {src}) > {E}'",
+    # A python parent killed once its writer is done (just after: no order of the events
+    # is asked of a parent that feeds the writer, as split does).
+    "python-parent-killed-after": "python3 -c 'import subprocess,os,signal; "
+    'p = subprocess.Popen(["sh", "-c", "cat {src} > {E}"]); p.wait(); '
+    "os.kill(os.getpid(), signal.SIGTERM)' || true",
     # The writer's parent is init (setsid, daemonized): no peers.
     "setsid": "setsid -w sh -c 'cat {src} > {E}'",
 }
