@@ -176,7 +176,9 @@ class ExitWatcher:
     def _apply(self, data: bytes) -> None:
         event = procs.parse_exit_event(data)
         watch = self._watched.get(event[0]) if event is not None else None
-        if event is not None and watch is not None:
+        if event is not None and watch is not None and watch.status is None:
+            # The first exit only: a later one is of another process given the pid
+            # (pid_max may be 32768), killed perhaps, which ended no stream here.
             watch.status = event[1]
             self._seq += 1
             watch.seq = self._seq

@@ -211,3 +211,38 @@ async def test_a_pipeline_peer_killed_is_seen_and_sigpipe_or_an_exit_code_is_not
 def procs_children(pid: int) -> list[int]:
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         return [int(c) for c in f.read().split()]
+
+
+async def test_a_pid_given_again_keeps_the_first_exit_status() -> None:
+    """A peer exits 0; its pid goes to another process (pid_max may be 32768), which is
+    killed: the watch keeps the first exit, a stream is not taken as cut short."""
+    watcher = ExitWatcher()
+    if not watcher.precise:
+        pytest.skip("no proc connector here (not root, or not the initial network namespace)")
+    try:
+        first = subprocess.Popen(["sleep", "0.2"])
+        pid = first.pid
+        watcher.watch(pid)
+        await trio.to_thread.run_sync(first.wait)
+        with trio.fail_after(5):
+            while watcher.status(pid) is None:
+                await trio.sleep(0.01)
+        again = None
+        for _ in range(20):  # other processes of the machine may take the pid first
+            with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+                f.write(str(pid - 1))
+            proc = subprocess.Popen(["sleep", "30"])
+            if proc.pid == pid:
+                again = proc
+                break
+            proc.kill()
+            proc.wait()
+        if again is None:
+            pytest.skip("the pid was not given again")
+        again.kill()
+        again.wait()
+        await trio.sleep(0.3)
+        assert watcher.status(pid) == 0
+        assert watcher.cut_short((pid,), os.getpid(), (), 0, True) is None
+    finally:
+        watcher._sock.close()  # type: ignore[union-attr]
