@@ -127,7 +127,10 @@ class ExitWatcher:
         edges (``tee E1 E2``, or threads of one process), each settled on its own. The
         watch ends when the last holder forgets it (forgetting twice is harmless)."""
         watch = self._watched.get(pid)
-        if watch is None:
+        if watch is None or (watch.status is not None and watch.holders is not holder):
+            # None, or the watched process ended and its pid is another's now (a watch
+            # is taken while its process runs): a new record; the old holders', gone
+            # from the map, reads that process's status from then on.
             self._watched[pid] = _Watch(self._overrun, holder)
             return
         have = watch.holders

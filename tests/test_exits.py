@@ -215,7 +215,8 @@ def procs_children(pid: int) -> list[int]:
 
 async def test_a_pid_given_again_keeps_the_first_exit_status() -> None:
     """A peer exits 0; its pid goes to another process (pid_max may be 32768), which is
-    killed: the watch keeps the first exit, a stream is not taken as cut short."""
+    killed: the watch keeps the first exit, a stream is not taken as cut short. A new
+    watch of that pid (the new process opens a writer) is the new process's."""
     watcher = ExitWatcher()
     if not watcher.precise:
         pytest.skip("no proc connector here (not root, or not the initial network namespace)")
@@ -227,22 +228,33 @@ async def test_a_pid_given_again_keeps_the_first_exit_status() -> None:
         with trio.fail_after(5):
             while watcher.status(pid) is None:
                 await trio.sleep(0.01)
-        again = None
-        for _ in range(20):  # other processes of the machine may take the pid first
-            with open("/proc/sys/kernel/ns_last_pid", "w") as f:
-                f.write(str(pid - 1))
-            proc = subprocess.Popen(["sleep", "30"])
-            if proc.pid == pid:
-                again = proc
-                break
-            proc.kill()
-            proc.wait()
-        if again is None:
-            pytest.skip("the pid was not given again")
+        again = given_again(pid)
         again.kill()
         again.wait()
         await trio.sleep(0.3)
         assert watcher.status(pid) == 0
         assert watcher.cut_short((pid,), os.getpid(), (), 0, True) is None
+        third = given_again(pid)
+        holder = object()
+        watcher.watch(pid, holder)
+        assert watcher.status(pid) is None  # running, not the first one's 0
+        third.kill()
+        third.wait()
+        with trio.fail_after(5):
+            while watcher.status(pid) is None:
+                await trio.sleep(0.01)
+        assert watcher.status(pid) == signal.SIGKILL
     finally:
         watcher._sock.close()  # type: ignore[union-attr]
+
+
+def given_again(pid: int) -> subprocess.Popen[bytes]:
+    for _ in range(20):  # other processes of the machine may take the pid first
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(pid - 1))
+        proc = subprocess.Popen(["sleep", "30"])
+        if proc.pid == pid:
+            return proc
+        proc.kill()
+        proc.wait()
+    pytest.skip("the pid was not given again")
