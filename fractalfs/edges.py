@@ -213,6 +213,8 @@ class WriterEnd:
         self.released = False  # the program's file is closed
         self.exit_status: int | None = None  # seen at FLUSH if the program was exiting
         self.peers: tuple[int, ...] = ()  # its pipeline's other processes (procs.pipeline_peers)
+        self.upstream = 0  # how many of them, after the parent, feed it through pipes
+        self.parent_feeds = False  # its parent holds a pipe it reads (split --filter)
         self.blocked = 0  # writes waiting for the window (they hold the kernel inode lock)
         self.changed = Notifier()
         self.connection: trio.CancelScope | None = None

@@ -127,7 +127,10 @@ class ExitWatcher:
         edges (``tee E1 E2``, or threads of one process), each settled on its own. The
         watch ends when the last holder forgets it (forgetting twice is harmless)."""
         watch = self._watched.get(pid)
-        if watch is None:
+        if watch is None or (watch.status is not None and watch.holders is not holder):
+            # None, or the watched process ended and its pid is another's now (a watch
+            # is taken while its process runs): a new record; the old holders', gone
+            # from the map, reads that process's status from then on.
             self._watched[pid] = _Watch(self._overrun, holder)
             return
         have = watch.holders
@@ -176,7 +179,9 @@ class ExitWatcher:
     def _apply(self, data: bytes) -> None:
         event = procs.parse_exit_event(data)
         watch = self._watched.get(event[0]) if event is not None else None
-        if event is not None and watch is not None:
+        if event is not None and watch is not None and watch.status is None:
+            # The first exit only: a later one is of another process given the pid
+            # (pid_max may be 32768), killed perhaps, which ended no stream here.
             watch.status = event[1]
             self._seq += 1
             watch.seq = self._seq
@@ -215,18 +220,28 @@ class ExitWatcher:
         return status if status is not None else procs.exit_status(pid)
 
     def cut_short(
-        self, peers: tuple[int, ...], pid: int, aborted: Container[int] = ()
+        self,
+        peers: tuple[int, ...],
+        pid: int,
+        aborted: Container[int] = (),
+        upstream: int = 0,
+        parent_feeds: bool = True,
     ) -> tuple[int, int] | None:
         """(pid, wait status) of the process of ``pid``'s pipeline whose end cut its
         stream short, if one did by now, else None. ``peers`` (watched) are its pipeline's
-        other processes, its parent first (:func:`procs.pipeline_peers`).
+        other processes, its parent first, then the ``upstream`` ones that feed it through
+        pipes (:func:`procs.pipeline_peers`).
 
         ``b`` in ``a | b > E`` reads EOF when ``a`` dies and exits 0 with a stream cut
         short; on plain pipes the script fails (pipefail) and is re-run, so the edge's
-        stream must not end there. Two signs:
+        stream must not end there. Three signs:
 
-        * a peer killed by a signal other than SIGPIPE (``yes`` in ``yes | head -c 1 > E``
-          dies of SIGPIPE once ``head`` is gone), or by SIGPIPE if it is in ``aborted``,
+        * its parent if it feeds ``pid`` (``parent_feeds``: ``split``), or an upstream
+          peer, killed by a signal other than SIGPIPE (``yes``
+          in ``yes | head -c 1 > E`` dies of SIGPIPE once ``head`` is gone). Not another
+          child of the parent: a script kills its own helpers (``sleep 100 & ...; kill
+          $!``, a trap on EXIT), or a sibling job whose stream is not this one;
+        * any peer killed by SIGPIPE if it is in ``aborted``,
           the writers the daemon ended for a failure: GNU ``split --filter`` takes a
           filter's EPIPE for "that consumer is done", stops feeding every filter and exits
           0 (on plain pipes too). Exit codes do not count: ``grep``
@@ -251,7 +266,11 @@ class ExitWatcher:
                 status = procs.exit_status(peer)
             if not status:
                 continue
-            if status & 0x7F and (status & 0x7F != signal.SIGPIPE or peer in aborted):
+            killed = status & 0x7F
+            feeds = parent_feeds if i == 0 else i <= upstream
+            if killed and killed != signal.SIGPIPE and feeds:
+                return peer, status
+            if killed == signal.SIGPIPE and peer in aborted:
                 return peer, status
             if i == 0 and (seq or not own_seq) and (not own_seq or seq < own_seq):
                 return peer, status  # the parent, ended with a failure before pid

@@ -351,7 +351,7 @@ class Node:
             self.exits.watch(tgid, writer)
             # Its pipeline's other processes: one killed before the writer ends cuts the
             # stream short, however the writer exits (ExitWatcher.cut_short).
-            writer.peers = procs.pipeline_peers(tgid)
+            writer.peers, writer.upstream, writer.parent_feeds = procs.pipeline_peers(tgid)
             for peer in writer.peers:
                 self.exits.watch(peer, writer)
             recorded = (str(rec.get("mode", "")), str(rec.get("mode_reason", "")))
@@ -454,7 +454,13 @@ class Node:
         spill_failure: OSError | None = None,
     ) -> None:
         killed = (
-            self.exits.cut_short(writer.peers, writer.tgid, self.aborted_pids)
+            self.exits.cut_short(
+                writer.peers,
+                writer.tgid,
+                self.aborted_pids,
+                writer.upstream,
+                writer.parent_feeds,
+            )
             if writer.peers
             else None
         )

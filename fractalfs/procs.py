@@ -239,22 +239,27 @@ def failing_in_group(pgid: int, exclude: int) -> int | None:
 
 
 PEERS_MAX = 64  # a parent with more children (a pool of writers) counts alone
+FDS_MAX = 64  # a writer's pipes looked for among its first this many descriptors
 
 
-def pipeline_peers(pid: int) -> tuple[int, ...]:
-    """The processes next to ``pid`` in its pipeline, as they are now: its parent (first)
-    and the parent's other children, those of ``pid``'s process group only (a
-    non-interactive shell runs a whole script in one group; the stage's supervisor is in
-    another). In ``a | b > E`` they are the shell and ``a``; in ``split --filter='cat >
-    E'``, ``split`` and the other filters. Empty when the parent is in another group or
-    they cannot be read."""
+def pipeline_peers(pid: int) -> tuple[tuple[int, ...], int, bool]:
+    """The processes next to ``pid`` in its pipeline, as they are now, and how many of
+    them are upstream of it: its parent (first), then the parent's children feeding it
+    through a pipe (the ``n`` after the parent), then its other children of ``pid``'s
+    process group (a non-interactive shell runs a whole script in one group; the stage's
+    supervisor is in another); alive ones only (a zombie ended before the open: it cut
+    nothing). In ``a | b | c > E`` (or ``c <(a) > E``) ``a`` and ``b`` are upstream of
+    ``c``: the stdout of each is a pipe ``c`` or another upstream one reads. In ``split
+    --filter='cat > E'`` the peers are ``split`` and the other filters, none upstream
+    but the parent. Last, whether the parent feeds ``pid`` itself (holds a pipe ``pid``
+    reads: ``split``). Empty when the parent is in another group or they cannot be read."""
     try:
         fields = stat_fields(f"/proc/{pid}/stat")
         ppid, pgid = int(fields[4 - 3]), int(fields[5 - 3])
     except (OSError, IndexError, ValueError):
-        return ()
-    if ppid <= 1:
-        return ()
+        return (), 0, False
+    if ppid <= 1 or _group(ppid) != pgid:
+        return (), 0, False  # the parent is another group's (a supervisor): none of its children
     candidates = [ppid]
     with contextlib.suppress(OSError, ValueError):
         for tid in os.listdir(f"/proc/{ppid}/task"):
@@ -262,14 +267,66 @@ def pipeline_peers(pid: int) -> tuple[int, ...]:
                 candidates.extend(int(c) for c in f.read().split())
     if len(candidates) > PEERS_MAX + 1:
         candidates = [ppid]
-    if _group(ppid) != pgid:
-        return ()  # the parent is another group's (a supervisor): none of its children
-    return tuple(p for p in dict.fromkeys(candidates) if p != pid and _group(p) == pgid)
+    groups = {p: _group(p) for p in dict.fromkeys(candidates[1:]) if p != pid}
+    # Upstream: a child whose stdout is a pipe that pid, or an upstream one, reads; of
+    # any group (setsid a | b > E, timeout 9 a | b > E), but alive.
+    pipes = _read_pipes(pid)
+    feeds = bool(pipes & _pipes(ppid))
+    writes: dict[str, list[int]] = {}  # pipe -> the live children writing it as stdout
+    if pipes:
+        for p, group in groups.items():
+            if group != -1 and (link := _link(p, 1)).startswith("pipe:"):
+                writes.setdefault(link, []).append(p)
+    upstream: list[int] = []
+    while pipes and writes:
+        found = [p for pipe in pipes for p in writes.pop(pipe, ())]
+        upstream += found
+        pipes = set().union(*(_read_pipes(p, ("0",)) for p in found))
+    up = set(upstream)
+    others = [p for p, group in groups.items() if group == pgid and p not in up]
+    return (ppid, *upstream, *others), len(upstream), feeds
+
+
+def _read_pipes(pid: int, fds: tuple[str, ...] = ()) -> set[str]:
+    """The pipes ``pid`` reads among ``fds`` (default: its first ``FDS_MAX``), as /proc
+    names them. Read ends only: a script's stdout and stderr are often one pipe (``2>&1 |
+    logger``), which every process of it writes."""
+    found = set()
+    with contextlib.suppress(OSError):
+        for fd in fds or sorted(os.listdir(f"/proc/{pid}/fd"), key=int)[:FDS_MAX]:
+            link = _link(pid, fd)
+            if not link.startswith("pipe:"):
+                continue
+            with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                for line in f:
+                    if line.startswith("flags:") and int(line.split()[1], 8) & os.O_ACCMODE == 0:
+                        found.add(link)
+                        break
+    return found
+
+
+def _pipes(pid: int) -> set[str]:
+    """The pipes among ``pid``'s first ``FDS_MAX`` descriptors, either end."""
+    found = set()
+    with contextlib.suppress(OSError):
+        for fd in sorted(os.listdir(f"/proc/{pid}/fd"), key=int)[:FDS_MAX]:
+            if (link := _link(pid, fd)).startswith("pipe:"):
+                found.add(link)
+    return found
+
+
+def _link(pid: int, fd: int | str) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return ""
 
 
 def _group(pid: int) -> int:
+    """``pid``'s process group, -1 if it is gone or a zombie."""
     try:
-        return int(stat_fields(f"/proc/{pid}/stat")[5 - 3])
+        fields = stat_fields(f"/proc/{pid}/stat")
+        return -1 if fields[0] in (b"Z", b"X") else int(fields[5 - 3])
     except (OSError, IndexError, ValueError):
         return -1
 

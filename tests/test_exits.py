@@ -140,20 +140,26 @@ async def test_a_pipeline_peer_killed_is_seen_and_sigpipe_or_an_exit_code_is_not
     if not watcher.precise:
         pytest.skip("no proc connector here (not root, or not the initial network namespace)")
     try:
-        script = "sleep 30 | (read x; exec cat) ; sleep 30"
+        # A helper the script kills (sleep 40) is a peer, not upstream: its end cuts nothing.
+        script = "sleep 40 & sleep 30 | (read x; exec cat) ; sleep 30"
         shell = subprocess.Popen(["bash", "-c", script], stdin=subprocess.PIPE)
         with trio.fail_after(5):
-            while len(kids := procs_children(shell.pid)) < 2:
+            while len(kids := procs_children(shell.pid)) < 3:
                 await trio.sleep(0.01)
-        upstream, writer = sorted(kids)
-        peers = procs.pipeline_peers(writer)
-        assert set(peers) == {shell.pid, upstream}, (peers, shell.pid, upstream)
+        helper, upstream, writer = sorted(kids)
+        await trio.sleep(0.2)  # the pipeline's descriptors set up
+        peers, n, feeds = procs.pipeline_peers(writer)
+        assert (peers, n, feeds) == ((shell.pid, upstream, helper), 1, False), (peers, kids)
         for peer in (*peers, writer):
             watcher.watch(peer)
-        assert watcher.cut_short(peers, writer) is None
+        assert watcher.cut_short(peers, writer, (), n) is None
+        os.kill(helper, signal.SIGTERM)
+        await trio.sleep(0.3)
+        assert watcher.status(helper) == signal.SIGTERM
+        assert watcher.cut_short(peers, writer, (), n) is None
         os.kill(upstream, signal.SIGKILL)
         with trio.fail_after(5):
-            while (got := watcher.cut_short(peers, writer)) is None:
+            while (got := watcher.cut_short(peers, writer, (), n)) is None:
                 await trio.sleep(0.01)
         assert got == (upstream, signal.SIGKILL)
         shell.kill()
@@ -168,11 +174,11 @@ async def test_a_pipeline_peer_killed_is_seen_and_sigpipe_or_an_exit_code_is_not
                 while len(kids := procs_children(proc.pid)) < 2:
                     await trio.sleep(0.01)
             _first, last = sorted(kids)
-            peers = procs.pipeline_peers(last)
+            peers, n, _feeds = procs.pipeline_peers(last)
             for peer in (*peers, last):
                 watcher.watch(peer)
             await trio.sleep(1.5)  # both ended (yes by SIGPIPE, the subshell with 1)
-            assert watcher.cut_short(peers, last) is None, status_script
+            assert watcher.cut_short(peers, last, (), n) is None, status_script
             proc.kill()
             proc.wait()
         # A parent that fails while its child writes (split --filter='cat > E' when
@@ -184,7 +190,7 @@ async def test_a_pipeline_peer_killed_is_seen_and_sigpipe_or_an_exit_code_is_not
                 while not (kids := procs_children(parent.pid)):
                     await trio.sleep(0.01)
             child = min(kids)
-            peers = procs.pipeline_peers(child)
+            peers, n, feeds = procs.pipeline_peers(child)
             assert peers[0] == parent.pid, (peers, parent.pid)
             for peer in (*peers, child):
                 watcher.watch(peer)
@@ -196,7 +202,7 @@ async def test_a_pipeline_peer_killed_is_seen_and_sigpipe_or_an_exit_code_is_not
             with trio.fail_after(5):
                 while watcher.status(child) is None:  # its event read (status drains)
                     await trio.sleep(0.01)
-            got = watcher.cut_short(peers, child)
+            got = watcher.cut_short(peers, child, (), n, feeds)
             assert got == ((parent.pid, 1 << 8) if cut else None), (script, got)
     finally:
         watcher._sock.close()  # type: ignore[union-attr]
@@ -205,3 +211,50 @@ async def test_a_pipeline_peer_killed_is_seen_and_sigpipe_or_an_exit_code_is_not
 def procs_children(pid: int) -> list[int]:
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         return [int(c) for c in f.read().split()]
+
+
+async def test_a_pid_given_again_keeps_the_first_exit_status() -> None:
+    """A peer exits 0; its pid goes to another process (pid_max may be 32768), which is
+    killed: the watch keeps the first exit, a stream is not taken as cut short. A new
+    watch of that pid (the new process opens a writer) is the new process's."""
+    watcher = ExitWatcher()
+    if not watcher.precise:
+        pytest.skip("no proc connector here (not root, or not the initial network namespace)")
+    try:
+        first = subprocess.Popen(["sleep", "0.2"])
+        pid = first.pid
+        watcher.watch(pid)
+        await trio.to_thread.run_sync(first.wait)
+        with trio.fail_after(5):
+            while watcher.status(pid) is None:
+                await trio.sleep(0.01)
+        again = given_again(pid)
+        again.kill()
+        again.wait()
+        await trio.sleep(0.3)
+        assert watcher.status(pid) == 0
+        assert watcher.cut_short((pid,), os.getpid(), (), 0, True) is None
+        third = given_again(pid)
+        holder = object()
+        watcher.watch(pid, holder)
+        assert watcher.status(pid) is None  # running, not the first one's 0
+        third.kill()
+        third.wait()
+        with trio.fail_after(5):
+            while watcher.status(pid) is None:
+                await trio.sleep(0.01)
+        assert watcher.status(pid) == signal.SIGKILL
+    finally:
+        watcher._sock.close()  # type: ignore[union-attr]
+
+
+def given_again(pid: int) -> subprocess.Popen[bytes]:
+    for _ in range(20):  # other processes of the machine may take the pid first
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(pid - 1))
+        proc = subprocess.Popen(["sleep", "30"])
+        if proc.pid == pid:
+            return proc
+        proc.kill()
+        proc.wait()
+    pytest.skip("the pid was not given again")
