@@ -29,9 +29,9 @@ The sentinel is kept so a spill file (persistent mode) says on its own whether i
 complete: its last 21 bytes parse as an END frame whose length matches the file.
 
 Framing costs 5 bytes per frame and no per-byte work: the hot path sends a header and the
-payload with one ``sendmsg`` and the reader receives everything into its own buffers and
-feeds views of them: payloads come out as views, never copies (:meth:`Decoder.want` tells
-an I/O layer without such buffers how many bytes to ask for next).
+payload with one ``sendmsg`` and the reader receives payload straight into its own buffer
+(:meth:`Decoder.want` tells the I/O layer how many bytes to ask for next; large payloads
+are received into one buffer per frame and counted with :meth:`Decoder.took`).
 """
 
 from __future__ import annotations
@@ -74,11 +74,7 @@ class Truncated(ProtocolError):
 
 @dataclass(frozen=True, slots=True)
 class Data:
-    """Payload bytes. Fed a memoryview, the decoder hands out views of it (no copy) and
-    ``at`` is where the payload starts in that view."""
-
-    payload: bytes | memoryview
-    at: int = 0
+    payload: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,11 +135,10 @@ def parse_end(tail: bytes) -> int | None:
 class Decoder:
     """Turns received bytes into events; never touches a socket.
 
-    Drive it by feeding views of a receive buffer (payloads are views of it), or by asking
-    :meth:`want` how many bytes to read next (never more than one frame part, so payload
-    arrives as its own buffer and is passed on without copying), then :meth:`feed` them.
-    ``offset`` is the number of payload bytes decoded so far, counted from ``start`` (the
-    offset the stream was resumed at).
+    Drive it by asking :meth:`want` how many bytes to read next (never more than one frame
+    part, so payload arrives as its own buffer and is passed on without copying), then
+    :meth:`feed` them. ``offset`` is the number of payload bytes decoded so far, counted
+    from ``start`` (the offset the stream was resumed at).
     """
 
     def __init__(self, start: int = 0) -> None:
@@ -168,15 +163,21 @@ class Decoder:
             return HEADER.size - len(self._header)
         return self._remaining
 
-    def feed(self, data: bytes | memoryview) -> list[Event]:
-        """Decode ``data``; returns the events it completes (possibly none).
+    def took(self, n: int) -> None:
+        """``n`` payload bytes of the current DATA frame were received by the caller
+        straight into its own buffer (``recv_into``), not through :meth:`feed`: count them.
+        ``n`` must not exceed :meth:`want` inside a DATA frame."""
+        if self._kind is not Kind.DATA or not 0 <= n <= self._remaining:
+            raise ValueError(f"{n} payload bytes outside a data frame's remaining bytes")
+        self._remaining -= n
+        self.offset += n
+        if self._remaining == 0:
+            self._kind = None
 
-        ``data`` a memoryview (of a receive buffer the caller does not refill while the
-        payload is held): payloads are views of it, never copies, whatever their framing."""
+    def feed(self, data: bytes) -> list[Event]:
+        """Decode ``data``; returns the events it completes (possibly none)."""
         events: list[Event] = []
-        views = isinstance(data, memoryview)
         view = memoryview(data)
-        size = len(view)
         while view:
             if self.finished:
                 raise ProtocolError("bytes after the end of the stream")
@@ -188,15 +189,14 @@ class Decoder:
                     self._start_frame(events)
                 continue
             take = min(self._remaining, len(view))
-            at = size - len(view)
             chunk = view[:take]
             view = view[take:]
             self._remaining -= take
             if self._kind is Kind.DATA:
-                # Zero-copy when fed a view, or exactly what want() asked for.
-                payload = chunk if views else data if take == len(data) else bytes(chunk)
+                # Zero-copy when the caller fed exactly what want() asked for.
+                payload = data if take == len(data) else bytes(chunk)
                 self.offset += take
-                events.append(Data(payload, at))
+                events.append(Data(payload))
                 if self._remaining == 0:
                     self._kind = None
             else:

@@ -4,10 +4,10 @@ One listening socket per node daemon serves every edge it writes; a reader's dae
 it, says which edge, generation and offset it wants (:mod:`fractalfs.handshake`), and gets
 frames (:mod:`fractalfs.codec`) from that offset. The writer batches whatever its program has
 written into one DATA frame per ``sendmsg`` (up to 1 MiB, no copies); the reader receives
-with ``recv_into`` into reused arenas (everything, once a large frame came) and hands
-growing views of them to the FUSE layer (a 1 MiB read is answered without a join, see
-:class:`Arenas`). TCP_NODELAY is on: a netpipefs-like 42 ms Nagle/delayed-ACK stall per
-request would otherwise cap small writes at a few MB/s.
+large payloads with ``recv_into`` into reused arenas and hands growing views of them to
+the FUSE layer (a 1 MiB read is answered without a join, see :class:`Arenas`). TCP_NODELAY is on: a
+netpipefs-like 42 ms Nagle/delayed-ACK stall per request would otherwise cap small writes
+at a few MB/s.
 
 Nothing here decides policy: :func:`serve_edge` streams one writer end to one connection
 and :func:`pull` / :func:`pull_local` fill one reader end, each returning how it ended.
@@ -40,8 +40,7 @@ BATCH = 1 << 20  # bytes per DATA frame / sendmsg
 MAX_IOV = 512
 RECV_MAX = 1 << 20
 SMALL_RECV = 64 * 1024  # read-ahead when a header is due: small frames cost one syscall
-BIG_FRAME = 32 * 1024  # a frame with more payload than this to come starts the arenas
-ARENA_MIN_ROOM = 64 * 1024  # an arena with less room left is retired (no tiny receives)
+BIG_FRAME = 32 * 1024  # payload left in a frame beyond this is received into its own buffer
 # Acknowledgements are cumulative: one once ACK_EVERY bytes are unacknowledged, but at most
 # one per ACK_GAP seconds unless ACK_MAX are (each one is a loopback send and a wakeup of
 # the writer's daemon, its drain and its sender); a deferred one goes out when its gap
@@ -441,27 +440,23 @@ async def _receive(sock: Conn, reader: ReaderEnd, offset: int) -> Result:
     acked = offset
     acked_at = heard = trio.current_time()
     arenas = Arenas.covering(reader.limit)
+    into = False  # the current DATA frame's payload goes into the arena
     while True:
         await _wait_for_space(reader)
         if reader.state is ReaderState.CLOSED:
             return Result(PullOutcome.CLOSED)
+        want = decoder.want()
         # A live writer's daemon sends at least a PING every PING_EVERY seconds.
         deadline = heard + SILENCE_TIMEOUT
         if decoder.offset - acked >= ACK_EVERY:
             deadline = min(deadline, acked_at + ACK_GAP)  # a deferred ACK is due then
         elif decoder.offset > acked:
             deadline = min(deadline, heard + ACK_IDLE)  # a pause acknowledges the rest
-        at = -1  # where the received bytes start in the arena (-1: not in one)
-        if arenas.buf:
-            # Since the first large frame, everything is received into the arenas, as
-            # much as the socket holds (headers, payloads, several frames): one receive
-            # per burst, and a frame's payload is one view the pour writes in one go. A
-            # small read-ahead for each header cut every frame in two (two receives, two
-            # pour writes, and its first 64 KiB copied twice on the way into the arena).
-            if arenas.room < ARENA_MIN_ROOM:
+        if into:
+            if not arenas.room:
                 arenas.next()
             at = arenas.fill
-            view = memoryview(arenas.buf)[at : at + min(arenas.room, RECV_MAX)]
+            view = memoryview(arenas.buf)[at : at + min(want, arenas.room)]
             n = -1
             with trio.CancelScope(deadline=deadline):
                 n = await sock.recv_into(view)
@@ -471,13 +466,12 @@ async def _receive(sock: Conn, reader: ReaderEnd, offset: int) -> Result:
             heard = trio.current_time()
             if not n:
                 decoder.close()  # raises Truncated: an end without the end marker
+            decoder.took(n)
             arenas.fill += n
-            events = decoder.feed(view[:n])  # payloads are views of the arena
+            into = decoder.in_data
+            reader.accept(view[:n], at)
         else:
-            # No large frame yet: a connection carrying only small frames (lines) holds
-            # no arena, whatever the number of edges.
             data = None
-            want = decoder.want()
             with trio.CancelScope(deadline=deadline):
                 data = await sock.recv(min(want, RECV_MAX) if decoder.in_data else SMALL_RECV)
             if data is None:
@@ -487,41 +481,42 @@ async def _receive(sock: Conn, reader: ReaderEnd, offset: int) -> Result:
             if not data:
                 decoder.close()
             events = decoder.feed(data)
-        last = len(events) - 1
-        for i, event in enumerate(events):
-            if isinstance(event, codec.Data):
-                if at >= 0:
-                    reader.accept(event.payload, at + event.at)
-                elif i == last and decoder.in_data and decoder.want() >= BIG_FRAME:
-                    # The start of the first large frame came with its header: into an
-                    # arena with it, so the whole frame reads as one buffer.
-                    k = len(event.payload)
-                    arenas.next()
-                    arenas.buf[:k] = event.payload
-                    arenas.fill = k
-                    reader.accept(memoryview(arenas.buf)[:k], 0)
-                else:
-                    reader.accept(event.payload)
-            elif isinstance(event, codec.End):
-                reader.check_end(event.total)
-                reader.finish()
-                if decoder.offset > acked:
-                    # Every byte is here: the writer's daemon frees them now (a data
-                    # ACK, never the END_ACK), not after the program read them all.
-                    acked, acked_at = decoder.offset, heard
-                    await send_all(sock, [handshake.control(Control.ACK, acked)])
-                consumed = await until_consumed(reader, event.total)
-                if consumed:
-                    await send_all(sock, [handshake.control(Control.END_ACK, event.total)])
-                elif procs.reader_closed_early(reader.exit_status):
-                    await send_all(sock, [handshake.control(Control.CLOSE, reader.consumed)])
-                return Result(PullOutcome.END)
-            elif isinstance(event, codec.Abort):
-                return Result(_ABORTS[event.reason], f"{event.reason.name}: {event.message}")
-            elif isinstance(event, codec.Ping):
-                arenas.trim()  # the writer has been idle for PING_EVERY
-        if not arenas.buf and decoder.in_data and decoder.want() >= BIG_FRAME:
-            arenas.next()  # a large frame's header alone: its payload into an arena
+            last = len(events) - 1
+            for i, event in enumerate(events):
+                if isinstance(event, codec.Data):
+                    if i == last and decoder.in_data and decoder.want() >= BIG_FRAME:
+                        # The start of a large frame came with its header: into the
+                        # arena with it, so the whole frame reads as one buffer.
+                        k = len(event.payload)
+                        if arenas.room < k:
+                            arenas.next()
+                        at = arenas.fill
+                        arenas.buf[at : at + k] = event.payload
+                        arenas.fill += k
+                        into = True
+                        reader.accept(memoryview(arenas.buf)[at : at + k], at)
+                    else:
+                        reader.accept(event.payload)
+                elif isinstance(event, codec.End):
+                    reader.check_end(event.total)
+                    reader.finish()
+                    if decoder.offset > acked:
+                        # Every byte is here: the writer's daemon frees them now (a data
+                        # ACK, never the END_ACK), not after the program read them all.
+                        acked, acked_at = decoder.offset, heard
+                        await send_all(sock, [handshake.control(Control.ACK, acked)])
+                    consumed = await until_consumed(reader, event.total)
+                    if consumed:
+                        await send_all(sock, [handshake.control(Control.END_ACK, event.total)])
+                    elif procs.reader_closed_early(reader.exit_status):
+                        await send_all(sock, [handshake.control(Control.CLOSE, reader.consumed)])
+                    return Result(PullOutcome.END)
+                elif isinstance(event, codec.Abort):
+                    return Result(_ABORTS[event.reason], f"{event.reason.name}: {event.message}")
+                elif isinstance(event, codec.Ping):
+                    arenas.trim()  # the writer has been idle for PING_EVERY
+            if decoder.in_data and decoder.want() >= BIG_FRAME:
+                into = True  # a header alone (or its frame's start): the rest into the arena
         unacked = decoder.offset - acked
         if unacked >= ACK_EVERY and (unacked >= ACK_MAX or heard - acked_at >= ACK_GAP):
             acked, acked_at = decoder.offset, heard

@@ -585,7 +585,6 @@ class Diverged(Exception):
 
 
 SHORT_READ = 64 * 1024  # a read is answered with one buffer alone from this size on
-PAGE = 4096  # a short read ends at a multiple of this in the stream (see read)
 
 
 class ReaderState(Enum):
@@ -849,21 +848,13 @@ class ReaderEnd(Notifier):
         if len(first) - head >= min(size // 2, SHORT_READ) or len(chunks) == 1:
             # One buffer answers: hand it (or a view of it) over without copying. A large
             # one is worth a short read (as a pipe gives) rather than a copy to fill it.
-            take = min(len(first) - head, size)
-            if PAGE < take < size:
-                # A short read ends on a page boundary of the stream: the reader receives
-                # in pieces cut wherever the socket was (several frames per receive), and
-                # GNU tar takes a read of a regular file that is no multiple of 512 for a
-                # broken archive. The rest stays first in line (and grows as its frame
-                # comes in, see push); a tail under a page is answered as it is.
-                take -= (self.delivered + take) % PAGE
-            if take == len(first) - head:
+            if len(first) - head <= size:
                 chunks.popleft()
                 out = first if head == 0 else memoryview(first)[head:]
                 self.head = 0
             else:
-                out = memoryview(first)[head : head + take]
-                self.head = head + take
+                out = memoryview(first)[head : head + size]
+                self.head = head + size
         else:
             # Many small buffers (small writes): join them up to the requested size.
             parts: list[bytes | memoryview] = []

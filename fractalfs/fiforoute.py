@@ -65,16 +65,6 @@ PIPE_SIZE = 1 << 20
 #: The writer end keeps views of the arenas until the reader acknowledged them; an arena
 #: is filled again only once no view of it is left (:class:`~fractalfs.dataplane.Arenas`).
 MIN_READ = 64 * 1024  # an arena with less room than this is retired
-#: A program writing at full speed in small writes (stdio's 4 KiB, ``dd bs=4k``) wakes the
-#: drain per write (the kernel wakes a FIFO's poller at every write): the drain read a few
-#: hundred KiB per wakeup, and each read is a frame, a send, a receive and a pour in the
-#: reader's daemon. After a read of at least GATHER_AFTER bytes, a wakeup finding less than
-#: GATHER_BELOW in the pipe waits GATHER_WAIT first (the pipe holds 1 MiB, which such a
-#: writer fills in about that time). Lines never wait: they are small reads, and a large
-#: write (64 KiB and up) is in the pipe whole when the drain wakes.
-GATHER_AFTER = 256 * 1024
-GATHER_BELOW = 64 * 1024
-GATHER_WAIT = 0.001
 F_SETPIPE_SZ = 1031
 CLOSE_GRACE = 0.25  # how long a closed reader FIFO waits to see its program exit
 OPENER_CHECK = 1.0  # seconds between checks that the opener did open the FIFO
@@ -254,7 +244,6 @@ async def drain(node: Node, fifo: Fifo) -> None:
         seen = False
         since = trio.current_time()
         arenas = Arenas.covering(writer.window, CHUNK)
-        gather = False  # the last read was large: the program writes at full speed
         while True:
             # Never read before poll says so: a FIFO no writer opened yet reads as EOF,
             # and the kernel reports hang-up only once a writer came and went.
@@ -272,10 +261,8 @@ async def drain(node: Node, fifo: Fifo) -> None:
                     if seen:
                         fifo.held()
                 continue
-            if gather and fionread(fd) < GATHER_BELOW:
-                await trio.sleep(GATHER_WAIT)
-            if arenas.room < (GATHER_AFTER if gather else MIN_READ):
-                arenas.next()  # (gathering: a read is not cut short by the arena's end)
+            if arenas.room < MIN_READ:
+                arenas.next()
             at = arenas.fill
             try:
                 n = os.readv(fd, [memoryview(arenas.buf)[at:]])
@@ -283,7 +270,6 @@ async def drain(node: Node, fifo: Fifo) -> None:
                 continue
             if not n:
                 break
-            gather = n >= GATHER_AFTER
             if not seen:
                 seen = True
                 fifo.held()

@@ -83,45 +83,62 @@ def test_want_driven_reads_pass_payload_without_copy(chunks: list[bytes]) -> Non
     assert pos == len(wire)
 
 
-def receive_like_the_reader(wire: bytes, sizes: list[int]) -> tuple[bytes, list[codec.Event]]:
-    """What :func:`fractalfs.dataplane._receive` does once it has an arena: receives of any
-    size into one buffer, each fed to the decoder as a view of it. Every payload must be a
-    view of that buffer (no copy), found where ``at`` says, in stream order."""
-    arena = bytearray(len(wire))
+def receive_like_the_reader(
+    wire: bytes, sizes: list[int], readahead: int
+) -> tuple[bytes, list[codec.Event]]:
+    """What :func:`fractalfs.dataplane._receive` does: a read-ahead fed to the decoder when a
+    header is due, payload received straight into a buffer and counted with took()."""
     dec = Decoder()
     pos, out, turn = 0, bytearray(), 0
     events: list[codec.Event] = []
-    while dec.want() and pos < len(wire):
-        n = min(sizes[turn % len(sizes)] if sizes else 1, len(wire) - pos)
+    while dec.want():
+        size = sizes[turn % len(sizes)] if sizes else 1
         turn += 1
-        arena[pos : pos + n] = wire[pos : pos + n]  # recv_into
-        view = memoryview(arena)[pos : pos + n]
-        for ev in dec.feed(view):
-            events.append(ev)
-            if isinstance(ev, codec.Data):
-                assert isinstance(ev.payload, memoryview) and ev.payload.obj is arena
-                assert bytes(ev.payload) == bytes(view[ev.at : ev.at + len(ev.payload)])
-                out += ev.payload
+        if dec.in_data:
+            n = min(size, dec.want(), len(wire) - pos)
+            out += wire[pos : pos + n]  # the caller's own buffer
+            dec.took(n)
+        else:
+            n = min(readahead, len(wire) - pos)
+            for ev in dec.feed(wire[pos : pos + n]):
+                events.append(ev)
+                if isinstance(ev, codec.Data):
+                    out += ev.payload
         pos += n
+        if not n:
+            break
     return bytes(out), events
 
 
-@given(payload_chunks, st.lists(st.integers(1, 700), max_size=8))
-def test_views_fed_give_payload_views_at_their_place(chunks: list[bytes], sizes: list[int]) -> None:
+@given(payload_chunks, st.lists(st.integers(1, 400), max_size=8), st.integers(1, 700))
+def test_took_counts_payload_received_out_of_band(
+    chunks: list[bytes], sizes: list[int], readahead: int
+) -> None:
     wire = encode_stream(chunks)
-    out, events = receive_like_the_reader(wire, sizes)
+    out, events = receive_like_the_reader(wire, sizes, readahead)
     assert out == b"".join(chunks)
     assert events[-1] == codec.End(len(out))
 
 
 @given(payload_chunks, st.integers(0, 10_000), st.lists(st.integers(1, 400), max_size=8))
-def test_views_of_a_truncated_stream_never_read_complete(
+def test_took_on_a_truncated_stream_never_reads_complete(
     chunks: list[bytes], cut: int, sizes: list[int]
 ) -> None:
     wire = encode_stream(chunks)
     wire = wire[: cut % len(wire)]
-    _, events = receive_like_the_reader(wire, sizes)
+    _, events = receive_like_the_reader(wire, sizes, 64)
     assert not any(isinstance(e, codec.End) for e in events)
+
+
+def test_took_outside_a_data_frame_is_refused() -> None:
+    dec = Decoder()
+    with pytest.raises(ValueError):
+        dec.took(1)  # a header is due
+    dec.feed(codec.data_header(10))
+    with pytest.raises(ValueError):
+        dec.took(11)  # more than the frame holds
+    dec.took(10)
+    assert (dec.offset, dec.in_data) == (10, False)
 
 
 def test_empty_stream_is_just_the_end_frame() -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
-from collections.abc import Sequence
 
 import pytest
 import trio
@@ -209,96 +207,3 @@ async def test_a_writer_on_the_smallest_window_allowed_is_acknowledged() -> None
                     got += len(chunk)
             nursery.cancel_scope.cancel()
     assert got == 100 * 30_001
-
-
-def _frames(data: bytes, sizes: list[int]) -> bytes:
-    """``data`` as DATA frames of the given sizes in turn (a writer's batches)."""
-    out, pos, i = bytearray(), 0, 0
-    while pos < len(data):
-        n = min(sizes[i % len(sizes)], len(data) - pos)
-        out += codec.data_header(n) + data[pos : pos + n]
-        pos, i = pos + n, i + 1
-    return bytes(out)
-
-
-async def test_frames_received_whole_into_arenas_are_exact_across_cuts() -> None:
-    """Once a large frame came, the reader receives everything into its arenas (several
-    frames, or a header and the next payload, per receive) and passes payloads on as views
-    of them. Frames of 5 bytes to 1 MiB sent in pieces that cut headers anywhere, the
-    connection cut twice mid-frame and resumed at ``received`` (as a redial does): the
-    program reads exactly the stream, and large payloads reached it as arena views."""
-    rng = __import__("random").Random(8)
-    data = rng.randbytes(9 << 20)
-    sizes = [1 << 20, 5, 700, 64 * 1024 + 3, 1, 300_000, 4096, (1 << 20) - 1, 33_000]
-    reader = ReaderEnd(EdgeId.new(), 4 << 20, 0)
-    got = bytearray()
-    calls = {"recv": 0, "recv_into": 0}
-
-    class Counted:
-        """The reader's connection, counting receives of each kind."""
-
-        def __init__(self, sock: trio.socket.SocketType) -> None:
-            self.sock = sock
-
-        async def recv(self, n: int) -> bytes:
-            calls["recv"] += 1
-            return await self.sock.recv(n)
-
-        async def recv_into(self, buf: memoryview) -> int:
-            calls["recv_into"] += 1
-            return await self.sock.recv_into(buf)
-
-        async def sendmsg(self, bufs: Sequence[bytes | memoryview]) -> int:
-            return await self.sock.sendmsg(bufs)
-
-    async def consume() -> None:
-        while len(got) < len(data):
-            got.extend(await reader.read(rng.choice([4096, 65536, 1 << 20]), 0.05))
-
-    async def send(
-        sock: trio.socket.SocketType, wire: bytes, cut: int | None, done: trio.Event
-    ) -> None:
-        end = len(wire) if cut is None else cut
-        pos = 0
-        while pos < end:
-            n = min(rng.choice([3, 4099, 70_000, 1 << 20, 2 << 20]), end - pos)
-            await dataplane.send_all(sock, [wire[pos : pos + n]])
-            pos += n
-        if cut is None:
-            await dataplane.send_all(sock, [codec.end_frame(len(data))])
-            # The reader waits for the program, then acknowledges the END.
-            while True:
-                raw = await dataplane.recv_exact(sock, handshake.CONTROL.size)
-                if handshake.parse_control(raw)[0] is Control.END_ACK:
-                    break
-        else:
-            # Cut: no more bytes (a close with the reader's ACKs unread would reset instead).
-            sock.shutdown(socket.SHUT_WR)
-        done.set()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(consume)
-        with trio.fail_after(30):
-            for cut_at in (3_500_001, 6_100_000, None):
-                offset = reader.begin_stream(False)
-                wire = _frames(data[offset:], sizes)
-                # A cut inside a frame, a fraction of the remaining stream's wire in.
-                cut = None if cut_at is None else cut_at - offset
-                here, there = trio.socket.socketpair()
-                done = trio.Event()
-                with here, there:
-                    nursery.start_soon(send, here, wire, cut, done)
-                    before = calls["recv"]
-                    if cut is None:
-                        result = await dataplane._receive(Counted(there), reader, offset)
-                        assert result.outcome.name == "END"
-                    else:
-                        with pytest.raises(codec.Truncated):
-                            await dataplane._receive(Counted(there), reader, offset)
-                        assert offset < reader.received < len(data)
-                    # Bytes-sized receives only until the first large frame (the first):
-                    # every later header, small frame and payload went into the arenas.
-                    assert calls["recv"] - before <= 2
-                    await done.wait()
-    assert bytes(got) == data
-    assert calls["recv_into"] > 10

@@ -331,25 +331,6 @@ def test_pieces_received_into_one_buffer_read_as_one_view() -> None:
     assert r.digest is not None and r.digest.digest() == expected
 
 
-async def test_a_short_read_ends_on_a_page_boundary_of_the_stream() -> None:
-    """The reader receives wherever the socket cut (several frames per receive): a short
-    read (a FUSE reader's) of a piece that ends off a page boundary gives up to the
-    boundary, the rest on the next read (GNU tar takes an unaligned read of a regular file
-    for a broken archive: test_interop's fuse-reads ``tar -x`` failed without this)."""
-    r = ReaderEnd(EdgeId.new(), 1 << 20, 0)
-    buf = bytearray(range(256)) * 40  # 10,240 bytes
-    view = memoryview(buf)
-    r.push(view[:10_000], 0)
-    first = await r.read(65536, 0.05)
-    assert len(first) == 8192 and bytes(first) == bytes(buf[:8192])
-    r.push(view[10_000:], 10_000)  # the rest of the frame grows the piece left over
-    second = await r.read(65536, 0.05)
-    assert bytes(second) == bytes(buf[8192:])  # 2,048 bytes: a tail under a page, whole
-    r.push(b"x" * 5000)
-    assert len(await r.read(4096, 0.05)) == 4096  # a full read: as asked
-    assert len(await r.read(4096, 0.05)) == 904
-
-
 async def test_idle_fifos_wake_at_the_first_change_or_hang_up_and_stop_the_rest() -> None:
     """A reader FIFO parked before its first byte has no task: the first change of its
     end (bytes, a failure) or its program closing the read end (POLLERR on the write
