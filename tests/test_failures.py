@@ -227,17 +227,23 @@ def test_writer_daemon_killed_then_rerun_on_another_node(
 
 
 def test_reader_daemon_killed_releases_everyone_and_reruns_recover(
-    cluster: Cluster, programs: Programs, src: Path, tmp_path: Path
+    cluster: Cluster, programs: Programs, tmp_path: Path
 ) -> None:
     a, b, c = three_nodes(cluster)
     edge = new_edge()
     out = tmp_path / "out"
+    src = tmp_path / "src24"
+    src.write_bytes(os.urandom(24 * MiB + 333))
     reader = programs.start(f"cat {c.path(edge)} > {out}")
-    writer = programs.start(f"cat {src} > {a.path(edge)}")
-    # Past the first acknowledgement (every 256 KiB): those bytes are gone from the writer's
-    # window, so only a re-run writer can produce them again. (Before it, nothing is lost:
-    # the writer would simply wait for the next reader.)
-    wait_for(lambda: size(out) >= MiB, 10, "1 MiB delivered")
+    # Paced (~13 MB/s): the reader is killed with over a second of the stream still to come.
+    cmd = " ".join([*SLOWCAT, str(src), a.path(edge), "--delay", "0.005"])
+    writer = programs.start(f"exec {cmd}")
+    # Past an acknowledgement, for certain: more than the write window (8 MiB) was read,
+    # so the writer's daemon has freed acknowledged bytes, and only a re-run writer can
+    # produce them again. (Before any ACK nothing is lost: the writer simply waits for the
+    # next reader. Waiting for 1 MiB left that to timing: the first ACK had not reached
+    # the writer's daemon in about 1 run in 8.)
+    wait_for(lambda: size(out) >= 9 * MiB, 20, "9 MiB delivered")
     c.kill()
     reader.communicate(timeout=10)
     assert reader.returncode != 0  # the reading program gets an error, not a hang
