@@ -21,9 +21,10 @@ from pathlib import Path
 
 import pytest
 
+from fractalfs.cluster import NetCluster
 from fractalfs.edgeid import EdgeId
 from fractalfs.etcdtesting import EtcdCluster, Replica, have_etcd
-from fractalfs.testing import Discovery, Node, Process, log_tails, shared_secret_file
+from fractalfs.testing import Discovery, Node, Process, is_mounted, log_tails, shared_secret_file
 
 needs_fuse = pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
@@ -425,3 +426,21 @@ def store_cluster(
     finally:
         cluster.close()  # the daemons before their discovery, before its etcd
         etcd.stop()
+
+
+@pytest.fixture
+def net(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NetCluster]:
+    """Three hosts (network namespaces on a bridge), a daemon on each; its mode is the
+    test's parameter (``indirect``), dynamic by default."""
+    mode = getattr(request, "param", "dynamic")
+    cluster = NetCluster(tmp_path, 3, ["--writer-lost-timeout", "30", "--mode", mode])
+    cluster.up()
+    mounts = [h.node.mountpoint for h in cluster.hosts if h.node is not None]
+    try:
+        yield cluster
+    finally:
+        if failed(request):
+            print(cluster.diagnose())
+        cluster.down()
+    assert not fuse_d_state()
+    assert not [m for m in mounts if is_mounted(m)]

@@ -19,16 +19,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from fractalfs.cluster import Host, NetCluster, available
-from fractalfs.testing import is_mounted
 
-from .conftest import failed, fuse_d_state, needs_fuse, new_edge, size, wait_for
+from .conftest import needs_fuse, new_edge, size, wait_for
 
 pytestmark = [
     needs_fuse,
@@ -215,22 +214,6 @@ class Pipeline:
                 f"stderr {err[-400:]!r}"
             )
         return "\n".join(lines)
-
-
-@pytest.fixture
-def net(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NetCluster]:
-    mode = getattr(request, "param", "dynamic")
-    cluster = NetCluster(tmp_path, 3, ["--writer-lost-timeout", "30", "--mode", mode])
-    cluster.up()
-    mounts = [h.node.mountpoint for h in cluster.hosts if h.node is not None]
-    try:
-        yield cluster
-    finally:
-        if failed(request):
-            print(cluster.diagnose())
-        cluster.down()
-    assert not fuse_d_state()
-    assert not [m for m in mounts if is_mounted(m)]
 
 
 WORDFREQ = "cat {src} | tr -cs A-Za-z '\\n' | tr A-Z a-z | sort | uniq -c | sort -rn"

@@ -29,16 +29,14 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from fractalfs.cluster import NetCluster, available
-from fractalfs.testing import is_mounted
 
-from .conftest import failed, fuse_d_state, needs_fuse, wait_for
+from .conftest import needs_fuse, wait_for
 from .test_multihost import SLOWCAT, Pipeline, delivered, plain, record, restart_daemon
 
 pytestmark = [
@@ -282,22 +280,6 @@ def expected(w: Workload, inputs: Inputs, tmp: Path) -> bytes:
         text=inputs.text, other=inputs.other, kv=inputs.kv, tree=inputs.tree, tmp=ref
     )
     return plain(cmd)
-
-
-@pytest.fixture
-def net(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NetCluster]:
-    mode = getattr(request, "param", "dynamic")
-    cluster = NetCluster(tmp_path, 3, ["--writer-lost-timeout", "30", "--mode", mode])
-    cluster.up()
-    mounts = [h.node.mountpoint for h in cluster.hosts if h.node is not None]
-    try:
-        yield cluster
-    finally:
-        if failed(request):
-            print(cluster.diagnose())
-        cluster.down()
-    assert not fuse_d_state()
-    assert not [m for m in mounts if is_mounted(m)]
 
 
 def other_host(net: NetCluster, index: int) -> int:
