@@ -19,69 +19,16 @@ import argparse
 import contextlib
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fractalfs.testing import Discovery, Node
-
-
-class Flooder:
-    def __init__(self, target: tuple[str, int], source: str, count: int, trickle: bool) -> None:
-        self.target, self.source, self.count, self.trickle = target, source, count, trickle
-        self.socks: list[socket.socket] = []
-        self.opened = 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            while len(self.socks) < self.count and not self.stop.is_set():
-                s = socket.socket()
-                try:
-                    s.settimeout(3)
-                    s.bind((self.source, 0))
-                    s.connect(self.target)
-                    s.setblocking(False)
-                except OSError:
-                    s.close()
-                    break
-                self.socks.append(s)
-                self.opened += 1
-            alive = []
-            for s in self.socks:
-                try:
-                    if s.recv(1) == b"":
-                        s.close()
-                        continue
-                except BlockingIOError:
-                    pass
-                except OSError:
-                    s.close()
-                    continue
-                if self.trickle:
-                    with contextlib.suppress(OSError):
-                        s.send(b"G")
-                alive.append(s)
-            self.socks = alive
-            self.stop.wait(0.2 if self.trickle else 0.005)
-
-    def __enter__(self) -> Flooder:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(10)
-        for s in self.socks:
-            s.close()
+from fractalfs.testing import Discovery, Flood, Node
 
 
 def main() -> None:
@@ -155,7 +102,7 @@ def main() -> None:
         with contextlib.ExitStack() as stack:
             floods = [
                 stack.enter_context(
-                    Flooder((host, int(port)), f"127.0.0.{9 + i}", args.connections, args.trickle)
+                    Flood(f"{host}:{port}", f"127.0.0.{9 + i}", args.connections, args.trickle)
                 )
                 for i in range(args.addresses)
             ]

@@ -8,10 +8,12 @@ failing test never leaves a mount or a process behind.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -237,3 +239,62 @@ class Node(Process):
         if is_mounted(self.mountpoint):
             unmount(self.mountpoint)
         return code
+
+
+class Flood:
+    """Connections from ``source`` (a loopback address of its own: another peer) to
+    ``endpoint`` that send nothing, each reopened as soon as the server closes it: a
+    slowloris that keeps ``count`` connections at the port for as long as it runs.
+    ``trickle``: each sends a byte every 0.2 s instead (a request head that never ends).
+    Used by tests/test_attacks.py and bench/flood.py."""
+
+    def __init__(self, endpoint: str, source: str, count: int, trickle: bool = False) -> None:
+        host, _, port = endpoint.rpartition(":")
+        self.target, self.source, self.count = (host, int(port)), source, count
+        self.trickle = trickle
+        self.socks: list[socket.socket] = []
+        self.opened = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="flood", daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            while len(self.socks) < self.count and not self.stop.is_set():
+                s = socket.socket()
+                try:
+                    s.settimeout(3)  # a full backlog drops SYNs: the kernel resends after 1 s
+                    s.bind((self.source, 0))
+                    s.connect(self.target)
+                    s.setblocking(False)  # with a timeout, even MSG_DONTWAIT polls first
+                except OSError:
+                    s.close()
+                    break
+                self.socks.append(s)
+                self.opened += 1
+            alive = []
+            for s in self.socks:
+                try:
+                    if s.recv(1) == b"":
+                        s.close()  # the server closed it: reopened on the next round
+                        continue
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    s.close()
+                    continue
+                if self.trickle:
+                    with contextlib.suppress(OSError):
+                        s.send(b"G")
+                alive.append(s)
+            self.socks = alive
+            self.stop.wait(0.2 if self.trickle else 0.005)
+
+    def __enter__(self) -> Flood:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        for s in self.socks:
+            s.close()

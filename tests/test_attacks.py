@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +27,7 @@ import pytest
 from fractalfs import auth, dataplane, handshake
 from fractalfs.edgeid import EdgeId
 from fractalfs.handshake import Hello, Reply, Status
-from fractalfs.testing import Discovery, Node, shared_secret_file
+from fractalfs.testing import Discovery, Flood, Node, shared_secret_file
 
 from .conftest import (
     Cluster,
@@ -268,59 +267,6 @@ def test_a_replayed_hello_and_proof_are_refused_and_the_stream_is_exact(
     assert writer.wait(timeout=60) == 0, writer.stderr.read() if writer.stderr else ""
     assert reader.wait(timeout=60) == 0, reader.stderr.read() if reader.stderr else ""
     assert sha_file(out) == sha_file(src)
-
-
-class Flood:
-    """Connections from ``source`` (a loopback address of its own: another peer) to
-    ``endpoint`` that send nothing, each reopened as soon as the server closes it: a
-    slowloris that keeps ``count`` connections at the port for as long as it runs."""
-
-    def __init__(self, endpoint: str, source: str, count: int) -> None:
-        host, _, port = endpoint.rpartition(":")
-        self.target, self.source, self.count = (host, int(port)), source, count
-        self.socks: list[socket.socket] = []
-        self.opened = 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="flood", daemon=True)
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            while len(self.socks) < self.count and not self.stop.is_set():
-                s = socket.socket()
-                try:
-                    s.settimeout(3)  # a full backlog drops SYNs: the kernel resends after 1 s
-                    s.bind((self.source, 0))
-                    s.connect(self.target)
-                    s.setblocking(False)  # with a timeout, even MSG_DONTWAIT polls first
-                except OSError:
-                    s.close()
-                    break
-                self.socks.append(s)
-                self.opened += 1
-            alive = []
-            for s in self.socks:
-                try:
-                    if s.recv(1) == b"":
-                        s.close()  # the server closed it: reopened on the next round
-                        continue
-                except BlockingIOError:
-                    pass
-                except OSError:
-                    s.close()
-                    continue
-                alive.append(s)
-            self.socks = alive
-            self.stop.wait(0.005)
-
-    def __enter__(self) -> Flood:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(10)
-        for s in self.socks:
-            s.close()
 
 
 def descriptors(pid: int) -> int:

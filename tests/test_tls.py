@@ -367,7 +367,9 @@ def test_a_flood_of_unfinished_tls_handshakes_at_discovery_meets_its_cap(
     against its cap from accept, as plain HTTP ones do, so its descriptors stay bounded
     and a client from another address is answered (aiohttp sees a connection only once
     its TLS handshake is done; asyncio's own handshake timeout is 60 s)."""
-    from .test_attacks import Flood, descriptors
+    from fractalfs.testing import Flood
+
+    from .test_attacks import descriptors
 
     d = new_tls(tmp_path / "tls")
     conf = tmp_path / "discovery.toml"
