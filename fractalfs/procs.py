@@ -13,6 +13,7 @@ finished, and only this tells the two apart (upstream FRACTAL cannot).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import socket
 import struct
@@ -547,13 +548,45 @@ _EVENT_OFFSET = _NLMSG.size + _CNMSG.size
 _EXIT = struct.Struct("=IIII")  # pid, tgid, exit_code, exit_signal
 
 
+# The connector sends every fork, exec, uid/gid/sid change, comm change and thread exit of
+# the host. A classic BPF filter on the socket keeps only the exits of whole processes
+# (pid == tgid), so a busy host's other programs neither wake the daemon nor fill the
+# socket's buffer (ENOBUFS: the events lost make outcomes unknown). `BPF_ABS` loads are
+# big-endian: the event type 0x80000000, little-endian in memory, reads as 0x00000080.
+_WHAT_AT = _EVENT_OFFSET
+_PID_AT = _EVENT_OFFSET + 16
+_BPF = struct.Struct("=HBBI")
+_EXIT_AS_LOADED = int.from_bytes(struct.pack("=I", PROC_EVENT_EXIT), "big")
+SO_ATTACH_FILTER = 26
+_EXITS_ONLY = [
+    (0x20, 0, 0, _WHAT_AT),  # ld [what]
+    (0x15, 0, 4, _EXIT_AS_LOADED),  # jeq EXIT ? next : drop
+    (0x20, 0, 0, _PID_AT + 4),  # ld [tgid]
+    (0x07, 0, 0, 0),  # tax
+    (0x20, 0, 0, _PID_AT),  # ld [pid]
+    (0x1D, 1, 0, 0),  # jeq x ? keep : drop
+    (0x06, 0, 0, 0),  # drop: ret 0
+    (0x06, 0, 0, 0xFFFF),  # keep: ret 65535
+]
+
+
+def _attach_exits_only(sock: socket.socket) -> None:
+    code = b"".join(_BPF.pack(*ins) for ins in _EXITS_ONLY)
+    buf = ctypes.create_string_buffer(code)
+    prog = struct.pack("HL", len(_EXITS_ONLY), ctypes.addressof(buf))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, prog)
+
+
 def open_exit_events() -> socket.socket | None:
-    """A netlink socket receiving every process exit, or None where that is unavailable."""
+    """A netlink socket receiving every exit of a whole process, or None where that is
+    unavailable. Without the filter (refused) it receives every event, parsed the same."""
     try:
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_CONNECTOR)
     except OSError:
         return None
     try:
+        with contextlib.suppress(OSError):
+            _attach_exits_only(sock)
         sock.bind((0, CN_IDX_PROC))
         op = struct.pack("=I", PROC_CN_MCAST_LISTEN)
         cn = _CNMSG.pack(CN_IDX_PROC, 1, 0, 0, len(op), 0)

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -385,3 +386,33 @@ def test_a_failing_holder_is_the_openers_descendant_not_any_process_of_its_group
         for p in procs_started:
             p.kill()
             p.wait()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the proc connector needs root")
+def test_exit_events_are_only_whole_process_exits() -> None:
+    """The daemon's proc connector socket gets no fork, exec or thread-exit events: the
+    kernel's filter drops them, so a busy host's other programs do not wake the daemon.
+    (Without the filter, each `sh` below sends a fork and an exec event too.)"""
+    sock = procs.open_exit_events()
+    if sock is None:
+        pytest.skip("no proc connector here (not in the initial network namespace)")
+    with sock:
+        sock.settimeout(1.0)
+        children = [subprocess.Popen(["sh", "-c", "exit 3"]) for _ in range(10)]
+        for child in children:
+            child.wait()
+        thread = threading.Thread(target=time.sleep, args=(0.01,))
+        thread.start()
+        thread.join()
+        pending = {child.pid for child in children}
+        others = []
+        while pending:
+            data = sock.recv(4096)
+            event = procs.parse_exit_event(data)
+            if event is None:
+                others.append(data[:64])
+                continue
+            if event[0] in pending:
+                assert event[1] == 3 << 8
+                pending.discard(event[0])
+        assert others == [], "events other than a whole process's exit came through"
