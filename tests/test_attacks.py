@@ -514,3 +514,86 @@ def test_connections_that_proved_the_secret_are_never_pushed_out(tmp_path: Path)
                 s.close()
     finally:
         disc.stop()
+
+
+HOLDS_ELSEWHERE = r"""
+import errno, os, sys, time
+path, flags, until = sys.argv[1], int(sys.argv[2]), time.monotonic() + float(sys.argv[3])
+got = set()
+while time.monotonic() < until:
+    try:
+        os.close(os.open(path, flags))
+        got.add("opened")
+    except OSError as exc:
+        got.add(errno.errorcode[exc.errno])
+print(" ".join(sorted(got)))
+"""
+
+
+@needs_fuse
+@pytest.mark.serial  # asserts how long a lookup takes
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
+@pytest.mark.parametrize("end", ["writer", "reader"])
+def test_opening_an_edge_held_on_another_node_does_not_stall_everyones_lookups(
+    work: Path, end: str
+) -> None:
+    """The kernel serialises the LOOKUPs of one directory, and a FIFO open is decided in
+    its LOOKUP. An end held on another node is waited for (a killed holder's release may
+    be on its way), up to 2 s: that wait must not hold the mount root's lookup lock, or
+    `nobody`, opening such an edge in a loop (its name is in any `ps` listing), stalls
+    every other user's first open of a new edge on the node for as long as it likes."""
+    (work / "disc").mkdir()
+    disc = Discovery(work / "disc")
+    nodes: list[Node] = []
+    try:
+        disc.start()
+        a, b = nodes = [Node(work, name, disc.url) for name in ("a", "b")]
+        for n in nodes:
+            n.start()
+            n.mountpoint.chmod(0o755)
+        edge = new_edge()
+        if end == "writer":  # its writer is open on b (and stays so)
+            held = subprocess.Popen(
+                ["sh", "-c", f"sleep 30 > {b.path(edge)}"], start_new_session=True
+            )
+            flags = os.O_WRONLY
+        else:  # its reader is open on b, waiting for a writer
+            held = subprocess.Popen(
+                ["sh", "-c", f"cat {b.path(edge)} > /dev/null"], start_new_session=True
+            )
+            flags = os.O_RDONLY
+        try:
+            wait_for(
+                lambda: bool(
+                    httpx.get(f"{disc.url}/v1/edges/{edge}", auth=disc.auth, timeout=5)
+                    .json()
+                    .get(f"{end}_node")
+                ),
+                10,
+                f"the {end} registered on b",
+            )
+            attack = [sys.executable, "-c", HOLDS_ELSEWHERE, a.path(edge), str(flags), "6"]
+            attacker = subprocess.Popen(
+                [*as_uid(65534), *attack],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            time.sleep(0.5)
+            took = []
+            for _ in range(8):
+                start = time.monotonic()
+                os.stat(a.path(new_edge()))  # a name never looked up: the lookup path
+                took.append(time.monotonic() - start)
+                time.sleep(0.25)
+            out, _ = attacker.communicate(timeout=30)
+        finally:
+            os.killpg(held.pid, 9)
+            held.wait()
+        assert out.split() == ["EBUSY"], out  # refused as before, after the same grace
+        assert max(took) < 1.0, [f"{t:.2f}" for t in took]
+        assert a.alive() and b.alive()
+    finally:
+        for n in reversed(nodes):
+            n.stop()
+        disc.stop()
+    assert not fuse_d_state(work)
