@@ -74,6 +74,10 @@ def _client_tls(args: argparse.Namespace) -> ssl.SSLContext | bool:
     directory = args.tls_dir or os.environ.get("FRACTALFS_TLS_DIR", "")
     if not directory:
         return True  # the system's CAs (and plain http needs nothing)
+    for url in args.discovery.split(","):
+        if url.strip().lower().startswith("http://"):
+            # TLS asked for, and the password would go out in the clear to whoever answers.
+            raise QuietError(f"{url.strip()}: with --tls-dir, discovery URLs are https://", 2)
     try:
         return client_context(check_dir(directory))
     except TlsError as exc:
