@@ -41,7 +41,7 @@ import trio
 from . import fifokeeper, fiforoute, metrics, procs, testhooks
 from .edgeid import EdgeId
 from .edges import EdgeError, ReaderEnd, WriterEnd
-from .node import HeldElsewhere, Node
+from .node import Node, WouldWait
 from .ownership import ROOT_UID, Owners
 from .policy import Mode
 
@@ -465,7 +465,7 @@ class Operations(pyfuse3.Operations):
         except BaseException as exc:
             fiforoute.let_go(ends, ino, self.keeper)
             self._forget_fifo(ino)
-            if isinstance(exc, HeldElsewhere):
+            if isinstance(exc, WouldWait):
                 return None  # the FUSE open waits for it, not holding the lookup lock
             raise
         # No FUSE handle: the FIFO record counts the uid's memory (_reserve), and keeps
@@ -626,7 +626,7 @@ class Operations(pyfuse3.Operations):
             self.keeper.drain_held(ino)  # no program gets this FIFO: the keepers' dups go
             os.close(fd)
             self._forget_fifo(ino)
-            if isinstance(exc, HeldElsewhere):
+            if isinstance(exc, WouldWait):
                 return None  # the FUSE open waits for it, not holding the lookup lock
             raise
         fifo = self._fifo_writers[edge] = fiforoute.Fifo(writer, ino, path)

@@ -67,9 +67,10 @@ CLOSE_GRACE = 0.25  # how long a close by a live program waits to see it exit
 RELEASE_GRACE = 2.0
 
 
-class HeldElsewhere(Exception):
+class WouldWait(Exception):
     """An open that may not wait (a FIFO's LOOKUP, see :meth:`Node.open_writer`) found the
-    end held on another node: the caller opens through FUSE instead, where it waits."""
+    end held (on another node, or here by a file not yet released): the caller opens
+    through FUSE instead, where it waits."""
 
 
 #: An early close before the reader's daemon is connected to the writer's waits this long
@@ -320,13 +321,17 @@ class Node:
 
     async def open_writer(self, edge: EdgeId, pid: int, *, wait: bool = True) -> WriterEnd:
         """``wait`` False (a FIFO's LOOKUP, which holds the mount root's lookup lock, so
-        every other user's lookups wait for it): a writer open on another node raises
-        :class:`HeldElsewhere` at once instead of being given RELEASE_GRACE to go."""
+        every other user's lookups wait for it): a writer still open here or on another
+        node raises :class:`WouldWait` at once instead of being given RELEASE_GRACE to
+        go (a user can keep an end "being released" for good: its program exited, a
+        child of it holds the file)."""
         if self.closing:
             raise EdgeError(errno.ESHUTDOWN, "daemon is shutting down")
         slot = self._slot(edge)
         old = slot.writer
         if old is not None and old.state is WriterState.OPEN and not old.released:
+            if not wait:
+                raise WouldWait(f"edge {edge}: its writer here is not released yet")
             await self._await_release(old, pid)
             slot = self._slot(edge)
             old = slot.writer
@@ -556,14 +561,14 @@ class Node:
         one; but the one it knows of may be a killed program whose daemon has not recorded
         its end yet (the re-run came at once, on another node; that daemon is busy, or
         behind a replica that is gone). Give that end RELEASE_GRACE to arrive, watching the
-        edge, before answering EBUSY. ``wait`` False: :class:`HeldElsewhere` at once."""
+        edge, before answering EBUSY. ``wait`` False: :class:`WouldWait` at once."""
         deadline = trio.current_time() + RELEASE_GRACE
         while True:
             try:
                 return await self._interruptible(pid, call)
             except Conflict as exc:
                 if not wait:
-                    raise HeldElsewhere(str(exc)) from None
+                    raise WouldWait(str(exc)) from None
                 left = deadline - trio.current_time()
                 if left <= 0:
                     raise
@@ -628,6 +633,8 @@ class Node:
         if taken is not None:
             return taken
         if slot.reader is not None:
+            if not wait and not slot.reader.released:
+                raise WouldWait(f"edge {edge}: its reader here is not released yet")
             await self._await_release(slot.reader, pid)
             slot = self._slot(edge)
         if "reader" in slot.opening or slot.reader is not None:

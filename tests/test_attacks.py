@@ -597,3 +597,59 @@ def test_opening_an_edge_held_on_another_node_does_not_stall_everyones_lookups(
             n.stop()
         disc.stop()
     assert not fuse_d_state(work)
+
+
+HELD_HERE = r"""
+import errno, os, sys, time
+path, until = sys.argv[1], time.monotonic() + float(sys.argv[2])
+if os.fork() == 0:  # opens the edge on FUSE, leaves its file to a child, and exits
+    fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    if os.fork() == 0:
+        time.sleep(float(sys.argv[2]) + 5)
+        os._exit(0)
+    os._exit(0)
+os.wait()
+got = set()
+while time.monotonic() < until:
+    try:  # a plain open: a writer FIFO, decided in the LOOKUP
+        os.close(os.open(path, os.O_WRONLY))
+        got.add("opened")
+    except OSError as exc:
+        got.add(errno.errorcode[exc.errno])
+print(" ".join(sorted(got)))
+"""
+
+
+@needs_fuse
+@pytest.mark.serial  # asserts how long a lookup takes
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
+def test_reopening_an_edge_whose_holder_exited_does_not_stall_everyones_lookups(
+    node: Node,
+) -> None:
+    """A writer whose program exited while another process (its child) still holds the
+    file is an end "being released": a re-run's open waits up to 2 s for it. `nobody`,
+    on one node alone, leaves such an end on its own edge and opens it again and again:
+    that wait must not be in the LOOKUP (the mount root's lookup lock), or every other
+    user's first open of a new edge waits behind it."""
+    edge = new_edge()
+    attacker = subprocess.Popen(
+        [*as_uid(65534), sys.executable, "-c", HELD_HERE, node.path(edge), "6"],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its child, holding the file, goes with the group
+    )
+    time.sleep(1.0)
+    took = []
+    for _ in range(8):
+        start = time.monotonic()
+        os.stat(node.path(new_edge()))  # a name never looked up: the lookup path
+        took.append(time.monotonic() - start)
+        time.sleep(0.25)
+    try:
+        out, _ = attacker.communicate(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(attacker.pid, 9)
+    assert out.split() == ["EBUSY"], out
+    assert max(took) < 1.0, [f"{t:.2f}" for t in took]
+    assert node.alive()
