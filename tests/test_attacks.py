@@ -653,3 +653,37 @@ def test_reopening_an_edge_whose_holder_exited_does_not_stall_everyones_lookups(
     assert out.split() == ["EBUSY"], out
     assert max(took) < 1.0, [f"{t:.2f}" for t in took]
     assert node.alive()
+
+
+READ_IN_A_THREAD = r"""
+import os, sys, threading, time
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_CREAT, 0o600)  # O_CREAT: stays on FUSE
+threading.Thread(target=os.read, args=(fd, 4096), daemon=True).start()
+time.sleep(0.5)  # the thread waits in a FUSE read (no writer)
+print("reading", flush=True)
+os._exit(0)  # exit_group: the other thread is SIGKILLed, the opener is a zombie
+"""
+
+
+@needs_fuse
+def test_a_program_exiting_while_another_thread_reads_an_edge_is_not_left_in_d_state(
+    node: Node,
+) -> None:
+    """The thread that opened an edge exits with its program while another of its
+    threads waits in a read (no writer yet): the kernel has SIGKILLed that thread and
+    waits, uninterruptibly, for the daemon's answer (pyfuse3 ignores FUSE_INTERRUPT).
+    The daemon must see the program is exiting and answer, or the program stays a
+    zombie with a thread in D state, unkillable, until a writer comes."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", READ_IN_A_THREAD, node.path(new_edge())],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "reading\n"
+    try:
+        assert proc.wait(timeout=5) == 0
+    except subprocess.TimeoutExpired:
+        proc.kill()  # in vain while its thread waits for the daemon
+        raise AssertionError("the exiting program is stuck: a thread in D state") from None
+    assert node.alive()
