@@ -202,6 +202,11 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("new-edge", help="print a fresh edge id")
     sub.add_parser("new-secret", help="print a fresh cluster secret (store it mode 0600)")
+    k = sub.add_parser(
+        "operator-key",
+        help="print the operator's password derived from the secret (Prometheus, the browser)",
+    )
+    k.add_argument("--secret-file", metavar="PATH", help=SECRET_HELP)
     t = sub.add_parser("new-tls", help="create DIR with a CA, the cluster certificate and key")
     t.add_argument("dir", metavar="DIR")
 
@@ -407,6 +412,11 @@ def main(argv: list[str] | None = None) -> int:
             from .auth import new_secret
 
             print(new_secret())
+        elif args.command == "operator-key":
+            auth = _client_auth(args)
+            if auth is None:
+                raise QuietError("no cluster secret here: pass --secret-file", 2)
+            print(auth[1])
         elif args.command == "new-tls":
             from .tls import TlsError, new_tls
 

@@ -559,3 +559,32 @@ def test_the_cli_never_sends_the_secret_itself(disc: Discovery, tmp_path: Path) 
         f" --secret-file {disc.secret_file}"
     )
     assert b'"edges"' in ok.stdout
+
+
+def test_the_operator_key_serves_prometheus_and_the_browser(
+    disc: Discovery, tmp_path: Path
+) -> None:
+    """`fractalfs operator-key` prints the password the CLI sends, for whatever else logs
+    in as the operator (Prometheus' basic_auth, the status page): discovery takes it as
+    it takes the secret, and a scraper configured with it never holds the secret."""
+    got = subprocess.run(
+        [*CMD, "operator-key", "--secret-file", disc.secret_file],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert got.returncode == 0, got.stderr
+    key = got.stdout.strip()
+    secret = Path(disc.secret_file).read_text().strip()
+    assert len(key) == 64 and key != secret
+    for path in ("/metrics", "/v1/edges", "/"):
+        assert httpx.get(disc.url + path, auth=("prometheus", key), timeout=5).status_code == 200
+    wrong = httpx.get(disc.url + "/metrics", auth=("prometheus", key[:-1] + "0"), timeout=5)
+    assert wrong.status_code == 401 or key.endswith("0")
+    missing = subprocess.run(
+        [*CMD, "operator-key", "--secret-file", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr
