@@ -5,8 +5,12 @@ over the network but does not hold the cluster secret must not read, inject, fen
 delete or squat any stream, nor learn generations and offsets. Every node and operator of
 the cluster holds the same secret; keys are derived from it per purpose:
 
-* **operator**: HTTP Basic with any user name and the secret as password (the CLI, the
-  status page in a browser, which EventSource then reuses) may do anything;
+* **operator**: HTTP Basic with any user name and, as password, ``operator_key(secret)``
+  (what the CLI sends) or the secret itself (what a person types into the status page's
+  login, which EventSource then reuses, and Prometheus' ``basic_auth``) may do anything.
+  The CLI never sends the secret itself: over plain HTTP whoever listens where it
+  connects (another local user who bound a loopback port discovery is not on) reads the
+  password, and the derived key gives no data-plane or node key;
 * **node X**: HTTP Basic with user name X (percent-encoded) and ``node_key(secret, X)``
   may act only as X (heartbeat, leave, claims, registrations, progress of X's ends). As
   every node holds the secret, this protects against mistakes and against requests that
@@ -93,6 +97,10 @@ def node_key(secret: bytes, node: str) -> str:
     return _derive(secret, b"node\0" + node.encode()).hex()
 
 
+def operator_key(secret: bytes) -> str:
+    return _derive(secret, b"operator").hex()
+
+
 def data_key(secret: bytes) -> bytes:
     return _derive(secret, b"data-plane v1")
 
@@ -103,7 +111,8 @@ def node_credentials(secret: bytes, node: str) -> tuple[str, str]:
 
 
 def operator_credentials(secret: bytes) -> tuple[str, str]:
-    return "fractalfs", secret.decode()
+    """What the CLI sends: a key derived for the operator, never the secret itself."""
+    return "fractalfs", operator_key(secret)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +139,9 @@ def check_basic(secret: bytes, header: str) -> Principal | None:
     node = unquote(user)
     if node and hmac.compare_digest(password.encode(), node_key(secret, node).encode()):
         return Principal(node)
-    if hmac.compare_digest(password.encode(), secret):
+    proof = password.encode()
+    operator = hmac.compare_digest(proof, operator_key(secret).encode())
+    if hmac.compare_digest(proof, secret) | operator:
         return Principal(None)
     return None
 

@@ -74,6 +74,10 @@ def _client_tls(args: argparse.Namespace) -> ssl.SSLContext | bool:
     directory = args.tls_dir or os.environ.get("FRACTALFS_TLS_DIR", "")
     if not directory:
         return True  # the system's CAs (and plain http needs nothing)
+    for url in args.discovery.split(","):
+        if url.strip().lower().startswith("http://"):
+            # TLS asked for, and the password would go out in the clear to whoever answers.
+            raise QuietError(f"{url.strip()}: with --tls-dir, discovery URLs are https://", 2)
     try:
         return client_context(check_dir(directory))
     except TlsError as exc:
@@ -198,6 +202,11 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("new-edge", help="print a fresh edge id")
     sub.add_parser("new-secret", help="print a fresh cluster secret (store it mode 0600)")
+    k = sub.add_parser(
+        "operator-key",
+        help="print the operator's password derived from the secret (Prometheus, the browser)",
+    )
+    k.add_argument("--secret-file", metavar="PATH", help=SECRET_HELP)
     t = sub.add_parser("new-tls", help="create DIR with a CA, the cluster certificate and key")
     t.add_argument("dir", metavar="DIR")
 
@@ -403,6 +412,11 @@ def main(argv: list[str] | None = None) -> int:
             from .auth import new_secret
 
             print(new_secret())
+        elif args.command == "operator-key":
+            auth = _client_auth(args)
+            if auth is None:
+                raise QuietError("no cluster secret here: pass --secret-file", 2)
+            print(auth[1])
         elif args.command == "new-tls":
             from .tls import TlsError, new_tls
 

@@ -41,7 +41,7 @@ import trio
 from . import fifokeeper, fiforoute, metrics, procs, testhooks
 from .edgeid import EdgeId
 from .edges import EdgeError, ReaderEnd, WriterEnd
-from .node import Node
+from .node import Node, WouldWait
 from .ownership import ROOT_UID, Owners
 from .policy import Mode
 
@@ -461,10 +461,12 @@ class Operations(pyfuse3.Operations):
             log.warning("edge %s: %s; this open reads through FUSE", edge, why)
             return None
         try:
-            reader = await self.node.open_reader(edge, ctx.pid)
-        except BaseException:
+            reader = await self.node.open_reader(edge, ctx.pid, wait=False)
+        except BaseException as exc:
             fiforoute.let_go(ends, ino, self.keeper)
             self._forget_fifo(ino)
+            if isinstance(exc, WouldWait):
+                return None  # the FUSE open waits for it, not holding the lookup lock
             raise
         # No FUSE handle: the FIFO record counts the uid's memory (_reserve), and keeps
         # the edge busy (_busy) until its feed ends (_fed).
@@ -619,11 +621,13 @@ class Operations(pyfuse3.Operations):
             self._fuse_write_because(f"no FIFO for this open ({exc})")
             return None
         try:
-            writer = await self.node.open_writer(edge, pid)
-        except BaseException:
+            writer = await self.node.open_writer(edge, pid, wait=False)
+        except BaseException as exc:
             self.keeper.drain_held(ino)  # no program gets this FIFO: the keepers' dups go
             os.close(fd)
             self._forget_fifo(ino)
+            if isinstance(exc, WouldWait):
+                return None  # the FUSE open waits for it, not holding the lookup lock
             raise
         fifo = self._fifo_writers[edge] = fiforoute.Fifo(writer, ino, path)
         fifo.fd = fd

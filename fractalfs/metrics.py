@@ -106,7 +106,8 @@ def serve(
         )
     server.set_app(guarded)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
-    log.info("metrics on %s://%s:%d/metrics", "https" if tls else "http", host, port)
+    bound = server.server_address[1]  # port 0: the one the kernel picked
+    log.info("metrics on %s://%s:%d/metrics", "https" if tls else "http", host, bound)
 
 
 class _Handler(WSGIRequestHandler):

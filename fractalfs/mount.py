@@ -315,6 +315,10 @@ def run(config: NodeConfig, *, ready: Callable[[str], None] | None = None) -> No
             ) from None
     else:
         url = check_url(config.discovery_url)
+        plain = [u for u in url.split(",") if urlsplit(u).scheme == "http"]
+        if tls is not None and plain:
+            # The node's key would cross the network in the clear, to whoever answers.
+            raise QuietError(f"{plain[0]}: with --tls-dir, discovery URLs are https://", 2)
     freeze_startup_heap()
     try:
         trio.run(functools.partial(serve, config, url, ready=ready, secret=secret, tls=tls))

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import os
 import select
+import stat
 import subprocess
 import sys
 import time
+from typing import BinaryIO
 
 from .config import NodeConfig, field_types
 
@@ -77,6 +79,21 @@ def parse(argv: list[str]) -> tuple[str, str, dict[str, str]]:
     return positional[0], positional[1], options
 
 
+def open_log(path: str) -> BinaryIO:
+    """The daemon's log, for appending: created 0600, and never readable by every user
+    (its lines name edges, and an edge's name is all another node's user needs to open
+    it first there): an existing file loses its bits for others."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        st = os.fstat(fd)
+        if st.st_mode & 0o007 and st.st_uid == os.geteuid():
+            os.fchmod(fd, stat.S_IMODE(st.st_mode) & ~0o007)
+    except OSError:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "ab")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         source, mountpoint, options = parse(sys.argv[1:] if argv is None else argv)
@@ -94,7 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in options.items():
         env[f"FRACTALFS_{key.upper()}"] = value  # the same typed checks as the config file
     log_path = env.get("FRACTALFS_LOG", "/var/log/fractalfs.log")
-    with open(log_path, "ab") as log:
+    try:
+        log = open_log(log_path)
+    except OSError as exc:
+        print(f"mount.fuse.fractalfs: log {log_path}: {exc.strerror}", file=sys.stderr)
+        return 1
+    with log:
         start = log.tell()
         proc = subprocess.Popen(
             cmd,

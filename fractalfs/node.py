@@ -65,6 +65,14 @@ ABORTED_PIDS_MAX = 4096  # Node.aborted_pids: at most this many; when full, thos
 ABORTED_PIDS_AGE = 60.0  # than this many seconds go (or the older half)
 CLOSE_GRACE = 0.25  # how long a close by a live program waits to see it exit
 RELEASE_GRACE = 2.0
+
+
+class WouldWait(Exception):
+    """An open that may not wait (a FIFO's LOOKUP, see :meth:`Node.open_writer`) found the
+    end held (on another node, or here by a file not yet released): the caller opens
+    through FUSE instead, where it waits."""
+
+
 #: An early close before the reader's daemon is connected to the writer's waits this long
 #: for the connection: the "no more" travels on it (``: < E`` while ``yes > E`` runs).
 CONNECT_WAIT = 1.0
@@ -311,12 +319,19 @@ class Node:
             await self._announced()
         return await self.discovery.register_writer(edge.hex, self.name, self.endpoint, mode)
 
-    async def open_writer(self, edge: EdgeId, pid: int) -> WriterEnd:
+    async def open_writer(self, edge: EdgeId, pid: int, *, wait: bool = True) -> WriterEnd:
+        """``wait`` False (a FIFO's LOOKUP, which holds the mount root's lookup lock, so
+        every other user's lookups wait for it): a writer still open here or on another
+        node raises :class:`WouldWait` at once instead of being given RELEASE_GRACE to
+        go (a user can keep an end "being released" for good: its program exited, a
+        child of it holds the file)."""
         if self.closing:
             raise EdgeError(errno.ESHUTDOWN, "daemon is shutting down")
         slot = self._slot(edge)
         old = slot.writer
         if old is not None and old.state is WriterState.OPEN and not old.released:
+            if not wait:
+                raise WouldWait(f"edge {edge}: its writer here is not released yet")
             await self._await_release(old, pid)
             slot = self._slot(edge)
             old = slot.writer
@@ -328,7 +343,7 @@ class Node:
             register = functools.partial(
                 self._register_writer, edge, (expected[0].value, expected[1])
             )
-            rec = await self._until_free(edge, pid, register)
+            rec = await self._until_free(edge, pid, register, wait)
         slot = self._slot(edge)
         if slot.writer is not None:
             self._abort_writer(slot.writer, AbortReason.STALE, "a newer writer took the edge over")
@@ -536,18 +551,24 @@ class Node:
                     del self._closing[writer.edge]
 
     async def _until_free(
-        self, edge: EdgeId, pid: int, call: Callable[[], Awaitable[dict[str, Any]]]
+        self,
+        edge: EdgeId,
+        pid: int,
+        call: Callable[[], Awaitable[dict[str, Any]]],
+        wait: bool = True,
     ) -> dict[str, Any]:
         """Registers a writer or claims a reader (``call``). Discovery refuses a second open
         one; but the one it knows of may be a killed program whose daemon has not recorded
         its end yet (the re-run came at once, on another node; that daemon is busy, or
         behind a replica that is gone). Give that end RELEASE_GRACE to arrive, watching the
-        edge, before answering EBUSY."""
+        edge, before answering EBUSY. ``wait`` False: :class:`WouldWait` at once."""
         deadline = trio.current_time() + RELEASE_GRACE
         while True:
             try:
                 return await self._interruptible(pid, call)
-            except Conflict:
+            except Conflict as exc:
+                if not wait:
+                    raise WouldWait(str(exc)) from None
                 left = deadline - trio.current_time()
                 if left <= 0:
                     raise
@@ -603,7 +624,8 @@ class Node:
 
     # -- readers -------------------------------------------------------------------------
 
-    async def open_reader(self, edge: EdgeId, pid: int) -> ReaderEnd:
+    async def open_reader(self, edge: EdgeId, pid: int, *, wait: bool = True) -> ReaderEnd:
+        """``wait``: as for :meth:`open_writer`."""
         if self.closing:
             raise EdgeError(errno.ESHUTDOWN, "daemon is shutting down")
         slot = self._slot(edge)
@@ -611,6 +633,8 @@ class Node:
         if taken is not None:
             return taken
         if slot.reader is not None:
+            if not wait and not slot.reader.released:
+                raise WouldWait(f"edge {edge}: its reader here is not released yet")
             await self._await_release(slot.reader, pid)
             slot = self._slot(edge)
         if "reader" in slot.opening or slot.reader is not None:
@@ -621,7 +645,7 @@ class Node:
             # per reader open instead of three (claim, a look, a look before parking).
             token = self.follower.watch(edge.hex)
             try:
-                claim, rec = await self._claim_reader(edge, pid)
+                claim, rec = await self._claim_reader(edge, pid, wait)
                 claimed_at = int(rec.get("version") or 0)
                 if claim == claimed_at:
                     # SQLite's claim is its event's seq, the version it left: one int
@@ -639,7 +663,9 @@ class Node:
         self._spawn(self._pump, reader, None, None, False, (rec, token))
         return reader
 
-    async def _claim_reader(self, edge: EdgeId, pid: int) -> tuple[int, dict[str, Any]]:
+    async def _claim_reader(
+        self, edge: EdgeId, pid: int, wait: bool = True
+    ) -> tuple[int, dict[str, Any]]:
         """Discovery refuses a second open reader; but the reader it knows of may be a
         killed one whose node has not said so yet (the re-run came at once, elsewhere).
         Give that release a moment to arrive, watching the edge, before answering EBUSY.
@@ -647,7 +673,7 @@ class Node:
         if self.unannounced and not self.announced.is_set():  # see announced
             await self._interruptible(pid, self._announced)
         claim = functools.partial(self.discovery.claim_reader, edge.hex, self.name)
-        rec = await self._until_free(edge, pid, claim)
+        rec = await self._until_free(edge, pid, claim, wait)
         return int(rec.get("reader_claim", 0)), rec
 
     async def read(self, reader: ReaderEnd, size: int) -> bytes | memoryview:

@@ -79,10 +79,10 @@ def _status_paths(pid: int, tgid: int) -> tuple[str, ...]:
     return (f"/proc/{tgid}/task/{pid}/status", f"/proc/{tgid}/status")
 
 
-def _signal_masks(pid: int, tgid: int = 0) -> tuple[int, int, int] | None:
+def _signal_masks(pid: int, tgid: int = 0) -> tuple[int, int, int, bool] | None:
     """(pending, blocked, ignored) signal masks of thread ``pid`` (of process ``tgid``;
-    0: ``pid`` is the process) from /proc, or None if the process no longer exists (other
-    OSErrors propagate)."""
+    0: ``pid`` is the process) from /proc, and whether it is a zombie, or None if the
+    process no longer exists (other OSErrors propagate)."""
     for path in _status_paths(pid, tgid):
         try:
             with open(path, "rb") as f:
@@ -93,14 +93,17 @@ def _signal_masks(pid: int, tgid: int = 0) -> tuple[int, int, int] | None:
     else:
         return None
     pending = blocked = ignored = 0
+    zombie = False
     for line in text.split(b"\n"):
-        if line.startswith((b"SigPnd:", b"ShdPnd:")):
+        if line.startswith(b"State:"):
+            zombie = line.split()[1:2] in ([b"Z"], [b"X"])
+        elif line.startswith((b"SigPnd:", b"ShdPnd:")):
             pending |= _mask(line.split()[1].decode())
         elif line.startswith(b"SigBlk:"):
             blocked = _mask(line.split()[1].decode())
         elif line.startswith(b"SigIgn:"):
             ignored = _mask(line.split()[1].decode())
-    return pending, blocked, ignored
+    return pending, blocked, ignored, zombie
 
 
 def signal_pending(pid: int, tgid: int = 0) -> bool:
@@ -118,8 +121,33 @@ def signal_pending(pid: int, tgid: int = 0) -> bool:
         return False
     if masks is None:
         return True
-    pending, blocked, ignored = masks
-    return bool(pending & SIGKILL_BIT) or bool(pending & ~blocked & ~ignored)
+    pending, blocked, ignored, zombie = masks
+    if pending & SIGKILL_BIT or pending & ~blocked & ~ignored:
+        return True
+    return zombie and _group_killed(tgid or pid)
+
+
+def _group_killed(tgid: int) -> bool:
+    """Whether a thread of process ``tgid`` has SIGKILL pending: the process is exiting
+    (``exit_group`` from one thread, or a fatal signal, SIGKILLs the others). Asked when
+    the thread a handler watches is a zombie: the thread that opened an edge has exited
+    with its program, another of its threads still waits in a read or write of it, and
+    only the daemon's answer lets that thread (and so the program) end."""
+    try:
+        tasks = os.listdir(f"/proc/{tgid}/task")
+    except OSError:
+        return True  # gone: nobody waits any more
+    for tid in tasks:
+        try:
+            with open(f"/proc/{tgid}/task/{tid}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"SigPnd:"):
+                        if _mask(line.split()[1].decode()) & SIGKILL_BIT:
+                            return True
+                        break
+        except OSError:
+            continue
+    return False
 
 
 GONE = -1

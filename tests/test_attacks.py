@@ -514,3 +514,176 @@ def test_connections_that_proved_the_secret_are_never_pushed_out(tmp_path: Path)
                 s.close()
     finally:
         disc.stop()
+
+
+HOLDS_ELSEWHERE = r"""
+import errno, os, sys, time
+path, flags, until = sys.argv[1], int(sys.argv[2]), time.monotonic() + float(sys.argv[3])
+got = set()
+while time.monotonic() < until:
+    try:
+        os.close(os.open(path, flags))
+        got.add("opened")
+    except OSError as exc:
+        got.add(errno.errorcode[exc.errno])
+print(" ".join(sorted(got)))
+"""
+
+
+@needs_fuse
+@pytest.mark.serial  # asserts how long a lookup takes
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
+@pytest.mark.parametrize("end", ["writer", "reader"])
+def test_opening_an_edge_held_on_another_node_does_not_stall_everyones_lookups(
+    work: Path, end: str
+) -> None:
+    """The kernel serialises the LOOKUPs of one directory, and a FIFO open is decided in
+    its LOOKUP. An end held on another node is waited for (a killed holder's release may
+    be on its way), up to 2 s: that wait must not hold the mount root's lookup lock, or
+    `nobody`, opening such an edge in a loop (its name is in any `ps` listing), stalls
+    every other user's first open of a new edge on the node for as long as it likes."""
+    (work / "disc").mkdir()
+    disc = Discovery(work / "disc")
+    nodes: list[Node] = []
+    try:
+        disc.start()
+        a, b = nodes = [Node(work, name, disc.url) for name in ("a", "b")]
+        for n in nodes:
+            n.start()
+            n.mountpoint.chmod(0o755)
+        edge = new_edge()
+        if end == "writer":  # its writer is open on b (and stays so)
+            held = subprocess.Popen(
+                ["sh", "-c", f"sleep 30 > {b.path(edge)}"], start_new_session=True
+            )
+            flags = os.O_WRONLY
+        else:  # its reader is open on b, waiting for a writer
+            held = subprocess.Popen(
+                ["sh", "-c", f"cat {b.path(edge)} > /dev/null"], start_new_session=True
+            )
+            flags = os.O_RDONLY
+        try:
+            wait_for(
+                lambda: bool(
+                    httpx.get(f"{disc.url}/v1/edges/{edge}", auth=disc.auth, timeout=5)
+                    .json()
+                    .get(f"{end}_node")
+                ),
+                10,
+                f"the {end} registered on b",
+            )
+            attack = [sys.executable, "-c", HOLDS_ELSEWHERE, a.path(edge), str(flags), "6"]
+            attacker = subprocess.Popen(
+                [*as_uid(65534), *attack],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            time.sleep(0.5)
+            took = []
+            for _ in range(8):
+                start = time.monotonic()
+                os.stat(a.path(new_edge()))  # a name never looked up: the lookup path
+                took.append(time.monotonic() - start)
+                time.sleep(0.25)
+            out, _ = attacker.communicate(timeout=30)
+        finally:
+            os.killpg(held.pid, 9)
+            held.wait()
+        assert out.split() == ["EBUSY"], out  # refused as before, after the same grace
+        assert max(took) < 1.0, [f"{t:.2f}" for t in took]
+        assert a.alive() and b.alive()
+    finally:
+        for n in reversed(nodes):
+            n.stop()
+        disc.stop()
+    assert not fuse_d_state(work)
+
+
+HELD_HERE = r"""
+import errno, os, sys, time
+path, until = sys.argv[1], time.monotonic() + float(sys.argv[2])
+if os.fork() == 0:  # opens the edge on FUSE, leaves its file to a child, and exits
+    fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    if os.fork() == 0:
+        time.sleep(float(sys.argv[2]) + 5)
+        os._exit(0)
+    os._exit(0)
+os.wait()
+got = set()
+while time.monotonic() < until:
+    try:  # a plain open: a writer FIFO, decided in the LOOKUP
+        os.close(os.open(path, os.O_WRONLY))
+        got.add("opened")
+    except OSError as exc:
+        got.add(errno.errorcode[exc.errno])
+print(" ".join(sorted(got)))
+"""
+
+
+@needs_fuse
+@pytest.mark.serial  # asserts how long a lookup takes
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
+def test_reopening_an_edge_whose_holder_exited_does_not_stall_everyones_lookups(
+    node: Node,
+) -> None:
+    """A writer whose program exited while another process (its child) still holds the
+    file is an end "being released": a re-run's open waits up to 2 s for it. `nobody`,
+    on one node alone, leaves such an end on its own edge and opens it again and again:
+    that wait must not be in the LOOKUP (the mount root's lookup lock), or every other
+    user's first open of a new edge waits behind it."""
+    edge = new_edge()
+    attacker = subprocess.Popen(
+        [*as_uid(65534), sys.executable, "-c", HELD_HERE, node.path(edge), "6"],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its child, holding the file, goes with the group
+    )
+    time.sleep(1.0)
+    took = []
+    for _ in range(8):
+        start = time.monotonic()
+        os.stat(node.path(new_edge()))  # a name never looked up: the lookup path
+        took.append(time.monotonic() - start)
+        time.sleep(0.25)
+    try:
+        out, _ = attacker.communicate(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(attacker.pid, 9)
+    assert out.split() == ["EBUSY"], out
+    assert max(took) < 1.0, [f"{t:.2f}" for t in took]
+    assert node.alive()
+
+
+READ_IN_A_THREAD = r"""
+import os, sys, threading, time
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_CREAT, 0o600)  # O_CREAT: stays on FUSE
+threading.Thread(target=os.read, args=(fd, 4096), daemon=True).start()
+time.sleep(0.5)  # the thread waits in a FUSE read (no writer)
+print("reading", flush=True)
+os._exit(0)  # exit_group: the other thread is SIGKILLed, the opener is a zombie
+"""
+
+
+@needs_fuse
+def test_a_program_exiting_while_another_thread_reads_an_edge_is_not_left_in_d_state(
+    node: Node,
+) -> None:
+    """The thread that opened an edge exits with its program while another of its
+    threads waits in a read (no writer yet): the kernel has SIGKILLed that thread and
+    waits, uninterruptibly, for the daemon's answer (pyfuse3 ignores FUSE_INTERRUPT).
+    The daemon must see the program is exiting and answer, or the program stays a
+    zombie with a thread in D state, unkillable, until a writer comes."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", READ_IN_A_THREAD, node.path(new_edge())],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "reading\n"
+    try:
+        assert proc.wait(timeout=5) == 0
+    except subprocess.TimeoutExpired:
+        proc.kill()  # in vain while its thread waits for the daemon
+        raise AssertionError("the exiting program is stuck: a thread in D state") from None
+    assert node.alive()

@@ -3,7 +3,9 @@ itself, and the data port serves no stream to a peer without the secret."""
 
 from __future__ import annotations
 
+import base64
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -500,3 +502,89 @@ def test_a_nodes_request_that_proved_the_secret_is_not_pushed_out_while_its_body
         for c in flood:
             c.close()
         disc.stop()
+
+
+SQUAT = r"""
+import socket, sys
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+s.listen()
+print(s.getsockname()[1], flush=True)
+s.settimeout(30)
+got = b""
+for _ in range(2):  # status, then watch
+    c, _ = s.accept()
+    c.settimeout(5)
+    try:
+        got += c.recv(65536)
+    except OSError:
+        pass
+    c.close()
+sys.stdout.write(got.decode(errors="replace"))
+"""
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
+def test_the_cli_never_sends_the_secret_itself(disc: Discovery, tmp_path: Path) -> None:
+    """Over plain HTTP, whoever listens where `fractalfs status` or `watch` connects reads
+    its password: `nobody` listening on a loopback port (any user may, where discovery is
+    not) must not learn the cluster secret that way. The CLI proves a key derived for the
+    operator, which discovery takes as the secret itself."""
+    secret = Path(disc.secret_file).read_text().strip()
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    squat = subprocess.Popen(
+        [*nobody, "/usr/bin/python3", "-c", SQUAT], stdout=subprocess.PIPE, text=True
+    )
+    assert squat.stdout is not None
+    url = f"http://127.0.0.1:{squat.stdout.readline().strip()}"
+    args = ["--discovery", url, "--secret-file", disc.secret_file]
+    subprocess.run([*CMD, "status", *args], capture_output=True, timeout=30, check=False)
+    watch = subprocess.Popen(
+        [*CMD, "watch", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        heard, _ = squat.communicate(timeout=30)
+    finally:
+        watch.kill()
+        watch.wait()
+    assert heard.count("Authorization: Basic ") == 2, heard
+    for line in heard.splitlines():
+        if line.startswith("Authorization: Basic "):
+            password = base64.b64decode(line.split()[-1]).decode().partition(":")[2]
+            leaked = secret in password  # (not in the assertion: a report would show it)
+            assert password and not leaked, "the CLI sent the cluster secret itself"
+    # And the real discovery takes what the CLI sends, as it takes the secret itself.
+    ok = sh(
+        f"{sys.executable} -m fractalfs status --json --discovery {disc.url}"
+        f" --secret-file {disc.secret_file}"
+    )
+    assert b'"edges"' in ok.stdout
+
+
+def test_the_operator_key_serves_prometheus_and_the_browser(
+    disc: Discovery, tmp_path: Path
+) -> None:
+    """`fractalfs operator-key` prints the password the CLI sends, for whatever else logs
+    in as the operator (Prometheus' basic_auth, the status page): discovery takes it as
+    it takes the secret, and a scraper configured with it never holds the secret."""
+    got = subprocess.run(
+        [*CMD, "operator-key", "--secret-file", disc.secret_file],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert got.returncode == 0, got.stderr
+    key = got.stdout.strip()
+    secret = Path(disc.secret_file).read_text().strip()
+    assert len(key) == 64 and key != secret
+    for path in ("/metrics", "/v1/edges", "/"):
+        assert httpx.get(disc.url + path, auth=("prometheus", key), timeout=5).status_code == 200
+    wrong = httpx.get(disc.url + "/metrics", auth=("prometheus", key[:-1] + "0"), timeout=5)
+    assert wrong.status_code == 401 or key.endswith("0")
+    missing = subprocess.run(
+        [*CMD, "operator-key", "--secret-file", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr

@@ -302,3 +302,14 @@ def test_status_page_updates_live_in_headless_chromium(
             )
         finally:
             browser.close()
+
+
+def test_node_metrics_on_port_0_log_the_port_they_got(cluster: Cluster) -> None:
+    """`--metrics-listen HOST:0` picks a free port; the log line names that port (it
+    said 0, which told an operator nothing about where to scrape)."""
+    disc = cluster.start_discovery()
+    a = cluster.node("a", extra=["--metrics-listen", "127.0.0.1:0"])
+    line = next(x for x in a.log.read_text().splitlines() if "metrics on http://" in x)
+    url = line.split("metrics on ")[1].strip()
+    assert not url.startswith("http://127.0.0.1:0/"), line
+    assert httpx.get(url, auth=disc.auth, timeout=5).status_code == 200

@@ -167,6 +167,24 @@ def mount_helper(tmp_path: Path):  # type: ignore[no-untyped-def]
         HELPER.unlink(missing_ok=True)
 
 
+def test_the_helpers_log_is_not_readable_by_every_user(tmp_path: Path) -> None:
+    """A log left world-readable (as an older helper created it) loses its bits for others
+    at the next mount, also one that fails (here: no such mountpoint)."""
+    log = tmp_path / "helper.log"
+    log.write_text("edge 0123456789abcdef0123456789abcdef: writer opened\n")
+    log.chmod(0o644)
+    got = subprocess.run(
+        [sys.executable, "-P", "-m", "fractalfs.mount_helper", "embedded", str(tmp_path / "no")],
+        env={**os.environ, "FRACTALFS_LOG": str(log)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert got.returncode == 1 and got.stderr.startswith("mount.fuse.fractalfs: "), got.stderr
+    assert log.stat().st_mode & 0o777 == 0o640
+    assert log.read_text().startswith("edge 0123")  # appended to, never truncated
+
+
 def test_mount_command_and_fstab_style_options(mount_helper: Path, tmp_path: Path) -> None:
     from fractalfs.testing import Discovery
 
@@ -184,6 +202,8 @@ def test_mount_command_and_fstab_style_options(mount_helper: Path, tmp_path: Pat
         )
         assert got.returncode == 0, got.stderr
         assert is_mounted(mnt)  # mount(8) returned: the daemon runs in the background
+        # Its log names edges (another node's user needs no more to open one there first).
+        assert mount_helper.stat().st_mode & 0o777 == 0o600
         edge = "ab" * 16
         subprocess.run(["bash", "-c", f"echo via mount > {mnt}/{edge}"], check=True, timeout=20)
         assert (mnt / edge).read_bytes() == b"via mount\n"

@@ -20,7 +20,7 @@ import pytest
 from fractalfs import tls
 from fractalfs.edgeid import EdgeId
 from fractalfs.handshake import REPLY, Hello, Reply, Status
-from fractalfs.testing import Discovery, Node
+from fractalfs.testing import Discovery, Node, is_mounted, unmount
 
 from .conftest import Cluster, Programs, needs_fuse, new_edge, sh, sha_file
 
@@ -396,3 +396,41 @@ def test_a_flood_of_unfinished_tls_handshakes_at_discovery_meets_its_cap(
         assert disc.alive()
     finally:
         disc.stop()
+
+
+def test_with_tls_a_plain_http_discovery_url_is_refused(tmp_path: Path) -> None:
+    """With --tls-dir nothing sends a password over plain HTTP: a node, `status` and
+    `watch` given an http:// discovery URL (a slip, or one of several replicas) refuse it
+    in one line, exit 2, before any request (a plain discovery listens there and would
+    otherwise get a node's key or the operator's, in the clear)."""
+    d = new_tls(tmp_path / "tls")
+    plain = Discovery(tmp_path / "plain")
+    plain.start()
+    try:
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        urls = f"https://127.0.0.1:9,{plain.url}"
+        proc = subprocess.Popen(
+            [*CMD, "mount", str(mnt), "--discovery", urls, "--tls-dir", str(d), "--node", "n",
+             "--data-listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "st"),
+             "--secret-file", plain.secret_file],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            _, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:  # it mounted: stop it as a node is stopped
+                proc.terminate()
+                proc.communicate(timeout=30)
+            if is_mounted(mnt):
+                unmount(mnt)
+        assert proc.returncode == 2, err
+        assert err == f"fractalfs: {plain.url}: with --tls-dir, discovery URLs are https://\n"
+        for cmd in ("status", "watch"):
+            got = run(cmd, "--discovery", plain.url, "--tls-dir", str(d))
+            assert got.returncode == 2, got.stderr
+            assert got.stderr.count("\n") == 1 and "https://" in got.stderr
+        events = httpx.get(f"{plain.url}/v1/events", auth=plain.auth, timeout=5).json()
+        assert not any(e.get("node") == "n" for e in events["events"])  # never heard of n
+    finally:
+        plain.stop()
