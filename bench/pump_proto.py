@@ -501,6 +501,65 @@ def reader_thread(fifo: str, listener: socket.socket) -> None:
     trio.run(main)
 
 
+def reader_inline(fifo: str, listener: socket.socket) -> None:
+    """trio, one task: each received piece is written into the FIFO before the next
+    receive (no separate pour task, no queue): which part of the thread's saving is the
+    thread, and which is the single loop."""
+    import trio
+
+    async def main() -> None:
+        conn_raw, _ = listener.accept()
+        listener.close()
+        ready()
+        sock = trio.socket.from_stdlib_socket(conn_raw)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        fd = os.open(fifo, os.O_WRONLY)
+        os.set_blocking(fd, False)
+        _set_pipe(fd)
+        arenas = Arenas((8 << 20) // ARENA + 2)
+        header = bytearray(HEADER.size)
+        hv = memoryview(header)
+        got = acked = 0
+        while True:
+            k = 0
+            while k < HEADER.size:
+                n = await sock.recv_into(hv[k:])
+                if not n:
+                    raise ConnectionError("eof in header")
+                k += n
+            kind, length = HEADER.unpack(header)
+            if kind == 2:
+                if got > acked:
+                    await sock.send(CONTROL.pack(ACK, got))
+                break
+            while length:
+                if arenas.room < MIN_READ:
+                    arenas.next()
+                at = arenas.fill
+                view = memoryview(arenas.buf)[at : at + min(length, arenas.room)]
+                n = await sock.recv_into(view)
+                if not n:
+                    raise ConnectionError("eof in payload")
+                arenas.fill += n
+                length -= n
+                got += n
+                out = view[:n]
+                while out:
+                    try:
+                        w = os.writev(fd, [out])
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_writable(fd)
+                        continue
+                    out = out[w:]
+                if got - acked >= ACK_EVERY:
+                    acked = got
+                    await sock.send(CONTROL.pack(ACK, got))
+        os.close(fd)
+        sock.close()
+
+    trio.run(main)
+
+
 # -- driver ---------------------------------------------------------------------------
 
 
@@ -600,10 +659,11 @@ def main() -> None:
             mode, pipe = mode.split(":")
             PIPE_SIZE[0] = parse_size(pipe)
         if side == "writer":
-            (writer_trio if mode == "trio" else writer_thread)(args.fifo, args.port)
+            (writer_thread if mode == "thread" else writer_trio)(args.fifo, args.port)
         else:
             lst = socket.socket(fileno=args.fd)
-            (reader_trio if mode == "trio" else reader_thread)(args.fifo, lst)
+            readers = {"trio": reader_trio, "thread": reader_thread, "inline": reader_inline}
+            readers[mode](args.fifo, lst)
         report()
         return
     size, bs = parse_size(args.size), parse_size(args.bs)
