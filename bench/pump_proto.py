@@ -597,12 +597,14 @@ def one(mode: str, size: int, bs: int) -> tuple[float, ...]:
         count = size // bs
         t0 = time.monotonic()
         sink = subprocess.Popen(
-            ["dd", f"if={fout}", "of=/dev/null", f"bs={bs}"], stderr=subprocess.DEVNULL
+            ["dd", f"if={fout}", "of=/dev/null", f"bs={bs}"], stderr=subprocess.PIPE, text=True
         )
         src = subprocess.Popen(
             ["dd", "if=/dev/zero", f"of={fin}", f"bs={bs}", f"count={count}"],
             stderr=subprocess.DEVNULL,
         )
+        assert sink.stderr is not None
+        copied = sink.stderr.read()
         sink.wait()
         dt = time.monotonic() - t0
         last = {}
@@ -620,6 +622,8 @@ def one(mode: str, size: int, bs: int) -> tuple[float, ...]:
                 p.wait()
         if sink.returncode or src.returncode:
             raise SystemExit(f"dd failed {src.returncode} {sink.returncode}")
+        if f"{size} bytes" not in copied:
+            raise SystemExit(f"{mode}: the sink did not get {size} bytes: {copied}")
         gib = size / (1 << 30)
         return (
             size / dt / 1e6,
