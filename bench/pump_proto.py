@@ -8,15 +8,18 @@ headers, payload up to 1 MiB per ``sendmsg``, cumulative 9-byte ACKs every 1 MiB
   ``readv`` into an arena, views into the window), a sender task (``sendmsg`` header and
   views) and a control task (ACKs free the window); the reader's side a receive task
   (header, then ``recv_into`` arenas, ACKs) and a pour task (``writev`` into the FIFO).
-* ``thread``: the same per-chunk work in one worker thread per side running blocking
-  syscalls (the GIL is released in them); trio keeps the control task on the writer's
-  side (ACKs, woken by the thread through a condition variable when the window is full).
+* ``thread``: the same per-chunk work in one worker thread per side looping over
+  non-blocking syscalls, ``poll`` (the fd and a wake pipe, as a daemon's cancellation
+  would need) on EAGAIN; the GIL is released in them. Trio keeps the control task on the
+  writer's side (ACKs free the window; a full window blocks the thread on a condition).
+* ``inline``: trio, the reader's receive task ``writev``ing each piece itself (the
+  writer's side as ``trio``).
 
 ``dd if=/dev/zero bs=B count=N > in.fifo`` feeds the writer, ``dd if=out.fifo bs=B
 of=/dev/null`` drains the reader; CPU is utime+stime of each relay process from
 /proc/<pid>/stat. Rounds are interleaved, the order reversed every other round.
 
-    .venv/bin/python bench/pump_proto.py --size 1G --bs 1M --rounds 4
+    .venv/bin/python bench/pump_proto.py --size 1G --bs 1M --rounds 4 --modes trio,inline,thread
 """
 
 from __future__ import annotations
