@@ -2,7 +2,7 @@
 
 A pipe -> TCP -> pipe relay between two processes with the daemons' framing (5-byte DATA
 headers, payload up to 1 MiB per ``sendmsg``, cumulative 9-byte ACKs every 1 MiB, an
-8 MiB write window held as views of reused 1 MiB arenas), written twice:
+8 MiB write window held as views of reused 1 MiB arenas), three ways:
 
 * ``trio``: as the daemons do it: the writer's side a drain task (``wait_readable`` +
   ``readv`` into an arena, views into the window), a sender task (``sendmsg`` header and
@@ -16,8 +16,10 @@ headers, payload up to 1 MiB per ``sendmsg``, cumulative 9-byte ACKs every 1 MiB
   writer's side as ``trio``).
 
 ``dd if=/dev/zero bs=B count=N > in.fifo`` feeds the writer, ``dd if=out.fifo bs=B
-of=/dev/null`` drains the reader; CPU is utime+stime of each relay process from
-/proc/<pid>/stat. Rounds are interleaved, the order reversed every other round.
+of=/dev/null`` drains the reader (a run fails unless it got every byte); CPU is each
+relay process's user + system time (``os.times()``, the same ticks as /proc/<pid>/stat)
+from its connection's start (no interpreter start-up in it). Rounds are interleaved, the
+order reversed every other round.
 
     .venv/bin/python bench/pump_proto.py --size 1G --bs 1M --rounds 4 --modes trio,inline,thread
 """
