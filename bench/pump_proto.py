@@ -52,7 +52,6 @@ MIN_READ = 64 * 1024
 WINDOW = 8 << 20
 ACK_EVERY = 1 << 20
 F_SETPIPE_SZ = 1031
-TICK = os.sysconf("SC_CLK_TCK")
 
 
 class Arenas:
@@ -566,12 +565,6 @@ def reader_inline(fifo: str, listener: socket.socket) -> None:
 
 
 # -- driver ---------------------------------------------------------------------------
-
-
-def cpu(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def one(mode: str, size: int, bs: int) -> tuple[float, ...]:
