@@ -144,6 +144,16 @@ def read_elsewhere(edge: Edge) -> bool:
     )
 
 
+def read_here(edge: Edge) -> bool:
+    """A complete transient generation whose reader, on its writer's node, is reading."""
+    return (
+        edge.writer_state == WriterState.COMPLETE
+        and edge.mode != "persistent"
+        and edge.reader_state == ReaderState.OPEN
+        and edge.reader_node == edge.writer_node
+    )
+
+
 def read_elsewhere_unsettled(edge: Edge) -> bool:
     """As :func:`read_elsewhere`, for a generation whose end its daemon had not recorded
     (open, or lost by silence): that daemon may have sent the END before it went."""
@@ -157,11 +167,19 @@ def read_elsewhere_unsettled(edge: Edge) -> bool:
 
 def unfinished_for(edge: Edge, node: str, generation: int) -> bool:
     """The reader on ``node`` of ``edge`` may fail ``generation`` as unfinished: complete,
-    or lost with its daemon run (no endpoint: see :func:`writer_run_gone`), and read there."""
-    gone = read_elsewhere(edge) or (
-        edge.writer_state == WriterState.LOST
-        and not edge.writer_endpoint
-        and read_elsewhere_unsettled(edge)
+    or lost with its daemon run (no endpoint: see :func:`writer_run_gone`), and read there.
+    Also a complete transient generation read on its writer's own node: that node's live
+    daemon asks, and it holds no writer of the edge any more (an earlier reader's program
+    read every byte, so the stream was let go, then was killed before it finished: its
+    re-run needs a re-run writer)."""
+    gone = (
+        read_elsewhere(edge)
+        or (read_here(edge) and edge.writer_node == node)
+        or (
+            edge.writer_state == WriterState.LOST
+            and not edge.writer_endpoint
+            and read_elsewhere_unsettled(edge)
+        )
     )
     return edge.generation == generation and gone and edge.reader_node == node
 
