@@ -366,3 +366,39 @@ def test_a_rerun_writers_spill_is_not_taken_for_delivered_by_the_last_runs_reade
     assert list((a.state / "spill").glob(f"{edge}.2.*")), "the re-run's unread spill went"
     got = sh(f"cat {b.path(edge)}", timeout=30)  # the re-run's reader
     assert got.stdout == src.read_bytes()
+
+
+def test_a_rerun_reader_after_the_delivered_spill_was_collected_asks_for_a_rerun_writer(
+    cluster: Cluster, programs: Programs, tmp_path: Path
+) -> None:
+    """A persistent spill is collected after spill_retention once delivered; a reader
+    stage re-run after that (killed after it read its input whole, or re-run by hand)
+    found no writer, and discovery kept the generation complete: nothing asked for a
+    re-run writer, and every re-run reader was killed after --writer-lost-timeout. Its
+    reader now has the generation failed (as in transient mode), and the re-run writer
+    serves it."""
+    retention = tmp_path / "retention.toml"
+    retention.write_text("spill_retention = 0.5\n")
+    cluster.start_discovery()
+    args = ["--config", str(retention), "--writer-lost-timeout", "20"]
+    a = cluster.node("a", mode="persistent", extra=args)
+    b = cluster.node("b", extra=["--writer-lost-timeout", "20"])
+    edge, src = new_edge(), tmp_path / "src"
+    src.write_bytes(os.urandom(3 * MiB + 1))
+    sh(f"cat {src} > {a.path(edge)}")
+    assert sh(f"cat {b.path(edge)}").stdout == src.read_bytes()
+    wait_for(
+        lambda: not list((a.state / "spill").glob(f"{edge}.*")), 10, "the delivered spill gone"
+    )
+    out = tmp_path / "out"
+    reader = programs.start(f"cat {b.path(edge)} > {out}")  # the reader stage re-run
+    wait_for(
+        lambda: cluster.edge(edge).get("writer_state") == "failed",
+        10,
+        "the collected generation failed in discovery (a re-run writer wanted)",
+        [reader],
+    )
+    sh(f"cat {src} > {a.path(edge)}")  # the re-run writer
+    _, err = reader.communicate(timeout=30)
+    assert reader.returncode == 0, err
+    assert out.read_bytes() == src.read_bytes()

@@ -144,13 +144,12 @@ def read_elsewhere(edge: Edge) -> bool:
     )
 
 
-def read_here(edge: Edge) -> bool:
-    """A complete transient generation whose reader, on its writer's node, is reading."""
+def read_again(edge: Edge) -> bool:
+    """A complete generation, in either mode, whose reader (on any node) is reading."""
     return (
         edge.writer_state == WriterState.COMPLETE
-        and edge.mode != "persistent"
         and edge.reader_state == ReaderState.OPEN
-        and edge.reader_node == edge.writer_node
+        and edge.reader_node != ""
     )
 
 
@@ -168,13 +167,14 @@ def read_elsewhere_unsettled(edge: Edge) -> bool:
 def unfinished_for(edge: Edge, node: str, generation: int) -> bool:
     """The reader on ``node`` of ``edge`` may fail ``generation`` as unfinished: complete,
     or lost with its daemon run (no endpoint: see :func:`writer_run_gone`), and read there.
-    Also a complete transient generation read on its writer's own node: that node's live
-    daemon asks, and it holds no writer of the edge any more (an earlier reader's program
-    read every byte, so the stream was let go, then was killed before it finished: its
-    re-run needs a re-run writer)."""
+    Also a complete generation read on its writer's own node, or a persistent one: the
+    stream was delivered to an earlier reader and let go (transient: at once; persistent:
+    its spill collected after retention), and that reader's program was killed before it
+    finished, or its stage is re-run by hand: the re-run needs a re-run writer. (On the
+    writer's node the asking daemon is the writer's, alive, holding no writer of it.)"""
     gone = (
         read_elsewhere(edge)
-        or (read_here(edge) and edge.writer_node == node)
+        or (read_again(edge) and (edge.writer_node == node or edge.mode == "persistent"))
         or (
             edge.writer_state == WriterState.LOST
             and not edge.writer_endpoint
