@@ -239,6 +239,12 @@ class WriterEnd:
         self.written_metric: Any = _NO_METRIC
         self.handler_time = 0.0  # seconds its program spent inside our write handler
         self.end_acked = False  # a reader acknowledged the END frame: fully delivered
+        # The END frame of this generation went to a reader (a data connection or the
+        # same-node pull), or may have in an earlier run (restored): until then no
+        # reader's program can have read it whole, and a "reader done" in discovery is
+        # another generation's (the last run's reader, recorded before or even after
+        # this re-run registered, and as long as its stream: on_reader_done).
+        self.end_sent = False
         # A reader's *program* read the whole stream (discovery recorded the reader done
         # with every byte): only then may a persistent spill be collected.
         self.delivered = False
@@ -459,6 +465,7 @@ class WriterEnd:
         writer.state = WriterState.COMPLETE if complete else WriterState.FAILED
         writer.completed_at = trio.current_time()
         writer.released = True
+        writer.end_sent = True  # an earlier run may have sent it: discovery decides
         return writer
 
     def on_released(self, exit_status: int | None) -> None:
@@ -486,8 +493,9 @@ class WriterEnd:
             self.spill = None
 
     def on_reader_done(self, delivered: int) -> None:
-        """Discovery says the reader's program read ``delivered`` bytes and the end."""
-        if self.state is WriterState.COMPLETE and delivered >= self.end:
+        """Discovery says the reader's program read ``delivered`` bytes and the end. Not
+        this generation's reader unless its END frame went out (``end_sent``)."""
+        if self.state is WriterState.COMPLETE and delivered >= self.end and self.end_sent:
             self.delivered = True
 
     def on_end_acked(self, total: int) -> None:

@@ -204,6 +204,9 @@ async def test_a_complete_end_whose_end_ack_was_lost_is_done_once_discovery_says
     w = writer()
     await w.write(b"abc", 0.2)
     w.finish(WriterState.COMPLETE)
+    w.on_reader_done(3)  # no reader got its END frame: another generation's reader
+    assert not w.done
+    w.end_sent = True  # the END frame went out on a connection that then broke
     w.on_reader_done(2)  # not every byte: not delivered
     assert not w.done
     w.on_reader_done(3)

@@ -17,7 +17,7 @@ from fractalfs.discovery.store import Conflict, NotFound, stops_writers
 from fractalfs.etcdtesting import EtcdCluster, Replica, have_etcd, put_v4_edge
 
 from .conftest import new_edge
-from .test_store import early_close_cases, release_generation_cases
+from .test_store import early_close_cases, release_generation_cases, reread_cases
 
 pytestmark = pytest.mark.skipif(not have_etcd(), reason="needs etcd (apt install etcd-server)")
 
@@ -472,3 +472,7 @@ def test_a_closed_reader_recorded_in_the_old_shape_never_stops_a_writer(
     other = new_edge()
     put_v4_edge(store, other, novel=1)
     assert store.get(other) is not None
+
+
+def test_a_live_reader_that_cannot_get_a_complete_generation_fails_it(store: EtcdStore) -> None:
+    reread_cases(store, new_edge)

@@ -577,3 +577,41 @@ def test_a_rerun_writer_elsewhere_waits_for_the_killed_writers_end_to_be_recorde
     reader.communicate(timeout=30)
     assert reader.returncode == 0 and sha_file(out) == sha_file(src)
     assert cluster.edge(edge).get("generation") == 2
+
+
+@pytest.mark.parametrize("nodes", ["same-node", "two-nodes"])
+def test_a_reader_killed_after_reading_it_all_is_rerun_with_its_writer(
+    cluster: Cluster, programs: Programs, tmp_path: Path, nodes: str
+) -> None:
+    """Transient: a reading program read every byte (so its daemon acknowledged the END:
+    delivered, the writer's daemon let the stream go), then was killed before it
+    finished (`sort E` sorting, a stage killed after reading its input whole). Its
+    re-run needs a re-run writer: the re-run reader asks discovery to fail the complete
+    generation it cannot get. On the writer's own node discovery refused that (a reader
+    there was taken for one that died with its daemon): the generation stayed complete,
+    nothing asked for a re-run writer, and every re-run reader was killed after
+    --writer-lost-timeout."""
+    cluster.start_discovery()
+    a = cluster.node("a", extra=["--writer-lost-timeout", "20"])
+    c = a if nodes == "same-node" else cluster.node("c", extra=["--writer-lost-timeout", "20"])
+    edge, src, n = new_edge(), tmp_path / "src", 3 * MiB
+    src.write_bytes(os.urandom(n))
+    sh(f"cat {src} > {a.path(edge)}", timeout=20)  # complete: the daemon holds the stream
+    reads = f"import sys, time; f = open({c.path(edge)!r}, 'rb'); f.read({n}); time.sleep(60)"
+    reader = programs.start(f"exec {sys.executable} -c {shlex.quote(reads)}")
+    wait_for(lambda: cluster.edge(edge).get("bytes_delivered") == n, 10, "every byte read")
+    os.killpg(reader.pid, signal.SIGKILL)  # killed before it finished: a failure
+    reader.communicate(timeout=10)
+    wait_for(lambda: cluster.edge(edge).get("reader_state") in ("done", "failed"), 10, "its end")
+    out = tmp_path / "out"
+    reader2 = programs.start(f"cat {c.path(edge)} > {out}")  # the re-run reader
+    wait_for(
+        lambda: cluster.edge(edge).get("writer_state") == "failed",
+        10,
+        "the complete generation failed in discovery (a re-run writer wanted)",
+        [reader2],
+    )
+    sh(f"cat {src} > {a.path(edge)}")  # the re-run writer
+    _, err = reader2.communicate(timeout=30)
+    assert reader2.returncode == 0, err
+    assert sha_file(out) == sha_file(src)

@@ -339,3 +339,66 @@ def test_a_spill_discovery_does_not_know_is_kept_after_a_restart(
     wait_for(lambda: "kept on disk, not served" in a.log.read_text(), 5, "the spill kept")
     kept = list((a.state / "spill").glob(f"{edge}.*"))
     assert len(kept) == 1 and kept[0].stat().st_size > src.stat().st_size
+
+
+def test_a_rerun_writers_spill_is_not_taken_for_delivered_by_the_last_runs_reader(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """A whole pipeline re-run on a delivered edge, its writer first: discovery's record
+    still says the reader is done (the first run's). Garbage collection took that for
+    the re-run's delivery and deleted its spill 0.3 s after it completed (over the quota;
+    else after retention), unread; the re-run reader then found no writer, the
+    generation stayed complete, and the reader was killed after --writer-lost-timeout,
+    again with each re-run of it (README: a spill a reader may need is never deleted)."""
+    config = tmp_path / "gc.toml"
+    config.write_text("spill_quota = 1\nspill_retention = 0.5\n")
+    cluster.start_discovery()
+    args = ["--config", str(config), "--writer-lost-timeout", "5"]
+    a = cluster.node("a", mode="persistent", extra=args)
+    b = cluster.node("b", extra=["--writer-lost-timeout", "5"])
+    edge, src = new_edge(), tmp_path / "src"
+    src.write_bytes(os.urandom(3 * MiB + 5))
+    sh(f"cat {src} > {a.path(edge)}")
+    assert sh(f"cat {b.path(edge)}").stdout == src.read_bytes()  # delivered: reader done
+    wait_for(lambda: cluster.edge(edge).get("reader_state") == "done", 5, "the reader done")
+    sh(f"cat {src} > {a.path(edge)}")  # the re-run's writer (generation 2) comes first
+    time.sleep(3.5)  # two delivery checks (every 2 s) and collection passes (every 1 s)
+    assert list((a.state / "spill").glob(f"{edge}.2.*")), "the re-run's unread spill went"
+    got = sh(f"cat {b.path(edge)}", timeout=30)  # the re-run's reader
+    assert got.stdout == src.read_bytes()
+
+
+def test_a_rerun_reader_after_the_delivered_spill_was_collected_asks_for_a_rerun_writer(
+    cluster: Cluster, programs: Programs, tmp_path: Path
+) -> None:
+    """A persistent spill is collected after spill_retention once delivered; a reader
+    stage re-run after that (killed after it read its input whole, or re-run by hand)
+    found no writer, and discovery kept the generation complete: nothing asked for a
+    re-run writer, and every re-run reader was killed after --writer-lost-timeout. Its
+    reader now has the generation failed (as in transient mode), and the re-run writer
+    serves it."""
+    retention = tmp_path / "retention.toml"
+    retention.write_text("spill_retention = 0.5\n")
+    cluster.start_discovery()
+    args = ["--config", str(retention), "--writer-lost-timeout", "20"]
+    a = cluster.node("a", mode="persistent", extra=args)
+    b = cluster.node("b", extra=["--writer-lost-timeout", "20"])
+    edge, src = new_edge(), tmp_path / "src"
+    src.write_bytes(os.urandom(3 * MiB + 1))
+    sh(f"cat {src} > {a.path(edge)}")
+    assert sh(f"cat {b.path(edge)}").stdout == src.read_bytes()
+    wait_for(
+        lambda: not list((a.state / "spill").glob(f"{edge}.*")), 10, "the delivered spill gone"
+    )
+    out = tmp_path / "out"
+    reader = programs.start(f"cat {b.path(edge)} > {out}")  # the reader stage re-run
+    wait_for(
+        lambda: cluster.edge(edge).get("writer_state") == "failed",
+        10,
+        "the collected generation failed in discovery (a re-run writer wanted)",
+        [reader],
+    )
+    sh(f"cat {src} > {a.path(edge)}")  # the re-run writer
+    _, err = reader.communicate(timeout=30)
+    assert reader.returncode == 0, err
+    assert out.read_bytes() == src.read_bytes()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -127,3 +128,37 @@ async def test_a_reader_closed_event_stops_only_a_writer_of_the_generation_its_r
     assert takes(2)  # its own reader, closed before it connected
     assert takes(3)  # (a newer one's: this writer is fenced off anyway)
     assert takes(0)  # one that pulled none: it may have closed before any writer came
+
+
+@needs_fuse
+def test_a_late_done_of_the_previous_reader_does_not_deliver_a_rerun_writer(
+    cluster: Cluster, programs: Programs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`cat src > E` / `cat E`, then the writer re-run at once (transient): its generation
+    registers and completes while the first reader's "done" is still on its way (a test
+    hook holds it RELEASE_DELAY s). The late `reader-done` event, as long as the re-run's
+    stream, was taken by the re-run writer's daemon for its own delivery: it dropped the
+    stream unread, discovery kept it "complete" (status: delivered), and the re-run reader
+    waited for a writer until --writer-lost-timeout, then was killed, at every re-run.
+    The event names the generation its reader pulled: only that generation's counts."""
+    cluster.start_discovery()
+    a = cluster.node("a", extra=["--writer-lost-timeout", "8"])
+    monkeypatch.setenv(testhooks.ENV, "1")
+    monkeypatch.setenv(testhooks.READER_RELEASE_DELAY_ENV, str(RELEASE_DELAY))
+    b = cluster.node("b", extra=["--writer-lost-timeout", "8"])
+    edge, src = new_edge(), tmp_path / "src"
+    src.write_bytes(os.urandom(1 << 20))  # under the write window: the writer ends at once
+    sh(f"cat {src} > {a.path(edge)}")
+    assert sh(f"cat {b.path(edge)}", timeout=30).stdout == src.read_bytes()
+    sh(f"cat {src} > {a.path(edge)}")  # the re-run's writer: complete, nobody read it yet
+    assert cluster.edge(edge).get("generation") == 2
+    assert cluster.edge(edge).get("reader_state") == "open"  # the first reader's end: late
+    wait_for(lambda: cluster.edge(edge).get("reader_state") == "done", 30, "the late release")
+    time.sleep(1.0)  # its reader-done event reaches the writer's daemon
+    reader = programs.start(f"exec cat {b.path(edge)}")  # the re-run's reader
+    try:
+        out, err = reader.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the re-run reader did not finish")
+    assert reader.returncode == 0, err
+    assert out == src.read_bytes()

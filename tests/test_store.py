@@ -518,3 +518,46 @@ def test_a_close_before_any_writer_survives_a_restart_of_discovery(tmp_path: Pat
     store.close()
     again = Store(tmp_path / "d.db")
     assert again.register_writer(E, "a", "h:1").to_json()["stops_writers"] is True
+
+
+def reread_cases(store: DiscoveryStore, new_edge: Callable[[], str]) -> None:
+    """writer/gone from a live reader that cannot get a complete generation: its stream
+    was delivered to an earlier reader and let go (transient), or its spill collected
+    (persistent). The generation fails (a re-run writer is wanted) on any node, the
+    writer's own included; a transient one read on another node as before; never for
+    another node, another generation, a reader not open, or a generation not complete."""
+
+    def complete(writer_node: str, mode: str = "") -> str:
+        edge = new_edge()
+        store.register_writer(edge, writer_node, "h:1")
+        store.close_writer(edge, 1, "complete", 10)
+        if mode:
+            store.set_mode(edge, 1, mode, f"configured {mode}")
+        return edge
+
+    same = complete("a")
+    store.claim_reader(same, "a")
+    assert store.writer_gone(same, "b", 1).writer_state == "complete"  # not its reader
+    assert store.writer_gone(same, "a", 2).writer_state == "complete"  # not its generation
+    assert store.writer_gone(same, "a", 1).writer_state == "failed"
+    persistent = complete("a", "persistent")
+    store.claim_reader(persistent, "r")
+    assert store.writer_gone(persistent, "r", 1).writer_state == "failed"
+    persistent_here = complete("a", "persistent")
+    store.claim_reader(persistent_here, "a")
+    assert store.writer_gone(persistent_here, "a", 1).writer_state == "failed"
+    done = complete("a")
+    store.claim_reader(done, "a")
+    store.release_reader(done, "a", "done", 10)
+    assert store.writer_gone(done, "a", 1).writer_state == "complete"  # it had it all
+    unclaimed = complete("a", "persistent")
+    assert store.writer_gone(unclaimed, "a", 1).writer_state == "complete"
+    running = new_edge()
+    store.register_writer(running, "a", "h:1")
+    store.claim_reader(running, "a")
+    assert store.writer_gone(running, "a", 1).writer_state == "open"  # it serves it
+
+
+def test_a_live_reader_that_cannot_get_a_complete_generation_fails_it() -> None:
+    ids = iter(f"{i:032x}" for i in range(1, 100))
+    reread_cases(Store(":memory:"), lambda: next(ids))

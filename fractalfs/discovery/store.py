@@ -144,6 +144,15 @@ def read_elsewhere(edge: Edge) -> bool:
     )
 
 
+def read_again(edge: Edge) -> bool:
+    """A complete generation, in either mode, whose reader (on any node) is reading."""
+    return (
+        edge.writer_state == WriterState.COMPLETE
+        and edge.reader_state == ReaderState.OPEN
+        and edge.reader_node != ""
+    )
+
+
 def read_elsewhere_unsettled(edge: Edge) -> bool:
     """As :func:`read_elsewhere`, for a generation whose end its daemon had not recorded
     (open, or lost by silence): that daemon may have sent the END before it went."""
@@ -157,11 +166,20 @@ def read_elsewhere_unsettled(edge: Edge) -> bool:
 
 def unfinished_for(edge: Edge, node: str, generation: int) -> bool:
     """The reader on ``node`` of ``edge`` may fail ``generation`` as unfinished: complete,
-    or lost with its daemon run (no endpoint: see :func:`writer_run_gone`), and read there."""
-    gone = read_elsewhere(edge) or (
-        edge.writer_state == WriterState.LOST
-        and not edge.writer_endpoint
-        and read_elsewhere_unsettled(edge)
+    or lost with its daemon run (no endpoint: see :func:`writer_run_gone`), and read there.
+    Also a complete generation read on its writer's own node, or a persistent one: the
+    stream was delivered to an earlier reader and let go (transient: at once; persistent:
+    its spill collected after retention), and that reader's program was killed before it
+    finished, or its stage is re-run by hand: the re-run needs a re-run writer. (On the
+    writer's node the asking daemon is the writer's, alive, holding no writer of it.)"""
+    gone = (
+        read_elsewhere(edge)
+        or (read_again(edge) and (edge.writer_node == node or edge.mode == "persistent"))
+        or (
+            edge.writer_state == WriterState.LOST
+            and not edge.writer_endpoint
+            and read_elsewhere_unsettled(edge)
+        )
     )
     return edge.generation == generation and gone and edge.reader_node == node
 
