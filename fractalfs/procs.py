@@ -510,9 +510,7 @@ def sigpipe_writer(pid: int, name: str, tid: int = 0) -> bool:
     answer EPIPE, which a program that (like most) leaves SIGPIPE at its default takes for
     an error (`yes: standard output: Broken pipe`, exit 1) where a pipe would have ended it
     quietly (killed by SIGPIPE, status 141 in a shell)."""
-    if not _writing_to(f"/proc/{pid}/task/{tid or pid}", name) and not _any_task_writing(
-        pid, name
-    ):
+    if not _writing_to(f"/proc/{pid}/task/{tid or pid}", name) and not _any_task_writing(pid, name):
         # The opener may have handed its descriptor to a child that writes: `timeout 60
         # yes > E` (the shell opens E, execs timeout, which forks yes), `(a; b) > E`.
         for child in _descendants(pid):
