@@ -70,7 +70,8 @@ install-service: install
 	[ -e /etc/fractalfs/secret ] || (umask 077; $(BIN)/fractalfs new-secret > /etc/fractalfs/secret)
 	install -m 644 systemd/fractalfs.service systemd/fractalfs-discovery.service /etc/systemd/system/
 	systemctl daemon-reload
-	@echo "now: systemctl enable --now fractalfs-discovery fractalfs"
+	@echo "now: set discovery_url in /etc/fractalfs/fractalfs.toml (empty embeds a discovery of the node's own),"
+	@echo "then: systemctl enable --now fractalfs-discovery fractalfs"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
