@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MOUNTPOINT ?= /fractal
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc iproute2 nftables util-linux socat chromium etcd-server openssl
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc iproute2 nftables util-linux socat chromium etcd-server openssl attr
 
 .PHONY: install system-deps run test lint bench bench-failures cluster install-service clean
 
