@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MOUNTPOINT ?= /fractal
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc iproute2 nftables util-linux socat chromium etcd-server openssl
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc iproute2 nftables util-linux socat chromium etcd-server openssl attr
 
 .PHONY: install system-deps run test lint bench bench-failures cluster install-service clean
 
@@ -70,7 +70,8 @@ install-service: install
 	[ -e /etc/fractalfs/secret ] || (umask 077; $(BIN)/fractalfs new-secret > /etc/fractalfs/secret)
 	install -m 644 systemd/fractalfs.service systemd/fractalfs-discovery.service /etc/systemd/system/
 	systemctl daemon-reload
-	@echo "now: systemctl enable --now fractalfs-discovery fractalfs"
+	@echo "now: set discovery_url in /etc/fractalfs/fractalfs.toml (empty embeds a discovery of the node's own),"
+	@echo "then: systemctl enable --now fractalfs-discovery fractalfs"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -77,8 +77,8 @@ def load_secret(path: str) -> bytes:
 
 def ensure_secret(path: str) -> bytes:
     """Loads ``path``, creating it (0600, a fresh secret) if it does not exist."""
-    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
     try:
+        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except OSError as exc:
         if exc.errno != errno.EEXIST:

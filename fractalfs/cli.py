@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import sqlite3
 import ssl
 import sys
 from typing import Any
@@ -293,9 +294,13 @@ def _cmd_discovery(args: argparse.Namespace) -> None:
             serve_forever(db, host, port, ready, secret, lim, config.retention, ssl_context)
         )
     except OSError as exc:
+        if exc.filename is not None:  # the database's directory, not the address
+            raise QuietError(f"discovery cannot start: {exc.filename}: {exc.strerror}") from None
         raise QuietError(f"discovery cannot start on {config.listen}: {exc.strerror}") from None
     except EtcdUnavailable as exc:
         raise QuietError(f"discovery cannot start: {exc}") from None
+    except sqlite3.Error as exc:  # --db names a file that is not a database
+        raise QuietError(f"discovery cannot open {db}: {exc}") from None
     except KeyboardInterrupt:
         pass
     finally:
@@ -336,6 +341,8 @@ def _cmd_mount(args: argparse.Namespace) -> None:
         check_node_config(config)
         parse_listen(config.data_listen, 7701)
         parse_listen(config.discovery_listen, 7700)
+        if config.metrics_listen:
+            parse_listen(config.metrics_listen, 9701)
     except (ConfigError, ValueError) as exc:
         raise QuietError(str(exc), 2) from None
     mount.run(config, ready=lambda line: print(line, flush=True))
@@ -364,7 +371,17 @@ def _fetch_edges(
     return resp.json()["edges"]  # type: ignore[no-any-return]
 
 
+def _check_urls(args: argparse.Namespace) -> None:
+    from .discovery.client import check_discovery_urls
+
+    try:
+        args.discovery = check_discovery_urls(args.discovery)
+    except ValueError as exc:
+        raise QuietError(str(exc), 2) from None
+
+
 def _cmd_status(args: argparse.Namespace) -> None:
+    _check_urls(args)
     edges = _fetch_edges(args.discovery, _client_auth(args), _client_tls(args))
     if args.json:
         json.dump({"edges": edges}, sys.stdout, indent=2)
@@ -424,12 +441,15 @@ def main(argv: list[str] | None = None) -> int:
                 new_tls(args.dir)
             except TlsError as exc:
                 raise QuietError(str(exc), 2) from None
+            except OSError as exc:
+                raise QuietError(f"{args.dir}: {exc.strerror}", 2) from None
             print(f"{args.dir}: ca.pem, cert.pem, key.pem (copy the directory to every node)")
         elif args.command == "status":
             _cmd_status(args)
         elif args.command == "watch":
             from .watch import watch
 
+            _check_urls(args)
             watch(args.discovery, _client_auth(args), verify=_client_tls(args))
     except QuietError as exc:
         print(f"fractalfs: {exc}", file=sys.stderr)

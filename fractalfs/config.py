@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 
@@ -212,7 +213,18 @@ def from_env(cls: type, env: dict[str, str], prefix: str = ENV_PREFIX) -> dict[s
     }
 
 
+#: A node name is a path segment of discovery's routes (``/v1/nodes/{node}/...``) and an
+#: HTTP header's value: a slash, space, ``?``, ``#``, ``%`` or a non-ASCII character there
+#: made every heartbeat a 404 (the node mounted, and its writers waited for good).
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,254}")
+
+
 def check_node_config(config: NodeConfig) -> None:
+    if config.node and not NODE_NAME.fullmatch(config.node):
+        raise ConfigError(
+            f"node name {config.node!r}: want 1 to 255 of A-Z a-z 0-9 . _ : @ + - "
+            "(a letter or digit first)"
+        )
     if config.mode not in ("transient", "persistent", "dynamic"):
         raise ConfigError(f"mode must be transient, persistent or dynamic, not {config.mode!r}")
     for key in ("write_window", "read_buffer", "max_tasks"):

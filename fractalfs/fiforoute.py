@@ -146,10 +146,11 @@ def _fsyncs(pid: int) -> bool:
 
 def wants_fifo_reader(flags: int | None) -> bool:
     """Whether an open with ``flags`` (:func:`open_flags`) should get a reader FIFO: a
-    read-only open (not ``O_PATH``, ``O_DIRECTORY``, ``O_CREAT``, ``O_TRUNC``)."""
+    read-only open (not ``O_PATH``, ``O_DIRECTORY``, ``O_CREAT``, ``O_TRUNC``, nor
+    ``O_DIRECT``: a FIFO's open refuses it with EINVAL, the regular file reads)."""
     if flags is None or flags & os.O_ACCMODE != os.O_RDONLY:
         return False
-    return not flags & (os.O_PATH | os.O_DIRECTORY | os.O_CREAT | os.O_TRUNC)
+    return not flags & (os.O_PATH | os.O_DIRECTORY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT)
 
 
 def stays_on_fuse(pid: int) -> bool:

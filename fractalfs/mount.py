@@ -11,6 +11,7 @@ import os
 import resource
 import signal
 import socket
+import sqlite3
 import subprocess
 from collections.abc import Callable
 from urllib.parse import urlsplit
@@ -20,7 +21,7 @@ import trio
 
 from . import auth, fusewatch, metrics, testhooks
 from .config import NodeConfig
-from .discovery.client import DiscoveryClient, DiscoveryError, Unavailable
+from .discovery.client import DiscoveryClient, DiscoveryError, Unavailable, check_discovery_urls
 from .discovery.server import EmbeddedDiscovery, parse_listen
 from .errors import QuietError
 from .fs import Operations
@@ -83,21 +84,10 @@ def route_to(url: str) -> str:
 
 def check_url(url: str) -> str:
     """One discovery URL or several, comma-separated (replicas of one cluster)."""
-    urls = [_check_one_url(u.strip()) for u in url.split(",") if u.strip()]
-    if not urls:
-        raise QuietError("no discovery URL given")
-    return ",".join(urls)
-
-
-def _check_one_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise QuietError(f"{url}: discovery URL must look like http://HOST:PORT")
     try:
-        _ = parts.port
-    except ValueError:
-        raise QuietError(f"{url}: bad port in discovery URL") from None
-    return url.rstrip("/")
+        return check_discovery_urls(url)
+    except ValueError as exc:
+        raise QuietError(str(exc)) from None
 
 
 async def _open_listener(host: str, port: int) -> trio.socket.SocketType:
@@ -310,8 +300,16 @@ def run(config: NodeConfig, *, ready: Callable[[str], None] | None = None) -> No
         try:
             url = embedded.start()
         except OSError as exc:
+            if exc.filename is not None:  # the database's directory, not the address
+                raise QuietError(
+                    f"embedded discovery cannot start: {exc.filename}: {exc.strerror}"
+                ) from None
             raise QuietError(
                 f"embedded discovery cannot listen on {host}:{port}: {exc.strerror}"
+            ) from None
+        except sqlite3.Error as exc:  # discovery_db names a file that is not a database
+            raise QuietError(
+                f"embedded discovery cannot open {config.discovery_db}: {exc}"
             ) from None
     else:
         url = check_url(config.discovery_url)

@@ -538,19 +538,49 @@ def sigpipe_writer(pid: int, name: str, tid: int = 0) -> bool:
     answer EPIPE, which a program that (like most) leaves SIGPIPE at its default takes for
     an error (`yes: standard output: Broken pipe`, exit 1) where a pipe would have ended it
     quietly (killed by SIGPIPE, status 141 in a shell)."""
-    tasks = [f"/proc/{pid}/task/{tid or pid}"]
-    if not _writing_to(tasks[0], name):
-        try:
-            tasks = [f"/proc/{pid}/task/{t}" for t in os.listdir(f"/proc/{pid}/task")]
-        except OSError:
-            return False
-        if not any(_writing_to(task, name) for task in tasks):
+    if not _writing_to(f"/proc/{pid}/task/{tid or pid}", name) and not _any_task_writing(pid, name):
+        # The opener may have handed its descriptor to a child that writes: `timeout 60
+        # yes > E` (the shell opens E, execs timeout, which forks yes), `(a; b) > E`.
+        for child in _descendants(pid):
+            if _any_task_writing(child, name):
+                pid = child
+                break
+        else:
             return False
     try:
         os.kill(pid, 13)  # SIGPIPE
     except OSError:
         return False
     return True
+
+
+def _any_task_writing(pid: int, name: str) -> bool:
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    return any(_writing_to(f"/proc/{pid}/task/{t}", name) for t in tasks)
+
+
+def _descendants(pid: int, limit: int = 4096) -> list[int]:
+    """``pid``'s children, theirs, ... (breadth first, at most ``limit``)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo and len(found) < limit:
+        parent_pid = todo.pop(0)
+        try:
+            tids = os.listdir(f"/proc/{parent_pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{parent_pid}/task/{tid}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+            except (OSError, ValueError):
+                continue
+            found += kids
+            todo += kids
+    return found
 
 
 def describe_status(status: int) -> str:

@@ -123,7 +123,8 @@ def watch(
                     raise QuietError(
                         f"discovery at {base[:-3]} wants the cluster secret: --secret-file"
                     )
-                first.raise_for_status()
+                if first.status_code != 200:  # raise_for_status's text is two lines
+                    raise ValueError(f"answered {first.status_code}, not as discovery does")
                 after = int(first.json()["last"])
                 break
             except (httpx.HTTPError, ValueError, KeyError) as exc:

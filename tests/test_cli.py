@@ -62,3 +62,33 @@ def test_status_of_a_discovery_without_edges(cluster: Cluster) -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["ID", "STATE", "GEN", "MODE", "WRITER", "ENDPOINT", "READER",
                                   "DELIVERED", "WHY"]  # fmt: skip
+
+
+def test_bad_input_to_every_command_is_one_line(tmp_path: Path) -> None:
+    """Inputs a person gets wrong, none of which may end in a traceback."""
+    import http.server
+    import threading
+
+    (tmp_path / "file").write_text("root:x:0:0::/root:/bin/sh\n")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    local = ["--data-listen", "127.0.0.1:0", "--discovery-listen", "127.0.0.1:1"]
+    one_line_error(run("new-tls", str(tmp_path / "file" / "tls")), "Not a directory")
+    for command in ("status", "watch"):
+        one_line_error(run(command, "--discovery", "http://[::"), "bad discovery URL")
+    one_line_error(run("mount", str(mnt), "--discovery", "http://[::"), "bad discovery URL")
+    one_line_error(run("mount", str(mnt), *local, "--metrics-listen", "x:y"), "bad port")
+    one_line_error(run("mount", str(mnt), *local, "--node", "a b/c"), "node name")
+    state = ["--state-dir", str(tmp_path / "file" / "state")]
+    one_line_error(run("mount", str(mnt), *local, *state), "Not a directory")
+    one_line_error(run("discovery", "--listen", "127.0.0.1:0", "--db", str(tmp_path / "file")),
+                   "not a database")  # fmt: skip
+    # Something that answers HTTP but is no discovery server.
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        one_line_error(run("watch", "--discovery", url), "404")
+        one_line_error(run("status", "--discovery", url), "404")
+    finally:
+        server.shutdown()

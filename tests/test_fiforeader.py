@@ -88,6 +88,16 @@ def test_an_open_reader_sees_a_fifo_and_stat_the_regular_file(pair: Pair) -> Non
     _read_through_a_fifo(w, r, b"hello")
 
 
+def test_a_reader_opening_with_o_direct_reads_through_fuse(pair: Pair, tmp_path: Path) -> None:
+    """A FIFO cannot be opened with O_DIRECT (EINVAL, as a mkfifo FIFO): `dd iflag=direct`
+    got that error at its open, where the regular file reads."""
+    _, w, r = pair.paths()
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.write_bytes(os.urandom(3 * MiB + 123))
+    sh(f"dd if={r} of={out} iflag=direct bs=1M status=none & sleep 0.3; cat {src} > {w}; wait $!")
+    assert sha_file(out) == sha_file(src)
+
+
 READ_SOME = (
     "import os, stat, sys, time\n"
     "fd = os.open(sys.argv[1], os.O_RDONLY)\n"

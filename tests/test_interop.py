@@ -230,6 +230,9 @@ FOX = "exec yes 'the quick brown fox'"
 ENDINGS: dict[str, Ending] = {
     "head -c N": Ending("exec yes", "head -c 100 {r}"),
     "head -c N, reader first": Ending("exec yes", "head -c 100 {r}", reader_first=True),
+    # The shell opens E and execs timeout, whose child yes writes: the SIGPIPE a FUSE writer
+    # gets must reach yes, not the opener.
+    "timeout 60 yes > E, head -c N": Ending("exec timeout 60 yes", "head -c 100 {r}"),
     "head -1": Ending(FOX, "head -1 {r}"),
     "grep -m1": Ending(FOX, "grep -m1 fox {r}"),
     "python read(5)": Ending("exec yes", "python3 -c 'import sys; print(sys.stdin.read(5))' < {r}"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import ssl
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import trio
@@ -45,6 +46,25 @@ def split_urls(url: str) -> list[str]:
     """``URL1,URL2`` -> [URL1, URL2] (blanks and trailing slashes dropped)."""
     urls = [u.strip().rstrip("/") for u in url.split(",")]
     return [u for u in urls if u]
+
+
+def check_discovery_urls(url: str) -> str:
+    """One discovery URL or several, comma-separated (replicas of one cluster), checked
+    before any request: ValueError with a one-line reason (httpx's InvalidURL, or
+    urlsplit's "Invalid IPv6 URL", would otherwise end a command in a traceback)."""
+    urls = split_urls(url)
+    if not urls:
+        raise ValueError("no discovery URL given")
+    for one in urls:
+        try:
+            parts = urlsplit(one)
+            _ = parts.port
+            httpx.URL(one)
+        except (ValueError, httpx.InvalidURL) as exc:
+            raise ValueError(f"{one}: bad discovery URL ({exc})") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{one}: discovery URL must look like http://HOST:PORT")
+    return ",".join(urls)
 
 
 def _json_object(resp: httpx.Response) -> dict[str, Any] | None:
