@@ -66,7 +66,7 @@ def test_deltas_converge_and_resync(
                     ok = False
                     break
             if ok:
-                acked = Acked(dict(writers), tuple(readers), pages[-1].digest)  # as the client
+                acked = Acked.of(writers, readers, pages[-1].digest)  # as the client
                 break
             acked = None
         assert held is not None
@@ -81,7 +81,7 @@ def test_steady_state_beat_is_empty_and_big_sets_are_paged() -> None:
     assert len(pages) == 5 and pages[0].reset and not pages[1].reset
     assert all(p.size() <= PAGE for p in pages)
     assert all(len(json.dumps(p.to_json())) < 64 * 1024 for p in pages)
-    acked = Acked(dict(writers), tuple(readers), pages[-1].digest)
+    acked = Acked.of(writers, readers, pages[-1].digest)
     again = deltas(acked, writers, readers)
     assert len(again) == 1 and again[0].size() == 0
     assert len(json.dumps(again[0].to_json())) < 300  # the same size at 5 ends or 5,000

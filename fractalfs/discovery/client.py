@@ -301,7 +301,7 @@ class DiscoveryClient:
                 if got.get("resync"):
                     break
             else:
-                self._acked[node] = Acked(dict(writers), tuple(readers), pages[-1].digest)
+                self._acked[node] = Acked.of(writers, readers, pages[-1].digest)
                 break
         return sorted(set(stale))
 
