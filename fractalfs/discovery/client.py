@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import httpx
@@ -275,7 +276,7 @@ class DiscoveryClient:
         return await self._call("GET", "/events", params=params, timeout=wait + 10.0, retry_for=0.0)
 
     async def heartbeat(
-        self, node: str, boot: str, writers: dict[str, int], readers: list[str]
+        self, node: str, boot: str, writers: dict[str, int], readers: Sequence[Hashable]
     ) -> list[str]:
         """Reports this node's ends; returns the writer edges that are fenced off.
 
@@ -301,7 +302,7 @@ class DiscoveryClient:
                 if got.get("resync"):
                     break
             else:
-                self._acked[node] = Acked.of(writers, readers, pages[-1].digest)
+                self._acked[node] = Acked(dict(writers), tuple(readers), pages[-1].digest)
                 break
         return sorted(set(stale))
 
