@@ -119,6 +119,7 @@ def run(
         arenas_idle = ask_pymalloc(probe)
         trimmed = ask(probe, "trim")
         types_idle = ask_types(probe) if by_type else {}
+        holders_idle: object = ask(probe, "holders")["holders"] if by_type else {}
         row: dict[str, object] = {
             "edges": n,
             "registered": registered,
@@ -168,6 +169,8 @@ def run(
                 for kind, (c, b) in ranked[:top]
                 if b > 0
             ]
+        if by_type:
+            row["holders"] = holders_idle
         if trace:
             row["traced_per_reader_kib"] = round((idle["traced"] - before["traced"]) / n / 1024, 2)
             old = tracemalloc.Snapshot.load(str(probe / f"{before['snap']}.snap"))

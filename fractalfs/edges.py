@@ -612,11 +612,8 @@ class ReaderEnd(Notifier):
     # own notifier (``changed`` is the end itself): a Notifier object more was 48 bytes
     # per waiting reader.
     __slots__ = (
-        "_expected",
         "_replay",
         "_tail",
-        "_tail_buf",
-        "_tail_end",
         "_tail_start",
         "backlog",
         "chunks",
@@ -670,18 +667,17 @@ class ReaderEnd(Notifier):
         # xxh3-128 of every byte received (~21 us/MiB): what a re-run writer must reproduce
         # (made by the first byte).
         self.digest: xxhash.xxh3_128 | None = None
-        # Replay of a re-run writer: stream offset reached, and the digest of the replayed
-        # prefix while it is below ``received``.
+        # Replay of a re-run writer: stream offset reached, and while it is below
+        # ``received`` the digest of the replayed prefix with the one it must reach (one
+        # slot: a daemon holds a ReaderEnd per waiting reader).
         self.stream_pos = 0
-        self._replay: xxhash.xxh3_128 | None = None
-        self._expected = b""
-        # The last chunk, when it is a view of a receive buffer still being filled: the
-        # view itself, its buffer and its [start, end) there. The next piece received
-        # right behind it extends it, so a frame's payload reads as one buffer.
+        self._replay: tuple[xxhash.xxh3_128, bytes] | None = None
+        # The last chunk, when it is a view of a receive buffer still being filled, and
+        # its start there (its buffer is the view's ``obj``, its end start + len). The
+        # next piece received right behind it extends it, so a frame's payload reads as
+        # one buffer.
         self._tail: memoryview | None = None
-        self._tail_buf: Any = None
         self._tail_start = 0
-        self._tail_end = 0
 
     @property
     def changed(self) -> Notifier:
@@ -745,8 +741,7 @@ class ReaderEnd(Notifier):
         if not replay and self._replay is not None:
             return self.stream_pos  # finish verifying the replayed prefix first
         if replay and self.received and self.digest is not None:
-            self._replay = xxhash.xxh3_128()
-            self._expected = self.digest.digest()
+            self._replay = (xxhash.xxh3_128(), self.digest.digest())
             self.stream_pos = 0
         else:
             self._replay = None
@@ -756,15 +751,15 @@ class ReaderEnd(Notifier):
     def accept(self, data: bytes | memoryview, at: int = -1) -> None:
         """Bytes of the stream at ``stream_pos``: verify the replayed part, push the rest.
         ``at``: ``data`` is a view of a receive buffer starting at that index (see push)."""
-        replay = self._replay
-        if replay is not None:
+        if self._replay is not None:
+            replay, expected = self._replay
             take = min(len(data), self.received - self.stream_pos)
             replay.update(data[:take] if take < len(data) else data)
             self.stream_pos += take
             if self.stream_pos < self.received:
                 return
             self._replay = None
-            if replay.digest() != self._expected:
+            if replay.digest() != expected:
                 raise Diverged(
                     f"the re-run writer's first {self.received} bytes differ from the "
                     "bytes already delivered"
@@ -803,14 +798,12 @@ class ReaderEnd(Notifier):
             tail is not None
             and chunks
             and chunks[-1] is tail
-            and data.obj is self._tail_buf
-            and at == self._tail_end
+            and data.obj is tail.obj
+            and at == self._tail_start + len(tail)
         ):
-            self._tail_end = at + len(data)
-            self._tail = chunks[-1] = memoryview(data.obj)[self._tail_start : self._tail_end]
+            self._tail = chunks[-1] = memoryview(data.obj)[self._tail_start : at + len(data)]
         else:
-            self._tail, self._tail_buf = data, data.obj
-            self._tail_start, self._tail_end = at, at + len(data)
+            self._tail, self._tail_start = data, at
             chunks.append(data)
         self.changed.notify()
 
@@ -831,7 +824,7 @@ class ReaderEnd(Notifier):
         self.tell_writer = tell_writer
         self.state = ReaderState.CLOSED
         self.chunks = _NO_CHUNKS
-        self._tail = self._tail_buf = None
+        self._tail = None
         self.changed.notify()
         if self.pump is not None:
             self.pump.cancel()

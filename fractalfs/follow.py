@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import trio
 
 from .discovery.client import DiscoveryClient, DiscoveryError, Unavailable
+from .edgeid import EdgeId
 from .edgestate import backoff
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class Parked:
 
     __slots__ = ("edge", "machine", "query", "reader", "resume")
 
-    def __init__(self, edge: str) -> None:
+    def __init__(self, edge: EdgeId) -> None:
         self.edge = edge
         self.resume: Callable[[Parked, bool], None] | None = None  # None: watched only
         self.reader: Any = None
@@ -93,8 +94,9 @@ class Follower:
         self.poll = poll
         self.live = False  # following now: a change after a pump registered will wake it
         self.supported = True  # False: discovery has no feed (an older server)
-        # Edge -> its waiter, or a set of them (one is the rule: a set is 216 bytes).
-        self._waiters: dict[str, _Waiter | set[_Waiter]] = {}
+        # Edge -> its waiter, or a set of them (one is the rule: a set is 216 bytes). Keyed
+        # by the EdgeId the reader holds (the feed's names are parsed): no text per reader.
+        self._waiters: dict[EdgeId, _Waiter | set[_Waiter]] = {}
         self._wanted = trio.Event()  # set when a pump waits: the feed is followed again
         # Parked readers by deadline (rounded up: see park), and a heap of the deadlines.
         self._due: dict[float, list[Parked]] = {}
@@ -105,7 +107,7 @@ class Follower:
         """Edges with a waiting pump (for tests: nothing leaks)."""
         return len(self._waiters)
 
-    def _add(self, edge: str, waiter: _Waiter) -> None:
+    def _add(self, edge: EdgeId, waiter: _Waiter) -> None:
         have = self._waiters.get(edge)
         if have is None:
             self._waiters[edge] = waiter
@@ -114,7 +116,7 @@ class Follower:
         else:
             self._waiters[edge] = {have, waiter}
 
-    def _remove(self, edge: str, waiter: _Waiter) -> None:
+    def _remove(self, edge: EdgeId, waiter: _Waiter) -> None:
         have = self._waiters.get(edge)
         if have is waiter:
             del self._waiters[edge]
@@ -123,11 +125,11 @@ class Follower:
             if not have:
                 del self._waiters[edge]
 
-    def _of(self, edge: str) -> list[_Waiter]:
+    def _of(self, edge: EdgeId) -> list[_Waiter]:
         have = self._waiters.get(edge)
         return [] if have is None else list(have) if isinstance(have, set) else [have]
 
-    def _wake(self, edge: str) -> None:
+    def _wake(self, edge: EdgeId) -> None:
         have = self._waiters.pop(edge, None)
         for event in have if isinstance(have, set) else () if have is None else (have,):
             event.set()
@@ -181,8 +183,9 @@ class Follower:
             if got.get("resync") or got.get("feed") != feed or got.get("all"):
                 self._wake_all()
             else:
-                for edge in got.get("edges", ()):
-                    self._wake(edge)
+                for name in got.get("edges", ()):
+                    if isinstance(name, str) and EdgeId.is_valid(name):
+                        self._wake(EdgeId.parse(name))
             feed, seq = str(got.get("feed", "")), int(got.get("seq", 0))
             self.live = True
 
@@ -192,7 +195,7 @@ class Follower:
         pumps long-poll their edges."""
         return self.supported and wait > 0 and since >= 0
 
-    def watch(self, edge: str) -> Parked:
+    def watch(self, edge: EdgeId) -> Parked:
         """Registers a waiter of ``edge`` before the pump reads it: a change after that
         read wakes it (see the module docstring). Then :meth:`park` or :meth:`unwatch`."""
         token = Parked(edge)
@@ -238,7 +241,7 @@ class Follower:
                 self._earlier.set()
         bucket.append(token)
 
-    def forget(self, edge: str) -> None:
+    def forget(self, edge: EdgeId) -> None:
         """The reader of ``edge`` is gone: its parked entry lets go of it now."""
         for token in self._of(edge):
             if isinstance(token, Parked):
@@ -262,22 +265,22 @@ class Follower:
             with trio.move_on_at(at):
                 await self._earlier.wait()
 
-    async def get(self, edge: str, *, wait: float, since: int) -> dict[str, Any]:
+    async def get(self, edge: EdgeId, *, wait: float, since: int) -> dict[str, Any]:
         """What ``discovery.get(edge, wait=, since=)`` answers: the edge's record once its
         version is above ``since``, or after ``wait`` seconds."""
         if not self.live or wait <= 0 or since < 0:
             # Discovery's own long-poll (it caps a wait at MAX_WAIT): one per pump.
-            return await self.discovery.get(edge, wait=min(wait, self.poll), since=since)
+            return await self.discovery.get(edge.hex, wait=min(wait, self.poll), since=since)
         event = trio.Event()
         self._add(edge, event)
         self._wanted.set()
         try:
-            rec = await self.discovery.get(edge)
+            rec = await self.discovery.get(edge.hex)
             if int(rec.get("version", 0)) > since:
                 return rec
             del rec  # a waiting reader holds no decoded record (thousands wait)
             with trio.move_on_after(wait):
                 await event.wait()
-            return await self.discovery.get(edge)
+            return await self.discovery.get(edge.hex)
         finally:
             self._remove(edge, event)

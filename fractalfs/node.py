@@ -643,7 +643,7 @@ class Node:
             # Watched before the claim: the claim's answer is the pump's first look at
             # its edge, and a change after it wakes the pump (see follow.py). One request
             # per reader open instead of three (claim, a look, a look before parking).
-            token = self.follower.watch(edge.hex)
+            token = self.follower.watch(edge)
             try:
                 claim, rec = await self._claim_reader(edge, pid, wait)
                 claimed_at = int(rec.get("version") or 0)
@@ -786,7 +786,7 @@ class Node:
             del self._paired[reader.edge]
             generation = paired[1]
         reader.on_released()
-        self.follower.forget(reader.edge.hex)  # a parked pump lets go of it
+        self.follower.forget(reader.edge)  # a parked pump lets go of it
         self.released.notify()
         complete = reader.state is ReaderState.EOF and reader.consumed == reader.received
         if reader.state is not ReaderState.EOF:
@@ -883,7 +883,7 @@ class Node:
                             rec = got
                         else:
                             rec = await self.follower.get(
-                                edge, wait=action.wait, since=action.since
+                                reader.edge, wait=action.wait, since=action.since
                             )
                     except (Unavailable, DiscoveryError) as exc:
                         log.info("edge %s: discovery: %s; retrying", edge, exc)
@@ -964,7 +964,7 @@ class Node:
                 if not token.woken:
                     break
                 self.follower.unwatch(token)
-            token = self.follower.watch(edge)  # before the read: no change is missed
+            token = self.follower.watch(reader.edge)  # before the read: no change is missed
             try:
                 rec = await self.discovery.get(edge)
             except BaseException:

@@ -405,3 +405,28 @@ def test_a_stopped_writer_daemon_is_lost_then_back_and_its_streams_are_exact(
     assert {e["kind"] for e in lost} == {"writer-lost"}
     assert all(e["data"]["cause"] == "silent" for e in lost)  # type: ignore[index]
     assert [api.get(f"/edges/{e}").json()["generation"] for e in edges] == [1, 1, 1]
+
+
+def test_deltas_of_edge_ids_are_those_of_their_texts() -> None:
+    """A daemon passes its readers' EdgeIds (no text per reader each beat): the pages
+    are the same as for their texts, digests included, and a steady beat is empty."""
+    ids = [EdgeId.new() for _ in range(30)]
+    writers = {EdgeId.new().hex: 2}
+    first, later = ids[:20], ids[10:]
+    for acked_ids in (None, first):
+        acked_text = None
+        acked_id = None
+        if acked_ids is not None:
+            pages = deltas(None, writers, [e.hex for e in acked_ids])
+            acked_text = Acked(dict(writers), tuple(e.hex for e in acked_ids), pages[-1].digest)
+            acked_id = Acked(dict(writers), tuple(acked_ids), pages[-1].digest)
+        by_text = deltas(acked_text, writers, [e.hex for e in later])
+        by_id = deltas(acked_id, writers, later)
+        assert [sorted(p.readers) for p in by_id] == [sorted(p.readers) for p in by_text]
+        assert [sorted(p.gone_readers) for p in by_id] == [
+            sorted(p.gone_readers) for p in by_text
+        ]
+        assert [p.digest for p in by_id] == [p.digest for p in by_text]
+        assert by_id[-1].digest == digest_of(writers, [e.hex for e in later])
+        steady = deltas(Acked(dict(writers), tuple(later), by_id[-1].digest), writers, later)
+        assert len(steady) == 1 and steady[0].size() == 0

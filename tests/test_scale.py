@@ -316,7 +316,7 @@ def test_the_feed_is_not_followed_while_no_reader_waits() -> None:
 
     from fractalfs.follow import Follower
 
-    edge = new_edge()
+    edge = EdgeId.new()
 
     class Fake:
         def __init__(self) -> None:
@@ -331,7 +331,7 @@ def test_the_feed_is_not_followed_while_no_reader_waits() -> None:
                 with trio.move_on_after(wait):
                     await self.changed.wait()
             self.changed = trio.Event()
-            return {"feed": "f", "seq": self.seq, "edges": [edge] if after < self.seq else []}
+            return {"feed": "f", "seq": self.seq, "edges": [edge.hex] if after < self.seq else []}
 
         async def get(self, name: str, *, wait: float = 0.0, since: int = -1) -> dict[str, object]:
             return {"id": name, "version": self.version}
@@ -373,7 +373,7 @@ def test_a_parked_reader_is_resumed_by_its_edge_its_deadline_or_not_at_all() -> 
 
     from fractalfs.follow import Follower
 
-    edges = [new_edge() for _ in range(4)]
+    edges = [EdgeId.new() for _ in range(4)]
 
     class Fake:
         def __init__(self) -> None:
@@ -388,14 +388,14 @@ def test_a_parked_reader_is_resumed_by_its_edge_its_deadline_or_not_at_all() -> 
             named, self.named = self.named, []
             return {"feed": "f", "seq": after + 1, "edges": named}
 
-        def change(self, edge: str) -> None:
-            self.named.append(edge)
+        def change(self, edge: EdgeId) -> None:
+            self.named.append(edge.hex)
             self.changed.set()
 
     async def main() -> None:
         fake = Fake()
         follower = Follower(fake, poll=5.0)  # type: ignore[arg-type]
-        resumed: dict[str, bool] = {}
+        resumed: dict[EdgeId, bool] = {}
         async with trio.open_nursery() as nursery:
             nursery.start_soon(follower.run)
             nursery.start_soon(follower.expire_parked)
@@ -409,7 +409,7 @@ def test_a_parked_reader_is_resumed_by_its_edge_its_deadline_or_not_at_all() -> 
                     await trio.sleep(0.01)
             for e, token, wait in zip(edges[:3], tokens[:3], (30.0, 0.3, 30.0), strict=True):
 
-                def resume(token: object, expired: bool, e: str = e) -> None:
+                def resume(token: object, expired: bool, e: EdgeId = e) -> None:
                     resumed[e] = expired
 
                 follower.park(token, wait, resume, None, None, None)
@@ -454,7 +454,7 @@ def test_readers_parked_about_together_share_a_deadline_never_early_little_late(
                         assert expired
                         late.append(trio.current_time() - due)
 
-                    follower.park(follower.watch(new_edge()), wait, resume, None, None, None)
+                    follower.park(follower.watch(EdgeId.new()), wait, resume, None, None, None)
                     await trio.sleep(0.005)
                 assert trio.current_time() - start == pytest.approx(0.5)
                 # One tick of the rounding is a second at 120 s, 0.04 s at 2 s.
@@ -503,7 +503,7 @@ def test_a_broken_feed_leaves_parked_readers_parked_and_a_resync_wakes_them() ->
                     await trio.sleep(0.01)
             for _ in range(3):
                 follower.park(
-                    follower.watch(new_edge()),
+                    follower.watch(EdgeId.new()),
                     30.0,
                     lambda _token, expired: resumed.append(expired),
                     None,

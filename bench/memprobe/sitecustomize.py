@@ -74,6 +74,43 @@ def _types() -> dict[str, list[int]]:
     return out
 
 
+def _holders() -> dict[str, int]:
+    """Who holds the untracked long strings and large ints (str of 32 characters and more,
+    int above 256): counts by "<held type> in <holder type>[.<slot>]" (a tuple named by
+    what holds it). What keeps a per-reader text or number alive."""
+    import gc
+
+    out: dict[str, int] = {}
+    tracked = gc.get_objects()
+    seen: set[int] = set()
+    for obj in tracked:
+        kind = type(obj)
+        slots = [a for c in kind.__mro__ for a in getattr(c, "__slots__", ()) if a != "__dict__"]
+        for ref in gc.get_referents(obj):
+            if gc.is_tracked(ref) or id(ref) in seen:
+                continue
+            if (type(ref) is str and len(ref) >= 32) or (
+                type(ref) is int and not -5 <= ref <= 256
+            ):
+                seen.add(id(ref))
+                where = kind.__qualname__
+                for attr in slots:
+                    if getattr(obj, attr, None) is ref:
+                        where += "." + attr
+                        break
+                if kind is dict and len(obj) >= 500:
+                    where += f" ({len(obj)} items)"
+                if kind is tuple:  # named by what holds the tuple
+                    up = [type(h).__qualname__ for h in gc.get_referrers(obj) if h is not tracked]
+                    where += f"[{len(obj)}] in {'/'.join(sorted(set(up))) or '?'}"
+                held = type(ref).__name__
+                if isinstance(ref, str):
+                    held = "edge text" if len(ref) == 32 else f"str({len(ref) // 16 * 16}+)"
+                key = f"{held} in {where}"
+                out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:40])
+
+
 def _pymalloc() -> dict[str, int]:
     """pymalloc's totals (sys._debugmallocstats, which prints to the C stderr): bytes in
     arenas, in used blocks, and free in pools and arenas: how much of what pymalloc holds
@@ -128,6 +165,8 @@ def _probe(directory: str) -> None:
         }
         if what == "types":
             answer["types"] = _types()
+        elif what == "holders":
+            answer["holders"] = _holders()
         elif what == "pymalloc":
             answer["pymalloc"] = _pymalloc()
         elif what == "trim":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections.abc import Hashable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -295,7 +296,7 @@ class DiscoveryClient:
         return await self._call("GET", "/events", params=params, timeout=wait + 10.0, retry_for=0.0)
 
     async def heartbeat(
-        self, node: str, boot: str, writers: dict[str, int], readers: list[str]
+        self, node: str, boot: str, writers: dict[str, int], readers: Sequence[Hashable]
     ) -> list[str]:
         """Reports this node's ends; returns the writer edges that are fenced off.
 

@@ -15,7 +15,7 @@ instead of rehashing the set: ``w<edge>:<generation>`` for a writer, ``r<edge>``
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,26 +152,36 @@ def accept(held: Ends | None, delta: Delta) -> Ends | None:
 @dataclass(slots=True)
 class Acked:
     """The ends discovery acknowledged, as a daemon keeps them between beats: its readers
-    as a tuple (8 bytes each, where a set entry is ~33: a daemon has thousands)."""
+    as a tuple of the ids the daemon passed (its readers' own ``EdgeId`` objects: 8 bytes
+    each, where a set entry is ~33 and a text per reader 81: a daemon has thousands)."""
 
     writers: dict[str, int]
-    readers: tuple[str, ...]
+    readers: tuple[Hashable, ...]
     digest: int
 
 
 def deltas(
-    acked: Acked | Ends | None, writers: Mapping[str, int], readers: Iterable[str]
+    acked: Acked | Ends | None, writers: Mapping[str, int], readers: Iterable[Hashable]
 ) -> list[Delta]:
     """The daemon's side: the pages that take discovery from ``acked`` (None: unknown) to
-    the current ends. Steady state: one page with nothing in it."""
+    the current ends. Steady state: one page with nothing in it.
+
+    ``readers`` are edge ids whose ``str`` is their text (``EdgeId`` objects, or the
+    texts), the same kind as ``acked``'s: only a *changed* reader's text is made, so a
+    beat of a daemon with 10,000 waiting readers makes no string per reader (ten
+    thousand texts twice a second made pymalloc arenas that the readers' records
+    registering meanwhile then kept alive)."""
     reset = acked is None
-    have = Ends() if acked is None else Ends(dict(acked.writers), set(acked.readers), acked.digest)
+    had_w: dict[str, int] = {} if acked is None else dict(acked.writers)
+    had_r: set[Hashable] = set() if acked is None else set(acked.readers)
+    have = Ends(had_w, set(), 0 if acked is None else acked.digest)
     want_r = set(readers)
     changes: list[tuple[str, str, int]] = []
     changes += [("gw", e, 0) for e in have.writers if e not in writers]
     changes += [("w", e, g) for e, g in writers.items() if have.writers.get(e) != g]
-    changes += [("gr", e, 0) for e in have.readers - want_r]
-    changes += [("r", e, 0) for e in want_r - have.readers]
+    changes += [("gr", str(e), 0) for e in had_r - want_r]
+    changes += [("r", str(e), 0) for e in want_r - had_r]
+    del had_r, want_r
     pages = []
     for i in range(0, max(len(changes), 1), PAGE):
         page = Delta(reset and i == 0, have.digest, 0)
@@ -186,6 +196,9 @@ def deltas(
                 page.readers.append(edge)
         if page.reset:
             have = Ends()
+        # The readers' part of the digest: each one gone was held, each new one was not
+        # (have.readers holds none of them: no set of every reader's text).
+        have.readers = set(page.gone_readers)
         have.apply(page)
         page.digest = have.digest
         pages.append(page)
