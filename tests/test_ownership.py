@@ -434,19 +434,26 @@ def test_a_reader_fifos_memory_comes_back_however_it_ends(programs: Programs) ->
         f"uid_memory_limit = {12 << 20}\nread_buffer = {4 << 20}\n",
     ) as n:
 
-        def waiting_reader() -> subprocess.Popen[bytes]:
+        def fifo_reader(
+            program: str = "sleep 60", edge: str | None = None
+        ) -> subprocess.Popen[bytes]:
+            """``program`` reading a new edge (or ``edge``) on its stdin, once it holds
+            its FIFO; an open refused for a moment (EDQUOT: a settling record still
+            counts) is tried again."""
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
-                edge = new_edge()
-                cmd = f"exec {' '.join(NOBODY)} sh -c 'exec sleep 60 < {n.path(edge)}'"
-                reader = programs.start(cmd)
+                path = n.path(edge if edge is not None else new_edge())
+                reader = programs.start(f"exec {' '.join(NOBODY)} sh -c 'exec {program} < {path}'")
                 while reader.poll() is None:
                     with contextlib.suppress(OSError):
                         if stat.S_ISFIFO(os.stat(f"/proc/{reader.pid}/fd/0").st_mode):
                             return reader
                     time.sleep(0.05)
-                time.sleep(0.2)  # refused (EDQUOT): a settling record still counts
+                assert b"quota" in reader.communicate()[1], reader.returncode
+                time.sleep(0.2)
             raise AssertionError(f"no FIFO for a waiting reader: {n.log.read_text()}")
+
+        waiting_reader = fifo_reader
 
         def closed_unread() -> None:
             deadline = time.monotonic() + 10
@@ -463,8 +470,7 @@ def test_a_reader_fifos_memory_comes_back_however_it_ends(programs: Programs) ->
                 p.wait()
         for _ in range(2):  # read to the end
             edges = [new_edge(), new_edge()]
-            readers = [as_nobody_start(f"cat {n.path(e)}") for e in edges]
-            time.sleep(0.3)
+            readers = [fifo_reader("cat", e) for e in edges]
             for e in edges:
                 sh(f"echo x > {n.path(e)}")
             assert [r.communicate(timeout=30)[0] for r in readers] == [b"x\n", b"x\n"]
@@ -474,10 +480,6 @@ def test_a_reader_fifos_memory_comes_back_however_it_ends(programs: Programs) ->
         third = as_nobody("sh", "-c", f"cat {n.path(new_edge())}")
         assert third.returncode != 0 and "quota" in third.stderr, third.stderr
         assert all(p.poll() is None for p in held)
-
-
-def as_nobody_start(command: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([*NOBODY, "sh", "-c", command], stdout=subprocess.PIPE)
 
 
 @needs_fuse
