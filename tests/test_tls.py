@@ -389,7 +389,14 @@ def test_a_flood_of_unfinished_tls_handshakes_at_discovery_meets_its_cap(
                         answers.append(http.get(disc.url + "/v1/edges").status_code)
                     except httpx.TransportError as exc:
                         answers.append(type(exc).__name__)
-            held = descriptors(disc.pid) - base
+            # Refused connections close on discovery's next turn: on a loaded machine a
+            # few more wait for it at any one look (71 once at load ~130). The least of
+            # five looks over a second: without the cap it is the whole flood (~200).
+            looks = []
+            for _ in range(5):
+                looks.append(descriptors(disc.pid) - base)
+                time.sleep(0.2)
+            held = min(looks)
             assert flood.thread.is_alive() and flood.opened > 40
         assert answers == [200] * 5, answers
         assert held <= 40 + 30, held  # the cap, and refused ones closing on the next turn
