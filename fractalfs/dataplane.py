@@ -229,7 +229,7 @@ async def _send_stream(sock: Conn, writer: WriterEnd, offset: int) -> None:
             pos += size
             continue
         if writer.state is WriterState.COMPLETE:
-            writer.end_sent = True
+            writer.on_end_sent()
             await send_all(sock, [codec.end_frame(writer.end)])
             # Stay until the reader acknowledges everything and hangs up.
             await trio.sleep_forever()
@@ -583,7 +583,7 @@ async def pull_local(
                 writer.ack(reader.stream_pos)
                 continue
             if writer.state is WriterState.COMPLETE:
-                writer.end_sent = True
+                writer.on_end_sent()
                 reader.check_end(writer.end)
                 reader.finish()
                 if await until_consumed(reader, writer.end):

@@ -240,7 +240,8 @@ class WriterEnd:
         self.handler_time = 0.0  # seconds its program spent inside our write handler
         self.end_acked = False  # a reader acknowledged the END frame: fully delivered
         # The END frame of this generation went to a reader (a data connection or the
-        # same-node pull), or may have in an earlier run (restored): until then no
+        # same-node pull), or did in an earlier run of the daemon (a restored spill
+        # marked so: spill.SENT_BIT): until then no
         # reader's program can have read it whole, and a "reader done" in discovery is
         # another generation's (the last run's reader, recorded before or even after
         # this re-run registered, and as long as its stream: on_reader_done).
@@ -465,7 +466,7 @@ class WriterEnd:
         writer.state = WriterState.COMPLETE if complete else WriterState.FAILED
         writer.completed_at = trio.current_time()
         writer.released = True
-        writer.end_sent = True  # an earlier run may have sent it: discovery decides
+        writer.end_sent = spill.sent  # an earlier run of the daemon sent it (marked)
         return writer
 
     def on_released(self, exit_status: int | None) -> None:
@@ -491,6 +492,12 @@ class WriterEnd:
         if self.spill is not None:
             self.spill.remove()
             self.spill = None
+
+    def on_end_sent(self) -> None:
+        """Its END frame goes to a reader now; a spill keeps that across a restart."""
+        self.end_sent = True
+        if self.spill is not None:
+            self.spill.mark_sent()
 
     def on_reader_done(self, delivered: int) -> None:
         """Discovery says the reader's program read ``delivered`` bytes and the end. Not

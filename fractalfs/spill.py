@@ -49,6 +49,9 @@ SEALED_AT = COMPLETE_AT + 8  # header offset of "sealed": written before the END
 SEALED = struct.Struct(">Q")
 INCOMPLETE = 2**64 - 1
 SUFFIX = ".spill"
+#: A spill file's mode gains this bit once its END frame went to a reader (created 0600):
+#: a daemon restarted later knows whether a reader can have read it whole (WriterEnd.end_sent).
+SENT_BIT = stat.S_IXUSR
 REMOVING = ".removing"  # a removed spill, renamed until a worker thread unlinks it
 _removals = itertools.count()
 # Buffered appends (no O_DIRECT): page cache kept behind a spill's end (for readers close
@@ -78,6 +81,7 @@ class SpillInfo:
     start: int
     complete: int | None  # total stream length if complete
     size: int  # payload bytes present
+    sent: bool = False  # its END frame went to a reader (SENT_BIT): see SpillFile.mark_sent
 
 
 class SpillFile:
@@ -114,6 +118,7 @@ class SpillFile:
         self._reads = 0
         self._after_reads: str | None = None  # "close" or "remove"
         self._removed = False
+        self.sent = False  # SENT_BIT is set on the file
 
     @classmethod
     def create(
@@ -152,7 +157,23 @@ class SpillFile:
         spill = cls(info.path, fd, info.edge, info.generation, info.start)
         spill.end = info.start + info.size
         spill.complete = info.complete is not None
+        spill.sent = info.sent
         return spill
+
+    def mark_sent(self) -> None:
+        """Records on the file (SENT_BIT) that its END frame went to a reader. Best effort:
+        a file left unmarked is only never taken for delivered by an earlier reader's
+        "done" after a restart (kept, not collected unread)."""
+        if self.sent:
+            return
+        self.sent = True
+        try:
+            if self.fd >= 0:
+                os.fchmod(self.fd, 0o600 | SENT_BIT)
+            else:
+                os.chmod(self.path, 0o600 | SENT_BIT)
+        except OSError as exc:
+            log.warning("spill file %s: cannot mark its END sent: %s", self.path, exc)
 
     def append(self, data: bytes | memoryview) -> None:
         """Appends stream bytes; an OSError (ENOSPC, EIO) leaves the file as it was."""
@@ -382,7 +403,8 @@ def inspect(path: Path) -> SpillInfo:
     try:
         with open(path, "rb") as f:
             head = f.read(HEADER.size)
-            size = os.fstat(f.fileno()).st_size
+            st = os.fstat(f.fileno())
+            size, sent = st.st_size, bool(st.st_mode & SENT_BIT)
             if len(head) < HEADER.size:
                 raise SpillError(f"{path}: too short for a spill file")
             magic, edge, gen, start, complete = HEADER.unpack(head)
@@ -395,7 +417,7 @@ def inspect(path: Path) -> SpillInfo:
                 if total != complete or complete - start != payload - codec.END_FRAME_SIZE:
                     raise SpillError(f"{path}: header and end marker disagree")
                 return SpillInfo(
-                    path, EdgeId(edge), gen, start, int(complete), int(complete - start)
+                    path, EdgeId(edge), gen, start, int(complete), int(complete - start), sent
                 )
             (sealed,) = SEALED.unpack(head[SEALED_AT : SEALED_AT + SEALED.size])
             if sealed:  # finish() was under way: what follows the payload is no payload

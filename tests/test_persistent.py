@@ -402,3 +402,60 @@ def test_a_rerun_reader_after_the_delivered_spill_was_collected_asks_for_a_rerun
     _, err = reader.communicate(timeout=30)
     assert reader.returncode == 0, err
     assert out.read_bytes() == src.read_bytes()
+
+
+def test_a_restored_rerun_spill_is_not_taken_for_delivered_by_the_last_runs_reader(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """As above, with the writer's daemon restarted between the re-run's writer and its
+    reader (a crash, or a node rebooted): the restored spill took discovery's "reader
+    done" (the first run's, as long as this stream) for its own delivery, since an
+    earlier run of the daemon may have sent its END; it was collected unread, and the
+    re-run reader had the generation failed and waited for a re-run writer that, its
+    program having exited 0, never came. Whether the END went out is kept with the
+    spill (its owner-execute bit), so a restored spill knows."""
+    config = tmp_path / "gc.toml"
+    config.write_text("spill_quota = 1\nspill_retention = 0.5\n")
+    cluster.start_discovery()
+    args = ["--config", str(config), "--writer-lost-timeout", "5"]
+    a = cluster.node("a", mode="persistent", extra=args)
+    b = cluster.node("b", extra=["--writer-lost-timeout", "5"])
+    edge, src = new_edge(), tmp_path / "src"
+    src.write_bytes(os.urandom(3 * MiB + 5))
+    sh(f"cat {src} > {a.path(edge)}")
+    assert sh(f"cat {b.path(edge)}").stdout == src.read_bytes()  # delivered: reader done
+    wait_for(lambda: cluster.edge(edge).get("reader_state") == "done", 5, "the reader done")
+    sh(f"cat {src} > {a.path(edge)}")  # the re-run's writer (generation 2) comes first
+    wait_for(lambda: cluster.edge(edge).get("writer_state") == "complete", 5, "completion")
+    a.kill()  # SIGKILL: the re-run's spill is complete on disk, unread
+    a = cluster.node("a", mode="persistent", extra=args)
+    assert "served again" in a.log.read_text()
+    time.sleep(3.5)  # two delivery checks (every 2 s) and collection passes (every 1 s)
+    assert list((a.state / "spill").glob(f"{edge}.2.*")), "the re-run's unread spill went"
+    got = sh(f"cat {b.path(edge)}", timeout=30)  # the re-run's reader
+    assert got.stdout == src.read_bytes()
+
+
+def test_a_restored_spill_its_reader_read_whole_is_still_collected(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The other side of the above: a spill whose END went out before its daemon was
+    killed (marked on the file) is taken as delivered by its reader's "done" after the
+    restart, and collected after retention, not kept for good."""
+    config = tmp_path / "gc.toml"
+    config.write_text("spill_retention = 3\n")
+    cluster.start_discovery()
+    a = cluster.node("a", mode="persistent", extra=["--config", str(config)])
+    b = cluster.node("b")
+    edge, src = new_edge(), tmp_path / "src"
+    src.write_bytes(os.urandom(3 * MiB + 5))
+    sh(f"cat {src} > {a.path(edge)}")
+    assert sh(f"cat {b.path(edge)}").stdout == src.read_bytes()
+    a.kill()  # before retention passed: the spill is on disk
+    (spilled,) = (a.state / "spill").glob(f"{edge}.1.*")
+    assert spilled.stat().st_mode & 0o100, "its END sent is not marked on the file"
+    a = cluster.node("a", mode="persistent", extra=["--config", str(config)])
+    assert "served again" in a.log.read_text()
+    wait_for(
+        lambda: not list((a.state / "spill").glob(f"{edge}.*")), 15, "the delivered spill gone"
+    )
