@@ -223,6 +223,7 @@ async def test_a_lagging_reader_done_does_not_mark_a_newer_generation_delivered(
     assert writer.generation == 2
     writer.end = 4096
     writer.state = WriterState.COMPLETE
+    writer.on_end_sent()  # to generation 2's reader: only an event of that reader counts
     node.membership._on_event(late)
     assert not writer.delivered
     store.claim_reader(edge.hex, "x")
