@@ -51,7 +51,10 @@ INCOMPLETE = 2**64 - 1
 SUFFIX = ".spill"
 #: A spill file's mode gains this bit once its END frame went to a reader (created 0600):
 #: a daemon restarted later knows whether a reader can have read it whole (WriterEnd.end_sent).
-SENT_BIT = stat.S_IXUSR
+#: The sticky bit, which no blanket chmod of the spill directory sets (``chmod -R 700``,
+#: ``u+x``, a copy from a file system showing every file executable all set owner-execute,
+#: which marked unread spills sent); a numeric chmod clears it: the spill is then only kept.
+SENT_BIT = stat.S_ISVTX
 REMOVING = ".removing"  # a removed spill, renamed until a worker thread unlinks it
 _removals = itertools.count()
 # Buffered appends (no O_DIRECT): page cache kept behind a spill's end (for readers close

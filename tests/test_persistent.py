@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from fractalfs import spill
 from fractalfs.testing import Node
 
 from .conftest import Cluster, Programs, needs_fuse, new_edge, sh, size, wait_for
@@ -413,7 +414,7 @@ def test_a_restored_rerun_spill_is_not_taken_for_delivered_by_the_last_runs_read
     earlier run of the daemon may have sent its END; it was collected unread, and the
     re-run reader had the generation failed and waited for a re-run writer that, its
     program having exited 0, never came. Whether the END went out is kept with the
-    spill (its owner-execute bit), so a restored spill knows."""
+    spill (a mode bit: spill.SENT_BIT), so a restored spill knows."""
     config = tmp_path / "gc.toml"
     config.write_text("spill_quota = 1\nspill_retention = 0.5\n")
     cluster.start_discovery()
@@ -453,9 +454,43 @@ def test_a_restored_spill_its_reader_read_whole_is_still_collected(
     assert sh(f"cat {b.path(edge)}").stdout == src.read_bytes()
     a.kill()  # before retention passed: the spill is on disk
     (spilled,) = (a.state / "spill").glob(f"{edge}.1.*")
-    assert spilled.stat().st_mode & 0o100, "its END sent is not marked on the file"
+    assert spilled.stat().st_mode & spill.SENT_BIT, "its END sent is not marked on the file"
     a = cluster.node("a", mode="persistent", extra=["--config", str(config)])
     assert "served again" in a.log.read_text()
     wait_for(
         lambda: not list((a.state / "spill").glob(f"{edge}.*")), 15, "the delivered spill gone"
     )
+
+
+def test_a_restored_spill_made_executable_by_a_chmod_is_not_taken_for_delivered(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """As the re-run case above, with the spill directory's files made executable while
+    the daemon was down (an operator's ``chmod -R 700`` of the spill directory, or a copy
+    from a file system that shows every file executable). The mark that the END went
+    out was the owner-execute bit: such a chmod marked the unread re-run spill sent, the
+    last run's reader done took it for delivered, and it was collected unread. The mark
+    is now one no blanket chmod sets (the sticky bit; a ``chmod 700`` clears it: the
+    spill is then only kept, never collected unread)."""
+    config = tmp_path / "gc.toml"
+    config.write_text("spill_quota = 1\nspill_retention = 0.5\n")
+    cluster.start_discovery()
+    args = ["--config", str(config), "--writer-lost-timeout", "5"]
+    a = cluster.node("a", mode="persistent", extra=args)
+    b = cluster.node("b", extra=["--writer-lost-timeout", "5"])
+    edge, src = new_edge(), tmp_path / "src"
+    src.write_bytes(os.urandom(3 * MiB + 5))
+    sh(f"cat {src} > {a.path(edge)}")
+    assert sh(f"cat {b.path(edge)}").stdout == src.read_bytes()  # delivered: reader done
+    wait_for(lambda: cluster.edge(edge).get("reader_state") == "done", 5, "the reader done")
+    sh(f"cat {src} > {a.path(edge)}")  # the re-run's writer (generation 2) comes first
+    wait_for(lambda: cluster.edge(edge).get("writer_state") == "complete", 5, "completion")
+    a.kill()  # SIGKILL: the re-run's spill is complete on disk, unread
+    (spilled,) = (a.state / "spill").glob(f"{edge}.2.*")
+    sh(f"chmod -R 700 {a.state / 'spill'}")  # an operator tidies the spill directory
+    a = cluster.node("a", mode="persistent", extra=args)
+    assert "served again" in a.log.read_text()
+    time.sleep(3.5)  # two delivery checks (every 2 s) and collection passes (every 1 s)
+    assert spilled.exists(), "the re-run's unread spill went"
+    got = sh(f"cat {b.path(edge)}", timeout=30)  # the re-run's reader
+    assert got.stdout == src.read_bytes()
