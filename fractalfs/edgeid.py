@@ -25,6 +25,11 @@ class EdgeId(int):
             raise ValueError("an edge id is 16 bytes")
         return int.__new__(cls, int.from_bytes(raw, "big"))
 
+    def __getnewargs__(self) -> tuple[builtins.bytes]:  # type: ignore[override]
+        # copy, deepcopy (dataclasses.asdict) and pickle call __new__ with these: int's
+        # own are the number, which __new__ refuses.
+        return (self.bytes,)
+
     @property
     def hex(self) -> str:
         return f"{int(self):032x}"

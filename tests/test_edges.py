@@ -379,3 +379,15 @@ async def test_idle_fifos_wake_at_the_first_change_or_hang_up_and_stop_the_rest(
             if i != 2:
                 os.close(r)
             os.close(w)
+
+
+def test_an_edge_id_copies_and_pickles_as_itself() -> None:
+    """EdgeId is an int made from its 16 bytes: copy, deepcopy (dataclasses.asdict) and
+    pickle rebuild an int subclass from int's own new-args, the number, which EdgeId's
+    constructor refused (TypeError: no len())."""
+    import copy
+    import pickle
+
+    edge = EdgeId.new()
+    for again in (copy.copy(edge), copy.deepcopy(edge), pickle.loads(pickle.dumps(edge))):
+        assert type(again) is EdgeId and again == edge and again.hex == edge.hex
