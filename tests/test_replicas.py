@@ -332,3 +332,25 @@ def test_status_takes_the_first_replica_that_answers(discovery: Discovery) -> No
     assert edge in got.stdout
     down = subprocess.run([*cmd, "--discovery", dead], capture_output=True, text=True, timeout=60)
     assert down.returncode != 0 and "unreachable" in down.stderr and "Traceback" not in down.stderr
+
+
+def test_a_parked_reader_is_woken_through_another_replicas_etcd_watch(
+    replicated: Replicated, tmp_path: Path, programs: Programs
+) -> None:
+    """A reader's pump parks on the feed of its replica (GET /v1/changes); the writer
+    registers through the other replica: only the etcd watch tells the reader's replica,
+    whose feed names the edge as text, and the follower must find the parked reader by
+    its EdgeId. A miss leaves it parked for the pump's long poll (120 s)."""
+    a = replicated.node("a", [0, 1])
+    b = replicated.node("b", [1, 0])
+    src, out, edge = tmp_path / "src", tmp_path / "out", new_edge()
+    src.write_bytes(os.urandom(256 * 1024))
+    reader = programs.start(f"cat {b.path(edge)} > {out}")
+    time.sleep(3.0)  # claimed, looked once, parked
+    started = time.monotonic()
+    writer = programs.start(f"cat {src} > {a.path(edge)}")
+    wait_for(lambda: size(out) == 256 * 1024, 20, "the parked reader woken", [reader, writer])
+    took = time.monotonic() - started
+    assert writer.wait(30) == 0 and reader.wait(30) == 0
+    assert sha_file(out) == sha_file(src)
+    print(f"data {took:.2f} s after the writer started")
