@@ -342,15 +342,26 @@ def test_a_spill_discovery_does_not_know_is_kept_after_a_restart(
     assert len(kept) == 1 and kept[0].stat().st_size > src.stat().st_size
 
 
+@pytest.mark.parametrize("restart", ["none", "restarted", "restarted-after-chmod"])
 def test_a_rerun_writers_spill_is_not_taken_for_delivered_by_the_last_runs_reader(
-    cluster: Cluster, tmp_path: Path
+    cluster: Cluster, tmp_path: Path, restart: str
 ) -> None:
     """A whole pipeline re-run on a delivered edge, its writer first: discovery's record
     still says the reader is done (the first run's). Garbage collection took that for
     the re-run's delivery and deleted its spill 0.3 s after it completed (over the quota;
     else after retention), unread; the re-run reader then found no writer, the
     generation stayed complete, and the reader was killed after --writer-lost-timeout,
-    again with each re-run of it (README: a spill a reader may need is never deleted)."""
+    again with each re-run of it (README: a spill a reader may need is never deleted).
+
+    ``restarted``: the writer's daemon killed and restarted between the re-run's writer
+    and its reader (a crash, a reboot). The restored spill took that "reader done" for
+    its own delivery, since an earlier run of the daemon may have sent its END. Whether
+    the END went out is kept with the spill (a mode bit: spill.SENT_BIT).
+    ``restarted-after-chmod``: the spill directory's files also made executable while the
+    daemon was down (an operator's ``chmod -R 700``, or a copy from a file system that
+    shows every file executable). The mark was the owner-execute bit, which such a chmod
+    set; it is now one no blanket chmod sets (the sticky bit; ``chmod 700`` clears it:
+    the spill is then only kept)."""
     config = tmp_path / "gc.toml"
     config.write_text("spill_quota = 1\nspill_retention = 0.5\n")
     cluster.start_discovery()
@@ -363,6 +374,13 @@ def test_a_rerun_writers_spill_is_not_taken_for_delivered_by_the_last_runs_reade
     assert sh(f"cat {b.path(edge)}").stdout == src.read_bytes()  # delivered: reader done
     wait_for(lambda: cluster.edge(edge).get("reader_state") == "done", 5, "the reader done")
     sh(f"cat {src} > {a.path(edge)}")  # the re-run's writer (generation 2) comes first
+    if restart != "none":
+        wait_for(lambda: cluster.edge(edge).get("writer_state") == "complete", 5, "completion")
+        a.kill()  # SIGKILL: the re-run's spill is complete on disk, unread
+        if restart == "restarted-after-chmod":
+            sh(f"chmod -R 700 {a.state / 'spill'}")  # an operator tidies the spill directory
+        a = cluster.node("a", mode="persistent", extra=args)
+        assert "served again" in a.log.read_text()
     time.sleep(3.5)  # two delivery checks (every 2 s) and collection passes (every 1 s)
     assert list((a.state / "spill").glob(f"{edge}.2.*")), "the re-run's unread spill went"
     got = sh(f"cat {b.path(edge)}", timeout=30)  # the re-run's reader
@@ -403,48 +421,6 @@ def test_a_rerun_reader_after_the_delivered_spill_was_collected_asks_for_a_rerun
     _, err = reader.communicate(timeout=30)
     assert reader.returncode == 0, err
     assert out.read_bytes() == src.read_bytes()
-
-
-@pytest.mark.parametrize("tidied", [False, True], ids=["restarted", "restarted-after-chmod"])
-def test_a_restored_rerun_spill_is_not_taken_for_delivered_by_the_last_runs_reader(
-    cluster: Cluster, tmp_path: Path, tidied: bool
-) -> None:
-    """As above, with the writer's daemon restarted between the re-run's writer and its
-    reader (a crash, or a node rebooted): the restored spill took discovery's "reader
-    done" (the first run's, as long as this stream) for its own delivery, since an
-    earlier run of the daemon may have sent its END; it was collected unread, and the
-    re-run reader had the generation failed and waited for a re-run writer that, its
-    program having exited 0, never came. Whether the END went out is kept with the
-    spill (a mode bit: spill.SENT_BIT), so a restored spill knows.
-
-    ``tidied``: the spill directory's files made executable while the daemon was down
-    (an operator's ``chmod -R 700``, or a copy from a file system that shows every file
-    executable). The mark was the owner-execute bit: such a chmod marked the unread
-    re-run spill sent, and it was collected unread. The mark is now one no blanket chmod
-    sets (the sticky bit; a ``chmod 700`` clears it: the spill is then only kept)."""
-    config = tmp_path / "gc.toml"
-    config.write_text("spill_quota = 1\nspill_retention = 0.5\n")
-    cluster.start_discovery()
-    args = ["--config", str(config), "--writer-lost-timeout", "5"]
-    a = cluster.node("a", mode="persistent", extra=args)
-    b = cluster.node("b", extra=["--writer-lost-timeout", "5"])
-    edge, src = new_edge(), tmp_path / "src"
-    src.write_bytes(os.urandom(3 * MiB + 5))
-    sh(f"cat {src} > {a.path(edge)}")
-    assert sh(f"cat {b.path(edge)}").stdout == src.read_bytes()  # delivered: reader done
-    wait_for(lambda: cluster.edge(edge).get("reader_state") == "done", 5, "the reader done")
-    sh(f"cat {src} > {a.path(edge)}")  # the re-run's writer (generation 2) comes first
-    wait_for(lambda: cluster.edge(edge).get("writer_state") == "complete", 5, "completion")
-    a.kill()  # SIGKILL: the re-run's spill is complete on disk, unread
-    (spilled,) = (a.state / "spill").glob(f"{edge}.2.*")
-    if tidied:
-        sh(f"chmod -R 700 {a.state / 'spill'}")  # an operator tidies the spill directory
-    a = cluster.node("a", mode="persistent", extra=args)
-    assert "served again" in a.log.read_text()
-    time.sleep(3.5)  # two delivery checks (every 2 s) and collection passes (every 1 s)
-    assert spilled.exists(), "the re-run's unread spill went"
-    got = sh(f"cat {b.path(edge)}", timeout=30)  # the re-run's reader
-    assert got.stdout == src.read_bytes()
 
 
 def test_a_restored_spill_its_reader_read_whole_is_still_collected(
