@@ -8,9 +8,7 @@ is a ``fractalfs discovery --store etcd://...`` process.
 from __future__ import annotations
 
 import json
-import random
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,41 +17,13 @@ from pathlib import Path
 import httpx
 
 from .discovery.etcd import EtcdStore, _put
-from .testing import Discovery, Process
+from .testing import Discovery, Process, free_port
 
 ETCD = "etcd"
 
 
 def have_etcd() -> bool:
     return shutil.which(ETCD) is not None
-
-
-def _ephemeral_low() -> int:
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def free_port() -> int:
-    """A loopback port free now, for a process started next to bind. Not from the
-    kernel's ephemeral range: a port 0 bind handed out a port that another process's
-    connect (a test on the other worker) then took as its own source port before etcd
-    bound it ("bind: address already in use", a member never healthy; CI, once)."""
-    low = _ephemeral_low()
-    for _ in range(200):
-        port = random.randrange(10000, max(10001, low))
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class EtcdCluster:

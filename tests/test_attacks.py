@@ -27,7 +27,7 @@ import pytest
 from fractalfs import auth, dataplane, handshake
 from fractalfs.edgeid import EdgeId
 from fractalfs.handshake import Hello, Reply, Status
-from fractalfs.testing import Discovery, Flood, Node, shared_secret_file
+from fractalfs.testing import Discovery, Flood, Node, free_port, shared_secret_file
 
 from .conftest import (
     Cluster,
@@ -346,9 +346,7 @@ def test_a_flood_at_a_nodes_metrics_port_does_not_keep_the_scraper_out(
     reconnects as each is cut: a scrape from another address is still answered."""
     from fractalfs.metrics import MAX_CONNECTIONS
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # not an ephemeral port another connect may take
     disc = cluster.start_discovery()
     a = cluster.node("a", extra=["--metrics-listen", f"127.0.0.1:{port}"])
     base = descriptors(a.pid)

@@ -201,7 +201,7 @@ def test_discovery_refuses_a_bad_or_unreachable_store(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from fractalfs.etcdtesting import free_port
+    from fractalfs.testing import free_port
 
     def run(store: str) -> subprocess.CompletedProcess[str]:
         cmd = [sys.executable, "-m", "fractalfs", "discovery", "--listen", "127.0.0.1:0"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fractalfs.testing import Node, operator_auth
+from fractalfs.testing import Node, free_port, operator_auth
 
 from .conftest import Cluster, Programs, needs_fuse, new_edge, sh
 
@@ -133,11 +133,8 @@ def test_event_stream_and_watch(cluster: Cluster, programs: Programs, tmp_path: 
 
 
 def test_prometheus_metrics(cluster: Cluster, programs: Programs) -> None:
-    import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # not an ephemeral port another connect may take
     disc = cluster.start_discovery()
     a = cluster.node("a", extra=["--metrics-listen", f"127.0.0.1:{port}"])
     b = cluster.node("b")
@@ -160,9 +157,7 @@ def test_node_metrics_want_the_secret(cluster: Cluster, programs: Programs) -> N
     metrics port, and a silent connection (slowloris) is closed, not held for good."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # not an ephemeral port another connect may take
     disc = cluster.start_discovery()
     a = cluster.node("a", extra=["--metrics-listen", f"127.0.0.1:{port}"])
     edge = new_edge()
@@ -216,9 +211,7 @@ def test_node_metrics_cut_off_clients_that_trickle(cluster: Cluster) -> None:
 
     from fractalfs.metrics import MAX_CONNECTIONS
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # not an ephemeral port another connect may take
     disc = cluster.start_discovery()
     cluster.node("a", extra=["--metrics-listen", f"127.0.0.1:{port}"])
     url = f"http://127.0.0.1:{port}/metrics"

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from fractalfs import fiforoute, testhooks
-from fractalfs.etcdtesting import free_port
-from fractalfs.testing import Node
+from fractalfs.testing import Node, free_port
 
 from .conftest import (
     Cluster,

@@ -17,8 +17,8 @@ import pytest
 import trio
 
 from fractalfs.discovery.client import DiscoveryClient, Unavailable, split_urls
-from fractalfs.etcdtesting import EtcdCluster, Replica, free_port, have_etcd
-from fractalfs.testing import Discovery, Node, log_tails, operator_auth
+from fractalfs.etcdtesting import EtcdCluster, Replica, have_etcd
+from fractalfs.testing import Discovery, Node, free_port, log_tails, operator_auth
 
 from .conftest import Programs, failed, fuse_d_state, new_edge, sha_file, size, wait_for
 

@@ -20,7 +20,7 @@ import pytest
 from fractalfs import tls
 from fractalfs.edgeid import EdgeId
 from fractalfs.handshake import REPLY, Hello, Reply, Status
-from fractalfs.testing import Discovery, Node, is_mounted, unmount
+from fractalfs.testing import Discovery, Node, free_port, is_mounted, unmount
 
 from .conftest import Cluster, Programs, needs_fuse, new_edge, sh, sha_file
 
@@ -236,9 +236,7 @@ def test_with_tls_a_nodes_metrics_are_https(tmp_path: Path) -> None:
     """A scrape sends the cluster secret itself (HTTP Basic): over plain HTTP anyone on the
     path would read it, though TLS was turned on to keep such an attacker out."""
     d = new_tls(tmp_path / "tls")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # not an ephemeral port another connect may take
     extra = ["--tls", str(d), "--metrics-listen", f"127.0.0.1:{port}"]
     node = Node(tmp_path, "m", None, extra=extra)
     try:
